@@ -1,0 +1,1 @@
+"""fedfleet coordinator: the PyTorch server side (round engine, strategies, robust mixing, ledger, reports)."""

@@ -1,0 +1,87 @@
+"""The coordinator-side strategy interface: round state in, one task per selected agent out; results in,
+new state out. Shaped after Flower's Strategy (configure_train / aggregate_train).
+
+A strategy owns the method's own state (global tensors, FedAMD's gradient table, FZooS's RFF weights).
+A round may have several exchanges ("phases", e.g. FZooS's two); the engine calls `configure` and
+`aggregate` once per phase.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+Layout = list[tuple[str, tuple[int, ...]]]
+
+
+@dataclass
+class TaskSpec:
+    """The task for one agent: hyper-parameters, tensors to send down, and the tensors expected back."""
+
+    config: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+    expect: Layout  # layout of the tensors the agent must upload; used to validate results
+    uplink_codec: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+
+
+@dataclass
+class ClientResult:
+    """A validated result from one agent (every value finite, shapes as `expect`)."""
+
+    agent: str
+    tensors: dict[str, np.ndarray]
+    samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    """One coordinator-side method. `state` is the global trainable state as torch tensors."""
+
+    name: str = ""
+    phases: int = 1
+
+    def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
+        self.state = {k: v.detach().clone().float() for k, v in state.items()}
+        self.config = config
+
+    @abstractmethod
+    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
+        """One task per selected agent for this round and phase."""
+
+    @abstractmethod
+    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        """Fold validated results into `self.state` (and any method state). May receive no results."""
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The tensors that define the model to evaluate and checkpoint."""
+        return self.state
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state to include in checkpoints (momentum buffers, tables)."""
+        return {}
+
+
+def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in tensors.items()}
+
+
+def layout_of(tensors: dict[str, torch.Tensor] | dict[str, np.ndarray]) -> Layout:
+    return [(k, tuple(int(s) for s in v.shape)) for k, v in tensors.items()]
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} needs a non-empty `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered() -> dict[str, type[Strategy]]:
+    return dict(_REGISTRY)

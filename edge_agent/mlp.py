@@ -1,0 +1,87 @@
+"""A small numpy MLP: the trainable part (head or whole model) that runs forward and backward on the edge.
+
+Parameters are a dict of named tensors `fc{i}.weight` (out, in) and `fc{i}.bias` (out,), ReLU between
+layers and softmax cross-entropy on top. The coordinator mirrors this exactly in torch
+(`coordinator.head`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+
+
+def layout(sizes: list[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """Named tensor layout for an MLP with layer widths `sizes` (input first, classes last)."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        out.append((f"fc{i}.weight", (fan_out, fan_in)))
+        out.append((f"fc{i}.bias", (fan_out,)))
+    return out
+
+
+def init(sizes: list[int], seed: int) -> Params:
+    """He-uniform initialisation, seeded."""
+    rng = np.random.default_rng(seed)
+    params: Params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        bound = np.sqrt(6.0 / fan_in) if i < len(sizes) - 2 else np.sqrt(1.0 / fan_in)
+        params[f"fc{i}.weight"] = rng.uniform(-bound, bound, (fan_out, fan_in)).astype(np.float32)
+        params[f"fc{i}.bias"] = np.zeros(fan_out, np.float32)
+    return params
+
+
+def n_layers(params: Params) -> int:
+    return sum(1 for k in params if k.endswith(".weight"))
+
+
+def forward(params: Params, x: np.ndarray) -> np.ndarray:
+    """Logits for a batch `x` (N, in)."""
+    h = x
+    n = n_layers(params)
+    for i in range(n):
+        h = h @ params[f"fc{i}.weight"].T + params[f"fc{i}.bias"]
+        if i < n - 1:
+            h = np.maximum(h, 0.0)
+    return h
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def loss(params: Params, x: np.ndarray, y: np.ndarray) -> float:
+    p = softmax(forward(params, x))
+    return float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
+
+
+def loss_and_grad(params: Params, x: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
+    """Mean softmax cross-entropy over the batch and its gradient with respect to every tensor."""
+    n = n_layers(params)
+    acts = [x]
+    h = x
+    for i in range(n):
+        h = h @ params[f"fc{i}.weight"].T + params[f"fc{i}.bias"]
+        if i < n - 1:
+            h = np.maximum(h, 0.0)
+        acts.append(h)
+    p = softmax(acts[-1])
+    m = len(y)
+    value = float(-np.log(p[np.arange(m), y] + 1e-12).mean())
+    delta = p
+    delta[np.arange(m), y] -= 1.0
+    delta /= m
+    grads: Params = {}
+    for i in range(n - 1, -1, -1):
+        grads[f"fc{i}.weight"] = (delta.T @ acts[i]).astype(np.float32)
+        grads[f"fc{i}.bias"] = delta.sum(axis=0).astype(np.float32)
+        if i > 0:
+            delta = (delta @ params[f"fc{i}.weight"]) * (acts[i] > 0)
+    return value, grads
+
+
+def accuracy(params: Params, x: np.ndarray, y: np.ndarray) -> float:
+    return float((forward(params, x).argmax(axis=1) == y).mean()) if len(y) else 0.0

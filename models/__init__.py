@@ -1,0 +1,1 @@
+"""Torch model definitions, exporters (ONNX, TFLite) and model packages."""
