@@ -1,0 +1,194 @@
+"""One MQTT connection: paho-mqtt 2 with TCP_NODELAY, jittered exponential reconnect and byte counters.
+
+Broker URLs: `mqtt://host:port` (default port 1883) or `mqtts://host:port` (TLS, default 8883; the CA file
+comes from `ca_certs`). MQTT 3.1.1 semantics so any broker works. Publishes are QoS 1 by default.
+Byte counters hold PUBLISH packet bytes plus PUBACKs (`protocol.mqtt_publish_bytes`), per direction.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.errors import ConfigError
+from edge_agent.protocol import mqtt_publish_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "mqtts", "tcp") or not u.hostname:
+            raise ConfigError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
+        try:
+            port = u.port
+        except ValueError:
+            raise ConfigError(f"broker URL {url!r} has a bad port") from None
+        return cls(u.hostname, port or (8883 if u.scheme == "mqtts" else 1883), u.scheme == "mqtts")
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def _nodelay(client: paho.Client, userdata: object, sock: object) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):  # websockets or unusual sockets: leave as is
+        pass
+
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class MqttLink:
+    """A client with its own network thread. Handlers run on that thread: keep them short."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str,
+        on_message: MessageHandler,
+        subscriptions: list[str],
+        clean_session: bool = False,
+        will: tuple[str, bytes, bool] | None = None,
+        on_connect: Callable[[], None] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        ca_certs: str | None = None,
+        keepalive: int = 30,
+        min_backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self.url = BrokerURL.parse(url)
+        self._on_message_cb = on_message
+        self._subscriptions = list(subscriptions)
+        self._on_connect_cb = on_connect
+        self._min_backoff, self._max_backoff = min_backoff_s, max_backoff_s
+        self.keepalive = keepalive
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+            protocol=paho.MQTTv311,
+        )
+        c.on_socket_open = _nodelay
+        c.on_connect = self._handle_connect
+        c.on_disconnect = self._handle_disconnect
+        c.on_message = self._handle_message
+        c.max_inflight_messages_set(64)
+        c.max_queued_messages_set(0)
+        if username is not None:
+            c.username_pw_set(username, password)
+        if self.url.tls:
+            c.tls_set(ca_certs=ca_certs)
+        if will is not None:
+            c.will_set(will[0], will[1], qos=1, retain=will[2])
+        self._client = c
+        self._thread: threading.Thread | None = None
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self, wait_s: float = 10.0) -> None:
+        """Start the network thread and wait up to `wait_s` for the first connection (0: do not wait)."""
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._client._client_id!r}", daemon=True)
+        self._thread.start()
+        if wait_s and not self.connected.wait(wait_s):
+            raise ConnectionError(f"could not connect to the MQTT broker at {self.url} within {wait_s:.0f} s")
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """Disconnect. `graceful=False` drops the socket without DISCONNECT, so the broker sends the will."""
+        self._stop.set()
+        try:
+            if graceful:
+                self._client.disconnect()
+            else:
+                sock = self._client.socket()
+                if sock is not None:
+                    sock.close()
+        except Exception:  # noqa: BLE001 - best effort on shutdown
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        delay = self._min_backoff
+        first = True
+        while not self._stop.is_set():
+            try:
+                if first:
+                    self._client.connect(self.url.host, self.url.port, keepalive=self.keepalive)
+                    first = False
+                else:
+                    self._client.reconnect()
+            except (OSError, paho.WebsocketConnectionError) as exc:
+                wait = random.uniform(delay / 2, delay)  # jittered exponential backoff
+                log.info("broker %s unreachable (%s); retrying in %.1f s", self.url, exc, wait)
+                self._stop.wait(wait)
+                delay = min(delay * 2, self._max_backoff)
+                continue
+            rc = paho.MQTT_ERR_SUCCESS
+            while not self._stop.is_set() and rc == paho.MQTT_ERR_SUCCESS:
+                rc = self._client.loop(timeout=0.05)
+                if self.connected.is_set():
+                    delay = self._min_backoff
+            self.connected.clear()
+            if not self._stop.is_set():
+                wait = random.uniform(delay / 2, delay)
+                self._stop.wait(wait)
+                delay = min(delay * 2, self._max_backoff)
+        try:
+            self._client.loop(timeout=0.05)
+        except Exception:  # noqa: BLE001
+            pass
+
+    # -------------------------------------------------------------- callbacks
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            log.warning("broker %s refused the connection: %s", self.url, reason_code)
+            return
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+        if self._on_connect_cb is not None:
+            self._on_connect_cb()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self.connected.clear()
+
+    def _handle_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
+        n = mqtt_publish_bytes(msg.topic, len(msg.payload), msg.qos)
+        with self._lock:
+            self.bytes_received += n
+        try:
+            self._on_message_cb(msg.topic, msg.payload)
+        except Exception:  # a handler bug must never kill the network thread
+            log.exception("message handler failed on %s", msg.topic)
+
+    # -------------------------------------------------------------- publishing
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        """Queue one message; returns its MQTT bytes. QoS 1 messages survive a reconnect."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise ConnectionError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        n = mqtt_publish_bytes(topic, len(payload), qos)
+        with self._lock:
+            self.bytes_sent += n
+        return n
