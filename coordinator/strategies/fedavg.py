@@ -1,0 +1,30 @@
+"""FedAvg: every selected agent runs local SGD from the global tensors; the server adds the
+sample-weighted mean of the deltas, scaled by `server_lr` (1.0)."""
+
+from __future__ import annotations
+
+import torch
+
+from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register, to_numpy
+
+
+@register
+class FedAvg(Strategy):
+    name = "fedavg"
+
+    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
+        cfg = {k: self.config[k] for k in ("lr", "epochs", "batch", "weight_decay", "seed") if k in self.config}
+        down = to_numpy(self.state)
+        expect = layout_of(self.state)
+        uplink = dict(self.config.get("uplink", {"name": "none"}))
+        return {a: TaskSpec(config=cfg, tensors=down, expect=expect, uplink_codec=uplink) for a in agents}
+
+    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        if not results:
+            return
+        weights = torch.tensor([float(r.samples) for r in results])
+        weights /= weights.sum()
+        lr = float(self.config.get("server_lr", 1.0))
+        for name in self.state:
+            stack = torch.stack([torch.from_numpy(r.tensors[name]) for r in results])
+            self.state[name] += lr * torch.tensordot(weights, stack, dims=1)

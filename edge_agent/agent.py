@@ -1,0 +1,274 @@
+"""The agent's MQTT loop: join, fetch the model package, take a task, learn, upload, reconnect.
+
+Network callbacks only verify, reassemble and enqueue; a worker thread loads models and runs learners,
+so the MQTT keep-alive never stalls behind a long learning step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_agent import codecs, protocol
+from edge_agent.errors import FedfleetError, ModelError, ProtocolError
+from edge_agent.learners import LearnResult, LocalData, Task, create
+from edge_agent.mqtt import MqttLink
+
+log = logging.getLogger(__name__)
+
+MAX_MODEL_BYTES = 64 << 20
+MAX_TASK_BYTES = 256 << 20
+
+
+@dataclass
+class AgentConfig:
+    broker: str
+    fleet: str
+    agent_id: str
+    key: bytes
+    runtime: str = "onnxruntime"
+    threads: int = 1
+    profile: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_certs: str | None = None
+    extra_status: dict[str, Any] = field(default_factory=dict)
+
+
+class Agent:
+    """One edge agent. `start()` connects and returns; `stop()` leaves (gracefully, or like a crash)."""
+
+    def __init__(self, config: AgentConfig, data: LocalData, *, meter: Any = None) -> None:
+        if not protocol.valid_id(config.agent_id) or not protocol.valid_id(config.fleet):
+            raise ValueError(f"agent id {config.agent_id!r} and fleet {config.fleet!r} must be 1-64 of [A-Za-z0-9-_.]")
+        self.cfg = config
+        self.data = data
+        self.meter = meter
+        self.model: Any = None
+        self.model_digest: str | None = None
+        self.model_error: str | None = None
+        self.learners: dict[str, Any] = {}
+        self.feedback: dict[str, Any] = {}  # uplink error-feedback state per method
+        self.rounds_done = 0
+        self.tasks_dropped = 0
+        self._done: set[tuple[str, int, int]] = set()
+        self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
+        self._waiting: list[tuple[dict[str, Any], bytes]] = []
+        self._tasks = protocol.Reassembler(max_total=MAX_TASK_BYTES, max_pending=8)
+        self._models = protocol.Reassembler(max_total=MAX_MODEL_BYTES, max_pending=4)
+        self._bkey = protocol.broadcast_key(config.fleet)
+        t = protocol.agent_topic
+        self._status_topic = t(config.fleet, config.agent_id, "status")
+        self._result_topic = t(config.fleet, config.agent_id, "result")
+        self._telemetry_topic = t(config.fleet, config.agent_id, "telemetry")
+        will = (self._status_topic, self._status_payload("offline"), True)
+        self.link = MqttLink(
+            config.broker,
+            client_id=f"fedfleet-{config.fleet}-{config.agent_id}",
+            on_message=self._on_message,
+            subscriptions=[t(config.fleet, config.agent_id, "task"), protocol.broadcast_topic(config.fleet, "model/#")],
+            clean_session=False,
+            will=will,
+            on_connect=self._announce,
+            username=config.username,
+            password=config.password,
+            ca_certs=config.ca_certs,
+        )
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work_loop, name=f"agent-{config.agent_id}", daemon=True)
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self, wait_s: float = 10.0) -> None:
+        self._worker.start()
+        self.link.start(wait_s=wait_s)
+
+    def stop(self, *, graceful: bool = True) -> None:
+        self._stop.set()
+        self._work.put(("stop", None, None))
+        if graceful and self.link.connected.is_set():
+            self.link.publish(self._status_topic, self._status_payload("offline"), retain=True)
+        self.link.stop(graceful=graceful)
+        self._worker.join(timeout=10)
+
+    def run_forever(self) -> None:
+        self.start(wait_s=0)
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    # -------------------------------------------------------------- status
+    def _status_payload(self, state: str, **extra: Any) -> bytes:
+        body = {"state": state, "runtime": self.cfg.runtime, "profile": self.cfg.profile,
+                "samples": len(self.data), "model": getattr(self, "model_digest", None), **self.cfg.extra_status,
+                **extra}
+        header = {"kind": "status", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "sent": time.time()}
+        return protocol.seal(header, json.dumps(body).encode(), self.cfg.key)
+
+    def _announce(self) -> None:
+        extra = {"error": self.model_error} if self.model_error else {}
+        self.link.publish(self._status_topic, self._status_payload("online", **extra), retain=True)
+
+    def _telemetry(self, event: str, **fields: Any) -> None:
+        header = {"kind": "telemetry", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "sent": time.time()}
+        body = json.dumps({"event": event, **fields}, default=str).encode()
+        self.link.publish(self._telemetry_topic, protocol.seal(header, body, self.cfg.key))
+
+    # -------------------------------------------------------------- network thread
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        try:
+            if "/broadcast/model/" in topic:
+                header, body = protocol.open_envelope(payload, lambda h: self._bkey)
+                done = self._models.add(header, body)
+                if done is not None and done[0].get("digest") != self.model_digest:
+                    self._work.put(("model", done[0], done[1]))
+            else:
+                header, body = protocol.open_envelope(payload, lambda h: self.cfg.key)
+                if header.get("agent") != self.cfg.agent_id or header.get("kind") != "task":
+                    raise ProtocolError("spoofed", "task addressed to another agent")
+                done = self._tasks.add(header, body)
+                if done is not None:
+                    self._work.put(("task", done[0], done[1]))
+        except ProtocolError as exc:
+            log.warning("agent %s refused a message on %s: %s", self.cfg.agent_id, topic, exc)
+
+    # -------------------------------------------------------------- worker thread
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                kind, header, body = self._work.get(timeout=0.5)
+            except queue.Empty:
+                self._retry_waiting()
+                continue
+            try:
+                if kind == "model":
+                    self._load_model(header, body)
+                elif kind == "task":
+                    self._handle_task(header, body)
+            except Exception as exc:  # the agent stays up whatever a task does
+                log.exception("agent %s failed on a %s message", self.cfg.agent_id, kind)
+                self._safe_telemetry("error", detail=f"{type(exc).__name__}: {exc}")
+
+    def _safe_telemetry(self, event: str, **fields: Any) -> None:
+        try:
+            self._telemetry(event, **fields)
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry failed")
+
+    def _load_model(self, header: dict[str, Any], blob: bytes) -> None:
+        from edge_agent.model import EdgeModel
+
+        try:
+            model = EdgeModel.from_bytes(blob, runtime=self.cfg.runtime, threads=self.cfg.threads)
+            if model.input_shape[1:] != tuple(self.data.x.shape[1:]):
+                raise ModelError(
+                    f"model input shape {model.input_shape} does not fit local data {self.data.x.shape[1:]}"
+                )
+        except ModelError as exc:
+            self.model_error = f"model_error: {exc}"
+            log.error("agent %s cannot use model package %s: %s", self.cfg.agent_id, header.get("digest"), exc)
+            self._announce()
+            return
+        self.model, self.model_digest, self.model_error = model, header["digest"], None
+        self._announce()
+        self._retry_waiting()
+
+    def _retry_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for header, body in waiting:
+            self._handle_task(header, body)
+
+    def _handle_task(self, header: dict[str, Any], body: bytes) -> None:
+        key = (str(header.get("run")), int(header.get("round", -1)), int(header.get("phase", 0)))
+        if key in self._done:
+            return  # QoS 1 may deliver twice
+        deadline = float(header.get("deadline") or 0)
+        if deadline and time.time() > deadline:
+            self._done.add(key)
+            self.tasks_dropped += 1
+            self._safe_telemetry("dropped_task", run=key[0], round=key[1], phase=key[2], reason="deadline passed")
+            return
+        if header.get("model") != self.model_digest:
+            self._waiting.append((header, body))  # the package is still arriving
+            return
+        self._done.add(key)
+        layout = codecs.normalize_layout(header.get("layout", []))
+        tensors = codecs.decode(body, layout, header.get("codec", {"name": "none"}), max_bytes=MAX_TASK_BYTES)
+        meta = header.get("meta", {})
+        task = Task(run=key[0], round=key[1], method=str(header.get("method")), config=meta.get("config", {}),
+                    tensors=tensors, phase=key[2], deadline=deadline)
+        learner = self.learners.get(task.method)
+        if learner is None:
+            learner = self.learners[task.method] = create(task.method)
+        t0 = time.perf_counter()
+        if self.meter is not None:
+            with self.meter.measure("compute"):
+                result = learner.learn(task, self.data, self.model)
+        else:
+            result = learner.learn(task, self.data, self.model)
+        learn_s = time.perf_counter() - t0
+        self._upload(header, task, result, learn_s)
+        self.rounds_done += 1
+
+    def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> None:
+        meta = header.get("meta", {})
+        expect = codecs.normalize_layout(meta.get("expect", []))
+        spec = meta.get("uplink", {"name": "none"})
+        tensors = {n: np.asarray(result.tensors[n], np.float32) for n, _ in expect}
+        if spec.get("name") == "fedzip" and spec.get("error_feedback"):
+            tensors = self._with_feedback(task.method, tensors, spec)
+        payload = codecs.encode(tensors, expect, spec)
+        out = {
+            "kind": "result", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "run": task.run,
+            "round": task.round, "phase": task.phase, "method": task.method, "codec": spec,
+            "layout": [[n, list(s)] for n, s in expect],
+            "meta": {"samples": int(result.samples), "learn_s": learn_s, "metrics": result.metrics,
+                     "energy": self.meter.snapshot() if self.meter is not None else None,
+                     "profile": self.cfg.profile},
+        }
+        radio = self.meter.measure("radio") if self.meter is not None else _null()
+        with radio:
+            for chunk in protocol.split(out, payload, self.cfg.key):
+                self.link.publish(self._result_topic, chunk)
+
+    def _with_feedback(self, method: str, tensors: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:
+        from edge_agent import fedzip
+
+        params = fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
+        fb = self.feedback.setdefault(method, fedzip.ErrorFeedback())
+        compensated = fb.compensate(tensors)
+        sent = fedzip.quantize(compensated, params)
+        fb.update(compensated, sent)
+        return compensated
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def load_npz(path: str) -> LocalData:
+    """Local data from a `.npz` holding `x` (N, ...) and `y` (N,). Raises FedfleetError with what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y = f["x"].astype(np.float32), f["y"].astype(np.int64)
+    except (OSError, KeyError, ValueError) as exc:
+        raise FedfleetError(f"--data {path}: need a .npz with arrays 'x' and 'y' ({exc})") from None
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise FedfleetError(f"--data {path}: x has {x.shape[0]} rows and y {y.shape[0]}; they must match and be > 0")
+    return LocalData(x, y)
