@@ -75,6 +75,15 @@ class Ledger:
         with self._lock, self._db:
             self._db.execute(sql, vals)
 
+    def add_bytes(self, run: str, round: int, phase: int, agent: str, bytes_up: int) -> None:
+        """Add bytes that arrived after an agent's row was written (a late result)."""
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE agent_rounds SET bytes_up = bytes_up + ? WHERE id = (SELECT max(id) FROM agent_rounds"
+                " WHERE run = ? AND round = ? AND phase = ? AND agent = ?)",
+                (bytes_up, run, round, phase, agent),
+            )
+
     def record_round(self, run: str, round: int, **fields: Any) -> None:
         cols = ["run", "round", "ts", *fields]
         vals = [run, round, time.time(), *fields.values()]

@@ -1,0 +1,134 @@
+"""Job configuration: defaults, validation of TOML files and CLI overrides, with errors that name the field.
+
+A job file is TOML; every key is optional:
+
+    [job]
+    method = "fedavg"        # a coordinator strategy / edge learner pair
+    rounds = 20
+    agents = 10              # in-process agents for `demo`; for `serve`, the roster size if `roster` is absent
+    per_round = 0            # agents selected per round (0 = all online)
+    alpha = 0.5              # Dirichlet label skew of the demo partition (0 = IID)
+    mode = "transfer"        # "transfer" (int8 backbone + MLP head) or "full" (whole MLP, no backbone)
+    runtime = "onnxruntime"  # or "litert"
+    seed = 0
+    deadline_s = 30.0
+    quorum = 0.5
+    fleet = "demo"
+    roster = ["pi-01", "pi-02"]
+
+    [method]                 # passed to the strategy (and on to the learner): lr, epochs, batch, ...
+    lr = 0.1
+
+    [uplink]                 # the codec agents upload with: name = "none" | "zstd" | "fedzip"
+    name = "none"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import ConfigError
+
+
+@dataclass
+class JobConfig:
+    method: str = "fedavg"
+    rounds: int = 20
+    agents: int = 10
+    per_round: int = 0
+    alpha: float = 0.5
+    mode: str = "transfer"
+    runtime: str = "onnxruntime"
+    seed: int = 0
+    deadline_s: float = 30.0
+    quorum: float = 0.5
+    fleet: str = "demo"
+    roster: list[str] = field(default_factory=list)
+    method_config: dict[str, Any] = field(default_factory=lambda: {"lr": 0.1, "epochs": 2, "batch": 16})
+    uplink: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "method": (str, lambda v: v.isidentifier()),
+    "rounds": (int, lambda v: v >= 1),
+    "agents": (int, lambda v: v >= 1),
+    "per_round": (int, lambda v: v >= 0),
+    "alpha": ((int, float), lambda v: v >= 0),
+    "mode": (str, lambda v: v in ("transfer", "full")),
+    "runtime": (str, lambda v: v in ("onnxruntime", "litert")),
+    "seed": (int, lambda v: True),
+    "deadline_s": ((int, float), lambda v: v > 0),
+    "quorum": ((int, float), lambda v: 0 < v <= 1),
+    "fleet": (str, lambda v: 0 < len(v) <= 64 and all(c.isalnum() or c in "-_." for c in v)),
+    "roster": (list, lambda v: all(isinstance(a, str) and a for a in v)),
+}
+_HINTS = {
+    "rounds": "a positive integer",
+    "agents": "a positive integer",
+    "per_round": "an integer >= 0",
+    "alpha": "a number >= 0 (0 means IID)",
+    "seed": "an integer",
+    "deadline_s": "a positive number of seconds",
+    "roster": "a list of agent ids",
+    "mode": "'transfer' or 'full'",
+    "runtime": "'onnxruntime' or 'litert'",
+    "quorum": "a fraction in (0, 1]",
+    "fleet": "1-64 characters of letters, digits, '-', '_' or '.'",
+    "method": "a method name such as 'fedavg'",
+}
+
+
+def _check(source: str, key: str, value: Any) -> Any:
+    kinds, ok = _CHECKS[key]
+    if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+        hint = _HINTS.get(key, f"a valid {key}")
+        raise ConfigError(f"{source}: field '{key}' must be {hint}, got {value!r}")
+    return value
+
+
+def apply(cfg: JobConfig, values: dict[str, Any], source: str) -> JobConfig:
+    """Set `values` on `cfg` after checking each one; unknown keys are errors."""
+    for key, value in values.items():
+        if key not in _CHECKS:
+            raise ConfigError(f"{source}: unknown field '{key}'; known: {', '.join(sorted(_CHECKS))}")
+        setattr(cfg, key, _check(source, key, value))
+    return cfg
+
+
+def load(path: str | Path, cfg: JobConfig | None = None) -> JobConfig:
+    """Read a job TOML file into `cfg` (defaults if None)."""
+    cfg = cfg or JobConfig()
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    unknown = set(data) - {"job", "method", "uplink"}
+    if unknown:
+        raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; use [job], [method], [uplink]")
+    for section in ("job", "method", "uplink"):
+        if section in data and not isinstance(data[section], dict):
+            raise ConfigError(f"{p}: '{section}' must be a table ([{section}])")
+    apply(cfg, data.get("job", {}), str(p))
+    if "method" in data:
+        cfg.method_config = {**cfg.method_config, **data["method"]}
+    if "uplink" in data:
+        cfg.uplink = check_codec(data["uplink"], f"{p}: [uplink]")
+    return cfg
+
+
+def check_codec(spec: Any, source: str) -> dict[str, Any]:
+    from edge_agent import codecs
+
+    try:
+        return codecs.check_spec(dict(spec) if isinstance(spec, dict) else spec)
+    except Exception as exc:  # noqa: BLE001 - turned into a config error naming the source
+        raise ConfigError(f"{source}: {exc}") from None
