@@ -1,0 +1,184 @@
+"""FZooS's edge learner: trajectory-informed surrogate gradients with an RFF-based global correction.
+
+The agent keeps its whole query history (exploration appends points; stored points never move) and its
+last uploaded RFF weights s_i ν_i across rounds. Two phases per round:
+
+- phase 0 (local steps), task tensors: the ZO tensors at x_{r-1} and, from round 2, "nu_bar" (M,).
+  Query f(x_{r-1}); then T times: fit a GP (Matérn-5/2 by default) on the `gp_points` stored queries
+  nearest x, take the analytic mean gradient, add γ_t ∇φ(x)ᵀ(ν̄ − s_i ν_i) with γ_t = 1/(t+1), take an
+  Adam step, query f(x), and (except after the last step) query the `explore_pick` of `explore_candidates`
+  points uniform in x ± explore_radius with the largest trace of the gradient-posterior covariance.
+  Upload the ZO tensors at x_{r,T}.
+- phase 1 (surrogate refresh), task tensors: the ZO tensors at the averaged x_r; config "rho".
+  Query f(x_r); explore `refresh_pick` of `refresh_candidates` points in x_r ± rho; fit the RFF ridge on the
+  `rff_points` stored queries nearest x_r; upload {"nu": s_i ν_i}.
+
+On its first task the agent also queries `init_points` points uniform in x0 ± init_radius. Every
+objective call is counted in metrics["queries"].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import ConfigError
+from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from edge_agent.zo import gp as gpm
+from edge_agent.zo import optim, problem
+from edge_agent.zo import rff as rffm
+from edge_agent.zo.objectives import Counted
+
+DEFAULTS: dict[str, Any] = {
+    "local_steps": 10,
+    "lr": 0.01,
+    "optimizer": "adam",
+    "gp_kernel": "matern52",
+    "gp_points": 150,
+    "gp_restarts": 5,
+    "gp_noise": 1e-6,
+    "explore_radius": 0.01,
+    "explore_candidates": 100,
+    "explore_pick": 5,
+    "init_points": 10,
+    "init_radius": 0.01,
+    "refresh_candidates": 200,
+    "refresh_pick": 50,
+    "rff_points": 500,
+    "rff_features": 10000,
+    "rff_lengthscale": 1.0,
+    "rff_seed": 0,
+    "rff_jitter": 1e-6,
+    "correction": True,
+    "seed": 0,
+}
+
+
+def settings(config: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(config) - set(DEFAULTS) - {"objective", "c1", "c2", "zo_tensors", "zo_path", "rho"}
+    if unknown:
+        raise ConfigError(f"unknown fzoos settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    return {**DEFAULTS, **config}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+
+
+@register
+class FZooSLearner(Learner):
+    name = "fzoos"
+
+    def __init__(self) -> None:
+        self.xs: list[np.ndarray] = []
+        self.ys: list[float] = []
+        self.own_nu: np.ndarray | None = None
+
+    # -- history -----------------------------------------------------------------------------------
+
+    def _query(self, f: Counted, x: np.ndarray) -> float:
+        y = f(x)
+        self.xs.append(np.array(x, np.float64))
+        self.ys.append(y)
+        return y
+
+    def _history(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.stack(self.xs), np.asarray(self.ys)
+
+    def _explore(self, f: Counted, post: gpm.GPPosterior, centre: np.ndarray, radius: float, candidates: int,
+                 pick: int, rng: np.random.Generator) -> None:
+        """Query the `pick` candidates in centre ± radius with the largest gradient-variance trace."""
+        if pick <= 0:
+            return
+        cand = centre[None, :] + rng.uniform(-radius, radius, (candidates, centre.shape[0]))
+        score = post.grad_var_trace(cand)
+        for i in np.argsort(-score)[: min(pick, candidates)]:
+            self._query(f, cand[i])
+
+    def _fit_gp(self, s: dict[str, Any], target: np.ndarray, rng: np.random.Generator) -> gpm.GPPosterior:
+        xh, yh = self._history()
+        return gpm.fit_local(xh, yh, target, kind=s["gp_kernel"], max_points=int(s["gp_points"]),
+                             restarts=int(s["gp_restarts"]), noise=float(s["gp_noise"]), rng=rng)
+
+    def _condition(self, s: dict[str, Any], target: np.ndarray, like: gpm.GPPosterior) -> gpm.GPPosterior:
+        """Same hyper-parameters, conditioned on the stored points nearest `target` (incl. the newest)."""
+        xh, yh = self._history()
+        idx = gpm.nearest(xh, target, int(s["gp_points"]))
+        return gpm.GPPosterior.condition(xh[idx], yh[idx], kind=like.kind, lengthscale=like.lengthscale,
+                                         noise=float(s["gp_noise"]))
+
+    # -- phases ------------------------------------------------------------------------------------
+
+    def learn(self, task: Task, data: LocalData, model: Any) -> LearnResult:
+        s = settings(task.config)
+        tensors = {k: v for k, v in task.tensors.items() if k != "nu_bar"}
+        prob = problem.build(s, tensors, data, model)
+        rng = np.random.Generator(np.random.PCG64(int(s["seed"])))
+        rff = rffm.RFF.from_seed(prob.view.d, int(s["rff_features"]), float(s["rff_lengthscale"]),
+                                 int(s["rff_seed"]))
+        samples = len(data) if data is not None and len(data) else 1
+        if not self.xs:
+            r0 = float(s["init_radius"])
+            for _ in range(int(s["init_points"])):
+                self._query(prob.objective, prob.x0 + rng.uniform(-r0, r0, prob.view.d))
+        if task.phase == 0:
+            nu_bar = task.tensors.get("nu_bar")
+            if nu_bar is not None and nu_bar.shape != (rff.m,):
+                raise ConfigError(f"nu_bar has shape {nu_bar.shape}, expected ({rff.m},); check rff_features")
+            return self._local_steps(s, prob, rff, nu_bar, rng, samples)
+        if task.phase == 1:
+            return self._refresh(s, prob, rff, rng, samples)
+        raise ConfigError(f"fzoos has phases 0 and 1, got phase {task.phase}")
+
+    def _local_steps(self, s: dict[str, Any], prob: problem.Problem, rff: rffm.RFF, nu_bar: np.ndarray | None,
+                     rng: np.random.Generator, samples: int) -> LearnResult:
+        f = prob.objective
+        x = prob.x0.copy()
+        first = self._query(f, x)
+        last = first
+        opt = optim.make(str(s["optimizer"]), float(s["lr"]))
+        steps = int(s["local_steps"])
+        corr = None
+        if nu_bar is not None and self.own_nu is not None and s["correction"]:
+            corr = np.asarray(nu_bar, np.float64) - self.own_nu
+        cos_gp: list[float] = []
+        cos_dir: list[float] = []
+        for t in range(steps):
+            post = self._fit_gp(s, x, rng)
+            g = post.grad_mean(x)
+            if f.has_grad:
+                cos_gp.append(_cos(g, f.true_grad(x)))
+            if corr is not None:
+                g = g + rff.grad(x, corr) / (t + 1.0)
+            if f.has_grad:
+                cos_dir.append(_cos(g, f.true_grad(x)))
+            x = opt.step(x, g)
+            last = self._query(f, x)
+            if t < steps - 1:
+                self._explore(f, self._condition(s, x, post), x, float(s["explore_radius"]),
+                              int(s["explore_candidates"]), int(s["explore_pick"]), rng)
+        metrics: dict[str, float] = {"queries": int(f.queries), "objective_first": first, "objective_last": last,
+                                     "history": len(self.xs)}
+        if cos_gp:
+            metrics["gp_cosine"] = float(np.mean(cos_gp))
+            metrics["direction_cosine_local"] = float(np.mean(cos_dir))
+        return LearnResult(prob.tensors(x), samples, metrics)
+
+    def _refresh(self, s: dict[str, Any], prob: problem.Problem, rff: rffm.RFF, rng: np.random.Generator,
+                 samples: int) -> LearnResult:
+        f = prob.objective
+        xr = prob.x0.copy()
+        self._query(f, xr)
+        rho = max(float(s.get("rho", 0.0)), float(s["explore_radius"]))
+        post = self._fit_gp(s, xr, rng)
+        self._explore(f, post, xr, rho, int(s["refresh_candidates"]), int(s["refresh_pick"]), rng)
+        xh, yh = self._history()
+        nu, scale = rffm.fit_local(rff, xh, yh, xr, max_points=int(s["rff_points"]), jitter=float(s["rff_jitter"]))
+        self.own_nu = scale * nu
+        metrics: dict[str, float] = {"queries": int(f.queries), "history": len(self.xs),
+                                     "rff_gp_cosine": _cos(rff.grad(xr, self.own_nu), post.grad_mean(xr))}
+        if f.has_grad:
+            metrics["rff_cosine"] = _cos(rff.grad(xr, self.own_nu), f.true_grad(xr))
+        return LearnResult({"nu": self.own_nu.astype(np.float32)}, samples, metrics)
