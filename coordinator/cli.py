@@ -1,0 +1,212 @@
+"""`fedfleet`: the coordinator and tools command line.
+
+    fedfleet demo [--broker embedded|mosquitto|URL] [--config job.toml] [--json PATH] ...
+    fedfleet serve --broker URL --secret-file F --roster pi-01,pi-02 [--config job.toml]
+    fedfleet keys --secret-file F ID [ID ...]        per-agent keys for devices
+    fedfleet shards --out DIR [--agents N --alpha A]  local data files (.npz) for devices
+    fedfleet broker [--port P]                       a Mosquitto broker on loopback, in the foreground
+    fedfleet bench NAME [...]                         benchmarks (tools/bench_NAME.py)
+    fedfleet report RUN_DIR                          HTML and PNG report of a run
+    fedfleet emulate FLEET.toml                      an emulated fleet against a broker
+
+Errors in input (config files, options) print one clear line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from edge_agent.errors import FedfleetError
+
+COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate")
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="job TOML file (see coordinator/config.py for the fields)")
+    p.add_argument("--method", help="fedavg (default), fedzo, fzoos, ...")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--agents", type=int)
+    p.add_argument("--per-round", type=int, dest="per_round")
+    p.add_argument("--alpha", type=float, help="Dirichlet label skew (0 = IID)")
+    p.add_argument("--mode", choices=("transfer", "full"))
+    p.add_argument("--runtime", choices=("onnxruntime", "litert"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--deadline", type=float, dest="deadline_s", help="seconds per round phase")
+    p.add_argument("--quorum", type=float)
+    p.add_argument("--fleet")
+    p.add_argument("--uplink", help="uplink codec: none, zstd, fedzip, or JSON such as '{\"name\":\"fedzip\",\"z\":0.01}'")
+    p.add_argument("--run-dir", help="where the ledger, checkpoints and summary go (default runs/<time>)")
+    p.add_argument("--json", help="write the summary JSON here too")
+
+
+def _job_config(args: argparse.Namespace):  # noqa: ANN202
+    from coordinator import config
+
+    cfg = config.load(args.config) if args.config else config.JobConfig()
+    overrides = {k: getattr(args, k) for k in ("method", "rounds", "agents", "per_round", "alpha", "mode",
+                                                 "runtime", "seed", "deadline_s", "quorum", "fleet")
+                 if getattr(args, k, None) is not None}
+    config.apply(cfg, overrides, "command line")
+    if args.uplink:
+        spec = json.loads(args.uplink) if args.uplink.startswith("{") else {"name": args.uplink}
+        cfg.uplink = config.check_codec(spec, "--uplink")
+    return cfg
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2))
+
+
+def cmd_demo(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fedfleet demo", description="broker + coordinator + agents, one command")
+    p.add_argument("--broker", default="embedded", help="embedded (default), mosquitto, or mqtt://host:port")
+    p.add_argument("--quiet", action="store_true")
+    _job_args(p)
+    args = p.parse_args(argv)
+    from coordinator.job import run_demo
+
+    result = run_demo(_job_config(args), broker=args.broker, run_dir=args.run_dir, quiet=args.quiet)
+    _write_json(args.json, result.to_json())
+    print(json.dumps(result.to_json()))
+    return 0
+
+
+def _read_secret(path: str) -> bytes:
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise FedfleetError(f"--secret-file {path}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise FedfleetError(f"--secret-file {path}: the fleet secret must be at least 16 bytes")
+    return secret
+
+
+def cmd_serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fedfleet serve", description="run the coordinator for agents on devices")
+    p.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
+    p.add_argument("--secret-file", required=True, help="the fleet secret (keep it off the devices)")
+    p.add_argument("--roster", help="comma-separated agent ids (default: agent-00 .. agent-NN)")
+    p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a quorum of agents")
+    _job_args(p)
+    args = p.parse_args(argv)
+    from coordinator.config import apply
+    from coordinator.job import serve
+
+    cfg = _job_config(args)
+    if args.roster:
+        apply(cfg, {"roster": [a.strip() for a in args.roster.split(",") if a.strip()]}, "--roster")
+    result = serve(cfg, broker=args.broker, secret=_read_secret(args.secret_file),
+                   run_dir=args.run_dir or "runs/serve", wait_s=args.wait)
+    _write_json(args.json, result.to_json())
+    return 0
+
+
+def cmd_keys(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fedfleet keys", description="print each agent's key (hex)")
+    p.add_argument("--secret-file", required=True)
+    p.add_argument("ids", nargs="+")
+    args = p.parse_args(argv)
+    from edge_agent.protocol import derive_key, valid_id
+
+    secret = _read_secret(args.secret_file)
+    for agent in args.ids:
+        if not valid_id(agent):
+            raise FedfleetError(f"agent id {agent!r}: use 1-64 characters of letters, digits, '-', '_' or '.'")
+        print(f"{agent} {derive_key(secret, agent).hex()}")
+    return 0
+
+
+def cmd_shards(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fedfleet shards", description="write digits shards as .npz for devices")
+    p.add_argument("--out", required=True)
+    _job_args(p)
+    args = p.parse_args(argv)
+    import numpy as np
+
+    from coordinator.job import agent_ids, shards
+
+    cfg = _job_config(args)
+    local, _ = shards(cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for agent, d in zip(agent_ids(cfg), local):
+        np.savez(out / f"{agent}.npz", x=d.x, y=d.y)
+        print(out / f"{agent}.npz", len(d))
+    return 0
+
+
+def cmd_broker(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fedfleet broker", description="run Mosquitto on loopback until Ctrl-C")
+    p.add_argument("--port", type=int, default=0)
+    args = p.parse_args(argv)
+    import time
+
+    from tools.broker import MosquittoBroker
+
+    b = MosquittoBroker(args.port or None)
+    print(b.url, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        b.stop()
+    return 0
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    return int(importlib.import_module(module).main(argv) or 0)
+
+
+def cmd_bench(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-"):
+        import pkgutil
+
+        import tools
+
+        names = sorted(m.name[6:] for m in pkgutil.iter_modules(tools.__path__) if m.name.startswith("bench_"))
+        print(f"usage: fedfleet bench NAME [options]; NAME is one of: {', '.join(names)}")
+        return 2
+    name = argv[0]
+    if not name.isidentifier():
+        raise FedfleetError(f"unknown benchmark {name!r}")
+    try:
+        module = importlib.import_module(f"tools.bench_{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"tools.bench_{name}":
+            raise FedfleetError(f"unknown benchmark {name!r}; run `fedfleet bench` for the list") from None
+        raise
+    return int(module.main(argv[1:]) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "report":
+            return _delegate("coordinator.report", rest)
+        if cmd == "emulate":
+            return _delegate("tools.emulate", rest)
+        return {"demo": cmd_demo, "serve": cmd_serve, "keys": cmd_keys, "shards": cmd_shards,
+                "broker": cmd_broker, "bench": cmd_bench}[cmd](rest)
+    except FedfleetError as exc:
+        print(f"fedfleet {cmd}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""A federated job end to end: data and shards, the model package, broker, coordinator and (for the demo)
+in-process agents; progress lines per round, a summary table and the run directory.
+
+`run_demo(cfg, broker=..., run_dir=...)` is what `fedfleet demo` runs. `serve(cfg, ...)` runs only the
+coordinator, for real agents on devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator import data as datasets
+from coordinator.config import JobConfig
+from coordinator.server import Coordinator, EngineConfig, RoundSummary
+from coordinator.strategies import create as create_strategy
+from edge_agent import protocol
+from edge_agent.learners import LocalData
+
+
+@dataclass
+class JobResult:
+    final_accuracy: float
+    rounds: int
+    agents: int
+    wall_s: float
+    bytes_up: int
+    bytes_down: int
+    broker: str
+    run_dir: str
+    summaries: list[RoundSummary]
+
+    def to_json(self) -> dict[str, Any]:
+        keys = ("final_accuracy", "rounds", "agents", "wall_s", "bytes_up", "bytes_down", "broker")
+        return {k: getattr(self, k) for k in keys}
+
+
+def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
+    """The demo's agent shards (Dirichlet(alpha) label skew, or IID when alpha = 0) and the test split."""
+    train, test = datasets.split(datasets.digits(), 0.2, seed=cfg.seed)
+    if cfg.alpha > 0:
+        parts = datasets.partition_dirichlet(train.y, cfg.agents, cfg.alpha, seed=cfg.seed)
+    else:
+        parts = datasets.partition_iid(len(train), cfg.agents, seed=cfg.seed)
+    return [LocalData(train.x[p], train.y[p]) for p in parts], test
+
+
+def agent_ids(cfg: JobConfig) -> list[str]:
+    return list(cfg.roster) if cfg.roster else [f"agent-{i:02d}" for i in range(cfg.agents)]
+
+
+class Printer:
+    """One line per round: plain text that reads well in a terminal and in CI logs."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.console = Console(highlight=False)
+        self.total = total
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+
+    def __call__(self, s: RoundSummary) -> None:
+        if self.quiet:
+            return
+        self.console.print(
+            f"round {s.round:>3}/{self.total}  acc {s.accuracy:.3f}  loss {s.loss:.3f}  "
+            f"ok {s.ok}/{s.selected}  late {s.late}  rejected {s.rejected}  "
+            f"up {s.bytes_up / 1e3:8.1f} kB  down {s.bytes_down / 1e3:8.1f} kB  {s.wall_s:5.2f} s  "
+            f"[{time.perf_counter() - self.t0:6.1f} s]"
+        )
+
+    def table(self, result: JobResult) -> None:
+        from rich.table import Table
+
+        t = Table(title=f"fedfleet run: {result.run_dir}")
+        for col in ("final accuracy", "rounds", "agents", "wall s", "MB up", "MB down", "broker"):
+            t.add_column(col)
+        t.add_row(f"{result.final_accuracy:.4f}", str(result.rounds), str(result.agents), f"{result.wall_s:.1f}",
+                  f"{result.bytes_up / 1e6:.3f}", f"{result.bytes_down / 1e6:.3f}", result.broker)
+        self.console.print(t)
+
+
+def build(cfg: JobConfig) -> tuple[bytes, Any]:
+    """The model package and the coordinator's torch mirror of it."""
+    from coordinator.model import CoordinatorModel
+    from models.package import build_package
+
+    blob = build_package(cfg.mode, seed=cfg.seed)
+    return blob, CoordinatorModel(blob)
+
+
+def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
+    return EngineConfig(fleet=cfg.fleet, run=run, rounds=cfg.rounds, per_round=cfg.per_round, quorum=cfg.quorum,
+                        deadline_s=cfg.deadline_s, seed=cfg.seed)
+
+
+def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | None = None,
+             quiet: bool = False) -> JobResult:
+    """Broker + coordinator + `cfg.agents` in-process agents, `cfg.rounds` rounds."""
+    from edge_agent.agent import Agent, AgentConfig
+    from tools.broker import start_broker
+
+    t0 = time.perf_counter()
+    run = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(run_dir or Path("runs") / run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    local, test = shards(cfg)
+    blob, cmodel = build(cfg)
+    secret = os.urandom(32)
+    ids = agent_ids(cfg)[: cfg.agents]
+    printer = Printer(cfg.rounds, quiet)
+    strategy = create_strategy(cfg.method, cmodel.initial_state(), **cfg.method_config, uplink=cfg.uplink,
+                               seed=cfg.seed)
+    agents: list[Agent] = []
+    with start_broker(broker) as b:
+        coord = Coordinator(
+            broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
+            evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
+            config=engine_config(cfg, run), on_round=printer,
+        )
+        try:
+            coord.start()
+            for i, agent_id in enumerate(ids):
+                a = Agent(AgentConfig(b.url, cfg.fleet, agent_id, protocol.derive_key(secret, agent_id),
+                                      runtime=cfg.runtime, profile="host"), local[i])
+                a.start()
+                agents.append(a)
+            if not quiet:
+                printer.console.print(f"broker {b.kind} at {b.url}; {len(ids)} agents; method {cfg.method}; "
+                                      f"model {cfg.mode} on {cfg.runtime}; run dir {run_dir}")
+            coord.wait_for_agents(len(ids), timeout_s=60)
+            summaries = coord.run(cfg.rounds)
+        finally:
+            for a in agents:
+                a.stop()
+            coord.stop()
+    result = JobResult(
+        final_accuracy=summaries[-1].accuracy, rounds=len(summaries), agents=len(ids),
+        wall_s=time.perf_counter() - t0, bytes_up=coord.bytes_up_total, bytes_down=coord.bytes_down_total,
+        broker=b.kind, run_dir=str(run_dir), summaries=summaries,
+    )
+    (run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+    if not quiet:
+        printer.table(result)
+    return result
+
+
+def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wait_s: float = 600.0) -> JobResult:
+    """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds."""
+    t0 = time.perf_counter()
+    run = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(run_dir)
+    _, test = shards(cfg)
+    blob, cmodel = build(cfg)
+    ids = agent_ids(cfg)
+    printer = Printer(cfg.rounds)
+    strategy = create_strategy(cfg.method, cmodel.initial_state(), **cfg.method_config, uplink=cfg.uplink,
+                               seed=cfg.seed)
+    coord = Coordinator(broker_url=broker, secret=secret, roster=ids, strategy=strategy, package=blob,
+                        evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
+                        config=engine_config(cfg, run), on_round=printer)
+    try:
+        coord.start()
+        printer.console.print(f"waiting for {len(ids)} agents on {broker} (fleet {cfg.fleet}) ...")
+        coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(ids)))), timeout_s=wait_s)
+        summaries = coord.run(cfg.rounds)
+    finally:
+        coord.stop()
+    result = JobResult(summaries[-1].accuracy, len(summaries), len(ids), time.perf_counter() - t0,
+                       coord.bytes_up_total, coord.bytes_down_total, broker, str(run_dir), summaries)
+    (run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+    printer.table(result)
+    return result
