@@ -1,0 +1,82 @@
+"""Helpers to run a coordinator and agents against a broker inside a test."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.config import JobConfig
+from coordinator.job import agent_ids, build, engine_config, shards
+from coordinator.server import Coordinator, RoundSummary
+from coordinator.strategies import create as create_strategy
+from edge_agent import protocol
+from edge_agent.agent import Agent, AgentConfig
+
+SECRET = b"fedfleet-test-secret-0123456789ab"
+_PACKAGES: dict[str, tuple[bytes, Any]] = {}
+
+
+def package(cfg: JobConfig) -> tuple[bytes, Any]:
+    """Build each model package once per test session."""
+    if cfg.mode not in _PACKAGES:
+        _PACKAGES[cfg.mode] = build(cfg)
+    return _PACKAGES[cfg.mode]
+
+
+@dataclass
+class Fleet:
+    coord: Coordinator
+    agents: dict[str, Agent]
+    cfg: JobConfig
+    summaries: list[RoundSummary] = field(default_factory=list)
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+    def run_async(self, rounds: int) -> None:
+        def go() -> None:
+            try:
+                self.summaries.extend(self.coord.run(rounds))
+            except BaseException as exc:  # noqa: BLE001 - reported by join()
+                self.error = exc
+
+        self.thread = threading.Thread(target=go, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float = 120) -> list[RoundSummary]:
+        assert self.thread is not None
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "rounds did not finish in time"
+        if self.error:
+            raise self.error
+        return self.summaries
+
+    def close(self) -> None:
+        for a in self.agents.values():
+            a.stop()
+        self.coord.stop()
+
+
+def start_fleet(broker_url: str, run_dir: Path, *, roster_extra: tuple[str, ...] = (), start_agents: bool = True,
+                **overrides: Any) -> Fleet:
+    cfg = JobConfig(mode="full", agents=3, rounds=3, alpha=0.0, deadline_s=20.0, fleet=f"t{abs(hash(run_dir)) % 10**8}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    blob, cmodel = package(cfg)
+    local, test = shards(cfg)
+    ids = agent_ids(cfg)
+    strategy = create_strategy(cfg.method, cmodel.initial_state(), **cfg.method_config, uplink=cfg.uplink)
+    ecfg = engine_config(cfg, "test-run")
+    ecfg.grace_s = overrides.get("grace_s", 0.0)
+    coord = Coordinator(broker_url=broker_url, secret=SECRET, roster=ids + list(roster_extra), strategy=strategy,
+                        package=blob, evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=run_dir,
+                        config=ecfg)
+    coord.start()
+    agents = {}
+    if start_agents:
+        for i, agent_id in enumerate(ids):
+            a = Agent(AgentConfig(broker_url, cfg.fleet, agent_id, protocol.derive_key(SECRET, agent_id)), local[i])
+            a.start()
+            agents[agent_id] = a
+    return Fleet(coord, agents, cfg)

@@ -1,0 +1,197 @@
+"""End-to-end rounds over a real Mosquitto: FedAvg, hostile messages, killed and restarted agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from edge_agent import codecs, protocol
+from edge_agent.mqtt import MqttLink
+from tests.fleet_helpers import SECRET, package, start_fleet
+
+
+def rows(fleet, sql: str = "SELECT * FROM agent_rounds ORDER BY id") -> list[dict]:
+    return [dict(r) for r in fleet.coord.ledger.query(sql)]
+
+
+def test_fedavg_rounds_learn_and_fill_ledger_and_checkpoints(mosquitto, tmp_path):
+    fleet = start_fleet(mosquitto.url, tmp_path, rounds=4)
+    try:
+        fleet.coord.wait_for_agents(3, 30)
+        summaries = fleet.coord.run(4)
+    finally:
+        fleet.close()
+    assert [s.round for s in summaries] == [1, 2, 3, 4]
+    assert summaries[-1].accuracy > 0.8, [s.accuracy for s in summaries]
+    assert summaries[-1].accuracy > summaries[0].accuracy - 0.02
+    ok = [r for r in rows(fleet) if r["status"] == "ok"]
+    assert len(ok) == 12
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["samples"] > 0 and r["learn_s"] >= 0 for r in ok)
+    # MQTT-level bytes: at least the float32 payload of the full 64-32-10 MLP (2,410 floats)
+    assert min(r["bytes_up"] for r in ok) > 2410 * 4
+    state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["round"] == 4 and set(state["state"]) == {"fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias"}
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+class Rogue:
+    """A raw MQTT client on the roster that answers its task with hostile messages."""
+
+    def __init__(self, url: str, fleet_name: str, agent: str, digest: str):
+        self.fleet, self.agent = fleet_name, agent
+        self.key = protocol.derive_key(SECRET, agent)
+        self.tasks: list[tuple[dict, bytes]] = []
+        self.link = MqttLink(url, client_id=f"rogue-{agent}", on_message=self._on, clean_session=True,
+                             subscriptions=[protocol.agent_topic(fleet_name, agent, "task")])
+        self.link.start()
+        status = protocol.seal({"kind": "status", "agent": agent},
+                               json.dumps({"state": "online", "model": digest}).encode(), self.key)
+        self.link.publish(protocol.agent_topic(fleet_name, agent, "status"), status, retain=True)
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        self.tasks.append(protocol.open_envelope(payload, lambda h: self.key))
+
+    def result(self, task: dict, tensors: dict, *, key: bytes | None = None, agent: str | None = None,
+               **header_changes) -> list[bytes]:
+        meta = task["meta"]
+        expect = codecs.normalize_layout(meta["expect"])
+        layout = [(n, tuple(np.shape(tensors[n]))) for n, _ in expect]
+        header = {"kind": "result", "fleet": self.fleet, "agent": agent or self.agent, "run": task["run"],
+                  "round": task["round"], "phase": task["phase"], "method": task["method"],
+                  "codec": meta["uplink"], "layout": [[n, list(s)] for n, s in layout],
+                  "meta": {"samples": 10, "learn_s": 0.01, "metrics": {}}}
+        header.update(header_changes)
+        return protocol.split(header, codecs.encode(tensors, layout, meta["uplink"]), key or self.key)
+
+    def send(self, msgs: list[bytes], agent: str | None = None) -> None:
+        for m in msgs:
+            self.link.publish(protocol.agent_topic(self.fleet, agent or self.agent, "result"), m)
+
+
+def test_hostile_messages_are_refused_recorded_and_the_round_completes(mosquitto, tmp_path):
+    fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("rogue", "silent"), deadline_s=4.0, quorum=0.5)
+    rogue = Rogue(mosquitto.url, fleet.cfg.fleet, "rogue", fleet.coord.package_digest)
+    silent = Rogue(mosquitto.url, fleet.cfg.fleet, "silent", fleet.coord.package_digest)  # never answers
+    try:
+        fleet.coord.wait_for_agents(5, 30)
+        fleet.run_async(1)
+        deadline = time.time() + 10
+        while not rogue.tasks and time.time() < deadline:
+            time.sleep(0.02)
+        assert rogue.tasks, "the rogue agent got no task"
+        task, payload = rogue.tasks[0]
+        good = codecs.decode(payload, codecs.normalize_layout(task["layout"]), task["codec"], max_bytes=1 << 24)
+        zero = {n: np.zeros(s, np.float32) for n, s in codecs.normalize_layout(task["meta"]["expect"])}
+        nan = {k: v.copy() for k, v in zero.items()}
+        nan["fc0.weight"][0, 0] = np.nan
+        wrong = dict(zero, **{"fc0.bias": np.zeros(7, np.float32)})
+        rogue.link.publish(protocol.agent_topic(fleet.cfg.fleet, "rogue", "result"), b"\x00garbage")  # malformed
+        rogue.send(rogue.result(task, zero, key=b"k" * 32))  # bad HMAC
+        rogue.send(rogue.result(task, zero, round=task["round"] - 1))  # past round
+        rogue.send(rogue.result(task, zero, round=task["round"] + 3))  # future round
+        rogue.link.publish(protocol.agent_topic(fleet.cfg.fleet, "rogue", "result"), b"FFLT" + bytes(1_200_000))
+        rogue.send(rogue.result(task, nan))  # NaN update
+        rogue.send(rogue.result(task, {"fc0.weight": np.full((32, 64), np.inf, np.float32), **{k: v for k, v in zero.items() if k != "fc0.weight"}}))
+        rogue.send(rogue.result(task, wrong))  # wrong shapes
+        rogue.send(rogue.result(task, zero, agent="stranger", key=protocol.derive_key(SECRET, "stranger")),
+                   agent="stranger")  # unknown agent id
+        rogue.send(rogue.result(task, zero, agent="agent-00"))  # spoofed: another agent's id on rogue's topic
+        rogue.send(rogue.result(task, zero))  # valid
+        rogue.send(rogue.result(task, zero))  # duplicate
+        summaries = fleet.join(60)
+    finally:
+        rogue.link.stop()
+        silent.link.stop()
+        fleet.close()
+    assert good and summaries[0].ok == 4  # three honest agents and the rogue's one valid result
+    status = [(r["agent"], r["status"]) for r in rows(fleet)]
+    for reason in ("malformed", "bad_hmac", "stale_round", "future_round", "oversized", "nonfinite", "shape",
+                   "spoofed", "duplicate"):
+        assert ("rogue", f"rejected:{reason}") in status, (reason, status)
+    assert ("stranger", "rejected:unknown_agent") in status
+    assert status.count(("rogue", "rejected:nonfinite")) == 2
+    assert ("rogue", "ok") in status and ("silent", "late") in status
+    assert summaries[0].late == 1 and summaries[0].rejected >= 11
+    assert np.isfinite(summaries[0].accuracy)
+
+
+def _agent_process(url: str, fleet: str, agent: str, data_path, tmp_path) -> subprocess.Popen:
+    key = protocol.derive_key(SECRET, agent).hex()
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli", "--broker", url, "--fleet", fleet, "--id", agent, "--key", key,
+         "--data", str(data_path)],
+        stdout=open(tmp_path / f"{agent}.log", "ab"), stderr=subprocess.STDOUT,
+    )
+
+
+def test_killed_agent_round_completes_on_quorum_and_restarted_agent_rejoins(mosquitto, tmp_path):
+    fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("proc-agent",), deadline_s=5.0, quorum=0.5)
+    from coordinator.job import shards
+
+    local, _ = shards(fleet.cfg)
+    data_path = tmp_path / "proc.npz"
+    np.savez(data_path, x=local[0].x, y=local[0].y)
+    proc = _agent_process(mosquitto.url, fleet.cfg.fleet, "proc-agent", data_path, tmp_path)
+    try:
+        fleet.coord.wait_for_agents(4, 60)
+        first = fleet.coord.run_round(1)
+        assert first.ok == 4
+        # round 2: kill the agent process the moment the round starts
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("s", fleet.coord.run_round(2)))
+        t.start()
+        while fleet.coord.round != 2:
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        t.join(60)
+        second = result["s"]
+        assert second.selected == 4 and second.ok >= 3 and second.ok + second.late == 4
+        # restart the same agent: it rejoins and is selected for the next round
+        proc = _agent_process(mosquitto.url, fleet.cfg.fleet, "proc-agent", data_path, tmp_path)
+        deadline = time.time() + 30
+        third = None
+        while time.time() < deadline:
+            third = fleet.coord.run_round(3)
+            if third.ok == 4:
+                break
+        assert third is not None and third.ok == 4
+    finally:
+        proc.kill()
+        proc.wait(10)
+        fleet.close()
+    statuses = {(r["round"], r["status"]) for r in rows(fleet) if r["agent"] == "proc-agent"}
+    assert (1, "ok") in statuses and (3, "ok") in statuses
+
+
+def test_broken_agent_options_and_config_give_clear_errors(tmp_path):
+    bad = tmp_path / "job.toml"
+    bad.write_text("[job]\nrounds = 'many'\n")
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--config", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "field 'rounds'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "edge_agent.cli", "--broker", "mqtt://127.0.0.1:1", "--id", "a",
+                        "--key", "zz", "--data", str(tmp_path / "none.npz")], capture_output=True, text=True)
+    assert r.returncode == 2 and "hex" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("spec", [{"name": "zstd"}])
+def test_uplink_codec_is_chosen_per_task(mosquitto, tmp_path, spec):
+    fleet = start_fleet(mosquitto.url, tmp_path, uplink=spec, rounds=2)
+    try:
+        fleet.coord.wait_for_agents(3, 30)
+        s = fleet.coord.run(2)
+    finally:
+        fleet.close()
+    codec_rows = {r["codec"] for r in rows(fleet) if r["status"] == "ok"}
+    assert codec_rows == {spec["name"]} and s[-1].ok == 3
+    assert package  # the session cache is shared with the other tests
