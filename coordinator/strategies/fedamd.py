@@ -1,0 +1,130 @@
+"""FedAMD (anchor sampling) on the coordinator: the per-client gradient table, roles, and the update.
+
+- The table G[m] holds each client's last large-batch gradient (M x d); the bullseye is its mean.
+- Initialisation: the first round this strategy sees is a full-participation pass in which every agent
+  is an anchor at x_0; it fills G and does not move the model (`init_done` tells the two apart, and
+  `t` counts the real rounds that follow).
+- Round t: sample A agents uniformly (PCG64 seeded by seed and t), freeze v_t = mean(G), assign roles
+  (`coordinator.sampling.assign_roles`, constant mode with probability p or periodic mode with period
+  P; an agent not yet in the table is made an anchor). Miners get x_t and v_t, anchors get x_t.
+- After the round: if at least one miner reported, x_{t+1} = x_t - server_lr * mean_i delta_i (uniform
+  weights over miners), else x_{t+1} = x_t. Anchors' gradients then replace their rows of G, so they
+  enter the bullseye one round later (the paper's v_{t+1}).
+
+Config: participants (A, 10), mode ("constant" | "periodic"), p (0.2), period, lr (local, 0.01),
+server_lr (1.0), local_steps (K, 10), batch (64), large_batch (0 = whole local set), chunk (256),
+divided (False), seed (2022).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from coordinator import robust, sampling
+from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register
+from coordinator.strategies.monna import agent_seed, to_wire
+from edge_agent.errors import ConfigError
+
+
+@register
+class FedAMDStrategy(Strategy):
+    name = "fedamd"
+
+    def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
+        super().__init__(state, **config)
+        self.layout = layout_of(self.state)
+        self.participants = int(config.get("participants", 10))
+        self.mode = str(config.get("mode", "constant"))
+        self.p = config.get("p", 0.2)
+        self.period = config.get("period")
+        self.lr = float(config.get("lr", 0.01))
+        self.server_lr = float(config.get("server_lr", 1.0))
+        self.local_steps = int(config.get("local_steps", 10))
+        self.batch = int(config.get("batch", 64))
+        self.large_batch = int(config.get("large_batch", 0))
+        self.chunk = int(config.get("chunk", 256))
+        self.divided = bool(config.get("divided", False))
+        self.seed = int(config.get("seed", 2022))
+        if self.mode == "periodic":
+            self.p = None
+        # validate the role settings once, up front
+        sampling.assign_roles([], 0, sampling.round_rng(0, 0), mode=self.mode, p=self.p, period=self.period)
+        if self.local_steps < 1:
+            raise ConfigError(f"fedamd local_steps must be >= 1, got {self.local_steps}")
+        self.x = robust.flatten(self.state, self.layout)
+        self.table: dict[str, torch.Tensor] = {}
+        self.init_done = False
+        self.t = 0
+        self.roles: dict[str, str] = {}
+        self.history: list[dict[str, float]] = []
+
+    def bullseye(self) -> torch.Tensor:
+        if not self.table:
+            raise ConfigError("fedamd: the gradient table is empty; the initialisation pass must run first")
+        return torch.stack([self.table[a] for a in sorted(self.table)]).mean(dim=0)
+
+    def _config(self, agent: str, role: str) -> dict[str, Any]:
+        return {
+            "learner": "fedamd",
+            "role": role,
+            "lr": self.lr,
+            "local_steps": self.local_steps,
+            "batch": self.batch,
+            "large_batch": self.large_batch,
+            "chunk": self.chunk,
+            "divided": self.divided,
+            "seed": agent_seed(self.seed, agent),
+        }
+
+    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
+        model = to_wire(self.x, self.layout)
+        if not self.init_done:
+            self.roles = dict.fromkeys(agents, sampling.ANCHOR)
+            return {
+                a: TaskSpec(config=self._config(a, sampling.ANCHOR), tensors=model, expect=self.layout)
+                for a in agents
+            }
+        selected = sampling.uniform(sorted(agents), self.participants, sampling.round_rng(self.seed, self.t, 1))
+        roles = sampling.assign_roles(
+            selected, self.t, sampling.round_rng(self.seed, self.t, 2), mode=self.mode, p=self.p, period=self.period
+        )
+        self.roles = {a: (sampling.ANCHOR if a not in self.table else r) for a, r in roles.items()}
+        bull = to_wire(self.bullseye(), self.layout, prefix="v.")  # frozen v_t
+        out = {}
+        for a, role in self.roles.items():
+            tensors = {**model, **bull} if role == sampling.MINER else model
+            out[a] = TaskSpec(config=self._config(a, role), tensors=tensors, expect=self.layout)
+        return out
+
+    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        deltas, grads = [], {}
+        evals = 0.0
+        for r in results:
+            role = self.roles.get(r.agent)
+            vec = robust.flatten(r.tensors, self.layout)
+            if role == sampling.MINER:
+                deltas.append(vec)
+            elif role == sampling.ANCHOR:
+                grads[r.agent] = vec
+            else:
+                continue  # not tasked this round: ignore
+            evals += float(r.metrics.get("grad_evals", 0.0))
+        if deltas:
+            self.x = self.x - self.server_lr * torch.stack(deltas).mean(dim=0)
+            self.state = robust.unflatten(self.x, self.layout)
+        self.table.update(grads)  # enters the bullseye at the next round (one-round lag)
+        self.history.append(
+            {"init": float(not self.init_done), "miners": float(len(deltas)), "anchors": float(len(grads)), "grad_evals": evals}
+        )
+        if self.init_done:
+            self.t += 1
+        elif self.table:
+            self.init_done = True
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"table": {a: v.clone() for a, v in self.table.items()}, "t": self.t, "init_done": self.init_done}

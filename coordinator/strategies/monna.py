@@ -1,0 +1,221 @@
+"""MoNNA on the coordinator: a trusted relay that mixes every honest agent's model with NNA.
+
+There is no global model. Each agent has its OWN model copy here (separate storage from the start: the
+reference code aliased them all to one tensor, which made the first step n_h times too large). A step:
+
+- phase 0: every honest agent gets its own model theta_i, takes a momentum half step on the edge
+  (`edge_agent.learners.monna`) and uploads theta_i+;
+- phase 1 (only when the fleet config lists Byzantine agents): each Byzantine agent gets what its
+  attack needs (`coordinator.attacks`, omniscient hook only when `omniscient = true`) and uploads its
+  vector;
+- mixing: node i's set S_i = {theta_i+} + (n - 2f - 1) other honest vectors drawn uniformly (PCG64,
+  seeded) + every Byzantine vector, so |S_i| = n - f; theta_i <- NNA_i(S_i) = mean of the |S_i| - f
+  nearest. All NNA_i of a step come from one Gram-matrix product. With no Byzantine vectors the free
+  slots go to more honest vectors. `mixing` may name any other rule from `coordinator.robust`
+  (trimmed_mean, median, krum, geometric_median, centered_clipping, mean) for baselines.
+
+Config: f, n (declared total, default honest + byzantine), byzantine {agent: attack}, omniscient,
+beta (0.9; 0 gives plain NNA), lr, lr_decay (50), lr_reset, weight_decay (lambda, 1e-4), batch (16),
+seed, mixing ("nna"), mixing_kw, attack_evals (16).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from coordinator import attacks, robust
+from coordinator.sampling import round_rng
+from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register
+from edge_agent.errors import ConfigError
+
+
+def agent_seed(seed: int, agent: str) -> int:
+    """A per-agent seed that is the same in every process (no Python hash randomisation)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(agent.encode())) % (1 << 32)
+
+
+def to_wire(vec: torch.Tensor, layout: robust.Layout, prefix: str = "") -> dict[str, np.ndarray]:
+    return {prefix + k: v.numpy().astype(np.float32) for k, v in robust.unflatten(vec, layout).items()}
+
+
+def attack_tasks(
+    plans: dict[str, attacks.AttackPlan], byzantine: dict[str, str], layout: robust.Layout, base: dict[str, Any]
+) -> dict[str, TaskSpec]:
+    """One TaskSpec per Byzantine agent from the attack plans (shared by MoNNA and robust FedAvg)."""
+    out: dict[str, TaskSpec] = {}
+    for agent, plan in plans.items():
+        tensors: dict[str, np.ndarray] = {}
+        for role, vec in plan.vectors.items():
+            tensors.update(to_wire(vec, layout, prefix=f"{role}."))
+        cfg = {**base, "learner": "byzantine", "attack": byzantine[agent], **plan.scalars}
+        out[agent] = TaskSpec(config=cfg, tensors=tensors, expect=layout)
+    return out
+
+
+@register
+class MonnaStrategy(Strategy):
+    name = "monna"
+
+    def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
+        super().__init__(state, **config)
+        self.layout = layout_of(self.state)
+        self.f = int(config.get("f", 0))
+        self.omniscient = bool(config.get("omniscient", False))
+        self.byzantine = attacks.parse_byzantine(config.get("byzantine"), self.omniscient)
+        self.beta = float(config.get("beta", 0.9))
+        self.lr = float(config.get("lr", 0.5))
+        self.lr_decay = float(config.get("lr_decay", 50.0))
+        self.lr_reset = config.get("lr_reset")
+        self.weight_decay = float(config.get("weight_decay", 1e-4))
+        self.batch = int(config.get("batch", 16))
+        self.seed = int(config.get("seed", 0))
+        self.mixing = robust.canonical(str(config.get("mixing", "nna")))
+        self.mixing_kw = dict(config.get("mixing_kw", {}))
+        self.attack_evals = int(config.get("attack_evals", 16))
+        self.n_declared = config.get("n")
+        self.phases = 2 if self.byzantine else 1
+        if not 0.0 <= self.beta < 1.0:
+            raise ConfigError(f"monna: beta must be in [0, 1), got {self.beta}")
+        if self.n_declared is not None and int(self.n_declared) - self.f < 2 * self.f + 1:
+            raise ConfigError(
+                f"monna: n={self.n_declared}, f={self.f} leaves |S_i| = n - f < 2f + 1; "
+                "NNA cannot tolerate that many Byzantine agents: lower f or add agents"
+            )
+        self._init = robust.flatten(self.state, self.layout)
+        self.models: dict[str, torch.Tensor] = {}  # one separate flat copy per agent
+        self._honest_up: dict[str, torch.Tensor] = {}
+        self._byz_up: dict[str, torch.Tensor] = {}
+        self.last_attack: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def step_size(self, round: int) -> float:
+        t = round % int(self.lr_reset) if self.lr_reset else round
+        return self.lr / (1.0 + t / self.lr_decay)
+
+    def model_of(self, agent: str) -> torch.Tensor:
+        if agent not in self.models:
+            self.models[agent] = self._init.clone()
+        return self.models[agent]
+
+    def _n(self) -> int:
+        return int(self.n_declared) if self.n_declared is not None else len(self._honest_up) + len(self.byzantine)
+
+    def _mix_one(self, stack: torch.Tensor, sub: list[int]) -> torch.Tensor:
+        agg = robust.get(self.mixing)
+        if robust.pivoted(self.mixing):
+            return agg(stack[sub], self.f, own=0, **self.mixing_kw)
+        return agg(stack[sub], self.f, **self.mixing_kw)
+
+    def mix(self, stack: torch.Tensor, subsets: list[list[int]]) -> torch.Tensor:
+        """Row r: node r's mixed model over stack[subsets[r]] (pivot first)."""
+        if self.mixing == "nna":
+            return robust.nna_subsets(stack, self.f, subsets)
+        return torch.stack([self._mix_one(stack, sub) for sub in subsets])
+
+    def _objective(self, n_honest: int) -> attacks.MixFn:
+        """What the line search maximises against: the mean over honest pivots of their mixed models when
+        all n vectors arrive (the reference's assumption)."""
+
+        def mix_all(stack: torch.Tensor) -> torch.Tensor:
+            n = int(stack.shape[0])
+            if not robust.pivoted(self.mixing):
+                return self._mix_one(stack, list(range(n)))
+            subs = [[i, *[j for j in range(n) if j != i]] for i in range(n_honest)]
+            return self.mix(stack, subs).mean(dim=0)
+
+        return mix_all
+
+    def _base_config(self, round: int, agent: str) -> dict[str, Any]:
+        return {
+            "lr": self.step_size(round),
+            "beta": self.beta,
+            "weight_decay": self.weight_decay,
+            "batch": self.batch,
+            "seed": agent_seed(self.seed, agent),
+        }
+
+    # ------------------------------------------------------------------ engine interface
+    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
+        if phase == 0:
+            self._honest_up, self._byz_up = {}, {}
+            return {
+                a: TaskSpec(
+                    config={**self._base_config(round, a), "learner": "monna"},
+                    tensors=to_wire(self.model_of(a), self.layout),
+                    expect=self.layout,
+                )
+                for a in agents
+                if a not in self.byzantine
+            }
+        byz = [a for a in agents if a in self.byzantine]
+        if not byz or not self._honest_up:
+            return {}
+        honest = torch.stack([self._honest_up[a] for a in sorted(self._honest_up)])
+        f_real = len(byz)
+        plans: dict[str, attacks.AttackPlan] = {}
+        shared: dict[str, attacks.AttackPlan] = {}
+        for a in byz:
+            kind = self.byzantine[a]
+            if kind not in shared:
+                shared[kind] = attacks.plan(
+                    kind, honest, f_real, self._objective(honest.shape[0]), evals=self.attack_evals
+                )
+            plan = shared[kind]
+            if kind == "label_flip" and not self.omniscient:
+                plan = attacks.AttackPlan(kind, {"model": self.model_of(a)})
+            plans[a] = plan
+        self.last_attack = {k: dict(p.scalars) for k, p in shared.items()}
+        base = {a: self._base_config(round, a) for a in byz}
+        out = {}
+        for a, spec in attack_tasks(plans, self.byzantine, self.layout, {}).items():
+            spec.config.update(base[a])
+            out[a] = spec
+        return out
+
+    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        target = self._honest_up if phase == 0 else self._byz_up
+        for r in results:
+            target[r.agent] = robust.flatten(r.tensors, self.layout)
+        if phase == self.phases - 1:
+            self._mix_round(round)
+
+    def _mix_round(self, round: int) -> None:
+        honest = sorted(self._honest_up)
+        byz = sorted(self._byz_up)
+        if not honest:
+            return
+        stack = torch.stack([self._honest_up[a] for a in honest] + [self._byz_up[a] for a in byz])
+        n_h = len(honest)
+        q = self._n() - self.f  # |S_i|
+        rng = round_rng(self.seed, round, salt=7)
+        pivots = list(range(n_h))
+        if not self.omniscient:  # non-omniscient label flippers keep (and get) their own mixed model
+            pivots += [n_h + j for j, a in enumerate(byz) if self.byzantine[a] == "label_flip"]
+        subsets = []
+        for p in pivots:
+            byz_rows = [n_h + j for j in range(len(byz)) if n_h + j != p]
+            k = max(0, min(q - 1 - len(byz_rows), n_h - (1 if p < n_h else 0)))
+            others = [i for i in range(n_h) if i != p]
+            pick = sorted(rng.choice(len(others), size=k, replace=False).tolist()) if k else []
+            subsets.append([p, *[others[i] for i in pick], *byz_rows])
+        mixed = self.mix(stack, subsets)
+        names = honest + byz
+        for row, p in enumerate(pivots):
+            self.models[names[p]] = mixed[row].clone()
+
+    # ------------------------------------------------------------------ state
+    def node_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every honest agent's own model (the thing to evaluate: min and mean over nodes)."""
+        return {a: robust.unflatten(v, self.layout) for a, v in sorted(self.models.items()) if a not in self.byzantine}
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """There is no global model; this is the first honest node's model (what the reference scores)."""
+        nodes = self.node_states()
+        return next(iter(nodes.values())) if nodes else self.state
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"models": {a: v.clone() for a, v in self.models.items()}}

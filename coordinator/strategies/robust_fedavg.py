@@ -1,0 +1,132 @@
+"""FedAvg whose mean is replaced by a robust aggregator chosen by name (`coordinator.robust`).
+
+A round: sample honest participants (uniform, or availability-aware when `availability` is given),
+send them the global model x; each runs `local_steps` SGD steps (the `monna` learner with momentum
+reset every round, beta = 0 by default) and uploads its model. The coordinator aggregates the updates
+delta_i = theta_i - x with the named rule and sets x <- x + server_lr * agg(deltas, f). Working on
+updates keeps centered clipping centred on the current model and the geometric median's start sane.
+
+Byzantine agents listed in the fleet config are tasked in phase 1 with the honest statistics from the
+omniscient hook (which the config must enable); the line search attacks this very aggregator.
+A round whose results are too few for the rule keeps the model and records why in `last_error`.
+
+Config: aggregator ("mean"), aggregator_kw, f, byzantine, omniscient, participants (None = all), lr,
+local_steps (1), batch (16), beta (0), weight_decay (0), server_lr (1), seed, availability, attack_evals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from coordinator import attacks, robust, sampling
+from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register
+from coordinator.strategies.monna import agent_seed, attack_tasks, to_wire
+
+
+@register
+class RobustFedAvg(Strategy):
+    name = "robust_fedavg"
+
+    def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
+        super().__init__(state, **config)
+        self.layout = layout_of(self.state)
+        self.aggregator = robust.canonical(str(config.get("aggregator", "mean")))
+        self.aggregator_kw = dict(config.get("aggregator_kw", {}))
+        self.f = int(config.get("f", 0))
+        self.omniscient = bool(config.get("omniscient", False))
+        self.byzantine = attacks.parse_byzantine(config.get("byzantine"), self.omniscient)
+        self.participants = config.get("participants")
+        self.lr = float(config.get("lr", 0.1))
+        self.local_steps = int(config.get("local_steps", 1))
+        self.batch = int(config.get("batch", 16))
+        self.beta = float(config.get("beta", 0.0))
+        self.weight_decay = float(config.get("weight_decay", 0.0))
+        self.server_lr = float(config.get("server_lr", 1.0))
+        self.seed = int(config.get("seed", 0))
+        self.availability = config.get("availability")
+        self.attack_evals = int(config.get("attack_evals", 16))
+        self.phases = 2 if self.byzantine else 1
+        self.x = robust.flatten(self.state, self.layout)
+        self._up: dict[str, torch.Tensor] = {}
+        self._byz: dict[str, torch.Tensor] = {}
+        self.last_error = ""
+
+    def robust_step(self, deltas: torch.Tensor) -> torch.Tensor:
+        agg = robust.get(self.aggregator)
+        kw = dict(self.aggregator_kw)
+        if self.aggregator == "centered_clipping" and "center" not in kw:
+            kw["center"] = torch.zeros(deltas.shape[1], dtype=deltas.dtype)
+        return agg(deltas, self.f, **kw)
+
+    def _task_config(self, agent: str) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "local_steps": self.local_steps,
+            "batch": self.batch,
+            "beta": self.beta,
+            "weight_decay": self.weight_decay,
+            "reset_momentum": True,
+            "seed": agent_seed(self.seed, agent),
+        }
+
+    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
+        if phase == 0:
+            self._up, self._byz = {}, {}
+            honest = [a for a in agents if a not in self.byzantine]
+            if self.participants is not None:
+                rng = sampling.round_rng(self.seed, round, salt=11)
+                k = int(self.participants)
+                if self.availability is not None:
+                    honest = sampling.availability_aware(honest, k, rng, availability=self.availability)
+                else:
+                    honest = sampling.uniform(honest, k, rng)
+            model = to_wire(self.x, self.layout)
+            return {
+                a: TaskSpec(config={**self._task_config(a), "learner": "monna"}, tensors=model, expect=self.layout)
+                for a in honest
+            }
+        byz = [a for a in agents if a in self.byzantine]
+        if not byz or not self._up:
+            return {}
+        honest_models = torch.stack([self._up[a] + self.x for a in sorted(self._up)])
+
+        def mix(stack: torch.Tensor) -> torch.Tensor:
+            return self.x + self.robust_step(stack - self.x)
+
+        plans: dict[str, attacks.AttackPlan] = {}
+        shared: dict[str, attacks.AttackPlan] = {}
+        for a in byz:
+            kind = self.byzantine[a]
+            if kind not in shared:
+                shared[kind] = attacks.plan(kind, honest_models, len(byz), mix, evals=self.attack_evals)
+            plans[a] = shared[kind]
+            if kind == "label_flip" and not self.omniscient:
+                plans[a] = attacks.AttackPlan(kind, {"model": self.x.clone()})
+        out = attack_tasks(plans, self.byzantine, self.layout, {})
+        for a, spec in out.items():
+            spec.config.update(self._task_config(a))
+        return out
+
+    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        target = self._up if phase == 0 else self._byz
+        for r in results:
+            target[r.agent] = robust.flatten(r.tensors, self.layout) - self.x
+        if phase != self.phases - 1:
+            return
+        rows = [self._up[a] for a in sorted(self._up)] + [self._byz[a] for a in sorted(self._byz)]
+        if not rows:
+            self.last_error = "no results"
+            return
+        try:
+            step = self.robust_step(torch.stack(rows))
+        except robust.AggregationError as exc:
+            self.last_error = str(exc)
+            return
+        self.last_error = ""
+        self.x = self.x + self.server_lr * step
+        self.state = robust.unflatten(self.x, self.layout)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.state
