@@ -146,7 +146,7 @@ class MqttLink:
                 continue
             rc = paho.MQTT_ERR_SUCCESS
             while not self._stop.is_set() and rc == paho.MQTT_ERR_SUCCESS:
-                rc = self._client.loop(timeout=0.05)
+                rc = self._client.loop(timeout=1.0)
                 if self.connected.is_set():
                     delay = self._min_backoff
             self.connected.clear()
