@@ -1,0 +1,283 @@
+"""Per-tensor sections of a FedZip payload: the four encodings E1..E4 of one `Sparse` tensor.
+
+Every section starts the same way:
+    varint m (kept entries; the decoder refuses m > ceil(z n)); if m == 0 the section ends here
+    u8 k' (centroids, 1..k), k' float32 centroids (ascending, nonzero), k'-1 varint cluster counts
+Then, by encoding:
+    E1  canonical Huffman over all n entries, alphabet {zero, cluster 1..k'}; the code is rebuilt from the
+        counts on both sides, so no table is sent and the stream length is implied.
+    E2  for each cluster in turn its ascending absolute positions, ceil(log2 n) bits each.
+    E3  for each cluster in turn its position gaps (first gap = position + 1), Elias-gamma coded;
+        varint stream length in bits.
+    E4  positions of all kept entries as gaps, Huffman-coded buckets plus raw low bits (`gapcodes`), or fixed
+        width positions when that is smaller (tiny tensors); then the cluster ids in blocks of B ids, each
+        block one symbol of a Huffman code built from the product of the cluster frequencies (near the
+        entropy m H(ids) without sending a table).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CodecError
+from . import huffman
+from .bitio import pack_fields, read_fields
+from .gapcodes import (
+    MAX_BUCKETS,
+    MAX_VALUE_BITS,
+    bitlength,
+    bucket_join,
+    bucket_split,
+    bucket_widths,
+    choose_b,
+    gamma_decode,
+    gamma_encode,
+)
+from .params import FedZipParams
+from .quantize import Sparse
+from .wire import Reader, Writer
+
+
+def _width(n: int) -> int:
+    return int(n - 1).bit_length() if n > 1 else 0
+
+
+def _grouped(s: Sparse) -> np.ndarray:
+    """Positions grouped by cluster (cluster 0 first), ascending inside each group."""
+    return s.positions[np.argsort(s.ids, kind="stable")]
+
+
+def _ungroup(vals: np.ndarray, counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate per-cluster ascending positions and merge them into (positions, ids)."""
+    if vals.size and int(vals.max()) >= n:
+        raise CodecError(f"position beyond the tensor size {n}; the payload is corrupt")
+    ids = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
+    d = np.diff(vals)
+    same = ids[1:] == ids[:-1]
+    if (d[same] <= 0).any():
+        raise CodecError("positions of a cluster are not strictly ascending; the payload is corrupt")
+    order = np.argsort(vals, kind="stable")
+    pos = vals[order]
+    if (np.diff(pos) <= 0).any():
+        raise CodecError("two clusters claim the same position; the payload is corrupt")
+    return pos, ids[order]
+
+
+# -- cluster ids in blocks (E4) ----------------------------------------------------------------------------
+
+def _max_block(kp: int) -> int:
+    b = 1
+    while kp ** (b + 1) <= 256:
+        b += 1
+    return b
+
+
+def _block_code(counts: list[int], block: int) -> huffman.Code:
+    w = [1]
+    for _ in range(block):
+        w = [a * c for a in w for c in counts]
+    return huffman.from_weights(w, max_len=None)
+
+
+def _block_symbols(ids: np.ndarray, kp: int, block: int) -> np.ndarray:
+    nblocks = -(-ids.size // block)
+    padded = np.zeros(nblocks * block, dtype=np.int64)
+    padded[: ids.size] = ids
+    place = kp ** np.arange(block - 1, -1, -1, dtype=np.int64)
+    return padded.reshape(nblocks, block) @ place
+
+
+def _write_ids(w: Writer, ids: np.ndarray, counts: list[int]) -> None:
+    kp = len(counts)
+    best: tuple[int, int, huffman.Code, np.ndarray] | None = None
+    for block in range(1, _max_block(kp) + 1):
+        code = _block_code(counts, block)
+        if code.maxlen > huffman.MAX_LEN:
+            continue
+        sym = _block_symbols(ids, kp, block)
+        bits = code.bits(np.bincount(sym, minlength=code.lengths.size))
+        if best is None or bits < best[0]:
+            best = (bits, block, code, sym)
+    assert best is not None  # block 1 always fits: at most 16 symbols
+    _, block, code, sym = best
+    data, nbits = huffman.encode(sym, code)
+    w.u8(block)
+    w.varint(nbits)
+    w.raw(data)
+
+
+def _read_ids(r: Reader, counts: np.ndarray) -> np.ndarray:
+    kp, m = counts.size, int(counts.sum())
+    block = r.u8()
+    if not 1 <= block <= _max_block(kp):
+        raise CodecError(f"cluster-id block size {block} is invalid for {kp} clusters; the payload is corrupt")
+    code = _block_code(counts.tolist(), block)
+    if code.maxlen > huffman.MAX_LEN:
+        raise CodecError("cluster-id code is longer than allowed; the payload is corrupt")
+    nblocks = -(-m // block)
+    nbits = r.varint(limit=nblocks * huffman.MAX_LEN)
+    sym = huffman.decode(r.bits(nbits), nbits, nblocks, code)
+    place = kp ** np.arange(block - 1, -1, -1, dtype=np.int64)
+    ids = ((sym[:, None] // place[None, :]) % kp).ravel()
+    if ids[m:].any():
+        raise CodecError("cluster-id padding is not zero; the payload is corrupt")
+    ids = ids[:m]
+    if not np.array_equal(np.bincount(ids, minlength=kp), counts):
+        raise CodecError("cluster ids disagree with the declared cluster counts; the payload is corrupt")
+    return ids
+
+
+# -- positions as gaps (E4) --------------------------------------------------------------------------------
+
+def _write_gaps(w: Writer, pos: np.ndarray, n: int) -> None:
+    m = pos.size
+    v = np.diff(pos, prepend=-1) - 1
+    b = choose_b(v)
+    sym, raw, width = bucket_split(v, b)
+    counts = np.bincount(sym)
+    code = huffman.from_weights(counts.tolist())
+    bucket_bits = code.bits(counts) + int(width.sum()) + 16 + 5 * counts.size + 8 * 3
+    fixed_bits = m * _width(n)
+    if fixed_bits <= bucket_bits:
+        w.u8(1)
+        w.raw(pack_fields(pos.astype(np.uint64), np.full(m, _width(n)))[0])
+        return
+    w.u8(0)
+    w.u8(b)
+    if code.single is not None:
+        w.u8(0)
+        w.u8(code.single)
+    else:
+        w.u8(counts.size)
+        w.raw(pack_fields(code.lengths.astype(np.uint64), np.full(counts.size, 5))[0])
+    data, nbits = huffman.encode(sym, code)
+    w.varint(nbits)
+    w.raw(data)
+    w.raw(pack_fields(raw.astype(np.uint64), width)[0])
+
+
+def _read_gaps(r: Reader, m: int, n: int) -> np.ndarray:
+    mode = r.u8()
+    if mode == 1:
+        wd = _width(n)
+        nbits = m * wd
+        pos = read_fields(r.bits(nbits), nbits, np.arange(m, dtype=np.int64) * wd, np.full(m, wd)).astype(np.int64)
+        if pos.size and (int(pos.max()) >= n or (np.diff(pos) <= 0).any()):
+            raise CodecError("fixed-width positions are out of range or not ascending; the payload is corrupt")
+        return pos
+    if mode != 0:
+        raise CodecError(f"unknown position mode {mode}; the payload is corrupt or from a newer version")
+    b = r.u8()
+    if b > MAX_VALUE_BITS - 2:
+        raise CodecError(f"gap parameter b={b} is out of range; the payload is corrupt")
+    size = r.u8()
+    if size == 0:
+        single = r.u8()
+        if single >= MAX_BUCKETS:
+            raise CodecError("gap bucket out of range; the payload is corrupt")
+        code = huffman.from_lengths([0] * (single + 1), single=single)
+    else:
+        if size > MAX_BUCKETS:
+            raise CodecError(f"gap table has {size} buckets, more than {MAX_BUCKETS}; the payload is corrupt")
+        lengths = read_fields(r.bits(5 * size), 5 * size, np.arange(size, dtype=np.int64) * 5, np.full(size, 5))
+        code = huffman.from_lengths(lengths.astype(np.int64).tolist())
+    nbits = r.varint(limit=m * huffman.MAX_LEN)
+    sym = huffman.decode(r.bits(nbits), nbits, m, code)
+    widths = bucket_widths(sym, b)
+    if widths.size and int(widths.max()) >= MAX_VALUE_BITS:
+        raise CodecError("gap larger than any tensor; the payload is corrupt")
+    raw_bits = int(widths.sum())
+    offsets = np.cumsum(widths) - widths
+    raw = read_fields(r.bits(raw_bits), raw_bits, offsets, widths).astype(np.int64)
+    v = bucket_join(sym, raw, b)
+    if v.size and int(v.max()) >= n:
+        raise CodecError(f"gap beyond the tensor size {n}; the payload is corrupt")
+    pos = np.cumsum(v + 1) - 1
+    if pos.size and int(pos[-1]) >= n:
+        raise CodecError(f"position beyond the tensor size {n}; the payload is corrupt")
+    return pos
+
+
+# -- sections ----------------------------------------------------------------------------------------------
+
+def write_tensor(w: Writer, s: Sparse, encoding: str) -> None:
+    m, n = s.m, s.n
+    w.varint(m)
+    if m == 0:
+        return
+    counts = s.counts()
+    kp = counts.size
+    w.u8(kp)
+    w.f32(s.centroids)
+    for c in counts[:-1].tolist():
+        w.varint(c)
+    if encoding == "e1":
+        sym = np.zeros(n, dtype=np.int64)
+        sym[s.positions] = s.ids + 1
+        code = huffman.from_weights([n - m] + counts.tolist())
+        w.raw(huffman.encode(sym, code)[0])
+    elif encoding == "e2":
+        wd = _width(n)
+        w.raw(pack_fields(_grouped(s).astype(np.uint64), np.full(m, wd))[0])
+    elif encoding == "e3":
+        vals = _grouped(s)
+        ids = np.repeat(np.arange(kp), counts)
+        prev = np.concatenate(([-1], vals[:-1]))
+        prev[np.flatnonzero(np.diff(ids, prepend=-1))] = -1
+        data, nbits = gamma_encode(vals - prev)
+        w.varint(nbits)
+        w.raw(data)
+    elif encoding == "e4":
+        _write_gaps(w, s.positions, n)
+        if kp > 1:
+            _write_ids(w, s.ids, counts.tolist())
+    else:
+        raise CodecError(f"unknown encoding {encoding!r}")
+
+
+def read_tensor(r: Reader, n: int, p: FedZipParams) -> Sparse:
+    m = r.varint(limit=p.keep_count(n))
+    if m == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return Sparse(n, z, z.copy(), np.zeros(0, np.float32))
+    kp = r.u8()
+    if not 1 <= kp <= min(p.k, m):
+        raise CodecError(f"{kp} clusters declared, allowed 1..{min(p.k, m)}; the payload is corrupt")
+    cent = r.f32(kp)
+    if not np.isfinite(cent).all() or (cent == 0).any() or (np.diff(cent) <= 0).any():
+        raise CodecError("centroids must be finite, nonzero and ascending; the payload is corrupt")
+    head = [r.varint(limit=m) for _ in range(kp - 1)]
+    counts = np.array(head + [m - sum(head)], dtype=np.int64)
+    if (counts < 1).any():
+        raise CodecError("cluster counts are empty or exceed the kept count; the payload is corrupt")
+    if p.encoding == "e1":
+        weights = [n - m] + counts.tolist()
+        code = huffman.from_weights(weights)
+        nbits = code.bits(np.array(weights))
+        sym = huffman.decode(r.bits(nbits), nbits, n, code)
+        if not np.array_equal(np.bincount(sym, minlength=kp + 1), weights):
+            raise CodecError("E1 symbols disagree with the declared counts; the payload is corrupt")
+        pos = np.flatnonzero(sym).astype(np.int64)
+        ids = sym[pos] - 1
+    elif p.encoding == "e2":
+        wd = _width(n)
+        nbits = m * wd
+        vals = read_fields(r.bits(nbits), nbits, np.arange(m, dtype=np.int64) * wd, np.full(m, wd))
+        pos, ids = _ungroup(vals.astype(np.int64), counts, n)
+    elif p.encoding == "e3":
+        nbits = r.varint(limit=m * (2 * MAX_VALUE_BITS - 1))
+        g = gamma_decode(r.bits(nbits), nbits, m)
+        if int(g.max()) > n:
+            raise CodecError(f"gap beyond the tensor size {n}; the payload is corrupt")
+        cs = np.cumsum(g)
+        starts = np.cumsum(counts) - counts
+        before = np.where(starts > 0, cs[np.maximum(starts - 1, 0)], 0)
+        vals = cs - np.repeat(before, counts) - 1
+        pos, ids = _ungroup(vals, counts, n)
+    else:
+        pos = _read_gaps(r, m, n)
+        ids = _read_ids(r, counts) if kp > 1 else np.zeros(m, dtype=np.int64)
+    return Sparse(n, pos, ids, cent)
+
+
+__all__ = ["read_tensor", "write_tensor", "bitlength"]

@@ -1,0 +1,167 @@
+"""Canonical Huffman codes over small alphabets (at most 256 symbols), encoded and decoded with numpy.
+
+Code lengths come from exact integer weights, so the encoder and the decoder build the same code from the
+same counts on any platform (ties are broken by symbol index). A code with one used symbol is "degenerate":
+that symbol costs 0 bits. Decoding finds the code length at every bit position with one table lookup and
+then walks the chain of code starts by pointer doubling (`bitio.walk`), so no Python loop runs per symbol.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CodecError
+from .bitio import bit_windows, pack_fields, walk
+
+MAX_LEN = 24  # longest codeword; windows are 32 bits wide
+_W = 32
+
+
+def code_lengths(weights: Sequence[int], max_len: int | None = MAX_LEN) -> list[int]:
+    """Huffman code lengths for integer `weights` (0 = unused symbol gets length 0).
+
+    With `max_len` set, weights are halved (rounding up, so used symbols stay used) until the code fits.
+    With `max_len=None` the caller checks the result itself.
+    """
+    w = [int(x) for x in weights]
+    if any(x < 0 for x in w):
+        raise ValueError("code_lengths: negative weight")
+    while True:
+        lengths = _lengths(w)
+        if max_len is None or max(lengths, default=0) <= max_len:
+            return lengths
+        w = [(x + 1) // 2 if x else 0 for x in w]
+
+
+def _lengths(w: list[int]) -> list[int]:
+    used = [i for i, x in enumerate(w) if x > 0]
+    lengths = [0] * len(w)
+    if len(used) <= 1:
+        return lengths
+    heap: list[tuple[int, int, int]] = [(w[i], i, i) for i in used]  # (weight, tiebreak, node)
+    heapq.heapify(heap)
+    parent: dict[int, int] = {}
+    nxt = len(w)
+    while len(heap) > 1:
+        wa, _, a = heapq.heappop(heap)
+        wb, _, b = heapq.heappop(heap)
+        parent[a] = parent[b] = nxt
+        heapq.heappush(heap, (wa + wb, nxt, nxt))
+        nxt += 1
+    root = heap[0][2]
+    depth: dict[int, int] = {root: 0}
+    for node in range(nxt - 1, -1, -1):  # parents are created after their children
+        if node in parent:
+            depth[node] = depth[parent[node]] + 1
+    for i in used:
+        lengths[i] = depth[i]
+    return lengths
+
+
+@dataclass(frozen=True)
+class Code:
+    """A canonical prefix code. `single` is set for a degenerate code (one symbol, zero bits)."""
+
+    lengths: np.ndarray  # int64 per symbol, 0 = unused
+    codes: np.ndarray  # uint64 per symbol
+    single: int | None
+    order: np.ndarray  # used symbols sorted by (length, symbol)
+    starts: np.ndarray  # left-justified 32-bit first window of each symbol in `order`
+    end: int  # first window past the last codeword (2**32 for a complete code)
+    table: np.ndarray | None  # index into `order` for each top-`maxlen`-bit window, when maxlen <= 16
+
+    @property
+    def maxlen(self) -> int:
+        return int(self.lengths.max()) if self.lengths.size else 0
+
+    @property
+    def minlen(self) -> int:
+        used = self.lengths[self.lengths > 0]
+        return int(used.min()) if used.size else 0
+
+    def bits(self, counts: np.ndarray) -> int:
+        """Bits needed to code symbols with these counts."""
+        return int(np.dot(self.lengths[: len(counts)], np.asarray(counts, dtype=np.int64)))
+
+
+def from_lengths(lengths: Sequence[int], single: int | None = None) -> Code:
+    """Build the canonical code; raises CodecError if the lengths are not a valid prefix code."""
+    ln = np.asarray(lengths, dtype=np.int64)
+    if ln.ndim != 1 or ln.size > 256:
+        raise CodecError("Huffman table has too many symbols; the payload is corrupt")
+    if single is not None:
+        if not 0 <= single < max(ln.size, 1) or ln.any():
+            raise CodecError("degenerate Huffman table is inconsistent; the payload is corrupt")
+        return Code(ln, np.zeros(ln.size, np.uint64), int(single), np.array([single]), np.zeros(1, np.uint64),
+                    2**_W, None)
+    if ln.min(initial=0) < 0 or ln.max(initial=0) > MAX_LEN:
+        raise CodecError(f"Huffman code length outside 1..{MAX_LEN}; the payload is corrupt")
+    used = np.flatnonzero(ln)
+    if used.size == 0:
+        raise CodecError("Huffman table has no symbols; the payload is corrupt")
+    kraft = sum(1 << (MAX_LEN - int(x)) for x in ln[used])
+    if kraft > 1 << MAX_LEN:
+        raise CodecError("Huffman code lengths violate the Kraft inequality; the payload is corrupt")
+    order = used[np.lexsort((used, ln[used]))]
+    codes = np.zeros(ln.size, dtype=np.uint64)
+    starts = np.zeros(order.size, dtype=np.uint64)
+    code, prev = 0, int(ln[order[0]])
+    for j, s in enumerate(order.tolist()):  # one pass over the alphabet (<= 256), not over the data
+        length = int(ln[s])
+        if j:
+            code = (code + 1) << (length - prev)
+        prev = length
+        codes[s] = code
+        starts[j] = code << (_W - length)
+    last = int(order[-1])
+    end = (int(codes[last]) + 1) << (_W - int(ln[last]))
+    table = None
+    maxlen = int(ln.max())
+    if maxlen <= 16:
+        tops = np.arange(1 << maxlen, dtype=np.uint64) << np.uint64(_W - maxlen)
+        table = (np.searchsorted(starts, tops, side="right") - 1).astype(np.int64)
+    return Code(ln, codes, None, order, starts, end, table)
+
+
+def from_weights(weights: Sequence[int], max_len: int | None = MAX_LEN) -> Code:
+    """The canonical Huffman code for these weights (degenerate if only one symbol is used)."""
+    lengths = code_lengths(weights, max_len)
+    used = [i for i, x in enumerate(weights) if x > 0]
+    if len(used) == 1:
+        return from_lengths([0] * len(lengths), single=used[0])
+    return from_lengths(lengths)
+
+
+def encode(symbols: np.ndarray, code: Code) -> tuple[bytes, int]:
+    """Concatenated codewords of `symbols`. Returns (bytes, number of bits)."""
+    symbols = np.asarray(symbols, dtype=np.int64)
+    if code.single is not None:
+        return b"", 0
+    return pack_fields(code.codes[symbols], code.lengths[symbols])
+
+
+def decode(buf: bytes | np.ndarray, nbits: int, count: int, code: Code) -> np.ndarray:
+    """Decode exactly `count` symbols that fill exactly `nbits` bits."""
+    if code.single is not None:
+        if nbits:
+            raise CodecError("degenerate Huffman stream must be empty; the payload is corrupt")
+        return np.full(count, code.single, dtype=np.int64)
+    if not count * code.minlen <= nbits <= count * code.maxlen:
+        raise CodecError(f"Huffman stream of {nbits} bits cannot hold {count} symbols; the payload is corrupt")
+    win = bit_windows(buf, nbits, _W)
+    if code.table is not None:
+        idx = code.table[(win >> np.uint64(_W - code.maxlen)).astype(np.int64)]
+    else:
+        idx = np.searchsorted(code.starts, win, side="right") - 1
+    valid = win < np.uint64(code.end) if code.end < 2**_W else np.ones(win.size, dtype=bool)
+    idx = np.where(valid, idx, 0)
+    step = code.lengths[code.order[idx]]
+    pos = np.arange(nbits, dtype=np.int64)
+    nxt = np.empty(nbits + 2, dtype=np.int64)
+    nxt[:nbits] = np.where(valid & (pos + step <= nbits), pos + step, nbits + 1)
+    starts = walk(nxt, count)
+    return code.order[idx[starts]].astype(np.int64)
