@@ -1,0 +1,301 @@
+"""Model packages on the edge: load, validate, and run a frozen backbone plus a numpy MLP head.
+
+A package is one zip blob (written by `models.package.build_package`) holding:
+- `manifest.json`: format, format_version, name, mode ("transfer" or "full"), input_shape, feature_dim,
+  head_sizes, head_layout ([[name, shape], ...] exactly as `edge_agent.mlp.layout(head_sizes)`), classes,
+  and in transfer mode `backbone` = {file, sha256, format "onnx", input, output};
+- the backbone file (transfer mode only), an int8 ONNX feature extractor;
+- `head_init.npz`: the initial head tensors, float32, named as in the layout.
+
+`EdgeModel.from_bytes` checks everything before use: overall and declared member sizes (zip-bomb guard,
+before anything is decompressed), member names, manifest fields, backbone digest, backbone input and
+output shapes, and the head tensors against the layout. Any problem is a ModelError saying what and why.
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_agent import mlp
+from edge_agent.errors import ModelError
+from edge_agent.runtime import Runner, open_runner
+
+FORMAT = "fedfleet-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+HEAD_INIT = "head_init.npz"
+MODES = ("transfer", "full")
+BATCH = 256
+MAX_MANIFEST_BYTES = 64 << 10
+
+
+def package_digest(blob: bytes) -> str:
+    """sha256 hex digest of a package blob: the identity the coordinator announces and agents check."""
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """Read one member, refusing to inflate more than `limit` bytes even if its header lies."""
+    try:
+        with zf.open(name) as fh:
+            data = fh.read(limit + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise ModelError(
+            f"package member {name!r} is corrupt or truncated ({exc}); rebuild the package"
+        ) from exc
+    except Exception as exc:  # zlib.error and friends
+        raise ModelError(
+            f"package member {name!r} cannot be decompressed ({exc}); rebuild the package"
+        ) from exc
+    if len(data) > limit:
+        raise ModelError(f"package member {name!r} inflates past {limit} bytes; refusing a possible zip bomb")
+    return data
+
+
+def _check_declared_sizes(zf: zipfile.ZipFile, max_bytes: int, what: str) -> None:
+    infos = zf.infolist()
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        raise ModelError(f"{what} has duplicate member names {sorted(names)}; rebuild it")
+    total = sum(i.file_size for i in infos)
+    if total > max_bytes:
+        raise ModelError(
+            f"{what} declares {total} bytes uncompressed, over the {max_bytes}-byte cap; "
+            "refusing a possible zip bomb (raise max_bytes only for a trusted package)"
+        )
+
+
+def _open_zip(blob: bytes, what: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(io.BytesIO(blob))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ModelError(
+            f"{what} is not a readable zip ({exc}): corrupt or truncated; download it again"
+        ) from exc
+
+
+def _field(manifest: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in manifest:
+        raise ModelError(f"package manifest has no {key!r} field; rebuild the package")
+    value = manifest[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ModelError(f"package manifest field {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _int_list(value: list[Any], key: str) -> list[int]:
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ModelError(f"package manifest field {key!r} must be a list of positive integers, got {value!r}")
+    return [int(v) for v in value]
+
+
+def _load_head(
+    raw: bytes, layout: list[tuple[str, tuple[int, ...]]], max_bytes: int
+) -> dict[str, np.ndarray]:
+    npz = _open_zip(raw, HEAD_INIT)
+    _check_declared_sizes(npz, max_bytes, HEAD_INIT)
+    want = {name: shape for name, shape in layout}
+    members = {n.removesuffix(".npy") for n in npz.namelist()}
+    if members != set(want):
+        raise ModelError(f"{HEAD_INIT} holds {sorted(members)} but the head layout names {sorted(want)}")
+    head: dict[str, np.ndarray] = {}
+    for name, shape in layout:
+        data = _read_member(npz, f"{name}.npy", max_bytes)
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as exc:  # numpy raises ValueError/OSError/EOFError for bad .npy bytes
+            raise ModelError(f"{HEAD_INIT}: tensor {name!r} is unreadable ({exc})") from exc
+        if arr.shape != shape:
+            raise ModelError(
+                f"{HEAD_INIT}: tensor {name!r} has shape {arr.shape}, the head layout says {shape}"
+            )
+        if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+            raise ModelError(f"{HEAD_INIT}: tensor {name!r} must be finite floats, got {arr.dtype}")
+        head[name] = arr.astype(np.float32)
+    return head
+
+
+@dataclass
+class EdgeModel:
+    manifest: dict[str, Any]
+    mode: str
+    input_shape: tuple[int, ...]
+    feature_dim: int
+    head_sizes: list[int]
+    head_layout: list[tuple[str, tuple[int, ...]]]
+    head_init: dict[str, np.ndarray]
+    digest: str
+    backbone: Runner | None = None
+    _cache: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_bytes(
+        cls,
+        blob: bytes,
+        *,
+        runtime: str = "onnxruntime",
+        threads: int = 1,
+        max_bytes: int = 64 << 20,
+        expected_digest: str | None = None,
+    ) -> EdgeModel:
+        """Load and validate a package blob. Raises ModelError for anything wrong with it."""
+        if not isinstance(blob, (bytes, bytearray)):
+            raise ModelError(f"a model package must be bytes, got {type(blob).__name__}")
+        blob = bytes(blob)
+        if len(blob) > max_bytes:
+            raise ModelError(f"model package is {len(blob)} bytes, over the {max_bytes}-byte cap")
+        digest = package_digest(blob)
+        if expected_digest is not None and digest != expected_digest:
+            raise ModelError(
+                f"model package digest {digest[:16]}... does not match the announced {expected_digest[:16]}...; "
+                "the download is corrupt or stale: fetch it again"
+            )
+        zf = _open_zip(blob, "model package")
+        _check_declared_sizes(zf, max_bytes, "model package")
+        names = set(zf.namelist())
+        if MANIFEST not in names:
+            raise ModelError(f"model package has no {MANIFEST}; members are {sorted(names)}")
+        try:
+            manifest = json.loads(_read_member(zf, MANIFEST, MAX_MANIFEST_BYTES))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{MANIFEST} is not valid JSON ({exc}); rebuild the package") from exc
+        if not isinstance(manifest, dict):
+            raise ModelError(f"{MANIFEST} must be a JSON object")
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise ModelError(
+                f"package format {manifest.get('format')!r} v{manifest.get('format_version')!r} is not "
+                f"{FORMAT!r} v{FORMAT_VERSION}; upgrade fedfleet or rebuild the package"
+            )
+        mode = _field(manifest, "mode", str)
+        if mode not in MODES:
+            raise ModelError(f"package mode {mode!r} is not one of {MODES}")
+        input_shape = tuple(_int_list(_field(manifest, "input_shape", list), "input_shape"))
+        feature_dim = _field(manifest, "feature_dim", int)
+        head_sizes = _int_list(_field(manifest, "head_sizes", list), "head_sizes")
+        if len(head_sizes) < 2:
+            raise ModelError(f"head_sizes {head_sizes} needs at least an input and an output width")
+        raw_layout = _field(manifest, "head_layout", list)
+        try:
+            head_layout = [(str(n), tuple(int(d) for d in s)) for n, s in raw_layout]
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"head_layout must be [[name, shape], ...] ({exc})") from exc
+        if head_layout != mlp.layout(head_sizes):
+            raise ModelError(
+                f"head_layout {head_layout} is inconsistent with head_sizes {head_sizes} "
+                f"(expected {mlp.layout(head_sizes)}); rebuild the package"
+            )
+        if head_sizes[0] != feature_dim:
+            raise ModelError(f"head input width {head_sizes[0]} differs from feature_dim {feature_dim}")
+        classes = _field(manifest, "classes", list)
+        if len(classes) != head_sizes[-1]:
+            raise ModelError(f"{len(classes)} classes but the head has {head_sizes[-1]} outputs")
+        expected = {MANIFEST, HEAD_INIT}
+        backbone: Runner | None = None
+        if mode == "transfer":
+            spec = _field(manifest, "backbone", dict)
+            backbone = _load_backbone(zf, spec, input_shape, feature_dim, runtime, threads, max_bytes)
+            expected.add(spec["file"])
+        elif int(np.prod(input_shape)) != feature_dim:
+            raise ModelError(
+                f"full mode needs feature_dim == prod(input_shape), got {feature_dim} vs {input_shape}"
+            )
+        if names != expected:
+            raise ModelError(
+                f"model package members {sorted(names)} differ from the expected {sorted(expected)}"
+            )
+        if HEAD_INIT not in names:
+            raise ModelError(f"model package has no {HEAD_INIT}")
+        head_init = _load_head(_read_member(zf, HEAD_INIT, max_bytes), head_layout, max_bytes)
+        return cls(
+            manifest, mode, input_shape, feature_dim, head_sizes, head_layout, head_init, digest, backbone
+        )
+
+    def _check_x(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim < 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ModelError(f"input has shape {x.shape}, the model package expects (N, {self.input_shape})")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def features(self, x: np.ndarray, cache_key: str | None = None) -> np.ndarray:
+        """float32 (N, feature_dim): the frozen backbone's output (identity in full mode), cached per key.
+
+        A cache entry is reused only if the input bytes are the same as when it was filled.
+        """
+        x = self._check_x(x)
+        if self.backbone is None:
+            return x.reshape(len(x), -1)
+        tag = hashlib.blake2b(x.tobytes(), digest_size=16).hexdigest() + str(x.shape) if cache_key else ""
+        if cache_key is not None and cache_key in self._cache and self._cache[cache_key][0] == tag:
+            return self._cache[cache_key][1]
+        spec = self.manifest["backbone"]
+        k = self.backbone.output_names.index(spec["output"])
+        chunks = [self.backbone.run({spec["input"]: x[i : i + BATCH]})[k] for i in range(0, len(x), BATCH)]
+        out = (
+            np.concatenate(chunks).astype(np.float32, copy=False)
+            if chunks
+            else np.zeros((0, self.feature_dim), np.float32)
+        )
+        out = out.reshape(len(x), self.feature_dim)
+        if cache_key is not None:
+            self._cache[cache_key] = (tag, out)
+        return out
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def logits(self, head: mlp.Params, x: np.ndarray, cache_key: str | None = None) -> np.ndarray:
+        return mlp.forward(head, self.features(x, cache_key))
+
+    def accuracy(self, head: mlp.Params, x: np.ndarray, y: np.ndarray, cache_key: str | None = None) -> float:
+        return mlp.accuracy(head, self.features(x, cache_key), np.asarray(y))
+
+
+def _load_backbone(
+    zf: zipfile.ZipFile,
+    spec: dict[str, Any],
+    input_shape: tuple[int, ...],
+    feature_dim: int,
+    runtime: str,
+    threads: int,
+    max_bytes: int,
+) -> Runner:
+    for key in ("file", "sha256", "format", "input", "output"):
+        if not isinstance(spec.get(key), str):
+            raise ModelError(f"manifest backbone.{key} is missing or not a string; rebuild the package")
+    if spec["format"] != "onnx" or runtime != "onnxruntime":
+        raise ModelError(
+            f"backbone format {spec['format']!r} cannot run on runtime {runtime!r}; "
+            "this package needs --runtime onnxruntime"
+        )
+    if spec["file"] not in zf.namelist():
+        raise ModelError(f"backbone file {spec['file']!r} named in the manifest is not in the package")
+    raw = _read_member(zf, spec["file"], max_bytes)
+    if hashlib.sha256(raw).hexdigest() != spec["sha256"]:
+        raise ModelError(
+            f"backbone {spec['file']!r} does not match its sha256 in the manifest: corrupt package"
+        )
+    runner = open_runner(raw, runtime=runtime, threads=threads)
+    if runner.input_names != [spec["input"]] or spec["output"] not in runner.output_names:
+        raise ModelError(
+            f"backbone has inputs {runner.input_names} / outputs {runner.output_names}, "
+            f"the manifest says {spec['input']!r} -> {spec['output']!r}"
+        )
+    got = runner.input_shapes[spec["input"]][1:]
+    if tuple(got) != input_shape:
+        raise ModelError(f"backbone input shape {got} does not match the manifest input_shape {input_shape}")
+    probe = runner.run({spec["input"]: np.zeros((1, *input_shape), np.float32)})[
+        runner.output_names.index(spec["output"])
+    ]
+    if probe.reshape(1, -1).shape[1] != feature_dim:
+        raise ModelError(
+            f"backbone outputs {probe.shape[1:]} features, the manifest says feature_dim {feature_dim}"
+        )
+    return runner

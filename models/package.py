@@ -1,0 +1,139 @@
+"""Build the digits model package: a frozen int8 ONNX backbone plus an MLP head, or a full MLP.
+
+`build_package(mode, head_hidden=32, seed=0) -> bytes` writes one deterministic zip (fixed timestamps,
+sorted members) that `edge_agent.model.EdgeModel.from_bytes` loads:
+- mode "transfer": backbone `backbone.onnx` = the shipped MNIST-pretrained int8 QDQ extractor
+  (`models.backbone`, 64 -> 64 features); head 64-`head_hidden`-10 trained federatedly on digits.
+- mode "full": no backbone; the head is the whole 64-`head_hidden`-10 MLP on raw 8x8 pixels.
+The head's initial tensors come from `edge_agent.mlp.init(head_sizes, seed)`.
+
+`python -m models.package` prints the central (non-federated) head accuracy on digits for both modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from edge_agent import mlp
+from edge_agent.errors import ConfigError
+from edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST, package_digest
+from models import backbone
+
+__all__ = ["build_package", "package_digest", "write_zip", "central_head_accuracy"]
+
+BACKBONE_FILE = "backbone.onnx"
+INPUT_SHAPE = [64]
+CLASSES = list(range(10))
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _npz(tensors: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name in sorted(tensors):
+            member = io.BytesIO()
+            np.save(member, np.ascontiguousarray(tensors[name], dtype=np.float32), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", _EPOCH), member.getvalue())
+    return buf.getvalue()
+
+
+def write_zip(members: dict[str, bytes]) -> bytes:
+    """Deterministic zip of `members` (name -> bytes): sorted, fixed timestamps, deflated."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name in sorted(members):
+            info = zipfile.ZipInfo(name, _EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, members[name])
+    return buf.getvalue()
+
+
+def manifest_for(mode: str, head_hidden: int, backbone_bytes: bytes | None) -> dict[str, Any]:
+    feature_dim = backbone.FEATURE_DIM if mode == "transfer" else int(np.prod(INPUT_SHAPE))
+    sizes = [feature_dim, head_hidden, len(CLASSES)]
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": f"digits-{mode}",
+        "mode": mode,
+        "dataset": "digits",
+        "input_shape": INPUT_SHAPE,
+        "feature_dim": feature_dim,
+        "head_sizes": sizes,
+        "head_layout": [[name, list(shape)] for name, shape in mlp.layout(sizes)],
+        "classes": CLASSES,
+    }
+    if backbone_bytes is not None:
+        manifest["backbone"] = {
+            "file": BACKBONE_FILE,
+            "sha256": hashlib.sha256(backbone_bytes).hexdigest(),
+            "format": "onnx",
+            "precision": "int8-qdq",
+            "input": backbone.INPUT,
+            "output": backbone.OUTPUT,
+            "pretrained_on": "mnist5k 8x8 (UCI-style preprocessing)",
+        }
+    return manifest
+
+
+def build_package(mode: str = "transfer", *, head_hidden: int = 32, seed: int = 0) -> bytes:
+    """One package blob for `mode` ("transfer" or "full"); deterministic for a given (mode, head_hidden, seed)."""
+    if mode not in ("transfer", "full"):
+        raise ConfigError(f"package mode {mode!r} is unknown; choose 'transfer' or 'full'")
+    if head_hidden < 1:
+        raise ConfigError(f"head_hidden must be >= 1, got {head_hidden}")
+    backbone_bytes = backbone.load() if mode == "transfer" else None
+    manifest = manifest_for(mode, head_hidden, backbone_bytes)
+    members = {
+        MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode(),
+        HEAD_INIT: _npz(mlp.init(manifest["head_sizes"], seed)),
+    }
+    if backbone_bytes is not None:
+        members[BACKBONE_FILE] = backbone_bytes
+    return write_zip(members)
+
+
+def central_head_accuracy(
+    mode: str, *, seed: int = 0, epochs: int = 60, lr: float = 0.05, batch_size: int = 32
+) -> float:
+    """Test accuracy of the head trained centrally (numpy SGD, edge maths) on the digits train split."""
+    from coordinator import data as fdata
+    from edge_agent.model import EdgeModel
+
+    model = EdgeModel.from_bytes(build_package(mode, seed=seed))
+    train_set, test_set = fdata.split(fdata.digits(), 0.2, seed=0)
+    f_train = model.features(train_set.x, "train")
+    head = {k: v.copy() for k, v in model.head_init.items()}
+    rng = np.random.Generator(np.random.PCG64(seed))
+    for _ in range(epochs):
+        for idx in np.array_split(rng.permutation(len(f_train)), max(1, len(f_train) // batch_size)):
+            _, grads = mlp.loss_and_grad(head, f_train[idx], train_set.y[idx])
+            for k in head:
+                head[k] -= lr * grads[k]
+    return model.accuracy(head, test_set.x, test_set.y)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Build the digits packages and report central head accuracy."
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for mode in ("transfer", "full"):
+        blob = build_package(mode, seed=args.seed)
+        acc = central_head_accuracy(mode, seed=args.seed)
+        print(
+            json.dumps({"mode": mode, "bytes": len(blob), "digest": package_digest(blob), "central_acc": acc})
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
