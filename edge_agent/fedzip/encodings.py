@@ -12,7 +12,8 @@ Then, by encoding:
     E4  positions of all kept entries as gaps, Huffman-coded buckets plus raw low bits (`gapcodes`), or fixed
         width positions when that is smaller (tiny tensors); then the cluster ids in blocks of B ids, each
         block one symbol of a Huffman code built from the product of the cluster frequencies (near the
-        entropy m H(ids) without sending a table).
+        entropy m H(ids) without sending a table). The ids go either directly or as deltas mod k' from the
+        previous id, whichever is smaller: in a real update neighbouring kept entries often share a sign.
 """
 
 from __future__ import annotations
@@ -72,56 +73,84 @@ def _max_block(kp: int) -> int:
     return b
 
 
-def _block_code(counts: list[int], block: int) -> huffman.Code:
+def _block_weights(counts: list[int], block: int) -> list[int]:
     w = [1]
     for _ in range(block):
         w = [a * c for a in w for c in counts]
-    return huffman.from_weights(w, max_len=None)
+    return w
 
 
-def _block_symbols(ids: np.ndarray, kp: int, block: int) -> np.ndarray:
-    nblocks = -(-ids.size // block)
-    padded = np.zeros(nblocks * block, dtype=np.int64)
-    padded[: ids.size] = ids
+def _block_code(counts: list[int], block: int) -> huffman.Code:
+    return huffman.from_weights(_block_weights(counts, block), max_len=None)
+
+
+def _block_symbols(digits: np.ndarray, kp: int, block: int, pad: int) -> np.ndarray:
+    nblocks = -(-digits.size // block)
+    padded = np.full(nblocks * block, pad, dtype=np.int64)
+    padded[: digits.size] = digits
     place = kp ** np.arange(block - 1, -1, -1, dtype=np.int64)
     return padded.reshape(nblocks, block) @ place
 
 
+def _delta(ids: np.ndarray, kp: int) -> np.ndarray:
+    """Each id minus the previous one, mod k' (cheap when neighbours share a cluster, e.g. a row's sign)."""
+    return (ids - np.concatenate(([0], ids[:-1]))) % kp
+
+
 def _write_ids(w: Writer, ids: np.ndarray, counts: list[int]) -> None:
+    """Cluster ids, directly (mode 0) or as deltas mod k' (mode 1), in Huffman-coded blocks of B ids."""
     kp = len(counts)
-    best: tuple[int, int, huffman.Code, np.ndarray] | None = None
-    for block in range(1, _max_block(kp) + 1):
-        code = _block_code(counts, block)
-        if code.maxlen > huffman.MAX_LEN:
-            continue
-        sym = _block_symbols(ids, kp, block)
-        bits = code.bits(np.bincount(sym, minlength=code.lengths.size))
-        if best is None or bits < best[0]:
-            best = (bits, block, code, sym)
+    best: tuple[int, int, int, list[int], np.ndarray] | None = None
+    for mode in (0, 1):
+        digits = ids if mode == 0 else _delta(ids, kp)
+        freq = counts if mode == 0 else np.bincount(digits, minlength=kp).tolist()
+        pad = int(np.argmax(freq))
+        for block in range(1, _max_block(kp) + 1):
+            lengths = huffman.code_lengths(_block_weights(freq, block), max_len=None)
+            if max(lengths) > huffman.MAX_LEN:
+                continue
+            sym = _block_symbols(digits, kp, block, pad)
+            bits = int(np.dot(lengths, np.bincount(sym, minlength=len(lengths))))
+            bits += 0 if mode == 0 else 8 * (kp - 1)  # the delta counts are sent too
+            if best is None or bits < best[0]:
+                best = (bits, mode, block, freq, sym)
     assert best is not None  # block 1 always fits: at most 16 symbols
-    _, block, code, sym = best
-    data, nbits = huffman.encode(sym, code)
-    w.u8(block)
+    _, mode, block, freq, sym = best
+    data, nbits = huffman.encode(sym, _block_code(freq, block))
+    w.u8(block | mode << 4)
+    if mode == 1:
+        for c in freq[:-1]:
+            w.varint(c)
     w.varint(nbits)
     w.raw(data)
 
 
 def _read_ids(r: Reader, counts: np.ndarray) -> np.ndarray:
     kp, m = counts.size, int(counts.sum())
-    block = r.u8()
-    if not 1 <= block <= _max_block(kp):
-        raise CodecError(f"cluster-id block size {block} is invalid for {kp} clusters; the payload is corrupt")
-    code = _block_code(counts.tolist(), block)
+    head = r.u8()
+    block, mode = head & 15, head >> 4
+    if mode > 1 or not 1 <= block <= _max_block(kp):
+        raise CodecError(f"cluster-id mode {mode} / block size {block} is invalid; the payload is corrupt")
+    freq = counts.tolist()
+    if mode == 1:
+        part = [r.varint(limit=m) for _ in range(kp - 1)]
+        if sum(part) > m:
+            raise CodecError("cluster-id delta counts exceed the kept count; the payload is corrupt")
+        freq = part + [m - sum(part)]
+    code = _block_code(freq, block)
     if code.maxlen > huffman.MAX_LEN:
         raise CodecError("cluster-id code is longer than allowed; the payload is corrupt")
     nblocks = -(-m // block)
     nbits = r.varint(limit=nblocks * huffman.MAX_LEN)
     sym = huffman.decode(r.bits(nbits), nbits, nblocks, code)
     place = kp ** np.arange(block - 1, -1, -1, dtype=np.int64)
-    ids = ((sym[:, None] // place[None, :]) % kp).ravel()
-    if ids[m:].any():
-        raise CodecError("cluster-id padding is not zero; the payload is corrupt")
-    ids = ids[:m]
+    digits = ((sym[:, None] // place[None, :]) % kp).ravel()
+    if (digits[m:] != int(np.argmax(freq))).any():
+        raise CodecError("cluster-id padding is not canonical; the payload is corrupt")
+    digits = digits[:m]
+    if not np.array_equal(np.bincount(digits, minlength=kp), freq):
+        raise CodecError("cluster-id symbols disagree with their declared counts; the payload is corrupt")
+    ids = digits if mode == 0 else np.cumsum(digits) % kp
     if not np.array_equal(np.bincount(ids, minlength=kp), counts):
         raise CodecError("cluster ids disagree with the declared cluster counts; the payload is corrupt")
     return ids

@@ -14,6 +14,8 @@ import numpy as np
 from ..errors import CodecError
 
 KMEANS_ITERS = 4  # Lloyd iterations, as in the reference code
+_SAMPLE = 16384  # sample size for the top-z pre-threshold
+_SAMPLE_MIN = 8 * _SAMPLE
 
 
 @dataclass(frozen=True)
@@ -38,17 +40,35 @@ class Sparse:
 
 def top_z(a: np.ndarray, m: int) -> np.ndarray:
     """Ascending positions of the m largest entries of `a` (>= 0); ties at the threshold go to the lowest
-    positions, so exactly m are kept."""
+    positions, so exactly m are kept.
+
+    For large tensors a strided sample gives a safe lower threshold first, so the exact selection only
+    partitions the few candidates above it; the result is the same as partitioning everything.
+    """
     n = a.size
     if m >= n:
         return np.arange(n, dtype=np.int64)
     if m <= 0:
         return np.zeros(0, dtype=np.int64)
-    kth = n - m
-    tau = np.partition(a, kth)[kth]
-    above = np.flatnonzero(a > tau)
-    at = np.flatnonzero(a == tau)[: m - above.size]
-    return np.union1d(above, at).astype(np.int64)
+    cand: np.ndarray | None = None
+    if n >= _SAMPLE_MIN and m <= n // 8:
+        sample = a[:: n // _SAMPLE]
+        r = sample.size - 2 * -(-m * sample.size // n) - 16
+        if r > 0:
+            low = np.partition(sample, r)[r]
+            cand = np.flatnonzero(a >= low)
+            if cand.size < m:  # the sample misled us: fall back to the full selection
+                cand = None
+    if cand is None:
+        cand = np.arange(n, dtype=np.int64)
+        sub = a
+    else:
+        sub = a[cand]
+    kth = sub.size - m
+    tau = np.partition(sub, kth)[kth]
+    above = cand[sub > tau]
+    at = cand[sub == tau][: m - above.size]
+    return np.sort(np.concatenate((above, at))).astype(np.int64)
 
 
 def kmeans_1d(v: np.ndarray, k: int, iters: int = KMEANS_ITERS) -> tuple[np.ndarray, np.ndarray]:
@@ -76,9 +96,10 @@ def kmeans_1d(v: np.ndarray, k: int, iters: int = KMEANS_ITERS) -> tuple[np.ndar
 def sparsify(x: np.ndarray, m: int, k: int) -> Sparse:
     """Keep the m largest-magnitude entries of x, cluster them into at most k float32 centroids."""
     flat = np.ascontiguousarray(x, dtype=np.float32).ravel()
-    if not np.isfinite(flat).all():
+    mag = np.abs(flat)
+    if flat.size and not np.isfinite(mag.max()):  # max() propagates NaN
         raise CodecError("tensor has NaN or infinite entries; fix the local update before encoding it")
-    pos = top_z(np.abs(flat), m)
+    pos = top_z(mag, m)
     vals = flat[pos]
     nonzero = vals != 0
     pos, vals = pos[nonzero], vals[nonzero]
