@@ -97,26 +97,41 @@ def _delta(ids: np.ndarray, kp: int) -> np.ndarray:
     return (ids - np.concatenate(([0], ids[:-1]))) % kp
 
 
+def _entropy_bits(freq: list[int]) -> float:
+    f = np.asarray(freq, dtype=np.float64)
+    f = f[f > 0]
+    return float(-(f * np.log2(f / f.sum())).sum())
+
+
 def _write_ids(w: Writer, ids: np.ndarray, counts: list[int]) -> None:
-    """Cluster ids, directly (mode 0) or as deltas mod k' (mode 1), in Huffman-coded blocks of B ids."""
+    """Cluster ids, directly (mode 0) or as deltas mod k' (mode 1), in Huffman-coded blocks of B ids.
+
+    The mode with the lower empirical entropy is used; the largest block sizes are tried and the smallest
+    stream kept.
+    """
     kp = len(counts)
-    best: tuple[int, int, int, list[int], np.ndarray] | None = None
-    for mode in (0, 1):
-        digits = ids if mode == 0 else _delta(ids, kp)
-        freq = counts if mode == 0 else np.bincount(digits, minlength=kp).tolist()
-        pad = int(np.argmax(freq))
-        for block in range(1, _max_block(kp) + 1):
-            lengths = huffman.code_lengths(_block_weights(freq, block), max_len=None)
-            if max(lengths) > huffman.MAX_LEN:
-                continue
-            sym = _block_symbols(digits, kp, block, pad)
-            bits = int(np.dot(lengths, np.bincount(sym, minlength=len(lengths))))
-            bits += 0 if mode == 0 else 8 * (kp - 1)  # the delta counts are sent too
-            if best is None or bits < best[0]:
-                best = (bits, mode, block, freq, sym)
-    assert best is not None  # block 1 always fits: at most 16 symbols
-    _, mode, block, freq, sym = best
-    data, nbits = huffman.encode(sym, _block_code(freq, block))
+    delta = _delta(ids, kp)
+    dfreq = np.bincount(delta, minlength=kp).tolist()
+    mode = 1 if _entropy_bits(dfreq) + 8 * (kp - 1) < _entropy_bits(counts) else 0
+    digits, freq = (delta, dfreq) if mode else (ids, counts)
+    pad = int(np.argmax(freq))
+    best: tuple[int, int, list[int], np.ndarray] | None = None
+    top = _max_block(kp)
+    for block in range(top, max(0, top - 3), -1):
+        lengths = huffman.code_lengths(_block_weights(freq, block), max_len=None)
+        if max(lengths) > huffman.MAX_LEN:
+            continue
+        sym = _block_symbols(digits, kp, block, pad)
+        bits = int(np.dot(lengths, np.bincount(sym, minlength=len(lengths))))
+        if best is None or bits < best[0]:
+            best = (bits, block, lengths, sym)
+    if best is None:  # block 1 always fits: at most 16 symbols, so the code is at most 15 bits long
+        lengths = huffman.code_lengths(freq, max_len=None)
+        best = (0, 1, lengths, digits)
+    _, block, lengths, sym = best
+    # the decoder rebuilds this code with _block_code(freq, block); a degenerate code is rebuilt the same way
+    code = huffman.from_lengths(lengths) if any(lengths) else _block_code(freq, block)
+    data, nbits = huffman.encode(sym, code)
     w.u8(block | mode << 4)
     if mode == 1:
         for c in freq[:-1]:
