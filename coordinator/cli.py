@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except FedfleetError as exc:
         print(f"fedfleet {cmd}: error: {exc}", file=sys.stderr)
         return 2
+    except (TimeoutError, ConnectionError) as exc:
+        print(f"fedfleet {cmd}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

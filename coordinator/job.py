@@ -73,7 +73,8 @@ class Printer:
             f"round {s.round:>3}/{self.total}  acc {s.accuracy:.3f}  loss {s.loss:.3f}  "
             f"ok {s.ok}/{s.selected}  late {s.late}  rejected {s.rejected}  "
             f"up {s.bytes_up / 1e3:8.1f} kB  down {s.bytes_down / 1e3:8.1f} kB  {s.wall_s:5.2f} s  "
-            f"[{time.perf_counter() - self.t0:6.1f} s]"
+            f"[{time.perf_counter() - self.t0:6.1f} s]",
+            soft_wrap=True,
         )
 
     def table(self, result: JobResult) -> None:

@@ -172,7 +172,7 @@ class Agent:
 
         try:
             model = EdgeModel.from_bytes(blob, runtime=self.cfg.runtime, threads=self.cfg.threads)
-            if model.input_shape[1:] != tuple(self.data.x.shape[1:]):
+            if tuple(model.input_shape) != tuple(self.data.x.shape[1:]):
                 raise ModelError(
                     f"model input shape {model.input_shape} does not fit local data {self.data.x.shape[1:]}"
                 )
