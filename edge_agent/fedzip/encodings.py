@@ -288,7 +288,7 @@ def read_tensor(r: Reader, n: int, p: FedZipParams) -> Sparse:
     if not 1 <= kp <= min(p.k, m):
         raise CodecError(f"{kp} clusters declared, allowed 1..{min(p.k, m)}; the payload is corrupt")
     cent = r.f32(kp)
-    if not np.isfinite(cent).all() or (cent == 0).any() or (np.diff(cent) <= 0).any():
+    if not np.isfinite(cent).all() or (cent == 0).any() or (np.diff(cent.astype(np.float64)) <= 0).any():
         raise CodecError("centroids must be finite, nonzero and ascending; the payload is corrupt")
     head = [r.varint(limit=m) for _ in range(kp - 1)]
     counts = np.array(head + [m - sum(head)], dtype=np.int64)
