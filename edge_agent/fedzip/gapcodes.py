@@ -84,11 +84,11 @@ def _table_bits(n_symbols: int) -> int:
 
 
 def choose_b(v: np.ndarray) -> int:
-    """The bucket parameter b that minimises the total size, searched around the Rice optimum."""
+    """The bucket parameter b that minimises the total size, from 0 up to just past the Rice optimum."""
     mean = float(v.mean()) + 1.0 if v.size else 1.0
     b0 = max(0, round(math.log2(max(mean * math.log(2), 1.0))))
     best, best_b = None, 0
-    for b in range(max(0, b0 - 2), min(MAX_VALUE_BITS - 2, b0 + 2) + 1):
+    for b in range(0, min(MAX_VALUE_BITS - 2, b0 + 2) + 1):  # small b wins on clustered positions
         sym, _, width = bucket_split(v, b)
         counts = np.bincount(sym)
         lengths = huffman.code_lengths(counts.tolist())

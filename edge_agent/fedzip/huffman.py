@@ -8,7 +8,6 @@ then walks the chain of code starts by pointer doubling (`bitio.walk`), so no Py
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,27 +37,32 @@ def code_lengths(weights: Sequence[int], max_len: int | None = MAX_LEN) -> list[
 
 
 def _lengths(w: list[int]) -> list[int]:
-    used = [i for i, x in enumerate(w) if x > 0]
+    """Huffman code lengths by the two-queue method: leaves sorted by (weight, index), merged nodes in the
+    order they are made (their weights never decrease); ties prefer the leaf queue."""
     lengths = [0] * len(w)
-    if len(used) <= 1:
+    leaves = sorted((x, i) for i, x in enumerate(w) if x > 0)
+    if len(leaves) <= 1:
         return lengths
-    heap: list[tuple[int, int, int]] = [(w[i], i, i) for i in used]  # (weight, tiebreak, node)
-    heapq.heapify(heap)
-    parent: dict[int, int] = {}
-    nxt = len(w)
-    while len(heap) > 1:
-        wa, _, a = heapq.heappop(heap)
-        wb, _, b = heapq.heappop(heap)
-        parent[a] = parent[b] = nxt
-        heapq.heappush(heap, (wa + wb, nxt, nxt))
-        nxt += 1
-    root = heap[0][2]
-    depth: dict[int, int] = {root: 0}
-    for node in range(nxt - 1, -1, -1):  # parents are created after their children
-        if node in parent:
-            depth[node] = depth[parent[node]] + 1
-    for i in used:
-        lengths[i] = depth[i]
+    nleaf = len(leaves)
+    parent = [0] * (2 * nleaf - 1)  # nodes 0..nleaf-1 are the sorted leaves, then merged nodes in order
+    merged: list[int] = []  # weights of merged nodes
+    i = j = 0
+    for node in range(nleaf, 2 * nleaf - 1):
+        pair = []
+        for _ in range(2):
+            if i < nleaf and (j >= len(merged) or leaves[i][0] <= merged[j]):
+                pair.append((leaves[i][0], i))
+                i += 1
+            else:
+                pair.append((merged[j], nleaf + j))
+                j += 1
+        parent[pair[0][1]] = parent[pair[1][1]] = node
+        merged.append(pair[0][0] + pair[1][0])
+    depth = [0] * (2 * nleaf - 1)
+    for node in range(2 * nleaf - 3, -1, -1):  # the root is the last node; parents come after children
+        depth[node] = depth[parent[node]] + 1
+    for rank, (_, sym) in enumerate(leaves):
+        lengths[sym] = depth[rank]
     return lengths
 
 
