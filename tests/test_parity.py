@@ -88,3 +88,35 @@ def test_int8_runtimes_agree_with_each_other(exported: dict, name: str) -> None:
 def test_int8_tflite_is_smaller(exported: dict) -> None:
     blobs = exported["mnist-mlp"]["blobs"]
     assert len(blobs["tflite-int8"]) <= 0.35 * len(blobs["tflite-fp32"])
+
+
+def test_bench_runtimes_quick_smoke(tmp_path, capsys) -> None:
+    import json
+
+    from tools import bench_runtimes
+
+    path = tmp_path / "runtimes.json"
+    assert bench_runtimes.main(["--quick", "--seconds", "0.01", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    assert set(result) == {"models", "zo_calls_per_s"}
+    keys = {
+        "model",
+        "runtime",
+        "precision",
+        "size_bytes",
+        "latency_b1_us",
+        "latency_b64_us",
+        "agreement",
+        "accuracy",
+    }
+    rows = {(m["model"], m["runtime"], m["precision"]): m for m in result["models"]}
+    assert set(rows) == {("digits-mlp", rt, p) for rt in ("onnxruntime", "litert") for p in ("fp32", "int8")}
+    for row in rows.values():
+        assert set(row) == keys
+        assert row["size_bytes"] > 1000 and row["latency_b1_us"] > 0 and row["latency_b64_us"] > 0
+        assert 0.5 < row["accuracy"] <= 1 and row["agreement"] >= 0.95
+    for rt in ("onnxruntime", "litert"):
+        assert rows[("digits-mlp", rt, "fp32")]["agreement"] == 1.0
+    assert set(result["zo_calls_per_s"]) == {"onnxruntime", "litert"}
+    assert all(v > 0 for v in result["zo_calls_per_s"].values())
