@@ -97,6 +97,14 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
     return blob, CoordinatorModel(blob)
 
 
+def small_model_threads() -> None:
+    """One intra-op thread for torch: the coordinator's tensors here are small, and on a busy 2-core board
+    torch's thread pool costs 30x more than it saves (60 ms against 1.7 ms to evaluate the digits head)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
     return EngineConfig(fleet=cfg.fleet, run=run, rounds=cfg.rounds, per_round=cfg.per_round, quorum=cfg.quorum,
                         deadline_s=cfg.deadline_s, seed=cfg.seed)
@@ -109,6 +117,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     from tools.broker import start_broker
 
     t0 = time.perf_counter()
+    small_model_threads()
     run = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir or Path("runs") / run)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +165,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
 def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wait_s: float = 600.0) -> JobResult:
     """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds."""
     t0 = time.perf_counter()
+    small_model_threads()
     run = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir)
     _, test = shards(cfg)

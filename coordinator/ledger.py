@@ -54,6 +54,7 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync per row; a crash loses at most the last rows
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 

@@ -66,6 +66,7 @@ class RoundSummary:
     bytes_up: int
     bytes_down: int
     slowest_learn_s: float
+    timings: dict[str, float] = field(default_factory=dict)  # dispatch, collect, aggregate, evaluate, checkpoint
 
 
 class Coordinator:
@@ -107,6 +108,7 @@ class Coordinator:
         self._closed: dict[tuple[int, int], set[str]] = {}  # (round, phase) -> agents that were late
         self._received: set[str] = set()
         self._late_bytes: dict[str, int] = {}
+        self._timings: dict[str, float] = {}
         self.bytes_up_total = 0
         self.bytes_down_total = 0
         fleet = config.fleet
@@ -230,17 +232,21 @@ class Coordinator:
         up0, down0 = self.bytes_up_total, self.bytes_down_total
         ok = rejected = late = 0
         slowest = 0.0
+        self._timings = timings = {"dispatch": 0.0, "collect": 0.0, "aggregate": 0.0}
         for phase in range(self.strategy.phases):
             outcome = self._run_phase(r, phase, selected if phase == 0 else None)
             ok += len(outcome.results)
             rejected += outcome.rejected
             late += len(outcome.late)
             slowest = max([slowest] + [float(res.metrics.get("_learn_s", 0.0)) for res in outcome.results])
+        t1 = time.perf_counter()
         accuracy, loss = self.evaluate(self.strategy.global_state())
+        t2 = time.perf_counter()
         self._checkpoint(r)
         wall = time.perf_counter() - t0
+        timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)
         summary = RoundSummary(r, accuracy, loss, wall, len(selected), ok, rejected, late,
-                               self.bytes_up_total - up0, self.bytes_down_total - down0, slowest)
+                               self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings)
         self.ledger.record_round(self.cfg.run, r, accuracy=accuracy, loss=loss, wall_s=wall, selected=len(selected),
                                  ok=ok, rejected=rejected, bytes_up=summary.bytes_up, bytes_down=summary.bytes_down)
         if self.on_round is not None:
@@ -258,6 +264,8 @@ class Coordinator:
         down: dict[str, int] = {}
         for agent, spec in tasks.items():
             down[agent] = self._dispatch(agent, r, phase, spec, deadline)
+        t_sent = time.perf_counter()
+        self._timings["dispatch"] += t_sent - t0
         up: dict[str, int] = {a: 0 for a in tasks}
         results: list[ClientResult] = []
         rejected = 0
@@ -284,7 +292,10 @@ class Coordinator:
                                bytes_down=down.get(agent, 0), detail="no valid result by the deadline")
         self._closed[(r, phase)] = set(late)
         self._open = {}
+        t_collected = time.perf_counter()
         self.strategy.aggregate(r, phase, results)
+        self._timings["collect"] += t_collected - t_sent
+        self._timings["aggregate"] += time.perf_counter() - t_collected
         return PhaseOutcome(list(tasks), results, rejected, late, time.perf_counter() - t0)
 
     def _dispatch(self, agent: str, r: int, phase: int, spec: TaskSpec, deadline: float) -> int:

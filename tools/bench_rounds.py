@@ -20,12 +20,13 @@ from coordinator.config import JobConfig
 
 
 def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "transfer") -> dict:
-    from coordinator.job import agent_ids, build, engine_config, shards
+    from coordinator.job import agent_ids, build, engine_config, shards, small_model_threads
     from coordinator.server import Coordinator
     from coordinator.strategies import create
     from tools.agent_pool import AgentPool
     from tools.broker import start_broker
 
+    small_model_threads()
     cfg = JobConfig(agents=agents, rounds=rounds, alpha=0.5, mode=mode, deadline_s=60.0)
     local, test = shards(cfg)
     blob, cmodel = build(cfg)
@@ -54,6 +55,7 @@ def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "
         "slowest_agent_s_median": statistics.median(slowest),
         "overhead_s_median": statistics.median(w - s for w, s in zip(walls, slowest)),
         "ok_per_round": [s.ok for s in summaries],
+        "timings_s_median": {k: statistics.median(s.timings[k] for s in summaries) for k in summaries[0].timings},
         "broker": broker,
     }
 
