@@ -23,6 +23,9 @@ from coordinator.strategies import create as create_strategy
 from edge_agent import protocol
 from edge_agent.learners import LocalData
 
+# demo agents book energy with the Raspberry Pi 4B profile's power model (at this host's speed)
+DEMO_PROFILE = "rpi4b"
+
 
 @dataclass
 class JobResult:
@@ -114,6 +117,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
              quiet: bool = False) -> JobResult:
     """Broker + coordinator + `cfg.agents` in-process agents, `cfg.rounds` rounds."""
     from edge_agent.agent import Agent, AgentConfig
+    from edge_agent.meters import open_meter
     from tools.broker import start_broker
 
     t0 = time.perf_counter()
@@ -139,12 +143,14 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
             coord.start()
             for i, agent_id in enumerate(ids):
                 a = Agent(AgentConfig(b.url, cfg.fleet, agent_id, protocol.derive_key(secret, agent_id),
-                                      runtime=cfg.runtime, profile="host"), local[i])
+                                      runtime=cfg.runtime, profile=DEMO_PROFILE), local[i],
+                          meter=open_meter("model", DEMO_PROFILE))
                 a.start()
                 agents.append(a)
             if not quiet:
                 printer.console.print(f"broker {b.kind} at {b.url}; {len(ids)} agents; method {cfg.method}; "
-                                      f"model {cfg.mode} on {cfg.runtime}; run dir {run_dir}")
+                                      f"model {cfg.mode} on {cfg.runtime}; energy modelled from the "
+                                      f"{DEMO_PROFILE} profile; run dir {run_dir}", soft_wrap=True)
             coord.wait_for_agents(len(ids), timeout_s=60)
             summaries = coord.run(cfg.rounds)
         finally:

@@ -85,6 +85,16 @@ class Ledger:
                 (bytes_up, run, round, phase, agent),
             )
 
+    def add_energy(self, run: str, round: int, phase: int, agent: str, *, compute_j: float, radio_j: float,
+                   idle_j: float) -> None:
+        """Set an agent's energy for a round (agents report it after their upload, so it comes last)."""
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE agent_rounds SET energy_compute_j = ?, energy_radio_j = ?, energy_idle_j = ? WHERE id ="
+                " (SELECT max(id) FROM agent_rounds WHERE run = ? AND round = ? AND phase = ? AND agent = ?)",
+                (compute_j, radio_j, idle_j, run, round, phase, agent),
+            )
+
     def record_round(self, run: str, round: int, **fields: Any) -> None:
         cols = ["run", "round", "ts", *fields]
         vals = [run, round, time.time(), *fields.values()]

@@ -191,6 +191,7 @@ class Coordinator:
                 self._on_status(agent, body)
                 return
             if kind == "telemetry":
+                self._on_telemetry(agent, body)
                 return
             done = self._reassembler.add(header, body)
             self._inbox.put(("chunk", agent, header, b"", nbytes))
@@ -201,6 +202,16 @@ class Coordinator:
                 self._inbox.put(("reject", agent, {"reason": exc.reason, "detail": exc.detail}, b"", nbytes))
             else:
                 log.warning("refused %s message from %s: %s", kind, agent[:64], exc)
+
+    def _on_telemetry(self, agent: str, body: bytes) -> None:
+        try:
+            event = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return
+        if isinstance(event, dict) and event.get("event") == "energy":
+            self._inbox.put(("energy", agent, event, b"", 0))
+        elif isinstance(event, dict):
+            log.info("telemetry from %s: %s", agent, str(event)[:300])
 
     def _on_status(self, agent: str, body: bytes) -> None:
         try:
@@ -326,6 +337,13 @@ class Coordinator:
     def _handle(self, item: tuple[str, str, dict[str, Any] | None, bytes, int], r: int, phase: int,
                 up: dict[str, int], down: dict[str, int], closing: bool = False) -> ClientResult | str | None:
         kind, agent, header, body, nbytes = item
+        if kind == "energy":
+            assert header is not None
+            values = [header.get(k) for k in ("round", "phase", "compute_j", "radio_j", "idle_j")]
+            if header.get("run") == self.cfg.run and all(isinstance(v, (int, float)) for v in values):
+                self.ledger.add_energy(self.cfg.run, int(values[0]), int(values[1]), agent, compute_j=float(values[2]),
+                                       radio_j=float(values[3]), idle_j=float(values[4]))
+            return None
         if kind == "chunk":
             if agent in up and agent not in self._received:
                 up[agent] += nbytes
@@ -348,15 +366,12 @@ class Coordinator:
             return "rejected"
         self._received.add(agent)
         meta = header.get("meta", {})
-        energy = meta.get("energy") or {}
         metrics = meta.get("metrics") or {}
         queries = metrics.get("queries")
         self.ledger.record(
             self.cfg.run, r, agent, "ok", phase=phase, bytes_up=up.get(agent, 0), bytes_down=down.get(agent, 0),
             learn_s=float(meta.get("learn_s", 0.0)), samples=result.samples,
-            queries=int(queries) if isinstance(queries, (int, float)) else None,
-            energy_compute_j=_num(energy.get("compute_j")), energy_radio_j=_num(energy.get("radio_j")),
-            energy_idle_j=_num(energy.get("idle_j")), profile=str(meta.get("profile")),
+            queries=int(queries) if isinstance(queries, (int, float)) else None, profile=str(meta.get("profile")),
             codec=str(header.get("codec", {}).get("name")),
         )
         return result
@@ -415,6 +430,3 @@ class Coordinator:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
 
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) else None

@@ -221,6 +221,11 @@ class Agent:
         learn_s = time.perf_counter() - t0
         self._upload(header, task, result, learn_s)
         self.rounds_done += 1
+        if self.meter is not None:
+            with self.meter.measure("radio", bytes_down=int(header.get("total", len(body)))):
+                pass  # the task's download, booked by bytes
+            energy = self.meter.take().as_dict()
+            self._safe_telemetry("energy", run=task.run, round=task.round, phase=task.phase, **energy)
 
     def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> None:
         meta = header.get("meta", {})
@@ -235,12 +240,13 @@ class Agent:
             "round": task.round, "phase": task.phase, "method": task.method, "codec": spec,
             "layout": [[n, list(s)] for n, s in expect],
             "meta": {"samples": int(result.samples), "learn_s": learn_s, "metrics": result.metrics,
-                     "energy": self.meter.snapshot() if self.meter is not None else None,
                      "profile": self.cfg.profile},
         }
-        radio = self.meter.measure("radio") if self.meter is not None else _null()
+        chunks = protocol.split(out, payload, self.cfg.key)
+        sent = sum(protocol.mqtt_publish_bytes(self._result_topic, len(c)) for c in chunks)
+        radio = self.meter.measure("radio", bytes_up=sent) if self.meter is not None else _null()
         with radio:
-            for chunk in protocol.split(out, payload, self.cfg.key):
+            for chunk in chunks:
                 self.link.publish(self._result_topic, chunk)
 
     def _with_feedback(self, method: str, tensors: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime", choices=("onnxruntime", "litert"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", help="firmware profile name (its preferred runtime is used if --runtime is absent)")
+    p.add_argument("--meter", default="auto", help="energy meter: auto (default), model, rapl, jetson, rpi5, none")
     p.add_argument("--username")
     p.add_argument("--password")
     p.add_argument("--ca-certs")
@@ -66,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = AgentConfig(args.broker, args.fleet, args.agent_id, _key(args), runtime=runtime or "onnxruntime",
                           threads=threads, profile=args.profile, username=args.username,
                           password=args.password, ca_certs=args.ca_certs)
-        agent = Agent(cfg, load_npz(args.data))
+        meter = None
+        if args.meter != "none" and (args.meter != "model" or args.profile):
+            from edge_agent.meters import open_meter
+
+            meter = open_meter(args.meter, args.profile)
+        agent = Agent(cfg, load_npz(args.data), meter=meter)
     except (FedfleetError, ValueError) as exc:
         print(f"fedfleet-agent: error: {exc}", file=sys.stderr)
         return 2
