@@ -122,7 +122,7 @@ def fit_lengthscale(
     noise: float = 1e-6,
     bounds: tuple[float, float] = (1e-3, 1e3),
     rng: np.random.Generator | None = None,
-    iters: int = 24,
+    iters: int = 16,
 ) -> float:
     """Isotropic lengthscale maximising the marginal likelihood.
 

@@ -176,3 +176,9 @@ class VectorView:
         full = dict(self.template)
         full.update(self.split(x))
         return full
+
+
+def quadratic_configs(d: int, agents: int, div: float, seed: int) -> list[dict[str, object]]:
+    """Per-agent task-config overlays {"objective": "quadratic", "c1", "c2"} for the FZooS quadratic."""
+    c1, c2 = quadratic_coeffs(d, agents, div, seed)
+    return [{"objective": "quadratic", "c1": c1[i].tolist(), "c2": c2[i].tolist()} for i in range(agents)]

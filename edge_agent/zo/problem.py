@@ -21,6 +21,28 @@ from edge_agent.zo.objectives import Counted, MacroF1Objective, Quadratic, Tenso
 OBJECTIVES = ("quadratic", "macro_f1")
 
 
+class RunnerHead:
+    """A model whose head tensors are graph inputs of an inference runtime (ONNX Runtime or LiteRT).
+
+    `inputs` maps each head tensor name to its graph input name, e.g. {"fc1.weight": "head.weight"};
+    `head_logits(head, x)` is one runtime call with the raw input `x` and the head fed alongside.
+    """
+
+    head_on_features = False
+
+    def __init__(self, runner: Any, inputs: dict[str, str], *, x_name: str = "x"):
+        missing = [n for n in [x_name, *inputs.values()] if n not in runner.input_names]
+        if missing:
+            raise ConfigError(f"the model has no graph inputs {missing} (it has {runner.input_names}); "
+                              "load the head-as-inputs variant")
+        self.runner, self.inputs, self.x_name = runner, dict(inputs), x_name
+
+    def head_logits(self, head: Tensors, x: np.ndarray) -> np.ndarray:
+        feeds = {self.x_name: np.asarray(x, np.float32)}
+        feeds.update({graph: np.asarray(head[name], np.float32) for name, graph in self.inputs.items()})
+        return self.runner.run(feeds)[0]
+
+
 @dataclass
 class Problem:
     objective: Counted

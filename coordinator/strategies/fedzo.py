@@ -1,0 +1,70 @@
+"""FedZO's coordinator side: send the global ZO tensors, add the sample-weighted mean of the agents' deltas.
+
+Config (all optional): objective ("macro_f1" | "quadratic"), zo_tensors (names of the tensors to tune;
+default every state tensor), zo_path ("numpy" | "runtime"), local_steps, lr, mu, directions, server_lr
+(η_g, 1.0), seed, and agent_config {agent id: {extra task config}} (e.g. each agent's quadratic c1, c2).
+The coordinator never evaluates the objective: there is no accept/reject oracle.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register, to_numpy
+
+LEARNER_KEYS = ("objective", "zo_path", "local_steps", "lr", "mu", "directions")
+
+
+def task_seed(base: int, round: int, phase: int, agent: str) -> int:
+    """A per-(round, phase, agent) seed for the agent's own randomness (directions, exploration)."""
+    ss = np.random.SeedSequence([int(base), int(round), int(phase), zlib.crc32(agent.encode())])
+    return int(ss.generate_state(1, np.uint32)[0])
+
+
+def zo_names(strategy: Strategy) -> list[str]:
+    names = strategy.config.get("zo_tensors") or list(strategy.state)
+    missing = [n for n in names if n not in strategy.state]
+    if missing:
+        raise KeyError(f"zo_tensors {missing} are not in the global state {sorted(strategy.state)}")
+    return list(names)
+
+
+def agent_task_config(strategy: Strategy, keys: tuple[str, ...], round: int, phase: int, agent: str) -> dict[str, Any]:
+    cfg: dict[str, Any] = {k: strategy.config[k] for k in keys if k in strategy.config}
+    cfg["zo_tensors"] = zo_names(strategy)
+    cfg["seed"] = task_seed(int(strategy.config.get("seed", 0)), round, phase, agent)
+    cfg.update((strategy.config.get("agent_config") or {}).get(agent, {}))
+    return cfg
+
+
+def weights_of(results: list[ClientResult]) -> torch.Tensor:
+    w = torch.tensor([float(max(r.samples, 0)) for r in results], dtype=torch.float64)
+    if float(w.sum()) <= 0:
+        w = torch.ones(len(results), dtype=torch.float64)
+    return w / w.sum()
+
+
+@register
+class FedZO(Strategy):
+    name = "fedzo"
+    phases = 1
+
+    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
+        down = to_numpy(self.state)
+        expect = layout_of({n: self.state[n] for n in zo_names(self)})
+        uplink = dict(self.config.get("uplink", {"name": "none"}))
+        return {a: TaskSpec(config=agent_task_config(self, LEARNER_KEYS, round, phase, a), tensors=down,
+                            expect=expect, uplink_codec=uplink) for a in agents}
+
+    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        if not results:
+            return
+        w = weights_of(results)
+        lr = float(self.config.get("server_lr", 1.0))
+        for name in zo_names(self):
+            stack = torch.stack([torch.from_numpy(np.asarray(r.tensors[name], np.float64)) for r in results])
+            self.state[name] += (lr * torch.tensordot(w, stack, dims=1)).float()
