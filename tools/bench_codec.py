@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -123,6 +124,7 @@ def run(d: int, z: float, encoding: str, k: int, zstd_level: int, steps: int, se
         m = measure(noise, p, 1)
         result["gaussian_noise"] = {key: round(m[key], 4) for key in ("ratio_vs_float32", "bound_ratio")}
     result["update"] = source
+    result["timing"] = f"median of {repeat} runs, one process; 1-min load average {os.getloadavg()[0]:.1f}"
     return result
 
 

@@ -67,10 +67,7 @@ def quantize(tensors: Mapping[str, np.ndarray], p: FedZipParams) -> dict[str, np
     return {name: s.dense(np.shape(tensors[name])) for name, s in _sparsify_all(tensors, p).items()}
 
 
-def encode_and_quantize(tensors: Mapping[str, np.ndarray], p: FedZipParams) -> tuple[bytes, dict[str, np.ndarray]]:
-    """`encode` and `quantize` in one pass (what error feedback needs)."""
-    sparse = _sparsify_all(tensors, p)
-    shapes = [(name, tuple(np.shape(x))) for name, x in tensors.items()]
+def _encode(sparse: Mapping[str, Sparse], shapes: Layout, p: FedZipParams) -> bytes:
     w = Writer()
     for name in sorted(sparse):
         write_tensor(w, sparse[name], p.encoding)
@@ -83,13 +80,23 @@ def encode_and_quantize(tensors: Mapping[str, np.ndarray], p: FedZipParams) -> t
     head = Writer()
     head.raw(_HEAD.pack(MAGIC, VERSION, ENCODINGS.index(p.encoding) + 1, flags, layout_crc(shapes)))
     head.varint(len(shapes))
-    quantized = {name: sparse[name].dense(shape) for name, shape in shapes}
-    return head.getvalue() + body, quantized
+    return head.getvalue() + body
+
+
+def _shapes(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(np.shape(x))) for name, x in tensors.items()]
+
+
+def encode_and_quantize(tensors: Mapping[str, np.ndarray], p: FedZipParams) -> tuple[bytes, dict[str, np.ndarray]]:
+    """`encode` and `quantize` in one pass (what error feedback needs)."""
+    sparse = _sparsify_all(tensors, p)
+    shapes = _shapes(tensors)
+    return _encode(sparse, shapes, p), {name: sparse[name].dense(shape) for name, shape in shapes}
 
 
 def encode(tensors: Mapping[str, np.ndarray], p: FedZipParams) -> bytes:
     """The FedZip payload of these tensors (top-z, k-means, encoding, optional zstd)."""
-    return encode_and_quantize(tensors, p)[0]
+    return _encode(_sparsify_all(tensors, p), _shapes(tensors), p)
 
 
 def _body(data: bytes, flags: int, max_bytes: int) -> bytes:
