@@ -13,6 +13,7 @@ query with a perturbed head costs one call.
 `models.tflite_writer.Graph`. Every model written is run through the LiteRT runner and checked against the
 writer's numpy reference of the same graph (`verify`); a mismatch raises ModelError.
 
+`export_backbone()` writes a frozen feature extractor (e.g. the digits package's backbone) as int8 TFLite.
 `python -m models.export_tflite NAME OUTDIR` writes `<OUTDIR>/<NAME>.<variant>.tflite` for every variant.
 """
 
@@ -60,7 +61,14 @@ def _conv(layer: nn.Conv2d, relu: bool) -> tw.Conv2D:
     return tw.Conv2D(layer.weight.detach().numpy().copy(), bias.copy(), sh, padding, relu)
 
 
-def to_graph(model: nn.Module, input_shape: tuple[int, ...], *, head_inputs: bool = False) -> tw.Graph:
+def to_graph(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    head_inputs: bool = False,
+    input_name: str = INPUT,
+    output_name: str = OUTPUT,
+) -> tw.Graph:
     """The writer graph of a torch Sequential. ReLUs after Linear/Conv2d are fused into them."""
     layers = list(model.children()) if isinstance(model, nn.Sequential) else [model]
     out: list[tw.Layer] = []
@@ -117,7 +125,7 @@ def to_graph(model: nn.Module, input_shape: tuple[int, ...], *, head_inputs: boo
             i += 1
     if head_inputs and not isinstance(out[-1], tw.Dense):
         raise ModelError("head-as-inputs needs a model whose last layer is a Linear")
-    return tw.Graph(tuple(input_shape), out, head_inputs, INPUT, OUTPUT, HEAD_INPUTS)
+    return tw.Graph(tuple(input_shape), out, head_inputs, input_name, output_name, HEAD_INPUTS)
 
 
 def verify(
@@ -188,6 +196,25 @@ def export_variants(
         verify(blobs["tflite-int8"], graph, cal, x)
         verify(blobs["tflite-int8-headinputs"], head_graph, head_cal, x)
     return blobs
+
+
+def export_backbone(
+    extractor: nn.Module,
+    input_shape: tuple[int, ...],
+    calibration_x: np.ndarray,
+    *,
+    input_name: str = INPUT,
+    output_name: str = "features",
+    check_x: np.ndarray | None = None,
+) -> bytes:
+    """A frozen feature extractor as full-integer int8 TFLite (float in, float features out), calibrated
+    on `calibration_x` and verified against the numpy reference on `check_x` (default: the calibration
+    data): the TFLite twin of an int8 ONNX backbone, for model packages run with --runtime litert."""
+    graph = to_graph(extractor.eval(), input_shape, input_name=input_name, output_name=output_name)
+    cal = tw.calibrate(graph, calibration_x)
+    blob = tw.to_tflite(graph, cal, description="fedfleet int8 backbone")
+    verify(blob, graph, cal, calibration_x[:256] if check_x is None else check_x)
+    return blob
 
 
 def export_all(

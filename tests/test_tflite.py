@@ -212,3 +212,22 @@ def test_torch_mapping_matches_torch() -> None:
         np.testing.assert_allclose(tw.reference(graph, x, head=head), want, atol=1e-5)
         feeds = {"x": x} if head is None else {"x": x, "head.weight": head[0], "head.bias": head[1]}
         np.testing.assert_allclose(_run(tw.to_tflite(graph), feeds), want, atol=1e-5)
+
+
+def test_export_backbone_int8_features() -> None:
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from models.export_tflite import export_backbone
+
+    torch.manual_seed(1)
+    extractor = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU()).eval()
+    x = RNG.random((300, 16)).astype(np.float32)
+    blob = export_backbone(extractor, (16,), x, input_name="pixels", output_name="features")
+    runner = open_runner(blob, runtime="litert")
+    assert runner.input_names == ["pixels"] and runner.output_names == ["features"]
+    got = runner.run({"pixels": x})[0]
+    with torch.no_grad():
+        want = extractor(torch.from_numpy(x)).numpy()
+    assert got.shape == (300, 8) and got.min() >= 0
+    assert np.abs(got - want).max() <= 0.05 * want.max()
