@@ -317,9 +317,9 @@ def _run_step(
             w2, b = w.reshape(w.shape[0], -1), a["b"]
         else:
             cols = x
-            w2, b = head if a["head"] else (a["w"], a["b"])  # type: ignore[misc]
-            if head is None and a["head"]:
+            if a["head"] and head is None:
                 raise ModelError("this graph takes the head as inputs; pass head=(weight, bias)")
+            w2, b = head if a["head"] else (a["w"], a["b"])  # type: ignore[misc]
         if step.out_q is None:
             out = cols.astype(np.float32) @ np.asarray(w2, np.float32).T + np.asarray(b, np.float32)
             out = np.maximum(out, 0) if a["relu"] else out
