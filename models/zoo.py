@@ -108,7 +108,20 @@ def datasets(name: str) -> tuple[fdata.Dataset, fdata.Dataset]:
 
 
 def train(name: str, seed: int = 0, epochs: int | None = None, batch_size: int = 64) -> nn.Module:
-    """Central training of zoo model `name` on its dataset's train split. Seeded; returns the model in eval mode."""
+    """Central training of zoo model `name` on its dataset's train split. Seeded; returns the model in eval mode.
+
+    Runs single-threaded: torch's intra-op threads make these tiny batches many times slower on small,
+    busy machines.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(name, seed, epochs, batch_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(name: str, seed: int, epochs: int | None, batch_size: int) -> nn.Module:
     entry = get(name)
     train_set, _ = datasets(name)
     torch.manual_seed(seed)
