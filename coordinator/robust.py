@@ -154,21 +154,28 @@ def nna_subsets(
     n = int(stack.shape[0])
     if subsets is None:
         subsets = [[i, *[j for j in range(n) if j != i]] for i in range(n)]
-    d2 = pairwise_sq_distances(stack)
+    sizes = {len(sub) for sub in subsets}
+    if len(sizes) != 1:  # ragged subsets: mix group by group, still from the one distance matrix
+        d2 = pairwise_sq_distances(stack)
+        return torch.cat([_nna_rows(d2, stack, f, [sub]) for sub in subsets])
+    return _nna_rows(pairwise_sq_distances(stack), stack, f, subsets)
+
+
+def _nna_rows(d2: torch.Tensor, stack: torch.Tensor, f: int, subsets: Sequence[Sequence[int]]) -> torch.Tensor:
+    n = int(stack.shape[0])
+    idx = torch.as_tensor([list(sub) for sub in subsets], dtype=torch.long)  # (P, m), pivot first
+    m = int(idx.shape[1])
+    if m < 2 * f + 1:
+        raise AggregationError(f"nna needs at least {2 * f + 1} vectors per node to tolerate f={f}, got {m}")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise AggregationError(f"nna: a subset index is outside the stack of {n}")
+    if bool((torch.sort(idx, dim=1).values.diff(dim=1) == 0).any()):
+        raise AggregationError("nna: a subset repeats an index")
+    dist = d2[idx[:, :1], idx].clone()  # d2[pivot, j]
+    dist[:, 0] = -1.0
+    keep = torch.gather(idx, 1, torch.sort(dist, dim=1, stable=True).indices[:, : m - f])
     weights = torch.zeros(len(subsets), n, dtype=stack.dtype)
-    for r, sub in enumerate(subsets):
-        idx = torch.as_tensor(list(sub), dtype=torch.long)
-        m = int(idx.numel())
-        if m < 2 * f + 1:
-            raise AggregationError(
-                f"nna needs at least {2 * f + 1} vectors per node to tolerate f={f}, node {r} has {m}"
-            )
-        if len(set(idx.tolist())) != m or int(idx.min()) < 0 or int(idx.max()) >= n:
-            raise AggregationError(f"nna: subset {r} has repeated or out-of-range indices")
-        dist = d2[idx[0], idx].clone()
-        dist[0] = -1.0
-        keep = idx[torch.sort(dist, stable=True).indices[: m - f]]
-        weights[r, keep] = 1.0 / (m - f)
+    weights.scatter_(1, keep, 1.0 / (m - f))
     return weights @ stack
 
 
