@@ -4,7 +4,9 @@ A package is one zip blob (written by `models.package.build_package`) holding:
 - `manifest.json`: format, format_version, name, mode ("transfer" or "full"), input_shape, feature_dim,
   head_sizes, head_layout ([[name, shape], ...] exactly as `edge_agent.mlp.layout(head_sizes)`), classes,
   and in transfer mode `backbone` = {file, sha256, format "onnx", input, output};
-- the backbone file (transfer mode only), an int8 ONNX feature extractor;
+  optionally `backbone_alternates`: more entries of the same form in other formats (e.g. "tflite"), so one
+  package runs on either runtime; the loader picks the entry whose format matches the runtime;
+- the backbone file(s) (transfer mode only), int8 feature extractors;
 - `head_init.npz`: the initial head tensors, float32, named as in the layout.
 
 `EdgeModel.from_bytes` checks everything before use: overall and declared member sizes (zip-bomb guard,
@@ -35,6 +37,10 @@ HEAD_INIT = "head_init.npz"
 MODES = ("transfer", "full")
 BATCH = 256
 MAX_MANIFEST_BYTES = 64 << 10
+FORMAT_RUNTIME = {
+    "onnx": "onnxruntime",
+    "tflite": "litert",
+}  # backbone file format -> the runtime that runs it
 
 
 def package_digest(blob: bytes) -> str:
@@ -134,6 +140,7 @@ class EdgeModel:
     head_init: dict[str, np.ndarray]
     digest: str
     backbone: Runner | None = None
+    backbone_spec: dict[str, Any] | None = None  # the manifest entry of the backbone in use
     _cache: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -199,10 +206,22 @@ class EdgeModel:
             raise ModelError(f"{len(classes)} classes but the head has {head_sizes[-1]} outputs")
         expected = {MANIFEST, HEAD_INIT}
         backbone: Runner | None = None
+        backbone_spec: dict[str, Any] | None = None
         if mode == "transfer":
-            spec = _field(manifest, "backbone", dict)
-            backbone = _load_backbone(zf, spec, input_shape, feature_dim, runtime, threads, max_bytes)
-            expected.add(spec["file"])
+            specs = [_field(manifest, "backbone", dict), *manifest.get("backbone_alternates", [])]
+            raws = [_backbone_bytes(zf, spec, max_bytes) for spec in specs]  # every file checked, used or not
+            expected.update(spec["file"] for spec in specs)
+            chosen = [i for i, spec in enumerate(specs) if FORMAT_RUNTIME.get(spec["format"]) == runtime]
+            if not chosen:
+                formats = [spec["format"] for spec in specs]
+                raise ModelError(
+                    f"this package has backbones in formats {formats}, none runs on runtime {runtime!r}; "
+                    f"pick --runtime {FORMAT_RUNTIME.get(formats[0], 'onnxruntime')} or a package for {runtime}"
+                )
+            backbone_spec = specs[chosen[0]]
+            backbone = _open_backbone(
+                raws[chosen[0]], backbone_spec, input_shape, feature_dim, runtime, threads
+            )
         elif int(np.prod(input_shape)) != feature_dim:
             raise ModelError(
                 f"full mode needs feature_dim == prod(input_shape), got {feature_dim} vs {input_shape}"
@@ -215,7 +234,16 @@ class EdgeModel:
             raise ModelError(f"model package has no {HEAD_INIT}")
         head_init = _load_head(_read_member(zf, HEAD_INIT, max_bytes), head_layout, max_bytes)
         return cls(
-            manifest, mode, input_shape, feature_dim, head_sizes, head_layout, head_init, digest, backbone
+            manifest,
+            mode,
+            input_shape,
+            feature_dim,
+            head_sizes,
+            head_layout,
+            head_init,
+            digest,
+            backbone,
+            backbone_spec,
         )
 
     def _check_x(self, x: np.ndarray) -> np.ndarray:
@@ -235,7 +263,7 @@ class EdgeModel:
         tag = hashlib.blake2b(x.tobytes(), digest_size=16).hexdigest() + str(x.shape) if cache_key else ""
         if cache_key is not None and cache_key in self._cache and self._cache[cache_key][0] == tag:
             return self._cache[cache_key][1]
-        spec = self.manifest["backbone"]
+        spec = self.backbone_spec or {}
         k = self.backbone.output_names.index(spec["output"])
         chunks = [self.backbone.run({spec["input"]: x[i : i + BATCH]})[k] for i in range(0, len(x), BATCH)]
         out = (
@@ -258,22 +286,16 @@ class EdgeModel:
         return mlp.accuracy(head, self.features(x, cache_key), np.asarray(y))
 
 
-def _load_backbone(
-    zf: zipfile.ZipFile,
-    spec: dict[str, Any],
-    input_shape: tuple[int, ...],
-    feature_dim: int,
-    runtime: str,
-    threads: int,
-    max_bytes: int,
-) -> Runner:
+def _backbone_bytes(zf: zipfile.ZipFile, spec: Any, max_bytes: int) -> bytes:
+    """The bytes of one backbone file, after checking its manifest entry and its sha256."""
+    if not isinstance(spec, dict):
+        raise ModelError("a manifest backbone entry must be an object; rebuild the package")
     for key in ("file", "sha256", "format", "input", "output"):
         if not isinstance(spec.get(key), str):
             raise ModelError(f"manifest backbone.{key} is missing or not a string; rebuild the package")
-    if spec["format"] != "onnx" or runtime != "onnxruntime":
+    if spec["format"] not in FORMAT_RUNTIME:
         raise ModelError(
-            f"backbone format {spec['format']!r} cannot run on runtime {runtime!r}; "
-            "this package needs --runtime onnxruntime"
+            f"backbone format {spec['format']!r} is unknown; expected one of {list(FORMAT_RUNTIME)}"
         )
     if spec["file"] not in zf.namelist():
         raise ModelError(f"backbone file {spec['file']!r} named in the manifest is not in the package")
@@ -282,6 +304,17 @@ def _load_backbone(
         raise ModelError(
             f"backbone {spec['file']!r} does not match its sha256 in the manifest: corrupt package"
         )
+    return raw
+
+
+def _open_backbone(
+    raw: bytes,
+    spec: dict[str, Any],
+    input_shape: tuple[int, ...],
+    feature_dim: int,
+    runtime: str,
+    threads: int,
+) -> Runner:
     runner = open_runner(raw, runtime=runtime, threads=threads)
     if runner.input_names != [spec["input"]] or spec["output"] not in runner.output_names:
         raise ModelError(

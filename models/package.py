@@ -17,6 +17,8 @@ import hashlib
 import io
 import json
 import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST, package_digest
 from models import backbone
 
-__all__ = ["build_package", "package_digest", "write_zip", "central_head_accuracy"]
+__all__ = ["BackboneFile", "build_package", "package_digest", "write_zip", "central_head_accuracy"]
 
 BACKBONE_FILE = "backbone.onnx"
 INPUT_SHAPE = [64]
@@ -55,7 +57,32 @@ def write_zip(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def manifest_for(mode: str, head_hidden: int, backbone_bytes: bytes | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BackboneFile:
+    """An extra copy of the backbone in another format (e.g. TFLite for LiteRT agents)."""
+
+    format: str  # "tflite" (or "onnx")
+    data: bytes
+    input: str = backbone.INPUT
+    output: str = backbone.OUTPUT
+    precision: str = "int8"
+
+
+def _entry(file: str, data: bytes, fmt: str, inp: str, out: str, precision: str) -> dict[str, str]:
+    return {
+        "file": file,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "format": fmt,
+        "precision": precision,
+        "input": inp,
+        "output": out,
+        "pretrained_on": "mnist5k 8x8 (UCI-style preprocessing)",
+    }
+
+
+def manifest_for(
+    mode: str, head_hidden: int, backbone_bytes: bytes | None, alternates: Sequence[BackboneFile] = ()
+) -> dict[str, Any]:
     feature_dim = backbone.FEATURE_DIM if mode == "transfer" else int(np.prod(INPUT_SHAPE))
     sizes = [feature_dim, head_hidden, len(CLASSES)]
     manifest: dict[str, Any] = {
@@ -71,32 +98,41 @@ def manifest_for(mode: str, head_hidden: int, backbone_bytes: bytes | None) -> d
         "classes": CLASSES,
     }
     if backbone_bytes is not None:
-        manifest["backbone"] = {
-            "file": BACKBONE_FILE,
-            "sha256": hashlib.sha256(backbone_bytes).hexdigest(),
-            "format": "onnx",
-            "precision": "int8-qdq",
-            "input": backbone.INPUT,
-            "output": backbone.OUTPUT,
-            "pretrained_on": "mnist5k 8x8 (UCI-style preprocessing)",
-        }
+        manifest["backbone"] = _entry(
+            BACKBONE_FILE, backbone_bytes, "onnx", backbone.INPUT, backbone.OUTPUT, "int8-qdq"
+        )
+        if alternates:
+            manifest["backbone_alternates"] = [
+                _entry(f"backbone.{i}.{a.format}", a.data, a.format, a.input, a.output, a.precision)
+                for i, a in enumerate(alternates)
+            ]
     return manifest
 
 
-def build_package(mode: str = "transfer", *, head_hidden: int = 32, seed: int = 0) -> bytes:
-    """One package blob for `mode` ("transfer" or "full"); deterministic for a given (mode, head_hidden, seed)."""
+def build_package(
+    mode: str = "transfer", *, head_hidden: int = 32, seed: int = 0, alternates: Sequence[BackboneFile] = ()
+) -> bytes:
+    """One package blob for `mode` ("transfer" or "full"); deterministic for a given (mode, head_hidden, seed).
+
+    `alternates` adds the same backbone in other formats (transfer mode), e.g. a TFLite file written from
+    `models.backbone.pretrain(seed)`'s extractor, so LiteRT agents can load the same package.
+    """
     if mode not in ("transfer", "full"):
         raise ConfigError(f"package mode {mode!r} is unknown; choose 'transfer' or 'full'")
     if head_hidden < 1:
         raise ConfigError(f"head_hidden must be >= 1, got {head_hidden}")
+    if alternates and mode != "transfer":
+        raise ConfigError("backbone alternates only make sense in transfer mode; full mode has no backbone")
     backbone_bytes = backbone.load() if mode == "transfer" else None
-    manifest = manifest_for(mode, head_hidden, backbone_bytes)
+    manifest = manifest_for(mode, head_hidden, backbone_bytes, alternates)
     members = {
         MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode(),
         HEAD_INIT: _npz(mlp.init(manifest["head_sizes"], seed)),
     }
     if backbone_bytes is not None:
         members[BACKBONE_FILE] = backbone_bytes
+    for spec, alt in zip(manifest.get("backbone_alternates", []), alternates, strict=True):
+        members[spec["file"]] = alt.data
     return write_zip(members)
 
 

@@ -15,7 +15,7 @@ from coordinator.model import CoordinatorModel
 from edge_agent import mlp
 from edge_agent.errors import ModelError
 from edge_agent.model import EdgeModel, package_digest
-from models.package import build_package, central_head_accuracy, write_zip
+from models.package import BackboneFile, build_package, central_head_accuracy, write_zip
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +286,41 @@ def test_edge_matches_coordinator(blobs: dict[str, bytes], digits_split, mode: s
 def test_transfer_backbone_is_useful() -> None:
     # central head training on frozen MNIST features must clearly beat chance on digits
     assert central_head_accuracy("transfer", epochs=10) >= 0.85
+
+
+def test_backbone_alternates_are_checked_and_picked_by_runtime(blobs: dict[str, bytes]) -> None:
+    fake_tflite = b"TFL3" + bytes(100)
+    blob = build_package("transfer", alternates=[BackboneFile("tflite", fake_tflite)])
+    model = EdgeModel.from_bytes(blob, runtime="onnxruntime")
+    assert model.backbone_spec is not None and model.backbone_spec["format"] == "onnx"
+    assert [a["format"] for a in model.manifest["backbone_alternates"]] == ["tflite"]
+    np.testing.assert_array_equal(
+        model.features(np.ones((2, 64), np.float32)),
+        EdgeModel.from_bytes(blobs["transfer"]).features(np.ones((2, 64), np.float32)),
+    )
+    m = members(blob)
+    m["backbone.0.tflite"] = b"TFL3" + bytes(99) + b"\x01"
+    with pytest.raises(ModelError, match="sha256"):
+        EdgeModel.from_bytes(write_zip(m))
+    manifest = json.loads(m["manifest.json"])
+    manifest["backbone_alternates"][0]["format"] = "coreml"
+    with pytest.raises(ModelError, match="unknown"):
+        EdgeModel.from_bytes(with_manifest(blob, backbone_alternates=manifest["backbone_alternates"]))
+
+
+def test_edge_side_never_imports_torch(blobs: dict[str, bytes], tmp_path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "pkg.zip"
+    path.write_bytes(blobs["transfer"])
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from edge_agent.model import EdgeModel\n"
+        f"m = EdgeModel.from_bytes(open({str(path)!r}, 'rb').read())\n"
+        "print(m.features(np.zeros((3, 64), np.float32)).shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(3, 64)"
