@@ -68,10 +68,15 @@ def main(argv: list[str] | None = None) -> int:
                           threads=threads, profile=args.profile, username=args.username,
                           password=args.password, ca_certs=args.ca_certs)
         meter = None
-        if args.meter != "none" and (args.meter != "model" or args.profile):
-            from edge_agent.meters import open_meter
+        if args.meter != "none":
+            from edge_agent.meters import MeterError, open_meter
 
-            meter = open_meter(args.meter, args.profile)
+            try:
+                meter = open_meter(args.meter, args.profile)
+            except MeterError as exc:
+                if args.meter != "auto":
+                    raise
+                logging.getLogger("fedfleet-agent").warning("no energy meter (%s); energy is not recorded", exc)
         agent = Agent(cfg, load_npz(args.data), meter=meter)
     except (FedfleetError, ValueError) as exc:
         print(f"fedfleet-agent: error: {exc}", file=sys.stderr)
