@@ -68,12 +68,14 @@ class Agent:
         self._status_topic = t(config.fleet, config.agent_id, "status")
         self._result_topic = t(config.fleet, config.agent_id, "result")
         self._telemetry_topic = t(config.fleet, config.agent_id, "telemetry")
+        self._task_topic = t(config.fleet, config.agent_id, "task")
+        self._model_prefix = protocol.broadcast_topic(config.fleet, "model/")
         will = (self._status_topic, self._status_payload("offline"), True)
         self.link = MqttLink(
             config.broker,
             client_id=f"fedfleet-{config.fleet}-{config.agent_id}",
             on_message=self._on_message,
-            subscriptions=[t(config.fleet, config.agent_id, "task"), protocol.broadcast_topic(config.fleet, "model/#")],
+            subscriptions=[self._task_topic, protocol.broadcast_topic(config.fleet, "model/#")],
             clean_session=False,
             will=will,
             on_connect=self._announce,
@@ -128,8 +130,11 @@ class Agent:
     def _on_message(self, topic: str, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained message
+        if topic != self._task_topic and not topic.startswith(self._model_prefix):
+            log.debug("agent %s ignores a message on %s (not subscribed)", self.cfg.agent_id, topic)
+            return
         try:
-            if "/broadcast/model/" in topic:
+            if topic.startswith(self._model_prefix):
                 header, body = protocol.open_envelope(payload, lambda h: self._bkey)
                 done = self._models.add(header, body)
                 if done is not None and done[0].get("digest") != self.model_digest:
