@@ -179,20 +179,34 @@ DIGITS_FZOOS = {"lr": 0.05, "optimizer": "sgd", "local_steps": 10, "gp_restarts"
                 "init_radius": 0.05}
 
 
-def bench_digits(*, agents: int, budget: int, seed: int, quick: bool, runtime: str = "onnxruntime",
-                 fzoos_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    from coordinator.data import partition_dirichlet
+def digits_head(runtime: str, seed: int, quick: bool) -> tuple[Any, Any]:
+    """The int8 digits-mlp with its last layer as graph inputs, on `runtime`; returns (RunnerHead, torch net)."""
     from edge_agent.runtime import open_runner
     from edge_agent.zo.problem import RunnerHead
     from models import zoo
-    from models.export_onnx import HEAD_INPUTS, export_variants
+    from models.export_onnx import HEAD_INPUTS
+
+    net = zoo.train("digits-mlp", seed=seed, epochs=5 if quick else None)
+    if runtime == "litert":
+        from models.export_tflite import export_variants as tflite_variants
+
+        blob = tflite_variants("digits-mlp", net, seed=seed)["tflite-int8-headinputs"]
+    else:
+        from models.export_onnx import export_variants as onnx_variants
+
+        blob = onnx_variants("digits-mlp", net, seed=seed)["onnx-int8-headinputs"]
+    runner = open_runner(blob, runtime=runtime, threads=1)
+    return RunnerHead(runner, dict(zip(zoo.get("digits-mlp").head, HEAD_INPUTS))), net
+
+
+def bench_digits(*, agents: int, budget: int, seed: int, quick: bool, runtime: str = "onnxruntime",
+                 fzoos_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    from coordinator.data import partition_dirichlet
+    from models import zoo
 
     entry = zoo.get("digits-mlp")
     train, test = zoo.datasets("digits-mlp")
-    net = zoo.train("digits-mlp", seed=seed, epochs=5 if quick else None)
-    blob = export_variants("digits-mlp", net, seed=seed)["onnx-int8-headinputs"]
-    runner = open_runner(blob, runtime=runtime, threads=1)
-    head = RunnerHead(runner, dict(zip(entry.head, HEAD_INPUTS)))
+    head, net = digits_head(runtime, seed, quick)
     w_name, b_name = entry.head
     out_dim, in_dim = tuple(net.state_dict()[w_name].shape)
     rng = np.random.Generator(np.random.PCG64(seed + 7))  # a fresh head: the ZO methods train it from scratch
@@ -217,9 +231,11 @@ def bench_digits(*, agents: int, budget: int, seed: int, quick: bool, runtime: s
         res[f"{method}_queries"] = tr.queries[-1]
         res[f"{method}_rounds"] = len(tr.queries) - 1
         res[f"{method}_seconds"] = time.perf_counter() - t0
+        res[f"{method}_curve"] = {"queries": tr.queries, "f1": tr.score}
         res["start_f1"] = tr.score[0]
     res["queries"] = budget
-    res["central_fp32_f1"] = macro_f1(test.y, zoo.predict(net, test.x).argmax(1))
+    res["trained_head_f1"] = test_f1(create_strategy("fedzo", {k: v.detach() for k, v in net.state_dict().items()
+                                                               if k in entry.head}))
     return res
 
 
@@ -250,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     ap.add_argument("--rounds", type=int, default=20, help="rounds on the quadratic (both methods)")
     ap.add_argument("--budget", type=int, default=21000, help="total query budget on digits (both methods)")
-    ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "litert"])
+    ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "litert", "both"],
+                    help="runtime for the digits objective; 'both' adds a LiteRT run under digits_f1.by_runtime")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:  # one BLAS thread: the GP and RFF solves are small, and threads only contend on a busy machine
@@ -264,11 +281,15 @@ def main(argv: list[str] | None = None) -> int:
             small = {"rff_features": 500, "local_steps": 3, "explore_candidates": 30, "refresh_candidates": 40,
                      "refresh_pick": 10}
             quad, traces = bench_quadratic(d=8, agents=3, div=0.5, rounds=2, seed=args.seed, fzoos_overrides=small)
-            digits = bench_digits(agents=3, budget=600, seed=args.seed, quick=True, runtime=args.runtime,
-                                  fzoos_overrides=small)
+            kw: dict[str, Any] = {"agents": 3, "budget": 600, "quick": True, "fzoos_overrides": small}
         else:
             quad, traces = bench_quadratic(d=50, agents=5, div=0.5, rounds=args.rounds, seed=args.seed)
-            digits = bench_digits(agents=5, budget=args.budget, seed=args.seed, quick=False, runtime=args.runtime)
+            kw = {"agents": 5, "budget": args.budget, "quick": False}
+        runtimes = ["onnxruntime", "litert"] if args.runtime == "both" else [args.runtime]
+        by_rt = {rt: bench_digits(seed=args.seed, runtime=rt, **kw) for rt in runtimes}
+        digits = dict(by_rt[runtimes[0]])
+        if len(runtimes) > 1:
+            digits["by_runtime"] = by_rt
     finally:
         if limits is not None:
             limits.unregister()

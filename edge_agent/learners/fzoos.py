@@ -1,7 +1,7 @@
 """FZooS's edge learner: trajectory-informed surrogate gradients with an RFF-based global correction.
 
 The agent keeps its whole query history (exploration appends points; stored points never move) and its
-last uploaded RFF weights s_i ν_i across rounds. Two phases per round:
+last uploaded RFF weights s_i ν_i across rounds of one run (a new run id starts a fresh history). Two phases per round:
 
 - phase 0 (local steps), task tensors: the ZO tensors at x_{r-1} and, from round 2, "nu_bar" (M,).
   Query f(x_{r-1}); then T times: fit a GP (Matérn-5/2 by default) on the `gp_points` stored queries
@@ -75,6 +75,7 @@ class FZooSLearner(Learner):
         self.xs: list[np.ndarray] = []
         self.ys: list[float] = []
         self.own_nu: np.ndarray | None = None
+        self.run: str | None = None
 
     # -- history -----------------------------------------------------------------------------------
 
@@ -119,6 +120,8 @@ class FZooSLearner(Learner):
         rff = rffm.RFF.from_seed(prob.view.d, int(s["rff_features"]), float(s["rff_lengthscale"]),
                                  int(s["rff_seed"]))
         samples = len(data) if data is not None and len(data) else 1
+        if self.run != task.run or (self.xs and self.xs[0].shape != prob.x0.shape):
+            self.xs, self.ys, self.own_nu, self.run = [], [], None, task.run  # a new run: forget the old history
         if not self.xs:
             r0 = float(s["init_radius"])
             for _ in range(int(s["init_points"])):
@@ -160,7 +163,7 @@ class FZooSLearner(Learner):
                 self._explore(f, self._condition(s, x, post), x, float(s["explore_radius"]),
                               int(s["explore_candidates"]), int(s["explore_pick"]), rng)
         metrics: dict[str, float] = {"queries": int(f.queries), "objective_first": first, "objective_last": last,
-                                     "history": len(self.xs)}
+                                     "history": len(self.xs), "corrected": int(corr is not None)}
         if cos_gp:
             metrics["gp_cosine"] = float(np.mean(cos_gp))
             metrics["direction_cosine_local"] = float(np.mean(cos_dir))

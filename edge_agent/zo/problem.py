@@ -3,8 +3,8 @@
 Owns the task-config contract shared by the FedZO and FZooS learners and strategies:
 - `{"objective": "quadratic", "c1": [...], "c2": [...]}` with tensors `{"x": (d,)}`;
 - `{"objective": "macro_f1", "zo_tensors": [names], "zo_path": "numpy" | "runtime"}` with the head
-  tensors as task tensors: 1 − macro-F1 on the agent's shard. "numpy" runs the head in numpy over the
-  model's cached backbone features; "runtime" feeds the head as graph inputs of the int8 model
+  tensors as task tensors: 1 − macro-F1 on the agent's shard. "numpy" runs the head (`edge_agent.mlp`)
+  in numpy over the EdgeModel's cached int8-backbone features; "runtime" feeds the head as graph inputs of the int8 model
   (`model.head_logits(head, x)`), one runtime call per query.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent import mlp
 from edge_agent.errors import ConfigError
 from edge_agent.zo.objectives import Counted, MacroF1Objective, Quadratic, Tensors, VectorView
 
@@ -69,8 +70,8 @@ def _logits_fn(model: Any, data: Any, path: str, cache_key: str) -> Any:
         feats = model.features(data.x, cache_key) if getattr(model, "head_on_features", False) else data.x
         return lambda head: model.head_logits(head, feats)
     if path == "numpy":
-        feats = model.features(data.x, cache_key)
-        return lambda head: model.logits(head, feats)
+        feats = model.features(data.x, cache_key)  # frozen backbone: computed once, cached
+        return lambda head: mlp.forward(head, feats)
     raise ConfigError(f"unknown zo_path {path!r}; use 'numpy' or 'runtime'")
 
 
