@@ -6,6 +6,7 @@ so the MQTT keep-alive never stalls behind a long learning step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -45,7 +46,10 @@ class AgentConfig:
 class Agent:
     """One edge agent. `start()` connects and returns; `stop()` leaves (gracefully, or like a crash)."""
 
-    def __init__(self, config: AgentConfig, data: LocalData, *, meter: Any = None) -> None:
+    def __init__(self, config: AgentConfig, data: LocalData, *, meter: Any = None,
+                 model_cache: dict[str, Any] | None = None) -> None:
+        """`model_cache`: a dict shared by the agents of one process, so a package digest is loaded once
+        there (ONNX Runtime sessions are thread-safe); each agent still keeps its own feature cache."""
         if not protocol.valid_id(config.agent_id) or not protocol.valid_id(config.fleet):
             raise ValueError(f"agent id {config.agent_id!r} and fleet {config.fleet!r} must be 1-64 of [A-Za-z0-9-_.]")
         self.cfg = config
@@ -54,6 +58,7 @@ class Agent:
         self.model: Any = None
         self.model_digest: str | None = None
         self.model_error: str | None = None
+        self.model_cache = model_cache
         self.learners: dict[str, Any] = {}
         self.feedback: dict[str, Any] = {}  # uplink error-feedback state per method
         self.rounds_done = 0
@@ -176,7 +181,12 @@ class Agent:
         from edge_agent.model import EdgeModel
 
         try:
-            model = EdgeModel.from_bytes(blob, runtime=self.cfg.runtime, threads=self.cfg.threads)
+            model = self._shared_model(blob) if self.model_cache is not None else None
+            if model is None:
+                model = EdgeModel.from_bytes(blob, runtime=self.cfg.runtime, threads=self.cfg.threads)
+                if self.model_cache is not None and self.cfg.runtime == "onnxruntime":
+                    self.model_cache[model.digest] = model
+                    model = dataclasses.replace(model, _cache={})
             if tuple(model.input_shape) != tuple(self.data.x.shape[1:]):
                 raise ModelError(
                     f"model input shape {model.input_shape} does not fit local data {self.data.x.shape[1:]}"
@@ -189,6 +199,13 @@ class Agent:
         self.model, self.model_digest, self.model_error = model, header["digest"], None
         self._announce()
         self._retry_waiting()
+
+    def _shared_model(self, blob: bytes) -> Any:
+        """This process's loaded copy of `blob` with a fresh feature cache, or None if not loaded yet."""
+        from edge_agent.model import package_digest
+
+        shared = (self.model_cache or {}).get(package_digest(blob))
+        return None if shared is None else dataclasses.replace(shared, _cache={})
 
     def _retry_waiting(self) -> None:
         waiting, self._waiting = self._waiting, []
@@ -214,9 +231,10 @@ class Agent:
         meta = header.get("meta", {})
         task = Task(run=key[0], round=key[1], method=str(header.get("method")), config=meta.get("config", {}),
                     tensors=tensors, phase=key[2], deadline=deadline)
-        learner = self.learners.get(task.method)
+        name = str(task.config.get("learner") or task.method)  # e.g. robust FedAvg's byzantine tasks
+        learner = self.learners.get(name)
         if learner is None:
-            learner = self.learners[task.method] = create(task.method)
+            learner = self.learners[name] = create(name)
         t0 = time.perf_counter()
         if self.meter is not None:
             with self.meter.measure("compute"):
