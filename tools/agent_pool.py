@@ -2,6 +2,11 @@
 
 `AgentPool(url, fleet, secret, shards, processes=2).start()` spreads the agents over processes so they learn
 in parallel instead of sharing one interpreter lock; `stop()` ends them.
+
+Options for emulation and large fleets: `share_model=True` loads each model package once per process (the
+agents share it); `factory="module:function"` builds each agent instead of `Agent(...)`, called as
+`factory(config, data, per_agent[agent_id], model_cache)`; agents that have a `stats()` method report it
+back through `stop()`, which returns `{agent_id: stats}`.
 """
 
 from __future__ import annotations
@@ -15,35 +20,62 @@ import numpy as np
 from edge_agent.learners import LocalData
 
 
+def _resolve(factory: str) -> Any:
+    import importlib
+
+    module, _, name = factory.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _serve(url: str, fleet: str, secret: bytes, members: list[tuple[str, np.ndarray, np.ndarray]],
-           options: dict[str, Any], ready: Any, stop: Any) -> None:
+           options: dict[str, Any], ready: Any, stop: Any, extra: dict[str, Any] | None = None,
+           results: Any = None) -> None:
     import logging
+    from concurrent.futures import ThreadPoolExecutor
 
     from edge_agent import protocol
     from edge_agent.agent import Agent, AgentConfig
 
     logging.basicConfig(level=logging.ERROR)
+    extra = extra or {}
+    factory = _resolve(extra["factory"]) if extra.get("factory") else None
+    cache: dict[str, Any] | None = {} if extra.get("share_model") else None
+    per_agent = extra.get("per_agent") or {}
     agents = []
     for agent_id, x, y in members:
-        a = Agent(AgentConfig(url, fleet, agent_id, protocol.derive_key(secret, agent_id), **options),
-                  LocalData(x, y))
+        config = AgentConfig(url, fleet, agent_id, protocol.derive_key(secret, agent_id), **options)
+        if factory is not None:
+            a = factory(config, LocalData(x, y), per_agent.get(agent_id, {}), cache)
+        elif cache is not None:
+            a = Agent(config, LocalData(x, y), model_cache=cache)
+        else:
+            a = Agent(config, LocalData(x, y))
         a.start(wait_s=60)
         agents.append(a)
     ready.set()
     stop.wait()
-    for a in agents:
-        a.stop()
+    if len(agents) > 8:  # many agents: leave in parallel, each waits for its own threads
+        with ThreadPoolExecutor(16) as ex:
+            list(ex.map(lambda a: a.stop(), agents))
+    else:
+        for a in agents:
+            a.stop()
+    if results is not None:
+        results.put({a.cfg.agent_id: a.stats() for a in agents if hasattr(a, "stats")})
 
 
 class AgentPool:
     def __init__(self, url: str, fleet: str, secret: bytes, members: dict[str, LocalData], *, processes: int = 2,
-                 **options: Any) -> None:
+                 share_model: bool = False, factory: str | None = None,
+                 per_agent: dict[str, dict[str, Any]] | None = None, **options: Any) -> None:
         self.url, self.fleet, self.secret = url, fleet, secret
         self.members = members
         self.processes = max(1, min(processes, len(members)))
         self.options = options
+        self.extra = {"share_model": share_model, "factory": factory, "per_agent": per_agent or {}}
         ctx = mp.get_context("spawn")
         self._stop = ctx.Event()
+        self._results = ctx.Queue()
         self._ctx = ctx
         self._procs: list[Any] = []
         self._ready: list[Any] = []
@@ -52,8 +84,11 @@ class AgentPool:
         items = [(a, d.x, d.y) for a, d in self.members.items()]
         for i in range(self.processes):
             ready = self._ctx.Event()
-            p = self._ctx.Process(target=_serve, args=(self.url, self.fleet, self.secret, items[i :: self.processes],
-                                                       self.options, ready, self._stop), daemon=True)
+            mine = items[i :: self.processes]
+            extra = {**self.extra, "per_agent": {a: self.extra["per_agent"][a] for a, _, _ in mine
+                                                 if a in self.extra["per_agent"]}}
+            p = self._ctx.Process(target=_serve, args=(self.url, self.fleet, self.secret, mine, self.options, ready,
+                                                       self._stop, extra, self._results), daemon=True)
             p.start()
             self._procs.append(p)
             self._ready.append(ready)
@@ -67,9 +102,23 @@ class AgentPool:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """End the agents; returns what agents with a `stats()` method reported, by agent id."""
+        import queue
+
         self._stop.set()
+        stats: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        got = 0
+        while got < len(self._procs) and time.monotonic() < deadline:
+            try:
+                stats.update(self._results.get(timeout=0.2))
+                got += 1
+            except queue.Empty:
+                if not any(p.is_alive() for p in self._procs):
+                    break
         for p in self._procs:
-            p.join(15)
+            p.join(max(0.1, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
+        return stats
