@@ -2,7 +2,7 @@
 
 Parameters are a dict of named tensors `fc{i}.weight` (out, in) and `fc{i}.bias` (out,), ReLU between
 layers and softmax cross-entropy on top. The coordinator mirrors this exactly in torch
-(`coordinator.head`).
+(`coordinator.model.MLPHead`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from models.export_onnx import export_fp32
 from models.quantize import quantize_qdq
 
 ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "digits-backbone-int8.onnx"
+TFLITE_ARTIFACT = ARTIFACT.with_suffix(".tflite")
 INPUT = "x"
 OUTPUT = "features"
 IN_DIM = 64
@@ -139,10 +140,33 @@ def export_int8(extractor: nn.Module, seed: int = 0, n_calibration: int = 1000) 
     return quantize_qdq(fp32, data.x[idx], input_name=INPUT)
 
 
+def calibration_set(seed: int = 0, n_calibration: int = 1000) -> np.ndarray:
+    data, _ = pretraining_split(seed)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    idx = np.sort(rng.choice(len(data), size=min(n_calibration, len(data)), replace=False))
+    return data.x[idx]
+
+
+def export_tflite_int8(extractor: nn.Module, seed: int = 0) -> bytes:
+    """The same extractor as full-integer int8 TFLite, calibrated on the same MNIST samples as the ONNX file."""
+    from models.export_tflite import export_backbone
+
+    return export_backbone(extractor, (IN_DIM,), calibration_set(seed), input_name=INPUT, output_name=OUTPUT)
+
+
 def build(seed: int = 0) -> bytes:
     """Pre-train and quantise from scratch (about ten seconds on two cores)."""
     extractor, _ = pretrain(seed)
     return export_int8(extractor, seed)
+
+
+def load_tflite() -> bytes:
+    """The shipped int8 TFLite twin of the backbone; regenerated (seed 0) if the artifact is missing."""
+    if not TFLITE_ARTIFACT.exists():
+        extractor, _ = pretrain(0)
+        TFLITE_ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+        TFLITE_ARTIFACT.write_bytes(export_tflite_int8(extractor, 0))
+    return TFLITE_ARTIFACT.read_bytes()
 
 
 def load() -> bytes:
@@ -165,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(blob)
     print(f"wrote {args.out.name}: {len(blob)} bytes, sha256 {hashlib.sha256(blob).hexdigest()}")
+    tfl = export_tflite_int8(extractor, args.seed)
+    args.out.with_suffix(".tflite").write_bytes(tfl)
+    print(f"wrote {args.out.with_suffix('.tflite').name}: {len(tfl)} bytes, sha256 {hashlib.sha256(tfl).hexdigest()}")
     print(f"MNIST 8x8 (UCI style) held-out accuracy of the pre-training classifier: {acc:.4f}")
     return 0
 

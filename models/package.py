@@ -110,12 +110,14 @@ def manifest_for(
 
 
 def build_package(
-    mode: str = "transfer", *, head_hidden: int = 32, seed: int = 0, alternates: Sequence[BackboneFile] = ()
+    mode: str = "transfer", *, head_hidden: int = 32, seed: int = 0,
+    alternates: Sequence[BackboneFile] | None = None,
 ) -> bytes:
     """One package blob for `mode` ("transfer" or "full"); deterministic for a given (mode, head_hidden, seed).
 
-    `alternates` adds the same backbone in other formats (transfer mode), e.g. a TFLite file written from
-    `models.backbone.pretrain(seed)`'s extractor, so LiteRT agents can load the same package.
+    `alternates` adds the same backbone in other formats (transfer mode). By default (None) that is the
+    shipped int8 TFLite twin (`models.backbone.load_tflite()`), so LiteRT agents load the same package;
+    pass `()` for an ONNX-only package.
     """
     if mode not in ("transfer", "full"):
         raise ConfigError(f"package mode {mode!r} is unknown; choose 'transfer' or 'full'")
@@ -124,6 +126,8 @@ def build_package(
     if alternates and mode != "transfer":
         raise ConfigError("backbone alternates only make sense in transfer mode; full mode has no backbone")
     backbone_bytes = backbone.load() if mode == "transfer" else None
+    if alternates is None:  # by default ship the TFLite twin so LiteRT agents run the same package
+        alternates = (BackboneFile("tflite", backbone.load_tflite()),) if mode == "transfer" else ()
     manifest = manifest_for(mode, head_hidden, backbone_bytes, alternates)
     members = {
         MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode(),

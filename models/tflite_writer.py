@@ -245,6 +245,13 @@ def _weights(w: np.ndarray, b: np.ndarray, in_q: Q | None, out_q: Q | None) -> d
     if in_q is None or out_q is None:
         return {"w": np.ascontiguousarray(w, np.float32), "b": np.ascontiguousarray(b, np.float32)}
     wq, ws = quantize_weight(w)
+    # a channel whose weights are (almost) all zero gets a tiny scale, and its bias would overflow int32:
+    # floor such scales so the bias fits (the channel's weights then round to zero, as they nearly are)
+    floor = np.abs(np.asarray(b, np.float64)) / (in_q[0] * 2.0**30)
+    if np.any(ws < floor):
+        ws = np.maximum(ws.astype(np.float64), floor).astype(np.float32)
+        flat = w.reshape(w.shape[0], -1).astype(np.float64)
+        wq = np.clip(np.round(flat / ws[:, None]), -127, 127).astype(np.int8).reshape(w.shape)
     bs = in_q[0] * ws.astype(np.float64)
     bq = np.round(np.asarray(b, np.float64) / bs)
     if np.abs(bq).max(initial=0) >= 2**31:

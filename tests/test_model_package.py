@@ -207,9 +207,22 @@ def test_backbone_io_names_checked(blobs: dict[str, bytes]) -> None:
         EdgeModel.from_bytes(with_manifest(blobs["transfer"], backbone=manifest["backbone"]))
 
 
-def test_wrong_runtime_for_backbone(blobs: dict[str, bytes]) -> None:
+def test_wrong_runtime_for_backbone() -> None:
+    onnx_only = build_package("transfer", alternates=())
     with pytest.raises(ModelError, match="runtime"):
-        EdgeModel.from_bytes(blobs["transfer"], runtime="litert")
+        EdgeModel.from_bytes(onnx_only, runtime="litert")
+
+
+def test_default_transfer_package_runs_on_both_runtimes_with_agreeing_features(blobs: dict[str, bytes]) -> None:
+    from coordinator.data import digits
+
+    x = digits().x[:300]
+    ort = EdgeModel.from_bytes(blobs["transfer"], runtime="onnxruntime").features(x)
+    lite = EdgeModel.from_bytes(blobs["transfer"], runtime="litert").features(x)
+    assert ort.shape == lite.shape == (300, 64)
+    # two int8 kernels of the same calibrated extractor: close, not identical
+    rel = np.abs(ort - lite).mean() / np.abs(ort).mean()
+    assert rel < 0.05, rel
 
 
 def _with_head(blob: bytes, tensors: dict[str, np.ndarray]) -> bytes:

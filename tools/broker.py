@@ -160,6 +160,11 @@ class EmbeddedBroker(Broker):
         from amqtt.broker import Broker as AmqttBroker
 
         asyncio.set_event_loop(self._loop)
+        # amqtt 0.12 can raise from its own session bookkeeping when many clients leave at once
+        # ("dictionary changed size during iteration"); the clients are gone either way, so keep it quiet
+        self._loop.set_exception_handler(
+            lambda loop, ctx: logging.getLogger(__name__).debug("embedded broker: %s", ctx.get("message"))
+        )
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}", "max_connections": 0}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
