@@ -1,0 +1,32 @@
+"""`fedfleet demo`, the main job, as a user runs it: defaults on the embedded broker, and LiteRT agents."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from coordinator.config import JobConfig
+from coordinator.job import run_demo
+
+DEMO_KEYS = {"final_accuracy", "rounds", "agents", "wall_s", "bytes_up", "bytes_down", "broker"}
+
+
+def test_default_demo_reaches_the_accuracy_target(tmp_path):
+    out = tmp_path / "demo.json"
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--json", str(out), "--run-dir",
+                        str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result) == DEMO_KEYS
+    assert result["rounds"] == 20 and result["agents"] == 10 and result["broker"] == "embedded"
+    assert result["final_accuracy"] >= 0.90, result
+    assert result["bytes_up"] > 20 * 10 * 2410 * 4  # every agent uploaded a float32 head delta every round
+    assert "round  20/20" in r.stdout
+    assert (tmp_path / "run" / "ledger.sqlite").exists() and (tmp_path / "run" / "checkpoints" / "latest.pt").exists()
+
+
+def test_demo_with_litert_agents(tmp_path):
+    result = run_demo(JobConfig(rounds=3, agents=4, runtime="litert"), run_dir=tmp_path, quiet=True)
+    assert result.rounds == 3 and result.summaries[-1].ok == 4
+    assert result.final_accuracy > 0.5
