@@ -52,6 +52,15 @@ AGGREGATORS: dict[str, dict[str, Any]] = {
 ATTACKS = ["none", "alie", "foe", "sign_flip", "label_flip"]
 
 
+def check_upload(agent: str, tensors: dict[str, np.ndarray], expect: list[tuple[str, tuple[int, ...]]]) -> None:
+    for name, shape in expect:
+        t = tensors.get(name)
+        if t is None or tuple(t.shape) != tuple(shape):
+            raise ProtocolError("shape", f"{agent} uploaded {name!r} with the wrong shape or not at all")
+        if not np.all(np.isfinite(t)):
+            raise ProtocolError("nonfinite", f"{agent} uploaded non-finite values in {name!r}")
+
+
 def inprocess_runner(
     strategy: Strategy,
     agents: dict[str, LocalData],
@@ -63,10 +72,12 @@ def inprocess_runner(
     """Drive a strategy and one learner object per agent without a broker, phase by phase.
 
     The learner an agent runs is `config["learner"]` (default: the strategy's name). Uploads are checked
-    against the TaskSpec's `expect` layout and for finiteness, as the engine does.
+    against the TaskSpec's `expect` layout and for finiteness, as the engine does; a refused upload
+    is left out of the round (the engine records it as rejected and goes on).
     """
     learners: dict[tuple[str, str], Learner] = {}
     names = list(agents)
+    rejected = [0]
     for r in range(rounds):
         for phase in range(strategy.phases):
             specs = strategy.configure(r, phase, names)
@@ -77,11 +88,13 @@ def inprocess_runner(
                 if learner is None:
                     learner = learners[(agent, method)] = create_learner(method)
                 task = Task(run="bench", round=r, method=method, config=spec.config, tensors=spec.tensors, phase=phase)
-                out = learner.learn(task, agents[agent], model)
-                for name, shape in spec.expect:
-                    t = out.tensors.get(name)
-                    if t is None or tuple(t.shape) != tuple(shape) or not np.all(np.isfinite(t)):
-                        raise ProtocolError("shape", f"{agent} uploaded a bad {name!r}")
+                with np.errstate(all="ignore"):  # a diverged model overflows; the check below refuses it
+                    out = learner.learn(task, agents[agent], model)
+                try:
+                    check_upload(agent, out.tensors, spec.expect)
+                except ProtocolError:
+                    rejected[0] += 1
+                    continue  # refused like the engine does: the round goes on without it
                 results.append(ClientResult(agent, out.tensors, out.samples, out.metrics))
             strategy.aggregate(r, phase, results)
         if on_round is not None:
