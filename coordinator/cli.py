@@ -34,6 +34,8 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-round", type=int, dest="per_round")
     p.add_argument("--alpha", type=float, help="Dirichlet label skew (0 = IID)")
     p.add_argument("--mode", choices=("transfer", "full"))
+    p.add_argument("--dataset", choices=("digits", "mnist"))
+    p.add_argument("--hidden", type=int, help="hidden width of the MLP")
     p.add_argument("--runtime", choices=("onnxruntime", "litert"))
     p.add_argument("--seed", type=int)
     p.add_argument("--deadline", type=float, dest="deadline_s", help="seconds per round phase")
@@ -49,7 +51,7 @@ def _job_config(args: argparse.Namespace):  # noqa: ANN202
 
     cfg = config.load(args.config) if args.config else config.JobConfig()
     overrides = {k: getattr(args, k) for k in ("method", "rounds", "agents", "per_round", "alpha", "mode",
-                                                 "runtime", "seed", "deadline_s", "quorum", "fleet")
+                                                 "dataset", "hidden", "runtime", "seed", "deadline_s", "quorum", "fleet")
                  if getattr(args, k, None) is not None}
     config.apply(cfg, overrides, "command line")
     if args.uplink:

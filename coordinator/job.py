@@ -46,7 +46,8 @@ class JobResult:
 
 def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
     """The demo's agent shards (Dirichlet(alpha) label skew, or IID when alpha = 0) and the test split."""
-    train, test = datasets.split(datasets.digits(), 0.2, seed=cfg.seed)
+    full = datasets.digits() if cfg.dataset == "digits" else datasets.mnist5k()
+    train, test = datasets.split(full, 0.2, seed=cfg.seed)
     if cfg.alpha > 0:
         parts = datasets.partition_dirichlet(train.y, cfg.agents, cfg.alpha, seed=cfg.seed)
     else:
@@ -96,16 +97,21 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
     from coordinator.model import CoordinatorModel
     from models.package import build_package
 
-    blob = build_package(cfg.mode, seed=cfg.seed)
+    hidden = cfg.hidden or (32 if cfg.dataset == "digits" else 128)
+    blob = build_package(cfg.mode, seed=cfg.seed, head_hidden=hidden, dataset=cfg.dataset)
     return blob, CoordinatorModel(blob)
 
 
 def small_model_threads() -> None:
-    """One intra-op thread for torch: the coordinator's tensors here are small, and on a busy 2-core board
-    torch's thread pool costs 30x more than it saves (60 ms against 1.7 ms to evaluate the digits head)."""
+    """One thread for torch and for numpy's BLAS in this process. The tensors here are small and many agents
+    share the process: on a busy 2-core machine, thread pools spin against each other and cost far more
+    than they save (evaluating the digits head: 60 ms with 2 torch threads, 1.7 ms with 1; a 16x784 by
+    784x128 numpy product: 43 ms with 2 OpenBLAS threads, 0.3 ms with 1)."""
+    import threadpoolctl
     import torch
 
     torch.set_num_threads(1)
+    threadpoolctl.threadpool_limits(1)
 
 
 def engine_config(cfg: JobConfig, run: str) -> EngineConfig:

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # numpy is not imported yet
+        os.environ.setdefault(var, str(max(1, args.threads)))
     from edge_agent.agent import Agent, AgentConfig, load_npz
 
     try:

@@ -80,18 +80,23 @@ def _entry(file: str, data: bytes, fmt: str, inp: str, out: str, precision: str)
     }
 
 
+DATASET_INPUTS = {"digits": [64], "mnist": [784]}
+
+
 def manifest_for(
-    mode: str, head_hidden: int, backbone_bytes: bytes | None, alternates: Sequence[BackboneFile] = ()
+    mode: str, head_hidden: int, backbone_bytes: bytes | None, alternates: Sequence[BackboneFile] = (),
+    dataset: str = "digits",
 ) -> dict[str, Any]:
-    feature_dim = backbone.FEATURE_DIM if mode == "transfer" else int(np.prod(INPUT_SHAPE))
+    input_shape = DATASET_INPUTS[dataset]
+    feature_dim = backbone.FEATURE_DIM if mode == "transfer" else int(np.prod(input_shape))
     sizes = [feature_dim, head_hidden, len(CLASSES)]
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "name": f"digits-{mode}",
+        "name": f"{dataset}-{mode}",
         "mode": mode,
-        "dataset": "digits",
-        "input_shape": INPUT_SHAPE,
+        "dataset": dataset,
+        "input_shape": input_shape,
         "feature_dim": feature_dim,
         "head_sizes": sizes,
         "head_layout": [[name, list(shape)] for name, shape in mlp.layout(sizes)],
@@ -111,14 +116,19 @@ def manifest_for(
 
 def build_package(
     mode: str = "transfer", *, head_hidden: int = 32, seed: int = 0,
-    alternates: Sequence[BackboneFile] | None = None,
+    alternates: Sequence[BackboneFile] | None = None, dataset: str = "digits",
 ) -> bytes:
     """One package blob for `mode` ("transfer" or "full"); deterministic for a given (mode, head_hidden, seed).
 
     `alternates` adds the same backbone in other formats (transfer mode). By default (None) that is the
     shipped int8 TFLite twin (`models.backbone.load_tflite()`), so LiteRT agents load the same package;
-    pass `()` for an ONNX-only package.
+    pass `()` for an ONNX-only package. `dataset="mnist"` (full mode only) makes a 784-`head_hidden`-10
+    MLP on raw 28x28 MNIST pixels, the FedZip benchmark's model.
     """
+    if dataset not in DATASET_INPUTS:
+        raise ConfigError(f"dataset {dataset!r} is unknown; choose one of {sorted(DATASET_INPUTS)}")
+    if dataset != "digits" and mode != "full":
+        raise ConfigError(f"the transfer backbone is for digits; use mode 'full' with dataset {dataset!r}")
     if mode not in ("transfer", "full"):
         raise ConfigError(f"package mode {mode!r} is unknown; choose 'transfer' or 'full'")
     if head_hidden < 1:
@@ -128,7 +138,7 @@ def build_package(
     backbone_bytes = backbone.load() if mode == "transfer" else None
     if alternates is None:  # by default ship the TFLite twin so LiteRT agents run the same package
         alternates = (BackboneFile("tflite", backbone.load_tflite()),) if mode == "transfer" else ()
-    manifest = manifest_for(mode, head_hidden, backbone_bytes, alternates)
+    manifest = manifest_for(mode, head_hidden, backbone_bytes, alternates, dataset)
     members = {
         MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode(),
         HEAD_INIT: _npz(mlp.init(manifest["head_sizes"], seed)),
