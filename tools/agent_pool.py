@@ -3,7 +3,8 @@
 `AgentPool(url, fleet, secret, shards, processes=2).start()` spreads the agents over processes so they learn
 in parallel instead of sharing one interpreter lock; `stop()` ends them.
 
-Options for emulation and large fleets: `share_model=True` loads each model package once per process (the
+Options for emulation and large fleets: `blas_threads=1` gives each worker a one-thread BLAS (hundreds of
+agent threads calling a multi-threaded BLAS at once spend their time contending); `share_model=True` loads each model package once per process (the
 agents share it); `factory="module:function"` builds each agent instead of `Agent(...)`, called as
 `factory(config, data, per_agent[agent_id], model_cache)`; agents that have a `stats()` method report it
 back through `stop()`, which returns `{agent_id: stats}`.
@@ -12,12 +13,15 @@ back through `stop()`, which returns `{agent_id: stats}`.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from typing import Any
 
 import numpy as np
 
 from edge_agent.learners import LocalData
+
+_BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _resolve(factory: str) -> Any:
@@ -67,12 +71,14 @@ def _serve(url: str, fleet: str, secret: bytes, members: list[tuple[str, np.ndar
 class AgentPool:
     def __init__(self, url: str, fleet: str, secret: bytes, members: dict[str, LocalData], *, processes: int = 2,
                  share_model: bool = False, factory: str | None = None,
-                 per_agent: dict[str, dict[str, Any]] | None = None, **options: Any) -> None:
+                 per_agent: dict[str, dict[str, Any]] | None = None, blas_threads: int | None = None,
+                 **options: Any) -> None:
         self.url, self.fleet, self.secret = url, fleet, secret
         self.members = members
         self.processes = max(1, min(processes, len(members)))
         self.options = options
         self.extra = {"share_model": share_model, "factory": factory, "per_agent": per_agent or {}}
+        self.blas_threads = blas_threads
         ctx = mp.get_context("spawn")
         self._stop = ctx.Event()
         self._results = ctx.Queue()
@@ -82,6 +88,24 @@ class AgentPool:
 
     def start(self, timeout_s: float = 120.0) -> None:
         items = [(a, d.x, d.y) for a, d in self.members.items()]
+        saved = {k: os.environ.get(k) for k in _BLAS_VARS}
+        if self.blas_threads is not None:  # the workers' BLAS pools: set before they import numpy
+            os.environ.update({k: str(self.blas_threads) for k in _BLAS_VARS})
+        try:
+            self._spawn(items)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        deadline = time.monotonic() + timeout_s
+        for ready in self._ready:
+            if not ready.wait(max(0.1, deadline - time.monotonic())):
+                self.stop()
+                raise TimeoutError("agent processes did not connect in time")
+
+    def _spawn(self, items: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
         for i in range(self.processes):
             ready = self._ctx.Event()
             mine = items[i :: self.processes]
@@ -92,11 +116,6 @@ class AgentPool:
             p.start()
             self._procs.append(p)
             self._ready.append(ready)
-        deadline = time.monotonic() + timeout_s
-        for ready in self._ready:
-            if not ready.wait(max(0.1, deadline - time.monotonic())):
-                self.stop()
-                raise TimeoutError("agent processes did not connect in time")
 
     @property
     def pids(self) -> list[int]:
