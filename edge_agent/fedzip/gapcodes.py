@@ -2,7 +2,8 @@
 
 Both are vectorised: encoding is one `pack_fields`, decoding walks the code starts by pointer doubling.
 
-E4 buckets, with a Rice-like parameter b fitted per tensor: a value v >= 0 has u = v >> b. If u < 16 the
+E4 buckets, with a Rice-like parameter b fitted per tensor (the b in 0..Rice optimum + 2 that gives the
+smallest stream): a value v >= 0 has u = v >> b. If u < 16 the
 bucket is u and the b low bits of v follow raw; otherwise the bucket is 16 + bitlength(u) - 5 and the
 bitlength(u) - 1 + b bits below the leading one follow raw. On geometric gaps (uniformly placed positions)
 the bucket distribution is close to unary and the raw bits are close to uniform, so the cost is within a
