@@ -1,0 +1,187 @@
+"""The fleet emulator: the small example fleet over a real Mosquitto, fleet-file validation, shards,
+link and compute shaping, expectations and the progress view."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from coordinator.progress import Progress
+from coordinator.server import RoundSummary
+from edge_agent.errors import ConfigError
+from firmware_profiles.schema import load_profile
+from tools import emulate
+from tools.fleet_config import load, parse
+from tools.shaping import MSS, ShapedMeter, Shaper
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ROOT / "examples" / "small-fleet.toml"
+
+
+def test_small_fleet_end_to_end(mosquitto, tmp_path):
+    fleet = load(SMALL)
+    s = emulate.run(fleet, broker=mosquitto.url, run_dir=tmp_path, quiet=True)
+    assert s["rounds"] == fleet.job.rounds
+    assert s["final_accuracy"] > 0.6
+    assert s["bytes_up"] > 0 and s["joules"] > 0
+    for name in ("ledger.sqlite", "summary.json", "calibration.json"):
+        assert (tmp_path / name).is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["final_accuracy"] == s["final_accuracy"]
+    assert Path(s["report"]).is_file()
+    per_agent, stats, groups = s["per_agent"], s["agent_stats"], s["per_group"]
+    assert set(stats) == set(fleet.roster())
+    for agent in fleet.roster():
+        assert per_agent[agent]["bytes_down"] > 0
+    for agent in [a for g in fleet.groups if g.name in ("pi4", "bad") for a in g.ids()]:
+        assert per_agent[agent]["bytes_up"] > 0 and per_agent[agent]["joules"] > 0
+        assert stats[agent]["compute_s"] > 0 and stats[agent]["compute_j"] > 0
+    # dropouts: taken, never answered, recorded as late by the coordinator
+    zero = groups["zero"]
+    assert zero["dropouts"] > 0
+    assert zero["outcomes"].get("late", 0) == zero["dropouts"]
+    # the NaN group is refused every round and the model survives it
+    bad = groups["bad"]
+    assert bad["outcomes"].get("rejected:nonfinite", 0) == bad["count"] * fleet.job.rounds
+    assert s["outcomes"].get("ok", 0) > 0
+    # the flaky group dropped its connection once and came back
+    assert groups["flaky"]["offline_events"] == groups["flaky"]["count"]
+    # a slower board needs more device time for the same work
+    assert s["calibration"]["host_speed"] > 0
+
+
+def _fleet(**group_overrides):
+    group = {"name": "g", "profile": "rpi4b", "count": 2, **group_overrides}
+    return {"job": {"rounds": 1}, "group": [group]}
+
+
+@pytest.mark.parametrize("data, field", [
+    (_fleet(count=0), "group[0].count"),
+    (_fleet(profile="no-such-board"), "group[0].profile"),
+    (_fleet(partition="dirichlet"), "group[0].alpha"),
+    (_fleet(byzantine="sign_flip"), "group[0].byzantine"),
+    (_fleet(byzantine="meteor"), "group[0].byzantine"),
+    (_fleet(dropout=1.5), "group[0].dropout"),
+    (_fleet(offline=[[5, 2]]), "group[0].offline[0]"),
+    (_fleet(colour="red"), "group[0].colour"),
+    ({"job": {"agents": 3}, "group": [{"name": "g", "profile": "rpi4b", "count": 1}]}, "job.agents"),
+    ({"job": {"rounds": 0}, "group": [{"name": "g", "profile": "rpi4b", "count": 1}]}, "rounds"),
+    ({"job": {}}, "group"),
+])
+def test_fleet_file_errors_name_the_field(data, field):
+    with pytest.raises(ConfigError) as err:
+        parse(data, "fleet.toml")
+    assert "fleet.toml" in str(err.value) and f"'{field}'" in str(err.value)
+
+
+def test_fleet_file_not_found_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="no such fleet file"):
+        load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[job\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(bad)
+
+
+def test_examples_parse_and_attacks_reach_the_strategy():
+    fleet = load(ROOT / "examples" / "fleet.toml")
+    assert {g.profile for g in fleet.groups} >= {"rpi4b", "rpizero2w", "jetson-orin-nano"}
+    assert fleet.job.agents == len(fleet.roster()) == len(set(fleet.roster()))
+    evil = next(g for g in fleet.groups if g.byzantine == "sign_flip")
+    assert fleet.job.method_config["byzantine"] == {a: "sign_flip" for a in evil.ids()}
+    assert any(g.dropout > 0 for g in fleet.groups)
+
+
+def test_shards_partition_the_roster():
+    roster = [f"a{i}" for i in range(10)]
+    shards = [emulate.Shard.parse(f"{i}/3").take(roster) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(roster)
+    assert all(not set(a) & set(b) for i, a in enumerate(shards) for b in shards[i + 1:])
+    assert shards[1] == ["a1", "a4", "a7"]
+    for bad in ("3/3", "1", "a/b", "0/0"):
+        with pytest.raises(ConfigError, match="--shard"):
+            emulate.Shard.parse(bad)
+
+
+def test_partition_gives_every_agent_data():
+    import numpy as np
+
+    fleet = load(SMALL)
+    y = np.random.default_rng(0).integers(0, 10, 1400)
+    parts = emulate.partition(fleet, y)
+    assert set(parts) == set(fleet.roster())
+    allidx = np.concatenate(list(parts.values()))
+    assert len(allidx) == len(set(allidx.tolist())) <= 1400
+    assert min(len(p) for p in parts.values()) > 0
+
+
+def test_link_shaping_time_and_retransmissions():
+    prof = load_profile("rpizero2w")
+    lossless = Shaper(prof.__class__(**{**prof.__dict__, "loss": 0.0}), host_speed=4.0)
+    t = lossless.transfer(1_000_000, up=True)
+    assert t.retransmitted_bytes == 0
+    assert t.seconds == pytest.approx(8e6 / (prof.uplink_mbps * 1e6) + prof.rtt_ms / 1e3)
+    lossy = Shaper(prof.__class__(**{**prof.__dict__, "loss": 0.1}), host_speed=4.0, seed=1)
+    draws = [lossy.transfer(1_000_000, up=True) for _ in range(50)]
+    segments = -(-1_000_000 // MSS)
+    mean_lost = sum(d.retransmitted_bytes for d in draws) / len(draws) / MSS
+    assert mean_lost == pytest.approx(segments * 0.1 / 0.9, rel=0.1)
+    assert all(d.seconds > t.seconds for d in draws)
+    # compute: host CPU seconds x host speed / device speed
+    assert lossless.compute_seconds(0.01) == pytest.approx(0.01 * 4.0 / prof.speed)
+
+
+def test_shaped_meter_books_device_time_and_retransmitted_bytes():
+    prof = load_profile("rpi4b")
+    slept: list[float] = []
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    meter = ShapedMeter(Shaper(prof, host_speed=2.0, seed=0), sleep=sleep, clock=lambda: now[0])
+    with meter.measure("compute"):
+        sum(i * i for i in range(200_000))  # some real CPU time on this thread
+    device = meter.stats["compute_s"]
+    assert device > 0 and slept and slept[0] == pytest.approx(device)
+    split = meter.take()
+    assert split.compute_j == pytest.approx(device * prof.cpu_active_w, rel=1e-6)
+    with meter.measure("radio", bytes_up=100_000):
+        pass
+    radio = meter.take()
+    up = meter.stats["bytes_up"] + meter.stats["retransmitted_bytes"]
+    assert radio.radio_j == pytest.approx(meter.stats["upload_s"] * prof.idle_w + up / 1e6 * prof.radio_tx_j_per_mb)
+
+
+def test_expectations():
+    s = {"final_accuracy": 0.7, "bytes_up": 2_000_000, "joules": 50.0}
+    assert emulate.check_expectations(s, accuracy=0.6, max_mb_up=3, max_joules=60) == []
+    missed = emulate.check_expectations(s, accuracy=0.8, max_mb_up=1, max_joules=10)
+    assert len(missed) == 3 and "accuracy" in missed[0]
+
+
+def test_progress_plain_lines_when_not_a_terminal():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    p = Progress(2, online=lambda: (7, 9), joules=lambda: 12.5, console=console)
+    with p:
+        for r in (1, 2):
+            p(RoundSummary(r, 0.5 + r / 10, 1.0, 0.2, 9, 7, 1, 1, 1000, 2000, 0.1))
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 2
+    assert "round   2/2" in lines[1] and "online 7/9" in lines[1] and "energy 12.5 J" in lines[1]
+    assert p.bytes_up == 2000
+
+
+def test_progress_live_panel_renders():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120)
+    p = Progress(3, online=lambda: (4, 5), joules=lambda: 1.0, console=console)
+    with p:
+        p(RoundSummary(1, 0.9, 0.3, 0.2, 5, 4, 0, 1, 10, 20, 0.1))
+    text = out.getvalue()
+    assert "agents online" in text and "4/5" in text
