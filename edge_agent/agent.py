@@ -47,9 +47,11 @@ class Agent:
     """One edge agent. `start()` connects and returns; `stop()` leaves (gracefully, or like a crash)."""
 
     def __init__(self, config: AgentConfig, data: LocalData, *, meter: Any = None,
-                 model_cache: dict[str, Any] | None = None) -> None:
+                 model_cache: dict[str, Any] | None = None, learn_lock: Any = None) -> None:
         """`model_cache`: a dict shared by the agents of one process, so a package digest is loaded once
-        there (ONNX Runtime sessions are thread-safe); each agent still keeps its own feature cache."""
+        there (ONNX Runtime sessions are thread-safe); each agent still keeps its own feature cache.
+        `learn_lock`: a lock shared by the agents of one process, held while a learner runs, so hundreds of
+        agent threads take turns instead of trading the interpreter lock every few milliseconds."""
         if not protocol.valid_id(config.agent_id) or not protocol.valid_id(config.fleet):
             raise ValueError(f"agent id {config.agent_id!r} and fleet {config.fleet!r} must be 1-64 of [A-Za-z0-9-_.]")
         self.cfg = config
@@ -59,6 +61,7 @@ class Agent:
         self.model_digest: str | None = None
         self.model_error: str | None = None
         self.model_cache = model_cache
+        self.learn_lock = learn_lock
         self.learners: dict[str, Any] = {}
         self.feedback: dict[str, Any] = {}  # uplink error-feedback state per method
         self.rounds_done = 0
@@ -236,11 +239,13 @@ class Agent:
         if learner is None:
             learner = self.learners[name] = create(name)
         t0 = time.perf_counter()
+        lock = self.learn_lock if self.learn_lock is not None else _null()
         if self.meter is not None:
-            with self.meter.measure("compute"):
+            with self.meter.measure("compute"), lock:
                 result = learner.learn(task, self.data, self.model)
         else:
-            result = learner.learn(task, self.data, self.model)
+            with lock:
+                result = learner.learn(task, self.data, self.model)
         learn_s = time.perf_counter() - t0
         self._upload(header, task, result, learn_s)
         self.rounds_done += 1

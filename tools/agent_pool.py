@@ -6,7 +6,8 @@ in parallel instead of sharing one interpreter lock; `stop()` ends them.
 Options for emulation and large fleets: `blas_threads=1` gives each worker a one-thread BLAS (hundreds of
 agent threads calling a multi-threaded BLAS at once spend their time contending); `share_model=True` loads each model package once per process (the
 agents share it); `factory="module:function"` builds each agent instead of `Agent(...)`, called as
-`factory(config, data, per_agent[agent_id], model_cache)`; agents that have a `stats()` method report it
+`factory(config, data, per_agent[agent_id], model_cache[, learn_lock=...])`; `serialize_learning=True`
+gives the agents of a process one learn lock (they take turns learning instead of convoying on the GIL); agents that have a `stats()` method report it
 back through `stop()`, which returns `{agent_id: stats}`.
 """
 
@@ -35,6 +36,7 @@ def _serve(url: str, fleet: str, secret: bytes, members: list[tuple[str, np.ndar
            options: dict[str, Any], ready: Any, stop: Any, extra: dict[str, Any] | None = None,
            results: Any = None) -> None:
     import logging
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from edge_agent import protocol
@@ -44,14 +46,15 @@ def _serve(url: str, fleet: str, secret: bytes, members: list[tuple[str, np.ndar
     extra = extra or {}
     factory = _resolve(extra["factory"]) if extra.get("factory") else None
     cache: dict[str, Any] | None = {} if extra.get("share_model") else None
+    lock = {"learn_lock": threading.Lock()} if extra.get("serialize_learning") else {}
     per_agent = extra.get("per_agent") or {}
     agents = []
     for agent_id, x, y in members:
         config = AgentConfig(url, fleet, agent_id, protocol.derive_key(secret, agent_id), **options)
         if factory is not None:
-            a = factory(config, LocalData(x, y), per_agent.get(agent_id, {}), cache)
-        elif cache is not None:
-            a = Agent(config, LocalData(x, y), model_cache=cache)
+            a = factory(config, LocalData(x, y), per_agent.get(agent_id, {}), cache, **lock)
+        elif cache is not None or lock:
+            a = Agent(config, LocalData(x, y), model_cache=cache, **lock)
         else:
             a = Agent(config, LocalData(x, y))
         a.start(wait_s=60)
@@ -72,12 +75,13 @@ class AgentPool:
     def __init__(self, url: str, fleet: str, secret: bytes, members: dict[str, LocalData], *, processes: int = 2,
                  share_model: bool = False, factory: str | None = None,
                  per_agent: dict[str, dict[str, Any]] | None = None, blas_threads: int | None = None,
-                 **options: Any) -> None:
+                 serialize_learning: bool = False, **options: Any) -> None:
         self.url, self.fleet, self.secret = url, fleet, secret
         self.members = members
         self.processes = max(1, min(processes, len(members)))
         self.options = options
-        self.extra = {"share_model": share_model, "factory": factory, "per_agent": per_agent or {}}
+        self.extra = {"share_model": share_model, "factory": factory, "per_agent": per_agent or {},
+                      "serialize_learning": serialize_learning}
         self.blas_threads = blas_threads
         ctx = mp.get_context("spawn")
         self._stop = ctx.Event()

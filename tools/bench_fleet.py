@@ -93,7 +93,7 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
                             evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg)
         coord.start()
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes, share_model=True,
-                         blas_threads=1)
+                         blas_threads=1, serialize_learning=True)
         try:
             pool.start(timeout_s=connect_timeout_s)
             out["start_s"] = time.perf_counter() - t_start

@@ -193,7 +193,8 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
         try:
             if mine:
                 pool = AgentPool(b.url, job.fleet, secret, members, processes=fleet.processes, share_model=True,
-                                 factory=FACTORY, per_agent=opts, blas_threads=1, runtime=job.runtime)
+                                 factory=FACTORY, per_agent=opts, blas_threads=1,
+                                 serialize_learning=True, runtime=job.runtime)
                 pool.start(timeout_s=fleet.connect_timeout_s)
             console.print(f"broker {b.kind} at {b.url}; fleet {job.fleet}: {len(roster)} agents in "
                           f"{len(fleet.groups)} groups, {len(mine)} here (shard {shard.index}/{shard.count}); "

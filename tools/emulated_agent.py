@@ -36,9 +36,9 @@ class EmulatedAgent(Agent):
     def __init__(self, config: AgentConfig, data: LocalData, *, shaper: Shaper, dropout: float = 0.0,
                  behaviour: str | None = None, noise_scale: float = 100.0,
                  offline: list[tuple[float, float]] | None = None, seed: int = 0,
-                 model_cache: dict[str, Any] | None = None) -> None:
+                 model_cache: dict[str, Any] | None = None, learn_lock: Any = None) -> None:
         self.shaped = ShapedMeter(shaper)
-        super().__init__(config, data, meter=self.shaped, model_cache=model_cache)
+        super().__init__(config, data, meter=self.shaped, model_cache=model_cache, learn_lock=learn_lock)
         if behaviour is not None and behaviour not in BEHAVIOURS:
             raise ValueError(f"behaviour must be one of {BEHAVIOURS} or None, got {behaviour!r}")
         self.dropout = float(dropout)
@@ -137,7 +137,7 @@ class EmulatedAgent(Agent):
 
 
 def make_agent(config: AgentConfig, data: LocalData, opts: dict[str, Any],
-               model_cache: dict[str, Any] | None) -> EmulatedAgent:
+               model_cache: dict[str, Any] | None, learn_lock: Any = None) -> EmulatedAgent:
     """`tools.agent_pool` factory: `opts` holds profile, host_speed, int8, seed, dropout, behaviour,
     noise_scale and offline windows for this agent."""
     profile = _profile(opts["profile"])
@@ -147,5 +147,5 @@ def make_agent(config: AgentConfig, data: LocalData, opts: dict[str, Any],
         config, data, shaper=shaper, dropout=float(opts.get("dropout", 0.0)), behaviour=opts.get("behaviour"),
         noise_scale=float(opts.get("noise_scale", 100.0)),
         offline=[(float(a), float(b)) for a, b in opts.get("offline", [])], seed=int(opts["seed"]),
-        model_cache=model_cache,
+        model_cache=model_cache, learn_lock=learn_lock,
     )
