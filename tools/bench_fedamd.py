@@ -169,15 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.1, help="local learning rate for both methods")
     ap.add_argument("--no-sweep", action="store_true", help="skip the per-method learning-rate sweep")
     ap.add_argument("--json", type=str, default=None, help="also write the JSON result to this path")
+    ap.add_argument("--broker", default="mosquitto", help="broker for the runs: mosquitto (default), embedded, URL")
+    ap.add_argument("--in-process", action="store_true", help="skip MQTT: drive learners directly (fast check)")
     args = ap.parse_args(argv)
+    from tools.mqtt_runner import make_mqtt_runner
+
+    runner = inprocess_runner if args.in_process else make_mqtt_runner(args.broker)
     rounds = args.rounds or (6 if args.quick else 200)
     seeds = args.seeds or (1 if args.quick else 3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = experiment(rounds=rounds, seeds=seeds, lr=args.lr)
+        out = experiment(rounds=rounds, seeds=seeds, lr=args.lr, runner=runner)
         if not (args.quick or args.no_sweep):
-            out["tuned_lr_comparison"] = tuned(rounds, seeds, [0.05, 0.1, 0.2, 0.5, 1.0])
+            out["tuned_lr_comparison"] = tuned(rounds, seeds, [0.05, 0.1, 0.2, 0.5, 1.0], runner=runner)
+        out["transport"] = "in-process" if args.in_process else f"mqtt ({args.broker})"
     finally:
         torch.set_num_threads(threads)
     text = json.dumps(out, indent=2)

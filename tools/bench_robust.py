@@ -199,16 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default 300, quick 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=str, default=None, help="also write the JSON result to this path")
+    ap.add_argument("--broker", default="mosquitto", help="broker for the runs: mosquitto (default), embedded, URL")
+    ap.add_argument("--in-process", action="store_true", help="skip MQTT: drive learners directly (fast check)")
     args = ap.parse_args(argv)
+    from tools.mqtt_runner import make_mqtt_runner
+
+    runner = inprocess_runner if args.in_process else make_mqtt_runner(args.broker)
     if args.quick:
         steps = args.steps or 5
-        res = run_matrix(steps=steps, seed=args.seed, aggregators=["monna", "mean"], attacks=["none", "alie"])
+        res = run_matrix(steps=steps, seed=args.seed, aggregators=["monna", "mean"], attacks=["none", "alie"],
+                         runner=runner)
         nna_s = nna_seconds(n=20, d=10_000, f=2)
     else:
         steps = args.steps or 300
-        res = run_matrix(steps=steps, seed=args.seed)
+        res = run_matrix(steps=steps, seed=args.seed, runner=runner)
         nna_s = nna_seconds()
-    out = {"n": 13, "f": 3, **res, "nna_s_n100_d1m": round(nna_s, 4)}
+    out = {"n": 13, "f": 3, **res, "nna_s_n100_d1m": round(nna_s, 4),
+           "transport": "in-process" if args.in_process else f"mqtt ({args.broker})"}
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
