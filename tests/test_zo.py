@@ -238,3 +238,27 @@ def test_bench_quick(tmp_path) -> None:
         assert key in q
     assert {"fedzo_f1", "fzoos_f1", "queries"} <= set(data["digits_f1"])
     assert (tmp_path / "zo.png").stat().st_size > 0
+
+
+def test_macro_f1_objective_on_an_edge_model_package() -> None:
+    from coordinator.data import digits
+    from edge_agent.model import EdgeModel
+    from edge_agent.zo import problem
+    from models.package import build_package
+
+    model = EdgeModel.from_bytes(build_package("full", seed=0))
+    ds = digits()
+    data = LocalData(ds.x[:200], ds.y[:200])
+    head = {k: np.asarray(v, np.float32) for k, v in model.head_init.items()}
+    cfg = {"objective": "macro_f1", "zo_tensors": ["fc1.weight", "fc1.bias"], "zo_path": "numpy"}
+    prob = problem.build(cfg, head, data, model)
+    assert prob.view.d == 10 * 32 + 10
+    expected = 1.0 - macro_f1(data.y, model.logits(head, data.x).argmax(1))
+    assert prob.objective(prob.x0) == pytest.approx(expected)
+    task = Task("t", 1, "fedzo", {**cfg, "local_steps": 2, "directions": 3, "mu": 1.0, "lr": 0.1, "seed": 0}, head)
+    res = create_learner("fedzo").learn(task, data, model)
+    assert res.metrics["queries"] == 2 * (1 + 3)
+    assert sorted(res.tensors) == ["fc1.bias", "fc1.weight"] and res.tensors["fc1.weight"].shape == (10, 32)
+    task = Task("t", 1, "fzoos", {**cfg, **SMALL, "explore_radius": 0.05, "init_radius": 0.05}, head)
+    res = create_learner("fzoos").learn(task, data, model)
+    assert res.metrics["queries"] == 10 + 1 + 3 + 5 * 2

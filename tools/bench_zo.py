@@ -153,17 +153,27 @@ def bench_quadratic(*, d: int, agents: int, div: float, rounds: int, seed: int,
     target = fz.score[-1]
     q_fedzo = queries_to_reach(fz, target)
     q_fzoos = queries_to_reach(fo, target)
-    gp_cos = [m["gp_cosine"] for per in fo.metrics for k, m in per.items() if "gp_cosine" in m]
-    rff_cos = [m["rff_cosine"] for per in fo.metrics for k, m in per.items() if "rff_cosine" in m]
+    gp_cos = [m["gp_cosine"] for per in fo.metrics for m in per.values() if "gp_cosine" in m]
+    rff_cos = [m["rff_cosine"] for per in fo.metrics for m in per.values() if "rff_cosine" in m]
     glob = [c for c in fo.extra if np.isfinite(c)]
+    # the same FZooS with the reference code's step rule (Adam, lr 0.01): small steps keep the iterate among
+    # its own queries, which is where the GP gradient is most accurate
+    t0 = time.perf_counter()
+    adam = quadratic_run("fzoos", d=d, agents=agents, div=div, rounds=min(rounds, 3), seed=seed,
+                         overrides={**(fzoos_overrides or {}), "optimizer": "adam", "lr": 0.01})
+    times["fzoos_adam"] = time.perf_counter() - t0
+    adam_cos = [m["gp_cosine"] for per in adam.metrics for m in per.values() if "gp_cosine" in m]
     out = {
         "d": d, "agents": agents, "div": div, "rounds": rounds,
         "queries_fedzo": fz.queries[-1], "queries_fzoos": fo.queries[-1],
         "gap_fedzo": fz.score[-1], "gap_fzoos": fo.score[-1],
         "query_ratio": (q_fedzo / q_fzoos) if q_fedzo and q_fzoos else None,
         "queries_to_fedzo_final_gap": {"fedzo": q_fedzo, "fzoos": q_fzoos},
+        "queries_to_gap": {f"{g:g}": {m: queries_to_reach(t, g) for m, t in traces.items()}
+                           for g in (1e-1, 1e-2, 1e-3, 1e-4)},
         "surrogate_cosine": float(np.mean(gp_cos)) if gp_cos else None,
         "surrogate_cosine_min": float(np.min(gp_cos)) if gp_cos else None,
+        "surrogate_cosine_adam_lr0.01": float(np.mean(adam_cos)) if adam_cos else None,
         "rff_local_cosine": float(np.mean(rff_cos)) if rff_cos else None,
         "rff_global_cosine": float(np.mean(glob)) if glob else None,
         "curves": {m: {"queries": t.queries, "gap": t.score} for m, t in traces.items()},
