@@ -118,6 +118,8 @@ def _write_ids(w: Writer, ids: np.ndarray, counts: list[int]) -> None:
     best: tuple[int, int, list[int], np.ndarray] | None = None
     top = _max_block(kp)
     for block in range(top, max(0, top - 3), -1):
+        if block > 1 and kp**block > 4 * ids.size:  # alphabets far larger than the data only cost time
+            continue
         lengths = huffman.code_lengths(_block_weights(freq, block), max_len=None)
         if max(lengths) > huffman.MAX_LEN:
             continue

@@ -88,12 +88,16 @@ def choose_b(v: np.ndarray) -> int:
     """The bucket parameter b that minimises the total size, from 0 up to just past the Rice optimum."""
     mean = float(v.mean()) + 1.0 if v.size else 1.0
     b0 = max(0, round(math.log2(max(mean * math.log(2), 1.0))))
+    e = bitlength(v)  # bitlength(v >> b) = max(e - b, 0), so one pass serves every candidate
     best, best_b = None, 0
     for b in range(0, min(MAX_VALUE_BITS - 2, b0 + 2) + 1):  # small b wins on clustered positions
-        sym, _, width = bucket_split(v, b)
+        eu = np.maximum(e - b, 0)
+        linear = eu <= 4  # u = v >> b < 16
+        sym = np.where(linear, v >> b, LINEAR + eu - 5)
+        raw_bits = b * int(linear.sum()) + int((e - 1)[~linear].sum())
         counts = np.bincount(sym)
         lengths = huffman.code_lengths(counts.tolist())
-        cost = int(np.dot(lengths, counts)) + int(width.sum()) + _table_bits(counts.size)
+        cost = int(np.dot(lengths, counts)) + raw_bits + _table_bits(counts.size)
         if best is None or cost < best:
             best, best_b = cost, b
     return best_b
