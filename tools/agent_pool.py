@@ -4,7 +4,8 @@
 in parallel instead of sharing one interpreter lock; `stop()` ends them.
 
 Options for emulation and large fleets: `blas_threads=1` gives each worker a one-thread BLAS (hundreds of
-agent threads calling a multi-threaded BLAS at once spend their time contending); `share_model=True` loads each model package once per process (the
+agent threads calling a multi-threaded BLAS at once spend their time contending); `share_model=True` loads
+each model package once per process (the
 agents share it); `factory="module:function"` builds each agent instead of `Agent(...)`, called as
 `factory(config, data, per_agent[agent_id], model_cache[, learn_lock=...])`; `serialize_learning=True`
 gives the agents of a process one learn lock (they take turns learning instead of convoying on the GIL); agents that have a `stats()` method report it
