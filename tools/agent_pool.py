@@ -3,13 +3,15 @@
 `AgentPool(url, fleet, secret, shards, processes=2).start()` spreads the agents over processes so they learn
 in parallel instead of sharing one interpreter lock; `stop()` ends them.
 
-Options for emulation and large fleets: `blas_threads=1` gives each worker a one-thread BLAS (hundreds of
-agent threads calling a multi-threaded BLAS at once spend their time contending); `share_model=True` loads
-each model package once per process (the
-agents share it); `factory="module:function"` builds each agent instead of `Agent(...)`, called as
-`factory(config, data, per_agent[agent_id], model_cache[, learn_lock=...])`; `serialize_learning=True`
-gives the agents of a process one learn lock (they take turns learning instead of convoying on the GIL); agents that have a `stats()` method report it
-back through `stop()`, which returns `{agent_id: stats}`.
+Options for emulation and large fleets:
+- `blas_threads=1`: each worker gets a one-thread BLAS (hundreds of agent threads calling a multi-threaded
+  BLAS at once spend their time contending);
+- `share_model=True`: each model package is loaded once per process and the agents share it;
+- `serialize_learning=True`: the agents of a process share one learn lock (they take turns learning instead
+  of convoying on the interpreter lock);
+- `factory="module:function"` builds each agent instead of `Agent(...)`, called as
+  `factory(config, data, per_agent[agent_id], model_cache[, learn_lock=...])`; agents that have a
+  `stats()` method report it back through `stop()`, which returns `{agent_id: stats}`.
 """
 
 from __future__ import annotations
