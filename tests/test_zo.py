@@ -262,3 +262,16 @@ def test_macro_f1_objective_on_an_edge_model_package() -> None:
     task = Task("t", 1, "fzoos", {**cfg, **SMALL, "explore_radius": 0.05, "init_radius": 0.05}, head)
     res = create_learner("fzoos").learn(task, data, model)
     assert res.metrics["queries"] == 10 + 1 + 3 + 5 * 2
+
+
+def test_lengthscale_fit_finds_the_likelihood_maximum_with_two_restarts() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (60, 6))
+    y = np.sin(2 * x).sum(1)
+    ys, _, _ = gp.scale_targets(y)
+    d2 = gp.sqdist(x, x)
+    grid = np.exp(np.linspace(np.log(1e-3), np.log(1e3), 400))
+    best = max(gp._profile_lml(d2, ys, "matern52", float(v), 1e-6) for v in grid)
+    for seed in range(6):
+        ls = gp.fit_lengthscale(x, y, restarts=2, rng=np.random.default_rng(seed))
+        assert gp._profile_lml(d2, ys, "matern52", ls, 1e-6) >= best - 1e-3

@@ -184,8 +184,10 @@ def bench_quadratic(*, d: int, agents: int, div: float, rounds: int, seed: int,
 
 # ---- digits, macro-F1 through the int8 runtime ------------------------------------------------------
 
-DIGITS_FEDZO = {"lr": 0.05, "mu": 0.05, "directions": 20, "local_steps": 10}
-DIGITS_FZOOS = {"lr": 0.05, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2, "explore_radius": 0.05,
+# step sizes from small sweeps at a 5,000-query budget (FedZO: mu in {0.3, 1, 3} x lr in {0.01, 0.03, 0.1, 0.3};
+# FZooS: (lr, radius) in {(0.2, 0.05), (0.5, 0.05), (1, 0.05), (2, 0.1), (1, 0.3), (3, 0.3)})
+DIGITS_FEDZO = {"lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10}
+DIGITS_FZOOS = {"lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2, "explore_radius": 0.05,
                 "init_radius": 0.05}
 
 
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", help="PNG of F − F* against cumulative queries on the quadratic")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     ap.add_argument("--rounds", type=int, default=20, help="rounds on the quadratic (both methods)")
-    ap.add_argument("--budget", type=int, default=21000, help="total query budget on digits (both methods)")
+    ap.add_argument("--budget", type=int, default=10000, help="total query budget on digits (both methods)")
     ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "litert", "both"],
                     help="runtime for the digits objective; 'both' adds a LiteRT run under digits_f1.by_runtime")
     ap.add_argument("--seed", type=int, default=0)

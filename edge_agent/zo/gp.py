@@ -127,7 +127,8 @@ def fit_lengthscale(
     """Isotropic lengthscale maximising the marginal likelihood.
 
     Each restart draws a start uniformly in log-space within `bounds` and runs a golden-section search over
-    log l on a bracket of ±2 around it (clipped to the bounds); the best value over the restarts wins.
+    log l on a bracket of ±2 around it (clipped to the bounds), moving the bracket along the slope while the
+    maximum lands on its edge; the best value over the restarts wins.
     """
     _check_kind(kind)
     if restarts < 1:
@@ -141,10 +142,7 @@ def fit_lengthscale(
     def f(t: float) -> float:
         return _profile_lml(d2, ys, kind, float(np.exp(t)), noise)
 
-    best_t, best_v = 0.0, -np.inf
-    for _ in range(restarts):
-        t0 = rng.uniform(lo_b, hi_b)
-        a, b = max(lo_b, t0 - 2.0), min(hi_b, t0 + 2.0)
+    def golden(a: float, b: float) -> tuple[float, float]:
         c, e = b - gr * (b - a), a + gr * (b - a)
         fc, fe = f(c), f(e)
         for _ in range(iters):
@@ -156,7 +154,21 @@ def fit_lengthscale(
                 a, c, fc = c, e, fe
                 e = a + gr * (b - a)
                 fe = f(e)
-        t, v = (c, fc) if fc >= fe else (e, fe)
+        return (c, fc) if fc >= fe else (e, fe)
+
+    best_t, best_v = 0.0, -np.inf
+    for _ in range(restarts):
+        t0 = rng.uniform(lo_b, hi_b)
+        a, b = max(lo_b, t0 - 2.0), min(hi_b, t0 + 2.0)
+        for _ in range(6):  # follow the slope when the maximum sits on an edge of the bracket
+            t, v = golden(a, b)
+            tol = 0.02 * (b - a)
+            if t - a < tol and a > lo_b:
+                a, b = max(lo_b, a - 3.5), a + 0.5
+            elif b - t < tol and b < hi_b:
+                a, b = b - 0.5, min(hi_b, b + 3.5)
+            else:
+                break
         if v > best_v:
             best_t, best_v = t, v
     if not np.isfinite(best_v):
