@@ -13,7 +13,8 @@ A job file is TOML; every key is optional:
     hidden = 0               # hidden width of the MLP (0: 32 for digits, 128 for mnist)
     runtime = "onnxruntime"  # or "litert"
     seed = 0
-    deadline_s = 30.0
+    deadline_s = 30.0        # per round phase, from dispatch; then the round closes if it has a quorum
+    grace_s = 30.0           # how long after the deadline to wait for a quorum before closing anyway
     quorum = 0.5
     fleet = "demo"
     roster = ["pi-01", "pi-02"]
@@ -53,6 +54,7 @@ class JobConfig:
     runtime: str = "onnxruntime"
     seed: int = 0
     deadline_s: float = 30.0
+    grace_s: float = 30.0
     quorum: float = 0.5
     fleet: str = "demo"
     roster: list[str] = field(default_factory=list)
@@ -75,6 +77,7 @@ _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "runtime": (str, lambda v: v in ("onnxruntime", "litert")),
     "seed": (int, lambda v: True),
     "deadline_s": ((int, float), lambda v: v > 0),
+    "grace_s": ((int, float), lambda v: v >= 0),
     "quorum": ((int, float), lambda v: 0 < v <= 1),
     "fleet": (str, lambda v: 0 < len(v) <= 64 and all(c.isalnum() or c in "-_." for c in v)),
     "roster": (list, lambda v: all(isinstance(a, str) and a for a in v)),
@@ -86,6 +89,7 @@ _HINTS = {
     "alpha": "a number >= 0 (0 means IID)",
     "seed": "an integer",
     "deadline_s": "a positive number of seconds",
+    "grace_s": "a number of seconds >= 0",
     "roster": "a list of agent ids",
     "mode": "'transfer' or 'full'",
     "dataset": "'digits' or 'mnist' (mnist needs mode 'full')",

@@ -18,6 +18,7 @@ import numpy as np
 
 from coordinator import data as datasets
 from coordinator.config import JobConfig
+from coordinator.progress import Progress
 from coordinator.server import Coordinator, EngineConfig, RoundSummary
 from coordinator.strategies import create as create_strategy
 from edge_agent import protocol
@@ -59,37 +60,29 @@ def agent_ids(cfg: JobConfig) -> list[str]:
     return list(cfg.roster) if cfg.roster else [f"agent-{i:02d}" for i in range(cfg.agents)]
 
 
-class Printer:
-    """One line per round: plain text that reads well in a terminal and in CI logs."""
+def summary_table(result: JobResult, console: Any) -> None:
+    from rich.table import Table
 
-    def __init__(self, total: int, quiet: bool = False) -> None:
-        from rich.console import Console
+    t = Table(title=f"fedfleet run: {result.run_dir}")
+    for col in ("final accuracy", "rounds", "agents", "wall s", "MB up", "MB down", "broker"):
+        t.add_column(col)
+    t.add_row(f"{result.final_accuracy:.4f}", str(result.rounds), str(result.agents), f"{result.wall_s:.1f}",
+              f"{result.bytes_up / 1e6:.3f}", f"{result.bytes_down / 1e6:.3f}", result.broker)
+    console.print(t)
 
-        self.console = Console(highlight=False)
-        self.total = total
-        self.quiet = quiet
-        self.t0 = time.perf_counter()
 
-    def __call__(self, s: RoundSummary) -> None:
-        if self.quiet:
-            return
-        self.console.print(
-            f"round {s.round:>3}/{self.total}  acc {s.accuracy:.3f}  loss {s.loss:.3f}  "
-            f"ok {s.ok}/{s.selected}  late {s.late}  rejected {s.rejected}  "
-            f"up {s.bytes_up / 1e3:8.1f} kB  down {s.bytes_down / 1e3:8.1f} kB  {s.wall_s:5.2f} s  "
-            f"[{time.perf_counter() - self.t0:6.1f} s]",
-            soft_wrap=True,
-        )
+def write_report(run_dir: Path) -> Path:
+    """The HTML page and PNG plots of the run (`fedfleet report RUN_DIR` renders it again)."""
+    from coordinator.report import render
 
-    def table(self, result: JobResult) -> None:
-        from rich.table import Table
+    return render(run_dir)
 
-        t = Table(title=f"fedfleet run: {result.run_dir}")
-        for col in ("final accuracy", "rounds", "agents", "wall s", "MB up", "MB down", "broker"):
-            t.add_column(col)
-        t.add_row(f"{result.final_accuracy:.4f}", str(result.rounds), str(result.agents), f"{result.wall_s:.1f}",
-                  f"{result.bytes_up / 1e6:.3f}", f"{result.bytes_down / 1e6:.3f}", result.broker)
-        self.console.print(t)
+
+def ledger_joules(coord: Coordinator) -> float:
+    rows = coord.ledger.query(
+        "SELECT SUM(COALESCE(energy_compute_j, 0) + COALESCE(energy_radio_j, 0) + COALESCE(energy_idle_j, 0))"
+        " AS j FROM agent_rounds WHERE run = ?", (coord.cfg.run,))
+    return float(rows[0]["j"] or 0.0)
 
 
 def build(cfg: JobConfig) -> tuple[bytes, Any]:
@@ -116,7 +109,7 @@ def small_model_threads() -> None:
 
 def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
     return EngineConfig(fleet=cfg.fleet, run=run, rounds=cfg.rounds, per_round=cfg.per_round, quorum=cfg.quorum,
-                        deadline_s=cfg.deadline_s, seed=cfg.seed)
+                        deadline_s=cfg.deadline_s, grace_s=cfg.grace_s, seed=cfg.seed)
 
 
 def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | None = None,
@@ -135,7 +128,6 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     blob, cmodel = build(cfg)
     secret = os.urandom(32)
     ids = agent_ids(cfg)[: cfg.agents]
-    printer = Printer(cfg.rounds, quiet)
     strategy = create_strategy(cfg.method, cmodel.initial_state(), **cfg.method_config, uplink=cfg.uplink,
                                seed=cfg.seed)
     agents: list[Agent] = []
@@ -143,8 +135,11 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         coord = Coordinator(
             broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
             evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
-            config=engine_config(cfg, run), on_round=printer,
+            config=engine_config(cfg, run),
         )
+        progress = Progress(cfg.rounds, title="fedfleet demo", quiet=quiet,
+                            online=lambda: (len(coord.ready_agents()), len(ids)), joules=lambda: ledger_joules(coord))
+        coord.on_round = progress
         try:
             coord.start()
             for i, agent_id in enumerate(ids):
@@ -154,11 +149,13 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
                 a.start()
                 agents.append(a)
             if not quiet:
-                printer.console.print(f"broker {b.kind} at {b.url}; {len(ids)} agents; method {cfg.method}; "
+                progress.console.print(f"broker {b.kind} at {b.url}; {len(ids)} agents; method {cfg.method}; "
                                       f"model {cfg.mode} on {cfg.runtime}; energy modelled from the "
                                       f"{DEMO_PROFILE} profile; run dir {run_dir}", soft_wrap=True)
             coord.wait_for_agents(len(ids), timeout_s=60)
-            summaries = coord.run(cfg.rounds)
+            with progress:
+                summaries = coord.run(cfg.rounds)
+            coord.settle(1.0)
         finally:
             for a in agents:
                 a.stop()
@@ -169,8 +166,10 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         broker=b.kind, run_dir=str(run_dir), summaries=summaries,
     )
     (run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+    report = write_report(run_dir)
     if not quiet:
-        printer.table(result)
+        summary_table(result, progress.console)
+        progress.console.print(f"report: {report}", soft_wrap=True)
     return result
 
 
@@ -183,21 +182,26 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wa
     _, test = shards(cfg)
     blob, cmodel = build(cfg)
     ids = agent_ids(cfg)
-    printer = Printer(cfg.rounds)
     strategy = create_strategy(cfg.method, cmodel.initial_state(), **cfg.method_config, uplink=cfg.uplink,
                                seed=cfg.seed)
     coord = Coordinator(broker_url=broker, secret=secret, roster=ids, strategy=strategy, package=blob,
                         evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
-                        config=engine_config(cfg, run), on_round=printer)
+                        config=engine_config(cfg, run))
+    progress = Progress(cfg.rounds, title="fedfleet serve", online=lambda: (len(coord.ready_agents()), len(ids)),
+                        joules=lambda: ledger_joules(coord))
+    coord.on_round = progress
     try:
         coord.start()
-        printer.console.print(f"waiting for {len(ids)} agents on {broker} (fleet {cfg.fleet}) ...")
+        progress.console.print(f"waiting for {len(ids)} agents on {broker} (fleet {cfg.fleet}) ...")
         coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(ids)))), timeout_s=wait_s)
-        summaries = coord.run(cfg.rounds)
+        with progress:
+            summaries = coord.run(cfg.rounds)
+        coord.settle(1.0)
     finally:
         coord.stop()
     result = JobResult(summaries[-1].accuracy, len(summaries), len(ids), time.perf_counter() - t0,
                        coord.bytes_up_total, coord.bytes_down_total, broker, str(run_dir), summaries)
     (run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
-    printer.table(result)
+    summary_table(result, progress.console)
+    progress.console.print(f"report: {write_report(run_dir)}", soft_wrap=True)
     return result

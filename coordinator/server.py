@@ -107,6 +107,8 @@ class Coordinator:
         self._open: dict[str, TaskSpec] = {}  # agent -> task of the open phase
         self._closed: dict[tuple[int, int], set[str]] = {}  # (round, phase) -> agents that were late
         self._received: set[str] = set()
+        self._refused: set[str] = set()
+        self._down: dict[str, int] = {}
         self._late_bytes: dict[str, int] = {}
         self._timings: dict[str, float] = {}
         self.bytes_up_total = 0
@@ -165,6 +167,17 @@ class Coordinator:
             f"only {len(ready)} of {n} agents are online with the model after {timeout_s:.0f} s"
             + (f"; agent errors: {errors}" if errors else "")
         )
+
+    def settle(self, wait_s: float = 1.0) -> None:
+        """After the last round: wait for late reports (agents send energy right after uploading) and book them."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                item = self._inbox.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self._handle(item, self.round, self.phase, {}, {}, closing=True)
+        self._drain(self.round, self.phase, {}, {})
 
     # -------------------------------------------------------------- network thread
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -271,8 +284,10 @@ class Coordinator:
         tasks = self.strategy.configure(r, phase, agents)
         self._open = dict(tasks)
         self._received = set()
+        self._refused: set[str] = set()  # selected agents whose result was refused (their row says why)
         deadline = time.time() + self.cfg.deadline_s
         down: dict[str, int] = {}
+        self._down = down
         for agent, spec in tasks.items():
             down[agent] = self._dispatch(agent, r, phase, spec, deadline)
         t_sent = time.perf_counter()
@@ -297,7 +312,7 @@ class Coordinator:
             elif outcome == "rejected":
                 rejected += 1
         self._drain(r, phase, up, down)
-        late = [a for a in tasks if a not in self._received]
+        late = [a for a in tasks if a not in self._received and a not in self._refused]
         for agent in late:
             self.ledger.record(self.cfg.run, r, agent, "late", phase=phase, bytes_up=up.get(agent, 0),
                                bytes_down=down.get(agent, 0), detail="no valid result by the deadline")
@@ -369,7 +384,8 @@ class Coordinator:
         metrics = meta.get("metrics") or {}
         queries = metrics.get("queries")
         self.ledger.record(
-            self.cfg.run, r, agent, "ok", phase=phase, bytes_up=up.get(agent, 0), bytes_down=down.get(agent, 0),
+            self.cfg.run, r, agent, "ok", phase=phase, bytes_up=up.get(agent, 0),
+            bytes_down=0 if agent in self._refused else down.get(agent, 0),
             learn_s=float(meta.get("learn_s", 0.0)), samples=result.samples,
             queries=int(queries) if isinstance(queries, (int, float)) else None, profile=str(meta.get("profile")),
             codec=str(header.get("codec", {}).get("name")),
@@ -377,8 +393,12 @@ class Coordinator:
         return result
 
     def _reject(self, r: int, phase: int, agent: str, reason: str, detail: str, nbytes: int, bytes_up: int = 0) -> None:
+        bytes_down = 0
+        if agent in self._open and agent not in self._refused and agent not in self._received:
+            self._refused.add(agent)
+            bytes_down = self._down.get(agent, 0)  # its task's bytes go on its first refusal row (no late row)
         self.ledger.record(self.cfg.run, r, agent[:64], f"rejected:{reason}", phase=phase,
-                           bytes_up=max(nbytes, bytes_up), detail=detail[:500])
+                           bytes_up=max(nbytes, bytes_up), bytes_down=bytes_down, detail=detail[:500])
 
     def _validate(self, agent: str, header: dict[str, Any], body: bytes, r: int, phase: int, closing: bool) -> ClientResult:
         if header.get("run") != self.cfg.run:

@@ -23,7 +23,9 @@ def test_default_demo_reaches_the_accuracy_target(tmp_path):
     assert result["final_accuracy"] >= 0.90, result
     assert result["bytes_up"] > 20 * 10 * 2410 * 4  # every agent uploaded a float32 head delta every round
     assert "round  20/20" in r.stdout
-    assert (tmp_path / "run" / "ledger.sqlite").exists() and (tmp_path / "run" / "checkpoints" / "latest.pt").exists()
+    run = tmp_path / "run"
+    assert (run / "ledger.sqlite").exists() and (run / "checkpoints" / "latest.pt").exists()
+    assert (run / "report" / "report.html").exists() and (run / "report" / "accuracy.png").stat().st_size > 10_000
 
 
 def test_demo_with_litert_agents(tmp_path):

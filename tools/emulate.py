@@ -121,10 +121,7 @@ def agent_options(fleet: FleetConfig, agents: list[str], host_speed: float) -> d
 def _settle(coord: Any, wait_s: float = 1.0) -> None:
     """After the last round: give agents' energy reports (sent right after their upload) time to arrive and
     book them, so the last round has its energy too."""
-    time.sleep(wait_s)
-    drain = getattr(coord, "_drain", None)
-    if drain is not None:
-        drain(coord.round, coord.phase, {}, {})
+    coord.settle(wait_s)
 
 
 def ledger_totals(run_dir: Path, run: str) -> dict[str, Any]:
