@@ -84,6 +84,7 @@ class MqttLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker acknowledged our subscriptions (SUBACK)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         c = paho.Client(
@@ -94,6 +95,7 @@ class MqttLink:
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
+        c.on_subscribe = self._handle_subscribe
         c.max_inflight_messages_set(64)
         c.max_queued_messages_set(0)
         if username is not None:
@@ -107,11 +109,14 @@ class MqttLink:
 
     # -------------------------------------------------------------- lifecycle
     def start(self, wait_s: float = 10.0) -> None:
-        """Start the network thread and wait up to `wait_s` for the first connection (0: do not wait)."""
+        """Start the network thread and wait up to `wait_s` for the first connection and for the broker to
+        acknowledge the subscriptions, so messages published after this returns are delivered (0: no wait)."""
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._client._client_id!r}", daemon=True)
         self._thread.start()
         if wait_s and not self.connected.wait(wait_s):
             raise ConnectionError(f"could not connect to the MQTT broker at {self.url} within {wait_s:.0f} s")
+        if wait_s and self._subscriptions and not self.subscribed.wait(wait_s):
+            raise ConnectionError(f"the MQTT broker at {self.url} did not acknowledge our subscriptions")
 
     def stop(self, *, graceful: bool = True) -> None:
         """Disconnect. `graceful=False` drops the socket without DISCONNECT, so the broker sends the will."""
@@ -164,14 +169,20 @@ class MqttLink:
         if reason_code.is_failure:
             log.warning("broker %s refused the connection: %s", self.url, reason_code)
             return
-        for topic in self._subscriptions:
-            client.subscribe(topic, qos=1)
+        if self._subscriptions:
+            client.subscribe([(topic, 1) for topic in self._subscriptions])
         self.connected.set()
         if self._on_connect_cb is not None:
             self._on_connect_cb()
 
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        if any(rc.is_failure for rc in reason_codes):
+            log.warning("broker %s refused a subscription: %s", self.url, reason_codes)
+        self.subscribed.set()
+
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self.connected.clear()
+        self.subscribed.clear()
 
     def _handle_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
         n = mqtt_publish_bytes(msg.topic, len(msg.payload), msg.qos)
