@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 
 from tools import bench_fleet
+from tools.benchio import details
 
 
 def test_bench_fleet_smoke(tmp_path, capsys):
     path = tmp_path / "fleet.json"
     assert bench_fleet.main(["--agents", "20", "--processes", "2", "--idle-window", "0.5", "--json", str(path)]) == 0
     out = json.loads(path.read_text())
-    assert out == json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert out == json.loads(captured.out)
+    assert set(out) == {"agents", "connected", "round_s", "rss_mb_total", "bytes_up"}
+    out.update(details(captured.err))
     assert out["agents"] == 20 and out["connected"] == 20 and out["ok"] == 20
     assert out["round_s"] > 0 and out["bytes_up"] > 20 * 1000
     roles = out["rss_mb_by_role"]

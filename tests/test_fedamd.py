@@ -181,12 +181,14 @@ def test_fedamd_reduces_loss_end_to_end() -> None:
     assert after < 0.8 * before
 
 
-def test_bench_fedamd_quick_smoke(tmp_path) -> None:
+def test_bench_fedamd_quick_smoke(tmp_path, capsys) -> None:
     from tools import bench_fedamd
+    from tools.benchio import details
 
     path = tmp_path / "fedamd.json"
     assert bench_fedamd.main(["--quick", "--rounds", "4", "--json", str(path)]) == 0
     out = json.loads(path.read_text())
-    assert {"target_loss", "rounds_to_target_fedavg", "rounds_to_target_fedamd", "round_ratio"} <= set(out)
+    assert {"target_loss", "rounds_to_target_fedavg", "rounds_to_target_fedamd", "round_ratio"} == set(out)
+    out.update(details(capsys.readouterr().err))
     assert out["grad_evals_per_round"]["fedavg"] == 5 * 10 * 16
     assert out["rounds_to_target_fedavg"] == 2

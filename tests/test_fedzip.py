@@ -327,11 +327,14 @@ def test_bench_codec_smoke(tmp_path, capsys):
 
     path = tmp_path / "codec.json"
     assert bench_codec.main(["--d", "4000", "--steps", "2", "--repeat", "1", "--json", str(path)]) == 0
+    from tools.benchio import details
+
     result = json.loads(path.read_text())
-    assert json.loads(capsys.readouterr().out) == result
-    for key in ("d", "z", "encoding", "ratio_vs_float32", "bound_ratio", "encode_mb_s", "decode_mb_s",
-                "zstd_only_ratio"):
-        assert key in result
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == result
+    assert set(result) == {"d", "z", "encoding", "ratio_vs_float32", "bound_ratio", "encode_mb_s", "decode_mb_s",
+                           "zstd_only_ratio"}
+    result.update(details(captured.err))
     assert result["d"] == 4000 and result["encoding"] == "e4"
     assert result["ratio_vs_float32"] > result["zstd_only_ratio"]
     assert set(result["encodings"]) == set(ENCODINGS)

@@ -15,7 +15,6 @@ the dense tensors; each is the median of --repeat runs. `zstd_only_ratio` is pla
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -28,6 +27,7 @@ import zstandard
 
 from edge_agent import mlp
 from edge_agent.fedzip import ENCODINGS, FedZipParams, bound_bits, decode, encode, quantize
+from tools.benchio import emit
 
 
 def model_update(d: int, steps: int, seed: int, lr: float = 0.05) -> tuple[dict[str, np.ndarray], str]:
@@ -145,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--d must be at least 1")
     result = run(args.d, args.z, args.encoding, args.k, args.zstd_level, args.steps, args.seed,
                  max(1, args.repeat), not args.no_others)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    emit(result, ("d", "z", "encoding", "ratio_vs_float32", "bound_ratio", "encode_mb_s", "decode_mb_s", "zstd_only_ratio"), args.json)
     return 0
 
 

@@ -20,7 +20,6 @@ of FedAMD's full-participation initialisation pass, which is not counted as a ro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -34,6 +33,7 @@ from coordinator.strategies.base import Strategy
 from edge_agent import mlp
 from edge_agent.learners import LocalData
 from tools.bench_robust import Runner, inprocess_runner
+from tools.benchio import emit
 
 
 def global_loss(params: dict[str, np.ndarray], shards: dict[str, LocalData]) -> float:
@@ -186,11 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         out["transport"] = "in-process" if args.in_process else f"mqtt ({args.broker})"
     finally:
         torch.set_num_threads(threads)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    emit(out, ("target_loss", "rounds_to_target_fedavg", "rounds_to_target_fedamd", "round_ratio"), args.json)
     return 0
 
 

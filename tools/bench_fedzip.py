@@ -13,9 +13,9 @@ import argparse
 import json
 import sys
 import tempfile
-from pathlib import Path
 
 from coordinator.config import JobConfig
+from tools.benchio import emit
 
 GRID = [(z, enc, ef) for z in (0.1, 0.03, 0.01, 0.003, 0.001) for enc in ("e4",) for ef in (False, True)]
 QUICK_GRID = [(0.01, "e4", True)]
@@ -97,8 +97,5 @@ def main(argv: list[str] | None = None) -> int:
                      extra_encodings=args.all_encodings)
     if args.plot:
         plot(result, args.plot)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(text)
+    emit(result, ("accuracy_dense", "points", "best_ratio_within_1pt"), args.json)
     return 0

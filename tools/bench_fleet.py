@@ -14,12 +14,13 @@ before the round. Targets at 1000 agents on 2 cores: connected = 1000, round_s <
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tools.benchio import emit
 
 
 def _children(pid: int) -> list[int]:
@@ -135,8 +136,5 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     out = run(args.agents, args.processes, idle_window_s=args.idle_window)
-    text = json.dumps(out, indent=2)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(text)
+    emit(out, ("agents", "connected", "round_s", "rss_mb_total", "bytes_up"), args.json)
     return 0

@@ -18,7 +18,6 @@ pivot) of 100 vectors of 1M floats.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from edge_agent import mlp
 from edge_agent.errors import ProtocolError
 from edge_agent.learners import Learner, LocalData, Task
 from edge_agent.learners import create as create_learner
+from tools.benchio import emit
 
 OnRound = Callable[[int, Strategy], None]
 Runner = Callable[..., None]
@@ -216,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         nna_s = nna_seconds()
     out = {"n": 13, "f": 3, **res, "nna_s_n100_d1m": round(nna_s, 4),
            "transport": "in-process" if args.in_process else f"mqtt ({args.broker})"}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    emit(out, ("n", "f", "clean_accuracy", "matrix", "monna_worst_gap", "nna_s_n100_d1m"), args.json)
     return 0
 
 

@@ -10,13 +10,13 @@ Writes {"agents", "round_s_median", "slowest_agent_s_median", "overhead_s_median
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 from pathlib import Path
 
 from coordinator.config import JobConfig
+from tools.benchio import emit
 
 
 def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "transfer") -> dict:
@@ -69,8 +69,5 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     out = run(args.agents, args.rounds, args.broker, args.processes)
-    text = json.dumps(out, indent=2)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(text)
+    emit(out, ("agents", "round_s_median", "slowest_agent_s_median", "overhead_s_median"), args.json)
     return 0

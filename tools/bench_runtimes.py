@@ -22,7 +22,6 @@ on mnist-mlp; zo_calls_per_s >= 5000 on both runtimes. A summary against them go
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.runtime import Runner, open_runner
+from tools.benchio import emit
 
 RUNTIMES = {"onnxruntime": "onnx", "litert": "tflite"}
 ZO_MODEL = "digits-mlp"
@@ -189,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [ZO_MODEL, *names]
     seconds = args.seconds if args.seconds is not None else (0.05 if args.quick else 1.0)
     result = run(names, quick=args.quick, threads=args.threads, seconds=seconds, seed=args.seed)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
-    print(text)
+    emit(result, ("models", "zo_calls_per_s"), args.json)
     for line in summary(result):
         print(line, file=sys.stderr)
     return 0
