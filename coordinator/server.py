@@ -59,7 +59,7 @@ class RoundSummary:
     accuracy: float
     loss: float
     wall_s: float
-    selected: int
+    selected: int  # tasks dispatched in the round (agents x phases)
     ok: int
     rejected: int
     late: int
@@ -254,12 +254,13 @@ class Coordinator:
         self.round = r
         selected = self.select()
         up0, down0 = self.bytes_up_total, self.bytes_down_total
-        ok = rejected = late = 0
+        ok = rejected = late = tasked = 0
         slowest = 0.0
         self._timings = timings = {"dispatch": 0.0, "collect": 0.0, "aggregate": 0.0}
         for phase in range(self.strategy.phases):
             outcome = self._run_phase(r, phase, selected if phase == 0 else None)
             ok += len(outcome.results)
+            tasked += len(outcome.selected)
             rejected += outcome.rejected
             late += len(outcome.late)
             slowest = max([slowest] + [float(res.metrics.get("_learn_s", 0.0)) for res in outcome.results])
@@ -269,9 +270,9 @@ class Coordinator:
         self._checkpoint(r)
         wall = time.perf_counter() - t0
         timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)
-        summary = RoundSummary(r, accuracy, loss, wall, len(selected), ok, rejected, late,
+        summary = RoundSummary(r, accuracy, loss, wall, tasked, ok, rejected, late,
                                self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings)
-        self.ledger.record_round(self.cfg.run, r, accuracy=accuracy, loss=loss, wall_s=wall, selected=len(selected),
+        self.ledger.record_round(self.cfg.run, r, accuracy=accuracy, loss=loss, wall_s=wall, selected=tasked,
                                  ok=ok, rejected=rejected, bytes_up=summary.bytes_up, bytes_down=summary.bytes_down)
         if self.on_round is not None:
             self.on_round(summary)

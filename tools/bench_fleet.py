@@ -68,7 +68,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_timeout_s: float = 300.0,
         deadline_s: float = 120.0) -> dict[str, Any]:
-    from coordinator.config import JobConfig
+    from coordinator.config import JobConfig, method_config
     from coordinator.job import agent_ids, build, engine_config, shards, small_model_threads
     from coordinator.server import Coordinator
     from coordinator.strategies import create
@@ -87,7 +87,7 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
     out: dict[str, Any] = {"agents": agents, "processes": processes, "nofile_limit": nofile[0]}
     t_start = time.perf_counter()
     with MosquittoBroker() as b, tempfile.TemporaryDirectory() as tmp:
-        strategy = create("fedavg", cmodel.initial_state(), **cfg.method_config)
+        strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
         ecfg = engine_config(cfg, "bench-fleet")
         ecfg.grace_s = 0.0
         coord = Coordinator(broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,

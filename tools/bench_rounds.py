@@ -15,7 +15,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from coordinator.config import JobConfig
+from coordinator.config import JobConfig, method_config
 from tools.benchio import emit
 
 
@@ -33,7 +33,7 @@ def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "
     ids = agent_ids(cfg)
     secret = os.urandom(32)
     with start_broker(broker) as b, tempfile.TemporaryDirectory() as tmp:
-        strategy = create("fedavg", cmodel.initial_state(), **cfg.method_config)
+        strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
         coord = Coordinator(broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
                             evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp),
                             config=engine_config(cfg, "bench"))

@@ -239,6 +239,7 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
 
 def _coordinator(fleet: FleetConfig, url: str, secret: bytes, run_dir: Path, run_id: str, test: Any, quiet: bool,
                  live: bool | None, console: Any) -> tuple[Any, Any]:
+    from coordinator.config import method_config
     from coordinator.job import build, engine_config, small_model_threads
     from coordinator.progress import Progress
     from coordinator.server import Coordinator
@@ -248,7 +249,7 @@ def _coordinator(fleet: FleetConfig, url: str, secret: bytes, run_dir: Path, run
     job = fleet.job
     blob, cmodel = build(job)
     try:
-        strategy = create_strategy(job.method, cmodel.initial_state(), **job.method_config, uplink=job.uplink,
+        strategy = create_strategy(job.method, cmodel.initial_state(), **method_config(job), uplink=job.uplink,
                                    seed=job.seed)
     except ConfigError as exc:
         raise ConfigError(f"{fleet.source}: [method] / [[group]] byzantine: {exc}") from None
