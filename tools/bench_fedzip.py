@@ -17,7 +17,7 @@ import tempfile
 from coordinator.config import JobConfig
 from tools.benchio import emit
 
-GRID = [(z, enc, ef) for z in (0.1, 0.03, 0.01, 0.003, 0.001) for enc in ("e4",) for ef in (False, True)]
+GRID = [(z, enc, ef) for z in (0.1, 0.05, 0.03, 0.02, 0.01, 0.003) for enc in ("e4",) for ef in (False, True)]
 QUICK_GRID = [(0.01, "e4", True)]
 
 
@@ -78,7 +78,7 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedfleet bench fedzip", description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--agents", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--broker", default="mosquitto")
