@@ -23,7 +23,8 @@ A job file is TOML; every key is optional:
     lr = 0.1
 
     [uplink]                 # the codec agents upload with: name = "none" | "zstd" | "fedzip"
-    name = "none"
+    name = "fedzip"          # default for fedavg, fedzo, robust_fedavg: z = 0.03, k = 3, e4, error feedback
+    z = 0.03
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class JobConfig:
     fleet: str = "demo"
     roster: list[str] = field(default_factory=list)
     method_config: dict[str, Any] = field(default_factory=dict)  # over METHOD_DEFAULTS[method]
-    uplink: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    uplink: dict[str, Any] | None = None  # None: the method's default (FedZip for update-uploading methods)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,9 +78,23 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# FedZip is the default uplink of methods that upload updates (deltas): at z = 0.03 with error feedback it
+# kept MNIST accuracy within 1 point of dense float32 at 122x less uplink (`fedfleet bench fedzip`).
+# Methods that upload models, iterates or surrogate weights (MoNNA, FZooS, FedAMD's anchors) send dense.
+FEDZIP_DEFAULT: dict[str, Any] = {"name": "fedzip", "z": 0.03, "k": 3, "encoding": "e4", "error_feedback": True}
+UPDATE_METHODS = ("fedavg", "fedzo", "robust_fedavg")
+
+
 def method_config(cfg: JobConfig) -> dict[str, Any]:
-    """The strategy's config: the method's defaults, overridden by the job's [method] table."""
-    return {**METHOD_DEFAULTS.get(cfg.method, {}), **cfg.method_config}
+    """The strategy's config: the method's defaults, overridden by the job's [method] table, and the uplink."""
+    return {**METHOD_DEFAULTS.get(cfg.method, {}), **cfg.method_config, "uplink": uplink(cfg)}
+
+
+def uplink(cfg: JobConfig) -> dict[str, Any]:
+    """The uplink codec spec: the job's, else FedZip for update-uploading methods, else none."""
+    if cfg.uplink is not None:
+        return dict(cfg.uplink)
+    return dict(FEDZIP_DEFAULT) if cfg.method in UPDATE_METHODS else {"name": "none"}
 
 
 _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {

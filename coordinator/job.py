@@ -128,7 +128,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     blob, cmodel = build(cfg)
     secret = os.urandom(32)
     ids = agent_ids(cfg)[: cfg.agents]
-    strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg), uplink=cfg.uplink,
+    strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg),
                                seed=cfg.seed)
     agents: list[Agent] = []
     with start_broker(broker) as b:
@@ -182,7 +182,7 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wa
     _, test = shards(cfg)
     blob, cmodel = build(cfg)
     ids = agent_ids(cfg)
-    strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg), uplink=cfg.uplink,
+    strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg),
                                seed=cfg.seed)
     coord = Coordinator(broker_url=broker, secret=secret, roster=ids, strategy=strategy, package=blob,
                         evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,

@@ -66,7 +66,7 @@ def start_fleet(broker_url: str, run_dir: Path, *, roster_extra: tuple[str, ...]
     blob, cmodel = package(cfg)
     local, test = shards(cfg)
     ids = agent_ids(cfg)
-    strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg), uplink=cfg.uplink)
+    strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg))
     ecfg = engine_config(cfg, "test-run")
     ecfg.grace_s = overrides.get("grace_s", 0.0)
     coord = Coordinator(broker_url=broker_url, secret=SECRET, roster=ids + list(roster_extra), strategy=strategy,

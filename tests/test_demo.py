@@ -21,7 +21,8 @@ def test_default_demo_reaches_the_accuracy_target(tmp_path):
     assert set(result) == DEMO_KEYS
     assert result["rounds"] == 20 and result["agents"] == 10 and result["broker"] == "embedded"
     assert result["final_accuracy"] >= 0.90, result
-    assert result["bytes_up"] > 20 * 10 * 2410 * 4  # every agent uploaded a float32 head delta every round
+    # FedZip is the default uplink: every agent uploaded every round, far below a float32 head delta each time
+    assert 20 * 10 * 200 < result["bytes_up"] < 20 * 10 * 2410 * 4
     assert "round  20/20" in r.stdout
     run = tmp_path / "run"
     assert (run / "ledger.sqlite").exists() and (run / "checkpoints" / "latest.pt").exists()

@@ -29,7 +29,7 @@ def rows(fleet, sql: str = "SELECT * FROM agent_rounds ORDER BY id") -> list[dic
 
 
 def test_fedavg_rounds_learn_and_fill_ledger_and_checkpoints(mosquitto, tmp_path):
-    fleet = start_fleet(mosquitto.url, tmp_path, rounds=4)
+    fleet = start_fleet(mosquitto.url, tmp_path, rounds=4, uplink={"name": "none"})
     try:
         fleet.coord.wait_for_agents(3, 30)
         summaries = fleet.coord.run(4)
@@ -83,7 +83,8 @@ class Rogue:
 
 
 def test_hostile_messages_are_refused_recorded_and_the_round_completes(mosquitto, tmp_path):
-    fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("rogue", "silent"), deadline_s=4.0, quorum=0.5)
+    fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("rogue", "silent"), deadline_s=4.0, quorum=0.5,
+                        uplink={"name": "none"})
     rogue = Rogue(mosquitto.url, fleet.cfg.fleet, "rogue", fleet.coord.package_digest)
     silent = Rogue(mosquitto.url, fleet.cfg.fleet, "silent", fleet.coord.package_digest)  # never answers
     try:
@@ -185,7 +186,7 @@ def test_broken_agent_options_and_config_give_clear_errors(tmp_path):
     assert r.returncode == 2 and "hex" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("spec", [{"name": "zstd"}])
+@pytest.mark.parametrize("spec", [{"name": "zstd"}, {"name": "fedzip", "z": 0.05}, None])
 def test_uplink_codec_is_chosen_per_task(mosquitto, tmp_path, spec):
     fleet = start_fleet(mosquitto.url, tmp_path, uplink=spec, rounds=2)
     try:
@@ -194,5 +195,5 @@ def test_uplink_codec_is_chosen_per_task(mosquitto, tmp_path, spec):
     finally:
         fleet.close()
     codec_rows = {r["codec"] for r in rows(fleet) if r["status"] == "ok"}
-    assert codec_rows == {spec["name"]} and s[-1].ok == 3
+    assert codec_rows == {spec["name"] if spec else "fedzip"} and s[-1].ok == 3  # FedZip is FedAvg's default
     assert package  # the session cache is shared with the other tests

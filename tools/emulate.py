@@ -249,7 +249,7 @@ def _coordinator(fleet: FleetConfig, url: str, secret: bytes, run_dir: Path, run
     job = fleet.job
     blob, cmodel = build(job)
     try:
-        strategy = create_strategy(job.method, cmodel.initial_state(), **method_config(job), uplink=job.uplink,
+        strategy = create_strategy(job.method, cmodel.initial_state(), **method_config(job),
                                    seed=job.seed)
     except ConfigError as exc:
         raise ConfigError(f"{fleet.source}: [method] / [[group]] byzantine: {exc}") from None
