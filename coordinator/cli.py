@@ -42,6 +42,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quorum", type=float)
     p.add_argument("--fleet")
     p.add_argument("--uplink", help="uplink codec: none, zstd, fedzip, or JSON such as '{\"name\":\"fedzip\",\"z\":0.01}'")
+    p.add_argument("--downlink", choices=("none", "zstd"), help="task codec (lossless)")
     p.add_argument("--run-dir", help="where the ledger, checkpoints and summary go (default runs/<time>)")
     p.add_argument("--json", help="write the summary JSON here too")
 
@@ -51,7 +52,7 @@ def _job_config(args: argparse.Namespace):  # noqa: ANN202
 
     cfg = config.load(args.config) if args.config else config.JobConfig()
     overrides = {k: getattr(args, k) for k in ("method", "rounds", "agents", "per_round", "alpha", "mode",
-                                                 "dataset", "hidden", "runtime", "seed", "deadline_s", "quorum", "fleet")
+                                                 "dataset", "hidden", "runtime", "seed", "deadline_s", "quorum", "fleet", "downlink")
                  if getattr(args, k, None) is not None}
     config.apply(cfg, overrides, "command line")
     if args.uplink:

@@ -18,6 +18,7 @@ A job file is TOML; every key is optional:
     quorum = 0.5
     fleet = "demo"
     roster = ["pi-01", "pi-02"]
+    downlink = "none"        # or "zstd"
 
     [method]                 # passed to the strategy (and on to the learner): lr, epochs, batch, ...
     lr = 0.1
@@ -61,6 +62,7 @@ class JobConfig:
     roster: list[str] = field(default_factory=list)
     method_config: dict[str, Any] = field(default_factory=dict)  # over METHOD_DEFAULTS[method]
     uplink: dict[str, Any] | None = None  # None: the method's default (FedZip for update-uploading methods)
+    downlink: str = "none"  # "none" or "zstd": tasks carry the global tensors losslessly
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +115,7 @@ _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "quorum": ((int, float), lambda v: 0 < v <= 1),
     "fleet": (str, lambda v: 0 < len(v) <= 64 and all(c.isalnum() or c in "-_." for c in v)),
     "roster": (list, lambda v: all(isinstance(a, str) and a for a in v)),
+    "downlink": (str, lambda v: v in ("none", "zstd")),
 }
 _HINTS = {
     "rounds": "a positive integer",
@@ -123,6 +126,7 @@ _HINTS = {
     "deadline_s": "a positive number of seconds",
     "grace_s": "a number of seconds >= 0",
     "roster": "a list of agent ids",
+    "downlink": "'none' or 'zstd' (the downlink carries the global model, so it stays lossless)",
     "mode": "'transfer' or 'full'",
     "dataset": "'digits' or 'mnist' (mnist needs mode 'full')",
     "hidden": "an integer >= 0 (0: 32 for digits, 128 for mnist)",

@@ -109,7 +109,7 @@ def small_model_threads() -> None:
 
 def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
     return EngineConfig(fleet=cfg.fleet, run=run, rounds=cfg.rounds, per_round=cfg.per_round, quorum=cfg.quorum,
-                        deadline_s=cfg.deadline_s, grace_s=cfg.grace_s, seed=cfg.seed)
+                        deadline_s=cfg.deadline_s, grace_s=cfg.grace_s, seed=cfg.seed, downlink={"name": cfg.downlink})
 
 
 def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | None = None,

@@ -188,7 +188,8 @@ def test_broken_agent_options_and_config_give_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("spec", [{"name": "zstd"}, {"name": "fedzip", "z": 0.05}, None])
 def test_uplink_codec_is_chosen_per_task(mosquitto, tmp_path, spec):
-    fleet = start_fleet(mosquitto.url, tmp_path, uplink=spec, rounds=2)
+    # the default-uplink case also compresses the downlink (tasks) with zstd
+    fleet = start_fleet(mosquitto.url, tmp_path, uplink=spec, rounds=2, downlink="zstd" if spec is None else "none")
     try:
         fleet.coord.wait_for_agents(3, 30)
         s = fleet.coord.run(2)
