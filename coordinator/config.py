@@ -24,7 +24,7 @@ A job file is TOML; every key is optional:
     lr = 0.1
 
     [uplink]                 # the codec agents upload with: name = "none" | "zstd" | "fedzip"
-    name = "fedzip"          # default for fedavg, fedzo, robust_fedavg: z = 0.03, k = 3, e4, error feedback
+    name = "fedzip"          # default for fedavg and fedzo: z = 0.03, k = 3, e4, error feedback
     z = 0.03
 """
 
@@ -82,9 +82,10 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # FedZip is the default uplink of methods that upload updates (deltas): at z = 0.03 with error feedback it
 # kept MNIST accuracy within 1 point of dense float32 at 122x less uplink (`fedfleet bench fedzip`).
-# Methods that upload models, iterates or surrogate weights (MoNNA, FZooS, FedAMD's anchors) send dense.
+# Methods that upload models, iterates or surrogate weights (MoNNA, FZooS, FedAMD) and the robust
+# aggregators (which compare raw updates) send dense.
 FEDZIP_DEFAULT: dict[str, Any] = {"name": "fedzip", "z": 0.03, "k": 3, "encoding": "e4", "error_feedback": True}
-UPDATE_METHODS = ("fedavg", "fedzo", "robust_fedavg")
+UPDATE_METHODS = ("fedavg", "fedzo")
 
 
 def method_config(cfg: JobConfig) -> dict[str, Any]:
