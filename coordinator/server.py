@@ -135,8 +135,11 @@ class Coordinator:
         self.link.stop()
         self.ledger.close()
 
-    def publish_package(self) -> int:
-        """Publish the model package as retained, chunked broadcast messages; returns the MQTT bytes."""
+    def publish_package(self, package: bytes | None = None) -> int:
+        """Publish the model package (a new one if given) as retained, chunked broadcast messages; returns
+        the MQTT bytes. Agents load it and announce its digest in their status."""
+        if package is not None:
+            self.package, self.package_digest = package, protocol.digest(package)
         header = {"kind": "model", "fleet": self.cfg.fleet, "agent": "coordinator", "msg": self.package_digest[:16]}
         chunks = protocol.split(header, self.package, protocol.broadcast_key(self.cfg.fleet))
         sent = 0
