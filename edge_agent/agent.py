@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -267,7 +268,7 @@ class Agent:
             "kind": "result", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "run": task.run,
             "round": task.round, "phase": task.phase, "method": task.method, "codec": spec,
             "layout": [[n, list(s)] for n, s in expect],
-            "meta": {"samples": int(result.samples), "learn_s": learn_s, "metrics": result.metrics,
+            "meta": {"samples": int(result.samples), "learn_s": learn_s, "metrics": _finite(result.metrics),
                      "profile": self.cfg.profile},
         }
         chunks = protocol.split(out, payload, self.cfg.key)
@@ -286,6 +287,18 @@ class Agent:
         sent = fedzip.quantize(compensated, params)
         fb.update(compensated, sent)
         return compensated
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as JSON can carry them: a diverged learner's NaN or Inf loss becomes None (its tensors are
+    still uploaded, so the coordinator refuses them as non-finite and records why)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+        else:
+            out[k] = v
+    return out
 
 
 class _null:
