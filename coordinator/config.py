@@ -155,16 +155,22 @@ def apply(cfg: JobConfig, values: dict[str, Any], source: str) -> JobConfig:
     return cfg
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict; ConfigError naming the file when it is missing or not TOML."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such {what}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+
+
 def load(path: str | Path, cfg: JobConfig | None = None) -> JobConfig:
     """Read a job TOML file into `cfg` (defaults if None)."""
     cfg = cfg or JobConfig()
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    data = read_toml(p)
     unknown = set(data) - {"job", "method", "uplink"}
     if unknown:
         raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; use [job], [method], [uplink]")

@@ -31,20 +31,14 @@ the file and the field.
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from coordinator.config import JobConfig, apply, check_codec
+from coordinator.config import JobConfig, apply, check_codec, read_toml
 from edge_agent.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 AGENT_SIDE = ("nan", "noise")
 ATTACKS = ("alie", "foe", "sign_flip", "mimic", "label_flip")
@@ -242,11 +236,4 @@ def parse(data: dict[str, Any], source: str) -> FleetConfig:
 
 
 def load(path: str | Path) -> FleetConfig:
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such fleet file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-    return parse(data, str(p))
+    return parse(read_toml(path, "fleet file"), str(path))

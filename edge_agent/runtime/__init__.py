@@ -24,7 +24,34 @@ class Runner(ABC):
     runtime: str = ""
     input_names: list[str]
     input_shapes: dict[str, tuple[int | None, ...]]  # None for a dynamic dimension
+    input_dtypes: dict[str, np.dtype]
     output_names: list[str]
+
+    def check_feeds(self, feeds: dict[str, np.ndarray], *, cast_float_only: bool = False) -> dict[str, np.ndarray]:
+        """The feeds in input order as contiguous arrays of the model's dtypes; ModelError naming the input
+        when one is missing, unknown, or of the wrong shape. With `cast_float_only`, integer inputs must
+        already be integers (an int8 model's input is quantised by the caller) but ints may feed floats."""
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ModelError(f"missing model input(s) {missing}; the model expects {self.input_names}")
+        extra = [n for n in feeds if n not in self.input_shapes]
+        if extra:
+            raise ModelError(f"unknown model input(s) {extra}; the model expects {self.input_names}")
+        checked: dict[str, np.ndarray] = {}
+        for name in self.input_names:
+            arr = np.asarray(feeds[name])
+            want = self.input_shapes[name]
+            if arr.ndim != len(want) or any(w is not None and w != g for w, g in zip(want, arr.shape, strict=False)):
+                shown = tuple("N" if w is None else w for w in want)
+                raise ModelError(f"input {name!r} has shape {arr.shape}, the model expects {shown}")
+            dtype = self.input_dtypes[name]
+            if cast_float_only and arr.dtype.kind != dtype.kind and not (dtype.kind == "f" and arr.dtype.kind in "iu"):
+                raise ModelError(
+                    f"input {name!r} is {arr.dtype}, the model expects {dtype}; "
+                    "quantise it with the input's scale and zero point first"
+                )
+            checked[name] = np.ascontiguousarray(arr, dtype=dtype)
+        return checked
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

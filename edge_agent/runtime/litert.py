@@ -80,33 +80,8 @@ class LiteRTRunner(Runner):
             tuple(int(s) for s in d["shape"]) for d in self._in
         )
 
-    def _check(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise ModelError(f"missing model input(s) {missing}; the model expects {self.input_names}")
-        extra = [n for n in feeds if n not in self.input_shapes]
-        if extra:
-            raise ModelError(f"unknown model input(s) {extra}; the model expects {self.input_names}")
-        arrays = []
-        for name in self.input_names:
-            arr = np.asarray(feeds[name])
-            want = self.input_shapes[name]
-            if arr.ndim != len(want) or any(
-                w is not None and w != g for w, g in zip(want, arr.shape, strict=False)
-            ):
-                shown = tuple("N" if w is None else w for w in want)
-                raise ModelError(f"input {name!r} has shape {arr.shape}, the model expects {shown}")
-            dtype = self.input_dtypes[name]
-            if arr.dtype.kind != dtype.kind and not (dtype.kind == "f" and arr.dtype.kind in "iu"):
-                raise ModelError(
-                    f"input {name!r} is {arr.dtype}, the model expects {dtype}; "
-                    "quantise it with the input's scale and zero point first"
-                )
-            arrays.append(np.ascontiguousarray(arr, dtype=dtype))
-        return arrays
-
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        arrays = self._check(feeds)
+        arrays = list(self.check_feeds(feeds, cast_float_only=True).values())
         it = self.interpreter
         try:
             shapes = tuple(a.shape for a in arrays)

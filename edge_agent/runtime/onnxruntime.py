@@ -39,27 +39,8 @@ class OnnxRunner(Runner):
         self.input_dtypes = {i.name: np.dtype(_DTYPES.get(i.type, np.float32)) for i in inputs}
         self.output_names = [o.name for o in session.get_outputs()]
 
-    def _check(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise ModelError(f"missing model input(s) {missing}; the model expects {self.input_names}")
-        extra = [n for n in feeds if n not in self.input_shapes]
-        if extra:
-            raise ModelError(f"unknown model input(s) {extra}; the model expects {self.input_names}")
-        checked: dict[str, np.ndarray] = {}
-        for name in self.input_names:
-            arr = np.asarray(feeds[name])
-            want = self.input_shapes[name]
-            if arr.ndim != len(want) or any(
-                w is not None and w != g for w, g in zip(want, arr.shape, strict=False)
-            ):
-                shown = tuple("N" if w is None else w for w in want)
-                raise ModelError(f"input {name!r} has shape {arr.shape}, the model expects {shown}")
-            checked[name] = np.ascontiguousarray(arr, dtype=self.input_dtypes[name])
-        return checked
-
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        checked = self._check(feeds)
+        checked = self.check_feeds(feeds)
         try:
             return self.session.run(self.output_names, checked)
         except Exception as exc:  # ORT raises its own pybind exception types
