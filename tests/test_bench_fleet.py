@@ -17,7 +17,7 @@ def test_bench_fleet_smoke(tmp_path, capsys):
     assert set(out) == {"agents", "connected", "round_s", "rss_mb_total", "bytes_up"}
     out.update(details(captured.err))
     assert out["agents"] == 20 and out["connected"] == 20 and out["ok"] == 20
-    assert out["round_s"] > 0 and out["bytes_up"] > 20 * 1000
+    assert out["round_s"] > 0 and out["bytes_up"] > 20 * 400  # one FedZip-coded result envelope per agent, at least
     roles = out["rss_mb_by_role"]
     assert roles["broker"] > 0 and roles["coordinator"] > 0 and roles["agent_workers"] > 0
     assert out["rss_mb_total"] >= sum(roles.values()) - 1e-6
