@@ -323,6 +323,7 @@ class Coordinator:
         self._closed[(r, phase)] = set(late)
         self._open = {}
         t_collected = time.perf_counter()
+        results.sort(key=lambda res: res.agent)  # arrival order must not change the floating-point sums
         self.strategy.aggregate(r, phase, results)
         self._timings["collect"] += t_collected - t_sent
         self._timings["aggregate"] += time.perf_counter() - t_collected

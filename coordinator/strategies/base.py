@@ -8,6 +8,7 @@ A round may have several exchanges ("phases", e.g. FZooS's two); the engine call
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,13 @@ class Strategy(ABC):
     def extra_state(self) -> dict[str, Any]:
         """Method state to include in checkpoints (momentum buffers, tables)."""
         return {}
+
+
+def task_seed(base: int, round: int, phase: int, agent: str) -> int:
+    """A per-(round, phase, agent) seed for the agent's own randomness (batches, directions, exploration):
+    reproducible across processes and runs for a given job seed."""
+    ss = np.random.SeedSequence([int(base), int(round), int(phase), zlib.crc32(agent.encode())])
+    return int(ss.generate_state(1, np.uint32)[0])
 
 
 def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

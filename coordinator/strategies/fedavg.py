@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register, to_numpy
+from coordinator.strategies.base import (
+    ClientResult,
+    Strategy,
+    TaskSpec,
+    layout_of,
+    register,
+    task_seed,
+    to_numpy,
+)
 
 
 @register
@@ -13,11 +21,13 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
-        cfg = {k: self.config[k] for k in ("lr", "epochs", "batch", "weight_decay", "seed") if k in self.config}
+        cfg = {k: self.config[k] for k in ("lr", "epochs", "batch", "weight_decay") if k in self.config}
         down = to_numpy(self.state)
         expect = layout_of(self.state)
         uplink = dict(self.config.get("uplink", {"name": "none"}))
-        return {a: TaskSpec(config=cfg, tensors=down, expect=expect, uplink_codec=uplink) for a in agents}
+        seed = int(self.config.get("seed", 0))
+        return {a: TaskSpec(config={**cfg, "seed": task_seed(seed, round, phase, a)}, tensors=down, expect=expect,
+                            uplink_codec=uplink) for a in agents}
 
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         if not results:

@@ -8,21 +8,22 @@ The coordinator never evaluates the objective: there is no accept/reject oracle.
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import numpy as np
 import torch
 
-from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register, to_numpy
+from coordinator.strategies.base import (
+    ClientResult,
+    Strategy,
+    TaskSpec,
+    layout_of,
+    register,
+    task_seed,
+    to_numpy,
+)
 
 LEARNER_KEYS = ("objective", "zo_path", "local_steps", "lr", "mu", "directions")
-
-
-def task_seed(base: int, round: int, phase: int, agent: str) -> int:
-    """A per-(round, phase, agent) seed for the agent's own randomness (directions, exploration)."""
-    ss = np.random.SeedSequence([int(base), int(round), int(phase), zlib.crc32(agent.encode())])
-    return int(ss.generate_state(1, np.uint32)[0])
 
 
 def zo_names(strategy: Strategy) -> list[str]:

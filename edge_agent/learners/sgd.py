@@ -1,6 +1,7 @@
 """FedAvg's edge learner: local minibatch SGD on the trainable part, uploading the delta.
 
-Task config: `lr` (0.1), `epochs` (1), `batch` (32), `seed`, optional `weight_decay` (0).
+Task config: `lr` (0.1), `epochs` (1), `batch` (32), `seed` (the agent's own, from the strategy),
+optional `weight_decay` (0).
 Task tensors: the global trainable tensors. Result tensors: local − global, same names.
 """
 
@@ -22,7 +23,8 @@ class SGDLearner(Learner):
         cfg = task.config
         lr, epochs, batch = float(cfg.get("lr", 0.1)), int(cfg.get("epochs", 1)), int(cfg.get("batch", 32))
         wd = float(cfg.get("weight_decay", 0.0))
-        rng = np.random.default_rng([int(cfg.get("seed", 0)), task.round, abs(hash(task.run)) % (1 << 31)])
+        # explicit and reproducible: the strategy gives each agent its own seed per round
+        rng = np.random.default_rng([int(cfg.get("seed", 0)), task.round])
         feats = model.features(data.x, cache_key="local")
         params = {k: v.astype(np.float32).copy() for k, v in task.tensors.items()}
         losses = []
