@@ -69,10 +69,12 @@ class JobConfig:
 
 
 # per-method defaults for the demo's digits head; a job file's [method] table overrides them key by key
-_ZO_HEAD = {"objective": "macro_f1", "zo_tensors": ["fc1.weight", "fc1.bias"], "zo_path": "numpy"}
+_ZO_HEAD = {"objective": "macro_f1", "zo_tensors": ["fc1.weight", "fc1.bias"], "zo_path": "runtime"}
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fedavg": {"lr": 0.1, "epochs": 2, "batch": 16},
-    # the zeroth-order methods tune the head's last layer (330 numbers) against 1 - macro-F1 on each shard;
+    # the zeroth-order methods tune the head's last layer (330 numbers) against 1 - macro-F1 on each shard,
+    # each query one call of the head graph (head tensors as graph inputs) in the agent's runtime on the int8
+    # backbone's cached features;
     # step sizes from the zeroth-order benchmark's sweeps
     "fedzo": {**_ZO_HEAD, "lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10},
     "fzoos": {**_ZO_HEAD, "lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2,

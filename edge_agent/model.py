@@ -141,6 +141,8 @@ class EdgeModel:
     digest: str
     backbone: Runner | None = None
     backbone_spec: dict[str, Any] | None = None  # the manifest entry of the backbone in use
+    head_runner: Runner | None = None  # the head with its tensors as graph inputs, on this runtime
+    head_on_features = True  # head_logits takes backbone features (computed once, cached), not raw input
     _cache: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -226,6 +228,16 @@ class EdgeModel:
             raise ModelError(
                 f"full mode needs feature_dim == prod(input_shape), got {feature_dim} vs {input_shape}"
             )
+        head_runner = None
+        for spec in manifest.get("head_graphs", []):
+            raw = _head_graph_bytes(zf, spec, max_bytes)
+            expected.add(spec["file"])
+            if FORMAT_RUNTIME.get(spec["format"]) == runtime and head_runner is None:
+                head_runner = open_runner(raw, runtime=runtime, threads=threads)
+                want = ["features", *(n for n, _ in head_layout)]
+                if sorted(head_runner.input_names) != sorted(want):
+                    raise ModelError(f"head graph {spec['file']} has inputs {head_runner.input_names}, "
+                                     f"expected {want}; rebuild the package")
         if names != expected:
             raise ModelError(
                 f"model package members {sorted(names)} differ from the expected {sorted(expected)}"
@@ -244,6 +256,7 @@ class EdgeModel:
             digest,
             backbone,
             backbone_spec,
+            head_runner,
         )
 
     def _check_x(self, x: np.ndarray) -> np.ndarray:
@@ -276,6 +289,14 @@ class EdgeModel:
             self._cache[cache_key] = (tag, out)
         return out
 
+    def head_logits(self, head: mlp.Params, features: np.ndarray) -> np.ndarray:
+        """Logits from one runtime call of the head graph, the head tensors fed as graph inputs."""
+        if self.head_runner is None:
+            raise ModelError("this package has no head graph for this runtime; rebuild it with fedfleet >= 0.1")
+        feeds = {"features": np.asarray(features, np.float32)}
+        feeds.update({n: np.asarray(head[n], np.float32) for n, _ in self.head_layout})
+        return self.head_runner.run(feeds)[0]
+
     def clear_cache(self) -> None:
         self._cache.clear()
 
@@ -284,6 +305,20 @@ class EdgeModel:
 
     def accuracy(self, head: mlp.Params, x: np.ndarray, y: np.ndarray, cache_key: str | None = None) -> float:
         return mlp.accuracy(head, self.features(x, cache_key), np.asarray(y))
+
+
+def _head_graph_bytes(zf: zipfile.ZipFile, spec: Any, max_bytes: int) -> bytes:
+    """The bytes of one head graph, after checking its manifest entry and its sha256."""
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), str) for k in ("file", "sha256", "format")):
+        raise ModelError("a manifest head_graphs entry needs file, sha256 and format strings; rebuild the package")
+    if spec["format"] not in FORMAT_RUNTIME:
+        raise ModelError(f"head graph format {spec['format']!r} is unknown; expected one of {list(FORMAT_RUNTIME)}")
+    if spec["file"] not in zf.namelist():
+        raise ModelError(f"the manifest names head graph {spec['file']!r} but the package lacks it")
+    raw = _read_member(zf, spec["file"], max_bytes)
+    if hashlib.sha256(raw).hexdigest() != spec["sha256"]:
+        raise ModelError(f"head graph {spec['file']} fails its sha256 check: the package is corrupt")
+    return raw
 
 
 def _backbone_bytes(zf: zipfile.ZipFile, spec: Any, max_bytes: int) -> bytes:

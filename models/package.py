@@ -26,7 +26,7 @@ import numpy as np
 from edge_agent import mlp
 from edge_agent.errors import ConfigError
 from edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST, package_digest
-from models import backbone
+from models import backbone, head_graph
 
 __all__ = ["BackboneFile", "build_package", "package_digest", "write_zip", "central_head_accuracy"]
 
@@ -147,6 +147,14 @@ def build_package(
         members[BACKBONE_FILE] = backbone_bytes
     for spec, alt in zip(manifest.get("backbone_alternates", []), alternates, strict=True):
         members[spec["file"]] = alt.data
+    # the head with its tensors as graph inputs, for zeroth-order queries in the agent's runtime
+    graphs = {"onnx": head_graph.onnx_head(manifest["head_sizes"]),
+              "tflite": head_graph.tflite_head(manifest["head_sizes"])}
+    manifest["head_graphs"] = [{"file": f"head.{fmt}", "format": fmt, "sha256": hashlib.sha256(data).hexdigest(),
+                                "input": "features", "output": "logits"} for fmt, data in graphs.items()]
+    members[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    for fmt, data in graphs.items():
+        members[f"head.{fmt}"] = data
     return write_zip(members)
 
 

@@ -337,3 +337,20 @@ def test_edge_side_never_imports_torch(blobs: dict[str, bytes], tmp_path) -> Non
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(3, 64)"
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
+@pytest.mark.parametrize("mode", ["transfer", "full"])
+def test_head_graph_with_tensors_as_inputs_matches_numpy(blobs: dict[str, bytes], runtime: str, mode: str) -> None:
+    model = EdgeModel.from_bytes(blobs[mode], runtime=runtime)
+    feats = model.features(fdata.digits().x[:200])
+    head = {k: v + np.float32(0.01) * np.random.default_rng(1).normal(size=v.shape).astype(np.float32)
+            for k, v in model.head_init.items()}
+    np.testing.assert_allclose(model.head_logits(head, feats), mlp.forward(head, feats), atol=1e-5)
+
+
+def test_tampered_head_graph_is_refused(blobs: dict[str, bytes]) -> None:
+    m = members(blobs["full"])
+    m["head.onnx"] = m["head.onnx"][:-4] + b"\x00\x00\x00\x00"
+    with pytest.raises(ModelError, match="head graph"):
+        EdgeModel.from_bytes(write_zip(m))
