@@ -301,7 +301,7 @@ class Coordinator:
         rejected = 0
         need = max(1, int(np.ceil(self.cfg.quorum * len(tasks)))) if tasks else 0
         hard_stop = deadline + self.cfg.grace_s
-        while len(self._received) < len(tasks):
+        while len(self._received | self._refused) < len(tasks):  # every agent answered, well or not
             now = time.time()
             if now >= hard_stop or (now >= deadline and len(results) >= need):
                 break

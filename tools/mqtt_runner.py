@@ -31,7 +31,7 @@ def _package(input_dim: int) -> bytes:
     return _PACKAGES[input_dim]
 
 
-def make_mqtt_runner(broker: str = "mosquitto", *, deadline_s: float = 60.0) -> Callable[..., None]:
+def make_mqtt_runner(broker: str = "mosquitto", *, deadline_s: float = 20.0) -> Callable[..., None]:
     def runner(strategy: Strategy, agents: dict[str, LocalData], rounds: int, *, model: Any = None,
                on_round: Callable[[int, Strategy], None] | None = None) -> None:
         mqtt_runner(strategy, agents, rounds, model=model, on_round=on_round, broker=broker, deadline_s=deadline_s)
@@ -41,7 +41,7 @@ def make_mqtt_runner(broker: str = "mosquitto", *, deadline_s: float = 60.0) -> 
 
 def mqtt_runner(strategy: Strategy, agents: dict[str, LocalData], rounds: int, *, model: Any = None,
                 on_round: Callable[[int, Strategy], None] | None = None, broker: str = "mosquitto",
-                deadline_s: float = 60.0) -> None:
+                deadline_s: float = 20.0) -> None:
     from edge_agent.agent import Agent, AgentConfig
     from tools.broker import start_broker
 
