@@ -28,6 +28,7 @@ from torch import nn
 from coordinator import data as fdata
 from models.export_onnx import export_fp32
 from models.quantize import quantize_qdq
+from models.train import fit
 
 ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "digits-backbone-int8.onnx"
 TFLITE_ARTIFACT = ARTIFACT.with_suffix(".tflite")
@@ -114,18 +115,8 @@ def _pretrain(seed: int, epochs: int, batch_size: int) -> tuple[nn.Sequential, f
     torch.manual_seed(seed)
     extractor = feature_extractor()
     model = nn.Sequential(extractor, nn.Linear(FEATURE_DIM, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    x, y = torch.from_numpy(train_set.x), torch.from_numpy(train_set.y)
-    model.train()
-    for _ in range(epochs):
-        order = torch.from_numpy(rng.permutation(len(train_set)))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
+    fit(model, train_set.x, train_set.y, epochs=epochs, batch_size=batch_size, lr=2e-3, seed=seed,
+        weight_decay=1e-4)
     with torch.no_grad():
         acc = float((model(torch.from_numpy(test_set.x)).argmax(1).numpy() == test_set.y).mean())
     return extractor.eval(), acc

@@ -28,6 +28,7 @@ from torch import nn
 
 from coordinator import data as fdata
 from edge_agent.errors import ConfigError
+from models.train import fit
 
 
 @dataclass(frozen=True)
@@ -126,21 +127,8 @@ def _train(name: str, seed: int, epochs: int | None, batch_size: int) -> nn.Modu
     train_set, _ = datasets(name)
     torch.manual_seed(seed)
     model = entry.build()
-    opt = torch.optim.Adam(model.parameters(), lr=entry.lr)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    x = torch.from_numpy(train_set.x)
-    y = torch.from_numpy(train_set.y)
     n_epochs = entry.epochs if epochs is None else epochs
-    model.train()
-    for _ in range(n_epochs):
-        order = torch.from_numpy(rng.permutation(len(train_set)))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return fit(model, train_set.x, train_set.y, epochs=n_epochs, batch_size=batch_size, lr=entry.lr, seed=seed)
 
 
 @torch.no_grad()
