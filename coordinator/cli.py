@@ -97,6 +97,9 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--secret-file", required=True, help="the fleet secret (keep it off the devices)")
     p.add_argument("--roster", help="comma-separated agent ids (default: agent-00 .. agent-NN)")
     p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a quorum of agents")
+    p.add_argument("--username", help="broker user (with a password file and ACL)")
+    p.add_argument("--password")
+    p.add_argument("--ca-certs", help="CA file for an mqtts:// broker")
     _job_args(p)
     args = p.parse_args(argv)
     from coordinator.config import apply
@@ -106,7 +109,8 @@ def cmd_serve(argv: list[str]) -> int:
     if args.roster:
         apply(cfg, {"roster": [a.strip() for a in args.roster.split(",") if a.strip()]}, "--roster")
     result = serve(cfg, broker=args.broker, secret=_read_secret(args.secret_file),
-                   run_dir=args.run_dir or "runs/serve", wait_s=args.wait)
+                   run_dir=args.run_dir or "runs/serve", wait_s=args.wait, username=args.username,
+                   password=args.password, ca_certs=args.ca_certs)
     _write_json(args.json, result.to_json())
     return 0
 

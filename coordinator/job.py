@@ -173,7 +173,8 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     return result
 
 
-def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wait_s: float = 600.0) -> JobResult:
+def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wait_s: float = 600.0,
+          username: str | None = None, password: str | None = None, ca_certs: str | None = None) -> JobResult:
     """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds."""
     t0 = time.perf_counter()
     small_model_threads()
@@ -186,7 +187,7 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wa
                                seed=cfg.seed)
     coord = Coordinator(broker_url=broker, secret=secret, roster=ids, strategy=strategy, package=blob,
                         evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
-                        config=engine_config(cfg, run))
+                        config=engine_config(cfg, run), username=username, password=password, ca_certs=ca_certs)
     progress = Progress(cfg.rounds, title="fedfleet serve", online=lambda: (len(coord.ready_agents()), len(ids)),
                         joules=lambda: ledger_joules(coord))
     coord.on_round = progress

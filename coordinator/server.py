@@ -86,6 +86,7 @@ class Coordinator:
         on_round: Callable[[RoundSummary], None] | None = None,
         username: str | None = None,
         password: str | None = None,
+        ca_certs: str | None = None,
     ) -> None:
         self.cfg = config
         self.strategy = strategy
@@ -122,6 +123,7 @@ class Coordinator:
             clean_session=True,
             username=username,
             password=password,
+            ca_certs=ca_certs,
         )
         self.ledger.start_run(config.run, {"engine": config.__dict__, "strategy": strategy.name,
                                            "strategy_config": strategy.config, "roster": roster})

@@ -51,3 +51,29 @@ def test_acl_lets_an_agent_publish_only_under_its_own_id():
         pi.stop()
         coord.stop()
         broker.stop()
+
+
+def test_tls_listener_carries_mqtts_and_refuses_plain_mqtt(tmp_path):
+    from tools.tls import make_local_ca
+
+    tls = make_local_ca(tmp_path / "tls")
+    broker = MosquittoBroker(tls=tls)
+    assert broker.url.startswith("mqtts://")
+    got = threading.Event()
+    link = MqttLink(broker.url, client_id="tls-client", on_message=lambda t, p: got.set(), subscriptions=["t/#"],
+                    ca_certs=str(tls.cafile))
+    plain = MqttLink(broker.url.replace("mqtts://", "mqtt://"), client_id="plain", on_message=lambda t, p: None,
+                     subscriptions=[], max_backoff_s=0.5)
+    try:
+        link.start()
+        link.publish("t/x", b"over tls")
+        assert got.wait(5)
+        try:
+            plain.start(wait_s=2)
+            raise AssertionError("a plain MQTT client connected to the TLS listener")
+        except ConnectionError:
+            pass
+    finally:
+        plain.stop()
+        link.stop()
+        broker.stop()

@@ -2,7 +2,8 @@
 
 `start_broker("embedded" | "mosquitto" | "mqtt://host:port")` returns a `Broker` with `.url` and `.stop()`
 (also a context manager). Mosquitto listens on a free loopback port with `set_tcp_nodelay true`; its
-config can add password and ACL files so each agent may publish only under its own id.
+config can add password and ACL files so each agent may publish only under its own id, and TLS
+(`tls=TLSFiles(...)`, e.g. from `tools.tls.make_local_ca`), which makes the URL `mqtts://`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from edge_agent.errors import ConfigError
+from tools.tls import TLSFiles
 
 
 def free_port() -> int:
@@ -56,9 +58,12 @@ class Broker:
 
 
 def mosquitto_config(port: int, *, password_file: Path | None = None, acl_file: Path | None = None,
-                     max_packet_bytes: int = 2 << 20) -> str:
-    lines = [
-        f"listener {port} 127.0.0.1",
+                     max_packet_bytes: int = 2 << 20, tls: TLSFiles | None = None) -> str:
+    lines = [f"listener {port} 127.0.0.1"]
+    if tls is not None:  # this listener speaks TLS only (mqtts://)
+        lines += [f"cafile {tls.cafile}", f"certfile {tls.certfile}", f"keyfile {tls.keyfile}",
+                  "tls_version tlsv1.2"]
+    lines += [
         "set_tcp_nodelay true",
         "persistence false",
         f"max_packet_size {max_packet_bytes}",
@@ -94,7 +99,7 @@ class MosquittoBroker(Broker):
     kind = "mosquitto"
 
     def __init__(self, port: int | None = None, *, users: dict[str, str] | None = None,
-                 coordinator_user: str = "coordinator") -> None:
+                 coordinator_user: str = "coordinator", tls: TLSFiles | None = None) -> None:
         exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if exe is None:
             raise ConfigError("mosquitto is not installed: `apt-get install -y mosquitto`, or use --broker embedded")
@@ -110,7 +115,7 @@ class MosquittoBroker(Broker):
             acl = self._dir / "acl"
             acl.write_text(acl_text(coordinator_user))
         conf = self._dir / "mosquitto.conf"
-        conf.write_text(mosquitto_config(self.port, password_file=pw, acl_file=acl))
+        conf.write_text(mosquitto_config(self.port, password_file=pw, acl_file=acl, tls=tls))
         self._log = open(self._dir / "mosquitto.log", "wb")  # noqa: SIM115
         self._proc = subprocess.Popen([exe, "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
         try:
@@ -119,7 +124,7 @@ class MosquittoBroker(Broker):
             self.stop()
             log_text = (self._dir / "mosquitto.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"mosquitto did not start: {exc}\n{log_text}") from None
-        super().__init__(f"mqtt://127.0.0.1:{self.port}")
+        super().__init__(f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{self.port}")
 
     @property
     def pid(self) -> int:
