@@ -124,13 +124,21 @@ class Coordinator:
             username=username,
             password=password,
             ca_certs=ca_certs,
+            on_connect=self._on_connect,
         )
+        self._connects = 0
         self.ledger.start_run(config.run, {"engine": config.__dict__, "strategy": strategy.name,
                                            "strategy_config": strategy.config, "roster": roster})
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
         self.link.start()
+
+    def _on_connect(self) -> None:
+        """(Re)publish the model package on every connection: a restarted broker has lost its retained copy."""
+        self._connects += 1
+        if self._connects > 1:
+            log.warning("reconnected to the broker; publishing the model package again")
         self.publish_package()
 
     def stop(self) -> None:
