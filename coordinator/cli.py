@@ -56,7 +56,10 @@ def _job_config(args: argparse.Namespace):  # noqa: ANN202
                  if getattr(args, k, None) is not None}
     config.apply(cfg, overrides, "command line")
     if args.uplink:
-        spec = json.loads(args.uplink) if args.uplink.startswith("{") else {"name": args.uplink}
+        try:
+            spec = json.loads(args.uplink) if args.uplink.startswith("{") else {"name": args.uplink}
+        except json.JSONDecodeError as exc:
+            raise FedfleetError(f"--uplink: not valid JSON ({exc})") from None
         cfg.uplink = config.check_codec(spec, "--uplink")
     return cfg
 
