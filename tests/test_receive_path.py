@@ -103,3 +103,22 @@ def test_a_reader_can_open_the_ledger_while_the_coordinator_writes(coord, tmp_pa
         assert len(other.query("SELECT * FROM agent_rounds")) == 1
     finally:
         other.close()
+
+
+def test_replayed_result_is_refused_in_the_same_and_in_a_later_round(coord):
+    messages = _envelopes(_good())
+    assert _deliver(coord, messages) == ["ok"]
+    assert _deliver(coord, messages) == ["rejected"]  # same round: a duplicate
+    coord._received = set()
+    coord.round = 4
+    up, down = {"a1": 0}, {"a1": 0}
+    for m in messages:
+        coord._on_message("fedfleet/v1/f/agents/a1/result", m)
+    outcomes = []
+    while not coord._inbox.empty():
+        out = coord._handle(coord._inbox.get_nowait(), 4, 0, up, down)
+        if out is not None:
+            outcomes.append(out)
+    assert outcomes == ["rejected"]
+    statuses = [r["status"] for r in coord.ledger.query("SELECT status FROM agent_rounds")]
+    assert statuses == ["ok", "rejected:duplicate", "rejected:stale_round"]
