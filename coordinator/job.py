@@ -71,6 +71,17 @@ def summary_table(result: JobResult, console: Any) -> None:
     console.print(t)
 
 
+def serve_metrics(run_dir: Path, port: int | None, console: Any) -> Any:
+    """Prometheus text metrics of the live run at http://127.0.0.1:PORT/metrics (None: not served)."""
+    if port is None:
+        return None
+    from coordinator.metrics import serve
+
+    server = serve(run_dir, port)
+    console.print(f"metrics: http://127.0.0.1:{server.server_address[1]}/metrics", soft_wrap=True)
+    return server
+
+
 def write_report(run_dir: Path) -> Path:
     """The HTML page and PNG plots of the run (`fedfleet report RUN_DIR` renders it again)."""
     from coordinator.report import render
@@ -113,7 +124,7 @@ def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
 
 
 def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | None = None,
-             quiet: bool = False) -> JobResult:
+             quiet: bool = False, metrics_port: int | None = None) -> JobResult:
     """Broker + coordinator + `cfg.agents` in-process agents, `cfg.rounds` rounds."""
     from edge_agent.agent import Agent, AgentConfig
     from edge_agent.meters import open_meter
@@ -153,9 +164,12 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
                                       f"model {cfg.mode} on {cfg.runtime}; energy modelled from the "
                                       f"{DEMO_PROFILE} profile; run dir {run_dir}", soft_wrap=True)
             coord.wait_for_agents(len(ids), timeout_s=60)
+            metrics = serve_metrics(run_dir, metrics_port, progress.console)
             with progress:
                 summaries = coord.run(cfg.rounds)
             coord.settle(1.0)
+            if metrics is not None:
+                metrics.shutdown()
         finally:
             for a in agents:
                 a.stop()
@@ -174,7 +188,8 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
 
 
 def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wait_s: float = 600.0,
-          username: str | None = None, password: str | None = None, ca_certs: str | None = None) -> JobResult:
+          username: str | None = None, password: str | None = None, ca_certs: str | None = None,
+          metrics_port: int | None = None) -> JobResult:
     """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds."""
     t0 = time.perf_counter()
     small_model_threads()
@@ -195,9 +210,12 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wa
         coord.start()
         progress.console.print(f"waiting for {len(ids)} agents on {broker} (fleet {cfg.fleet}) ...")
         coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(ids)))), timeout_s=wait_s)
+        metrics = serve_metrics(run_dir, metrics_port, progress.console)
         with progress:
             summaries = coord.run(cfg.rounds)
         coord.settle(1.0)
+        if metrics is not None:
+            metrics.shutdown()
     finally:
         coord.stop()
     result = JobResult(summaries[-1].accuracy, len(summaries), len(ids), time.perf_counter() - t0,

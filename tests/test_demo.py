@@ -30,6 +30,6 @@ def test_default_demo_reaches_the_accuracy_target(tmp_path):
 
 
 def test_demo_with_litert_agents(tmp_path):
-    result = run_demo(JobConfig(rounds=3, agents=4, runtime="litert"), run_dir=tmp_path, quiet=True)
+    result = run_demo(JobConfig(rounds=3, agents=4, runtime="litert"), run_dir=tmp_path, quiet=True, metrics_port=0)
     assert result.rounds == 3 and result.summaries[-1].ok == 4
     assert result.final_accuracy > 0.5
