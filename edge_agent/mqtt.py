@@ -197,7 +197,8 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         """Queue one message; returns its MQTT bytes. QoS 1 messages survive a reconnect."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+        queued = (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST) if qos else (paho.MQTT_ERR_SUCCESS,)
+        if info.rc not in queued:  # QoS 1 messages stay in paho's queue and go out after a reconnect
             raise ConnectionError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         n = mqtt_publish_bytes(topic, len(payload), qos)
         with self._lock:
