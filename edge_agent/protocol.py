@@ -5,8 +5,11 @@ Topics: `fedfleet/v1/<fleet>/agents/<id>/{status,task,result,telemetry}` and
 
 Envelope (one MQTT message, at most `MAX_MESSAGE_BYTES`):
 
-    magic b"FFLT" | version u8 | header_len u32 BE | header (UTF-8 JSON object) |
-    payload_len u32 BE | payload | HMAC-SHA256(key, everything before it) (32 bytes)
+    magic b"FFLT" | version u8 | header_len u32 BE | header | payload_len u32 BE | payload |
+    HMAC-SHA256(key, everything before it) (32 bytes)
+
+The header is a UTF-8 JSON object; when zlib makes it shorter it is sent zlib-compressed (a zlib stream
+starts with the byte 0x78, which no JSON text does). Decompression is capped at `MAX_HEADER_BYTES`.
 
 Header fields: `kind` (status|task|result|telemetry|model), `fleet`, `agent`, `run`, `round`, `phase`,
 `method`, `codec` (a dict), `layout` ([[name, shape], ...]), `chunk` ([i, n]), `msg` (message id), `digest`
@@ -28,6 +31,7 @@ import json
 import struct
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,11 +91,34 @@ def digest(payload: bytes) -> str:
 
 
 # ---------------------------------------------------------------- envelope
+def _pack_header(header: dict[str, Any]) -> bytes:
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("oversized", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    packed = zlib.compress(raw, 9)
+    return packed if len(packed) < len(raw) else raw
+
+
+def _unpack_header(blob: bytes) -> Any:
+    if blob[:1] == b"\x78":  # a zlib stream (deflate, 32 KiB window); JSON never starts with "x"
+        d = zlib.decompressobj()
+        try:
+            blob = d.decompress(blob, MAX_HEADER_BYTES + 1)
+        except zlib.error as exc:
+            raise ProtocolError("malformed", f"header is neither JSON nor zlib: {exc}") from None
+        if len(blob) > MAX_HEADER_BYTES or d.unconsumed_tail:
+            raise ProtocolError("oversized", f"header inflates past {MAX_HEADER_BYTES} bytes")
+        if not d.eof or d.unused_data:
+            raise ProtocolError("malformed", "compressed header is truncated or has trailing bytes")
+    try:
+        return json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("malformed", f"header is not JSON: {exc}") from None
+
+
 def seal(header: dict[str, Any], payload: bytes, key: bytes) -> bytes:
     """One signed envelope. Raises ProtocolError if it would exceed one MQTT message."""
-    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    if len(head) > MAX_HEADER_BYTES:
-        raise ProtocolError("oversized", f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    head = _pack_header(header)
     body = b"".join([_PREFIX.pack(MAGIC, VERSION, len(head)), head, _LEN.pack(len(payload)), payload])
     if len(body) + MAC_BYTES > MAX_MESSAGE_BYTES:
         raise ProtocolError("oversized", f"envelope of {len(body) + MAC_BYTES} bytes; chunk the payload")
@@ -111,10 +138,7 @@ def peek_header(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str,
         raise ProtocolError("version", f"envelope version {version}, this build speaks {VERSION}")
     if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len + _LEN.size + MAC_BYTES > len(data):
         raise ProtocolError("malformed", f"header length {head_len} does not fit the message")
-    try:
-        header = json.loads(data[_PREFIX.size : _PREFIX.size + head_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("malformed", f"header is not JSON: {exc}") from None
+    header = _unpack_header(bytes(data[_PREFIX.size : _PREFIX.size + head_len]))
     if not isinstance(header, dict):
         raise ProtocolError("malformed", "header is not a JSON object")
     (pay_len,) = _LEN.unpack_from(data, _PREFIX.size + head_len)

@@ -150,3 +150,21 @@ def test_zstd_frame_declaring_a_huge_size_is_refused_before_decompressing():
     with pytest.raises(CodecError):
         codecs.check_spec({"name": "gzip"})
     assert json.loads(json.dumps(codecs.check_spec({"name": "zstd"})))
+
+
+def test_long_headers_travel_zlib_compressed_and_header_bombs_are_refused():
+    import zlib
+
+    header = {"kind": "result", "agent": "a", "layout": [["fc0.weight", [32, 64]]] * 20, "note": "x" * 400}
+    msg = protocol.seal(header, b"p", KEY)
+    assert len(msg) < len(json.dumps(header)) // 2
+    assert _open(msg) == (header, b"p")
+    short = protocol.seal({"kind": "status"}, b"", KEY)
+    assert b'{"kind":"status"}' in short  # short headers stay plain JSON
+    for bad_head, reason in ((zlib.compress(b"{" + b" " * 10_000_000 + b"}"), "oversized"),
+                             (zlib.compress(b'{"kind":"x"}')[:-3], "malformed"),
+                             (b"\x78\x9c garbage", "malformed")):
+        body = b"FFLT\x01" + len(bad_head).to_bytes(4, "big") + bad_head + (0).to_bytes(4, "big")
+        with pytest.raises(ProtocolError) as e:
+            _open(body + bytes(32))
+        assert e.value.reason == reason, bad_head[:10]
