@@ -148,7 +148,11 @@ def test_killed_agent_round_completes_on_quorum_and_restarted_agent_rejoins(mosq
     np.savez(data_path, x=local[0].x, y=local[0].y)
     proc = _agent_process(mosquitto.url, fleet.cfg.fleet, "proc-agent", data_path, tmp_path)
     try:
-        fleet.coord.wait_for_agents(4, 60)
+        try:
+            fleet.coord.wait_for_agents(4, 60)
+        except TimeoutError as exc:  # say why: the agent process's own log
+            log = (tmp_path / "proc-agent.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{exc}; agent exit code {proc.poll()}; its log:\n{log}") from None
         first = fleet.coord.run_round(1)
         assert first.ok == 4
         # round 2: kill the agent process the moment the round starts
