@@ -83,7 +83,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 # FedZip is the default uplink of methods that upload updates (deltas): at z = 0.03 with error feedback it
-# kept MNIST accuracy within 1 point of dense float32 at 122x less uplink (`fedfleet bench fedzip`).
+# kept MNIST accuracy within 1 point of dense float32 (0.916 against 0.921) at 130x less uplink
+# (`fedfleet bench fedzip`, 40 rounds).
 # Methods that upload models, iterates or surrogate weights (MoNNA, FZooS, FedAMD) and the robust
 # aggregators (which compare raw updates) send dense.
 FEDZIP_DEFAULT: dict[str, Any] = {"name": "fedzip", "z": 0.03, "k": 3, "encoding": "e4", "error_feedback": True}
