@@ -37,6 +37,7 @@ from edge_agent.zo.objectives import (
     quadratic_configs,
     quadratic_optimum,
 )
+from tools.benchio import emit
 
 EMPTY = LocalData(np.zeros((0, 1), np.float32), np.zeros(0, np.int64))
 
@@ -305,12 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if limits is not None:
             limits.unregister()
-    result = {"quadratic": quad, "digits_f1": digits}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text + "\n")
+    quad_keys = ("d", "agents", "queries_fedzo", "queries_fzoos", "gap_fedzo", "gap_fzoos", "query_ratio",
+                 "surrogate_cosine")
+    digits_keys = ("fedzo_f1", "fzoos_f1", "queries")
+    result = {"quadratic": {k: quad[k] for k in quad_keys}, "digits_f1": {k: digits[k] for k in digits_keys},
+              "quadratic_details": {k: v for k, v in quad.items() if k not in quad_keys},
+              "digits_f1_details": {k: v for k, v in digits.items() if k not in digits_keys}}
+    emit(result, ("quadratic", "digits_f1"), args.json)
     if args.plot:
         plot(traces, args.plot)
     return 0
