@@ -71,6 +71,30 @@ def summary_table(result: JobResult, console: Any) -> None:
     console.print(t)
 
 
+def run_rounds(coord: Coordinator, rounds: int, progress: Progress, run_dir: Path,
+               metrics_port: int | None) -> list[RoundSummary]:
+    """The rounds under the progress view (and live metrics if asked), then book the last energy reports."""
+    metrics = serve_metrics(run_dir, metrics_port, progress.console)
+    try:
+        with progress:
+            summaries = coord.run(rounds)
+        coord.settle(1.0)
+    finally:
+        if metrics is not None:
+            metrics.shutdown()
+    return summaries
+
+
+def finish(result: JobResult, run_dir: Path, progress: Progress, quiet: bool) -> JobResult:
+    """Write summary.json and the report; print the summary table unless quiet."""
+    (run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+    report = write_report(run_dir)
+    if not quiet:
+        summary_table(result, progress.console)
+        progress.console.print(f"report: {report}", soft_wrap=True)
+    return result
+
+
 def serve_metrics(run_dir: Path, port: int | None, console: Any) -> Any:
     """Prometheus text metrics of the live run at http://127.0.0.1:PORT/metrics (None: not served)."""
     if port is None:
@@ -164,12 +188,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
                                       f"model {cfg.mode} on {cfg.runtime}; energy modelled from the "
                                       f"{DEMO_PROFILE} profile; run dir {run_dir}", soft_wrap=True)
             coord.wait_for_agents(len(ids), timeout_s=60)
-            metrics = serve_metrics(run_dir, metrics_port, progress.console)
-            with progress:
-                summaries = coord.run(cfg.rounds)
-            coord.settle(1.0)
-            if metrics is not None:
-                metrics.shutdown()
+            summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
         finally:
             for a in agents:
                 a.stop()
@@ -179,12 +198,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         wall_s=time.perf_counter() - t0, bytes_up=coord.bytes_up_total, bytes_down=coord.bytes_down_total,
         broker=b.kind, run_dir=str(run_dir), summaries=summaries,
     )
-    (run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
-    report = write_report(run_dir)
-    if not quiet:
-        summary_table(result, progress.console)
-        progress.console.print(f"report: {report}", soft_wrap=True)
-    return result
+    return finish(result, run_dir, progress, quiet)
 
 
 def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wait_s: float = 600.0,
@@ -210,17 +224,9 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wa
         coord.start()
         progress.console.print(f"waiting for {len(ids)} agents on {broker} (fleet {cfg.fleet}) ...")
         coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(ids)))), timeout_s=wait_s)
-        metrics = serve_metrics(run_dir, metrics_port, progress.console)
-        with progress:
-            summaries = coord.run(cfg.rounds)
-        coord.settle(1.0)
-        if metrics is not None:
-            metrics.shutdown()
+        summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
     finally:
         coord.stop()
     result = JobResult(summaries[-1].accuracy, len(summaries), len(ids), time.perf_counter() - t0,
                        coord.bytes_up_total, coord.bytes_down_total, broker, str(run_dir), summaries)
-    (run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
-    summary_table(result, progress.console)
-    progress.console.print(f"report: {write_report(run_dir)}", soft_wrap=True)
-    return result
+    return finish(result, run_dir, progress, quiet=False)
