@@ -87,7 +87,7 @@ def assign_roles(
 ) -> dict[str, str]:
     """FedAMD roles {agent: 'anchor' | 'miner'} for the agents sampled this round."""
     if mode == "constant":
-        if p is None or not 0.0 <= float(p) <= 1.0:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
             raise ConfigError(f"fedamd constant mode needs an anchor probability p in [0, 1], got {p!r}")
         draws = rng.random(len(selected))
         return {a: (ANCHOR if u < float(p) else MINER) for a, u in zip(selected, draws)}

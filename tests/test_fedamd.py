@@ -158,6 +158,38 @@ def test_strategy_miner_update_and_one_round_lag() -> None:
     assert torch.allclose(s.bullseye(), torch.full_like(x0, expected))  # anchors count from the next round
 
 
+def test_auto_p_is_p_star_for_the_fleet_and_table_age_is_recorded() -> None:
+    agents = [f"a{i}" for i in range(20)]
+    s = create_strategy("fedamd", _state(), participants=5, lr=0.1, seed=2)  # p defaults to "auto"
+    layout = s.layout
+    assert s.p is None
+    s.configure(0, 0, agents)
+    s.aggregate(0, 0, [_grad_result(a, 1.0, layout) for a in agents])
+    assert s.history[-1]["table_age_mean"] == 0.0  # the init pass reads no table
+    s.configure(1, 0, agents)
+    assert s.p == pytest.approx(np.sqrt(4 * 16 + 2 * 4) - 8)  # p* with r = M / A = 4: 0.4853
+    s.aggregate(1, 0, [])
+    assert s.history[-1]["table_age_mean"] == 0.0  # the first real round (t = 0) reads rows taken at x_0
+    for rnd in range(2, 5):  # nobody answers: every row ages by one round per round
+        s.configure(rnd, 0, agents)
+        s.aggregate(rnd, 0, [])
+    assert s.history[-1]["table_age_max"] == 3.0 and s.history[-1]["table_age_mean"] == 3.0  # read at t = 3
+    while True:  # a round with an anchor: its row is taken at x_t and is fresh the round after
+        tasks = s.configure(s.t + 1, 0, agents)
+        anchors = [a for a, t in tasks.items() if t.config["role"] == "anchor"]
+        t_now = s.t
+        s.aggregate(t_now + 1, 0, [_grad_result(a, 2.0, layout) for a in tasks])
+        if anchors:
+            break
+    assert all(s.computed_at[a] == t_now for a in anchors)
+    s.configure(s.t + 1, 0, agents)
+    s.aggregate(s.t + 1, 0, [])
+    expected = (len(anchors) * 1 + (20 - len(anchors)) * (t_now + 1)) / 20
+    assert s.history[-1]["table_age_mean"] == pytest.approx(expected)
+    assert s.history[-1]["table_age_max"] == t_now + 1
+    assert s.extra_state()["p"] == s.p
+
+
 def test_strategy_config_errors() -> None:
     with pytest.raises(ConfigError):
         create_strategy("fedamd", _state(), mode="periodic", period=0)
@@ -165,6 +197,10 @@ def test_strategy_config_errors() -> None:
         create_strategy("fedamd", _state(), p=1.2)
     with pytest.raises(ConfigError):
         create_strategy("fedamd", _state(), mode="sometimes")
+    with pytest.raises(ConfigError, match="'auto' or a number"):
+        create_strategy("fedamd", _state(), p="often")
+    with pytest.raises(ConfigError):
+        create_strategy("fedamd", _state(), p=[0.2])
 
 
 def test_fedamd_reduces_loss_end_to_end() -> None:

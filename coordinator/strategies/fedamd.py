@@ -7,17 +7,25 @@
 - Round t: sample A agents uniformly (PCG64 seeded by seed and t), freeze v_t = mean(G), assign roles
   (`coordinator.sampling.assign_roles`, constant mode with probability p or periodic mode with period
   P; an agent not yet in the table is made an anchor). Miners get x_t and v_t, anchors get x_t.
+- p = "auto" (the default) is the paper's p* = sqrt(4 r^2 + 2 r) - 2 r with r = M / A, fixed at the first
+  real round from the number of agents M and A = min(participants, M): 0.485 for M = 20, A = 5 and 0.472 for the
+  reference's M = 20, A = 10. A fixed p refreshes about A * p table rows per round; at the reference's
+  p = 0.2 with A = 5 that is one row in twenty, and `fedfleet bench fedamd` measured the bullseye's error
+  at about 100% of the true gradient's norm (68% at p*), which made p = 0.2 unstable at local learning
+  rates >= 0.1 on digits. `history` records each round's table age (mean and max, in rounds) so a
+  stale table shows.
 - After the round: if at least one miner reported, x_{t+1} = x_t - server_lr * mean_i delta_i (uniform
   weights over miners), else x_{t+1} = x_t. Anchors' gradients then replace their rows of G, so they
   enter the bullseye one round later (the paper's v_{t+1}).
 
-Config: participants (A, 10), mode ("constant" | "periodic"), p (0.2), period, lr (local, 0.01),
+Config: participants (A, 10), mode ("constant" | "periodic"), p ("auto" = p*, or a number in [0, 1]), period, lr (local, 0.01),
 server_lr (1.0), local_steps (K, 10), batch (64), large_batch (0 = whole local set), chunk (256),
 divided (False), seed (2022).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +34,8 @@ from coordinator import robust, sampling
 from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register
 from coordinator.strategies.monna import agent_seed, to_wire
 from edge_agent.errors import ConfigError
+
+log = logging.getLogger("fedfleet.fedamd")
 
 
 @register
@@ -37,7 +47,7 @@ class FedAMDStrategy(Strategy):
         self.layout = layout_of(self.state)
         self.participants = int(config.get("participants", 10))
         self.mode = str(config.get("mode", "constant"))
-        self.p = config.get("p", 0.2)
+        self.p = config.get("p", "auto")
         self.period = config.get("period")
         self.lr = float(config.get("lr", 0.01))
         self.server_lr = float(config.get("server_lr", 1.0))
@@ -47,14 +57,20 @@ class FedAMDStrategy(Strategy):
         self.chunk = int(config.get("chunk", 256))
         self.divided = bool(config.get("divided", False))
         self.seed = int(config.get("seed", 2022))
-        if self.mode == "periodic":
-            self.p = None
-        # validate the role settings once, up front
-        sampling.assign_roles([], 0, sampling.round_rng(0, 0), mode=self.mode, p=self.p, period=self.period)
+        auto_p = self.p == "auto"
+        if isinstance(self.p, bool) or (isinstance(self.p, str) and not auto_p):
+            raise ConfigError(f"fedamd p must be 'auto' or a number in [0, 1], got {self.p!r}")
+        if self.mode == "periodic" or auto_p:
+            self.p = None  # periodic: unused; auto: resolved to p* at the first real round, once M is known
+        # validate the role settings once, up front (an auto p is checked as any value in [0, 1])
+        sampling.assign_roles(
+            [], 0, sampling.round_rng(0, 0), mode=self.mode, p=0.5 if auto_p else self.p, period=self.period
+        )
         if self.local_steps < 1:
             raise ConfigError(f"fedamd local_steps must be >= 1, got {self.local_steps}")
         self.x = robust.flatten(self.state, self.layout)
         self.table: dict[str, torch.Tensor] = {}
+        self.computed_at: dict[str, int] = {}  # round t of the model each table row's gradient was taken at
         self.init_done = False
         self.t = 0
         self.roles: dict[str, str] = {}
@@ -86,12 +102,17 @@ class FedAMDStrategy(Strategy):
                 a: TaskSpec(config=self._config(a, sampling.ANCHOR), tensors=model, expect=self.layout)
                 for a in agents
             }
+        bullseye = self.bullseye()  # frozen v_t (raises if the initialisation pass filled no row)
+        if self.p is None and self.mode == "constant":
+            m, a = len(agents), min(self.participants, len(agents))
+            self.p = sampling.optimal_p(m, a)
+            log.info("fedamd: p = %.4f (p* for M = %d agents, A = %d per round)", self.p, m, a)
         selected = sampling.uniform(sorted(agents), self.participants, sampling.round_rng(self.seed, self.t, 1))
         roles = sampling.assign_roles(
             selected, self.t, sampling.round_rng(self.seed, self.t, 2), mode=self.mode, p=self.p, period=self.period
         )
         self.roles = {a: (sampling.ANCHOR if a not in self.table else r) for a, r in roles.items()}
-        bull = to_wire(self.bullseye(), self.layout, prefix="v.")  # frozen v_t
+        bull = to_wire(bullseye, self.layout, prefix="v.")
         out = {}
         for a, role in self.roles.items():
             tensors = {**model, **bull} if role == sampling.MINER else model
@@ -114,9 +135,18 @@ class FedAMDStrategy(Strategy):
         if deltas:
             self.x = self.x - self.server_lr * torch.stack(deltas).mean(dim=0)
             self.state = robust.unflatten(self.x, self.layout)
+        ages = [float(self.t - self.computed_at[a]) for a in self.table]  # the ages v_t was built from
         self.table.update(grads)  # enters the bullseye at the next round (one-round lag)
+        self.computed_at.update(dict.fromkeys(grads, self.t))
         self.history.append(
-            {"init": float(not self.init_done), "miners": float(len(deltas)), "anchors": float(len(grads)), "grad_evals": evals}
+            {
+                "init": float(not self.init_done),
+                "miners": float(len(deltas)),
+                "anchors": float(len(grads)),
+                "grad_evals": evals,
+                "table_age_mean": sum(ages) / len(ages) if ages else 0.0,
+                "table_age_max": max(ages, default=0.0),
+            }
         )
         if self.init_done:
             self.t += 1
@@ -127,4 +157,10 @@ class FedAMDStrategy(Strategy):
         return self.state
 
     def extra_state(self) -> dict[str, Any]:
-        return {"table": {a: v.clone() for a, v in self.table.items()}, "t": self.t, "init_done": self.init_done}
+        return {
+            "table": {a: v.clone() for a, v in self.table.items()},
+            "computed_at": dict(self.computed_at),
+            "t": self.t,
+            "p": self.p,
+            "init_done": self.init_done,
+        }
