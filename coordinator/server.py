@@ -166,19 +166,41 @@ class Coordinator:
             return sorted(a for a, s in self.online.items()
                           if s.get("state") == "online" and s.get("model") == self.package_digest)
 
-    def wait_for_agents(self, n: int, timeout_s: float) -> list[str]:
-        deadline = time.monotonic() + timeout_s
+    def wait_for_agents(self, n: int, timeout_s: float, *, republish_s: float = 15.0) -> list[str]:
+        """Wait until n agents are online with the current model package.
+
+        An agent that is online but still without the package after `republish_s`, and has reported no
+        error about it (a chunk was refused as damaged, or its delivery was lost), gets the package again: it is republished at most once per
+        `republish_s`, and agents that already hold it ignore the copy.
+        """
+        start = time.monotonic()
+        deadline, next_republish = start + timeout_s, start + republish_s
         while time.monotonic() < deadline:
             ready = self.ready_agents()
             if len(ready) >= n:
                 return ready
+            if time.monotonic() >= next_republish:
+                with self._online_lock:
+                    missing = sorted(a for a, s in self.online.items()  # an agent that refused it says why
+                                     if s.get("state") == "online" and s.get("model") != self.package_digest
+                                     and not s.get("error"))
+                if missing:
+                    log.warning("%d agents online without the model package after %.0f s (%s); publishing it again",
+                                len(missing), time.monotonic() - start, ", ".join(missing[:5]))
+                    self.publish_package()
+                next_republish = time.monotonic() + republish_s
             time.sleep(0.05)
         ready = self.ready_agents()
         with self._online_lock:
             errors = {a: s.get("error") for a, s in self.online.items() if s.get("error")}
+            seen = {a: f"{s.get('state')}, model {'current' if s.get('model') == self.package_digest else s.get('model')}"
+                    for a, s in self.online.items() if a not in ready}
+        unseen = sorted(set(self.keys) - set(ready) - set(seen))
         raise TimeoutError(
             f"only {len(ready)} of {n} agents are online with the model after {timeout_s:.0f} s"
             + (f"; agent errors: {errors}" if errors else "")
+            + (f"; not ready: {dict(list(seen.items())[:10])}" if seen else "")
+            + (f"; never seen: {unseen[:10]}" if unseen else "")
         )
 
     def settle(self, wait_s: float = 1.0) -> None:

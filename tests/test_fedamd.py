@@ -222,9 +222,15 @@ def test_bench_fedamd_quick_smoke(tmp_path, capsys) -> None:
     from tools.benchio import details
 
     path = tmp_path / "fedamd.json"
-    assert bench_fedamd.main(["--quick", "--rounds", "4", "--json", str(path)]) == 0
+    png = tmp_path / "fedamd.png"
+    assert bench_fedamd.main(["--quick", "--rounds", "4", "--json", str(path), "--plot", str(png)]) == 0
     out = json.loads(path.read_text())
     assert {"target_loss", "rounds_to_target_fedavg", "rounds_to_target_fedamd", "round_ratio"} == set(out)
     out.update(details(capsys.readouterr().err))
     assert out["grad_evals_per_round"]["fedavg"] == 5 * 10 * 16
     assert out["rounds_to_target_fedavg"] == 2
+    assert out["fedamd_p"] == pytest.approx(0.4853, abs=1e-4)  # the default p = "auto" is p* for M = 20, A = 5
+    assert out["bullseye_rel_error_median"]["fedamd_p0.2_fresh_bullseye"] == 0.0
+    assert out["bullseye_rel_error_median"]["fedamd_p0.2"] > 0.0
+    assert out["grad_evals_to_target"]["fedavg"] == 2 * 800
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

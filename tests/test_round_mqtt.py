@@ -202,3 +202,36 @@ def test_uplink_codec_is_chosen_per_task(mosquitto, tmp_path, spec):
     codec_rows = {r["codec"] for r in rows(fleet) if r["status"] == "ok"}
     assert codec_rows == {spec["name"] if spec else "fedzip"} and s[-1].ok == 3  # FedZip is FedAvg's default
     assert package  # the session cache is shared with the other tests
+
+
+def test_package_is_republished_to_an_agent_online_without_it(mosquitto, tmp_path):
+    """An agent that says it is online but has no model (a lost delivery) gets the package again while the
+    coordinator waits; one that reported an error about the package does not trigger a republish."""
+    fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("lost",))
+    copies: list[int] = []
+    watcher = MqttLink(mosquitto.url, client_id="watch-model", clean_session=True,
+                       on_message=lambda topic, payload: copies.append(len(payload)) if payload else None,
+                       subscriptions=[protocol.broadcast_topic(fleet.cfg.fleet, "model/0")])
+    watcher.start()
+    try:
+        fleet.coord.wait_for_agents(3, 30)
+        time.sleep(0.3)
+        assert len(copies) == 1  # the retained copy, on subscribing
+        lost = Rogue(mosquitto.url, fleet.cfg.fleet, "lost", None)  # online, model: null
+        with pytest.raises(TimeoutError, match=r"not ready: \{'lost': 'online, model None'\}"):
+            fleet.coord.wait_for_agents(4, 1.6, republish_s=0.5)
+        time.sleep(0.3)
+        assert len(copies) >= 3, copies  # published again at least twice while waiting
+        lost.link.publish(protocol.agent_topic(fleet.cfg.fleet, "lost", "status"), protocol.seal(
+            {"kind": "status", "agent": "lost"}, json.dumps({"state": "online", "model": None,
+                                                             "error": "model_error: broken"}).encode(), lost.key))
+        time.sleep(0.3)
+        before = len(copies)
+        with pytest.raises(TimeoutError, match="model_error: broken"):
+            fleet.coord.wait_for_agents(4, 1.2, republish_s=0.3)
+        time.sleep(0.3)
+        assert len(copies) == before  # an agent that refused the package says why; resending cannot help
+        lost.link.stop()
+    finally:
+        watcher.stop()
+        fleet.close()

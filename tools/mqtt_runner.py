@@ -48,7 +48,7 @@ def mqtt_runner(strategy: Strategy, agents: dict[str, LocalData], rounds: int, *
     del model  # the agents load the model package from the broker, as devices do
     secret = os.urandom(32)
     input_dim = int(next(iter(agents.values())).x.shape[1])
-    fleet = f"bench{os.getpid()}"
+    fleet = f"bench{os.getpid()}-{os.urandom(3).hex()}"  # unique per run: no session of an earlier run can meet it
     with start_broker(broker) as b, tempfile.TemporaryDirectory() as tmp:
         coord = Coordinator(
             broker_url=b.url, secret=secret, roster=list(agents), strategy=strategy, package=_package(input_dim),

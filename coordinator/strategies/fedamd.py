@@ -7,20 +7,20 @@
 - Round t: sample A agents uniformly (PCG64 seeded by seed and t), freeze v_t = mean(G), assign roles
   (`coordinator.sampling.assign_roles`, constant mode with probability p or periodic mode with period
   P; an agent not yet in the table is made an anchor). Miners get x_t and v_t, anchors get x_t.
-- p = "auto" (the default) is the paper's p* = sqrt(4 r^2 + 2 r) - 2 r with r = M / A, fixed at the first
-  real round from the number of agents M and A = min(participants, M): 0.485 for M = 20, A = 5 and 0.472 for the
-  reference's M = 20, A = 10. A fixed p refreshes about A * p table rows per round; at the reference's
-  p = 0.2 with A = 5 that is one row in twenty, and `fedfleet bench fedamd` measured the bullseye's error
-  at about 100% of the true gradient's norm (68% at p*), which made p = 0.2 unstable at local learning
-  rates >= 0.1 on digits. `history` records each round's table age (mean and max, in rounds) so a
-  stale table shows.
+- p = "auto" (the default) is the paper's p* = sqrt(4 r^2 + 2 r) - 2 r with r = M / A, fixed at the
+  first real round from the number of agents M and A = min(participants, M): 0.485 for M = 20, A = 5,
+  and 0.472 for the reference's M = 20, A = 10. A fixed p refreshes about A * p table rows per round. At
+  the reference's p = 0.2 with A = 5 that is one row in twenty: on digits (`fedfleet bench fedamd`) the
+  table was 17.6 rounds old on average and the bullseye's error was 107% of the true gradient's norm
+  (7.5 rounds and 66% at p*), which made p = 0.2 unstable at local learning rates >= 0.1. `history`
+  records each round's table age (mean and max, in rounds), so a stale table shows.
 - After the round: if at least one miner reported, x_{t+1} = x_t - server_lr * mean_i delta_i (uniform
   weights over miners), else x_{t+1} = x_t. Anchors' gradients then replace their rows of G, so they
   enter the bullseye one round later (the paper's v_{t+1}).
 
-Config: participants (A, 10), mode ("constant" | "periodic"), p ("auto" = p*, or a number in [0, 1]), period, lr (local, 0.01),
-server_lr (1.0), local_steps (K, 10), batch (64), large_batch (0 = whole local set), chunk (256),
-divided (False), seed (2022).
+Config: participants (A, 10), mode ("constant" | "periodic"), p ("auto" = p*, or a number in [0, 1]),
+period, lr (local, 0.01), server_lr (1.0), local_steps (K, 10), batch (64), large_batch (0 = whole local
+set), chunk (256), divided (False), seed (2022).
 """
 
 from __future__ import annotations
