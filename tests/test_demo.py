@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from coordinator.config import JobConfig
 from coordinator.job import run_demo
 
@@ -33,3 +35,15 @@ def test_demo_with_litert_agents(tmp_path):
     result = run_demo(JobConfig(rounds=3, agents=4, runtime="litert"), run_dir=tmp_path, quiet=True, metrics_port=0)
     assert result.rounds == 3 and result.summaries[-1].ok == 4
     assert result.final_accuracy > 0.5
+
+
+@pytest.mark.parametrize(("method", "method_config"), [
+    ("fedamd", {}),  # round 1 is the initialisation pass: every agent an anchor, the model does not move
+    ("monna", {}),
+    ("robust_fedavg", {"aggregator": "trimmed_mean", "f": 1}),
+])
+def test_demo_runs_the_robust_and_anchor_sampling_methods(tmp_path, method, method_config):
+    result = run_demo(JobConfig(method=method, rounds=5, agents=4, method_config=method_config), run_dir=tmp_path,
+                      quiet=True, metrics_port=0)
+    assert [s.ok for s in result.summaries] == [4] * 5
+    assert result.final_accuracy > result.summaries[0].accuracy + 0.2, [s.accuracy for s in result.summaries]
