@@ -90,6 +90,8 @@ class Progress:
         if joules is not None:
             parts.append(f"energy {joules:.1f} J")
         parts.append(f"{s.wall_s:5.2f} s [{time.perf_counter() - self.t0:6.1f} s]")
+        if s.note:
+            parts.append(s.note)
         return "  ".join(parts)
 
     # -------------------------------------------------------------- live panel
@@ -105,6 +107,8 @@ class Progress:
         if last:
             t.add_row("last round", f"ok {last.ok}/{last.selected}  late {last.late}  rejected {last.rejected}  "
                                     f"{last.wall_s:.2f} s")
+            if last.note:
+                t.add_row("method", last.note)
         t.add_row("bytes", f"up {self.bytes_up / 1e6:.3f} MB  down {self.bytes_down / 1e6:.3f} MB")
         t.add_row("energy", f"{joules:.1f} J" if joules is not None else "-")
         bar = ProgressBar(total=max(1, self.total), completed=len(self.summaries), width=40)

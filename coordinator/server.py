@@ -67,6 +67,7 @@ class RoundSummary:
     bytes_down: int
     slowest_learn_s: float
     timings: dict[str, float] = field(default_factory=dict)  # dispatch, collect, aggregate, evaluate, checkpoint
+    note: str = ""  # the method's own word on its state (Strategy.round_note), shown in progress lines
 
 
 class Coordinator:
@@ -306,7 +307,8 @@ class Coordinator:
         wall = time.perf_counter() - t0
         timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)
         summary = RoundSummary(r, accuracy, loss, wall, tasked, ok, rejected, late,
-                               self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings)
+                               self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings,
+                               self.strategy.round_note())
         self.ledger.record_round(self.cfg.run, r, accuracy=accuracy, loss=loss, wall_s=wall, selected=tasked,
                                  ok=ok, rejected=rejected, bytes_up=summary.bytes_up, bytes_down=summary.bytes_down)
         if self.on_round is not None:

@@ -170,10 +170,11 @@ def test_progress_plain_lines_when_not_a_terminal():
     p = Progress(2, online=lambda: (7, 9), joules=lambda: 12.5, console=console)
     with p:
         for r in (1, 2):
-            p(RoundSummary(r, 0.5 + r / 10, 1.0, 0.2, 9, 7, 1, 1, 1000, 2000, 0.1))
+            p(RoundSummary(r, 0.5 + r / 10, 1.0, 0.2, 9, 7, 1, 1, 1000, 2000, 0.1, note="table age 3.0" if r == 2 else ""))
     lines = out.getvalue().strip().splitlines()
     assert len(lines) == 2
     assert "round   2/2" in lines[1] and "online 7/9" in lines[1] and "energy 12.5 J" in lines[1]
+    assert lines[1].endswith("table age 3.0") and "table age" not in lines[0]  # the method's note, when it has one
     assert p.bytes_up == 2000
 
 
@@ -182,6 +183,6 @@ def test_progress_live_panel_renders():
     console = Console(file=out, force_terminal=True, width=120)
     p = Progress(3, online=lambda: (4, 5), joules=lambda: 1.0, console=console)
     with p:
-        p(RoundSummary(1, 0.9, 0.3, 0.2, 5, 4, 0, 1, 10, 20, 0.1))
+        p(RoundSummary(1, 0.9, 0.3, 0.2, 5, 4, 0, 1, 10, 20, 0.1, note="fedamd p 0.485"))
     text = out.getvalue()
-    assert "agents online" in text and "4/5" in text
+    assert "agents online" in text and "4/5" in text and "fedamd p 0.485" in text

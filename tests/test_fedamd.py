@@ -166,6 +166,7 @@ def test_auto_p_is_p_star_for_the_fleet_and_table_age_is_recorded() -> None:
     s.configure(0, 0, agents)
     s.aggregate(0, 0, [_grad_result(a, 1.0, layout) for a in agents])
     assert s.history[-1]["table_age_mean"] == 0.0  # the init pass reads no table
+    assert s.round_note() == "fedamd init pass: 20 table rows"
     s.configure(1, 0, agents)
     assert s.p == pytest.approx(np.sqrt(4 * 16 + 2 * 4) - 8)  # p* with r = M / A = 4: 0.4853
     s.aggregate(1, 0, [])
@@ -187,6 +188,8 @@ def test_auto_p_is_p_star_for_the_fleet_and_table_age_is_recorded() -> None:
     expected = (len(anchors) * 1 + (20 - len(anchors)) * (t_now + 1)) / 20
     assert s.history[-1]["table_age_mean"] == pytest.approx(expected)
     assert s.history[-1]["table_age_max"] == t_now + 1
+    note = s.round_note()
+    assert note.startswith("fedamd p 0.485  anchors 0 miners 0") and f"(max {t_now + 1})" in note
     assert s.extra_state()["p"] == s.p
 
 

@@ -65,6 +65,10 @@ class Strategy(ABC):
         """Method state to include in checkpoints (momentum buffers, tables)."""
         return {}
 
+    def round_note(self) -> str:
+        """A few words on the method's own state after the last round, for the progress line ("" = none)."""
+        return ""
+
 
 def task_seed(base: int, round: int, phase: int, agent: str) -> int:
     """A per-(round, phase, agent) seed for the agent's own randomness (batches, directions, exploration):

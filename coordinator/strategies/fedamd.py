@@ -156,6 +156,16 @@ class FedAMDStrategy(Strategy):
     def global_state(self) -> dict[str, torch.Tensor]:
         return self.state
 
+    def round_note(self) -> str:
+        if not self.history:
+            return ""
+        h = self.history[-1]
+        if h["init"]:
+            return f"fedamd init pass: {int(h['anchors'])} table rows"
+        roles = f"p {self.p:.3f}" if self.mode == "constant" and self.p is not None else f"period {self.period}"
+        return (f"fedamd {roles}  anchors {int(h['anchors'])} miners {int(h['miners'])}  "
+                f"table age {h['table_age_mean']:.1f} (max {int(h['table_age_max'])})")
+
     def extra_state(self) -> dict[str, Any]:
         return {
             "table": {a: v.clone() for a, v in self.table.items()},
