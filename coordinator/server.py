@@ -171,8 +171,8 @@ class Coordinator:
         """Wait until n agents are online with the current model package.
 
         An agent that is online but still without the package after `republish_s`, and has reported no
-        error about it (a chunk was refused as damaged, or its delivery was lost), gets the package again: it is republished at most once per
-        `republish_s`, and agents that already hold it ignore the copy.
+        error about it (a chunk was refused as damaged, or its delivery was lost), gets the package again:
+        it is republished at most once per `republish_s`, and agents that already hold it ignore the copy.
         """
         start = time.monotonic()
         deadline, next_republish = start + timeout_s, start + republish_s

@@ -56,12 +56,13 @@ def _shards(seed: int, m: int, alpha: float) -> dict[str, LocalData]:
     return {f"agent-{i:02d}": LocalData(train.x[p], train.y[p]) for i, p in enumerate(parts)}
 
 
-def global_gradient(x: torch.Tensor, layout: Any, shards: dict[str, LocalData]) -> torch.Tensor:
-    """grad F(x) = (1/M) sum_m grad f_m(x) over the whole shards, flattened like the strategy's x."""
+def global_objective(x: torch.Tensor, layout: Any, shards: dict[str, LocalData]) -> tuple[float, torch.Tensor]:
+    """F(x) and grad F(x) = (1/M) sum_m grad f_m(x) over the whole shards, in one pass; the gradient is
+    flattened like the strategy's x."""
     params = {k: v.numpy() for k, v in robust.unflatten(x, layout).items()}
-    grads = [mlp.loss_and_grad(params, d.x, d.y)[1] for d in shards.values()]
+    values, grads = zip(*(mlp.loss_and_grad(params, d.x, d.y) for d in shards.values()))
     mean = {k: torch.from_numpy(np.mean([g[k] for g in grads], axis=0).astype(np.float32)) for k in grads[0]}
-    return robust.flatten(mean, layout)
+    return float(np.mean(values)), robust.flatten(mean, layout)
 
 
 class FreshBullseye(FedAMDStrategy):
@@ -76,7 +77,7 @@ class FreshBullseye(FedAMDStrategy):
 
     def bullseye(self) -> torch.Tensor:
         super().bullseye()  # the same checks
-        return global_gradient(self.x, self.layout, self.shards)
+        return global_objective(self.x, self.layout, self.shards)[1]
 
 
 def run_method(
@@ -119,11 +120,12 @@ def run_method(
                 return
             evals.append(last["grad_evals"])
             ages.append(last["table_age_mean"])
-            true = global_gradient(s.x, s.layout, shards)  # v_{t+1} against grad F(x_{t+1}); 0 when fresh
+            value, true = global_objective(s.x, s.layout, shards)  # v_{t+1} against grad F(x_{t+1}); 0 when fresh
             errors.append(float((s.bullseye() - true).norm() / true.norm()))
+            curve.append(value)
         else:
             evals.append(float(per_round * local_steps * batch))
-        curve.append(global_loss({k: v.numpy() for k, v in s.global_state().items()}, shards))
+            curve.append(global_loss({k: v.numpy() for k, v in s.global_state().items()}, shards))
 
     total = rounds + (0 if method == "fedavg" else 1)  # FedAMD's first engine round is the init pass
     runner(strategy, shards, total, on_round=on_round)
