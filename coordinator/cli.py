@@ -1,8 +1,9 @@
 """`fedfleet`: the coordinator and tools command line.
 
     fedfleet demo [--broker embedded|mosquitto|URL] [--config job.toml] [--json PATH] ...
-    fedfleet serve --broker URL --secret-file F --roster pi-01,pi-02 [--config job.toml]
+    fedfleet serve --broker URL --secret-file F --signing-key-file K --roster pi-01,pi-02 [--config job.toml]
     fedfleet keys --secret-file F ID [ID ...]        per-agent keys for devices
+    fedfleet keys --signing-key-file K --new|--public  make the coordinator's signing key / print its public key
     fedfleet shards --out DIR [--agents N --alpha A]  local data files (.npz) for devices
     fedfleet broker [--port P]                       a Mosquitto broker on loopback, in the foreground
     fedfleet bench NAME [...]                         benchmarks (tools/bench_NAME.py)
@@ -100,6 +101,8 @@ def cmd_serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fedfleet serve", description="run the coordinator for agents on devices")
     p.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     p.add_argument("--secret-file", required=True, help="the fleet secret (keep it off the devices)")
+    p.add_argument("--signing-key-file", required=True,
+                   help="the coordinator's Ed25519 signing key (`fedfleet keys --signing-key-file K --new`)")
     p.add_argument("--roster", help="comma-separated agent ids (default: agent-00 .. agent-NN)")
     p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a quorum of agents")
     p.add_argument("--username", help="broker user (with a password file and ACL)")
@@ -113,7 +116,10 @@ def cmd_serve(argv: list[str]) -> int:
     cfg = _job_config(args)
     if args.roster:
         apply(cfg, {"roster": [a.strip() for a in args.roster.split(",") if a.strip()]}, "--roster")
+    from edge_agent.signing import read_key_file
+
     result = serve(cfg, broker=args.broker, secret=_read_secret(args.secret_file),
+                   signing_key=read_key_file(args.signing_key_file, "--signing-key-file"),
                    run_dir=args.run_dir or "runs/serve", wait_s=args.wait, username=args.username,
                    password=args.password, ca_certs=args.ca_certs, metrics_port=args.metrics_port)
     _write_json(args.json, result.to_json())
@@ -121,11 +127,27 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def cmd_keys(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet keys", description="print each agent's key (hex)")
-    p.add_argument("--secret-file", required=True)
-    p.add_argument("ids", nargs="+")
+    p = argparse.ArgumentParser(prog="fedfleet keys", description="print each agent's key (hex), or make the "
+                                "coordinator's signing key and print its public key")
+    p.add_argument("--secret-file")
+    p.add_argument("--signing-key-file", help="the coordinator's signing key file (coordinator.key)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--new", action="store_true", help="create the signing key file (never overwrites)")
+    mode.add_argument("--public", action="store_true", help="print the public key (hex) for agents to pin")
+    p.add_argument("ids", nargs="*")
     args = p.parse_args(argv)
+    from edge_agent import signing
     from edge_agent.protocol import derive_key, valid_id
+
+    if args.new or args.public:
+        if not args.signing_key_file:
+            raise FedfleetError("--new and --public need --signing-key-file")
+        if args.new:
+            signing.write_private_key_file(args.signing_key_file, signing.new_signing_seed())
+        print(signing.public_key(signing.read_key_file(args.signing_key_file, "--signing-key-file")).hex())
+        return 0
+    if not args.secret_file or not args.ids:
+        raise FedfleetError("give --secret-file F and agent ids, or --signing-key-file K with --new or --public")
 
     secret = _read_secret(args.secret_file)
     for agent in args.ids:

@@ -1,8 +1,9 @@
 """A federated job end to end: data and shards, the model package, broker, coordinator and (for the demo)
 in-process agents; progress lines per round, a summary table and the run directory.
 
-`run_demo(cfg, broker=..., run_dir=...)` is what `fedfleet demo` runs. `serve(cfg, ...)` runs only the
-coordinator, for real agents on devices.
+`run_demo(cfg, broker=..., run_dir=...)` is what `fedfleet demo` runs; it makes a fresh coordinator signing
+key per run and keeps it in the run directory (`coordinator.key`, mode 0600). `serve(cfg, ...)` runs only the
+coordinator, for real agents on devices, with the signing key they pinned.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from coordinator.config import JobConfig, method_config
 from coordinator.progress import Progress
 from coordinator.server import Coordinator, EngineConfig, RoundSummary
 from coordinator.strategies import create as create_strategy
-from edge_agent import protocol
+from edge_agent import protocol, signing
 from edge_agent.learners import LocalData
 
 # demo agents book energy with the Raspberry Pi 4B profile's power model (at this host's speed)
@@ -162,6 +163,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     local, test = shards(cfg)
     blob, cmodel = build(cfg)
     secret = os.urandom(32)
+    signing_key = _run_signing_key(run_dir)
     ids = agent_ids(cfg)[: cfg.agents]
     strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg),
                                seed=cfg.seed)
@@ -170,7 +172,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         coord = Coordinator(
             broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
             evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
-            config=engine_config(cfg, run),
+            config=engine_config(cfg, run), signing_key=signing_key,
         )
         progress = Progress(cfg.rounds, title="fedfleet demo", quiet=quiet,
                             online=lambda: (len(coord.ready_agents()), len(ids)), joules=lambda: ledger_joules(coord))
@@ -179,7 +181,8 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
             coord.start()
             for i, agent_id in enumerate(ids):
                 a = Agent(AgentConfig(b.url, cfg.fleet, agent_id, protocol.derive_key(secret, agent_id),
-                                      runtime=cfg.runtime, profile=DEMO_PROFILE), local[i],
+                                      runtime=cfg.runtime, profile=DEMO_PROFILE,
+                                      coordinator_key=coord.public_key), local[i],
                           meter=open_meter("model", DEMO_PROFILE))
                 a.start()
                 agents.append(a)
@@ -201,7 +204,17 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     return finish(result, run_dir, progress, quiet)
 
 
-def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wait_s: float = 600.0,
+def _run_signing_key(run_dir: Path) -> bytes:
+    """The demo's signing key: the one kept in the run directory, else a fresh one written there (0600)."""
+    path = run_dir / "coordinator.key"
+    if path.exists():
+        return signing.read_key_file(path, "coordinator.key in the run directory")
+    seed = signing.new_signing_seed()
+    signing.write_private_key_file(path, seed)
+    return seed
+
+
+def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run_dir: str | Path, wait_s: float = 600.0,
           username: str | None = None, password: str | None = None, ca_certs: str | None = None,
           metrics_port: int | None = None) -> JobResult:
     """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds."""
@@ -216,7 +229,8 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wa
                                seed=cfg.seed)
     coord = Coordinator(broker_url=broker, secret=secret, roster=ids, strategy=strategy, package=blob,
                         evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
-                        config=engine_config(cfg, run), username=username, password=password, ca_certs=ca_certs)
+                        config=engine_config(cfg, run), signing_key=signing_key, username=username,
+                        password=password, ca_certs=ca_certs)
     progress = Progress(cfg.rounds, title="fedfleet serve", online=lambda: (len(coord.ready_agents()), len(ids)),
                         joules=lambda: ledger_joules(coord))
     coord.on_round = progress

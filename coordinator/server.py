@@ -1,13 +1,17 @@
 """The round engine: select, dispatch, collect (deadline, quorum), validate, aggregate, evaluate, checkpoint.
 
-The MQTT network thread only verifies signatures, reassembles chunks and enqueues complete messages; the
-engine thread validates them against the open round and records every outcome in the ledger. A bad message
-is refused with a reason (`rejected:<reason>`) and the round goes on.
+The MQTT network thread runs the receive path (coordinator/receive.py: MAC first, per-sender reassembly
+caps, schema checks) and enqueues authenticated messages; the engine thread checks them against the open
+round (run, round, the task's codec and layout), bounds what each may contribute (coordinator/update_guard.py)
+and records every outcome in the ledger. A bad message is refused with a reason (`rejected:<reason>`) and
+the round goes on. Only an authenticated answer to the agent's own open task closes its slot in a phase;
+unauthenticated messages are counted and summarised in one row per reason per phase.
+
+Downlink (the model package and tasks) is signed with the coordinator's Ed25519 key (`signing_key`, a seed).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -22,9 +26,11 @@ import numpy as np
 import torch
 
 from coordinator.ledger import Ledger
+from coordinator.receive import ReceivePath
 from coordinator.strategies import ClientResult, Strategy, TaskSpec
-from edge_agent import codecs, protocol
-from edge_agent.errors import CodecError, ProtocolError
+from coordinator.update_guard import UpdateGuard
+from edge_agent import codecs, protocol, signing
+from edge_agent.errors import ConfigError, ProtocolError
 from edge_agent.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,10 @@ class EngineConfig:
     max_result_bytes: int = 64 << 20
     seed: int = 0
     downlink: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    norm_bound: float = 10.0  # refuse updates above this multiple of the running median norm (0: off)
+    weight_cap: float = 4.0  # cap a result's sample weight at this multiple of the median announced count
+    per_sender_pending: int = 4  # partial (chunked) results in flight per agent
+    reject_rows: int = 16  # ledger rows of refusals per agent per phase; the rest are summed in one row
 
 
 @dataclass
@@ -84,6 +94,7 @@ class Coordinator:
         evaluate: Callable[[dict[str, torch.Tensor]], tuple[float, float]],
         run_dir: str | Path,
         config: EngineConfig,
+        signing_key: bytes,
         on_round: Callable[[RoundSummary], None] | None = None,
         username: str | None = None,
         password: str | None = None,
@@ -99,10 +110,21 @@ class Coordinator:
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.run_dir / "ledger.sqlite")
         self.keys = {a: protocol.derive_key(secret, a) for a in roster}
+        if not isinstance(signing_key, bytes) or len(signing_key) != signing.SEED_BYTES:
+            raise ConfigError(f"signing_key must be the coordinator's {signing.SEED_BYTES}-byte Ed25519 seed")
+        self.signing_key = signing_key
+        self.public_key = signing.public_key(signing_key)
         self.online: dict[str, dict[str, Any]] = {}
         self._online_lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, str, dict[str, Any] | None, bytes, int]] = queue.Queue()
-        self._reassembler = protocol.Reassembler(max_total=config.max_result_bytes, max_pending=4 * len(roster) + 16)
+        self.receive = ReceivePath(
+            fleet=config.fleet, keys=self.keys, inbox=self._inbox, on_status=self._on_status,
+            max_result_bytes=config.max_result_bytes, per_sender_pending=config.per_sender_pending,
+            reassembly_timeout_s=config.deadline_s + config.grace_s + 60.0)
+        self.guard = UpdateGuard(norm_bound=config.norm_bound, weight_cap=config.weight_cap)
+        self._announced: dict[str, int] = {}  # samples each tasked agent announced when it was selected
+        self._pending_ok: dict[str, tuple[ClientResult, dict[str, Any]]] = {}  # validated, not yet booked
+        self._reject_count: dict[str, int] = {}
         self._rng = np.random.default_rng(config.seed)
         self.round = 0
         self.phase = 0
@@ -113,13 +135,12 @@ class Coordinator:
         self._down: dict[str, int] = {}
         self._late_bytes: dict[str, int] = {}
         self._timings: dict[str, float] = {}
-        self.bytes_up_total = 0
         self.bytes_down_total = 0
         fleet = config.fleet
         self.link = MqttLink(
             broker_url,
             client_id=f"fedfleet-coordinator-{fleet}",
-            on_message=self._on_message,
+            on_message=self.receive.on_message,
             subscriptions=[f"{protocol.ROOT}/{fleet}/agents/+/{k}" for k in ("status", "result", "telemetry")],
             clean_session=True,
             username=username,
@@ -130,6 +151,11 @@ class Coordinator:
         self._connects = 0
         self.ledger.start_run(config.run, {"engine": config.__dict__, "strategy": strategy.name,
                                            "strategy_config": strategy.config, "roster": roster})
+
+    @property
+    def bytes_up_total(self) -> int:
+        """MQTT bytes of every message on a result topic (authenticated or not)."""
+        return self.receive.bytes_up
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -152,7 +178,7 @@ class Coordinator:
         if package is not None:
             self.package, self.package_digest = package, protocol.digest(package)
         header = {"kind": "model", "fleet": self.cfg.fleet, "agent": "coordinator", "msg": self.package_digest[:16]}
-        chunks = protocol.split(header, self.package, protocol.broadcast_key(self.cfg.fleet))
+        chunks = protocol.split_signed(header, self.package, self.signing_key)
         sent = 0
         for i, chunk in enumerate(chunks):
             sent += self.link.publish(protocol.broadcast_topic(self.cfg.fleet, f"model/{i}"), chunk, retain=True)
@@ -214,62 +240,13 @@ class Coordinator:
                 break
             self._handle(item, self.round, self.phase, {}, {}, closing=True)
         self._drain(self.round, self.phase, {}, {})
+        self._summarise_refusals(self.round, self.phase)
 
     # -------------------------------------------------------------- network thread
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        parsed = protocol.parse_agent_topic(topic)
-        if parsed is None or not payload:
-            return
-        _, agent, kind = parsed
-        nbytes = protocol.mqtt_publish_bytes(topic, len(payload))
-        if kind == "result":
-            self.bytes_up_total += nbytes
-        try:
-            if agent not in self.keys:
-                raise ProtocolError("unknown_agent", f"agent {agent[:64]!r} is not on the roster")
-
-            def key_for(h: dict[str, Any]) -> bytes | None:
-                if h.get("agent") != agent:
-                    raise ProtocolError("spoofed", f"header names agent {str(h.get('agent'))[:64]!r} on {agent}'s topic")
-                return self.keys.get(agent)
-
-            header, body = protocol.open_envelope(payload, key_for)
-            if header.get("kind") != kind:
-                raise ProtocolError("malformed", f"a {header.get('kind')!r} message on a {kind} topic")
-            if kind == "status":
-                self._on_status(agent, body)
-                return
-            if kind == "telemetry":
-                self._on_telemetry(agent, body)
-                return
-            done = self._reassembler.add(header, body)
-            self._inbox.put(("chunk", agent, header, b"", nbytes))
-            if done is not None:
-                self._inbox.put(("result", agent, done[0], done[1], 0))
-        except ProtocolError as exc:
-            if kind == "result":
-                self._inbox.put(("reject", agent, {"reason": exc.reason, "detail": exc.detail}, b"", nbytes))
-            else:
-                log.warning("refused %s message from %s: %s", kind, agent[:64], exc)
-
-    def _on_telemetry(self, agent: str, body: bytes) -> None:
-        try:
-            event = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return
-        if isinstance(event, dict) and event.get("event") == "energy":
-            self._inbox.put(("energy", agent, event, b"", 0))
-        elif isinstance(event, dict):
-            log.info("telemetry from %s: %s", agent, str(event)[:300])
-
-    def _on_status(self, agent: str, body: bytes) -> None:
-        try:
-            status = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return
-        if isinstance(status, dict):
-            with self._online_lock:
-                self.online[agent] = status
+    def _on_status(self, agent: str, status: dict[str, Any]) -> None:
+        """A fresh, authenticated, schema-checked status (from the receive path)."""
+        with self._online_lock:
+            self.online[agent] = status
 
     # -------------------------------------------------------------- rounds
     def select(self) -> list[str]:
@@ -322,12 +299,17 @@ class Coordinator:
         tasks = self.strategy.configure(r, phase, agents)
         self._open = dict(tasks)
         self._received = set()
-        self._refused: set[str] = set()  # selected agents whose result was refused (their row says why)
+        self._refused: set[str] = set()  # selected agents whose own result was refused (their row says why)
+        self._pending_ok = {}
+        self._reject_count = {}
+        with self._online_lock:
+            announced = {a: self.online.get(a, {}).get("samples") for a in tasks}
+        self._announced = {a: v for a, v in announced.items() if type(v) is int and v > 0}
         deadline = time.time() + self.cfg.deadline_s
         down: dict[str, int] = {}
         self._down = down
         for agent, spec in tasks.items():
-            down[agent] = self._dispatch(agent, r, phase, spec, deadline)
+            down[agent] = self._dispatch(agent, r, phase, spec)
         t_sent = time.perf_counter()
         self._timings["dispatch"] += t_sent - t0
         up: dict[str, int] = {a: 0 for a in tasks}
@@ -350,10 +332,14 @@ class Coordinator:
             elif outcome == "rejected":
                 rejected += 1
         self._drain(r, phase, up, down)
+        results, bounded = self._bound(r, phase, results, tasks)
+        rejected += bounded
+        self._book_pending(r, phase, up, down)
         late = [a for a in tasks if a not in self._received and a not in self._refused]
         for agent in late:
             self.ledger.record(self.cfg.run, r, agent, "late", phase=phase, bytes_up=up.get(agent, 0),
                                bytes_down=down.get(agent, 0), detail="no valid result by the deadline")
+        self._summarise_refusals(r, phase)
         self._closed[(r, phase)] = set(late)
         self._open = {}
         t_collected = time.perf_counter()
@@ -363,19 +349,55 @@ class Coordinator:
         self._timings["aggregate"] += time.perf_counter() - t_collected
         return PhaseOutcome(list(tasks), results, rejected, late, time.perf_counter() - t0)
 
-    def _dispatch(self, agent: str, r: int, phase: int, spec: TaskSpec, deadline: float) -> int:
+    def _bound(self, r: int, phase: int, results: list[ClientResult],
+               tasks: dict[str, TaskSpec]) -> tuple[list[ClientResult], int]:
+        """The shared update-norm bound (coordinator/update_guard.py); refused results get their row now."""
+        kind = self.strategy.update_kind(phase)
+        if kind == "none" or not results:
+            return results, 0
+        norms = [self.guard.update_norm(res.tensors, tasks[res.agent].tensors if kind == "model" else None)
+                 for res in results]
+        screened = self.guard.screen(phase, results, norms)
+        for res, norm, bound in screened.refused:
+            _, row = self._pending_ok.pop(res.agent)
+            self.ledger.record(self.cfg.run, r, res.agent, "rejected:norm_bound", phase=phase,
+                               bytes_up=row["bytes_up"], bytes_down=row["bytes_down"],
+                               detail=f"update norm {norm:.4g} exceeds the bound {bound:.4g} "
+                                      f"({self.guard.norm_bound:g} x the running median)")
+        return screened.kept, len(screened.refused)
+
+    def _book_pending(self, r: int, phase: int, up: dict[str, int], down: dict[str, int]) -> None:
+        for agent, (_, row) in sorted(self._pending_ok.items()):
+            row["bytes_up"] = max(row["bytes_up"], up.get(agent, 0))
+            self.ledger.record(self.cfg.run, r, agent, "ok", phase=phase, **row)
+        self._pending_ok = {}
+
+    def _summarise_refusals(self, r: int, phase: int) -> None:
+        """One row per reason for unauthenticated messages, and one per agent for refusals past its row cap."""
+        for reason, (count, nbytes, ids) in sorted(self.receive.take_dropped().items()):
+            self.ledger.record(self.cfg.run, r, "(unauthenticated)", f"rejected:{reason}", phase=phase,
+                               bytes_up=nbytes, detail=f"{count} unauthenticated messages dropped; "
+                                                       f"claimed ids: {', '.join(ids)}"[:500])
+        for agent, count in sorted(self._reject_count.items()):
+            if count > self.cfg.reject_rows:
+                self.ledger.record(self.cfg.run, r, agent, "rejected:rate_limited", phase=phase,
+                                   detail=f"{count - self.cfg.reject_rows} more refusals in this phase not itemised")
+        self._reject_count = {}
+
+    def _dispatch(self, agent: str, r: int, phase: int, spec: TaskSpec) -> int:
         layout = [(n, tuple(np.shape(t))) for n, t in spec.tensors.items()]
         payload = codecs.encode(spec.tensors, layout, self.cfg.downlink)
         header = {
             "kind": "task", "fleet": self.cfg.fleet, "agent": agent, "run": self.cfg.run, "round": r,
             "phase": phase, "method": self.strategy.name, "codec": self.cfg.downlink,
-            "layout": [[n, list(s)] for n, s in layout], "deadline": deadline, "model": self.package_digest,
+            "layout": [[n, list(s)] for n, s in layout], "sent": time.time(), "ttl": self.cfg.deadline_s,
+            "model": self.package_digest,
             "meta": {"config": spec.config, "expect": [[n, list(s)] for n, s in spec.expect],
                      "uplink": spec.uplink_codec},
         }
         topic = protocol.agent_topic(self.cfg.fleet, agent, "task")
         sent = 0
-        for chunk in protocol.split(header, payload, self.keys[agent]):
+        for chunk in protocol.split_signed(header, payload, self.signing_key):
             sent += self.link.publish(topic, chunk)
         self.bytes_down_total += sent
         return sent
@@ -393,10 +415,7 @@ class Coordinator:
         kind, agent, header, body, nbytes = item
         if kind == "energy":
             assert header is not None
-            values = [header.get(k) for k in ("round", "phase", "compute_j", "radio_j", "idle_j")]
-            if header.get("run") == self.cfg.run and all(isinstance(v, (int, float)) for v in values):
-                self.ledger.add_energy(self.cfg.run, int(values[0]), int(values[1]), agent, compute_j=float(values[2]),
-                                       radio_j=float(values[3]), idle_j=float(values[4]))
+            self._book_energy(agent, header)
             return None
         if kind == "chunk":
             if agent in up and agent not in self._received:
@@ -406,7 +425,8 @@ class Coordinator:
             return None
         if kind == "reject":
             assert header is not None
-            self._reject(r, phase, agent, header["reason"], header.get("detail", ""), nbytes)
+            own = header.get("run") == self.cfg.run and header.get("round") == r and header.get("phase") == phase
+            self._reject(r, phase, agent, header["reason"], header.get("detail", ""), nbytes, answers=own)
             return "rejected"
         assert header is not None
         try:
@@ -416,35 +436,56 @@ class Coordinator:
                 self.ledger.add_bytes(self.cfg.run, int(header["round"]), int(header.get("phase", 0)), agent,
                                       self._late_bytes.pop(agent, 0))
                 return None
-            self._reject(r, phase, agent, exc.reason, exc.detail, 0, bytes_up=up.get(agent, 0) if agent in self._open else 0)
+            own = exc.reason not in ("stale_round", "future_round", "wrong_run", "not_selected")
+            self._reject(r, phase, agent, exc.reason, exc.detail, 0,
+                         bytes_up=up.get(agent, 0) if agent in self._open else 0, answers=own)
             return "rejected"
         self._received.add(agent)
-        meta = header.get("meta", {})
-        metrics = meta.get("metrics") or {}
-        queries = metrics.get("queries")
-        self.ledger.record(
-            self.cfg.run, r, agent, "ok", phase=phase, bytes_up=up.get(agent, 0),
-            bytes_down=0 if agent in self._refused else down.get(agent, 0),
+        meta = header["meta"]
+        metrics = result.metrics
+        claimed = meta["samples"]
+        self._pending_ok[agent] = (result, dict(
+            bytes_up=up.get(agent, 0), bytes_down=0 if agent in self._refused else down.get(agent, 0),
             learn_s=float(meta.get("learn_s", 0.0)), samples=result.samples,
-            queries=int(queries) if isinstance(queries, (int, float)) else None, profile=str(meta.get("profile")),
-            codec=str(header.get("codec", {}).get("name")),
-        )
+            queries=int(metrics["queries"]) if "queries" in metrics else None, profile=str(meta.get("profile")),
+            codec=str(header["codec"].get("name")),
+            detail=None if claimed == result.samples else f"weight {result.samples} (claimed {claimed} samples)",
+        ))
         return result
 
-    def _reject(self, r: int, phase: int, agent: str, reason: str, detail: str, nbytes: int, bytes_up: int = 0) -> None:
+    def _book_energy(self, agent: str, event: dict[str, Any]) -> None:
+        """Energy reports come right after an upload; one for a result not booked yet rides on its row."""
+        if event["run"] != self.cfg.run:
+            return
+        energy = {f"energy_{k}": float(event[k]) for k in ("compute_j", "radio_j", "idle_j")}
+        pending = self._pending_ok.get(agent)
+        if pending is not None and (event["round"], event.get("phase", 0)) == (self.round, self.phase):
+            pending[1].update(energy)
+            return
+        self.ledger.add_energy(self.cfg.run, event["round"], event.get("phase", 0), agent,
+                               compute_j=energy["energy_compute_j"], radio_j=energy["energy_radio_j"],
+                               idle_j=energy["energy_idle_j"])
+
+    def _reject(self, r: int, phase: int, agent: str, reason: str, detail: str, nbytes: int, bytes_up: int = 0,
+                *, answers: bool = True) -> None:
+        """Record a refusal of an authenticated message. It closes the agent's slot in the phase only when it
+        `answers` the agent's own open task (a replayed old message must not close it)."""
         bytes_down = 0
-        if agent in self._open and agent not in self._refused and agent not in self._received:
+        if answers and agent in self._open and agent not in self._refused and agent not in self._received:
             self._refused.add(agent)
             bytes_down = self._down.get(agent, 0)  # its task's bytes go on its first refusal row (no late row)
+        n = self._reject_count[agent] = self._reject_count.get(agent, 0) + 1
+        if n > self.cfg.reject_rows and not bytes_down:
+            return  # counted; `_summarise_refusals` writes one row for the rest
         self.ledger.record(self.cfg.run, r, agent[:64], f"rejected:{reason}", phase=phase,
                            bytes_up=max(nbytes, bytes_up), bytes_down=bytes_down, detail=detail[:500])
 
     def _validate(self, agent: str, header: dict[str, Any], body: bytes, r: int, phase: int, closing: bool) -> ClientResult:
-        if header.get("run") != self.cfg.run:
-            raise ProtocolError("wrong_run", f"result for run {str(header.get('run'))[:64]!r}")
-        hr, hp = header.get("round"), header.get("phase", 0)
-        if not isinstance(hr, int) or not isinstance(hp, int):
-            raise ProtocolError("malformed", "round and phase must be integers")
+        """Check a complete, schema-checked result against the open task (coordinator/receive.py checked
+        every field's type and range)."""
+        if header["run"] != self.cfg.run:
+            raise ProtocolError("wrong_run", f"result for run {header['run'][:64]!r}")
+        hr, hp = header["round"], header.get("phase", 0)
         if hr > r or (hr == r and hp > phase):
             raise ProtocolError("future_round", f"result for round {hr}.{hp} while {r}.{phase} is open")
         if hr < r or hp < phase:
@@ -456,24 +497,19 @@ class Coordinator:
             raise ProtocolError("not_selected", f"{agent} has no task in round {r}.{phase}")
         if agent in self._received:
             raise ProtocolError("duplicate", f"second result from {agent} in round {r}.{phase}")
-        codec = header.get("codec")
-        if not isinstance(codec, dict) or codec.get("name") != spec.uplink_codec.get("name"):
-            raise ProtocolError("codec", f"result codec {str(codec)[:80]} differs from the task's {spec.uplink_codec}")
-        layout = codecs.normalize_layout(header.get("layout"))
+        want = _as_json(spec.uplink_codec)
+        if header["codec"] != want:
+            raise ProtocolError("codec", f"result codec {str(header['codec'])[:120]} is not the task's {want}")
+        layout = codecs.normalize_layout(header["layout"])
         if layout != [(n, tuple(s)) for n, s in spec.expect]:
             raise ProtocolError("shape", "result layout differs from the task's expected layout")
-        try:
-            tensors = codecs.decode(body, layout, codec, max_bytes=self.cfg.max_result_bytes)
-        except CodecError:
-            raise
+        tensors = codecs.decode(body, layout, want, max_bytes=self.cfg.max_result_bytes)  # the task's spec
         if not codecs.all_finite(tensors):
             raise ProtocolError("nonfinite", "result holds NaN or Inf values")
-        meta = header.get("meta")
-        samples = meta.get("samples") if isinstance(meta, dict) else None
-        if not isinstance(samples, int) or not 0 < samples < 1 << 31:
-            raise ProtocolError("malformed", "meta.samples must be a positive integer")
-        metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
-        metrics["_learn_s"] = float(meta.get("learn_s", 0.0)) if isinstance(meta.get("learn_s"), (int, float)) else 0.0
+        meta = header["meta"]
+        samples = self.guard.weight(meta["samples"], self._announced.get(agent), list(self._announced.values()))
+        metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if v is not None}
+        metrics["_learn_s"] = float(meta.get("learn_s", 0.0))
         return ClientResult(agent, tensors, samples, metrics)
 
     def _checkpoint(self, r: int) -> None:
@@ -489,3 +525,10 @@ class Coordinator:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
 
+
+
+def _as_json(value: Any) -> Any:
+    """`value` as it looks after a JSON round trip (tuples become lists), to compare with a header."""
+    import json
+
+    return json.loads(json.dumps(value))

@@ -2,6 +2,13 @@
 
 Network callbacks only verify, reassemble and enqueue; a worker thread loads models and runs learners,
 so the MQTT keep-alive never stalls behind a long learning step.
+
+Trust: tasks and model packages must carry the coordinator's Ed25519 signature under the public key pinned
+in `AgentConfig.coordinator_key`; anything else is refused (a typed `ProtocolError`, logged and counted in
+`refused`), and the current model stays until a correctly signed package arrives. An agent without a pinned
+key refuses every task and package and says so in its status. A task's deadline is the agent's own receive
+time plus the task's `ttl` (monotonic clock); wall clocks are compared only to refuse tasks older than
+`ttl + max_skew_s`, so an agent whose clock is off by less than `max_skew_s` loses nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class AgentConfig:
     password: str | None = None
     ca_certs: str | None = None
     extra_status: dict[str, Any] = field(default_factory=dict)
+    coordinator_key: bytes | None = None  # the pinned raw Ed25519 public key of the coordinator
+    max_skew_s: float = 300.0  # tolerated difference between this device's clock and the coordinator's
 
 
 class Agent:
@@ -67,26 +76,29 @@ class Agent:
         self.feedback: dict[str, Any] = {}  # uplink error-feedback state per method
         self.rounds_done = 0
         self.tasks_dropped = 0
+        self.refused: dict[str, int] = {}  # refused downlink messages by reason
+        self._epoch, self._n = 0, 0  # freshness of status and telemetry: seq = [epoch, n]
+        self._seq_lock = threading.Lock()
+        self.trust_error = (None if config.coordinator_key else
+                            "no coordinator key pinned (--coordinator-key-file): refusing every task and package")
         self._done: set[tuple[str, int, int]] = set()
         self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self._waiting: list[tuple[dict[str, Any], bytes]] = []
         self._tasks = protocol.Reassembler(max_total=MAX_TASK_BYTES, max_pending=8)
         self._models = protocol.Reassembler(max_total=MAX_MODEL_BYTES, max_pending=4)
-        self._bkey = protocol.broadcast_key(config.fleet)
         t = protocol.agent_topic
         self._status_topic = t(config.fleet, config.agent_id, "status")
         self._result_topic = t(config.fleet, config.agent_id, "result")
         self._telemetry_topic = t(config.fleet, config.agent_id, "telemetry")
         self._task_topic = t(config.fleet, config.agent_id, "task")
         self._model_prefix = protocol.broadcast_topic(config.fleet, "model/")
-        will = (self._status_topic, self._status_payload("offline"), True)
         self.link = MqttLink(
             config.broker,
             client_id=f"fedfleet-{config.fleet}-{config.agent_id}",
             on_message=self._on_message,
             subscriptions=[self._task_topic, protocol.broadcast_topic(config.fleet, "model/#")],
             clean_session=False,
-            will=will,
+            will=self._will,
             on_connect=self._announce,
             username=config.username,
             password=config.password,
@@ -119,19 +131,35 @@ class Agent:
             self.stop()
 
     # -------------------------------------------------------------- status
-    def _status_payload(self, state: str, **extra: Any) -> bytes:
+    def _seq(self, *, will: bool = False) -> list[int]:
+        """The next freshness stamp [epoch, n]. A will opens a new epoch (one per connection, in ms, always
+        above the last) and takes n = WILL_SEQ, above every n its connection will use."""
+        with self._seq_lock:
+            if will:
+                self._epoch, self._n = max(self._epoch + 1, int(time.time() * 1000)), 0
+                return [self._epoch, protocol.WILL_SEQ]
+            self._n = min(self._n + 1, protocol.WILL_SEQ - 1)
+            return [self._epoch, self._n]
+
+    def _will(self) -> tuple[str, bytes, bool]:
+        return self._status_topic, self._status_payload("offline", will=True), True
+
+    def _status_payload(self, state: str, *, will: bool = False, **extra: Any) -> bytes:
         body = {"state": state, "runtime": self.cfg.runtime, "profile": self.cfg.profile,
                 "samples": len(self.data), "model": getattr(self, "model_digest", None), **self.cfg.extra_status,
                 **extra}
-        header = {"kind": "status", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "sent": time.time()}
+        header = {"kind": "status", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "sent": time.time(),
+                  "seq": self._seq(will=will)}
         return protocol.seal(header, json.dumps(body).encode(), self.cfg.key)
 
     def _announce(self) -> None:
-        extra = {"error": self.model_error} if self.model_error else {}
+        error = self.trust_error or self.model_error
+        extra = {"error": error} if error else {}
         self.link.publish(self._status_topic, self._status_payload("online", **extra), retain=True)
 
     def _telemetry(self, event: str, **fields: Any) -> None:
-        header = {"kind": "telemetry", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "sent": time.time()}
+        header = {"kind": "telemetry", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "sent": time.time(),
+                  "seq": self._seq()}
         body = json.dumps({"event": event, **fields}, default=str).encode()
         self.link.publish(self._telemetry_topic, protocol.seal(header, body, self.cfg.key))
 
@@ -143,20 +171,28 @@ class Agent:
             log.debug("agent %s ignores a message on %s (not subscribed)", self.cfg.agent_id, topic)
             return
         try:
+            if self.cfg.coordinator_key is None:
+                raise ProtocolError("no_coordinator_key", "no coordinator key is pinned")
+            header, body = protocol.open_signed(payload, self.cfg.coordinator_key)
+            if header.get("fleet") != self.cfg.fleet:
+                raise ProtocolError("spoofed", "signed for another fleet")
             if topic.startswith(self._model_prefix):
-                header, body = protocol.open_envelope(payload, lambda h: self._bkey)
-                done = self._models.add(header, body)
+                if header.get("kind") != "model":
+                    raise ProtocolError("spoofed", f"a {str(header.get('kind'))[:16]!r} message on a model topic")
+                done = self._models.add(header, body, sender="coordinator")
                 if done is not None and done[0].get("digest") != self.model_digest:
                     self._work.put(("model", done[0], done[1]))
             else:
-                header, body = protocol.open_envelope(payload, lambda h: self.cfg.key)
                 if header.get("agent") != self.cfg.agent_id or header.get("kind") != "task":
                     raise ProtocolError("spoofed", "task addressed to another agent")
-                done = self._tasks.add(header, body)
+                done = self._tasks.add(header, body, sender="coordinator")
                 if done is not None:
-                    self._work.put(("task", done[0], done[1]))
+                    self._work.put(("task", {**done[0], "_received": time.monotonic()}, done[1]))
         except ProtocolError as exc:
-            log.warning("agent %s refused a message on %s: %s", self.cfg.agent_id, topic, exc)
+            n = self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            if n <= 5 or n % 100 == 0:
+                log.warning("agent %s refused a message on %s (%d so far for this reason): %s",
+                            self.cfg.agent_id, topic, n, exc)
 
     # -------------------------------------------------------------- worker thread
     def _work_loop(self) -> None:
@@ -220,12 +256,13 @@ class Agent:
         key = (str(header.get("run")), int(header.get("round", -1)), int(header.get("phase", 0)))
         if key in self._done:
             return  # QoS 1 may deliver twice
-        deadline = float(header.get("deadline") or 0)
-        if deadline and time.time() > deadline:
+        late = self._expired(header)
+        if late:
             self._done.add(key)
             self.tasks_dropped += 1
-            self._safe_telemetry("dropped_task", run=key[0], round=key[1], phase=key[2], reason="deadline passed")
+            self._safe_telemetry("dropped_task", run=key[0], round=key[1], phase=key[2], reason=late)
             return
+        deadline = time.time() + self._remaining(header)
         if header.get("model") != self.model_digest:
             self._waiting.append((header, body))  # the package is still arriving
             return
@@ -255,6 +292,26 @@ class Agent:
                 pass  # the task's download, booked by bytes
             energy = self.meter.take().as_dict()
             self._safe_telemetry("energy", run=task.run, round=task.round, phase=task.phase, **energy)
+
+    def _remaining(self, header: dict[str, Any]) -> float:
+        """Seconds left on the task: its ttl from this agent's own receive time (monotonic)."""
+        ttl = header.get("ttl")
+        if not isinstance(ttl, (int, float)) or not 0 < ttl <= 86400:
+            return 0.0
+        return float(header.get("_received", time.monotonic())) + float(ttl) - time.monotonic()
+
+    def _expired(self, header: dict[str, Any]) -> str:
+        """Why the task is too late to run ("" when it is not): its ttl ran out since it was received, or the
+        coordinator stamped it more than ttl + max_skew_s ago by this device's clock (a replay or a delivery
+        held back far longer than any clock skew explains)."""
+        ttl, sent = header.get("ttl"), header.get("sent")
+        if not isinstance(ttl, (int, float)) or not isinstance(sent, (int, float)):
+            return "task has no ttl or send time"
+        if self._remaining(header) <= 0:
+            return "deadline passed"
+        if time.time() - float(sent) > float(ttl) + self.cfg.max_skew_s:
+            return f"task sent {time.time() - float(sent):.0f} s ago by this clock; ttl {ttl} s + skew {self.cfg.max_skew_s} s"
+        return ""
 
     def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> None:
         meta = header.get("meta", {})

@@ -1,10 +1,13 @@
 """`fedfleet-agent`: run one edge agent on a device (or in a terminal) until interrupted.
 
     fedfleet-agent --broker mqtts://host:8883 --fleet lab --id pi-07 --key-file pi-07.key --data pi-07.npz \
+                   --coordinator-key-file coordinator.pub \
                    [--runtime onnxruntime|litert] [--threads 2] [--profile rpi4] [--ca-certs ca.pem]
 
-The key is the agent's own key (`fedfleet keys` prints it on the coordinator host); the data file is a
-.npz with `x` and `y`. Errors in options print one clear line and exit 2.
+The key is the agent's own key (`fedfleet keys` prints it on the coordinator host); the coordinator key is
+the public half of the coordinator's signing key (`fedfleet keys --signing-key-file K --public`), which the
+agent pins: it takes tasks and model packages signed with it and nothing else. The data file is a .npz with
+`x` and `y`. Errors in options print one clear line and exit 2.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id", required=True, dest="agent_id")
     p.add_argument("--key")
     p.add_argument("--key-file")
+    p.add_argument("--coordinator-key-file", required=True,
+                   help="the coordinator's public key (coordinator.pub, 64 hex characters) to pin")
+    p.add_argument("--max-skew", type=float, default=300.0, dest="max_skew_s",
+                   help="seconds this device's clock may differ from the coordinator's (default 300)")
     p.add_argument("--data", required=True, help=".npz with x and y")
     p.add_argument("--runtime", choices=("onnxruntime", "litert"))
     p.add_argument("--threads", type=int, default=1)
@@ -57,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # numpy is not imported yet
         os.environ.setdefault(var, str(max(1, args.threads)))
     from edge_agent.agent import Agent, AgentConfig, load_npz
+    from edge_agent.signing import read_key_file
 
     try:
+        if not 0 <= args.max_skew_s < 86400:
+            raise FedfleetError(f"--max-skew must be a number of seconds in [0, 86400), got {args.max_skew_s}")
         runtime, threads = args.runtime, args.threads
         if args.profile and runtime is None:
             from firmware_profiles.schema import load_profile
@@ -68,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             threads = args.threads if args.threads != 1 else prof.threads
         cfg = AgentConfig(args.broker, args.fleet, args.agent_id, _key(args), runtime=runtime or "onnxruntime",
                           threads=threads, profile=args.profile, username=args.username,
-                          password=args.password, ca_certs=args.ca_certs)
+                          password=args.password, ca_certs=args.ca_certs,
+                          coordinator_key=read_key_file(args.coordinator_key_file, "--coordinator-key-file"),
+                          max_skew_s=args.max_skew_s)
         meter = None
         if args.meter != "none":
             from edge_agent.meters import MeterError, open_meter

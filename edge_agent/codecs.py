@@ -82,14 +82,23 @@ def zstd_decompress(data: bytes, max_bytes: int) -> bytes:
     return out
 
 
+def fedzip_params(spec: dict[str, Any]) -> Any:
+    """The FedZipParams of a codec spec. Unknown fields or out-of-range values are a CodecError("codec")."""
+    from edge_agent import fedzip
+    from edge_agent.errors import ConfigError
+
+    try:
+        return fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CodecError(f"bad fedzip parameters: {str(exc)[:200]}", reason="codec") from None
+
+
 def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Validate a codec spec; returns it. Raises CodecError naming what is wrong."""
     if not isinstance(spec, dict) or spec.get("name") not in NAMES:
         raise CodecError(f"unknown codec {spec!r}; choose one of {', '.join(NAMES)}", reason="codec")
     if spec["name"] == "fedzip":
-        from edge_agent import fedzip
-
-        fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
+        fedzip_params(spec)
     return spec
 
 
@@ -116,11 +125,13 @@ def decode(data: bytes, layout: Layout, spec: dict[str, Any], *, max_bytes: int)
     if name == "none":
         return unpack(data, layout)
     if name == "zstd":
+        if set(spec) - {"name", "level"}:
+            raise CodecError(f"unknown zstd codec fields {sorted(set(spec) - {'name', 'level'})}", reason="codec")
         return unpack(zstd_decompress(data, want), layout)
     if name == "fedzip":
         from edge_agent import fedzip
 
-        params = fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
+        params = fedzip_params(spec)
         try:
             return fedzip.decode(data, layout, params, max_bytes=max_bytes)
         except CodecError:

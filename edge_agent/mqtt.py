@@ -66,7 +66,7 @@ class MqttLink:
         on_message: MessageHandler,
         subscriptions: list[str],
         clean_session: bool = False,
-        will: tuple[str, bytes, bool] | None = None,
+        will: tuple[str, bytes, bool] | Callable[[], tuple[str, bytes, bool]] | None = None,
         on_connect: Callable[[], None] | None = None,
         username: str | None = None,
         password: str | None = None,
@@ -102,10 +102,17 @@ class MqttLink:
             c.username_pw_set(username, password)
         if self.url.tls:
             c.tls_set(ca_certs=ca_certs)
-        if will is not None:
-            c.will_set(will[0], will[1], qos=1, retain=will[2])
+        self._will = will
         self._client = c
+        self._set_will()
         self._thread: threading.Thread | None = None
+
+    def _set_will(self) -> None:
+        """A callable will is asked for a fresh will before every (re)connection, so each connection's will
+        can carry its own sequence number."""
+        will = self._will() if callable(self._will) else self._will
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=will[2])
 
     # -------------------------------------------------------------- lifecycle
     def start(self, wait_s: float = 10.0) -> None:
@@ -138,6 +145,8 @@ class MqttLink:
         first = True
         while not self._stop.is_set():
             try:
+                if callable(self._will):
+                    self._set_will()
                 if first:
                     self._client.connect(self.url.host, self.url.port, keepalive=self.keepalive)
                     first = False

@@ -11,10 +11,12 @@ from coordinator.config import JobConfig, method_config
 from coordinator.job import agent_ids, build, engine_config, shards
 from coordinator.server import Coordinator, RoundSummary
 from coordinator.strategies import create as create_strategy
-from edge_agent import protocol
+from edge_agent import protocol, signing
 from edge_agent.agent import Agent, AgentConfig
 
 SECRET = b"fedfleet-test-secret-0123456789ab"
+SIGNING_KEY = bytes(range(100, 132))  # the coordinator's Ed25519 seed in tests
+COORDINATOR_KEY = signing.public_key(SIGNING_KEY)
 _PACKAGES: dict[str, tuple[bytes, Any]] = {}
 
 
@@ -71,12 +73,13 @@ def start_fleet(broker_url: str, run_dir: Path, *, roster_extra: tuple[str, ...]
     ecfg.grace_s = overrides.get("grace_s", 0.0)
     coord = Coordinator(broker_url=broker_url, secret=SECRET, roster=ids + list(roster_extra), strategy=strategy,
                         package=blob, evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=run_dir,
-                        config=ecfg)
+                        config=ecfg, signing_key=SIGNING_KEY)
     coord.start()
     agents = {}
     if start_agents:
         for i, agent_id in enumerate(ids):
-            a = Agent(AgentConfig(broker_url, cfg.fleet, agent_id, protocol.derive_key(SECRET, agent_id)), local[i])
+            a = Agent(AgentConfig(broker_url, cfg.fleet, agent_id, protocol.derive_key(SECRET, agent_id),
+                                  coordinator_key=COORDINATOR_KEY), local[i])
             a.start()
             agents[agent_id] = a
     return Fleet(coord, agents, cfg)

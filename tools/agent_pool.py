@@ -78,11 +78,13 @@ class AgentPool:
     def __init__(self, url: str, fleet: str, secret: bytes, members: dict[str, LocalData], *, processes: int = 2,
                  share_model: bool = False, factory: str | None = None,
                  per_agent: dict[str, dict[str, Any]] | None = None, blas_threads: int | None = None,
-                 serialize_learning: bool = False, **options: Any) -> None:
+                 serialize_learning: bool = False, coordinator_key: bytes | None = None, **options: Any) -> None:
+        """`coordinator_key`: the coordinator's public key, pinned by every agent (tasks and the model
+        package must be signed with it)."""
         self.url, self.fleet, self.secret = url, fleet, secret
         self.members = members
         self.processes = max(1, min(processes, len(members)))
-        self.options = options
+        self.options = {**options, "coordinator_key": coordinator_key}
         self.extra = {"share_model": share_model, "factory": factory, "per_agent": per_agent or {},
                       "serialize_learning": serialize_learning}
         self.blas_threads = blas_threads

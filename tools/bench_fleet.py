@@ -77,6 +77,8 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
     from tools.emulate import raise_nofile
 
     nofile = raise_nofile()
+    from edge_agent.signing import new_signing_seed, public_key
+
     small_model_threads()
     cfg = JobConfig(agents=agents, rounds=1, alpha=0.0, mode="full", deadline_s=deadline_s, quorum=1.0,
                     fleet="bench-fleet", roster=[f"a{i:05d}" for i in range(agents)])
@@ -84,6 +86,7 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
     blob, cmodel = build(cfg)
     ids = agent_ids(cfg)
     secret = os.urandom(32)
+    seed = new_signing_seed()
     out: dict[str, Any] = {"agents": agents, "processes": processes, "nofile_limit": nofile[0]}
     t_start = time.perf_counter()
     with MosquittoBroker() as b, tempfile.TemporaryDirectory() as tmp:
@@ -91,10 +94,11 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
         ecfg = engine_config(cfg, "bench-fleet")
         ecfg.grace_s = 0.0
         coord = Coordinator(broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                            evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg)
+                            evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg,
+                            signing_key=seed)
         coord.start()
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes, share_model=True,
-                         blas_threads=1, serialize_learning=True)
+                         blas_threads=1, serialize_learning=True, coordinator_key=public_key(seed))
         try:
             pool.start(timeout_s=connect_timeout_s)
             out["start_s"] = time.perf_counter() - t_start

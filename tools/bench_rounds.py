@@ -23,6 +23,7 @@ def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "
     from coordinator.job import agent_ids, build, engine_config, shards, small_model_threads
     from coordinator.server import Coordinator
     from coordinator.strategies import create
+    from edge_agent.signing import new_signing_seed, public_key
     from tools.agent_pool import AgentPool
     from tools.broker import start_broker
 
@@ -32,13 +33,15 @@ def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "
     blob, cmodel = build(cfg)
     ids = agent_ids(cfg)
     secret = os.urandom(32)
+    seed = new_signing_seed()
     with start_broker(broker) as b, tempfile.TemporaryDirectory() as tmp:
         strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
         coord = Coordinator(broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
                             evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp),
-                            config=engine_config(cfg, "bench"))
+                            config=engine_config(cfg, "bench"), signing_key=seed)
         coord.start()
-        pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes)
+        pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes,
+                         coordinator_key=public_key(seed))
         try:
             pool.start()
             coord.wait_for_agents(agents, 120)

@@ -147,7 +147,7 @@ def ledger_totals(run_dir: Path, run: str) -> dict[str, Any]:
 
 def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | None = None,
         shard: Shard = Shard(0, 1), coordinator: bool = True, agents: bool = True, secret: bytes | None = None,
-        quiet: bool = False, live: bool | None = None, duration_s: float | None = None) -> dict[str, Any]:
+        signing_key: bytes | None = None, coordinator_key: bytes | None = None, quiet: bool = False, live: bool | None = None, duration_s: float | None = None) -> dict[str, Any]:
     """Run (this shard of) the fleet; returns the summary also written to RUN_DIR/summary.json."""
     from coordinator.report import render
     from tools.agent_pool import AgentPool
@@ -167,6 +167,12 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
     roster = fleet.roster()
     mine = shard.take(roster) if agents else []
     secret = secret or os.urandom(32)
+    from edge_agent import signing
+
+    signing_key = signing_key or (None if coordinator_key else signing.new_signing_seed())
+    if coordinator and signing_key is None:
+        raise ConfigError("the coordinator needs the signing key (--signing-key-file), not only its public half")
+    coordinator_key = coordinator_key or signing.public_key(signing_key)  # type: ignore[arg-type]
 
     from coordinator import data as datasets
 
@@ -184,14 +190,15 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
         coord = None
         progress = None
         if coordinator:
-            coord, progress = _coordinator(fleet, b.url, secret, run_dir, run_id, test, quiet, live, console)
+            coord, progress = _coordinator(fleet, b.url, secret, signing_key, run_dir, run_id, test, quiet, live,
+                                           console)
             coord.start()
         pool = None
         try:
             if mine:
                 pool = AgentPool(b.url, job.fleet, secret, members, processes=fleet.processes, share_model=True,
                                  factory=FACTORY, per_agent=opts, blas_threads=1,
-                                 serialize_learning=True, runtime=job.runtime)
+                                 serialize_learning=True, runtime=job.runtime, coordinator_key=coordinator_key)
                 pool.start(timeout_s=fleet.connect_timeout_s)
             console.print(f"broker {b.kind} at {b.url}; fleet {job.fleet}: {len(roster)} agents in "
                           f"{len(fleet.groups)} groups, {len(mine)} here (shard {shard.index}/{shard.count}); "
@@ -237,7 +244,7 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
     return summary
 
 
-def _coordinator(fleet: FleetConfig, url: str, secret: bytes, run_dir: Path, run_id: str, test: Any, quiet: bool,
+def _coordinator(fleet: FleetConfig, url: str, secret: bytes, signing_key: bytes, run_dir: Path, run_id: str, test: Any, quiet: bool,
                  live: bool | None, console: Any) -> tuple[Any, Any]:
     from coordinator.config import method_config
     from coordinator.job import build, engine_config, small_model_threads
@@ -271,7 +278,7 @@ def _coordinator(fleet: FleetConfig, url: str, secret: bytes, run_dir: Path, run
     ecfg = engine_config(job, run_id)
     coord = Coordinator(broker_url=url, secret=secret, roster=fleet.roster(), strategy=strategy, package=blob,
                         evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
-                        config=ecfg, on_round=progress)
+                        config=ecfg, on_round=progress, signing_key=signing_key)
     holder["coord"] = coord
     return coord, progress
 
@@ -356,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     role.add_argument("--no-coordinator", action="store_true", help="agents only (other shards run it)")
     role.add_argument("--coordinator-only", action="store_true", help="no agents here")
     p.add_argument("--secret-file", help="fleet secret shared by all shards (required when sharded)")
+    p.add_argument("--signing-key-file", help="the coordinator's signing key (coordinator.key; required when "
+                   "sharded, on the coordinator's shard)")
+    p.add_argument("--coordinator-key-file", help="the coordinator's public key (coordinator.pub), for shards "
+                   "that run only agents")
     p.add_argument("--duration", type=float, help="with --no-coordinator: seconds to keep the agents up")
     p.add_argument("--run-dir")
     p.add_argument("--json", help="also write the summary here")
@@ -375,8 +386,17 @@ def main(argv: list[str] | None = None) -> int:
             secret = _read_secret(args.secret_file)
         elif sharded:
             raise ConfigError("a sharded run needs --secret-file F, the same file on every shard")
+        from edge_agent import signing
+
+        signing_key = signing.read_key_file(args.signing_key_file, "--signing-key-file") if args.signing_key_file else None
+        coordinator_key = (signing.read_key_file(args.coordinator_key_file, "--coordinator-key-file")
+                           if args.coordinator_key_file else None)
+        if sharded and signing_key is None and coordinator_key is None:
+            raise ConfigError("a sharded run needs --signing-key-file (or, for agent-only shards, "
+                              "--coordinator-key-file)")
         summary = run(fleet, broker=args.broker, run_dir=args.run_dir, shard=shard,
                       coordinator=not args.no_coordinator, agents=not args.coordinator_only, secret=secret,
+                      signing_key=signing_key, coordinator_key=coordinator_key,
                       quiet=args.quiet, duration_s=args.duration)
     except FedfleetError as exc:
         print(f"fedfleet emulate: error: {exc}", file=sys.stderr)

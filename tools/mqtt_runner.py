@@ -16,7 +16,7 @@ from typing import Any
 
 from coordinator.server import Coordinator, EngineConfig
 from coordinator.strategies import Strategy
-from edge_agent import protocol
+from edge_agent import protocol, signing
 from edge_agent.learners import LocalData
 
 _PACKAGES: dict[int, bytes] = {}
@@ -47,6 +47,7 @@ def mqtt_runner(strategy: Strategy, agents: dict[str, LocalData], rounds: int, *
 
     del model  # the agents load the model package from the broker, as devices do
     secret = os.urandom(32)
+    seed = signing.new_signing_seed()
     input_dim = int(next(iter(agents.values())).x.shape[1])
     fleet = f"bench{os.getpid()}-{os.urandom(3).hex()}"  # unique per run: no session of an earlier run can meet it
     with start_broker(broker) as b, tempfile.TemporaryDirectory() as tmp:
@@ -54,12 +55,14 @@ def mqtt_runner(strategy: Strategy, agents: dict[str, LocalData], rounds: int, *
             broker_url=b.url, secret=secret, roster=list(agents), strategy=strategy, package=_package(input_dim),
             evaluate=lambda state: (math.nan, math.nan), run_dir=tmp,
             config=EngineConfig(fleet=fleet, run="bench", deadline_s=deadline_s, quorum=1.0, grace_s=0.0),
+            signing_key=seed,
         )
         clients: list[Agent] = []
         try:
             coord.start()
             for agent_id, data in agents.items():
-                a = Agent(AgentConfig(b.url, fleet, agent_id, protocol.derive_key(secret, agent_id)), data)
+                a = Agent(AgentConfig(b.url, fleet, agent_id, protocol.derive_key(secret, agent_id),
+                                      coordinator_key=signing.public_key(seed)), data)
                 a.start()
                 clients.append(a)
             coord.wait_for_agents(len(agents), 120)

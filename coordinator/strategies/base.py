@@ -65,6 +65,12 @@ class Strategy(ABC):
         """Method state to include in checkpoints (momentum buffers, tables)."""
         return {}
 
+    def update_kind(self, phase: int) -> str:
+        """How this phase's results relate to an update, for the shared update-norm bound
+        (coordinator/update_guard.py): "delta" (the result is the update), "model" (the update is the result
+        minus the tensors its task sent), or "none" (not an update; not bounded)."""
+        return "delta"
+
     def round_note(self) -> str:
         """A few words on the method's own state after the last round, for the progress line ("" = none)."""
         return ""

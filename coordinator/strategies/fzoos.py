@@ -56,6 +56,9 @@ class FZooS(Strategy):
             tasks[a] = TaskSpec(cfg, down, [("nu", (self.m,))], uplink)
         return tasks
 
+    def update_kind(self, phase: int) -> str:
+        return "model" if phase == 0 else "delta"  # phase 0: local iterates; phase 1: the nu vectors
+
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         if phase == 0:
             self.rho = {}

@@ -176,6 +176,9 @@ class MonnaStrategy(Strategy):
             out[a] = spec
         return out
 
+    def update_kind(self, phase: int) -> str:
+        return "model"  # results are each node's model after its local steps
+
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         target = self._honest_up if phase == 0 else self._byz_up
         for r in results:

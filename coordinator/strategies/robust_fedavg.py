@@ -109,6 +109,9 @@ class RobustFedAvg(Strategy):
             spec.config.update(self._task_config(a))
         return out
 
+    def update_kind(self, phase: int) -> str:
+        return "model"  # results are models; the robust rule averages (model - x)
+
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         target = self._up if phase == 0 else self._byz
         for r in results:
