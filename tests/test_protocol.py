@@ -1,4 +1,5 @@
-"""The wire contract: envelopes, HMAC, chunking, caps, topics and byte accounting."""
+"""The wire contract: envelopes, HMAC and Ed25519 signatures, strict headers, chunking, caps, topics and
+byte accounting."""
 
 from __future__ import annotations
 
@@ -9,14 +10,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent import codecs, protocol
+from edge_agent import codecs, protocol, signing
 from edge_agent.errors import CodecError, ProtocolError
 
 KEY = bytes(range(32))
+SEED = bytes(range(1, 33))
 
 
 def _open(msg: bytes, key: bytes = KEY) -> tuple[dict, bytes]:
-    return protocol.open_envelope(msg, lambda h: key)
+    return protocol.open_envelope(msg, key)
+
+
+def _raw(head: bytes, payload: bytes = b"", key: bytes = KEY) -> bytes:
+    """A v2 uplink envelope around raw header bytes, with a valid HMAC (to test parsing after the MAC)."""
+    import hashlib
+    import hmac
+
+    body = b"FFLT\x02\x01" + len(head).to_bytes(4, "big") + head + len(payload).to_bytes(4, "big") + payload
+    return body + hmac.new(key, body, hashlib.sha256).digest()
 
 
 def test_seal_open_round_trip():
@@ -38,14 +49,80 @@ def test_every_truncation_and_bit_flip_is_refused():
             _open(bytes(bad))
 
 
-def test_wrong_key_is_bad_hmac_and_unknown_sender_is_unknown_agent():
+def test_wrong_key_is_bad_hmac():
     msg = protocol.seal({"kind": "result", "agent": "a"}, b"p", KEY)
     with pytest.raises(ProtocolError) as e:
         _open(msg, key=b"k" * 32)
     assert e.value.reason == "bad_hmac"
+
+
+def test_mac_is_checked_before_the_header_is_parsed():
+    """A hostile header without the key is refused as bad_hmac: the parser never sees it."""
+    for head in (b"[" * 5000 + b"]" * 5000, b'{"round": 1' + b"0" * 5000 + b"}", b"\x78garbage"):
+        forged = _raw(head, key=b"x" * 32)
+        with pytest.raises(ProtocolError) as e:
+            _open(forged)
+        assert e.value.reason == "bad_hmac"
+
+
+@pytest.mark.parametrize("head", [
+    b"[" * 900 + b"]" * 900,  # deeper than the interpreter's recursion limit allows comfortably
+    b"{" + b'"a":{' * 20 + b"}" * 21,  # deeper than MAX_HEADER_DEPTH
+    b"[" * 5000 + b"]" * 5000,  # too many brackets for the cheap pre-check
+    b'{"round": 1' + b"0" * 5000 + b"}",  # longer than Python's int-from-string limit
+    b'{"round": ' + str(2**70).encode() + b"}",  # does not fit 64 bits
+    b'{"learn_s": 1e999}',  # overflows a float
+    b'{"learn_s": NaN}', b'{"learn_s": Infinity}', b'{"learn_s": -Infinity}',
+    b'{"x": "\xff\xfe"}',  # not UTF-8
+])
+def test_hostile_headers_under_a_valid_mac_are_typed_refusals(head):
     with pytest.raises(ProtocolError) as e:
-        protocol.open_envelope(msg, lambda h: None)
-    assert e.value.reason == "unknown_agent"
+        _open(_raw(head))
+    assert e.value.reason == "malformed"
+
+
+def test_signed_downlink_round_trip_and_refusals():
+    pub = signing.public_key(SEED)
+    msg = protocol.seal_signed({"kind": "task", "agent": "a"}, b"payload", SEED)
+    assert protocol.open_signed(msg, pub) == ({"kind": "task", "agent": "a"}, b"payload")
+    other = signing.public_key(bytes(32))
+    with pytest.raises(ProtocolError) as e:
+        protocol.open_signed(msg, other)
+    assert e.value.reason == "bad_signature"
+    resealed = bytearray(msg)
+    resealed[20] ^= 1
+    with pytest.raises(ProtocolError) as e:
+        protocol.open_signed(bytes(resealed), pub)
+    assert e.value.reason == "bad_signature"
+    with pytest.raises(ProtocolError) as e:  # an HMAC-sealed envelope (e.g. under a once-public key)
+        protocol.open_signed(protocol.seal({"kind": "model"}, b"x" * 100, KEY), pub)
+    assert e.value.reason == "bad_auth"
+    with pytest.raises(ProtocolError) as e:  # and the other way round
+        protocol.open_envelope(msg, KEY)
+    assert e.value.reason == "bad_auth"
+    assert not hasattr(protocol, "broadcast_key")  # a public name is never a key
+
+
+def test_signing_key_files(tmp_path):
+    import os
+
+    from edge_agent.errors import ConfigError
+
+    path = tmp_path / "coordinator.key"
+    seed = signing.new_signing_seed()
+    signing.write_private_key_file(path, seed)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert signing.read_key_file(path, "--signing-key-file") == seed
+    with pytest.raises(ConfigError, match="refusing to overwrite"):
+        signing.write_private_key_file(path, seed)
+    (tmp_path / "bad").write_text("zz")
+    for name in ("bad", "missing"):
+        with pytest.raises(ConfigError, match=name):
+            signing.read_key_file(tmp_path / name, "--coordinator-key-file")
+    sig = signing.sign(seed, b"data")
+    signing.verify(signing.public_key(seed), b"data", sig)
+    with pytest.raises(ProtocolError):
+        signing.verify(signing.public_key(seed), b"datA", sig)
 
 
 def test_malformed_inputs_have_reasons():
@@ -53,16 +130,18 @@ def test_malformed_inputs_have_reasons():
         b"": "malformed",
         b"XXXX" + bytes(100): "malformed",
         b"FFLT\x09" + bytes(100): "version",
-        b"FFLT\x01\xff\xff\xff\xff" + bytes(100): "malformed",
+        b"FFLT\x01" + bytes(100): "version",  # the v1 wire format is refused, not misread
     }
     for data, reason in cases.items():
         with pytest.raises(ProtocolError) as e:
             _open(data)
         assert e.value.reason == reason
-    head = b"[1,2]"
-    body = b"FFLT\x01" + len(head).to_bytes(4, "big") + head + (0).to_bytes(4, "big")
+    bad_len = bytearray(_raw(b"{}"))
+    with pytest.raises(ProtocolError) as e:
+        _open(bytes(bad_len[:6]) + b"\xff\xff\xff\xff" + bytes(bad_len[10:]))
+    assert e.value.reason == "bad_hmac"
     with pytest.raises(ProtocolError, match="JSON object"):
-        _open(body + bytes(32))
+        _open(_raw(b"[1,2]"))
 
 
 def test_oversized_message_refused_before_parsing():
@@ -164,7 +243,23 @@ def test_long_headers_travel_zlib_compressed_and_header_bombs_are_refused():
     for bad_head, reason in ((zlib.compress(b"{" + b" " * 10_000_000 + b"}"), "oversized"),
                              (zlib.compress(b'{"kind":"x"}')[:-3], "malformed"),
                              (b"\x78\x9c garbage", "malformed")):
-        body = b"FFLT\x01" + len(bad_head).to_bytes(4, "big") + bad_head + (0).to_bytes(4, "big")
         with pytest.raises(ProtocolError) as e:
-            _open(body + bytes(32))
+            _open(_raw(bad_head))
         assert e.value.reason == reason, bad_head[:10]
+
+
+def test_reassembler_caps_partial_messages_and_bytes_per_sender():
+    """One sender flooding chunks of many messages only evicts its own partial messages; another sender's
+    partial message survives and completes."""
+    r = protocol.Reassembler(per_sender_pending=2, per_sender_bytes=6000, max_pending=100)
+    honest = protocol.split({"kind": "result", "agent": "b"}, b"h" * 3000, KEY, chunk_bytes=1000)
+    r.add(*_open(honest[0]))
+    for i in range(50):
+        flood = protocol.split({"kind": "result", "agent": "a", "msg": f"m{i}"}, bytes(4000), KEY, chunk_bytes=1000)
+        for m in flood[:3]:
+            assert r.add(*_open(m)) is None
+        count, held = r.pending_of("a")
+        assert count <= 2 and held <= 6000
+    assert r.evicted >= 48
+    assert r.add(*_open(honest[1])) is None
+    assert r.add(*_open(honest[2]))[1] == b"h" * 3000

@@ -23,7 +23,7 @@ def coord(tmp_path):
     state = {n: torch.zeros(s) for n, s in LAYOUT}
     c = Coordinator(broker_url="mqtt://127.0.0.1:1", secret=SECRET, roster=["a1"], strategy=create("fedavg", state),
                     package=b"pkg", evaluate=lambda s: (0.0, 0.0), run_dir=tmp_path,
-                    config=EngineConfig(fleet="f", run="run"))
+                    config=EngineConfig(fleet="f", run="run"), signing_key=bytes(32))
     c.round, c.phase = 3, 0
     c._open = {"a1": TaskSpec(config={}, tensors={}, expect=LAYOUT, uplink_codec=FEDZIP)}
     yield c
@@ -39,13 +39,14 @@ def _envelopes(payload: bytes, *, codec: dict | None = None, layout=LAYOUT) -> l
 
 def _deliver(coord: Coordinator, messages: list[bytes]) -> list[str]:
     for m in messages:
-        coord._on_message("fedfleet/v1/f/agents/a1/result", m)
+        coord.receive.on_message("fedfleet/v1/f/agents/a1/result", m)
     outcomes = []
     up, down = {"a1": 0}, {"a1": 0}
     while not coord._inbox.empty():
         out = coord._handle(coord._inbox.get_nowait(), 3, 0, up, down)
         if out is not None:
             outcomes.append("ok" if not isinstance(out, str) else out)
+    coord._book_pending(3, 0, up, down)
     return outcomes
 
 
@@ -113,12 +114,13 @@ def test_replayed_result_is_refused_in_the_same_and_in_a_later_round(coord):
     coord.round = 4
     up, down = {"a1": 0}, {"a1": 0}
     for m in messages:
-        coord._on_message("fedfleet/v1/f/agents/a1/result", m)
+        coord.receive.on_message("fedfleet/v1/f/agents/a1/result", m)
     outcomes = []
     while not coord._inbox.empty():
         out = coord._handle(coord._inbox.get_nowait(), 4, 0, up, down)
         if out is not None:
             outcomes.append(out)
     assert outcomes == ["rejected"]
+    assert "a1" not in coord._refused  # a replayed old result does not close the agent's slot
     statuses = [r["status"] for r in coord.ledger.query("SELECT status FROM agent_rounds")]
     assert statuses == ["ok", "rejected:duplicate", "rejected:stale_round"]
