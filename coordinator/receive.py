@@ -179,6 +179,7 @@ class ReceivePath:
         self.bytes_up = 0  # MQTT bytes of every message on a result topic
         self.dropped_total = 0  # unauthenticated messages since start
         self._dropped: dict[str, list[Any]] = {}  # reason -> [count, bytes, claimed ids]
+        self._refused: dict[tuple[str, str], list[Any]] = {}  # (agent, reason) -> [count, kinds] (status, telemetry)
         self._lock = threading.Lock()
         self._last_seq: dict[tuple[str, str], tuple[int, int]] = {}  # (agent, kind) -> last accepted seq
 
@@ -196,6 +197,13 @@ class ReceivePath:
         """Unauthenticated messages since the last call: reason -> (count, MQTT bytes, a few claimed ids)."""
         with self._lock:
             out, self._dropped = {k: (v[0], v[1], v[2]) for k, v in self._dropped.items()}, {}
+        return out
+
+    def take_refused(self) -> dict[tuple[str, str], tuple[int, list[str]]]:
+        """Authenticated status and telemetry messages refused since the last call:
+        (agent, reason) -> (count, the kinds refused)."""
+        with self._lock:
+            out, self._refused = {k: (v[0], v[1]) for k, v in self._refused.items()}, {}
         return out
 
     # -------------------------------------------------------------- entry point
@@ -236,7 +244,14 @@ class ReceivePath:
         if kind == "result":
             self.inbox.put(("reject", agent, {"reason": exc.reason, "detail": exc.detail, **_header_ints(header)},
                             b"", nbytes))
-        else:
+            return
+        with self._lock:
+            entry = self._refused.setdefault((agent, exc.reason), [0, []])
+            entry[0] += 1
+            if kind not in entry[1]:
+                entry[1].append(kind)
+            first = entry[0] == 1
+        if first:
             log.warning("refused %s message from %s: %s", kind, agent, str(exc)[:300])
 
     def _accept(self, kind: str, agent: str, header: dict[str, Any], body: bytes, nbytes: int) -> None:

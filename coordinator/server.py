@@ -378,6 +378,9 @@ class Coordinator:
             self.ledger.record(self.cfg.run, r, "(unauthenticated)", f"rejected:{reason}", phase=phase,
                                bytes_up=nbytes, detail=f"{count} unauthenticated messages dropped; "
                                                        f"claimed ids: {', '.join(ids)}"[:500])
+        for (agent, reason), (count, kinds) in sorted(self.receive.take_refused().items()):
+            self.ledger.record(self.cfg.run, r, agent, f"rejected:{reason}", phase=phase,
+                               detail=f"{count} {' and '.join(kinds)} messages refused")
         for agent, count in sorted(self._reject_count.items()):
             if count > self.cfg.reject_rows:
                 self.ledger.record(self.cfg.run, r, agent, "rejected:rate_limited", phase=phase,

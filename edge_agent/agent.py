@@ -131,12 +131,16 @@ class Agent:
             self.stop()
 
     # -------------------------------------------------------------- status
+    def _now(self) -> float:
+        """This device's wall clock (unix time). Only stamps and the skew check use it; deadlines do not."""
+        return time.time()
+
     def _seq(self, *, will: bool = False) -> list[int]:
         """The next freshness stamp [epoch, n]. A will opens a new epoch (one per connection, in ms, always
         above the last) and takes n = WILL_SEQ, above every n its connection will use."""
         with self._seq_lock:
             if will:
-                self._epoch, self._n = max(self._epoch + 1, int(time.time() * 1000)), 0
+                self._epoch, self._n = max(self._epoch + 1, int(self._now() * 1000)), 0
                 return [self._epoch, protocol.WILL_SEQ]
             self._n = min(self._n + 1, protocol.WILL_SEQ - 1)
             return [self._epoch, self._n]
@@ -148,7 +152,7 @@ class Agent:
         body = {"state": state, "runtime": self.cfg.runtime, "profile": self.cfg.profile,
                 "samples": len(self.data), "model": getattr(self, "model_digest", None), **self.cfg.extra_status,
                 **extra}
-        header = {"kind": "status", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "sent": time.time(),
+        header = {"kind": "status", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "sent": self._now(),
                   "seq": self._seq(will=will)}
         return protocol.seal(header, json.dumps(body).encode(), self.cfg.key)
 
@@ -158,7 +162,7 @@ class Agent:
         self.link.publish(self._status_topic, self._status_payload("online", **extra), retain=True)
 
     def _telemetry(self, event: str, **fields: Any) -> None:
-        header = {"kind": "telemetry", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "sent": time.time(),
+        header = {"kind": "telemetry", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "sent": self._now(),
                   "seq": self._seq()}
         body = json.dumps({"event": event, **fields}, default=str).encode()
         self.link.publish(self._telemetry_topic, protocol.seal(header, body, self.cfg.key))
@@ -262,7 +266,7 @@ class Agent:
             self.tasks_dropped += 1
             self._safe_telemetry("dropped_task", run=key[0], round=key[1], phase=key[2], reason=late)
             return
-        deadline = time.time() + self._remaining(header)
+        deadline = self._now() + self._remaining(header)
         if header.get("model") != self.model_digest:
             self._waiting.append((header, body))  # the package is still arriving
             return
@@ -309,8 +313,9 @@ class Agent:
             return "task has no ttl or send time"
         if self._remaining(header) <= 0:
             return "deadline passed"
-        if time.time() - float(sent) > float(ttl) + self.cfg.max_skew_s:
-            return f"task sent {time.time() - float(sent):.0f} s ago by this clock; ttl {ttl} s + skew {self.cfg.max_skew_s} s"
+        age = self._now() - float(sent)
+        if age > float(ttl) + self.cfg.max_skew_s:
+            return f"task sent {age:.0f} s ago by this clock; ttl {ttl} s + skew {self.cfg.max_skew_s} s"
         return ""
 
     def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> None:

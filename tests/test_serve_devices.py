@@ -28,6 +28,15 @@ def test_serve_with_agents_on_devices_over_tls(tmp_path):
         keys = _cli("keys", "--secret-file", str(secret), "pi-01", "pi-02", cwd=repo)
         assert keys.returncode == 0, keys.stderr
         key_of = dict(line.split() for line in keys.stdout.splitlines())
+        signing_key = tmp_path / "coordinator.key"
+        made = _cli("keys", "--signing-key-file", str(signing_key), "--new", cwd=repo)
+        assert made.returncode == 0, made.stderr
+        assert oct(os.stat(signing_key).st_mode & 0o777) == "0o600"
+        again = _cli("keys", "--signing-key-file", str(signing_key), "--new", cwd=repo)
+        assert again.returncode == 2 and "overwrite" in again.stderr  # never replaces a key agents have pinned
+        public = _cli("keys", "--signing-key-file", str(signing_key), "--public", cwd=repo)
+        assert public.returncode == 0 and public.stdout.strip() == made.stdout.strip()
+        (tmp_path / "coordinator.pub").write_text(public.stdout)
         shards = _cli("shards", "--out", str(tmp_path / "shards"), "--agents", "2", cwd=repo)
         assert shards.returncode == 0, shards.stderr
         for i, agent in enumerate(("pi-01", "pi-02")):
@@ -36,8 +45,10 @@ def test_serve_with_agents_on_devices_over_tls(tmp_path):
             agents.append(subprocess.Popen(
                 [sys.executable, "-m", "edge_agent.cli", "--broker", broker.url, "--fleet", "lab", "--id", agent,
                  "--key-file", str(tmp_path / f"{agent}.key"), "--data", str(tmp_path / "shards" / f"agent-{i:02d}.npz"),
-                 "--ca-certs", str(tls.cafile), "--profile", "rpi4b"], stdout=log, stderr=subprocess.STDOUT, cwd=repo))
+                 "--ca-certs", str(tls.cafile), "--profile", "rpi4b",
+                 "--coordinator-key-file", str(tmp_path / "coordinator.pub")], stdout=log, stderr=subprocess.STDOUT, cwd=repo))
         served = _cli("serve", "--broker", broker.url, "--secret-file", str(secret), "--fleet", "lab",
+                      "--signing-key-file", str(signing_key),
                       "--roster", "pi-01,pi-02", "--rounds", "3", "--ca-certs", str(tls.cafile), "--wait", "60",
                       "--run-dir", str(tmp_path / "run"), "--json", str(tmp_path / "serve.json"), cwd=repo)
         assert served.returncode == 0, served.stdout[-2000:] + served.stderr[-2000:]
