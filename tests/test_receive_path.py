@@ -3,10 +3,14 @@ codec decoding), without a broker: every one is refused with a reason, recorded,
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from coordinator.ledger import Ledger
 from coordinator.server import Coordinator, EngineConfig
@@ -124,3 +128,92 @@ def test_replayed_result_is_refused_in_the_same_and_in_a_later_round(coord):
     assert "a1" not in coord._refused  # a replayed old result does not close the agent's slot
     statuses = [r["status"] for r in coord.ledger.query("SELECT status FROM agent_rounds")]
     assert statuses == ["ok", "rejected:duplicate", "rejected:stale_round"]
+
+
+def test_bad_fedzip_parameters_are_typed_codec_errors_not_crashes():
+    """Unknown FedZip fields and an out-of-range z used to escape the decoder as ConfigError."""
+    from edge_agent.errors import CodecError
+
+    for spec in (dict(FEDZIP, bogus=1), dict(FEDZIP, z=7.0), dict(FEDZIP, z=float("nan")), dict(FEDZIP, k="x")):
+        with pytest.raises(CodecError) as e:
+            codecs.decode(_good(), LAYOUT, spec, max_bytes=1 << 24)
+        assert e.value.reason == "codec"
+
+
+@pytest.mark.parametrize("codec", [dict(FEDZIP, bogus=1), dict(FEDZIP, z=7.0), dict(FEDZIP, z=0.5)])
+def test_codec_parameters_must_equal_the_tasks(coord, codec):
+    """The result is decoded with the task's spec; any difference in the header's codec is refused."""
+    assert _deliver(coord, _envelopes(_good(), codec=codec)) == ["rejected"]
+    assert [r["status"] for r in coord.ledger.query("SELECT status FROM agent_rounds")] == ["rejected:codec"]
+
+
+@pytest.mark.parametrize("meta, reason", [
+    ({"samples": 5, "learn_s": 0.1, "metrics": [1, 2]}, "schema"),
+    ({"samples": 5, "learn_s": "fast", "metrics": {}}, "schema"),
+    ({"samples": 2**31, "learn_s": 0.1, "metrics": {}}, "schema"),
+    ({"samples": True, "learn_s": 0.1, "metrics": {}}, "schema"),
+    ({"samples": 5, "learn_s": 0.1, "metrics": {"loss": "low"}}, "schema"),
+    ({"samples": 2**70, "learn_s": 0.1, "metrics": {}}, "malformed"),
+])
+def test_schema_of_every_meta_field(coord, meta, reason):
+    header = {"kind": "result", "fleet": "f", "agent": "a1", "run": "run", "round": 3, "phase": 0,
+              "method": "fedavg", "codec": FEDZIP, "layout": [[n, list(s)] for n, s in LAYOUT], "meta": meta}
+    msgs = protocol.split(header, _good(), protocol.derive_key(SECRET, "a1"))
+    assert _deliver(coord, msgs) == ["rejected"]
+    assert [r["status"] for r in coord.ledger.query("SELECT status FROM agent_rounds")] == [f"rejected:{reason}"]
+
+
+def test_unauthenticated_messages_are_counted_not_queued(coord):
+    for i in range(500):
+        coord.receive.on_message(f"fedfleet/v1/f/agents/ghost{i}/result", b"\x00junk")
+        coord.receive.on_message("fedfleet/v1/f/agents/a1/result", b"FFLT\x02\x01" + bytes(80))
+    assert coord._inbox.empty()  # nothing reaches the engine, nothing can close a phase
+    coord._summarise_refusals(3, 0)
+    rows = [dict(r) for r in coord.ledger.query("SELECT agent, status, detail FROM agent_rounds")]
+    assert [(r["agent"], r["status"]) for r in rows] == [("(unauthenticated)", "rejected:bad_hmac"),
+                                                          ("(unauthenticated)", "rejected:unknown_agent")]
+    assert rows[0]["detail"].startswith("500 ") and rows[1]["detail"].startswith("500 ")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = ["kind", "fleet", "agent", "run", "round", "phase", "method", "codec", "layout", "chunk", "msg", "digest",
+           "total", "sent", "meta", "seq"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_receive_path_never_raises_untyped(coord, data):
+    """Random bytes without a key, and headers mutated field by field and re-signed with the device key, on
+    every uplink topic: the network side never raises, and every item it queues is refused or accepted by the
+    engine with a typed reason."""
+    kind = data.draw(st.sampled_from(["result", "status", "telemetry"]))
+    topic = f"fedfleet/v1/f/agents/a1/{kind}"
+    if data.draw(st.booleans()):
+        coord.receive.on_message(topic, data.draw(st.binary(max_size=300)))
+    else:
+        header = {"kind": kind, "fleet": "f", "agent": "a1", "run": "run", "round": 3, "phase": 0,
+                  "method": "fedavg", "codec": FEDZIP, "layout": [[n, list(s)] for n, s in LAYOUT],
+                  "meta": {"samples": 5, "learn_s": 0.1, "metrics": {}}, "seq": [1, data.draw(st.integers(0, 9))]}
+        for name in data.draw(st.lists(st.sampled_from(_FIELDS), max_size=3)):
+            header[name] = data.draw(_json)
+        body = _good() if kind == "result" else json.dumps(data.draw(_json), allow_nan=True).encode()
+        head = json.dumps(header, allow_nan=True).encode()
+        coord.receive.on_message(topic, _raw_sealed(head, body))
+    up, down = {"a1": 0}, {"a1": 0}
+    while not coord._inbox.empty():
+        coord._handle(coord._inbox.get_nowait(), 3, 0, up, down)  # raises only on an untyped error
+    coord._received, coord._refused, coord._pending_ok = set(), set(), {}
+
+
+def _raw_sealed(head: bytes, payload: bytes) -> bytes:
+    import hashlib
+    import hmac
+
+    body = protocol._PREFIX.pack(protocol.MAGIC, protocol.VERSION, protocol.AUTH_HMAC, len(head)) + head
+    body += protocol._LEN.pack(len(payload)) + payload
+    return body + hmac.new(protocol.derive_key(SECRET, "a1"), body, hashlib.sha256).digest()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_EXTRAS = {
-    "edge": ["numpy>=1.24", "onnxruntime>=1.17", "paho-mqtt>=2.0", "zstandard>=0.22"],
+    "edge": ["numpy>=1.24", "onnxruntime>=1.17", "paho-mqtt>=2.0", "zstandard>=0.22", "cryptography>=42"],
     "tflite": ["ai-edge-litert>=1.2", "flatbuffers>=24.3"],
 }
 
