@@ -331,7 +331,9 @@ class Coordinator:
                 results.append(outcome)
             elif outcome == "rejected":
                 rejected += 1
-        self._drain(r, phase, up, down)
+        drained = self._drain(r, phase, up, down)
+        results += [res for res in drained if isinstance(res, ClientResult)]
+        rejected += sum(1 for res in drained if res == "rejected")
         results, bounded = self._bound(r, phase, results, tasks)
         rejected += bounded
         self._book_pending(r, phase, up, down)
@@ -405,13 +407,15 @@ class Coordinator:
         self.bytes_down_total += sent
         return sent
 
-    def _drain(self, r: int, phase: int, up: dict[str, int], down: dict[str, int]) -> None:
+    def _drain(self, r: int, phase: int, up: dict[str, int], down: dict[str, int]) -> list[ClientResult | str | None]:
+        """Handle what is queued when the phase closes; valid results among it still count (and are bounded)."""
+        outcomes = []
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return
-            self._handle(item, r, phase, up, down, closing=True)
+                return outcomes
+            outcomes.append(self._handle(item, r, phase, up, down, closing=True))
 
     def _handle(self, item: tuple[str, str, dict[str, Any] | None, bytes, int], r: int, phase: int,
                 up: dict[str, int], down: dict[str, int], closing: bool = False) -> ClientResult | str | None:

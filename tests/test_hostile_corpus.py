@@ -278,3 +278,49 @@ def test_hostile_corpus_from_outside_and_inside(corpus_fleet, mosquitto):
     assert second.accuracy > 0.5
     for m in range(5, 8):  # clear the retained junk
         outsider.link.publish(protocol.broadcast_topic(fleet_name, f"model/{m}"), b"", retain=True)
+
+
+class _SlowClock:
+    """The `time` module as seen by a coordinator whose wall clock is 90 s behind its agents."""
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    @staticmethod
+    def time() -> float:
+        return time.time() - 90.0
+
+
+def test_agents_whose_clock_is_90_s_ahead_of_the_coordinator_take_every_task(mosquitto, tmp_path, monkeypatch):
+    import coordinator.server as server
+
+    monkeypatch.setattr(server, "time", _SlowClock())
+    fleet = start_fleet(mosquitto.url, tmp_path, rounds=2, deadline_s=10.0)
+    try:
+        fleet.coord.wait_for_agents(3, 30)
+        summaries = fleet.coord.run(2)
+    finally:
+        fleet.close()
+    assert [s.ok for s in summaries] == [3, 3]
+    assert all(a.tasks_dropped == 0 and a.rounds_done == 2 for a in fleet.agents.values())
+
+
+def test_an_agent_without_a_pinned_key_refuses_everything_and_says_so(mosquitto, tmp_path):
+    fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("unpinned",), rounds=1)
+    from coordinator.job import shards
+
+    local, _ = shards(fleet.cfg)
+    unpinned = Agent(AgentConfig(mosquitto.url, fleet.cfg.fleet, "unpinned", protocol.derive_key(SECRET, "unpinned")),
+                     local[0])
+    unpinned.start()
+    try:
+        fleet.coord.wait_for_agents(3, 30)
+        deadline = time.time() + 10
+        while ("error" not in fleet.coord.online.get("unpinned", {}) or not unpinned.refused) and time.time() < deadline:
+            time.sleep(0.05)
+        assert "no coordinator key pinned" in fleet.coord.online["unpinned"]["error"]
+        assert unpinned.model_digest is None and unpinned.refused.get("no_coordinator_key", 0) >= 1
+        assert "unpinned" not in fleet.coord.ready_agents()
+    finally:
+        unpinned.stop()
+        fleet.close()
