@@ -16,7 +16,8 @@ Prints exactly {"cases", "crashes", "untyped_errors", "rss_growth_mb", "rounds_c
   plus exceptions out of a round;
 - accepted_bad: insider-half rounds whose model change exceeds `norm_bound` times the median change of the
   keyless-half rounds, or that leave the model non-finite (a re-signed mutant that moved the model beyond
-  the norm bound). Random mutations can yield valid results (a renamed message id, say): those are accepted
+  the norm bound), plus accepted insider updates of 1e36 or 1e4 per entry (norms beyond any bound a
+  running median of honest updates gives). Random mutations can yield valid results (a renamed message id, say): those are accepted
   like any result, and counted in the details as `insider_ok_rows`;
 - rss_growth_mb: resident memory growth of this process from after the warm-up round to the end.
 Details (per half: rounds, genuine results per round, refusal reasons, throughput) go to stderr.
@@ -343,7 +344,8 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
         not all(bool(torch.isfinite(v).all()) for v in b.values()) or change(a, b) > ecfg.norm_bound * ref)]
     insider_ok = [dict(r) for r in ledger_rows if r["agent"] == insider and r["status"] == "ok"]
     scaled_ok = [r for r in insider_ok if f"claimed {VALID_TAG}" in (r["detail"] or "")]
-    out["accepted_bad"] = len(bad_rounds)
+    huge_ok = [r for r in scaled_ok if any(f"claimed {VALID_TAG + k} " in (r["detail"] or "") for k in (0, 1))]
+    out["accepted_bad"] = len(bad_rounds) + len(huge_ok)
     reasons = Counter(r["status"] for r in ledger_rows if r["status"] != "ok")
     genuine = {h: [s.ok for s in by_half[h]] for h in ("keyless", "insider")}
     out.update({
