@@ -12,6 +12,7 @@ Downlink (the model package and tasks) is signed with the coordinator's Ed25519 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -536,6 +537,4 @@ class Coordinator:
 
 def _as_json(value: Any) -> Any:
     """`value` as it looks after a JSON round trip (tuples become lists), to compare with a header."""
-    import json
-
     return json.loads(json.dumps(value))

@@ -3,6 +3,7 @@ availability and misbehaving members, driven by the real coordinator against a r
 
     fedfleet emulate FLEET.toml [--broker embedded|mosquitto|mqtt://...] [--shard i/n] [--run-dir D]
                                 [--json P] [--no-coordinator | --coordinator-only] [--secret-file F]
+                                [--signing-key-file K | --coordinator-key-file P]
                                 [--expect-accuracy X] [--expect-max-mb-up M] [--expect-max-joules J]
 
 One run: calibrate the host once (`tools.calibrate`, written to RUN_DIR/calibration.json), split sklearn
@@ -11,7 +12,9 @@ digits over the groups (IID or Dirichlet per group), start the agents of this sh
 and energy per agent per round), RUN_DIR/summary.json and the HTML report (`coordinator.report.render`).
 `--shard i/n` runs the agents with index = i (mod n) of the roster; the coordinator runs in one place only
 (`--no-coordinator` on the other shards), so several machines can emulate one fleet against one broker
-(they need the same fleet file and `--secret-file`). The `--expect-*` checks exit 1 when missed.
+(they need the same fleet file and `--secret-file`, the coordinator's shard `--signing-key-file`, and
+agent-only shards that key or its public half, `--coordinator-key-file`). The `--expect-*` checks exit 1
+when missed.
 """
 
 from __future__ import annotations
