@@ -33,6 +33,9 @@ from edge_agent.mqtt import MqttLink
 log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 64 << 20
+# Agents of one process load packages one at a time: numpy's .npy header parser (ast.literal_eval) is not
+# safe to run in several threads at once on CPython 3.11 ("AST constructor recursion depth mismatch").
+_LOAD_LOCK = threading.Lock()
 MAX_TASK_BYTES = 256 << 20
 
 
@@ -225,12 +228,13 @@ class Agent:
         from edge_agent.model import EdgeModel
 
         try:
-            model = self._shared_model(blob) if self.model_cache is not None else None
-            if model is None:
-                model = EdgeModel.from_bytes(blob, runtime=self.cfg.runtime, threads=self.cfg.threads)
-                if self.model_cache is not None and self.cfg.runtime == "onnxruntime":
-                    self.model_cache[model.digest] = model
-                    model = dataclasses.replace(model, _cache={})
+            with _LOAD_LOCK:
+                model = self._shared_model(blob) if self.model_cache is not None else None
+                if model is None:
+                    model = EdgeModel.from_bytes(blob, runtime=self.cfg.runtime, threads=self.cfg.threads)
+                    if self.model_cache is not None and self.cfg.runtime == "onnxruntime":
+                        self.model_cache[model.digest] = model
+                        model = dataclasses.replace(model, _cache={})
             if tuple(model.input_shape) != tuple(self.data.x.shape[1:]):
                 raise ModelError(
                     f"model input shape {model.input_shape} does not fit local data {self.data.x.shape[1:]}"
