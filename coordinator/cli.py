@@ -51,6 +51,10 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 def _job_config(args: argparse.Namespace):  # noqa: ANN202
     from coordinator import config
 
+    port = getattr(args, "metrics_port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise FedfleetError(f"--metrics-port must be a TCP port in 0..65535 (0: any free port), got {port}")
+
     cfg = config.load(args.config) if args.config else config.JobConfig()
     overrides = {k: getattr(args, k) for k in ("method", "rounds", "agents", "per_round", "alpha", "mode",
                                                  "dataset", "hidden", "runtime", "seed", "deadline_s", "quorum", "fleet", "downlink")
@@ -77,9 +81,10 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--quiet", action="store_true")
     _job_args(p)
     args = p.parse_args(argv)
+    cfg = _job_config(args)  # checked before the job's heavy imports
     from coordinator.job import run_demo
 
-    result = run_demo(_job_config(args), broker=args.broker, run_dir=args.run_dir, quiet=args.quiet,
+    result = run_demo(cfg, broker=args.broker, run_dir=args.run_dir, quiet=args.quiet,
                       metrics_port=args.metrics_port)
     _write_json(args.json, result.to_json())
     print(json.dumps(result.to_json()))
@@ -108,11 +113,12 @@ def cmd_serve(argv: list[str]) -> int:
     _job_args(p)
     args = p.parse_args(argv)
     from coordinator.config import apply
-    from coordinator.job import serve
 
     cfg = _job_config(args)
     if args.roster:
         apply(cfg, {"roster": [a.strip() for a in args.roster.split(",") if a.strip()]}, "--roster")
+    from coordinator.job import serve
+
     result = serve(cfg, broker=args.broker, secret=_read_secret(args.secret_file),
                    run_dir=args.run_dir or "runs/serve", wait_s=args.wait, username=args.username,
                    password=args.password, ca_certs=args.ca_certs, metrics_port=args.metrics_port)
