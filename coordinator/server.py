@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -118,7 +119,7 @@ class Coordinator:
         fleet = config.fleet
         self.link = MqttLink(
             broker_url,
-            client_id=f"fedfleet-coordinator-{fleet}",
+            client_id=f"fedfleet-coordinator-{fleet}-{secrets.token_hex(8)}",  # unguessable: no take-over by id
             on_message=self._on_message,
             subscriptions=[f"{protocol.ROOT}/{fleet}/agents/+/{k}" for k in ("status", "result", "telemetry")],
             clean_session=True,

@@ -82,7 +82,7 @@ class Agent:
         will = (self._status_topic, self._status_payload("offline"), True)
         self.link = MqttLink(
             config.broker,
-            client_id=f"fedfleet-{config.fleet}-{config.agent_id}",
+            client_id=config.username or f"fedfleet-{config.fleet}-{config.agent_id}",  # the ACL's user name
             on_message=self._on_message,
             subscriptions=[self._task_topic, protocol.broadcast_topic(config.fleet, "model/#")],
             clean_session=False,
