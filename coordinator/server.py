@@ -1,5 +1,7 @@
 """The round engine: select, dispatch, collect (deadline, quorum), validate, aggregate, evaluate, checkpoint.
 
+Persistence (ledger rows, checkpoints, resume) is `coordinator.store.RunStore`'s; the engine calls it.
+
 The MQTT network thread only verifies signatures, reassembles chunks and enqueues complete messages; the
 engine thread validates them against the open round and records every outcome in the ledger. A bad message
 is refused with a reason (`rejected:<reason>`) and the round goes on.
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.ledger import Ledger
+from coordinator.store import RunStore
 from coordinator.strategies import ClientResult, Strategy, TaskSpec
 from edge_agent import codecs, protocol
 from edge_agent.errors import CodecError, ProtocolError
@@ -72,7 +73,11 @@ class RoundSummary:
 
 
 class Coordinator:
-    """Drives rounds of one strategy over MQTT and writes the ledger and checkpoints into `run_dir`."""
+    """Drives rounds of one strategy over MQTT and writes the ledger and checkpoints into `run_dir`.
+
+    `resume=True` continues the run `config.run` from its newest checkpoint in `run_dir` (`RunStore.resume_run`):
+    `run()` then starts at the interrupted round.
+    """
 
     def __init__(
         self,
@@ -89,6 +94,7 @@ class Coordinator:
         username: str | None = None,
         password: str | None = None,
         ca_certs: str | None = None,
+        resume: bool = False,
     ) -> None:
         self.cfg = config
         self.strategy = strategy
@@ -97,8 +103,8 @@ class Coordinator:
         self.evaluate = evaluate
         self.on_round = on_round
         self.run_dir = Path(run_dir)
-        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.run_dir / "ledger.sqlite")
+        self.store = RunStore(self.run_dir)
+        self.ledger = self.store.ledger
         self.keys = {a: protocol.derive_key(secret, a) for a in roster}
         self.online: dict[str, dict[str, Any]] = {}
         self._online_lock = threading.Lock()
@@ -129,8 +135,19 @@ class Coordinator:
             on_connect=self._on_connect,
         )
         self._connects = 0
-        self.ledger.start_run(config.run, {"engine": config.__dict__, "strategy": strategy.name,
-                                           "strategy_config": strategy.config, "roster": roster})
+        meta = {"engine": config.__dict__, "strategy": strategy.name, "strategy_config": strategy.config,
+                "roster": roster}
+        self.first_round = 1
+        if resume:
+            resumed = self.store.resume_run(config.run, meta, strategy)
+            self.first_round = resumed.round + 1
+            if resumed.rng is not None:
+                self._rng.bit_generator.state = resumed.rng
+            self.bytes_up_total, self.bytes_down_total = resumed.bytes_up, resumed.bytes_down
+            log.warning("resuming run %s at round %d (%d ledger rows of the interrupted round marked)",
+                        config.run, self.first_round, resumed.interrupted_rows)
+        else:
+            self.store.start_run(config.run, meta)
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -145,7 +162,7 @@ class Coordinator:
 
     def stop(self) -> None:
         self.link.stop()
-        self.ledger.close()
+        self.store.close()
 
     def publish_package(self, package: bytes | None = None) -> int:
         """Publish the model package (a new one if given) as retained, chunked broadcast messages; returns
@@ -281,8 +298,9 @@ class Coordinator:
         return ready
 
     def run(self, rounds: int | None = None) -> list[RoundSummary]:
+        """Rounds `first_round` .. `rounds` (1 .. rounds for a fresh run; a resumed one continues)."""
         out = []
-        for r in range(1, (rounds or self.cfg.rounds) + 1):
+        for r in range(self.first_round, (rounds or self.cfg.rounds) + 1):
             out.append(self.run_round(r))
         return out
 
@@ -304,14 +322,17 @@ class Coordinator:
         t1 = time.perf_counter()
         accuracy, loss = self.evaluate(self.strategy.global_state())
         t2 = time.perf_counter()
-        self._checkpoint(r)
+        row = {"accuracy": accuracy, "loss": loss, "wall_s": t2 - t0, "selected": tasked, "ok": ok,
+               "rejected": rejected, "bytes_up": self.bytes_up_total - up0, "bytes_down": self.bytes_down_total - down0}
+        # the checkpoint is the round's commit point: a crash before it reruns the round on resume
+        self.store.save_checkpoint(self.cfg.run, r, self.strategy, rng=self._rng.bit_generator.state,
+                                   bytes_up=self.bytes_up_total, bytes_down=self.bytes_down_total, summary=row)
         wall = time.perf_counter() - t0
         timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)
         summary = RoundSummary(r, accuracy, loss, wall, tasked, ok, rejected, late,
                                self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings,
                                self.strategy.round_note())
-        self.ledger.record_round(self.cfg.run, r, accuracy=accuracy, loss=loss, wall_s=wall, selected=tasked,
-                                 ok=ok, rejected=rejected, bytes_up=summary.bytes_up, bytes_down=summary.bytes_down)
+        self.ledger.record_round(self.cfg.run, r, **{**row, "wall_s": wall})
         if self.on_round is not None:
             self.on_round(summary)
         return summary
@@ -476,17 +497,3 @@ class Coordinator:
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
         metrics["_learn_s"] = float(meta.get("learn_s", 0.0)) if isinstance(meta.get("learn_s"), (int, float)) else 0.0
         return ClientResult(agent, tensors, samples, metrics)
-
-    def _checkpoint(self, r: int) -> None:
-        """Atomic: write a temp file, fsync, rename. A crash never leaves a torn checkpoint."""
-        state = {"round": r, "run": self.cfg.run, "strategy": self.strategy.name,
-                 "state": self.strategy.global_state(), "extra": self.strategy.extra_state()}
-        for name in (f"round-{r:04d}.pt", "latest.pt"):
-            path = self.run_dir / "checkpoints" / name
-            tmp = path.with_suffix(".pt.tmp")
-            with open(tmp, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-
