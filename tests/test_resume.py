@@ -156,3 +156,28 @@ def test_serve_killed_mid_round_resumes_the_same_run(tmp_path, capsys):
     assert sum(info["left_by_the_kill_in_round"].values()) == sum(info["marked_interrupted"].values())
     assert len(info["accuracy_curve"]) == 4
     assert abs(result["final_accuracy"] - result["uninterrupted_accuracy"]) <= 0.005, info
+
+
+def test_demo_resume_continues_the_same_run_with_more_rounds(mosquitto, tmp_path):
+    from coordinator.config import JobConfig
+    from coordinator.job import run_demo
+    from coordinator.ledger import Ledger
+
+    cfg = JobConfig(rounds=1, agents=2, fleet="resume-demo")
+    first = run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path, quiet=True)
+    run = json.loads((tmp_path / "job.json").read_text())["run"]
+    ckpt1 = (tmp_path / "checkpoints" / "round-0001.pt").read_bytes()
+    cfg.rounds = 2
+    with pytest.raises(ConfigError, match="already holds run"):
+        run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path, quiet=True)
+    again = run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path, quiet=True, resume=True)
+    assert first.rounds == 1 and again.rounds == 2 and [s.round for s in again.summaries] == [2]
+    assert (tmp_path / "checkpoints" / "round-0001.pt").read_bytes() == ckpt1
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        runs = [r["run"] for r in ledger.query("SELECT run FROM runs")]
+        per_round = [(r["round"], r["n"]) for r in ledger.query(
+            "SELECT round, COUNT(*) AS n FROM agent_rounds WHERE status = 'ok' GROUP BY round ORDER BY round")]
+    finally:
+        ledger.close()
+    assert runs == [run] and per_round == [(1, 2), (2, 2)]
