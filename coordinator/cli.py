@@ -2,6 +2,7 @@
 
     fedfleet demo [--broker embedded|mosquitto|URL] [--config job.toml] [--json PATH] ...
     fedfleet serve --broker URL --secret-file F --signing-key-file K --roster pi-01,pi-02 [--config job.toml]
+    fedfleet serve|demo ... --resume RUN_DIR        continue a run killed mid-way (the same job's options)
     fedfleet keys --secret-file F ID [ID ...]        per-agent keys for devices
     fedfleet keys --signing-key-file K --new|--public  make the coordinator's signing key / print its public key
     fedfleet shards --out DIR [--agents N --alpha A]  local data files (.npz) for devices
@@ -44,13 +45,17 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fleet")
     p.add_argument("--uplink", help="uplink codec: none, zstd, fedzip, or JSON such as '{\"name\":\"fedzip\",\"z\":0.01}'")
     p.add_argument("--downlink", choices=("none", "zstd"), help="task codec (lossless)")
-    p.add_argument("--run-dir", help="where the ledger, checkpoints and summary go (default runs/<time>)")
+    p.add_argument("--run-dir", help="where the ledger, checkpoints and summary go (default runs/<run id>)")
     p.add_argument("--json", help="write the summary JSON here too")
     p.add_argument("--metrics-port", type=int, help="serve live Prometheus metrics on 127.0.0.1:PORT (0: any)")
 
 
 def _job_config(args: argparse.Namespace):  # noqa: ANN202
     from coordinator import config
+
+    port = getattr(args, "metrics_port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise FedfleetError(f"--metrics-port must be a TCP port in 0..65535 (0: any free port), got {port}")
 
     cfg = config.load(args.config) if args.config else config.JobConfig()
     overrides = {k: getattr(args, k) for k in ("method", "rounds", "agents", "per_round", "alpha", "mode",
@@ -66,6 +71,18 @@ def _job_config(args: argparse.Namespace):  # noqa: ANN202
     return cfg
 
 
+def _resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint "
+                   "(give the job's own options; only --rounds and --deadline may change)")
+
+
+def _run_dir(args: argparse.Namespace) -> str | None:
+    """The run directory: --resume's, or --run-dir (they must agree when both are given)."""
+    if args.resume and args.run_dir and Path(args.run_dir).resolve() != Path(args.resume).resolve():
+        raise FedfleetError(f"--resume {args.resume} and --run-dir {args.run_dir} name different run directories")
+    return args.resume or args.run_dir
+
+
 def _write_json(path: str | None, data: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -77,11 +94,14 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--broker", default="embedded", help="embedded (default), mosquitto, or mqtt://host:port")
     p.add_argument("--quiet", action="store_true")
     _job_args(p)
+    _resume_args(p)
     args = p.parse_args(argv)
+    cfg = _job_config(args)  # checked before the job's heavy imports
+    run_dir = _run_dir(args)
     from coordinator.job import run_demo
 
-    result = run_demo(_job_config(args), broker=args.broker, run_dir=args.run_dir, quiet=args.quiet,
-                      metrics_port=args.metrics_port)
+    result = run_demo(cfg, broker=args.broker, run_dir=run_dir, quiet=args.quiet,
+                      metrics_port=args.metrics_port, resume=bool(args.resume))
     _write_json(args.json, result.to_json())
     print(json.dumps(result.to_json()))
     return 0
@@ -109,19 +129,21 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--password")
     p.add_argument("--ca-certs", help="CA file for an mqtts:// broker")
     _job_args(p)
+    _resume_args(p)
     args = p.parse_args(argv)
     from coordinator.config import apply
-    from coordinator.job import serve
 
     cfg = _job_config(args)
     if args.roster:
         apply(cfg, {"roster": [a.strip() for a in args.roster.split(",") if a.strip()]}, "--roster")
+    run_dir = _run_dir(args)
+    from coordinator.job import serve
     from edge_agent.signing import read_key_file
 
     result = serve(cfg, broker=args.broker, secret=_read_secret(args.secret_file),
                    signing_key=read_key_file(args.signing_key_file, "--signing-key-file"),
-                   run_dir=args.run_dir or "runs/serve", wait_s=args.wait, username=args.username,
-                   password=args.password, ca_certs=args.ca_certs, metrics_port=args.metrics_port)
+                   run_dir=run_dir, wait_s=args.wait, username=args.username, password=args.password,
+                   ca_certs=args.ca_certs, metrics_port=args.metrics_port, resume=bool(args.resume))
     _write_json(args.json, result.to_json())
     return 0
 

@@ -30,6 +30,7 @@ A job file is TOML; every key is optional:
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,33 +104,62 @@ def uplink(cfg: JobConfig) -> dict[str, Any]:
     return dict(FEDZIP_DEFAULT) if cfg.method in UPDATE_METHODS else {"name": "none"}
 
 
+def _finite(v: Any) -> bool:
+    return math.isfinite(float(v))
+
+
+def strategy_modules() -> list[str]:
+    """The coordinator strategies on disk (one module per method), found without importing them (or torch)."""
+    import importlib.util
+    import pkgutil
+
+    spec = importlib.util.find_spec("coordinator.strategies")
+    paths = list(spec.submodule_search_locations or []) if spec else []
+    return sorted(m.name for m in pkgutil.iter_modules(paths) if m.name != "base")
+
+
+def _known_method(name: str) -> bool:
+    """A coordinator strategy module (each names the edge learners its tasks use), or one registered at run
+    time by code that imported the strategies."""
+    if name in strategy_modules():
+        return True
+    strategies = sys.modules.get("coordinator.strategies")
+    return strategies is not None and name in strategies.registered()
+
+
+def _valid_roster(ids: list[Any]) -> bool:
+    from edge_agent.protocol import valid_id
+
+    return all(isinstance(a, str) and valid_id(a) for a in ids) and len(set(ids)) == len(ids)
+
+
 _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
-    "method": (str, lambda v: v.isidentifier()),
+    "method": (str, _known_method),
     "rounds": (int, lambda v: v >= 1),
     "agents": (int, lambda v: v >= 1),
     "per_round": (int, lambda v: v >= 0),
-    "alpha": ((int, float), lambda v: v >= 0),
+    "alpha": ((int, float), lambda v: _finite(v) and v >= 0),
     "mode": (str, lambda v: v in ("transfer", "full")),
     "dataset": (str, lambda v: v in ("digits", "mnist")),
     "hidden": (int, lambda v: v >= 0),
     "runtime": (str, lambda v: v in ("onnxruntime", "litert")),
     "seed": (int, lambda v: True),
-    "deadline_s": ((int, float), lambda v: v > 0),
-    "grace_s": ((int, float), lambda v: v >= 0),
+    "deadline_s": ((int, float), lambda v: _finite(v) and v > 0),
+    "grace_s": ((int, float), lambda v: _finite(v) and v >= 0),
     "quorum": ((int, float), lambda v: 0 < v <= 1),
     "fleet": (str, lambda v: 0 < len(v) <= 64 and all(c.isalnum() or c in "-_." for c in v)),
-    "roster": (list, lambda v: all(isinstance(a, str) and a for a in v)),
+    "roster": (list, _valid_roster),
     "downlink": (str, lambda v: v in ("none", "zstd")),
 }
 _HINTS = {
     "rounds": "a positive integer",
     "agents": "a positive integer",
     "per_round": "an integer >= 0",
-    "alpha": "a number >= 0 (0 means IID)",
+    "alpha": "a finite number >= 0 (0 means IID)",
     "seed": "an integer",
-    "deadline_s": "a positive number of seconds",
-    "grace_s": "a number of seconds >= 0",
-    "roster": "a list of agent ids",
+    "deadline_s": "a finite positive number of seconds",
+    "grace_s": "a finite number of seconds >= 0",
+    "roster": "a list of distinct agent ids of 1-64 letters, digits, '-', '_' or '.' (no '/', '+' or '#')",
     "downlink": "'none' or 'zstd' (the downlink carries the global model, so it stays lossless)",
     "mode": "'transfer' or 'full'",
     "dataset": "'digits' or 'mnist' (mnist needs mode 'full')",
@@ -137,7 +167,7 @@ _HINTS = {
     "runtime": "'onnxruntime' or 'litert'",
     "quorum": "a fraction in (0, 1]",
     "fleet": "1-64 characters of letters, digits, '-', '_' or '.'",
-    "method": "a method name such as 'fedavg'",
+    "method": "a registered method (see coordinator/strategies/)",
 }
 
 
@@ -145,6 +175,8 @@ def _check(source: str, key: str, value: Any) -> Any:
     kinds, ok = _CHECKS[key]
     if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
         hint = _HINTS.get(key, f"a valid {key}")
+        if key == "method":
+            hint = f"one of {', '.join(strategy_modules())}"
         raise ConfigError(f"{source}: field '{key}' must be {hint}, got {value!r}")
     return value
 
@@ -165,6 +197,10 @@ def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
         return tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such {what}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a folder, not a {what}") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the {what}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
 
@@ -182,10 +218,47 @@ def load(path: str | Path, cfg: JobConfig | None = None) -> JobConfig:
             raise ConfigError(f"{p}: '{section}' must be a table ([{section}])")
     apply(cfg, data.get("job", {}), str(p))
     if "method" in data:
+        check_method_table(data["method"], f"{p}: [method]")
         cfg.method_config = {**cfg.method_config, **data["method"]}  # merged over METHOD_DEFAULTS at run time
     if "uplink" in data:
         cfg.uplink = check_codec(data["uplink"], f"{p}: [uplink]")
     return cfg
+
+
+# the [method] fields several methods share: (kind, test, hint); method-specific keys pass through to the strategy
+_NUMBER = (int, float)
+_METHOD_CHECKS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
+    "lr": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "server_lr": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "mu": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (_NUMBER, lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "beta": (_NUMBER, lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "lr_decay": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "explore_radius": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "init_radius": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "epochs": (int, lambda v: v >= 1, "an integer >= 1"),
+    "batch": (int, lambda v: v >= 1, "an integer >= 1"),
+    "local_steps": (int, lambda v: v >= 1, "an integer >= 1"),
+    "directions": (int, lambda v: v >= 1, "an integer >= 1"),
+    "participants": (int, lambda v: v >= 1, "an integer >= 1"),
+    "large_batch": (int, lambda v: v >= 0, "an integer >= 0 (0: the whole local set)"),
+    "chunk": (int, lambda v: v >= 1, "an integer >= 1"),
+    "rff_features": (int, lambda v: v >= 1, "an integer >= 1"),
+    "gp_restarts": (int, lambda v: v >= 0, "an integer >= 0"),
+    "f": (int, lambda v: v >= 0, "an integer >= 0"),
+    "seed": (int, lambda v: True, "an integer"),
+}
+
+
+def check_method_table(table: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check the [method] fields several methods share (type, range, finiteness); others pass through."""
+    for key, value in table.items():
+        if key not in _METHOD_CHECKS:
+            continue
+        kinds, ok, hint = _METHOD_CHECKS[key]
+        if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+            raise ConfigError(f"{source}: field '{key}' must be {hint}, got {value!r}")
+    return table
 
 
 def check_codec(spec: Any, source: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@ in-process agents; progress lines per round, a summary table and the run directo
 
 `run_demo(cfg, broker=..., run_dir=...)` is what `fedfleet demo` runs; it makes a fresh coordinator signing
 key per run and keeps it in the run directory (`coordinator.key`, mode 0600). `serve(cfg, ...)` runs only the
-coordinator, for real agents on devices, with the signing key they pinned.
+coordinator, for real agents on devices, with the signing key they pinned. Both take `resume=True` to
+continue the run in `run_dir` from its newest checkpoint (`coordinator.store`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from coordinator import data as datasets
 from coordinator.config import JobConfig, method_config
 from coordinator.progress import Progress
 from coordinator.server import Coordinator, EngineConfig, RoundSummary
+from coordinator.store import new_run_id, open_job
 from coordinator.strategies import create as create_strategy
 from edge_agent import protocol, signing
 from edge_agent.learners import LocalData
@@ -148,23 +150,35 @@ def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
                         deadline_s=cfg.deadline_s, grace_s=cfg.grace_s, seed=cfg.seed, downlink={"name": cfg.downlink})
 
 
+def job_identity(cfg: JobConfig, roster: list[str]) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (`coordinator.store.open_job` compares it)."""
+    return {**cfg.to_dict(), "roster": list(roster)}
+
+
+def finished(coord: Coordinator, summaries: list[RoundSummary]) -> tuple[float, int]:
+    """(final accuracy, rounds) of the whole run, also when resuming ran few rounds or none."""
+    if summaries:
+        return summaries[-1].accuracy, summaries[-1].round
+    return coord.store.last_accuracy(coord.cfg.run), coord.first_round - 1
+
+
 def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | None = None,
-             quiet: bool = False, metrics_port: int | None = None) -> JobResult:
-    """Broker + coordinator + `cfg.agents` in-process agents, `cfg.rounds` rounds."""
+             quiet: bool = False, metrics_port: int | None = None, resume: bool = False) -> JobResult:
+    """Broker + coordinator + `cfg.agents` in-process agents, `cfg.rounds` rounds (resume: the rest of them)."""
     from edge_agent.agent import Agent, AgentConfig
     from edge_agent.meters import open_meter
     from tools.broker import start_broker
 
     t0 = time.perf_counter()
-    small_model_threads()
-    run = time.strftime("%Y%m%d-%H%M%S")
+    ids = agent_ids(cfg)[: cfg.agents]
+    run = new_run_id()
     run_dir = Path(run_dir or Path("runs") / run)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = open_job(run_dir, job_identity(cfg, ids), resume=resume, run=run)
+    small_model_threads()
     local, test = shards(cfg)
     blob, cmodel = build(cfg)
     secret = os.urandom(32)
     signing_key = _run_signing_key(run_dir)
-    ids = agent_ids(cfg)[: cfg.agents]
     strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg),
                                seed=cfg.seed)
     agents: list[Agent] = []
@@ -172,7 +186,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         coord = Coordinator(
             broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
             evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
-            config=engine_config(cfg, run), signing_key=signing_key,
+            config=engine_config(cfg, run), signing_key=signing_key, resume=resume,
         )
         progress = Progress(cfg.rounds, title="fedfleet demo", quiet=quiet,
                             online=lambda: (len(coord.ready_agents()), len(ids)), joules=lambda: ledger_joules(coord))
@@ -196,8 +210,9 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
             for a in agents:
                 a.stop()
             coord.stop()
+    final_accuracy, rounds = finished(coord, summaries)
     result = JobResult(
-        final_accuracy=summaries[-1].accuracy, rounds=len(summaries), agents=len(ids),
+        final_accuracy=final_accuracy, rounds=rounds, agents=len(ids),
         wall_s=time.perf_counter() - t0, bytes_up=coord.bytes_up_total, bytes_down=coord.bytes_down_total,
         broker=b.kind, run_dir=str(run_dir), summaries=summaries,
     )
@@ -214,23 +229,25 @@ def _run_signing_key(run_dir: Path) -> bytes:
     return seed
 
 
-def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run_dir: str | Path, wait_s: float = 600.0,
+def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run_dir: str | Path | None = None,
+          wait_s: float = 600.0,
           username: str | None = None, password: str | None = None, ca_certs: str | None = None,
-          metrics_port: int | None = None) -> JobResult:
-    """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds."""
+          metrics_port: int | None = None, resume: bool = False) -> JobResult:
+    """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds (resume: the rest)."""
     t0 = time.perf_counter()
+    ids = agent_ids(cfg)
+    run = new_run_id()
+    run_dir = Path(run_dir or Path("runs") / run)
+    run = open_job(run_dir, job_identity(cfg, ids), resume=resume, run=run)
     small_model_threads()
-    run = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(run_dir)
     _, test = shards(cfg)
     blob, cmodel = build(cfg)
-    ids = agent_ids(cfg)
     strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg),
                                seed=cfg.seed)
     coord = Coordinator(broker_url=broker, secret=secret, roster=ids, strategy=strategy, package=blob,
                         evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
                         config=engine_config(cfg, run), signing_key=signing_key, username=username,
-                        password=password, ca_certs=ca_certs)
+                        password=password, ca_certs=ca_certs, resume=resume)
     progress = Progress(cfg.rounds, title="fedfleet serve", online=lambda: (len(coord.ready_agents()), len(ids)),
                         joules=lambda: ledger_joules(coord))
     coord.on_round = progress
@@ -241,6 +258,7 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
         summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
     finally:
         coord.stop()
-    result = JobResult(summaries[-1].accuracy, len(summaries), len(ids), time.perf_counter() - t0,
+    final_accuracy, rounds = finished(coord, summaries)
+    result = JobResult(final_accuracy, rounds, len(ids), time.perf_counter() - t0,
                        coord.bytes_up_total, coord.bytes_down_total, broker, str(run_dir), summaries)
     return finish(result, run_dir, progress, quiet=False)

@@ -6,6 +6,10 @@ Tables:
   energy_compute_j, energy_radio_j, energy_idle_j, profile, codec, detail, ts.
 - `rounds`: run, round, accuracy, loss, wall_s, selected, ok, rejected, bytes_up, bytes_down, ts.
 - `runs`: run, started, config (JSON).
+- `resumes`: run, round (the first round of the resumed attempt), interrupted (rows marked), ts.
+
+Rows of a round that was interrupted by a coordinator crash keep their numbers but get the status
+`interrupted:<status>` when the run resumes (`mark_interrupted`); the round is then run again.
 
 Writes are serialised through one connection guarded by a lock, so the MQTT thread and the round engine
 can both record.
@@ -37,6 +41,9 @@ CREATE TABLE IF NOT EXISTS rounds (
   run TEXT NOT NULL, round INTEGER NOT NULL, accuracy REAL, loss REAL, wall_s REAL,
   selected INTEGER, ok INTEGER, rejected INTEGER, bytes_up INTEGER, bytes_down INTEGER, ts REAL NOT NULL,
   PRIMARY KEY (run, round)
+);
+CREATE TABLE IF NOT EXISTS resumes (
+  run TEXT NOT NULL, round INTEGER NOT NULL, interrupted INTEGER NOT NULL, ts REAL NOT NULL
 );
 """
 
@@ -101,6 +108,23 @@ class Ledger:
         sql = f"INSERT OR REPLACE INTO rounds({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
         with self._lock, self._db:
             self._db.execute(sql, vals)
+
+    def run_config(self, run: str) -> dict[str, Any] | None:
+        """The config a run was started with (None: no such run in this ledger)."""
+        rows = self.query("SELECT config FROM runs WHERE run = ?", (run,))
+        return json.loads(rows[0]["config"]) if rows else None
+
+    def mark_interrupted(self, run: str, after_round: int) -> int:
+        """Mark the rows of rounds after `after_round` (the last checkpointed one) as `interrupted:<status>` and
+        drop their round evaluations; record the resume. Returns how many agent rows were marked."""
+        with self._lock, self._db:
+            marked = self._db.execute(
+                "UPDATE agent_rounds SET status = 'interrupted:' || status WHERE run = ? AND round > ?"
+                " AND status NOT LIKE 'interrupted:%'", (run, after_round)).rowcount
+            self._db.execute("DELETE FROM rounds WHERE run = ? AND round > ?", (run, after_round))
+            self._db.execute("INSERT INTO resumes(run, round, interrupted, ts) VALUES (?, ?, ?, ?)",
+                             (run, after_round + 1, marked, time.time()))
+        return int(marked)
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -32,9 +32,9 @@ from edge_agent.errors import FedfleetError  # noqa: E402
 MB = 1e6
 MAX_BARS = 60  # agents drawn in the per-agent plot; the HTML table always lists all of them
 MAX_PROBLEM_ROWS = 500
-OUTCOMES = ("ok", "late", "dropped", "rejected")
+OUTCOMES = ("ok", "late", "dropped", "rejected", "interrupted")  # interrupted: a round rerun after resume
 COLORS = {"ok": "#4c9a2a", "late": "#e0a526", "dropped": "#8c8c8c", "rejected": "#c0392b",
-          "compute": "#3b6ea8", "radio": "#e07b39", "idle": "#b8b8b8", "up": "#3b6ea8", "down": "#7fb3e0"}
+          "interrupted": "#9b59b6", "compute": "#3b6ea8", "radio": "#e07b39", "idle": "#b8b8b8", "up": "#3b6ea8", "down": "#7fb3e0"}
 
 
 class ReportError(FedfleetError):
@@ -69,7 +69,8 @@ class RunData:
 
 
 def outcome(status: str) -> str:
-    """Collapse a ledger status to ok / late / dropped / rejected (`rejected:<reason>`)."""
+    """Collapse a ledger status to ok / late / dropped / rejected (`rejected:<reason>`) / interrupted
+    (`interrupted:<status>`: a row of a round the coordinator crashed in, rerun after resume)."""
     head = (status or "").split(":", 1)[0]
     return head if head in OUTCOMES else "rejected"
 
@@ -389,7 +390,7 @@ def _html(data: RunData, images: dict[str, Path]) -> str:
         ["Traffic up / down (MB)", f"{tot_up / MB:,.3f} / {tot_down / MB:,.3f}"],
         ["Energy compute / radio / idle (J)",
          " / ".join(_num(e, 1) for e in energy) if data.has_energy else "not recorded"],
-        ["Agent-rounds ok / late / dropped / rejected", " / ".join(str(out_counts.get(k, 0)) for k in OUTCOMES)],
+        ["Agent-rounds " + " / ".join(OUTCOMES), " / ".join(str(out_counts.get(k, 0)) for k in OUTCOMES)],
     ]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fedfleet report {html.escape(data.run)}</title>",
              f"<style>{_CSS}</style></head><body>", f"<h1>fedfleet run report: {html.escape(data.run)}</h1>",

@@ -8,14 +8,16 @@ the round goes on. Only an authenticated answer to the agent's own open task clo
 unauthenticated messages are counted and summarised in one row per reason per phase.
 
 Downlink (the model package and tasks) is signed with the coordinator's Ed25519 key (`signing_key`, a seed).
+
+Persistence (ledger rows, checkpoints, resume) is `coordinator.store.RunStore`'s; the engine calls it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -26,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.ledger import Ledger
 from coordinator.receive import ReceivePath
+from coordinator.store import RunStore
 from coordinator.strategies import ClientResult, Strategy, TaskSpec
 from coordinator.update_guard import UpdateGuard
 from edge_agent import codecs, protocol, signing
@@ -82,7 +84,11 @@ class RoundSummary:
 
 
 class Coordinator:
-    """Drives rounds of one strategy over MQTT and writes the ledger and checkpoints into `run_dir`."""
+    """Drives rounds of one strategy over MQTT and writes the ledger and checkpoints into `run_dir`.
+
+    `resume=True` continues the run `config.run` from its newest checkpoint in `run_dir` (`RunStore.resume_run`):
+    `run()` then starts at the interrupted round.
+    """
 
     def __init__(
         self,
@@ -100,6 +106,7 @@ class Coordinator:
         username: str | None = None,
         password: str | None = None,
         ca_certs: str | None = None,
+        resume: bool = False,
     ) -> None:
         self.cfg = config
         self.strategy = strategy
@@ -108,8 +115,8 @@ class Coordinator:
         self.evaluate = evaluate
         self.on_round = on_round
         self.run_dir = Path(run_dir)
-        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.run_dir / "ledger.sqlite")
+        self.store = RunStore(self.run_dir)
+        self.ledger = self.store.ledger
         self.keys = {a: protocol.derive_key(secret, a) for a in roster}
         if not isinstance(signing_key, bytes) or len(signing_key) != signing.SEED_BYTES:
             raise ConfigError(f"signing_key must be the coordinator's {signing.SEED_BYTES}-byte Ed25519 seed")
@@ -140,7 +147,7 @@ class Coordinator:
         fleet = config.fleet
         self.link = MqttLink(
             broker_url,
-            client_id=f"fedfleet-coordinator-{fleet}",
+            client_id=f"fedfleet-coordinator-{fleet}-{secrets.token_hex(8)}",  # unguessable: no take-over by id
             on_message=self.receive.on_message,
             subscriptions=[f"{protocol.ROOT}/{fleet}/agents/+/{k}" for k in ("status", "result", "telemetry")],
             clean_session=True,
@@ -150,8 +157,19 @@ class Coordinator:
             on_connect=self._on_connect,
         )
         self._connects = 0
-        self.ledger.start_run(config.run, {"engine": config.__dict__, "strategy": strategy.name,
-                                           "strategy_config": strategy.config, "roster": roster})
+        meta = {"engine": config.__dict__, "strategy": strategy.name, "strategy_config": strategy.config,
+                "roster": roster}
+        self.first_round = 1
+        if resume:
+            resumed = self.store.resume_run(config.run, meta, strategy)
+            self.first_round = resumed.round + 1
+            if resumed.rng is not None:
+                self._rng.bit_generator.state = resumed.rng
+            self.bytes_up_total, self.bytes_down_total = resumed.bytes_up, resumed.bytes_down
+            log.warning("resuming run %s at round %d (%d ledger rows of the interrupted round marked)",
+                        config.run, self.first_round, resumed.interrupted_rows)
+        else:
+            self.store.start_run(config.run, meta)
 
     @property
     def bytes_up_total(self) -> int:
@@ -171,7 +189,7 @@ class Coordinator:
 
     def stop(self) -> None:
         self.link.stop()
-        self.ledger.close()
+        self.store.close()
 
     def publish_package(self, package: bytes | None = None) -> int:
         """Publish the model package (a new one if given) as retained, chunked broadcast messages; returns
@@ -258,8 +276,9 @@ class Coordinator:
         return ready
 
     def run(self, rounds: int | None = None) -> list[RoundSummary]:
+        """Rounds `first_round` .. `rounds` (1 .. rounds for a fresh run; a resumed one continues)."""
         out = []
-        for r in range(1, (rounds or self.cfg.rounds) + 1):
+        for r in range(self.first_round, (rounds or self.cfg.rounds) + 1):
             out.append(self.run_round(r))
         return out
 
@@ -281,14 +300,17 @@ class Coordinator:
         t1 = time.perf_counter()
         accuracy, loss = self.evaluate(self.strategy.global_state())
         t2 = time.perf_counter()
-        self._checkpoint(r)
+        row = {"accuracy": accuracy, "loss": loss, "wall_s": t2 - t0, "selected": tasked, "ok": ok,
+               "rejected": rejected, "bytes_up": self.bytes_up_total - up0, "bytes_down": self.bytes_down_total - down0}
+        # the checkpoint is the round's commit point: a crash before it reruns the round on resume
+        self.store.save_checkpoint(self.cfg.run, r, self.strategy, rng=self._rng.bit_generator.state,
+                                   bytes_up=self.bytes_up_total, bytes_down=self.bytes_down_total, summary=row)
         wall = time.perf_counter() - t0
         timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)
         summary = RoundSummary(r, accuracy, loss, wall, tasked, ok, rejected, late,
                                self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings,
                                self.strategy.round_note())
-        self.ledger.record_round(self.cfg.run, r, accuracy=accuracy, loss=loss, wall_s=wall, selected=tasked,
-                                 ok=ok, rejected=rejected, bytes_up=summary.bytes_up, bytes_down=summary.bytes_down)
+        self.ledger.record_round(self.cfg.run, r, **{**row, "wall_s": wall})
         if self.on_round is not None:
             self.on_round(summary)
         return summary
@@ -519,20 +541,6 @@ class Coordinator:
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if v is not None}
         metrics["_learn_s"] = float(meta.get("learn_s", 0.0))
         return ClientResult(agent, tensors, samples, metrics)
-
-    def _checkpoint(self, r: int) -> None:
-        """Atomic: write a temp file, fsync, rename. A crash never leaves a torn checkpoint."""
-        state = {"round": r, "run": self.cfg.run, "strategy": self.strategy.name,
-                 "state": self.strategy.global_state(), "extra": self.strategy.extra_state()}
-        for name in (f"round-{r:04d}.pt", "latest.pt"):
-            path = self.run_dir / "checkpoints" / name
-            tmp = path.with_suffix(".pt.tmp")
-            with open(tmp, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-
 
 
 def _as_json(value: Any) -> Any:

@@ -29,6 +29,7 @@ from edge_agent import codecs, protocol
 from edge_agent.errors import FedfleetError, ModelError, ProtocolError
 from edge_agent.learners import LearnResult, LocalData, Task, create
 from edge_agent.mqtt import MqttLink
+from edge_agent.run_state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,7 @@ class Agent:
         self.model_error: str | None = None
         self.model_cache = model_cache
         self.learn_lock = learn_lock
-        self.learners: dict[str, Any] = {}
-        self.feedback: dict[str, Any] = {}  # uplink error-feedback state per method
+        self.state = RunState()  # learners and error feedback of the current run only
         self.rounds_done = 0
         self.tasks_dropped = 0
         self.refused: dict[str, int] = {}  # refused downlink messages by reason
@@ -85,6 +85,7 @@ class Agent:
         self.trust_error = (None if config.coordinator_key else
                             "no coordinator key pinned (--coordinator-key-file): refusing every task and package")
         self._done: set[tuple[str, int, int]] = set()
+        self._taken: dict[tuple[str, int, int], str] = {}  # task -> the dispatch (msg id) the agent took
         self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self._waiting: list[tuple[dict[str, Any], bytes]] = []
         self._tasks = protocol.Reassembler(max_total=MAX_TASK_BYTES, max_pending=8)
@@ -97,7 +98,7 @@ class Agent:
         self._model_prefix = protocol.broadcast_topic(config.fleet, "model/")
         self.link = MqttLink(
             config.broker,
-            client_id=f"fedfleet-{config.fleet}-{config.agent_id}",
+            client_id=config.username or f"fedfleet-{config.fleet}-{config.agent_id}",  # the ACL's user name
             on_message=self._on_message,
             subscriptions=[self._task_topic, protocol.broadcast_topic(config.fleet, "model/#")],
             clean_session=False,
@@ -262,11 +263,13 @@ class Agent:
 
     def _handle_task(self, header: dict[str, Any], body: bytes) -> None:
         key = (str(header.get("run")), int(header.get("round", -1)), int(header.get("phase", 0)))
-        if key in self._done:
-            return  # QoS 1 may deliver twice
+        msg = str(header.get("msg"))
+        if key in self._done and self._taken.get(key, msg) == msg:
+            return  # QoS 1 may deliver twice; a resumed coordinator's new dispatch of the round has a new msg id
         late = self._expired(header)
         if late:
             self._done.add(key)
+            self._taken[key] = msg
             self.tasks_dropped += 1
             self._safe_telemetry("dropped_task", run=key[0], round=key[1], phase=key[2], reason=late)
             return
@@ -275,15 +278,17 @@ class Agent:
             self._waiting.append((header, body))  # the package is still arriving
             return
         self._done.add(key)
+        self._taken[key] = msg
         layout = codecs.normalize_layout(header.get("layout", []))
         tensors = codecs.decode(body, layout, header.get("codec", {"name": "none"}), max_bytes=MAX_TASK_BYTES)
         meta = header.get("meta", {})
         task = Task(run=key[0], round=key[1], method=str(header.get("method")), config=meta.get("config", {}),
                     tensors=tensors, phase=key[2], deadline=deadline)
         name = str(task.config.get("learner") or task.method)  # e.g. robust FedAvg's byzantine tasks
-        learner = self.learners.get(name)
-        if learner is None:
-            learner = self.learners[name] = create(name)
+        if self.state.begin(task.run, task.round, task.phase):
+            log.info("agent %s: round %d.%d of run %s again (a resumed coordinator); from the state before it",
+                     self.cfg.agent_id, task.round, task.phase, task.run)
+        learner = self.state.learner(name, create)
         t0 = time.perf_counter()
         lock = self.learn_lock if self.learn_lock is not None else _null()
         if self.meter is not None:
@@ -348,7 +353,7 @@ class Agent:
         from edge_agent import fedzip
 
         params = fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
-        fb = self.feedback.setdefault(method, fedzip.ErrorFeedback())
+        fb = self.state.feedback.setdefault(method, fedzip.ErrorFeedback())
         compensated = fb.compensate(tensors)
         sent = fedzip.quantize(compensated, params)
         fb.update(compensated, sent)

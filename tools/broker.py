@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -57,8 +59,24 @@ class Broker:
         self.stop()
 
 
+def broker_user() -> str:
+    """The user Mosquitto runs as. Started as root it drops to Debian's unprivileged `mosquitto` user (or
+    `nobody`); started as anyone else it stays that user (Mosquitto ignores `user` then)."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    for name in ("mosquitto", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise ConfigError("no unprivileged user to run mosquitto as: create the 'mosquitto' user (apt-get install mosquitto)")
+
+
 def mosquitto_config(port: int, *, password_file: Path | None = None, acl_file: Path | None = None,
-                     max_packet_bytes: int = 2 << 20, tls: TLSFiles | None = None) -> str:
+                     max_packet_bytes: int = 2 << 20, tls: TLSFiles | None = None, user: str | None = None) -> str:
+    """The broker's config. With a password file, client ids are the user names
+    (`use_username_as_clientid`): a client cannot take over another's session by picking its id."""
     lines = [f"listener {port} 127.0.0.1"]
     if tls is not None:  # this listener speaks TLS only (mqtts://)
         lines += [f"cafile {tls.cafile}", f"certfile {tls.certfile}", f"keyfile {tls.keyfile}",
@@ -74,12 +92,12 @@ def mosquitto_config(port: int, *, password_file: Path | None = None, acl_file: 
         "log_dest stderr",
     ]
     if password_file is not None:
-        lines += ["allow_anonymous false", f"password_file {password_file}"]
+        lines += ["allow_anonymous false", f"password_file {password_file}", "use_username_as_clientid true"]
     else:
         lines.append("allow_anonymous true")
     if acl_file is not None:
         lines.append(f"acl_file {acl_file}")
-    lines.append("user root")
+    lines.append(f"user {user or broker_user()}")
     return "\n".join(lines) + "\n"
 
 
@@ -93,6 +111,15 @@ def acl_text(coordinator_user: str) -> str:
         "pattern read fedfleet/v1/+/agents/%u/task\n"
         "pattern read fedfleet/v1/+/broadcast/#\n"
     )
+
+
+def _give_to(directory: Path, user: str) -> None:
+    """Make the broker's files (config, passwords, ACL, TLS key) readable by the user it runs as, and only by it."""
+    if os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(user)
+    for path in [directory, *directory.rglob("*")]:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 class MosquittoBroker(Broker):
@@ -114,8 +141,14 @@ class MosquittoBroker(Broker):
                                capture_output=True)
             acl = self._dir / "acl"
             acl.write_text(acl_text(coordinator_user))
+        if tls is not None:  # private copies the broker's user can read (the originals may be root's alone)
+            (self._dir / "tls").mkdir()
+            tls = TLSFiles(*(Path(shutil.copy(f, self._dir / "tls" / Path(f).name))
+                             for f in (tls.cafile, tls.certfile, tls.keyfile)))
+        user = broker_user()
         conf = self._dir / "mosquitto.conf"
-        conf.write_text(mosquitto_config(self.port, password_file=pw, acl_file=acl, tls=tls))
+        conf.write_text(mosquitto_config(self.port, password_file=pw, acl_file=acl, tls=tls, user=user))
+        _give_to(self._dir, user)
         self._log = open(self._dir / "mosquitto.log", "wb")  # noqa: SIM115
         self._proc = subprocess.Popen([exe, "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
         try:

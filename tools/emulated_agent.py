@@ -90,7 +90,7 @@ class EmulatedAgent(Agent):
         self._old_bytes += old.bytes_sent
         c = self.cfg
         self.link = MqttLink(
-            str(old.url), client_id=f"fedfleet-{c.fleet}-{c.agent_id}", on_message=self._on_message,
+            str(old.url), client_id=c.username or f"fedfleet-{c.fleet}-{c.agent_id}", on_message=self._on_message,
             subscriptions=list(old._subscriptions), clean_session=False,
             will=self._will, on_connect=self._announce,
             username=c.username, password=c.password, ca_certs=c.ca_certs,

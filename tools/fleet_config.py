@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.config import JobConfig, apply, check_codec, read_toml
+from coordinator.config import JobConfig, apply, check_codec, check_method_table, read_toml
 from edge_agent.errors import ConfigError
 
 AGENT_SIDE = ("nan", "noise")
@@ -200,6 +200,7 @@ def parse(data: dict[str, Any], source: str) -> FleetConfig:
             raise _err(source, f"job.{key}", "is set by the [[group]] tables in a fleet file; remove it")
     job = apply(JobConfig(mode="full"), job_values, source)
     if "method" in data:
+        check_method_table(data["method"], f"{source}: [method]")
         job.method_config = {**job.method_config, **data["method"]}
     if "uplink" in data:
         job.uplink = check_codec(data["uplink"], f"{source}: [uplink]")

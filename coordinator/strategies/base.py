@@ -62,7 +62,8 @@ class Strategy(ABC):
         return self.state
 
     def extra_state(self) -> dict[str, Any]:
-        """Method state to include in checkpoints (momentum buffers, tables)."""
+        """Method state to include in checkpoints (momentum buffers, tables): tensors and plain containers of
+        str, int, float, bool and None only, so checkpoints load with `torch.load(weights_only=True)`."""
         return {}
 
     def update_kind(self, phase: int) -> str:
@@ -70,6 +71,12 @@ class Strategy(ABC):
         (coordinator/update_guard.py): "delta" (the result is the update), "model" (the update is the result
         minus the tensors its task sent), or "none" (not an update; not bounded)."""
         return "delta"
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Restore what `extra_state()` returned, on resume; `self.state` has been restored already.
+        A strategy that saves extra state must load it: the default accepts only none."""
+        if extra:
+            raise NotImplementedError(f"{type(self).__name__} saved extra state {sorted(extra)} but cannot load it")
 
     def round_note(self) -> str:
         """A few words on the method's own state after the last round, for the progress line ("" = none)."""

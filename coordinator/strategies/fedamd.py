@@ -173,4 +173,12 @@ class FedAMDStrategy(Strategy):
             "t": self.t,
             "p": self.p,
             "init_done": self.init_done,
+            "history": [dict(h) for h in self.history],
         }
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.table = {a: v.clone() for a, v in extra["table"].items()}
+        self.computed_at = {a: int(t) for a, t in extra["computed_at"].items()}
+        self.t, self.p, self.init_done = int(extra["t"]), extra["p"], bool(extra["init_done"])
+        self.history = [dict(h) for h in extra.get("history", [])]
+        self.x = robust.flatten(self.state, self.layout)

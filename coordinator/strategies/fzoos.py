@@ -84,3 +84,8 @@ class FZooS(Strategy):
 
     def extra_state(self) -> dict[str, Any]:
         return {"nu_bar": self.nu_bar, "rho": dict(self.rho)}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        nu = extra["nu_bar"]
+        self.nu_bar = None if nu is None else nu.clone()
+        self.rho = {a: float(v) for a, v in extra["rho"].items()}

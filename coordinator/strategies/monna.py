@@ -221,4 +221,10 @@ class MonnaStrategy(Strategy):
         return next(iter(nodes.values())) if nodes else self.state
 
     def extra_state(self) -> dict[str, Any]:
-        return {"models": {a: v.clone() for a, v in self.models.items()}}
+        return {"models": {a: v.clone() for a, v in self.models.items()},
+                "last_attack": {k: dict(v) for k, v in self.last_attack.items()}}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.models = {a: v.clone() for a, v in extra["models"].items()}
+        self.last_attack = {k: dict(v) for k, v in extra.get("last_attack", {}).items()}
+        self._init = robust.flatten(self.state, self.layout)

@@ -133,3 +133,10 @@ class RobustFedAvg(Strategy):
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return self.state
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"last_error": self.last_error}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.x = robust.flatten(self.state, self.layout)  # x is the flat view of the restored state
+        self.last_error = str(extra.get("last_error", ""))

@@ -1,0 +1,183 @@
+"""Resume: a `fedfleet serve` SIGKILLed mid-round over Mosquitto with real agent processes continues the same
+run in the same ledger and ends where an uninterrupted run ends; every stateful strategy survives a
+checkpoint round trip (`torch.load(weights_only=True)`); a run directory refuses a different job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from coordinator.store import RunStore, open_job
+from coordinator.strategies import ClientResult
+from coordinator.strategies import create as create_strategy
+from edge_agent.errors import ConfigError
+from tools import bench_resume
+from tools.benchio import details
+
+AGENTS = ["a-0", "a-1", "a-2", "a-3"]
+STATEFUL = {
+    "fedavg": {"lr": 0.1},
+    "fedamd": {"participants": 3, "local_steps": 2},
+    "monna": {"f": 0, "lr": 0.5},
+    "fzoos": {"rff_features": 8},
+    "robust_fedavg": {"aggregator": "trimmed_mean", "f": 1},
+}
+
+
+def _initial() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(3, 4, generator=g), "b": torch.randn(3, generator=g)}
+
+
+def _drive(strategy, rounds: range) -> list[dict]:
+    """Rounds of configure/aggregate with results drawn per (round, phase, agent): the same in any process."""
+    sent = []
+    for r in rounds:
+        for phase in range(strategy.phases):
+            tasks = strategy.configure(r, phase, list(AGENTS))
+            sent.append({a: {n: t.copy() for n, t in spec.tensors.items()} for a, spec in sorted(tasks.items())})
+            results = []
+            for a, spec in sorted(tasks.items()):
+                rng = np.random.default_rng([r, phase, zlib.crc32(a.encode())])
+                tensors = {n: (0.1 * rng.standard_normal(s)).astype(np.float32) for n, s in spec.expect}
+                results.append(ClientResult(a, tensors, 10 + len(a), {"grad_evals": 1.0}))
+            strategy.aggregate(r, phase, results)
+    return sent
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("method", sorted(STATEFUL))
+def test_strategy_state_survives_a_checkpoint_round_trip(tmp_path, method):
+    config = {**STATEFUL[method], "seed": 3}
+    whole = create_strategy(method, _initial(), **config)
+    sent_whole = _drive(whole, range(1, 6))
+
+    first = create_strategy(method, _initial(), **config)
+    _drive(first, range(1, 3))
+    store = RunStore(tmp_path)
+    meta = {"strategy": method, "roster": AGENTS}
+    store.start_run("r", meta)
+    store.save_checkpoint("r", 2, first, rng={"n": 1}, bytes_up=5, bytes_down=7, summary={"accuracy": 0.5})
+    store.close()
+    resumed = create_strategy(method, _initial(), **config)  # a new process: the initial model only
+    store = RunStore(tmp_path)
+    at = store.resume_run("r", meta, resumed)
+    store.close()
+    assert (at.round, at.rng, at.bytes_up, at.bytes_down) == (2, {"n": 1}, 5, 7)
+    sent_resumed = _drive(resumed, range(3, 6))
+    per_round = len(sent_whole) // 5
+    assert _equal(sent_resumed, sent_whole[2 * per_round:]), "the resumed strategy sent other tasks"
+    assert _equal(resumed.global_state(), whole.global_state())
+    assert _equal(resumed.extra_state(), whole.extra_state())
+
+
+def test_resume_marks_the_interrupted_round_and_keeps_earlier_ones(tmp_path):
+    strategy = create_strategy("fedavg", _initial(), lr=0.1)
+    store = RunStore(tmp_path)
+    meta = {"strategy": "fedavg", "roster": AGENTS}
+    store.start_run("r", meta)
+    for r in (1, 2, 3):
+        for a in AGENTS[:2]:
+            store.ledger.record("r", r, a, "ok", bytes_up=10)
+        if r < 3:  # round 3 was interrupted: rows in, no checkpoint
+            store.save_checkpoint("r", r, strategy, rng={}, bytes_up=0, bytes_down=0,
+                                  summary={"accuracy": 0.1 * r, "loss": 1.0})
+            if r == 1:  # round 2's evaluation row was lost with the crash; its checkpoint holds it
+                store.ledger.record_round("r", r, accuracy=0.1, loss=1.0)
+    store.close()
+    store = RunStore(tmp_path)
+    at = store.resume_run("r", meta, create_strategy("fedavg", _initial(), lr=0.1))
+    rows = store.ledger.query("SELECT round, status FROM agent_rounds ORDER BY id")
+    evals = store.ledger.query("SELECT round, accuracy FROM rounds ORDER BY round")
+    store.close()
+    assert at.round == 2 and at.interrupted_rows == 2
+    assert [(r["round"], r["status"]) for r in rows] == [(1, "ok")] * 2 + [(2, "ok")] * 2 + [(3, "interrupted:ok")] * 2
+    assert [(r["round"], round(r["accuracy"], 3)) for r in evals] == [(1, 0.1), (2, 0.2)]
+
+
+def test_run_directory_refuses_another_job_or_a_fresh_start(tmp_path):
+    job = {"method": "fedavg", "roster": ["pi-01", "pi-02"], "seed": 0, "rounds": 5}
+    run = open_job(tmp_path / "run", job, resume=False)
+    assert open_job(tmp_path / "run", {**job, "rounds": 9}, resume=True) == run  # more rounds: the same run
+    with pytest.raises(ConfigError, match="already holds run"):
+        open_job(tmp_path / "run", job, resume=False)
+    with pytest.raises(ConfigError, match="method = 'fedavg' in the run, 'fedzo' now"):
+        open_job(tmp_path / "run", {**job, "method": "fedzo"}, resume=True)
+    with pytest.raises(ConfigError, match="roster"):
+        open_job(tmp_path / "run", {**job, "roster": ["pi-01", "pi-03"]}, resume=True)
+    with pytest.raises(ConfigError, match="no such run directory"):
+        open_job(tmp_path / "absent", job, resume=True)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match="not a fedfleet run directory"):
+        open_job(tmp_path / "plain", job, resume=True)
+
+
+def test_serve_resume_with_another_method_is_a_one_line_error(tmp_path):
+    secret = tmp_path / "fleet.secret"
+    secret.write_text("x" * 32)
+    open_job(tmp_path / "run", {"method": "fedavg"}, resume=False)
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "serve", "--broker", "mqtt://127.0.0.1:1",
+                        "--secret-file", str(secret), "--method", "fedzo", "--resume", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=120)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and "\n" not in err and "Traceback" not in err, err
+    assert "not the same job" in err and "method = 'fedavg' in the run, 'fedzo' now" in err
+
+
+def test_serve_killed_mid_round_resumes_the_same_run(tmp_path, capsys):
+    """`fedfleet bench resume`, small: real `fedfleet-agent` processes, `fedfleet serve` SIGKILLed once the
+    interrupted round has its first result, then `--resume`; compared with an uninterrupted same-seed run."""
+    out = tmp_path / "resume.json"
+    assert bench_resume.main(["--agents", "3", "--rounds", "4", "--kill-round", "3", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert set(result) == set(bench_resume.KEYS) and json.loads(captured.out) == result
+    info = details(captured.err)
+    assert result["rounds"] == 4 and result["killed_at"] == 3 and result["rounds_lost"] == 1
+    assert info["earlier_rounds_unchanged"] and info["earlier_checkpoints"] == 2
+    assert info["ok_rows_per_round"] == {"1": 3, "2": 3, "3": 3, "4": 3}  # nothing earlier redone
+    assert sum(info["left_by_the_kill_in_round"].values()) == sum(info["marked_interrupted"].values())
+    assert len(info["accuracy_curve"]) == 4
+    assert abs(result["final_accuracy"] - result["uninterrupted_accuracy"]) <= 0.005, info
+
+
+def test_demo_resume_continues_the_same_run_with_more_rounds(mosquitto, tmp_path):
+    from coordinator.config import JobConfig
+    from coordinator.job import run_demo
+    from coordinator.ledger import Ledger
+
+    cfg = JobConfig(rounds=1, agents=2, fleet="resume-demo")
+    first = run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path, quiet=True)
+    run = json.loads((tmp_path / "job.json").read_text())["run"]
+    ckpt1 = (tmp_path / "checkpoints" / "round-0001.pt").read_bytes()
+    cfg.rounds = 2
+    with pytest.raises(ConfigError, match="already holds run"):
+        run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path, quiet=True)
+    again = run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path, quiet=True, resume=True)
+    assert first.rounds == 1 and again.rounds == 2 and [s.round for s in again.summaries] == [2]
+    assert (tmp_path / "checkpoints" / "round-0001.pt").read_bytes() == ckpt1
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        runs = [r["run"] for r in ledger.query("SELECT run FROM runs")]
+        per_round = [(r["round"], r["n"]) for r in ledger.query(
+            "SELECT round, COUNT(*) AS n FROM agent_rounds WHERE status = 'ok' GROUP BY round ORDER BY round")]
+    finally:
+        ledger.close()
+    assert runs == [run] and per_round == [(1, 2), (2, 2)]
