@@ -165,7 +165,7 @@ class Coordinator:
             self.first_round = resumed.round + 1
             if resumed.rng is not None:
                 self._rng.bit_generator.state = resumed.rng
-            self.bytes_up_total, self.bytes_down_total = resumed.bytes_up, resumed.bytes_down
+            self.receive.bytes_up, self.bytes_down_total = resumed.bytes_up, resumed.bytes_down
             log.warning("resuming run %s at round %d (%d ledger rows of the interrupted round marked)",
                         config.run, self.first_round, resumed.interrupted_rows)
         else:

@@ -84,14 +84,14 @@ def _coordinator(url: str, tmp_path, fleet: str, **auth: str):
     from coordinator.config import JobConfig, method_config
     from coordinator.server import Coordinator, EngineConfig
     from coordinator.strategies import create
-    from tests.fleet_helpers import SECRET, package
+    from tests.fleet_helpers import SECRET, SIGNING_KEY, package
 
     cfg = JobConfig(mode="full", fleet=fleet)
     blob, cmodel = package(cfg)
     strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
     return Coordinator(broker_url=url, secret=SECRET, roster=["pi-01", "pi-02"], strategy=strategy, package=blob,
                        evaluate=lambda s: (0.0, 0.0), run_dir=tmp_path, config=EngineConfig(fleet=fleet, run="acl"),
-                       **auth)
+                       signing_key=SIGNING_KEY, **auth)
 
 
 def _still_connected_once(coord, seconds: float = 2.0) -> None:

@@ -16,6 +16,7 @@ import torch
 from coordinator.store import RunStore, open_job
 from coordinator.strategies import ClientResult
 from coordinator.strategies import create as create_strategy
+from edge_agent import signing
 from edge_agent.errors import ConfigError
 from tools import bench_resume
 from tools.benchio import details
@@ -133,8 +134,11 @@ def test_serve_resume_with_another_method_is_a_one_line_error(tmp_path):
     secret = tmp_path / "fleet.secret"
     secret.write_text("x" * 32)
     open_job(tmp_path / "run", {"method": "fedavg"}, resume=False)
+    key = tmp_path / "coordinator.key"
+    signing.write_private_key_file(key, signing.new_signing_seed())
     r = subprocess.run([sys.executable, "-m", "coordinator.cli", "serve", "--broker", "mqtt://127.0.0.1:1",
-                        "--secret-file", str(secret), "--method", "fedzo", "--resume", str(tmp_path / "run")],
+                        "--secret-file", str(secret), "--signing-key-file", str(key), "--method", "fedzo",
+                        "--resume", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=120)
     err = r.stderr.strip()
     assert r.returncode == 2 and "\n" not in err and "Traceback" not in err, err

@@ -12,7 +12,7 @@ from coordinator.job import engine_config, shards
 from coordinator.server import Coordinator
 from coordinator.strategies import create as create_strategy
 from edge_agent.run_state import RunState
-from tests.fleet_helpers import SECRET, package, start_fleet
+from tests.fleet_helpers import SECRET, SIGNING_KEY, package, start_fleet
 
 
 def test_run_state_resets_on_a_new_run_and_rolls_back_a_rerun():
@@ -39,7 +39,7 @@ def _second_run(fleet, run_dir, run: str, rounds: int) -> list:
     ecfg.grace_s = 0.0
     coord = Coordinator(broker_url=fleet.coord.link.url.__str__(), secret=SECRET, roster=list(fleet.agents),
                         strategy=strategy, package=blob, evaluate=lambda s: cmodel.evaluate(s, test.x, test.y),
-                        run_dir=run_dir, config=ecfg)
+                        run_dir=run_dir, config=ecfg, signing_key=SIGNING_KEY)
     coord.start()
     try:
         coord.wait_for_agents(len(fleet.agents), 30)

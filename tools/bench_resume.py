@@ -48,6 +48,7 @@ def _query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
 def _serve_cmd(url: str, secret: Path, fleet: str, roster: list[str], rounds: int, seed: int, method: str,
                run_dir: Path, out: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "coordinator.cli", "serve", "--broker", url, "--secret-file", str(secret),
+            "--signing-key-file", str(secret.parent / "coordinator.key"),
             "--fleet", fleet, "--roster", ",".join(roster), "--rounds", str(rounds), "--seed", str(seed),
             "--method", method, "--quorum", "1.0", "--deadline", "60", "--wait", "120", "--run-dir", str(run_dir),
             "--json", str(out), *extra]
@@ -80,7 +81,7 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
 
     from coordinator.config import JobConfig
     from coordinator.job import agent_ids, shards
-    from edge_agent import protocol
+    from edge_agent import protocol, signing
     from tools.broker import MosquittoBroker
 
     if not 1 < kill_round <= rounds:
@@ -93,6 +94,9 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
     local, _ = shards(cfg)
     secret = os.urandom(32).hex().encode()  # `fedfleet serve --secret-file` uses the file's text as the secret
     (work / "fleet.secret").write_bytes(secret)
+    seed_key = signing.new_signing_seed()  # the coordinator's key; agents pin its public half
+    signing.write_private_key_file(work / "coordinator.key", seed_key)
+    (work / "coordinator.pub").write_text(signing.public_key(seed_key).hex() + "\n")
     fleet = f"resume{os.getpid()}"
     broker = MosquittoBroker()
     procs: list[subprocess.Popen] = []
@@ -103,7 +107,8 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
             (work / f"{agent}.key").write_text(protocol.derive_key(secret, agent).hex())
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "edge_agent.cli", "--broker", broker.url, "--fleet", fleet, "--id", agent,
-                 "--key-file", str(work / f"{agent}.key"), "--data", str(work / f"{agent}.npz"), "--threads", "1",
+                 "--key-file", str(work / f"{agent}.key"), "--coordinator-key-file", str(work / "coordinator.pub"),
+                 "--data", str(work / f"{agent}.npz"), "--threads", "1",
                  "--meter", "none"], stdout=open(work / f"{agent}.log", "wb"), stderr=subprocess.STDOUT))  # noqa: SIM115
 
         def cmd(run_dir: Path, out: str, *extra: str) -> list[str]:
