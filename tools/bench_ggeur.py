@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from coordinator import data as datasets
 from coordinator.config import METHOD_DEFAULTS
@@ -37,12 +38,47 @@ from coordinator.ledger import Ledger
 from coordinator.model import CoordinatorModel
 from coordinator.server import Coordinator, EngineConfig
 from coordinator.strategies import create as create_strategy
+from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, to_numpy
+from coordinator.strategies.ggeur import GGEURStrategy
 from edge_agent import protocol
 from edge_agent.learners import LocalData
 from tools.benchio import emit
 
 KEYS = ("beta", "plain_accuracy", "ggeur_accuracy", "gain_points", "stats_bytes_up", "seeds")
 TOY = {"variant": "multi_domain", "target": 200, "local_pool": 50, "proto_pool": 50, "per_sample": 12}
+
+
+class Unsynchronised(GGEURStrategy):
+    """Diagnostic only, not a method to run: the reference scripts' scheme, in which every client keeps
+    training its own head and never receives the global one; the heads are averaged (sample-weighted)
+    only to evaluate. `augment=False` skips the exchange (plain local training under the same scheme).
+    It shows how much of the published gain comes from that scheme (spec 4e, first pitfall)."""
+
+    name = "ggeur_unsynchronised"
+
+    def __init__(self, state: dict[str, Any], *, augment: bool = True, **config: Any) -> None:
+        super().__init__(state, **config)
+        self.initial = {k: v.clone() for k, v in self.state.items()}
+        self.local: dict[str, dict[str, Any]] = {}
+        self.weights: dict[str, float] = {}
+        self.exchange_done = not augment
+
+    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
+        tasks = super().configure(round, phase, agents)
+        for a, spec in tasks.items():
+            spec.config["learner"] = "ggeur"
+            if self.stage(phase) == "train":
+                spec.tensors.update(to_numpy(self.local.get(a, self.initial)))
+        return tasks
+
+    def _fedavg(self, results: list[ClientResult]) -> None:
+        for r in results:
+            own = self.local.get(r.agent, self.initial)
+            self.local[r.agent] = {k: own[k] + torch.from_numpy(r.tensors[k]) for k in own}
+            self.weights[r.agent] = float(r.samples)
+        if self.local:
+            total = sum(self.weights.values())
+            self.state = {k: sum(self.weights[a] / total * h[k] for a, h in self.local.items()) for k in self.initial}
 
 
 def package() -> tuple[bytes, CoordinatorModel]:
@@ -59,7 +95,12 @@ def run_fleet(broker_url: str, blob: bytes, cmodel: CoordinatorModel, method: st
 
     secret = os.urandom(32)
     fleet = f"ggeur{os.getpid()}-{os.urandom(3).hex()}"
-    strategy = create_strategy(method, cmodel.initial_state(), seed=seed, uplink={"name": "none"}, **config)
+    strategy: Strategy
+    if method.startswith("unsynchronised"):
+        strategy = Unsynchronised(cmodel.initial_state(), augment=method.endswith("ggeur"), seed=seed,
+                                  uplink={"name": "none"}, **config)
+    else:
+        strategy = create_strategy(method, cmodel.initial_state(), seed=seed, uplink={"name": "none"}, **config)
     with tempfile.TemporaryDirectory() as tmp:
         coord = Coordinator(broker_url=broker_url, secret=secret, roster=list(shards), strategy=strategy,
                             package=blob, evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp,
@@ -94,13 +135,17 @@ def run_fleet(broker_url: str, blob: bytes, cmodel: CoordinatorModel, method: st
 
 
 def label_skew(broker_url: str, blob: bytes, cmodel: CoordinatorModel, *, seed: int, agents: int, beta: float,
-               rounds: int, epochs: int, guarantee: bool) -> dict[str, Any]:
+               rounds: int, epochs: int, guarantee: bool, diagnostic: bool = False) -> dict[str, Any]:
     train, test = datasets.split(datasets.digits(), 0.2, seed=seed)
     parts = datasets.partition_dirichlet(train.y, agents, beta, seed=seed, per_class=1 if guarantee else 0)
     shards = {f"agent-{i:02d}": LocalData(train.x[p], train.y[p]) for i, p in enumerate(parts)}
     common = {"lr": 0.1, "epochs": epochs, "batch": 16}
     out: dict[str, Any] = {"classes_per_agent": [int(len(np.unique(s.y))) for s in shards.values()]}
-    for method, cfg in (("fedavg", common), ("ggeur", {**METHOD_DEFAULTS["ggeur"], **common})):
+    ggeur = {**METHOD_DEFAULTS["ggeur"], **common}
+    arms = [("fedavg", common), ("ggeur", ggeur)]
+    if diagnostic:
+        arms += [("unsynchronised_plain", ggeur), ("unsynchronised_ggeur", ggeur)]
+    for method, cfg in arms:
         run = run_fleet(broker_url, blob, cmodel, method, cfg, shards, rounds, test, seed)
         out[method] = {"accuracy": run["curve"][-1], "curve": [round(a, 4) for a in run["curve"]],
                        "bytes": run["bytes"], "not_ok": len(run["not_ok"]), "note": run["note"]}
@@ -143,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta", type=float, default=0.05)
     parser.add_argument("--broker", default="mosquitto")
     parser.add_argument("--no-toy", action="store_true", help="skip the 4-domain toy")
+    parser.add_argument("--no-diagnostic", action="store_true",
+                        help="skip the reference's unsynchronised scheme (heads never broadcast)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 1 epoch (a smoke run)")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args(argv)
@@ -160,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant, guarantee in (("guarantee", True), ("no_guarantee", False)):
                 runs[variant].append(label_skew(broker.url, blob, cmodel, seed=seed, agents=args.agents,
                                                 beta=args.beta, rounds=args.rounds, epochs=args.epochs,
-                                                guarantee=guarantee))
+                                                guarantee=guarantee,
+                                                diagnostic=guarantee and not args.no_diagnostic))
                 print(f"seed {seed} {variant}: plain {runs[variant][-1]['fedavg']['accuracy']:.4f} "
                       f"ggeur {runs[variant][-1]['ggeur']['accuracy']:.4f}", file=sys.stderr)
             if not args.no_toy:
@@ -181,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
                   "head": "linear 64-10", "ggeur": METHOD_DEFAULTS["ggeur"], "broker": args.broker},
         "per_seed": runs,
     }
+    if not args.no_diagnostic:
+        diag = runs["guarantee"]
+        plain_u = float(np.mean([r["unsynchronised_plain"]["accuracy"] for r in diag]))
+        gg_u = float(np.mean([r["unsynchronised_ggeur"]["accuracy"] for r in diag]))
+        details["diagnostic_unsynchronised"] = {"plain_accuracy": round(plain_u, 4), "ggeur_accuracy": round(gg_u, 4),
+                                                "gain_points": round(100 * (gg_u - plain_u), 2)}
     if toy:
         plain = np.mean([t["fedavg"] for t in toy], axis=0)
         gg = np.mean([t["ggeur"] for t in toy], axis=0)
