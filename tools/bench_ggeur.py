@@ -10,7 +10,10 @@ broker (Mosquitto by default): a coordinator and one MQTT connection per agent.
 
 The printed keys are for the partition with the reference's at-least-one-sample-of-every-class guarantee;
 the details line has the same numbers without it (`no_guarantee`), the per-seed numbers, the exchange's
-bytes (census and statistics up, geometry down) and the 4-domain toy: the digits training split cut into 4
+bytes (census and statistics up, geometry down), a centrally trained linear head with the same epoch
+budget (`central_linear_head`, a ceiling, not federated), what the fleet trains on after augmentation
+(samples per class, their max/min ratio, the share of synthetic points drawn for classes an agent holds
+3 or fewer originals of) and the 4-domain toy: the digits training split cut into 4
 disjoint parts, one agent per domain, each domain made by class-wise offsets of the pixels
 (o_{j,c} ~ N(0, 0.25^2) per pixel, domain 0 without), so the backbone's embeddings move class by class;
 plain FedAvg against GGEUR's multi-domain variant (prototypes relayed; target 200 per class, pools of 50,
@@ -119,6 +122,7 @@ def run_fleet(broker_url: str, blob: bytes, cmodel: CoordinatorModel, method: st
             for agent in agents:
                 agent.stop()
             coord.stop()
+        mix = augmented_mix(agents)
         ledger = Ledger(f"{tmp}/ledger.sqlite")
         rows = [dict(r) for r in ledger.query("SELECT round, phase, status, bytes_up, bytes_down FROM agent_rounds")]
         ledger.close()
@@ -131,7 +135,38 @@ def run_fleet(broker_url: str, blob: bytes, cmodel: CoordinatorModel, method: st
         acc["down"] += int(row["bytes_down"] or 0)
     bad = [row["status"] for row in rows if row["status"] != "ok"]
     return {"state": strategy.global_state(), "curve": [s.accuracy for s in summaries], "bytes": by_stage,
-            "not_ok": bad, "note": strategy.round_note()}
+            "not_ok": bad, "note": strategy.round_note(), "mix": mix}
+
+
+def augmented_mix(agents: list[Any]) -> dict[str, Any]:
+    """What the fleet trains on after augmentation: samples per class over all agents (originals plus
+    synthetic), their max/min ratio, and the share of synthetic points drawn for classes of which the
+    agent holds at most 3 originals."""
+    per_class = np.zeros(10, np.int64)
+    synthetic = strays = 0
+    for agent in agents:
+        own = np.bincount(agent.data.y, minlength=10)
+        per_class += own
+        learner = agent.learners.get("ggeur")
+        if learner is None or learner.synthetic is None:
+            continue
+        made = np.bincount(learner.synthetic[1], minlength=10)
+        per_class += made
+        synthetic += int(made.sum())
+        strays += int(made[(own > 0) & (own <= 3)].sum())
+    return {"per_class": per_class.tolist(), "max_min_ratio": round(float(per_class.max() / max(1, per_class.min())), 2),
+            "synthetic": synthetic, "share_around_3_or_fewer": round(strays / synthetic, 3) if synthetic else 0.0}
+
+
+def central_head(seed: int, cmodel: CoordinatorModel, epochs: int) -> float:
+    """Reference, not federated: the linear head trained on the whole training split with the same
+    local SGD (lr 0.1, batch 16) for the fleet's total epoch budget (rounds x local epochs)."""
+    from edge_agent.learners.sgd import local_sgd
+
+    train, test = datasets.split(datasets.digits(), 0.2, seed=seed)
+    head, _ = local_sgd(cmodel.edge.head_init, cmodel.edge.features(train.x), train.y,
+                        {"lr": 0.1, "epochs": epochs, "batch": 16}, np.random.default_rng(seed))
+    return cmodel.evaluate(head, test.x, test.y, cache_key=None)[0]
 
 
 def label_skew(broker_url: str, blob: bytes, cmodel: CoordinatorModel, *, seed: int, agents: int, beta: float,
@@ -149,6 +184,8 @@ def label_skew(broker_url: str, blob: bytes, cmodel: CoordinatorModel, *, seed: 
         run = run_fleet(broker_url, blob, cmodel, method, cfg, shards, rounds, test, seed)
         out[method] = {"accuracy": run["curve"][-1], "curve": [round(a, 4) for a in run["curve"]],
                        "bytes": run["bytes"], "not_ok": len(run["not_ok"]), "note": run["note"]}
+        if method == "ggeur":
+            out[method]["mix"] = run["mix"]
     return out
 
 
@@ -223,8 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                 "gain_points": round(100 * (ggeur - plain), 2), "stats_bytes_up": int(np.mean(stats))}
 
     result: dict[str, Any] = {"beta": args.beta, **summary(runs["guarantee"]), "seeds": len(seeds)}
+    central = [central_head(seed, cmodel, args.rounds * args.epochs) for seed in seeds]
+    mixes = {v: [r["ggeur"]["mix"] for r in runs[v]] for v in runs}
     details: dict[str, Any] = {
         "no_guarantee": summary(runs["no_guarantee"]),
+        "central_linear_head": round(float(np.mean(central)), 4),
+        "augmented_class_ratio": {v: [m["max_min_ratio"] for m in ms] for v, ms in mixes.items()},
+        "synthetic_share_around_3_or_fewer": {v: [m["share_around_3_or_fewer"] for m in ms] for v, ms in mixes.items()},
         "setup": {"agents": args.agents, "rounds": args.rounds, "epochs": args.epochs, "batch": 16, "lr": 0.1,
                   "head": "linear 64-10", "ggeur": METHOD_DEFAULTS["ggeur"], "broker": args.broker},
         "per_seed": runs,

@@ -284,8 +284,11 @@ class GGEURStrategy(Strategy):
         if not self.note:
             return ""
         n = self.note
-        return (f"ggeur exchange: census {int(n.get('census', 0))}, stats {int(n.get('stats', 0))} guides, "
-                f"{int(n.get('classes', 0))} classes, {int(sum(self.delivered.values()))} synthetic")
+        held = f"{int(sum(self.delivered.values()))} synthetic points on {sum(1 for v in self.delivered.values() if v)} agents"
+        if self._stages == EXCHANGE:
+            return (f"ggeur exchange: census {int(n.get('census', 0))}, statistics from {int(n.get('stats', 0))} "
+                    f"guides, {int(n.get('classes', 0))} classes; {held}")
+        return f"ggeur: {held}"
 
     def extra_state(self) -> dict[str, Any]:
         return {"counts": dict(self.counts), "geometry": dict(self.geometry), "delivered": dict(self.delivered),
