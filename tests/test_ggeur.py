@@ -190,3 +190,29 @@ def test_bad_config_is_a_config_error_naming_the_field():
     for field, value in (("guide", 1.5), ("variant", "both"), ("shrinkage", -1), ("target", "half")):
         with pytest.raises(ConfigError, match=field):
             create_strategy("ggeur", state, **{field: value})
+
+
+def test_an_agent_that_lost_its_synthetic_set_gets_the_geometry_again():
+    rng = np.random.default_rng(7)
+    y = np.repeat(np.arange(2), [12, 3])
+    shards = {"a": LocalData(rng.normal(size=(15, 3)).astype(np.float32), y),
+              "b": LocalData(rng.normal(size=(15, 3)).astype(np.float32), y[::-1].copy())}
+    strategy, learners, _ = _exchange(shards, 3, 2)
+    assert strategy.delivered == {"a": 15 - 3 + 15 - 12, "b": 15 - 3 + 15 - 12}
+
+    def train_round(r: int) -> dict:
+        tasks = strategy.configure(r, 0, ["a", "b"])
+        results = []
+        for a, spec in tasks.items():
+            out = learners[a].learn(Task("r", r, "ggeur", spec.config, spec.tensors, 0), shards[a], _Features())
+            results.append(ClientResult(a, {n: out.tensors[n] for n, _ in spec.expect}, out.samples, out.metrics))
+        strategy.aggregate(r, 0, results)
+        return tasks
+
+    assert not any(k.startswith("g.") for k in train_round(2)["a"].tensors)
+    learners["a"] = create_learner("ggeur")  # a restart: the synthetic set is gone
+    train_round(3)
+    assert "a" not in strategy.delivered and strategy.delivered["b"] == 15
+    tasks = train_round(4)
+    assert "g.xi" in tasks["a"].tensors and "g.xi" not in tasks["b"].tensors
+    assert strategy.delivered["a"] == 15 and len(learners["a"].synthetic[1]) == 15

@@ -150,8 +150,9 @@ class GGEURStrategy(Strategy):
         self._attached = set()
         for a in agents:
             tensors = dict(head)
-            if a in self.counts and a not in self.delivered and self.geometry_for(a):
-                tensors.update(self.geometry_for(a))
+            geometry = self.geometry_for(a) if a in self.counts and a not in self.delivered else {}
+            if geometry:
+                tensors.update(geometry)
                 self._attached.add(a)
             out[a] = TaskSpec({**self._base(stage, round, phase, a), **cfg, **self._augment_config()}, tensors,
                               self.layout, uplink)
@@ -200,7 +201,6 @@ class GGEURStrategy(Strategy):
             if _whole(counts) is None:
                 raise ProtocolError("malformed", "census counts must be whole numbers")
         elif stage == "stats":
-            self.parsed.pop(result.agent, None)
             self.parsed[result.agent] = self._check_stats(result.agent, t)
         elif stage == "geometry":
             if (t["synthetic"] < 0).any() or _whole(t["synthetic"]) is None:
