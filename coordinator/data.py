@@ -85,11 +85,13 @@ def partition_iid(n_samples: int, n_parts: int, seed: int) -> list[np.ndarray]:
 
 
 def partition_dirichlet(
-    labels: np.ndarray, n_parts: int, alpha: float, seed: int, min_size: int = 10
+    labels: np.ndarray, n_parts: int, alpha: float, seed: int, min_size: int = 10, per_class: int = 0
 ) -> list[np.ndarray]:
     """Label skew: each class is spread over the parts with proportions ~ Dirichlet(alpha).
 
     Redraws (seeded) until every part holds at least `min_size` samples, so no agent is left empty.
+    `per_class` > 0 first gives every part that many samples of every class (the GGEUR reference's
+    at-least-one-per-class guarantee) and spreads the rest by Dirichlet.
     """
     if alpha <= 0:
         raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
@@ -102,6 +104,12 @@ def partition_dirichlet(
         for c in classes:
             idx = np.flatnonzero(labels == c)
             rng.shuffle(idx)
+            if per_class:
+                if len(idx) < per_class * n_parts:
+                    raise ValueError(f"class {c} has {len(idx)} samples, fewer than {per_class} for each of {n_parts}")
+                for p in range(n_parts):
+                    parts[p].extend(idx[p * per_class : (p + 1) * per_class].tolist())
+                idx = idx[per_class * n_parts :]
             props = rng.dirichlet(np.full(n_parts, alpha))
             cuts = (np.cumsum(props) * len(idx)).astype(int)[:-1]
             for p, chunk in enumerate(np.split(idx, cuts)):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from coordinator import data as datasets
-from coordinator.config import JobConfig, method_config
+from coordinator.config import METHOD_HEADS, JobConfig, method_config
 from coordinator.progress import Progress
 from coordinator.server import Coordinator, EngineConfig, RoundSummary
 from coordinator.store import new_run_id, open_job
@@ -128,7 +128,7 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
     from coordinator.model import CoordinatorModel
     from models.package import build_package
 
-    hidden = cfg.hidden or (32 if cfg.dataset == "digits" else 128)
+    hidden = cfg.hidden or METHOD_HEADS.get(cfg.method, 32 if cfg.dataset == "digits" else 128)
     blob = build_package(cfg.mode, seed=cfg.seed, head_hidden=hidden, dataset=cfg.dataset)
     return blob, CoordinatorModel(blob)
 

@@ -540,7 +540,9 @@ class Coordinator:
         samples = self.guard.weight(meta["samples"], self._announced.get(agent), list(self._announced.values()))
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if v is not None}
         metrics["_learn_s"] = float(meta.get("learn_s", 0.0))
-        return ClientResult(agent, tensors, samples, metrics)
+        result = ClientResult(agent, tensors, samples, metrics)
+        self.strategy.check(r, phase, result)  # the method's own checks (ProtocolError -> rejected:<reason>)
+        return result
 
 
 def _as_json(value: Any) -> Any:

@@ -3,7 +3,8 @@
 `build_package(mode, head_hidden=32, seed=0) -> bytes` writes one deterministic zip (fixed timestamps,
 sorted members) that `edge_agent.model.EdgeModel.from_bytes` loads:
 - mode "transfer": backbone `backbone.onnx` = the shipped MNIST-pretrained int8 QDQ extractor
-  (`models.backbone`, 64 -> 64 features); head 64-`head_hidden`-10 trained federatedly on digits.
+  (`models.backbone`, 64 -> 64 features); head 64-`head_hidden`-10 trained federatedly on digits
+  (head_hidden = 0: a linear 64-10 head, as GGEUR trains).
 - mode "full": no backbone; the head is the whole 64-`head_hidden`-10 MLP on raw 8x8 pixels.
 The head's initial tensors come from `edge_agent.mlp.init(head_sizes, seed)`.
 
@@ -89,7 +90,7 @@ def manifest_for(
 ) -> dict[str, Any]:
     input_shape = DATASET_INPUTS[dataset]
     feature_dim = backbone.FEATURE_DIM if mode == "transfer" else int(np.prod(input_shape))
-    sizes = [feature_dim, head_hidden, len(CLASSES)]
+    sizes = [feature_dim, head_hidden, len(CLASSES)] if head_hidden else [feature_dim, len(CLASSES)]  # 0: linear
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -131,8 +132,8 @@ def build_package(
         raise ConfigError(f"the transfer backbone is for digits; use mode 'full' with dataset {dataset!r}")
     if mode not in ("transfer", "full"):
         raise ConfigError(f"package mode {mode!r} is unknown; choose 'transfer' or 'full'")
-    if head_hidden < 1:
-        raise ConfigError(f"head_hidden must be >= 1, got {head_hidden}")
+    if head_hidden < 0:
+        raise ConfigError(f"head_hidden must be >= 0 (0: a linear head), got {head_hidden}")
     if alternates and mode != "transfer":
         raise ConfigError("backbone alternates only make sense in transfer mode; full mode has no backbone")
     backbone_bytes = backbone.load() if mode == "transfer" else None

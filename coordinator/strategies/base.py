@@ -57,6 +57,12 @@ class Strategy(ABC):
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         """Fold validated results into `self.state` (and any method state). May receive no results."""
 
+    def check(self, round: int, phase: int, result: ClientResult) -> None:
+        """Method-specific checks on a result that passed the engine's (signature, round, layout, finite
+        values). Raise `ProtocolError(reason, detail)` to refuse it: the engine records
+        `rejected:<reason>` and the phase goes on without it. The default accepts everything."""
+        return None
+
     def global_state(self) -> dict[str, torch.Tensor]:
         """The tensors that define the model to evaluate and checkpoint."""
         return self.state

@@ -1,0 +1,301 @@
+"""GGEUR (geometry-guided embedding augmentation) on the coordinator: the one-shot statistics exchange,
+then FedAvg of the head, broadcast to every agent every round.
+
+The first round has four phases (later rounds only the last), each its own rows in the ledger:
+0. `census`: every agent uploads its class counts n_{i,c} (C floats).
+1. `stats`: for each class the guide clients are chosen: sorted by n_{i,c} descending and added until they
+   hold `guide` (0.8) of the class's global count, or every holder when guide = "all" (always in the
+   multi-domain variant). Each guide uploads n, mu and the packed upper triangle of Sigma (biased) for the
+   classes it guides. The strategy checks every upload (`check`): a class outside [0, C) or not the one
+   asked for, a negative n or one that differs from the census, or a covariance that is not positive
+   semi-definite beyond round-off is refused with a `rejected:<reason>` row; wrong shapes and non-finite
+   values are refused by the engine. The class's statistics are pooled exactly over the guides that passed
+   (`edge_agent.class_stats.pool`), eigendecomposed with torch.linalg.eigh, negative eigenvalues clipped to
+   0 and shrunk towards their mean (`shrinkage`, 0.1).
+2. `geometry`: each agent gets (Xi, Lambda) for the classes it holds (every class with statistics in the
+   multi-domain variant, plus the other domains' class prototypes) and the per-class target (`target`:
+   "global" = the class's global count from the census, as the reference, or a number); it draws its
+   synthetic embeddings once and reports how many.
+3. `train`: FedAvg on the head over the originals plus the synthetic points: the global head goes to every
+   agent every round (the reference scripts never send it back), the sample-weighted mean of the deltas
+   is added. An agent that missed the geometry phase or lost its synthetic set (a restart) gets the
+   geometry again with its next training task.
+
+If the census brings nothing back the exchange is retried the next round. Privacy: a class mean and
+covariance say something about a device's data (its class balance, the spread of its embeddings, with few
+samples close to the samples themselves); the exchange is opt-in by choosing this method.
+
+Config: guide (0.8 | "all"), variant ("single" | "multi_domain"), shrinkage (0.1), target ("global" | int),
+per_sample (12), local_pool (500), proto_pool (500) for the multi-domain variant, psd_tol (1e-6), and
+FedAvg's lr (0.1), epochs (5), batch (16), weight_decay (0), server_lr (1.0), seed, uplink.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from coordinator.strategies.base import (
+    ClientResult,
+    Strategy,
+    TaskSpec,
+    layout_of,
+    register,
+    task_seed,
+    to_numpy,
+)
+from edge_agent import class_stats
+from edge_agent.errors import ConfigError, ProtocolError
+
+log = logging.getLogger("fedfleet.ggeur")
+
+EXCHANGE = ("census", "stats", "geometry", "train")
+VARIANTS = ("single", "multi_domain")
+
+
+def _whole(values: np.ndarray) -> np.ndarray | None:
+    out = np.rint(values)
+    return out.astype(np.int64) if np.allclose(out, values, atol=1e-6) else None
+
+
+@register
+class GGEURStrategy(Strategy):
+    name = "ggeur"
+
+    def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
+        super().__init__(state, **config)
+        self.layout = layout_of(self.state)
+        layers = sum(1 for k in self.state if k.endswith(".weight"))
+        self.n_classes = int(self.state[f"fc{layers - 1}.bias"].shape[0])
+        self.dim = int(self.state["fc0.weight"].shape[1])
+        self.variant = str(config.get("variant", "single"))
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"ggeur: field 'variant' must be one of {VARIANTS}, got {self.variant!r}")
+        guide = config.get("guide", 0.8)
+        if guide != "all" and (isinstance(guide, bool) or not isinstance(guide, (int, float)) or not 0 < guide <= 1):
+            raise ConfigError(f"ggeur: field 'guide' must be a fraction in (0, 1] or 'all', got {guide!r}")
+        self.guide = 1.0 if guide == "all" or self.variant == "multi_domain" else float(guide)
+        self.shrinkage = float(config.get("shrinkage", 0.1))
+        if not 0 <= self.shrinkage <= 1:
+            raise ConfigError(f"ggeur: field 'shrinkage' must be in [0, 1], got {self.shrinkage}")
+        self.target = config.get("target", "global")
+        if self.target != "global" and (isinstance(self.target, bool) or not isinstance(self.target, int)
+                                        or self.target < 1):
+            raise ConfigError(f"ggeur: field 'target' must be 'global' or a positive integer, got {self.target!r}")
+        for key in ("per_sample", "local_pool", "proto_pool", "epochs", "batch"):
+            v = config.get(key, 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"ggeur: field '{key}' must be a positive integer, got {v!r}")
+        self.psd_tol = float(config.get("psd_tol", class_stats.PSD_TOL))
+        self.seed = int(config.get("seed", 0))
+        self.exchange_done = False
+        self.counts: dict[str, np.ndarray] = {}  # census: agent -> n_{i,c}
+        self.requests: dict[str, list[int]] = {}  # agent -> classes it guides
+        self.parsed: dict[str, dict[int, tuple[float, np.ndarray, np.ndarray]]] = {}  # checked stats uploads
+        self.geometry: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}  # class -> (Xi, Lambda, N)
+        self.delivered: dict[str, int] = {}  # agent -> synthetic points it holds
+        self.exchange_log: list[tuple[int, int, str]] = []  # (round, phase, stage) of the exchange phases
+        self.note: dict[str, float] = {}
+        self._stages: tuple[str, ...] = ("train",)
+        self._attached: set[str] = set()  # agents whose training task carries the geometry this round
+
+    # the first round runs the exchange, later rounds only train
+    @property  # type: ignore[override]
+    def phases(self) -> int:
+        return 1 if self.exchange_done else len(EXCHANGE)
+
+    def stage(self, phase: int) -> str:
+        return self._stages[phase] if phase < len(self._stages) else "train"
+
+    def update_kind(self, phase: int) -> str:
+        """Only training uploads an update for the shared norm bound; the exchange's counts and statistics
+        are not updates (their own checks are in `check`)."""
+        return "delta" if self.stage(phase) == "train" else "none"
+
+    # ------------------------------------------------------------------ tasks
+    def _base(self, stage: str, round: int, phase: int, agent: str) -> dict[str, Any]:
+        return {"stage": stage, "n_classes": self.n_classes, "variant": self.variant,
+                "seed": task_seed(self.seed, round, phase, agent)}
+
+    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
+        if phase == 0:
+            self._stages = ("train",) if self.exchange_done else EXCHANGE
+        stage = self.stage(phase)
+        if stage != "train":
+            self.exchange_log.append((round, phase, stage))
+        none = {"name": "none"}  # statistics travel losslessly
+        if stage == "census":
+            return {a: TaskSpec(self._base(stage, round, phase, a), {}, [("counts", (self.n_classes,))], none)
+                    for a in agents}
+        if stage == "stats":
+            out = {}
+            for a in agents:
+                classes = self.requests.get(a)
+                if not classes:
+                    continue
+                k, t = len(classes), class_stats.tri_size(self.dim)
+                expect = [("classes", (k,)), ("n", (k,)), ("mean", (k, self.dim)), ("cov", (k, t))]
+                out[a] = TaskSpec({**self._base(stage, round, phase, a), "classes": classes}, {}, expect, none)
+            return out
+        if stage == "geometry":
+            out = {}
+            for a in agents:
+                tensors = self.geometry_for(a)
+                if tensors:
+                    out[a] = TaskSpec({**self._base(stage, round, phase, a), **self._augment_config()}, tensors,
+                                      [("synthetic", (self.n_classes,))], none)
+            return out
+        head = to_numpy(self.state)
+        cfg = {k: self.config[k] for k in ("lr", "epochs", "batch", "weight_decay") if k in self.config}
+        uplink = dict(self.config.get("uplink", none))
+        out = {}
+        self._attached = set()
+        for a in agents:
+            tensors = dict(head)
+            geometry = self.geometry_for(a) if a in self.counts and a not in self.delivered else {}
+            if geometry:
+                tensors.update(geometry)
+                self._attached.add(a)
+            out[a] = TaskSpec({**self._base(stage, round, phase, a), **cfg, **self._augment_config()}, tensors,
+                              self.layout, uplink)
+        return out
+
+    def _augment_config(self) -> dict[str, Any]:
+        return {k: self.config[k] for k in ("per_sample", "local_pool", "proto_pool") if k in self.config}
+
+    def classes_for(self, agent: str) -> list[int]:
+        if self.variant == "multi_domain":
+            return sorted(self.geometry)
+        counts = self.counts.get(agent)
+        return [] if counts is None else [c for c in sorted(self.geometry) if counts[c] > 0]
+
+    def geometry_for(self, agent: str) -> dict[str, np.ndarray]:
+        """The `g.*` tensors for one agent ({} if it holds no class with statistics)."""
+        classes = self.classes_for(agent)
+        if not classes:
+            return {}
+        totals = self.global_counts()
+        targets = [totals[c] if self.target == "global" else self.target for c in classes]
+        out = {
+            "g.classes": np.asarray(classes, np.float32),
+            "g.xi": np.stack([self.geometry[c][0] for c in classes]).astype(np.float32),
+            "g.lam": np.stack([self.geometry[c][1] for c in classes]).astype(np.float32),
+            "g.target": np.asarray(targets, np.float32),
+        }
+        if self.variant == "multi_domain":
+            rows = [(c, mu) for other, stats in sorted(self.parsed.items()) if other != agent
+                    for c, (_, mu, _) in sorted(stats.items()) if c in classes]
+            out["g.proto_classes"] = np.asarray([c for c, _ in rows], np.float32)
+            out["g.protos"] = (np.stack([mu for _, mu in rows]) if rows else np.zeros((0, self.dim))).astype(np.float32)
+        return out
+
+    def global_counts(self) -> np.ndarray:
+        return np.sum(list(self.counts.values()), axis=0) if self.counts else np.zeros(self.n_classes)
+
+    # ------------------------------------------------------------------ checks on receipt
+    def check(self, round: int, phase: int, result: ClientResult) -> None:
+        stage = self.stage(phase)
+        t = result.tensors
+        if stage == "census":
+            counts = t["counts"]
+            if (counts < 0).any():
+                raise ProtocolError("negative_n", f"census count {float(counts.min())} < 0")
+            if _whole(counts) is None:
+                raise ProtocolError("malformed", "census counts must be whole numbers")
+        elif stage == "stats":
+            self.parsed[result.agent] = self._check_stats(result.agent, t)
+        elif stage == "geometry":
+            if (t["synthetic"] < 0).any() or _whole(t["synthetic"]) is None:
+                raise ProtocolError("malformed", "synthetic counts must be whole numbers >= 0")
+
+    def _check_stats(self, agent: str, t: dict[str, np.ndarray]) -> dict[int, tuple[float, np.ndarray, np.ndarray]]:
+        classes = _whole(t["classes"])
+        if classes is None or (classes < 0).any() or (classes >= self.n_classes).any():
+            raise ProtocolError("unknown_class", f"classes {t['classes'].tolist()[:10]} are not labels in "
+                                                 f"[0, {self.n_classes})")
+        if classes.tolist() != self.requests.get(agent):
+            raise ProtocolError("class_mismatch", f"sent classes {classes.tolist()}, asked for {self.requests.get(agent)}")
+        n = t["n"]
+        if (n < 0).any():
+            raise ProtocolError("negative_n", f"n = {float(n.min())} < 0")
+        census = self.counts[agent][classes]
+        if _whole(n) is None or not np.array_equal(_whole(n), census.astype(np.int64)):
+            raise ProtocolError("n_mismatch", f"n = {n.tolist()} differs from the census {census.tolist()}")
+        out = {}
+        for i, c in enumerate(classes.tolist()):
+            try:
+                cov = class_stats.check_covariance(class_stats.unpack_upper(t["cov"][i], self.dim), self.psd_tol)
+            except class_stats.StatsError as exc:
+                raise ProtocolError(exc.reason, f"class {c}: {exc.detail}") from None
+            out[c] = (float(n[i]), t["mean"][i].astype(np.float64), cov)
+        return out
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        stage = self.stage(phase)
+        if stage == "census":
+            self.counts = {r.agent: np.rint(r.tensors["counts"]).astype(np.int64) for r in results}
+            self.requests = {}
+            for c in range(self.n_classes):
+                for a in class_stats.guide_clients({a: n[c] for a, n in self.counts.items()}, self.guide):
+                    self.requests.setdefault(a, []).append(c)
+            self.parsed = {}
+            self.note = {"census": float(len(results))}
+        elif stage == "stats":
+            self._pool({r.agent for r in results})
+        elif stage == "geometry":
+            for r in results:
+                self.delivered[r.agent] = int(r.tensors["synthetic"].sum())
+            self.note["synthetic"] = float(sum(self.delivered.values()))
+        else:
+            self._fedavg(results)
+
+    def _pool(self, agents: set[str]) -> None:
+        self.parsed = {a: s for a, s in self.parsed.items() if a in agents}
+        self.geometry = {}
+        for c in range(self.n_classes):
+            parts = [s[c] for _, s in sorted(self.parsed.items()) if c in s and s[c][0] > 0]
+            if not parts:
+                continue
+            total, _, cov = class_stats.pool([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
+            lam, xi = torch.linalg.eigh(torch.from_numpy(cov))
+            lam_s = class_stats.shrink_spectrum(lam.numpy(), self.shrinkage)
+            self.geometry[c] = (xi.numpy(), lam_s, total)
+        self.exchange_done = bool(self.geometry)
+        self.note.update(stats=float(len(self.parsed)), classes=float(len(self.geometry)))
+        if not self.exchange_done:
+            log.warning("ggeur: no class statistics arrived; the exchange runs again next round")
+
+    def _fedavg(self, results: list[ClientResult]) -> None:
+        for r in results:
+            made = int(r.metrics.get("synthetic", 0))
+            if made > 0 or r.agent in self._attached:
+                self.delivered[r.agent] = made
+            elif self.delivered.get(r.agent, 0) > 0:
+                del self.delivered[r.agent]  # it lost its synthetic set (a restart): the geometry goes again
+        if not results:
+            return
+        weights = torch.tensor([float(r.samples) for r in results])
+        weights /= weights.sum()
+        lr = float(self.config.get("server_lr", 1.0))
+        for name in self.state:
+            stack = torch.stack([torch.from_numpy(r.tensors[name]) for r in results])
+            self.state[name] += lr * torch.tensordot(weights, stack, dims=1)
+
+    def round_note(self) -> str:
+        if not self.note:
+            return ""
+        n = self.note
+        held = f"{int(sum(self.delivered.values()))} synthetic points on {sum(1 for v in self.delivered.values() if v)} agents"
+        if self._stages == EXCHANGE:
+            return (f"ggeur exchange: census {int(n.get('census', 0))}, statistics from {int(n.get('stats', 0))} "
+                    f"guides, {int(n.get('classes', 0))} classes; {held}")
+        return f"ggeur: {held}"
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "geometry": dict(self.geometry), "delivered": dict(self.delivered),
+                "exchange_done": self.exchange_done}
+
