@@ -18,8 +18,8 @@ and the coordinator draw the very same bases and rebuild the very same weights.
   coordinator's server learning rate and clip already folded in). It is a sequential float32
   multiply-add over k, with no BLAS reduction, so every platform gets the same bits; `digest` hashes
   weights so the agent can check that its replica equals the coordinator's.
-- **Cache.** `BasisCache` keeps bases per (seed, tag, block, k) up to a byte budget, evicting the oldest;
-  past the budget bases are regenerated. Generation and projection go in chunks of `CHUNK` bases, so
+- **Cache.** `BasisCache` keeps bases per (seed, tag, block, k) up to a byte budget; a new round's bases
+  evict older rounds' (oldest first), and what still does not fit is regenerated whenever needed. Generation and projection go in chunks of `CHUNK` bases, so
   memory stays bounded when nothing is cached.
 """
 
@@ -121,7 +121,8 @@ def basis(pool: Pool, round: int, block: Block, k: int) -> np.ndarray:
 
 
 class BasisCache:
-    """Bases kept per (seed, tag, block, k) within `budget_bytes` (0: never cache); oldest evicted first."""
+    """Bases kept per (seed, tag, block, k) within `budget_bytes` (0: never cache); other rounds' bases are
+    evicted first, and a basis that still does not fit is not kept (regenerated on each use)."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = max(0, int(budget_bytes))
@@ -139,10 +140,12 @@ class BasisCache:
             return hit
         self.misses += 1
         v = basis(pool, round, block, k)
-        if v.nbytes <= self.budget:
-            while self.used + v.nbytes > self.budget and self._store:
-                _, old = self._store.popitem(last=False)
-                self.used -= old.nbytes
+        if self.used + v.nbytes > self.budget:  # make room from other pools or rounds, oldest first
+            for other in [x for x in self._store if x[:2] != key[:2]]:
+                if self.used + v.nbytes <= self.budget:
+                    break
+                self.used -= self._store.pop(other).nbytes
+        if self.used + v.nbytes <= self.budget:  # else: regenerate this one whenever it is needed
             self._store[key] = v
             self.used += v.nbytes
             self.peak = max(self.peak, self.used)
