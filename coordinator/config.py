@@ -79,6 +79,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fedzo": {**_ZO_HEAD, "lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10},
     "fzoos": {**_ZO_HEAD, "lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2,
               "explore_radius": 0.05, "init_radius": 0.05, "rff_features": 2000},
+    # Ferret: T = 10 local SGD steps, K = 100 bases per block drawn fresh each round, the paper's unbiased
+    # scaling with server lr 1; uploads (index, gamma) pairs with its own codec, downlink coefficients
+    "ferret": {"k": 100, "pool": "round", "local_steps": 10, "lr": 0.1, "batch": 32, "server_lr": 1.0},
 }
 
 
