@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, nargs="+", default=[25, 100, 400], help="Ferret's K values")
     p.add_argument("--broker", default="mosquitto")
-    p.add_argument("--quick", action="store_true", help="2 rounds, 3 agents, Ferret at K = 16 and 64 (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="2 rounds, 3 agents, Ferret at K = 16 (a smoke run)")
     p.add_argument("--plot")
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     small_model_threads()
     if args.quick:
-        points, info = run(rounds=2, agents=3, seed=args.seed, broker=args.broker, ks=[16, 64])
+        points, info = run(rounds=2, agents=3, seed=args.seed, broker=args.broker, ks=[16])
     else:
         points, info = run(rounds=args.rounds, agents=args.agents, seed=args.seed, broker=args.broker, ks=args.k)
     for pt in points:
