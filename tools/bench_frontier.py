@@ -69,7 +69,7 @@ def plot(points: list[dict[str, Any]], info: dict[str, Any], path: str) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title(f"MNIST MLP 784-128-10, {info['agents']} agents, Dirichlet 0.5, {info['rounds']} rounds each")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
