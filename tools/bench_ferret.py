@@ -12,7 +12,8 @@ Prints {"d", "k", "rounds", "fedavg_accuracy", "ferret_accuracy", "fedavg_bytes_
 "fedavg_bytes_down", "ferret_bytes_down", "uplink_ratio", "downlink_ratio"} (accuracies at the same
 `rounds`). The details line adds the accuracy curves, rounds and bytes to reach the same accuracy, the
 agent's peak memory on mnist-mlp with and without the basis cache, and the spec's small check on digits
-64-32-10 (20 agents): Ferret at K = 64 and 256, FedAvg and FedZO side by side.
+64-32-10 (20 agents): Ferret at K = 64 and 256, FedAvg and FedZO side by side, and Ferret at K = 64 with
+the seed pool fixed for the run (the reference code's choice) instead of fresh each round.
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ def small_check(*, rounds: int, agents: int, seed: int, broker: str, ks: tuple[i
     for k in ks:
         runs[f"ferret_k{k}"] = job("ferret", dataset="digits", rounds=rounds, agents=agents, seed=seed, broker=broker,
                                    method_config={"k": k, "local_steps": steps, "batch": FEDAVG_BATCH})
+    # the reference code's seed pool, fixed for the run, against the fresh-per-round default, at the smallest K
+    runs[f"ferret_k{ks[0]}_fixed_pool"] = job("ferret", dataset="digits", rounds=rounds, agents=agents, seed=seed,
+                                              broker=broker, method_config={"k": ks[0], "local_steps": steps,
+                                                                            "batch": FEDAVG_BATCH, "pool": "run"})
     return {"rounds": rounds, "agents": agents, "ferret_local_steps": steps,
             **{name: {"accuracy": r["accuracy"][-1], "bytes_up": sum(r["bytes_up"]),
                       "bytes_down": sum(r["bytes_down"]), "curve": r["accuracy"]} for name, r in runs.items()}}
