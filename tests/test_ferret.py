@@ -213,7 +213,8 @@ def test_per_seed_clip_and_bad_config(digits):
             assert np.linalg.norm(u) <= 1e-3 * (1 + 1e-5)
     assert strategy.notes[-1]["clipped"] > 0
     for bad in ({"k": 0}, {"pool": "forever"}, {"momentum": 0.9}, {"weighting": "odd"},
-                {"uplink": {"name": "fedzip"}}, {"server_lr": 0}):
+                {"uplink": {"name": "fedzip"}}, {"server_lr": 0}, {"server_lr": "fast"}, {"local_steps": 0},
+                {"batch": 2.5}, {"lr": "x"}):
         with pytest.raises(ConfigError):
             create("ferret", cmodel.initial_state(), **bad)
 

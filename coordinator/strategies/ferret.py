@@ -40,6 +40,13 @@ from edge_agent.errors import ConfigError
 LEARNER_KEYS = ("local_steps", "lr", "batch", "basis_cache_mb")
 
 
+def _number(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ConfigError(f"ferret field '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
 @register
 class Ferret(Strategy):
     name = "ferret"
@@ -48,9 +55,15 @@ class Ferret(Strategy):
         super().__init__(state, **config)
         cfg = {"k": 100, "pool": "round", "pool_seed": int(config.get("seed", 0)), **config}
         self.pool = random_bases.Pool.from_config(cfg)
-        self.server_lr = float(config.get("server_lr", 1.0))
-        self.clip = float(config.get("clip", 0.0))
-        self.momentum = float(config.get("momentum", 0.0))
+        self.server_lr = _number(config, "server_lr", 1.0)
+        self.clip = _number(config, "clip", 0.0)
+        self.momentum = _number(config, "momentum", 0.0)
+        for key in ("local_steps", "batch"):
+            if key in config and (isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1):
+                raise ConfigError(f"ferret field '{key}' must be an integer >= 1, got {config[key]!r}")
+        for key in ("lr", "basis_cache_mb", "coordinator_cache_mb"):
+            if key in config and _number(config, key, 0.0) < 0:
+                raise ConfigError(f"ferret field '{key}' must be a number >= 0, got {config[key]!r}")
         self.weighting = str(config.get("weighting", "samples"))
         self.catch_up = str(config.get("catch_up", "auto"))
         if self.server_lr <= 0 or self.clip < 0 or not 0 <= self.momentum < 1:
@@ -69,7 +82,7 @@ class Ferret(Strategy):
         self.d = sum(b.size for b in self.blocks)
         self.w = {n: v.numpy().astype(np.float32).copy() for n, v in self.state.items()}
         self.w_digest = random_bases.digest(self.w, self.layout)
-        self.cache = random_bases.BasisCache(int(float(config.get("coordinator_cache_mb", 256)) * (1 << 20)))
+        self.cache = random_bases.BasisCache(int(_number(config, "coordinator_cache_mb", 256) * (1 << 20)))
         self.c = np.zeros((len(self.blocks), self.pool.k), np.float64)
         self.history: dict[int, np.ndarray] = {}  # round -> applied coefficients (L, K) float32
         self.synced: dict[str, int] = {}  # agent -> round of the weights it is known to hold
