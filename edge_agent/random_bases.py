@@ -6,7 +6,9 @@ and the coordinator draw the very same bases and rebuild the very same weights.
 - **Blocks.** The trainable tensors are walked in layout order; a new block starts whenever adding the next
   tensor would pass 0.9 x the median tensor size (`split_blocks`). For an MLP this puts almost every tensor
   in a block of its own: digits 64-32-10 gives [fc0.weight 2048], [fc0.bias 32], [fc1.weight 320],
-  [fc1.bias 10]; mnist 784-128-10 gives blocks of 100,352, 128, 1,280 and 10.
+  [fc1.bias 10]; mnist 784-128-10 gives blocks of 100,352, 128, 1,280 and 10. (The method notes' digits
+  example, [W1] and [the rest = 362], does not follow from the rule as stated: the median tensor size is
+  176, and 32 + 320 already passes 0.9 x 176. The rule is followed here.)
 - **Bases.** Block l has a pool of K bases v_(l,0..K-1) in R^(d_l). Basis k of block l for pool tag t is
   drawn with `numpy.random.Generator(PCG64(SeedSequence([seed, t, l, k])))` as float32 entries i.i.d.
   **uniform on [-a, a)** with a = 1/sqrt(d_l) (the spec's exact, cheap substitute for the truncated normal),
