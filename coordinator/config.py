@@ -83,6 +83,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # GGEUR (spec 4): the one-shot class-statistics exchange, then FedAvg of a linear head on the originals
     # plus the synthetic embeddings; 5 local epochs as the spec's small-scale setup; lr and batch as fedavg's
     "ggeur": {"lr": 0.1, "epochs": 5, "batch": 16, "guide": 0.8, "shrinkage": 0.1, "target": "global"},
+    # Ferret: T = 10 local SGD steps, K = 100 bases per block drawn fresh each round, the paper's unbiased
+    # scaling with server lr 1; uploads (index, gamma) pairs with its own codec, downlink coefficients
+    "ferret": {"k": 100, "pool": "round", "local_steps": 10, "lr": 0.1, "batch": 32, "server_lr": 1.0},
 }
 
 # the hidden width of the head a method trains when the job leaves `hidden` at 0 (0 here: a linear head)

@@ -1,7 +1,8 @@
-"""Tensor payload codecs for task and result payloads: `none`, `zstd` and `fedzip`.
+"""Tensor payload codecs for task and result payloads: `none`, `zstd`, `fedzip` and `ferret`.
 
 A codec spec is a dict, `{"name": "none"}`, `{"name": "zstd", "level": 3}` or
-`{"name": "fedzip", "z": 0.01, "k": 3, "encoding": "e4", ...}`. The receiver decodes against the layout
+`{"name": "fedzip", "z": 0.01, "k": 3, "encoding": "e4", ...}` or `{"name": "ferret"}` (Ferret's
+(index, gamma) pairs, `edge_agent.ferret_codec`). The receiver decodes against the layout
 it expects, so shapes are checked by construction, and every decoder is capped by `max_bytes` before it
 allocates or decompresses.
 """
@@ -17,7 +18,7 @@ from edge_agent.errors import CodecError
 
 Layout = list[tuple[str, tuple[int, ...]]]
 Tensors = dict[str, np.ndarray]
-NAMES = ("none", "zstd", "fedzip")
+NAMES = ("none", "zstd", "fedzip", "ferret")
 
 
 def layout_size(layout: Layout) -> int:
@@ -113,6 +114,10 @@ def encode(tensors: Tensors, layout: Layout, spec: dict[str, Any]) -> bytes:
 
         params = fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
         return fedzip.encode({n: np.asarray(tensors[n], np.float32) for n, _ in layout}, params)
+    if name == "ferret":
+        from edge_agent import ferret_codec
+
+        return ferret_codec.encode(tensors, layout)
     raise CodecError(f"unknown codec {name!r}", reason="codec")
 
 
@@ -138,6 +143,10 @@ def decode(data: bytes, layout: Layout, spec: dict[str, Any], *, max_bytes: int)
             raise
         except Exception as exc:  # a decoder bug must not crash the receiver
             raise CodecError(f"fedzip payload could not be decoded: {type(exc).__name__}: {exc}") from None
+    if name == "ferret":
+        from edge_agent import ferret_codec
+
+        return ferret_codec.decode(data, layout)
     raise CodecError(f"unknown codec {name!r}", reason="codec")
 
 
