@@ -134,6 +134,10 @@ class BasisCache:
         self.misses = 0
         self._store: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
 
+    def __deepcopy__(self, memo: dict[int, object]) -> BasisCache:
+        """A snapshot of the agent's state (edge_agent.run_state) carries no bases: they are regenerated."""
+        return BasisCache(self.budget)
+
     def get(self, pool: Pool, round: int, block: Block, k: int) -> np.ndarray:
         key = (pool.seed, pool.tag(round), block.index, int(k))
         hit = self._store.get(key)

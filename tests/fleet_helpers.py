@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from coordinator.config import JobConfig, method_config
 from coordinator.job import agent_ids, build, engine_config, shards
 from coordinator.server import Coordinator, RoundSummary
 from coordinator.strategies import create as create_strategy
-from edge_agent import protocol, signing
+from edge_agent import codecs, protocol, signing
 from edge_agent.agent import Agent, AgentConfig
+from edge_agent.mqtt import MqttLink
 
 SECRET = b"fedfleet-test-secret-0123456789ab"
 SIGNING_KEY = bytes(range(100, 132))  # the coordinator's Ed25519 seed in tests
@@ -83,3 +87,42 @@ def start_fleet(broker_url: str, run_dir: Path, *, roster_extra: tuple[str, ...]
             a.start()
             agents[agent_id] = a
     return Fleet(coord, agents, cfg)
+
+
+class Rogue:
+    """A raw MQTT client on the roster that answers its task with hostile messages."""
+
+    def __init__(self, url: str, fleet_name: str, agent: str, digest: str):
+        self.fleet, self.agent = fleet_name, agent
+        self.key = protocol.derive_key(SECRET, agent)
+        self.tasks: list[tuple[dict, bytes]] = []
+        self.link = MqttLink(url, client_id=f"rogue-{agent}", on_message=self._on, clean_session=True,
+                             subscriptions=[protocol.agent_topic(fleet_name, agent, "task")])
+        self.link.start()
+        self.seq = 0
+        self.link.publish(protocol.agent_topic(fleet_name, agent, "status"),
+                          self.status({"state": "online", "model": digest}), retain=True)
+
+    def status(self, body: dict) -> bytes:
+        self.seq += 1
+        return protocol.seal({"kind": "status", "agent": self.agent, "seq": [1, self.seq]}, json.dumps(body).encode(),
+                             self.key)
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        self.tasks.append(protocol.open_signed(payload, COORDINATOR_KEY))
+
+    def result(self, task: dict, tensors: dict, *, key: bytes | None = None, agent: str | None = None,
+               **header_changes) -> list[bytes]:
+        meta = task["meta"]
+        expect = codecs.normalize_layout(meta["expect"])
+        layout = [(n, tuple(np.shape(tensors[n]))) for n, _ in expect]
+        header = {"kind": "result", "fleet": self.fleet, "agent": agent or self.agent, "run": task["run"],
+                  "round": task["round"], "phase": task["phase"], "method": task["method"],
+                  "codec": meta["uplink"], "layout": [[n, list(s)] for n, s in layout],
+                  "meta": {"samples": 10, "learn_s": 0.01, "metrics": {}}}
+        header.update(header_changes)
+        return protocol.split(header, codecs.encode(tensors, layout, meta["uplink"]), key or self.key)
+
+    def send(self, msgs: list[bytes], agent: str | None = None) -> None:
+        for m in msgs:
+            self.link.publish(protocol.agent_topic(self.fleet, agent or self.agent, "result"), m)

@@ -4,7 +4,6 @@ demo learns on the embedded broker."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -15,8 +14,7 @@ from coordinator.job import run_demo, shards
 from coordinator.ledger import Ledger
 from edge_agent import protocol, random_bases
 from edge_agent.agent import Agent, AgentConfig
-from edge_agent.mqtt import MqttLink
-from tests.fleet_helpers import SECRET, start_fleet
+from tests.fleet_helpers import COORDINATOR_KEY, SECRET, Rogue, start_fleet
 
 FERRET = {"k": 48, "local_steps": 5}
 
@@ -30,7 +28,7 @@ def _rows(fleet) -> list[tuple[str, str]]:
 
 
 def _replica(agent: Agent) -> tuple[int, dict[str, np.ndarray]]:
-    return agent.learners["ferret"].replicas["test-run"]
+    return agent.state.learners["ferret"].replicas["test-run"]
 
 
 def test_late_and_absent_agents_catch_up_to_the_coordinators_weights(mosquitto, tmp_path):
@@ -47,7 +45,7 @@ def test_late_and_absent_agents_catch_up_to_the_coordinators_weights(mosquitto, 
             assert coord.run_round(r).ok == len(chosen[r])
         late = {}
         for name, i in (("late-hist", 0), ("late-full", 1)):
-            late[name] = Agent(AgentConfig(mosquitto.url, fleet.cfg.fleet, name, protocol.derive_key(SECRET, name)),
+            late[name] = Agent(AgentConfig(mosquitto.url, fleet.cfg.fleet, name, protocol.derive_key(SECRET, name), coordinator_key=COORDINATOR_KEY),
                                local[i])
             late[name].start()
             fleet.agents[name] = late[name]
@@ -80,23 +78,10 @@ def test_late_and_absent_agents_catch_up_to_the_coordinators_weights(mosquitto, 
     assert status.count(("late-hist", "ok")) == 2 and ("late-full", "ok") in status
 
 
-class _Rogue:
+class _Rogue(Rogue):
     """A roster member on a raw MQTT client that answers its Ferret task with crafted (index, gamma) pairs."""
 
-    def __init__(self, url: str, fleet_name: str, agent: str, digest: str) -> None:
-        self.fleet, self.agent, self.key = fleet_name, agent, protocol.derive_key(SECRET, agent)
-        self.tasks: list[tuple[dict, bytes]] = []
-        self.link = MqttLink(url, client_id=f"rogue-{agent}", on_message=self._on, clean_session=True,
-                             subscriptions=[protocol.agent_topic(fleet_name, agent, "task")])
-        self.link.start()
-        status = protocol.seal({"kind": "status", "agent": agent},
-                               json.dumps({"state": "online", "model": digest}).encode(), self.key)
-        self.link.publish(protocol.agent_topic(fleet_name, agent, "status"), status, retain=True)
-
-    def _on(self, topic: str, payload: bytes) -> None:
-        self.tasks.append(protocol.open_envelope(payload, lambda h: self.key))
-
-    def send(self, task: dict, blocks: list[tuple[list[int], list[float]]]) -> None:
+    def send(self, task: dict, blocks: list[tuple[list[int], list[float]]]) -> None:  # type: ignore[override]
         payload = b"".join(np.uint16(len(i)).tobytes() + np.array(i, "<u2").tobytes() + np.array(v, "<f4").tobytes()
                            for i, v in blocks)
         header = {"kind": "result", "fleet": self.fleet, "agent": self.agent, "run": task["run"],

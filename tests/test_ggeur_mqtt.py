@@ -19,7 +19,7 @@ from coordinator.strategies import create as create_strategy
 from edge_agent import class_stats, codecs, protocol
 from edge_agent.agent import Agent, AgentConfig
 from edge_agent.learners import LearnResult, LocalData, Task
-from tests.fleet_helpers import SECRET
+from tests.fleet_helpers import COORDINATOR_KEY, SECRET, SIGNING_KEY
 from tools.bench_ggeur import package
 
 _PACKAGE: list[Any] = []
@@ -93,12 +93,12 @@ def test_statistics_exchange_refuses_bad_uploads_and_the_fleet_learns(mosquitto,
     fleet = f"gg{time.time_ns() % 10**9}"
     coord = Coordinator(broker_url=mosquitto.url, secret=SECRET, roster=ids, strategy=strategy, package=blob,
                         evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp_path,
-                        config=EngineConfig(fleet=fleet, run="gg", deadline_s=30.0, quorum=0.5, grace_s=0.0))
+                        config=EngineConfig(fleet=fleet, run="gg", deadline_s=30.0, quorum=0.5, grace_s=0.0), signing_key=SIGNING_KEY)
     agents = []
     try:
         coord.start()
         for a in ids:
-            cfg = AgentConfig(mosquitto.url, fleet, a, protocol.derive_key(SECRET, a))
+            cfg = AgentConfig(mosquitto.url, fleet, a, protocol.derive_key(SECRET, a), coordinator_key=COORDINATOR_KEY)
             agent = HostileAgent(cfg, shards[a], stage=HOSTILE[a][0], kind=HOSTILE[a][1]) if a in HOSTILE \
                 else Agent(cfg, shards[a])
             agent.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import torch
 from coordinator.ledger import Ledger
 from edge_agent import codecs, protocol
 from edge_agent.mqtt import MqttLink
-from tests.fleet_helpers import COORDINATOR_KEY, SECRET, package, start_fleet
+from tests.fleet_helpers import COORDINATOR_KEY, SECRET, Rogue, package, start_fleet
 
 
 def rows(fleet, sql: str = "SELECT * FROM agent_rounds ORDER BY id") -> list[dict]:
@@ -46,45 +45,6 @@ def test_fedavg_rounds_learn_and_fill_ledger_and_checkpoints(mosquitto, tmp_path
     state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
     assert state["round"] == 4 and set(state["state"]) == {"fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias"}
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
-
-
-class Rogue:
-    """A raw MQTT client on the roster that answers its task with hostile messages."""
-
-    def __init__(self, url: str, fleet_name: str, agent: str, digest: str):
-        self.fleet, self.agent = fleet_name, agent
-        self.key = protocol.derive_key(SECRET, agent)
-        self.tasks: list[tuple[dict, bytes]] = []
-        self.link = MqttLink(url, client_id=f"rogue-{agent}", on_message=self._on, clean_session=True,
-                             subscriptions=[protocol.agent_topic(fleet_name, agent, "task")])
-        self.link.start()
-        self.seq = 0
-        self.link.publish(protocol.agent_topic(fleet_name, agent, "status"),
-                          self.status({"state": "online", "model": digest}), retain=True)
-
-    def status(self, body: dict) -> bytes:
-        self.seq += 1
-        return protocol.seal({"kind": "status", "agent": self.agent, "seq": [1, self.seq]}, json.dumps(body).encode(),
-                             self.key)
-
-    def _on(self, topic: str, payload: bytes) -> None:
-        self.tasks.append(protocol.open_signed(payload, COORDINATOR_KEY))
-
-    def result(self, task: dict, tensors: dict, *, key: bytes | None = None, agent: str | None = None,
-               **header_changes) -> list[bytes]:
-        meta = task["meta"]
-        expect = codecs.normalize_layout(meta["expect"])
-        layout = [(n, tuple(np.shape(tensors[n]))) for n, _ in expect]
-        header = {"kind": "result", "fleet": self.fleet, "agent": agent or self.agent, "run": task["run"],
-                  "round": task["round"], "phase": task["phase"], "method": task["method"],
-                  "codec": meta["uplink"], "layout": [[n, list(s)] for n, s in layout],
-                  "meta": {"samples": 10, "learn_s": 0.01, "metrics": {}}}
-        header.update(header_changes)
-        return protocol.split(header, codecs.encode(tensors, layout, meta["uplink"]), key or self.key)
-
-    def send(self, msgs: list[bytes], agent: str | None = None) -> None:
-        for m in msgs:
-            self.link.publish(protocol.agent_topic(self.fleet, agent or self.agent, "result"), m)
 
 
 def test_hostile_messages_are_refused_recorded_and_the_round_completes(mosquitto, tmp_path):

@@ -43,9 +43,11 @@ from coordinator.server import Coordinator, EngineConfig
 from coordinator.strategies import create as create_strategy
 from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, to_numpy
 from coordinator.strategies.ggeur import GGEURStrategy
-from edge_agent import protocol
+from edge_agent import protocol, signing
 from edge_agent.learners import LocalData
 from tools.benchio import emit
+
+BENCH_SIGNING_KEY = signing.new_signing_seed()  # the coordinator's key for this run; its agents pin it
 
 KEYS = ("beta", "plain_accuracy", "ggeur_accuracy", "gain_points", "stats_bytes_up", "seeds")
 TOY = {"variant": "multi_domain", "target": 200, "local_pool": 50, "proto_pool": 50, "per_sample": 12}
@@ -108,12 +110,12 @@ def run_fleet(broker_url: str, blob: bytes, cmodel: CoordinatorModel, method: st
         coord = Coordinator(broker_url=broker_url, secret=secret, roster=list(shards), strategy=strategy,
                             package=blob, evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp,
                             config=EngineConfig(fleet=fleet, run="bench", deadline_s=60.0, quorum=1.0, grace_s=0.0,
-                                                seed=seed))
+                                                seed=seed), signing_key=BENCH_SIGNING_KEY)
         agents = []
         try:
             coord.start()
             for a, data in shards.items():
-                agent = Agent(AgentConfig(broker_url, fleet, a, protocol.derive_key(secret, a)), data)
+                agent = Agent(AgentConfig(broker_url, fleet, a, protocol.derive_key(secret, a), coordinator_key=signing.public_key(BENCH_SIGNING_KEY)), data)
                 agent.start()
                 agents.append(agent)
             coord.wait_for_agents(len(shards), 120)
@@ -147,7 +149,7 @@ def augmented_mix(agents: list[Any]) -> dict[str, Any]:
     for agent in agents:
         own = np.bincount(agent.data.y, minlength=10)
         per_class += own
-        learner = agent.learners.get("ggeur")
+        learner = agent.state.learners.get("ggeur")
         if learner is None or learner.synthetic is None:
             continue
         made = np.bincount(learner.synthetic[1], minlength=10)

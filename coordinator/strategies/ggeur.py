@@ -278,7 +278,8 @@ class GGEURStrategy(Strategy):
                 del self.delivered[r.agent]  # it lost its synthetic set (a restart): the geometry goes again
         if not results:
             return
-        weights = torch.tensor([float(r.samples) for r in results])
+        # originals (the engine's capped count, coordinator-known) plus the synthetic points the agent holds
+        weights = torch.tensor([float(r.samples + self.delivered.get(r.agent, 0)) for r in results])
         weights /= weights.sum()
         lr = float(self.config.get("server_lr", 1.0))
         for name in self.state:
