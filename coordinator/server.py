@@ -474,7 +474,9 @@ class Coordinator:
             raise ProtocolError("malformed", "meta.samples must be a positive integer")
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
         metrics["_learn_s"] = float(meta.get("learn_s", 0.0)) if isinstance(meta.get("learn_s"), (int, float)) else 0.0
-        return ClientResult(agent, tensors, samples, metrics)
+        result = ClientResult(agent, tensors, samples, metrics)
+        self.strategy.check(result)  # the method's own checks (e.g. FOT's sketch statistics)
+        return result
 
     def _checkpoint(self, r: int) -> None:
         """Atomic: write a temp file, fsync, rename. A crash never leaves a torn checkpoint."""

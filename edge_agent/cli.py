@@ -4,7 +4,7 @@
                    [--runtime onnxruntime|litert] [--threads 2] [--profile rpi4] [--ca-certs ca.pem]
 
 The key is the agent's own key (`fedfleet keys` prints it on the coordinator host); the data file is a
-.npz with `x` and `y`. Errors in options print one clear line and exit 2.
+.npz with `x` and `y`, or for a continual job a directory with one `<task>.npz` per task. Errors in options print one clear line and exit 2.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id", required=True, dest="agent_id")
     p.add_argument("--key")
     p.add_argument("--key-file")
-    p.add_argument("--data", required=True, help=".npz with x and y")
+    p.add_argument("--data", required=True, help=".npz with x and y (a continual job: a directory of <task>.npz)")
     p.add_argument("--runtime", choices=("onnxruntime", "litert"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", help="firmware profile name (its preferred runtime is used if --runtime is absent)")
@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.meter != "auto":
                     raise
                 logging.getLogger("fedfleet-agent").warning("no energy meter (%s); energy is not recorded", exc)
-        agent = Agent(cfg, load_npz(args.data), meter=meter)
+        from edge_agent.continual import load_task_dir
+
+        data = load_task_dir(args.data) if os.path.isdir(args.data) else load_npz(args.data)
+        agent = Agent(cfg, data, meter=meter)
     except (FedfleetError, ValueError) as exc:
         print(f"fedfleet-agent: error: {exc}", file=sys.stderr)
         return 2

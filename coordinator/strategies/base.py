@@ -57,6 +57,11 @@ class Strategy(ABC):
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         """Fold validated results into `self.state` (and any method state). May receive no results."""
 
+    def check(self, result: ClientResult) -> None:
+        """The method's own checks of a result that passed the engine's (layout, finite values, samples):
+        raise `edge_agent.errors.ProtocolError(reason, detail)` to refuse it (`rejected:<reason>`)."""
+        return None
+
     def global_state(self) -> dict[str, torch.Tensor]:
         """The tensors that define the model to evaluate and checkpoint."""
         return self.state

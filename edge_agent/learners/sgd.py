@@ -1,7 +1,7 @@
 """FedAvg's edge learner: local minibatch SGD on the trainable part, uploading the delta.
 
 Task config: `lr` (0.1), `epochs` (1), `batch` (32), `seed` (the agent's own, from the strategy),
-optional `weight_decay` (0).
+optional `weight_decay` (0); in a continual job, `continual` (see edge_agent.continual).
 Task tensors: the global trainable tensors. Result tensors: local − global, same names.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import mlp
+from edge_agent import continual, mlp
 from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
 
 
@@ -27,12 +27,13 @@ class SGDLearner(Learner):
         rng = np.random.default_rng([int(cfg.get("seed", 0)), task.round])
         feats = model.features(data.x, cache_key="local")
         params = {k: v.astype(np.float32).copy() for k, v in task.tensors.items()}
+        classes = continual.head_classes(cfg)  # a per-task head in a continual job, else None
         losses = []
         for _ in range(epochs):
             order = rng.permutation(len(data))
             for start in range(0, len(order), batch):
                 idx = order[start : start + batch]
-                value, grads = mlp.loss_and_grad(params, feats[idx], data.y[idx])
+                value, grads = mlp.loss_and_grad(params, feats[idx], data.y[idx], classes)
                 losses.append(value)
                 for k in params:
                     params[k] -= lr * (grads[k] + wd * params[k])
