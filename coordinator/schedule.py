@@ -162,7 +162,7 @@ def permuted_digits(tasks: int = 5, rounds_per_task: int = 40) -> Schedule:
     return parse({"head": "shared", "rounds_per_task": rounds_per_task, "tasks": defs}, "permuted_digits")
 
 
-def split_digits(rounds_per_task: int = 40, head: str = "task") -> Schedule:
-    """Split digits: 5 tasks of 2 classes each ({0,1}, {2,3}, ...), per-task heads by default."""
-    defs = {f"digits-{2 * i}{2 * i + 1}": {"classes": [2 * i, 2 * i + 1]} for i in range(5)}
+def split_digits(rounds_per_task: int = 40, head: str = "task", tasks: int = 5) -> Schedule:
+    """Split digits: tasks of 2 classes each ({0,1}, {2,3}, ...; 5 at most), per-task heads by default."""
+    defs = {f"digits-{2 * i}{2 * i + 1}": {"classes": [2 * i, 2 * i + 1]} for i in range(min(tasks, 5))}
     return parse({"head": head, "rounds_per_task": rounds_per_task, "tasks": defs}, "split_digits")
