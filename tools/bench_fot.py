@@ -12,10 +12,13 @@ means over `--seeds` seeds (partition, initialisation, client sampling and local
 
 Printed JSON: tasks, rounds_per_task, fedavg_acc, fedavg_fgt, fot_acc, fot_fgt, basis_fill (per protected
 layer: k_l/d_l after each task, mean over seeds). The details line holds the split-digits variant (5 tasks
-x 2 classes, per-task heads, the output layer unprotected), per-seed values, the mean matrices, FOT's
-per-task threshold record, the per-agent upload of ordinary and task-end rounds, and wall times.
+x 2 classes, per-task heads, the output layer unprotected), per-seed values, the mean matrices, the
+per-agent upload of ordinary and task-end rounds, wall times, and `diagnostics`: FOT on permuted digits
+with one thing changed each (biases frozen after task 1; eps = 0.99; every agent in every round), to show
+where the remaining forgetting comes from. They are not the method's settings.
 
-    fedfleet bench fot [--quick] [--seeds S] [--rounds-per-task R] [--no-split] [--json PATH] [--plot PNG]
+    fedfleet bench fot [--quick] [--seeds S] [--rounds-per-task R] [--no-split] [--no-diagnostics]
+                       [--json PATH] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -38,23 +41,33 @@ KEYS = ("tasks", "rounds_per_task", "fedavg_acc", "fedavg_fgt", "fot_acc", "fot_
 LOCAL = {"lr": 0.05, "epochs": 1, "batch": 16, "weight_decay": 1e-5}
 
 
-def job(method: str, schedule: Schedule, *, seed: int, agents: int, per_round: int) -> JobConfig:
-    extra = {"eps": 0.95, "eps_inc": 0.0} if method == "fot" else {}
+# diagnostics, not the method's settings: each changes one thing to show where FOT's remaining forgetting
+# comes from (run on permuted digits, same seeds, over the broker too)
+DIAGNOSTICS: dict[str, dict[str, Any]] = {
+    "fot_biases_frozen": {"method": {"biases": "frozen"}},  # no bias drift after task 1
+    "fot_eps_0.99": {"method": {"eps": 0.99}},  # a basis holding 99% of the input energy
+    "fot_all_clients": {"per_round": "all"},  # every agent in every round, so in every task-end sketch
+}
+
+
+def job(method: str, schedule: Schedule, *, seed: int, agents: int, per_round: int,
+        extra: dict[str, Any] | None = None) -> JobConfig:
+    extra = {"eps": 0.95, "eps_inc": 0.0, **(extra or {})} if method == "fot" else {}
     return JobConfig(method=method, agents=agents, per_round=per_round, alpha=0.0, mode="full", hidden=128,
                      hidden_layers=2, seed=seed, deadline_s=60.0, quorum=1.0, fleet=f"bench-fot-{method}-{seed}",
                      method_config={**LOCAL, **extra}, uplink={"name": "none"}, continual=schedule.to_dict())
 
 
 def run_one(method: str, schedule: Schedule, *, seed: int, agents: int, per_round: int, broker: str,
-            work: Path) -> dict[str, Any]:
+            work: Path, extra: dict[str, Any] | None = None, tag: str = "") -> dict[str, Any]:
     """One continual job over the broker; ACC/FGT (points), the matrix, FOT's basis and bytes per agent."""
     from coordinator.job import run_demo
     from coordinator.ledger import Ledger
 
-    run_dir = work / f"{method}-{seed}-{schedule.head}"
+    run_dir = work / f"{method}{tag}-{seed}-{schedule.head}"
     t0 = time.perf_counter()
-    result = run_demo(job(method, schedule, seed=seed, agents=agents, per_round=per_round), broker=broker,
-                      run_dir=run_dir, quiet=True)
+    result = run_demo(job(method, schedule, seed=seed, agents=agents, per_round=per_round, extra=extra),
+                      broker=broker, run_dir=run_dir, quiet=True)
     wall = time.perf_counter() - t0
     ledger = Ledger(run_dir / "ledger.sqlite")
     try:
@@ -113,6 +126,21 @@ def compare(schedule: Schedule, *, seeds: int, agents: int, per_round: int, brok
     return out
 
 
+def diagnostics(schedule: Schedule, *, seeds: int, agents: int, per_round: int, broker: str,
+                work: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, change in DIAGNOSTICS.items():
+        n = agents if change.get("per_round") == "all" else per_round
+        runs = [run_one("fot", schedule, seed=seed, agents=agents, per_round=n, broker=broker, work=work,
+                        extra=change.get("method"), tag=name) for seed in range(seeds)]
+        out[name] = {"acc": round(float(np.mean([r["acc"] for r in runs])), 2),
+                     "fgt": round(float(np.mean([r["fgt"] for r in runs])), 2),
+                     "final_fill": {layer: round(float(np.mean([r["basis_fill"][layer][-1] for r in runs])), 4)
+                                    for layer in runs[0]["basis_fill"]}}
+        print(f"diagnostic {name}: ACC {out[name]['acc']:.2f} FGT {out[name]['fgt']:.2f}", file=sys.stderr, flush=True)
+    return out
+
+
 def plot(perm: dict[str, Any], split: dict[str, Any] | None, path: str) -> None:
     import matplotlib
 
@@ -157,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agents", type=int, default=20)
     p.add_argument("--per-round", type=int, default=10)
     p.add_argument("--no-split", action="store_true", help="skip the split-digits variant")
+    p.add_argument("--no-diagnostics", action="store_true", help="skip the diagnostic FOT variants")
     p.add_argument("--broker", default="mosquitto")
     p.add_argument("--json")
     p.add_argument("--plot")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.tasks, args.rounds_per_task, args.agents, args.per_round = 1, 2, 3, 4, 2
+        args.no_diagnostics = True
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -171,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         perm = compare(permuted_digits(args.tasks, args.rounds_per_task), label="permuted", **common)
         split = None if args.no_split else compare(split_digits(args.rounds_per_task, tasks=args.tasks),
                                                    label="split", **common)
+        diag = None if args.no_diagnostics else diagnostics(permuted_digits(args.tasks, args.rounds_per_task),
+                                                            **common)
     result = {**{k: perm[k] for k in KEYS}, "seeds": args.seeds, "agents": args.agents, "per_round": args.per_round,
               "broker": args.broker, "permuted": {k: v for k, v in perm.items() if k not in KEYS},
-              "split_digits": split, "wall_s": round(time.perf_counter() - t0, 1)}
+              "split_digits": split, "diagnostics": diag, "wall_s": round(time.perf_counter() - t0, 1)}
     if args.plot:
         plot(perm, split, args.plot)
     emit(result, KEYS, args.json)

@@ -17,7 +17,9 @@ U <- QR([U, P[:, :k]]); then eps <- eps + eps_inc.
 Config: `lr`, `epochs`, `batch`, `weight_decay` (passed to the learner), `eps` (0.95), `eps_inc` (0),
 `protect` (weight names; default every weight matrix, but not the last layer with per-task heads),
 `sketch_width` (m_l = round(sketch_width * d_l), 1.0), `sketch_distribution` ("uniform" | "gaussian"),
-`threshold` ("norm": eps' from rho as in the paper's code; "energy": from rho^2, as GPM), `seed`, `uplink`.
+`threshold` ("norm": eps' from rho as in the paper's code; "energy": from rho^2, as GPM), `seed`, `uplink`;
+`biases` ("free", the method: averaged without projection; "frozen": a diagnostic only, the biases stop
+moving after the first task, to measure how much of the forgetting the free biases cause).
 """
 
 from __future__ import annotations
@@ -98,11 +100,14 @@ class FOTStrategy(Strategy):
         self.width = float(config.get("sketch_width", 1.0))
         self.distribution = str(config.get("sketch_distribution", "uniform"))
         self.mode = str(config.get("threshold", "norm"))
+        self.biases = str(config.get("biases", "free"))
         if not 0 < self.eps <= 1 or self.eps_inc < 0 or self.width <= 0:
             raise ConfigError(f"fot: need 0 < eps <= 1, eps_inc >= 0, sketch_width > 0; got {self.eps}, "
                               f"{self.eps_inc}, {self.width}")
-        if self.distribution not in ("uniform", "gaussian") or self.mode not in ("norm", "energy"):
-            raise ConfigError("fot: sketch_distribution is 'uniform' or 'gaussian', threshold 'norm' or 'energy'")
+        if (self.distribution not in ("uniform", "gaussian") or self.mode not in ("norm", "energy")
+                or self.biases not in ("free", "frozen")):
+            raise ConfigError("fot: sketch_distribution is 'uniform' or 'gaussian', threshold 'norm' or 'energy', "
+                              "biases 'free' or 'frozen'")
         self.weights = [k for k in self.state if k.endswith(".weight") and self.state[k].dim() == 2]
         self.protected: list[str] | None = None  # fixed at the first task (it depends on the head)
         self.bases: dict[str, torch.Tensor] = {}
@@ -161,7 +166,10 @@ class FOTStrategy(Strategy):
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         if not results:
             return
+        frozen = self.biases == "frozen" and self.position is not None and self.position.index > 0
         for name in self.state:
+            if frozen and name.endswith(".bias"):
+                continue
             update = torch.stack([torch.from_numpy(r.tensors[name]) for r in results]).mean(dim=0)  # -Delta
             if name in self.bases:
                 update = project_out(update, self.bases[name])
