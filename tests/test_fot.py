@@ -228,3 +228,14 @@ def test_fot_checks_the_sketch_statistics():
     with pytest.raises(ProtocolError) as exc:
         fot.check(ClientResult("a", {**ok, RHO: np.array([1.7], np.float32)}, 7))
     assert exc.value.reason == "sketch_rho"
+
+
+def test_shards_of_a_continual_job_are_files_named_per_task(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "shards", "--config", "examples/split-digits.toml",
+                        "--agents", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    shards = continual.load_task_dir(tmp_path / "agent-01")
+    assert sorted(shards.tasks) == ["digits-01", "digits-23", "digits-45", "digits-67", "digits-89"]
+    assert set(shards.tasks["digits-45"].y.tolist()) == {4, 5}
+    spec = split_digits(40).tasks[2].spec(2, "task")
+    assert continual.task_data(shards, {"continual": spec}) is shards.tasks["digits-45"]
