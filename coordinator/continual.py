@@ -35,7 +35,8 @@ METHODS = ("fedavg", "fot")
 class ContinualStrategy(Strategy):
     """A strategy run through a task schedule. Rounds are counted in the order they run (numbering-free)."""
 
-    def __init__(self, inner: Strategy, schedule: Schedule) -> None:  # noqa: D107 - no state copy of its own
+    def __init__(self, inner: Strategy, schedule: Schedule) -> None:
+        # no Strategy.__init__: the inner strategy owns the state, this wrapper holds no copy of it
         self.inner = inner
         self.schedule = schedule
         self.name = inner.name

@@ -12,7 +12,8 @@ Last round of a task: each agent also uploads S_i = R_hat_i G_i, rho_i and N_i (
 all with the same width m_l per layer. Then per layer: S = sum_i S_i, rho_bar = sum_i (N_i / sum N) rho_i,
 eps' = (rho_bar - (1 - eps)) / rho_bar, S = P diag(sigma) Q^T, k = the smallest k with
 sum_{j<=k} sigma_j^2 / ||S||_F^2 > eps' (at least 1; the whole remaining space when eps' >= 1), and
-U <- QR([U, P[:, :k]]); then eps <- eps + eps_inc.
+U <- QR([U, P[:, :k]]); then eps <- eps + eps_inc. Only the agents of a task's last round shape its subspace
+(as in the paper's code). Sketches always travel losslessly, even when the ordinary rounds use FedZip.
 
 Config: `lr`, `epochs`, `batch`, `weight_decay` (passed to the learner), `eps` (0.95), `eps_inc` (0),
 `protect` (weight names; default every weight matrix, but not the last layer with per-task heads),
