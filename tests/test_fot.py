@@ -239,3 +239,14 @@ def test_shards_of_a_continual_job_are_files_named_per_task(tmp_path):
     assert set(shards.tasks["digits-45"].y.tolist()) == {4, 5}
     spec = split_digits(40).tasks[2].spec(2, "task")
     assert continual.task_data(shards, {"continual": spec}) is shards.tasks["digits-45"]
+
+
+def test_fot_needs_a_schedule_and_a_schedule_needs_a_continual_method():
+    from coordinator.config import JobConfig
+    from coordinator.continual import schedule_of
+
+    with pytest.raises(ConfigError, match=r"method 'fot' needs a task schedule"):
+        schedule_of(JobConfig(method="fot"))
+    with pytest.raises(ConfigError, match=r"field 'job.method'"):
+        schedule_of(JobConfig(method="fedzo", continual=permuted_digits(2, 2).to_dict()))
+    assert schedule_of(JobConfig(method="fedavg")) is None
