@@ -5,7 +5,8 @@
     fedfleet serve|demo ... --resume RUN_DIR        continue a run killed mid-way (the same job's options)
     fedfleet keys --secret-file F ID [ID ...]        per-agent keys for devices
     fedfleet keys --signing-key-file K --new|--public  make the coordinator's signing key / print its public key
-    fedfleet shards --out DIR [--agents N --alpha A]  local data files (.npz) for devices
+    fedfleet shards --out DIR [--agents N --alpha A]  local data files (.npz) for devices (per task
+                                                     in a continual job: DIR/<agent>/<task>.npz)
     fedfleet broker [--port P]                       a Mosquitto broker on loopback, in the foreground
     fedfleet bench NAME [...]                         benchmarks (tools/bench_NAME.py)
     fedfleet report RUN_DIR                          HTML and PNG report of a run
@@ -192,6 +193,18 @@ def cmd_shards(argv: list[str]) -> int:
     local, _ = shards(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.continual:  # a continual job: one folder per agent with a <task>.npz per task (fedfleet-agent --data DIR)
+        from coordinator.schedule import parse
+        from edge_agent.continual import derive
+
+        schedule = parse(cfg.continual, "job")
+        for agent, d in zip(agent_ids(cfg), local):
+            (out / agent).mkdir(exist_ok=True)
+            for i, task in enumerate(schedule.tasks):
+                t = derive(d, task.spec(i, schedule.head))
+                np.savez(out / agent / f"{task.name}.npz", x=t.x, y=t.y)
+            print(out / agent, len(schedule.tasks), "tasks")
+        return 0
     for agent, d in zip(agent_ids(cfg), local):
         np.savez(out / f"{agent}.npz", x=d.x, y=d.y)
         print(out / f"{agent}.npz", len(d))

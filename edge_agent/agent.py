@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import codecs, protocol
+from edge_agent import codecs, continual, protocol
 from edge_agent.errors import FedfleetError, ModelError, ProtocolError
 from edge_agent.learners import LearnResult, LocalData, Task, create
 from edge_agent.mqtt import MqttLink
@@ -289,14 +289,15 @@ class Agent:
             log.info("agent %s: round %d.%d of run %s again (a resumed coordinator); from the state before it",
                      self.cfg.agent_id, task.round, task.phase, task.run)
         learner = self.state.learner(name, create)
+        data = continual.task_data(self.data, task.config)  # a continual job's task names its data
         t0 = time.perf_counter()
         lock = self.learn_lock if self.learn_lock is not None else _null()
         if self.meter is not None:
             with self.meter.measure("compute"), lock:
-                result = learner.learn(task, self.data, self.model)
+                result = learner.learn(task, data, self.model)
         else:
             with lock:
-                result = learner.learn(task, self.data, self.model)
+                result = learner.learn(task, data, self.model)
         learn_s = time.perf_counter() - t0
         self._upload(header, task, result, learn_s)
         self.rounds_done += 1

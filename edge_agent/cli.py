@@ -7,7 +7,8 @@
 The key is the agent's own key (`fedfleet keys` prints it on the coordinator host); the coordinator key is
 the public half of the coordinator's signing key (`fedfleet keys --signing-key-file K --public`), which the
 agent pins: it takes tasks and model packages signed with it and nothing else. The data file is a .npz with
-`x` and `y`. Errors in options print one clear line and exit 2.
+`x` and `y`, or for a continual job a directory with one `<task>.npz` per task. Errors in options print one
+clear line and exit 2.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the coordinator's public key (coordinator.pub, 64 hex characters) to pin")
     p.add_argument("--max-skew", type=float, default=300.0, dest="max_skew_s",
                    help="seconds this device's clock may differ from the coordinator's (default 300)")
-    p.add_argument("--data", required=True, help=".npz with x and y")
+    p.add_argument("--data", required=True, help=".npz with x and y (a continual job: a directory of <task>.npz)")
     p.add_argument("--runtime", choices=("onnxruntime", "litert"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", help="firmware profile name (its preferred runtime is used if --runtime is absent)")
@@ -94,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.meter != "auto":
                     raise
                 logging.getLogger("fedfleet-agent").warning("no energy meter (%s); energy is not recorded", exc)
-        agent = Agent(cfg, load_npz(args.data), meter=meter)
+        from edge_agent.continual import load_task_dir
+
+        data = load_task_dir(args.data) if os.path.isdir(args.data) else load_npz(args.data)
+        agent = Agent(cfg, data, meter=meter)
     except (FedfleetError, ValueError) as exc:
         print(f"fedfleet-agent: error: {exc}", file=sys.stderr)
         return 2

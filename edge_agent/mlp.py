@@ -58,8 +58,12 @@ def loss(params: Params, x: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
 
 
-def loss_and_grad(params: Params, x: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
-    """Mean softmax cross-entropy over the batch and its gradient with respect to every tensor."""
+def loss_and_grad(params: Params, x: np.ndarray, y: np.ndarray,
+                  classes: np.ndarray | list[int] | None = None) -> tuple[float, Params]:
+    """Mean softmax cross-entropy over the batch and its gradient with respect to every tensor.
+
+    `classes` (optional): the softmax runs over these outputs only (a per-task head inside a wider output
+    layer); the other outputs get no gradient."""
     n = n_layers(params)
     acts = [x]
     h = x
@@ -68,7 +72,13 @@ def loss_and_grad(params: Params, x: np.ndarray, y: np.ndarray) -> tuple[float, 
         if i < n - 1:
             h = np.maximum(h, 0.0)
         acts.append(h)
-    p = softmax(acts[-1])
+    if classes is not None:
+        masked = np.full_like(acts[-1], -np.inf)
+        cols = np.asarray(classes, dtype=np.int64)
+        masked[:, cols] = acts[-1][:, cols]
+        p = softmax(masked)
+    else:
+        p = softmax(acts[-1])
     m = len(y)
     value = float(-np.log(p[np.arange(m), y] + 1e-12).mean())
     delta = p

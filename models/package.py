@@ -86,11 +86,11 @@ DATASET_INPUTS = {"digits": [64], "mnist": [784]}
 
 def manifest_for(
     mode: str, head_hidden: int, backbone_bytes: bytes | None, alternates: Sequence[BackboneFile] = (),
-    dataset: str = "digits",
+    dataset: str = "digits", head_layers: int = 1,
 ) -> dict[str, Any]:
     input_shape = DATASET_INPUTS[dataset]
     feature_dim = backbone.FEATURE_DIM if mode == "transfer" else int(np.prod(input_shape))
-    sizes = [feature_dim, head_hidden, len(CLASSES)] if head_hidden else [feature_dim, len(CLASSES)]  # 0: linear
+    sizes = [feature_dim, *[head_hidden] * head_layers, len(CLASSES)] if head_hidden else [feature_dim, len(CLASSES)]
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -117,14 +117,15 @@ def manifest_for(
 
 def build_package(
     mode: str = "transfer", *, head_hidden: int = 32, seed: int = 0,
-    alternates: Sequence[BackboneFile] | None = None, dataset: str = "digits",
+    alternates: Sequence[BackboneFile] | None = None, dataset: str = "digits", head_layers: int = 1,
 ) -> bytes:
     """One package blob for `mode` ("transfer" or "full"); deterministic for a given (mode, head_hidden, seed).
 
     `alternates` adds the same backbone in other formats (transfer mode). By default (None) that is the
     shipped int8 TFLite twin (`models.backbone.load_tflite()`), so LiteRT agents load the same package;
     pass `()` for an ONNX-only package. `dataset="mnist"` (full mode only) makes a 784-`head_hidden`-10
-    MLP on raw 28x28 MNIST pixels, the FedZip benchmark's model.
+    MLP on raw 28x28 MNIST pixels, the FedZip benchmark's model. `head_layers` hidden layers of
+    `head_hidden` units each (1).
     """
     if dataset not in DATASET_INPUTS:
         raise ConfigError(f"dataset {dataset!r} is unknown; choose one of {sorted(DATASET_INPUTS)}")
@@ -132,14 +133,15 @@ def build_package(
         raise ConfigError(f"the transfer backbone is for digits; use mode 'full' with dataset {dataset!r}")
     if mode not in ("transfer", "full"):
         raise ConfigError(f"package mode {mode!r} is unknown; choose 'transfer' or 'full'")
-    if head_hidden < 0:
-        raise ConfigError(f"head_hidden must be >= 0 (0: a linear head), got {head_hidden}")
+    if head_hidden < 0 or head_layers < 1:
+        raise ConfigError(f"head_hidden must be >= 0 (0: a linear head) and head_layers >= 1, got {head_hidden}, "
+                          f"{head_layers}")
     if alternates and mode != "transfer":
         raise ConfigError("backbone alternates only make sense in transfer mode; full mode has no backbone")
     backbone_bytes = backbone.load() if mode == "transfer" else None
     if alternates is None:  # by default ship the TFLite twin so LiteRT agents run the same package
         alternates = (BackboneFile("tflite", backbone.load_tflite()),) if mode == "transfer" else ()
-    manifest = manifest_for(mode, head_hidden, backbone_bytes, alternates, dataset)
+    manifest = manifest_for(mode, head_hidden, backbone_bytes, alternates, dataset, head_layers)
     members = {
         MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode(),
         HEAD_INIT: _npz(mlp.init(manifest["head_sizes"], seed)),

@@ -265,6 +265,12 @@ def _coordinator(fleet: FleetConfig, url: str, secret: bytes, signing_key: bytes
         raise ConfigError(f"{fleet.source}: [method] / [[group]] byzantine: {exc}") from None
     except KeyError as exc:
         raise ConfigError(f"{fleet.source}: field 'job.method': {exc}") from None
+    from coordinator import continual
+
+    try:
+        strategy, evaluate = continual.wrap(job, strategy, cmodel, test)  # a task schedule, if the fleet has one
+    except ConfigError as exc:
+        raise ConfigError(f"{fleet.source}: {exc}") from None
     holder: dict[str, Any] = {}
 
     def online() -> tuple[int, int]:
@@ -280,8 +286,9 @@ def _coordinator(fleet: FleetConfig, url: str, secret: bytes, signing_key: bytes
                         quiet=quiet, console=console, live=live)
     ecfg = engine_config(job, run_id)
     coord = Coordinator(broker_url=url, secret=secret, roster=fleet.roster(), strategy=strategy, package=blob,
-                        evaluate=lambda state: cmodel.evaluate(state, test.x, test.y), run_dir=run_dir,
-                        config=ecfg, on_round=progress, signing_key=signing_key)
+                        evaluate=evaluate, run_dir=run_dir, config=ecfg, on_round=progress,
+                        signing_key=signing_key)
+    continual.bind(evaluate, coord)
     holder["coord"] = coord
     return coord, progress
 

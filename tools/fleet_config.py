@@ -8,6 +8,7 @@ the file and the field.
     deadline_s = 20
     [method]                   # strategy config, as in a job file
     [uplink]                   # uplink codec, as in a job file
+    [continual]                # optional: a task schedule, as in a job file (coordinator/schedule.py)
     [calibration]              # optional: the calibration workload's time on a Pi 4B (python -m tools.calibrate)
     reference_s = 0.144
     source = "measured: ..."
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.config import JobConfig, apply, check_codec, check_method_table, read_toml
+from coordinator.config import JobConfig, apply, apply_continual, check_codec, check_method_table, read_toml
 from edge_agent.errors import ConfigError
 
 AGENT_SIDE = ("nan", "noise")
@@ -187,7 +188,7 @@ def _group(raw: Any, i: int, source: str, method: str) -> Group:
 
 
 def parse(data: dict[str, Any], source: str) -> FleetConfig:
-    known = {"job", "method", "uplink", "calibration", "emulator", "group"}
+    known = {"job", "method", "uplink", "calibration", "emulator", "group", "continual"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; use {', '.join(sorted(known))}")
@@ -204,6 +205,8 @@ def parse(data: dict[str, Any], source: str) -> FleetConfig:
         job.method_config = {**job.method_config, **data["method"]}
     if "uplink" in data:
         job.uplink = check_codec(data["uplink"], f"{source}: [uplink]")
+    if "continual" in data:
+        apply_continual(job, data["continual"], source, rounds_set="rounds" in job_values)
     raw_groups = data.get("group")
     if not isinstance(raw_groups, list) or not raw_groups:
         raise _err(source, "group", "must list at least one [[group]] of agents")
