@@ -66,6 +66,12 @@ class ContinualStrategy(Strategy):
     def check(self, round: int, phase: int, result: ClientResult) -> None:
         self.inner.check(round, phase, result)
 
+    def update_kind(self, phase: int) -> str:
+        return self.inner.update_kind(phase)
+
+    def update_names(self, phase: int) -> set[str] | None:
+        return self.inner.update_names(phase)
+
     def global_state(self) -> dict[str, torch.Tensor]:
         return self.inner.global_state()
 

@@ -380,7 +380,9 @@ class Coordinator:
         kind = self.strategy.update_kind(phase)
         if kind == "none" or not results:
             return results, 0
-        norms = [self.guard.update_norm(res.tensors, tasks[res.agent].tensors if kind == "model" else None)
+        names = self.strategy.update_names(phase)
+        norms = [self.guard.update_norm({k: v for k, v in res.tensors.items() if names is None or k in names},
+                                        tasks[res.agent].tensors if kind == "model" else None)
                  for res in results]
         screened = self.guard.screen(phase, results, norms)
         for res, norm, bound in screened.refused:

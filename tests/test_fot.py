@@ -221,12 +221,12 @@ def test_shipped_continual_jobs_load():
 def test_fot_checks_the_sketch_statistics():
     fot = create("fot", {k: torch.from_numpy(v) for k, v in mlp.init([4, 3], 0).items()})
     ok = {RHO: np.array([0.5], np.float32), COUNT: np.array([7.0], np.float32)}
-    fot.check(ClientResult("a", ok, 7))
+    fot.check(1, 0, ClientResult("a", ok, 7))
     with pytest.raises(ProtocolError) as exc:
-        fot.check(ClientResult("a", {**ok, COUNT: np.array([-3.0], np.float32)}, 7))
+        fot.check(1, 0, ClientResult("a", {**ok, COUNT: np.array([-3.0], np.float32)}, 7))
     assert exc.value.reason == "sketch_n"
     with pytest.raises(ProtocolError) as exc:
-        fot.check(ClientResult("a", {**ok, RHO: np.array([1.7], np.float32)}, 7))
+        fot.check(1, 0, ClientResult("a", {**ok, RHO: np.array([1.7], np.float32)}, 7))
     assert exc.value.reason == "sketch_rho"
 
 

@@ -78,6 +78,11 @@ class Strategy(ABC):
         minus the tensors its task sent), or "none" (not an update; not bounded)."""
         return "delta"
 
+    def update_names(self, phase: int) -> set[str] | None:
+        """The result tensors that make up the update for the norm bound (None: all of them). A method that
+        uploads more than its update with it (FOT's task-end sketches) names the update's tensors."""
+        return None
+
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         """Restore what `extra_state()` returned, on resume; `self.state` has been restored already.
         A strategy that saves extra state must load it: the default accepts only none."""

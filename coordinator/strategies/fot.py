@@ -154,6 +154,10 @@ class FOTStrategy(Strategy):
         return {a: TaskSpec(config={**cfg, "seed": task_seed(seed, round, phase, a)}, tensors=tensors,
                             expect=list(expect), uplink_codec=uplink) for a in agents}
 
+    def update_names(self, phase: int) -> set[str] | None:
+        """The update is the model's tensors; a task end's sketches, rho and n ride along and are not bounded."""
+        return set(self.state)
+
     def check(self, round: int, phase: int, result: ClientResult) -> None:
         if COUNT not in result.tensors:
             return
