@@ -3,8 +3,10 @@
 For every message on `fedfleet/v1/<fleet>/agents/<id>/<kind>`:
 1. The sender is the id in the topic. An id off the roster has no key.
 2. The HMAC under that id's key is verified before a single header byte is parsed. A message that fails
-   1 or 2 is *unauthenticated*: it is dropped and only counted (`take_dropped`; the engine writes one
-   summary row per reason per round), never queued, and never counts towards closing a phase.
+   1 or 2 is *unauthenticated*: it is dropped and only counted, never queued, and never counts towards
+   closing a phase. For result topics the engine writes one summary row per reason per phase
+   (`take_dropped`); status and telemetry junk (such as an earlier run's retained status under another
+   secret) is counted in `dropped_other`.
 3. The header is parsed strictly (`protocol.parse_header`) and every field is schema-checked (types,
    ranges, finiteness, integers that fit a float64 exactly and SQLite's int64). An authenticated message
    that fails is refused: the engine gets a ("reject", ...) item and records `rejected:<reason>`.
@@ -179,6 +181,7 @@ class ReceivePath:
             per_sender_bytes=per_sender_bytes if per_sender_bytes is not None else 2 * max_result_bytes)
         self.bytes_up = 0  # MQTT bytes of every message on a result topic
         self.dropped_total = 0  # unauthenticated messages since start
+        self.dropped_other: dict[str, int] = {}  # unauthenticated status and telemetry messages, by reason
         self.duplicates = 0  # status and telemetry seen twice with the same seq
         self._dropped: dict[str, list[Any]] = {}  # reason -> [count, bytes, claimed ids]
         self._refused: dict[tuple[str, str], list[Any]] = {}  # (agent, reason) -> [count, kinds] (status, telemetry)
@@ -186,9 +189,12 @@ class ReceivePath:
         self._last_seq: dict[tuple[str, str], tuple[int, int]] = {}  # (agent, kind) -> last accepted seq
 
     # -------------------------------------------------------------- unauthenticated messages
-    def _drop(self, reason: str, agent: str, nbytes: int) -> None:
+    def _drop(self, reason: str, agent: str, nbytes: int, kind: str) -> None:
         with self._lock:
             self.dropped_total += 1
+            if kind != "result":  # e.g. a previous run's retained status under another secret: counted only
+                self.dropped_other[reason] = self.dropped_other.get(reason, 0) + 1
+                return
             entry = self._dropped.setdefault(reason, [0, 0, []])
             entry[0] += 1
             entry[1] += nbytes
@@ -196,7 +202,8 @@ class ReceivePath:
                 entry[2].append(agent)
 
     def take_dropped(self) -> dict[str, tuple[int, int, list[str]]]:
-        """Unauthenticated messages since the last call: reason -> (count, MQTT bytes, a few claimed ids)."""
+        """Unauthenticated messages on result topics since the last call: reason -> (count, MQTT bytes, a few
+        claimed ids). Those on status and telemetry topics are only counted, in `dropped_other`."""
         with self._lock:
             out, self._dropped = {k: (v[0], v[1], v[2]) for k, v in self._dropped.items()}, {}
         return out
@@ -222,12 +229,12 @@ class ReceivePath:
                 self.bytes_up += nbytes
         key = self.keys.get(agent)
         if key is None:
-            self._drop("unknown_agent", agent[:64], nbytes)
+            self._drop("unknown_agent", agent[:64], nbytes, kind)
             return
         try:
             protocol.verify_hmac(payload, key)
         except ProtocolError as exc:
-            self._drop(exc.reason, agent, nbytes)
+            self._drop(exc.reason, agent, nbytes, kind)
             return
         try:
             header, body = protocol.unpack_verified(payload)
