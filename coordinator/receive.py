@@ -3,13 +3,16 @@
 For every message on `fedfleet/v1/<fleet>/agents/<id>/<kind>`:
 1. The sender is the id in the topic. An id off the roster has no key.
 2. The HMAC under that id's key is verified before a single header byte is parsed. A message that fails
-   1 or 2 is *unauthenticated*: it is dropped and only counted (`take_dropped`; the engine writes one
-   summary row per reason per round), never queued, and never counts towards closing a phase.
+   1 or 2 is *unauthenticated*: it is dropped and only counted, never queued, and never counts towards
+   closing a phase. For result topics the engine writes one summary row per reason per phase
+   (`take_dropped`); status and telemetry junk (such as an earlier run's retained status under another
+   secret) is counted in `dropped_other`.
 3. The header is parsed strictly (`protocol.parse_header`) and every field is schema-checked (types,
    ranges, finiteness, integers that fit a float64 exactly and SQLite's int64). An authenticated message
    that fails is refused: the engine gets a ("reject", ...) item and records `rejected:<reason>`.
-4. Status and telemetry must be fresh: their `seq` [epoch, n] must be above the last one accepted from that
-   agent for that kind, so a replayed (e.g. re-retained) status is refused.
+4. Status and telemetry must be fresh: a `seq` [epoch, n] below the last one accepted from that agent for
+   that kind is refused (`replayed`: e.g. an old status re-retained); the same seq again is a duplicate
+   (QoS 1 redelivery, or a replay of the latest message) and is dropped without effect.
 5. Result chunks go through a `Reassembler` with per-sender caps on partial messages and bytes.
 
 Checks that need the open round (run, round, the task's codec and layout) are the engine's, in
@@ -178,15 +181,20 @@ class ReceivePath:
             per_sender_bytes=per_sender_bytes if per_sender_bytes is not None else 2 * max_result_bytes)
         self.bytes_up = 0  # MQTT bytes of every message on a result topic
         self.dropped_total = 0  # unauthenticated messages since start
+        self.dropped_other: dict[str, int] = {}  # unauthenticated status and telemetry messages, by reason
+        self.duplicates = 0  # status and telemetry seen twice with the same seq
         self._dropped: dict[str, list[Any]] = {}  # reason -> [count, bytes, claimed ids]
         self._refused: dict[tuple[str, str], list[Any]] = {}  # (agent, reason) -> [count, kinds] (status, telemetry)
         self._lock = threading.Lock()
         self._last_seq: dict[tuple[str, str], tuple[int, int]] = {}  # (agent, kind) -> last accepted seq
 
     # -------------------------------------------------------------- unauthenticated messages
-    def _drop(self, reason: str, agent: str, nbytes: int) -> None:
+    def _drop(self, reason: str, agent: str, nbytes: int, kind: str) -> None:
         with self._lock:
             self.dropped_total += 1
+            if kind != "result":  # e.g. a previous run's retained status under another secret: counted only
+                self.dropped_other[reason] = self.dropped_other.get(reason, 0) + 1
+                return
             entry = self._dropped.setdefault(reason, [0, 0, []])
             entry[0] += 1
             entry[1] += nbytes
@@ -194,7 +202,8 @@ class ReceivePath:
                 entry[2].append(agent)
 
     def take_dropped(self) -> dict[str, tuple[int, int, list[str]]]:
-        """Unauthenticated messages since the last call: reason -> (count, MQTT bytes, a few claimed ids)."""
+        """Unauthenticated messages on result topics since the last call: reason -> (count, MQTT bytes, a few
+        claimed ids). Those on status and telemetry topics are only counted, in `dropped_other`."""
         with self._lock:
             out, self._dropped = {k: (v[0], v[1], v[2]) for k, v in self._dropped.items()}, {}
         return out
@@ -220,12 +229,12 @@ class ReceivePath:
                 self.bytes_up += nbytes
         key = self.keys.get(agent)
         if key is None:
-            self._drop("unknown_agent", agent[:64], nbytes)
+            self._drop("unknown_agent", agent[:64], nbytes, kind)
             return
         try:
             protocol.verify_hmac(payload, key)
         except ProtocolError as exc:
-            self._drop(exc.reason, agent, nbytes)
+            self._drop(exc.reason, agent, nbytes, kind)
             return
         try:
             header, body = protocol.unpack_verified(payload)
@@ -272,22 +281,27 @@ class ReceivePath:
         content = _json_body(body)
         if kind == "status":
             check_status(content)
-            self._fresh(agent, kind, seq)
-            self.on_status(agent, content)
+            if self._fresh(agent, kind, seq):
+                self.on_status(agent, content)
             return
         event = content.get("event")
         if event == "energy":
             check_energy(content)
-            self._fresh(agent, kind, seq)
-            self.inbox.put(("energy", agent, content, b"", 0))
-        else:
-            self._fresh(agent, kind, seq)
+            if self._fresh(agent, kind, seq):
+                self.inbox.put(("energy", agent, content, b"", 0))
+        elif self._fresh(agent, kind, seq):
             log.info("telemetry from %s: %s", agent, str(content)[:300])
 
-    def _fresh(self, agent: str, kind: str, seq: tuple[int, int]) -> None:
+    def _fresh(self, agent: str, kind: str, seq: tuple[int, int]) -> bool:
+        """Whether the message is new. An older seq is refused as replayed; the same seq again (QoS 1 may
+        deliver twice, and a replay of the latest message changes nothing) is only counted in `duplicates`."""
         with self._lock:
             last = self._last_seq.get((agent, kind))
-            if last is not None and seq <= last:
-                raise ProtocolError("replayed", f"{kind} seq {list(seq)} is not after the last seen {list(last)}")
+            if last is not None and seq == last:
+                self.duplicates += 1
+                return False
+            if last is not None and seq < last:
+                raise ProtocolError("replayed", f"{kind} seq {list(seq)} is older than the last seen {list(last)}")
             self._last_seq[(agent, kind)] = seq
+            return True
 

@@ -235,8 +235,12 @@ def test_hostile_corpus_from_outside_and_inside(corpus_fleet, mosquitto):
     runner = threading.Thread(target=lambda: done.setdefault("s", coord.run_round(2)))
     runner.start()
     task2, _ = _wait_task(rogue, 2)
-    rogue.publish("status", old_status, retain=True)  # replayed: seq 1 is not after the last seen
+    rogue.publish("status", rogue.status({"state": "online", "model": coord.package_digest, "samples": 300}),
+                  retain=True)
+    rogue.publish("status", old_status, retain=True)  # replayed: seq 1 is older than the last seen
     captured = outsider.retained["agent-01"]  # a genuine status, captured off the wire, replayed without a key
+    fleet.agents["agent-01"]._announce()  # the agent says something newer first
+    time.sleep(0.3)
     outsider.link.publish(protocol.agent_topic(fleet_name, "agent-01", "status"), captured, retain=True)
     stale = rogue.result(task, value=0.0)  # a result for round 1, replayed in round 2
     rogue.send(stale)

@@ -14,7 +14,7 @@ from tools.tls import make_local_ca
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=300, cwd=cwd, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
 def test_serve_with_agents_on_devices_over_tls(tmp_path):
