@@ -79,7 +79,7 @@ def refine_delta_b(a_bar: torch.Tensor, b_bar: torch.Tensor, target: torch.Tenso
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
                 delta -= lr * grad
-            value = float(loss)
+            value = float(loss.detach())
             if early_stop and prev is not None:
                 calm = calm + 1 if abs(prev - value) < 1e-6 else 0
                 if calm >= 5:
