@@ -155,9 +155,15 @@ def _layer(base: LoraBase, params: Params, i: int, h: np.ndarray) -> tuple[np.nd
     return z + base.scale * (ax @ params[f"fc{i}.lora_B"].T), ax
 
 
+def _floats(x: np.ndarray) -> np.ndarray:
+    """float32 input (float64 stays float64, for gradient checks)."""
+    x = np.asarray(x)
+    return x if x.dtype == np.float64 else x.astype(np.float32, copy=False)
+
+
 def forward(base: LoraBase, params: Params, x: np.ndarray) -> np.ndarray:
     """Logits (N, classes) of the base plus adapters `params` (trainable layout, optional merged residuals)."""
-    h = np.asarray(x, np.float32)
+    h = _floats(x)
     for i in range(base.head + 1):
         h, _ = _layer(base, params, i, h)
         if i < base.head:
@@ -167,7 +173,7 @@ def forward(base: LoraBase, params: Params, x: np.ndarray) -> np.ndarray:
 
 def loss_and_grad(base: LoraBase, params: Params, x: np.ndarray, y: np.ndarray) -> tuple[float, Params]:
     """Mean softmax cross-entropy and its gradient for every trainable tensor (A, B, head); base frozen."""
-    acts, axs = [np.asarray(x, np.float32)], []
+    acts, axs = [_floats(x)], []
     h = acts[0]
     for i in range(base.head + 1):
         h, ax = _layer(base, params, i, h)

@@ -49,13 +49,13 @@ def synthetic(seeds: list[int]) -> dict[str, Any]:
             "synthetic_lambda_sweep": sweep}
 
 
-def run_one(method: str, seed: int, rounds: int, agents: int, dataset: str, broker: str, run_root: Path
-            ) -> dict[str, Any]:
+def run_one(method: str, seed: int, rounds: int, agents: int, dataset: str, broker: str, run_root: Path,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from coordinator.config import JobConfig
     from coordinator.job import run_demo
 
     cfg = JobConfig(method=method, rounds=rounds, agents=agents, alpha=0.0, seed=seed, dataset=dataset,
-                    fleet=f"bl{uuid.uuid4().hex[:10]}", deadline_s=60.0)
+                    fleet=f"bl{uuid.uuid4().hex[:10]}", deadline_s=60.0, method_config=dict(overrides or {}))
     run_dir = run_root / f"{dataset}-{method}-{seed}"
     result = run_demo(cfg, broker=broker, run_dir=run_dir, quiet=True)
     history = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)["extra"].get("history", [])
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mnist-rounds", type=int, default=0,
                     help="also run the 784-256-256-10 MNIST model, 10 agents, this many rounds, first seed only")
     ap.add_argument("--broker", default="mosquitto", help="mosquitto (default), embedded, or mqtt://host:port")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="local epochs per round for every method (default: the methods' defaults, 2)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 6 agents (smoke test)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -89,23 +92,29 @@ def main(argv: list[str] | None = None) -> int:
 
     small_model_threads()
     seeds = list(range(args.seeds))
+    methods = [m for m in args.methods.split(",") if m]
+    if not {"fedit", "lora_fair"} <= set(methods) or not set(methods) <= set(METHODS):
+        raise SystemExit(f"--methods must include fedit and lora_fair, from {METHODS}")
+    overrides = {"epochs": args.epochs} if args.epochs else {}
     t0 = time.perf_counter()
     result: dict[str, Any] = {"seeds": args.seeds, **synthetic(seeds)}
-    per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp, start_broker(args.broker) as b:
         for seed in seeds:  # the three methods side by side within each seed
-            for method in METHODS:
-                per_seed[method].append(run_one(method, seed, args.rounds, args.agents, "digits", b.url, Path(tmp)))
+            for method in methods:
+                per_seed[method].append(run_one(method, seed, args.rounds, args.agents, "digits", b.url, Path(tmp),
+                                                overrides))
         mnist = {}
         if args.mnist_rounds:
-            for method in METHODS:
-                mnist[method] = run_one(method, 0, args.mnist_rounds, 10, "mnist", b.url, Path(tmp))
+            for method in methods:
+                mnist[method] = run_one(method, 0, args.mnist_rounds, 10, "mnist", b.url, Path(tmp), overrides)
         broker_kind = b.kind
     for method in METHODS:
-        result[f"{method}_accuracy"] = float(np.mean([r["accuracy"] for r in per_seed[method]]))
+        runs = per_seed.get(method)
+        result[f"{method}_accuracy"] = float(np.mean([r["accuracy"] for r in runs])) if runs else None
     gains = [100 * (f["accuracy"] - e["accuracy"]) for f, e in zip(per_seed["lora_fair"], per_seed["fedit"], strict=True)]
     result["gain_points"] = float(np.mean(gains))
-    result.update(per_seed_gain_points=gains, runs=per_seed, rounds=args.rounds, agents=args.agents,
+    result.update(per_seed_gain_points=gains, method_overrides=overrides, runs=per_seed, rounds=args.rounds, agents=args.agents,
                   broker=broker_kind, wall_s=round(time.perf_counter() - t0, 1))
     if mnist:
         result["mnist"] = mnist
