@@ -73,7 +73,8 @@ def refine_delta_b(a_bar: torch.Tensor, b_bar: torch.Tensor, target: torch.Tenso
     done = 0
     if float(t_norm) > EPS:  # with no target (nothing was learned) there is nothing to correct
         prev, calm = None, 0
-        for done in range(1, iterations + 1):
+        for step in range(1, iterations + 1):
+            done = step
             p = (b_bar + delta) @ a_bar
             loss = 1.0 - (p * target).sum() / (p.norm() * t_norm + EPS) + lam * (delta**2).sum()
             (grad,) = torch.autograd.grad(loss, delta)
