@@ -239,3 +239,26 @@ def test_cosine_refinement_agrees_with_the_l2_closed_form_direction():
     best = lora.cosine((b_bar + closed) @ a_bar, target)  # the best any B can do over Ā's row space
     fair = lora.refine_delta_b(a_bar, b_bar, target)
     assert fair.cos_fair == pytest.approx(best, abs=2e-3) and best > fair.cos_fedit
+
+
+def test_lora_learner_runs_without_torch(blob, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.test_edge_without_torch import BLOCK_TORCH
+
+    (tmp_path / "lora.pkg").write_bytes(blob)
+    code = BLOCK_TORCH + textwrap.dedent(f"""
+        import numpy as np
+        from edge_agent.learners import LocalData, Task, create
+        from edge_agent.model import EdgeModel
+        model = EdgeModel.from_bytes(open({str(tmp_path / 'lora.pkg')!r}, "rb").read())
+        rng = np.random.default_rng(0)
+        data = LocalData(rng.random((40, 64), dtype=np.float32), rng.integers(0, 10, 40))
+        res = create("lora_fair").learn(Task("r", 1, "lora_fair", {{"lr": 0.1}}, dict(model.head_init)), data, model)
+        assert set(res.tensors) == set(model.head_init) and "torch" not in sys.modules
+        print("lora-edge-ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "lora-edge-ok" in r.stdout, r.stdout + r.stderr

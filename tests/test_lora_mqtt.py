@@ -49,25 +49,25 @@ def test_lora_upload_with_wrong_rank_or_shape_is_refused(mosquitto, tmp_path):
     rogue = Rogue(mosquitto.url, fleet.cfg.fleet, "rogue", fleet.coord.package_digest)
     try:
         fleet.coord.wait_for_agents(4, 30)
-        fleet.run_async(1)
-        deadline = time.time() + 30
-        while not rogue.tasks and time.time() < deadline:
-            time.sleep(0.05)
-        assert rogue.tasks, "the rogue agent got no task"
-        task, _ = rogue.tasks[0]
-        good = {n: np.zeros(s, np.float32) for n, s in task["meta"]["expect"]}  # the layout it was asked for
-        rank3 = {**good, "fc0.lora_A": np.zeros((3, 64), np.float32), "fc0.lora_B": np.zeros((64, 3), np.float32)}
-        swapped = {**good, "fc0.lora_A": np.zeros((64, 4), np.float32), "fc0.lora_B": np.zeros((4, 64), np.float32)}
-        rank5_b = {**good, "fc0.lora_B": np.zeros((64, 5), np.float32)}
-        for bad in (rank3, swapped, rank5_b):
+        fleet.run_async(3)
+        for i in range(3):  # one bad upload per round: a refused agent's round closes without it
+            deadline = time.time() + 60
+            while len(rogue.tasks) <= i and time.time() < deadline:
+                time.sleep(0.05)
+            assert len(rogue.tasks) > i, f"the rogue agent got no task in round {i + 1}"
+            task, _ = rogue.tasks[i]
+            good = {n: np.zeros(s, np.float32) for n, s in task["meta"]["expect"]}  # the layout it was asked for
+            bad = [{**good, "fc0.lora_A": np.zeros((3, 64), np.float32), "fc0.lora_B": np.zeros((64, 3), np.float32)},
+                   {**good, "fc0.lora_A": np.zeros((64, 4), np.float32), "fc0.lora_B": np.zeros((4, 64), np.float32)},
+                   {**good, "fc0.lora_B": np.zeros((64, 5), np.float32)}][i]  # rank 3, swapped, rank 5 B
             rogue.send(rogue.result(task, bad))
-        summaries = fleet.join(60)
+        summaries = fleet.join(120)
     finally:
         rogue.link.stop()
         fleet.close()
     status = [(r["agent"], r["status"]) for r in rows(fleet)]
     assert status.count(("rogue", "rejected:shape")) == 3, status
-    assert summaries[0].ok == 3 and summaries[0].rejected == 3, summaries[0]  # the round went on
+    assert [(x.ok, x.rejected) for x in summaries] == [(3, 1)] * 3  # each round went on
 
 
 def test_agent_reports_a_lora_base_that_fails_its_digest_and_keeps_running(mosquitto, tmp_path):
