@@ -100,7 +100,7 @@ def read_base(zf: zipfile.ZipFile, manifest: dict[str, Any], sizes: list[int], m
     """
     spec = manifest.get("lora")
     if not isinstance(spec, dict):
-        raise ModelError("a lora package needs a 'lora' object in its manifest; rebuild the package")
+        raise ModelError("package mode 'lora' needs a 'lora' object in its manifest; rebuild the package")
     rank = _int(spec.get("rank"), "rank")
     alpha = spec.get("alpha")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not np.isfinite(alpha) or alpha <= 0:
