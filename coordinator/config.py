@@ -81,7 +81,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fzoos": {**_ZO_HEAD, "lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2,
               "explore_radius": 0.05, "init_radius": 0.05, "rff_features": 2000},
     # federated LoRA (mode "lora": frozen pre-trained MLP, LoRA r = 4 on every hidden layer, trainable head),
-    # local SGD on A, B and the head; LoRA-FAIR's server solve uses the spec's lambda, lr and iterations
+    # local SGD on A, B and the head (lr/epochs/batch set once, before any comparison; the spec's lr 0.01 and
+    # batch 128 are for ViT-sized shards); LoRA-FAIR's server solve uses the spec's lambda, lr and iterations
     "fedit": {"lr": 0.05, "epochs": 2, "batch": 32},
     "flora": {"lr": 0.05, "epochs": 2, "batch": 32},
     "lora_fair": {"lr": 0.05, "epochs": 2, "batch": 32, "lam": 0.01, "refine_lr": 0.01,

@@ -262,3 +262,31 @@ def test_lora_learner_runs_without_torch(blob, tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "lora-edge-ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_mnist_layout_adapts_every_hidden_layer_and_pools_do_not_leak():
+    from coordinator import shifts
+
+    assert lora_mlp.trainable_layout([784, 256, 256, 10], [0, 1], 4) == [
+        ("fc0.lora_A", (4, 784)), ("fc0.lora_B", (256, 4)), ("fc1.lora_A", (4, 256)), ("fc1.lora_B", (256, 4)),
+        ("fc2.weight", (10, 256)), ("fc2.bias", (10,))]
+    pre, fine = shifts.lora_pool("mnist", "pretrain"), shifts.lora_pool("mnist", "finetune")
+    assert len(pre) + len(fine) == 5000
+    pre_rows = {row.tobytes() for row in pre.x}
+    assert sum(row.tobytes() in pre_rows for row in fine.x) < 5  # (the MNIST 5k file has a few duplicates)
+
+
+def test_feature_shifts_are_the_six_domains():
+    from coordinator import shifts
+
+    x = np.random.default_rng(0).random((5, 64)).astype(np.float32)
+    img = x.reshape(5, 8, 8)
+    np.testing.assert_array_equal(shifts.flip(x).reshape(5, 8, 8), img[:, :, ::-1])
+    np.testing.assert_allclose(shifts.inversion(x), 1 - x)
+    np.testing.assert_array_equal(shifts.shift(x).reshape(5, 8, 8)[:, :, 1:], img[:, :, :-1])
+    assert np.all(shifts.shift(x).reshape(5, 8, 8)[:, :, 0] == 0)
+    noisy = shifts.noise(x, 1)
+    assert noisy.min() >= 0 and noisy.max() <= 1 and np.array_equal(noisy, shifts.noise(x, 1))
+    np.testing.assert_allclose(shifts.blur(x).reshape(5, 8, 8)[:, 3, 3], img[:, 2:5, 2:5].mean(axis=(1, 2)), rtol=1e-6)
+    parts, test, domains = shifts.shifted_shards("digits", 6, 0.0, 0)
+    assert domains == list(shifts.SHIFT_NAMES) and len(test) == 6 * (len(test) // 6)
