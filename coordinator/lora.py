@@ -8,6 +8,8 @@ other trainable tensor (the head) is averaged plainly. With client weights p_k =
   (lr 0.01, 1000 iterations), ΔB starting from zero, fp32, an epsilon in the cosine, autograd for the
   gradient; the optional early stop ends after 5 iterations in a row with |Δloss| < 1e-6. It returns ΔB and
   the diagnostics the spec asks to log: ‖ΔB‖/‖B̄‖, cos(ΔW, B̄′Ā), cos(ΔW, B̄Ā) (FedIT's), ‖P‖/‖T‖.
+  The cosine's gradient scales as 1/‖B̄‖, so a fixed lr is not scale-free: with B entries of order 1 the
+  1000 steps do not converge, with entries of order 0.01 ΔB outgrows B̄ (docs/results, federated LoRA).
 - `closed_form_delta_b`: the L2 (not cosine) cross-check ΔB = (TĀᵀ − B̄ĀĀᵀ)(ĀĀᵀ + λI)⁻¹.
 - `synthetic_factors`: the spec's synthetic check (6 factor pairs, r = 4, d = 32), see its docstring.
 """
