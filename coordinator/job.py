@@ -20,7 +20,7 @@ import numpy as np
 
 from coordinator import continual
 from coordinator import data as datasets
-from coordinator.config import METHOD_HEADS, JobConfig, method_config
+from coordinator.config import METHOD_HEADS, JobConfig, method_config, package_mode
 from coordinator.progress import Progress
 from coordinator.server import Coordinator, EngineConfig, RoundSummary
 from coordinator.store import new_run_id, open_job
@@ -50,7 +50,15 @@ class JobResult:
 
 
 def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
-    """The demo's agent shards (Dirichlet(alpha) label skew, or IID when alpha = 0) and the test split."""
+    """The demo's agent shards (Dirichlet(alpha) label skew, or IID when alpha = 0) and the test split.
+
+    LoRA jobs fine-tune a pre-trained base on feature-shifted data: agent i holds domain i mod 6
+    (`coordinator.shifts`), the test split is scored under every domain."""
+    if package_mode(cfg) == "lora":
+        from coordinator import shifts
+
+        parts, test_set, _ = shifts.shifted_shards(cfg.dataset, cfg.agents, cfg.alpha, cfg.seed)
+        return [LocalData(p.x, p.y) for p in parts], test_set
     full = datasets.digits() if cfg.dataset == "digits" else datasets.mnist5k()
     train, test = datasets.split(full, 0.2, seed=cfg.seed)
     if cfg.alpha > 0:
@@ -129,6 +137,12 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
     from coordinator.model import CoordinatorModel
     from models.package import build_package
 
+    if package_mode(cfg) == "lora":  # the base's widths are fixed by its pre-training (models.lora_base)
+        from coordinator.lora_model import LoraCoordinatorModel
+        from models.lora_base import build_lora_package
+
+        blob = build_lora_package(cfg.dataset, seed=cfg.seed)
+        return blob, LoraCoordinatorModel(blob)
     hidden = cfg.hidden or METHOD_HEADS.get(cfg.method, 32 if cfg.dataset == "digits" else 128)
     blob = build_package(cfg.mode, seed=cfg.seed, head_hidden=hidden, dataset=cfg.dataset,
                          head_layers=cfg.hidden_layers)

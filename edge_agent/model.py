@@ -8,6 +8,9 @@ A package is one zip blob (written by `models.package.build_package`) holding:
   package runs on either runtime; the loader picks the entry whose format matches the runtime;
 - the backbone file(s) (transfer mode only), int8 feature extractors;
 - `head_init.npz`: the initial head tensors, float32, named as in the layout.
+Mode "lora" (see `edge_agent.lora`): no backbone; `head_sizes` are the widths of a frozen base MLP shipped as
+an npz whose sha256 the manifest's `lora` section carries; `head_layout` and `head_init.npz` are the trainable
+tensors (LoRA A and B per adapted layer, and the head).
 
 `EdgeModel.from_bytes` checks everything before use: overall and declared member sizes (zip-bomb guard,
 before anything is decompressed), member names, manifest fields, backbone digest, backbone input and
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent import lora as lora_mlp
 from edge_agent import mlp
 from edge_agent.errors import ModelError
 from edge_agent.runtime import Runner, open_runner
@@ -34,7 +38,7 @@ FORMAT = "fedfleet-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 HEAD_INIT = "head_init.npz"
-MODES = ("transfer", "full")
+MODES = ("transfer", "full", "lora")
 BATCH = 256
 MAX_MANIFEST_BYTES = 64 << 10
 FORMAT_RUNTIME = {
@@ -142,6 +146,7 @@ class EdgeModel:
     backbone: Runner | None = None
     backbone_spec: dict[str, Any] | None = None  # the manifest entry of the backbone in use
     head_runner: Runner | None = None  # the head with its tensors as graph inputs, on this runtime
+    lora: lora_mlp.LoraBase | None = None  # mode "lora": the frozen base MLP and the adapter configuration
     head_on_features = True  # head_logits takes backbone features (computed once, cached), not raw input
     _cache: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -196,7 +201,15 @@ class EdgeModel:
             head_layout = [(str(n), tuple(int(d) for d in s)) for n, s in raw_layout]
         except (TypeError, ValueError) as exc:
             raise ModelError(f"head_layout must be [[name, shape], ...] ({exc})") from exc
-        if head_layout != mlp.layout(head_sizes):
+        base: lora_mlp.LoraBase | None = None
+        base_file = None
+        if mode == "lora":
+            base, base_file = lora_mlp.read_base(zf, manifest, head_sizes, max_bytes)
+            want_layout = lora_mlp.trainable_layout(head_sizes, base.adapted, base.rank)
+            if head_layout != want_layout:
+                raise ModelError(f"head_layout {head_layout} is not the LoRA trainable layout {want_layout}; "
+                                 "rebuild the package")
+        elif head_layout != mlp.layout(head_sizes):
             raise ModelError(
                 f"head_layout {head_layout} is inconsistent with head_sizes {head_sizes} "
                 f"(expected {mlp.layout(head_sizes)}); rebuild the package"
@@ -206,7 +219,7 @@ class EdgeModel:
         classes = _field(manifest, "classes", list)
         if len(classes) != head_sizes[-1]:
             raise ModelError(f"{len(classes)} classes but the head has {head_sizes[-1]} outputs")
-        expected = {MANIFEST, HEAD_INIT}
+        expected = {MANIFEST, HEAD_INIT} | ({base_file} if base_file else set())
         backbone: Runner | None = None
         backbone_spec: dict[str, Any] | None = None
         if mode == "transfer":
@@ -226,7 +239,7 @@ class EdgeModel:
             )
         elif int(np.prod(input_shape)) != feature_dim:
             raise ModelError(
-                f"full mode needs feature_dim == prod(input_shape), got {feature_dim} vs {input_shape}"
+                f"{mode} mode needs feature_dim == prod(input_shape), got {feature_dim} vs {input_shape}"
             )
         head_runner = None
         for spec in manifest.get("head_graphs", []):
@@ -257,6 +270,7 @@ class EdgeModel:
             backbone,
             backbone_spec,
             head_runner,
+            base,
         )
 
     def _check_x(self, x: np.ndarray) -> np.ndarray:
@@ -301,9 +315,13 @@ class EdgeModel:
         self._cache.clear()
 
     def logits(self, head: mlp.Params, x: np.ndarray, cache_key: str | None = None) -> np.ndarray:
+        if self.lora is not None:
+            return lora_mlp.forward(self.lora, head, self.features(x, cache_key))
         return mlp.forward(head, self.features(x, cache_key))
 
     def accuracy(self, head: mlp.Params, x: np.ndarray, y: np.ndarray, cache_key: str | None = None) -> float:
+        if self.lora is not None:
+            return lora_mlp.accuracy(self.lora, head, self.features(x, cache_key), np.asarray(y))
         return mlp.accuracy(head, self.features(x, cache_key), np.asarray(y))
 
 

@@ -6,6 +6,7 @@ sorted members) that `edge_agent.model.EdgeModel.from_bytes` loads:
   (`models.backbone`, 64 -> 64 features); head 64-`head_hidden`-10 trained federatedly on digits
   (head_hidden = 0: a linear 64-10 head, as GGEUR trains).
 - mode "full": no backbone; the head is the whole 64-`head_hidden`-10 MLP on raw 8x8 pixels.
+- mode "lora": a frozen pre-trained MLP with LoRA adapters and a trainable head (`models.lora_base`).
 The head's initial tensors come from `edge_agent.mlp.init(head_sizes, seed)`.
 
 `python -m models.package` prints the central (non-federated) head accuracy on digits for both modes.
@@ -127,6 +128,10 @@ def build_package(
     MLP on raw 28x28 MNIST pixels, the FedZip benchmark's model. `head_layers` hidden layers of
     `head_hidden` units each (1).
     """
+    if mode == "lora":  # a frozen pre-trained MLP plus LoRA adapters: models.lora_base
+        from models.lora_base import build_lora_package
+
+        return build_lora_package(dataset, seed=seed)
     if dataset not in DATASET_INPUTS:
         raise ConfigError(f"dataset {dataset!r} is unknown; choose one of {sorted(DATASET_INPUTS)}")
     if dataset != "digits" and mode != "full":

@@ -13,7 +13,7 @@ from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, regi
 __all__ = ["Learner", "LearnResult", "LocalData", "Task", "register", "registered", "create", "available"]
 
 # methods whose learner lives in a module of another name
-_ALIASES = {"fedavg": "sgd"}
+_ALIASES = {"fedavg": "sgd", "fedit": "lora", "flora": "lora", "lora_fair": "lora"}
 
 
 def available() -> list[str]:

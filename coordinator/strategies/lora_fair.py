@@ -1,0 +1,41 @@
+"""LoRA-FAIR: server-side residual ΔB with Avg-Initial (arXiv 2411.14961).
+
+Per adapted layer: Ā = Σ p_k A_k, B̄ = Σ p_k B_k and the target ΔW = Σ p_k B_k A_k (accumulated client by
+client, never sent); ΔB* = argmin [1 − cos(ΔW, (B̄ + ΔB)Ā)] + λ‖ΔB‖_F², solved in torch by SGD from ΔB = 0
+(`coordinator.lora.refine_delta_b`: lr 0.01, 1000 iterations, λ = 0.01, the squared norm as in the code);
+then B̄′ = B̄ + ΔB*, the head averaged, and every agent starts the next round from (Ā, B̄′): no re-initialisation
+and no extra traffic (the downlink is the uplink's size). The model served and evaluated is W0 + s·B̄′Ā.
+
+Config: `lam` (0.01), `refine_lr` (0.01), `refine_iterations` (1000), `refine_early_stop` (false: 5
+iterations in a row with |Δloss| < 1e-6 end the solve). The history holds, per round and layer,
+‖ΔB‖/‖B̄‖, cos(ΔW, B̄′Ā), FedIT's cos(ΔW, B̄Ā), ‖P‖/‖T‖ and the iterations used.
+"""
+
+from __future__ import annotations
+
+from coordinator import lora
+from coordinator.lora_strategy import LoraStrategy
+from coordinator.strategies.base import ClientResult, register
+
+
+@register
+class LoraFair(LoraStrategy):
+    name = "lora_fair"
+
+    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        if not results:
+            return
+        w = lora.client_weights([r.samples for r in results])
+        layers = {}
+        for layer in self.layers:
+            a, b = self.factors(results, layer)
+            a_bar, b_bar = lora.weighted_mean(a, w), lora.weighted_mean(b, w)
+            fix = lora.refine_delta_b(
+                a_bar, b_bar, lora.product_mean(a, b, w), lam=float(self.config.get("lam", 0.01)),
+                lr=float(self.config.get("refine_lr", 0.01)),
+                iterations=int(self.config.get("refine_iterations", 1000)),
+                early_stop=bool(self.config.get("refine_early_stop", False)))
+            layers[layer] = fix.as_dict()
+            self.state[f"{layer}.lora_A"], self.state[f"{layer}.lora_B"] = a_bar, b_bar + fix.delta_b
+        self.average_others(results, w)
+        self.record(round, layers)
