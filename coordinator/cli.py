@@ -41,7 +41,8 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline", type=float, dest="deadline_s", help="seconds per round phase")
     p.add_argument("--quorum", type=float)
     p.add_argument("--fleet")
-    p.add_argument("--uplink", help="uplink codec: none, zstd, fedzip, or JSON such as '{\"name\":\"fedzip\",\"z\":0.01}'")
+    p.add_argument("--uplink", help="uplink codec preset: none, zstd, fedzip (z 0.03, k 3, e4, error feedback), "
+                   "or JSON such as '{\"name\":\"fedzip\",\"z\":0.01}' (unset keys take the codec's defaults)")
     p.add_argument("--downlink", choices=("none", "zstd"), help="task codec (lossless)")
     p.add_argument("--run-dir", help="where the ledger, checkpoints and summary go (default runs/<time>)")
     p.add_argument("--json", help="write the summary JSON here too")
@@ -58,7 +59,7 @@ def _job_config(args: argparse.Namespace):  # noqa: ANN202
     config.apply(cfg, overrides, "command line")
     if args.uplink:
         try:
-            spec = json.loads(args.uplink) if args.uplink.startswith("{") else {"name": args.uplink}
+            spec = json.loads(args.uplink) if args.uplink.startswith("{") else config.uplink_preset(args.uplink)
         except json.JSONDecodeError as exc:
             raise FedfleetError(f"--uplink: not valid JSON ({exc})") from None
         cfg.uplink = config.check_codec(spec, "--uplink")

@@ -89,6 +89,16 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 # aggregators (which compare raw updates) send dense.
 FEDZIP_DEFAULT: dict[str, Any] = {"name": "fedzip", "z": 0.03, "k": 3, "encoding": "e4", "error_feedback": True}
 UPDATE_METHODS = ("fedavg", "fedzo")
+# `--uplink NAME`: "fedzip" is the default FedZip configuration above, not the codec's bare defaults
+UPLINK_PRESETS: dict[str, dict[str, Any]] = {"none": {"name": "none"}, "zstd": {"name": "zstd"},
+                                             "fedzip": FEDZIP_DEFAULT}
+
+
+def uplink_preset(name: str) -> dict[str, Any]:
+    """The codec spec a preset name stands for; ConfigError naming the presets otherwise."""
+    if name not in UPLINK_PRESETS:
+        raise ConfigError(f"--uplink: unknown preset {name!r}; use one of {', '.join(UPLINK_PRESETS)} or a JSON spec")
+    return dict(UPLINK_PRESETS[name])
 
 
 def method_config(cfg: JobConfig) -> dict[str, Any]:

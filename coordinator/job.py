@@ -22,6 +22,7 @@ from coordinator.progress import Progress
 from coordinator.server import Coordinator, EngineConfig, RoundSummary
 from coordinator.strategies import create as create_strategy
 from edge_agent import protocol
+from edge_agent.errors import ConfigError
 from edge_agent.learners import LocalData
 
 # demo agents book energy with the Raspberry Pi 4B profile's power model (at this host's speed)
@@ -49,10 +50,13 @@ def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
     """The demo's agent shards (Dirichlet(alpha) label skew, or IID when alpha = 0) and the test split."""
     full = datasets.digits() if cfg.dataset == "digits" else datasets.mnist5k()
     train, test = datasets.split(full, 0.2, seed=cfg.seed)
-    if cfg.alpha > 0:
-        parts = datasets.partition_dirichlet(train.y, cfg.agents, cfg.alpha, seed=cfg.seed)
-    else:
-        parts = datasets.partition_iid(len(train), cfg.agents, seed=cfg.seed)
+    try:
+        if cfg.alpha > 0:
+            parts = datasets.partition_dirichlet(train.y, cfg.agents, cfg.alpha, seed=cfg.seed)
+        else:
+            parts = datasets.partition_iid(len(train), cfg.agents, seed=cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"field 'agents' = {cfg.agents} on {cfg.dataset} ({len(train)} training samples): {exc}") from None
     return [LocalData(train.x[p], train.y[p]) for p in parts], test
 
 
