@@ -18,7 +18,8 @@ A job file is TOML; every key is optional:
     quorum = 0.5
     fleet = "demo"
     roster = ["pi-01", "pi-02"]
-    downlink = "none"        # or "zstd"
+    downlink = "none"        # "zstd" (lossless), or "fedzip": FedAvg-style tasks carry the FedZip-coded
+                             # change since each agent's replica (coordinator/downlink.py)
 
     [method]                 # passed to the strategy (and on to the learner): lr, epochs, batch, ...
     lr = 0.1
@@ -62,7 +63,7 @@ class JobConfig:
     roster: list[str] = field(default_factory=list)
     method_config: dict[str, Any] = field(default_factory=dict)  # over METHOD_DEFAULTS[method]
     uplink: dict[str, Any] | None = None  # None: the method's default (FedZip for update-uploading methods)
-    downlink: str = "none"  # "none" or "zstd": tasks carry the global tensors losslessly
+    downlink: str = "none"  # "none" | "zstd" (lossless) | "fedzip" (compressed sync, see DOWNLINK_PRESETS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +93,12 @@ UPDATE_METHODS = ("fedavg", "fedzo")
 # `--uplink NAME`: "fedzip" is the default FedZip configuration above, not the codec's bare defaults
 UPLINK_PRESETS: dict[str, dict[str, Any]] = {"none": {"name": "none"}, "zstd": {"name": "zstd"},
                                              "fedzip": FEDZIP_DEFAULT}
+
+
+# `downlink = "fedzip"`: FedZip codes of the change of the global state (error feedback is implicit: the
+# coordinator codes G - R against the reconstruction R the agents hold, see coordinator/downlink.py)
+DOWNLINK_PRESETS: dict[str, dict[str, Any]] = {"none": {"name": "none"}, "zstd": {"name": "zstd"},
+                                               "fedzip": {"name": "fedzip", "z": 0.1, "k": 3, "encoding": "e4"}}
 
 
 def uplink_preset(name: str) -> dict[str, Any]:
@@ -129,7 +136,7 @@ _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "quorum": ((int, float), lambda v: 0 < v <= 1),
     "fleet": (str, lambda v: 0 < len(v) <= 64 and all(c.isalnum() or c in "-_." for c in v)),
     "roster": (list, lambda v: all(isinstance(a, str) and a for a in v)),
-    "downlink": (str, lambda v: v in ("none", "zstd")),
+    "downlink": (str, lambda v: v in ("none", "zstd", "fedzip")),
 }
 _HINTS = {
     "rounds": "a positive integer",
@@ -140,7 +147,7 @@ _HINTS = {
     "deadline_s": "a positive number of seconds",
     "grace_s": "a number of seconds >= 0",
     "roster": "a list of agent ids",
-    "downlink": "'none' or 'zstd' (the downlink carries the global model, so it stays lossless)",
+    "downlink": "'none', 'zstd' or 'fedzip' (a compressed sync of the global state against each agent's replica)",
     "mode": "'transfer' or 'full'",
     "dataset": "'digits' or 'mnist' (mnist needs mode 'full')",
     "hidden": "an integer >= 0 (0: 32 for digits, 128 for mnist)",

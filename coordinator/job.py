@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from coordinator import data as datasets
-from coordinator.config import JobConfig, method_config
+from coordinator.config import DOWNLINK_PRESETS, JobConfig, method_config
 from coordinator.progress import Progress
 from coordinator.server import Coordinator, EngineConfig, RoundSummary
 from coordinator.strategies import create as create_strategy
@@ -148,7 +148,7 @@ def small_model_threads() -> None:
 
 def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
     return EngineConfig(fleet=cfg.fleet, run=run, rounds=cfg.rounds, per_round=cfg.per_round, quorum=cfg.quorum,
-                        deadline_s=cfg.deadline_s, grace_s=cfg.grace_s, seed=cfg.seed, downlink={"name": cfg.downlink})
+                        deadline_s=cfg.deadline_s, grace_s=cfg.grace_s, seed=cfg.seed, downlink=dict(DOWNLINK_PRESETS[cfg.downlink]))
 
 
 def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | None = None,

@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from coordinator.downlink import DownlinkSync
 from coordinator.ledger import Ledger
 from coordinator.strategies import ClientResult, Strategy, TaskSpec
+from coordinator.strategies.base import to_numpy
 from edge_agent import codecs, protocol
 from edge_agent.errors import CodecError, ProtocolError
 from edge_agent.mqtt import MqttLink
@@ -115,6 +117,9 @@ class Coordinator:
         self._timings: dict[str, float] = {}
         self.bytes_up_total = 0
         self.bytes_down_total = 0
+        # a FedZip downlink: tasks carry the change since each agent's replica (coordinator.downlink)
+        self._sync = (DownlinkSync(config.downlink)
+                      if config.downlink.get("name") == "fedzip" and strategy.tasks_carry_state else None)
         fleet = config.fleet
         self.link = MqttLink(
             broker_url,
@@ -320,6 +325,8 @@ class Coordinator:
         self.phase = phase
         agents = selected if selected is not None else self.ready_agents()
         tasks = self.strategy.configure(r, phase, agents)
+        if self._sync is not None and phase == 0:
+            self._sync.advance(to_numpy(self.strategy.global_state()))
         self._open = dict(tasks)
         self._received = set()
         self._refused: set[str] = set()  # selected agents whose result was refused (their row says why)
@@ -352,6 +359,8 @@ class Coordinator:
         self._drain(r, phase, up, down)
         late = [a for a in tasks if a not in self._received and a not in self._refused]
         for agent in late:
+            if self._sync is not None:
+                self._sync.forget(agent)  # its replica is unknown now: a full state next time
             self.ledger.record(self.cfg.run, r, agent, "late", phase=phase, bytes_up=up.get(agent, 0),
                                bytes_down=down.get(agent, 0), detail="no valid result by the deadline")
         self._closed[(r, phase)] = set(late)
@@ -365,13 +374,19 @@ class Coordinator:
 
     def _dispatch(self, agent: str, r: int, phase: int, spec: TaskSpec, deadline: float) -> int:
         layout = [(n, tuple(np.shape(t))) for n, t in spec.tensors.items()]
-        payload = codecs.encode(spec.tensors, layout, self.cfg.downlink)
+        sync, codec = None, self.cfg.downlink
+        if self._sync is not None and phase == 0:
+            sync, payload = self._sync.sync_for(agent)
+        else:
+            if codec.get("name") not in ("none", "zstd"):
+                codec = {"name": "zstd"}  # tasks that are not a state sync go losslessly
+            payload = codecs.encode(spec.tensors, layout, codec)
         header = {
             "kind": "task", "fleet": self.cfg.fleet, "agent": agent, "run": self.cfg.run, "round": r,
-            "phase": phase, "method": self.strategy.name, "codec": self.cfg.downlink,
+            "phase": phase, "method": self.strategy.name, "codec": codec,
             "layout": [[n, list(s)] for n, s in layout], "deadline": deadline, "model": self.package_digest,
             "meta": {"config": spec.config, "expect": [[n, list(s)] for n, s in spec.expect],
-                     "uplink": spec.uplink_codec},
+                     "uplink": spec.uplink_codec, **({"sync": sync} if sync is not None else {})},
         }
         topic = protocol.agent_topic(self.cfg.fleet, agent, "task")
         sent = 0
@@ -419,6 +434,8 @@ class Coordinator:
             self._reject(r, phase, agent, exc.reason, exc.detail, 0, bytes_up=up.get(agent, 0) if agent in self._open else 0)
             return "rejected"
         self._received.add(agent)
+        if self._sync is not None and phase == 0:
+            self._sync.confirm(agent, self._sync.version)  # it checked the state's digest before learning
         meta = header.get("meta", {})
         metrics = meta.get("metrics") or {}
         queries = metrics.get("queries")

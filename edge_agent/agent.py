@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent import codecs, protocol
+from edge_agent.downlink import Replica
 from edge_agent.errors import FedfleetError, ModelError, ProtocolError
 from edge_agent.learners import LearnResult, LocalData, Task, create
 from edge_agent.mqtt import MqttLink
@@ -65,6 +66,7 @@ class Agent:
         self.learn_lock = learn_lock
         self.learners: dict[str, Any] = {}
         self.feedback: dict[str, Any] = {}  # uplink error-feedback state per method
+        self.replica = Replica()  # the global state as the compressed downlink rebuilt it
         self.rounds_done = 0
         self.tasks_dropped = 0
         self._done: set[tuple[str, int, int]] = set()
@@ -231,8 +233,12 @@ class Agent:
             return
         self._done.add(key)
         layout = codecs.normalize_layout(header.get("layout", []))
-        tensors = codecs.decode(body, layout, header.get("codec", {"name": "none"}), max_bytes=MAX_TASK_BYTES)
         meta = header.get("meta", {})
+        codec = header.get("codec", {"name": "none"})
+        if "sync" in meta:  # a compressed downlink: the change since this agent's replica
+            tensors = self.replica.apply(key[0], meta["sync"], body, layout, codec, max_bytes=MAX_TASK_BYTES)
+        else:
+            tensors = codecs.decode(body, layout, codec, max_bytes=MAX_TASK_BYTES)
         task = Task(run=key[0], round=key[1], method=str(header.get("method")), config=meta.get("config", {}),
                     tensors=tensors, phase=key[2], deadline=deadline)
         name = str(task.config.get("learner") or task.method)  # e.g. robust FedAvg's byzantine tasks
