@@ -7,6 +7,10 @@ in a later round. `sync_for(agent)` is the payload that brings one agent to the 
 of codes since its version, or the full state when that is smaller, or when the agent's version is unknown
 (it joined late, missed a round's answer, or its replica did not match).
 
+Every round, `round_sync()` is published once on the fleet's broadcast topic (the coordinator's egress is
+one copy per round, not one per agent); the task of an agent the broadcast serves names the state's digest
+and carries no tensors, the task of any other agent carries its own sync.
+
 An agent's version is confirmed when it returns a valid result for a task that carried the sync (it checked
 the state digest before learning). An agent that does not answer is unconfirmed and gets a full state next.
 """
@@ -25,8 +29,12 @@ from edge_agent.downlink import FULL_CODEC, MAX_CHAIN, apply_delta, fedzip_spec,
 
 class DownlinkSync:
     def __init__(self, spec: Mapping[str, Any]) -> None:
+        """`spec`: the downlink codec. FedZip codes the changes; "none" or "zstd" sends every version as a
+        full, lossless state (then R is G exactly)."""
         self.spec = fedzip_spec(spec)
-        self.params = fedzip.FedZipParams.from_dict({k: v for k, v in self.spec.items() if k != "name"})
+        self.lossy = self.spec.get("name") == "fedzip"
+        self.params = (fedzip.FedZipParams.from_dict({k: v for k, v in self.spec.items() if k != "name"})
+                       if self.lossy else None)
         self.version = 0
         self.layout: codecs.Layout = []
         self.state: dict[str, np.ndarray] = {}
@@ -38,7 +46,7 @@ class DownlinkSync:
     def advance(self, global_state: Mapping[str, np.ndarray]) -> None:
         """A new version from the coordinator's global state G (called once per round, before dispatch)."""
         g = {k: np.asarray(v, np.float32) for k, v in global_state.items()}
-        if not self.state:
+        if not self.state or not self.lossy:
             self.layout = [(k, tuple(v.shape)) for k, v in g.items()]
             self.state = {k: v.copy() for k, v in g.items()}
         else:
@@ -64,6 +72,19 @@ class DownlinkSync:
                 return ({"mode": "chain", "version": self.version, "base": base, "digest": self.digest,
                          "lens": [len(c) for c in codes]}, b"".join(codes))
         return {"mode": "full", "version": self.version, "base": None, "digest": self.digest, "lens": []}, self._full
+
+    def round_sync(self) -> tuple[dict[str, Any], bytes]:
+        """What every agent synchronised at the previous version needs: the round's one code (or the full
+        state when there is none), published once per round on the broadcast topic."""
+        if self.version in self._codes:
+            code = self._codes[self.version]
+            return ({"mode": "chain", "version": self.version, "base": self.version - 1, "digest": self.digest,
+                     "lens": [len(code)]}, code)
+        return {"mode": "full", "version": self.version, "base": None, "digest": self.digest, "lens": []}, self._full
+
+    def serves(self, agent: str, broadcast: Mapping[str, Any]) -> bool:
+        """True when the round's broadcast brings `agent` to the current version."""
+        return broadcast["mode"] == "full" or self._confirmed.get(agent) == broadcast["base"]
 
     def tensors(self) -> dict[str, np.ndarray]:
         """R at the current version (what the agents learn from)."""

@@ -118,8 +118,10 @@ class Coordinator:
         self.bytes_up_total = 0
         self.bytes_down_total = 0
         # a FedZip downlink: tasks carry the change since each agent's replica (coordinator.downlink)
-        self._sync = (DownlinkSync(config.downlink)
-                      if config.downlink.get("name") == "fedzip" and strategy.tasks_carry_state else None)
+        # strategies whose tasks all carry the global state get it as one broadcast per round (and, with a
+        # FedZip downlink, as the coded change since each agent's replica): coordinator.downlink
+        self._sync = DownlinkSync(config.downlink) if strategy.tasks_carry_state else None
+        self._broadcast_sync: dict[str, Any] = {}
         fleet = config.fleet
         self.link = MqttLink(
             broker_url,
@@ -325,8 +327,10 @@ class Coordinator:
         self.phase = phase
         agents = selected if selected is not None else self.ready_agents()
         tasks = self.strategy.configure(r, phase, agents)
+        state_bytes = 0
         if self._sync is not None and phase == 0:
             self._sync.advance(to_numpy(self.strategy.global_state()))
+            state_bytes = self._publish_state(r)
         self._open = dict(tasks)
         self._received = set()
         self._refused: set[str] = set()  # selected agents whose result was refused (their row says why)
@@ -334,7 +338,7 @@ class Coordinator:
         down: dict[str, int] = {}
         self._down = down
         for agent, spec in tasks.items():
-            down[agent] = self._dispatch(agent, r, phase, spec, deadline)
+            down[agent] = self._dispatch(agent, r, phase, spec, deadline, state_bytes)
         t_sent = time.perf_counter()
         self._timings["dispatch"] += t_sent - t0
         up: dict[str, int] = {a: 0 for a in tasks}
@@ -372,11 +376,33 @@ class Coordinator:
         self._timings["aggregate"] += time.perf_counter() - t_collected
         return PhaseOutcome(list(tasks), results, rejected, late, time.perf_counter() - t0)
 
-    def _dispatch(self, agent: str, r: int, phase: int, spec: TaskSpec, deadline: float) -> int:
+    def _publish_state(self, r: int) -> int:
+        """The round's sync, once on the broadcast topic; returns its MQTT bytes (what each agent it serves
+        receives; the coordinator sends it once)."""
+        assert self._sync is not None
+        meta, payload = self._sync.round_sync()
+        self._broadcast_sync = meta
+        header = {"kind": "state", "fleet": self.cfg.fleet, "agent": "coordinator", "run": self.cfg.run, "round": r,
+                  "codec": self._sync.spec, "layout": [[n, list(s)] for n, s in self._sync.layout],
+                  "meta": {"sync": meta}}
+        sent = 0
+        for chunk in protocol.split(header, payload, protocol.broadcast_key(self.cfg.fleet)):
+            sent += self.link.publish(protocol.broadcast_topic(self.cfg.fleet, "state"), chunk)
+        self.bytes_down_total += sent
+        return sent
+
+    def _dispatch(self, agent: str, r: int, phase: int, spec: TaskSpec, deadline: float, state_bytes: int = 0) -> int:
+        """Publish one agent's task; returns the bytes it receives (its task, plus the round's state broadcast
+        when the task refers to it)."""
         layout = [(n, tuple(np.shape(t))) for n, t in spec.tensors.items()]
-        sync, codec = None, self.cfg.downlink
+        sync, codec, received = None, self.cfg.downlink, 0
         if self._sync is not None and phase == 0:
-            sync, payload = self._sync.sync_for(agent)
+            codec = self._sync.spec
+            if self._sync.serves(agent, self._broadcast_sync):
+                sync = {"mode": "broadcast", "version": self._sync.version, "digest": self._sync.digest}
+                payload, received = b"", state_bytes
+            else:
+                sync, payload = self._sync.sync_for(agent)
         else:
             if codec.get("name") not in ("none", "zstd"):
                 codec = {"name": "zstd"}  # tasks that are not a state sync go losslessly
@@ -393,7 +419,7 @@ class Coordinator:
         for chunk in protocol.split(header, payload, self.keys[agent]):
             sent += self.link.publish(topic, chunk)
         self.bytes_down_total += sent
-        return sent
+        return sent + received
 
     def _drain(self, r: int, phase: int, up: dict[str, int], down: dict[str, int]) -> None:
         while True:

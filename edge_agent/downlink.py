@@ -13,7 +13,10 @@ A sync is one of:
 - `full`: R_v itself, losslessly (zstd of the float32 tensors), for an agent that joined late or whose
   replica is unknown;
 - `chain`: the FedZip codes of versions base+1 .. v, applied in order to the agent's R_base.
-The coordinator sends whichever is smaller. Sync metadata (`meta.sync` of a task header):
+The coordinator sends whichever is smaller, and publishes each round's sync once on the broadcast topic
+`broadcast/state` for every agent it serves; such an agent's task carries only a reference
+(`{"mode": "broadcast", "version": v, "digest": hex}`). The task, signed for the agent, names the digest
+of the state, so a state message is used only when it leads to exactly that state. Sync metadata (`meta.sync` of a task header):
 `{"mode": "full"|"chain", "version": v, "base": b|None, "digest": hex, "lens": [bytes of each code]}`.
 """
 
@@ -51,10 +54,17 @@ def fedzip_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "error_feedback"}
 
 
-def check_sync_meta(raw: Any) -> dict[str, Any]:
-    """The sync metadata of a task header, type-checked; ProtocolError("malformed") otherwise."""
-    if not isinstance(raw, dict) or raw.get("mode") not in ("full", "chain"):
-        raise ProtocolError("malformed", "sync must be a dict with mode 'full' or 'chain'")
+def check_sync_meta(raw: Any, modes: tuple[str, ...] = ("full", "chain")) -> dict[str, Any]:
+    """The sync metadata of a task or state header, type-checked; ProtocolError("malformed") otherwise.
+    Mode `broadcast` (tasks only) means: the state is the round's broadcast with this version and digest."""
+    if not isinstance(raw, dict) or raw.get("mode") not in modes:
+        raise ProtocolError("malformed", f"sync must be a dict with mode in {modes}")
+    if raw["mode"] == "broadcast":
+        version, dig = raw.get("version"), raw.get("digest")
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 < version < 1 << 31 \
+                or not isinstance(dig, str) or len(dig) != 64:
+            raise ProtocolError("malformed", f"bad broadcast sync reference {str(raw)[:120]}")
+        return raw
     version, base, dig, lens = raw.get("version"), raw.get("base"), raw.get("digest"), raw.get("lens", [])
     ok = (isinstance(version, int) and 0 < version < 1 << 31 and isinstance(dig, str) and len(dig) == 64
           and isinstance(lens, list) and len(lens) <= MAX_CHAIN
@@ -73,6 +83,9 @@ class Replica:
     run: str = ""
     version: int = 0
     tensors: Tensors = field(default_factory=dict)
+
+    def digest(self, layout: codecs.Layout) -> str:
+        return state_digest(self.tensors, layout)
 
     def apply(self, run: str, sync: dict[str, Any], payload: bytes, layout: codecs.Layout,
               spec: Mapping[str, Any], *, max_bytes: int) -> Tensors:

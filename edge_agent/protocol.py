@@ -11,7 +11,7 @@ Envelope (one MQTT message, at most `MAX_MESSAGE_BYTES`):
 The header is a UTF-8 JSON object; when zlib makes it shorter it is sent zlib-compressed (a zlib stream
 starts with the byte 0x78, which no JSON text does). Decompression is capped at `MAX_HEADER_BYTES`.
 
-Header fields: `kind` (status|task|result|telemetry|model), `fleet`, `agent`, `run`, `round`, `phase`,
+Header fields: `kind` (status|task|result|telemetry|model|state), `fleet`, `agent`, `run`, `round`, `phase`,
 `method`, `codec` (a dict), `layout` ([[name, shape], ...]), `chunk` ([i, n]), `msg` (message id), `digest`
 (SHA-256 hex of the whole, unchunked payload), `total` (its length), `sent` (unix time), `meta` (free dict).
 
@@ -48,7 +48,7 @@ _PREFIX = struct.Struct(">4sBI")
 _LEN = struct.Struct(">I")
 CHUNK_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - MAX_HEADER_BYTES - _PREFIX.size - _LEN.size - MAC_BYTES
 
-KINDS = ("status", "task", "result", "telemetry", "model")
+KINDS = ("status", "task", "result", "telemetry", "model", "state")
 ROOT = "fedfleet/v1"
 
 
