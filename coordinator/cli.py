@@ -48,6 +48,8 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="where the ledger, checkpoints and summary go (default runs/<time>)")
     p.add_argument("--json", help="write the summary JSON here too")
     p.add_argument("--metrics-port", type=int, help="serve live Prometheus metrics on 127.0.0.1:PORT (0: any)")
+    p.add_argument("--report", choices=("background", "now", "none"), default="background",
+                   help="render the HTML/PNG report in its own process after the summary (default), in this one, or not")
 
 
 def _job_config(args: argparse.Namespace):  # noqa: ANN202
@@ -82,7 +84,7 @@ def cmd_demo(argv: list[str]) -> int:
     from coordinator.job import run_demo
 
     result = run_demo(_job_config(args), broker=args.broker, run_dir=args.run_dir, quiet=args.quiet,
-                      metrics_port=args.metrics_port)
+                      metrics_port=args.metrics_port, report=args.report)
     _write_json(args.json, result.to_json())
     print(json.dumps(result.to_json()))
     return 0
@@ -117,7 +119,8 @@ def cmd_serve(argv: list[str]) -> int:
         apply(cfg, {"roster": [a.strip() for a in args.roster.split(",") if a.strip()]}, "--roster")
     result = serve(cfg, broker=args.broker, secret=_read_secret(args.secret_file),
                    run_dir=args.run_dir or "runs/serve", wait_s=args.wait, username=args.username,
-                   password=args.password, ca_certs=args.ca_certs, metrics_port=args.metrics_port)
+                   password=args.password, ca_certs=args.ca_certs, metrics_port=args.metrics_port,
+                   report=args.report)
     _write_json(args.json, result.to_json())
     return 0
 

@@ -40,6 +40,7 @@ class JobResult:
     broker: str
     run_dir: str
     summaries: list[RoundSummary]
+    timeline: dict[str, float] | None = None  # unix times: first task dispatched, last round done
 
     def to_json(self) -> dict[str, Any]:
         keys = ("final_accuracy", "rounds", "agents", "wall_s", "bytes_up", "bytes_down", "broker")
@@ -82,21 +83,41 @@ def run_rounds(coord: Coordinator, rounds: int, progress: Progress, run_dir: Pat
     try:
         with progress:
             summaries = coord.run(rounds)
-        coord.settle(1.0)
+        coord.settle()
     finally:
         if metrics is not None:
             metrics.shutdown()
     return summaries
 
 
-def finish(result: JobResult, run_dir: Path, progress: Progress, quiet: bool) -> JobResult:
-    """Write summary.json and the report; print the summary table unless quiet."""
-    (run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
-    report = write_report(run_dir)
+def finish(result: JobResult, run_dir: Path, progress: Progress, quiet: bool, report: str = "now") -> JobResult:
+    """Write summary.json, print the summary table unless quiet, and render the report: `now` (in this
+    process), `background` (in its own short process, so the summary is not held up by plotting) or `none`."""
+    (run_dir / "summary.json").write_text(json.dumps({**result.to_json(), "timeline": result.timeline}, indent=2))
     if not quiet:
         summary_table(result, progress.console)
-        progress.console.print(f"report: {report}", soft_wrap=True)
+    if report == "none":
+        return result
+    if report == "background":
+        path = render_in_background(run_dir)
+        note = " (rendering in the background)"
+    else:
+        path, note = write_report(run_dir), ""
+    if not quiet:
+        progress.console.print(f"report: {path}{note}", soft_wrap=True)
     return result
+
+
+def render_in_background(run_dir: Path) -> Path:
+    """Start `fedfleet report RUN_DIR` in its own process (it outlives this one); returns the page it writes."""
+    import subprocess
+    import sys
+
+    log = open(run_dir / "report.log", "wb")  # noqa: SIM115 - handed to the child
+    subprocess.Popen([sys.executable, "-m", "coordinator.report", str(run_dir)], stdout=log, stderr=subprocess.STDOUT,
+                     stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    return run_dir / "report" / "report.html"
 
 
 def serve_metrics(run_dir: Path, port: int | None, console: Any) -> Any:
@@ -152,7 +173,7 @@ def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
 
 
 def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | None = None,
-             quiet: bool = False, metrics_port: int | None = None) -> JobResult:
+             quiet: bool = False, metrics_port: int | None = None, report: str = "now") -> JobResult:
     """Broker + coordinator + `cfg.agents` in-process agents, `cfg.rounds` rounds."""
     from edge_agent.agent import Agent, AgentConfig
     from edge_agent.meters import open_meter
@@ -201,13 +222,14 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         final_accuracy=summaries[-1].accuracy, rounds=len(summaries), agents=len(ids),
         wall_s=time.perf_counter() - t0, bytes_up=coord.bytes_up_total, bytes_down=coord.bytes_down_total,
         broker=b.kind, run_dir=str(run_dir), summaries=summaries,
+        timeline={"first_dispatch_at": coord.first_dispatch_at, "last_round_at": coord.last_round_at},
     )
-    return finish(result, run_dir, progress, quiet)
+    return finish(result, run_dir, progress, quiet, report)
 
 
 def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wait_s: float = 600.0,
           username: str | None = None, password: str | None = None, ca_certs: str | None = None,
-          metrics_port: int | None = None) -> JobResult:
+          metrics_port: int | None = None, report: str = "now") -> JobResult:
     """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds."""
     t0 = time.perf_counter()
     small_model_threads()
@@ -232,5 +254,6 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, run_dir: str | Path, wa
     finally:
         coord.stop()
     result = JobResult(summaries[-1].accuracy, len(summaries), len(ids), time.perf_counter() - t0,
-                       coord.bytes_up_total, coord.bytes_down_total, broker, str(run_dir), summaries)
-    return finish(result, run_dir, progress, quiet=False)
+                       coord.bytes_up_total, coord.bytes_down_total, broker, str(run_dir), summaries,
+                       {"first_dispatch_at": coord.first_dispatch_at, "last_round_at": coord.last_round_at})
+    return finish(result, run_dir, progress, quiet=False, report=report)

@@ -117,6 +117,9 @@ class Coordinator:
         self._timings: dict[str, float] = {}
         self.bytes_up_total = 0
         self.bytes_down_total = 0
+        self._energy_due: set[tuple[str, int, int]] = set()  # (agent, round, phase) whose energy report is due
+        self.first_dispatch_at = 0.0  # unix times of the first task and of the end of the last round
+        self.last_round_at = 0.0
         # a FedZip downlink: tasks carry the change since each agent's replica (coordinator.downlink)
         # strategies whose tasks all carry the global state get it as one broadcast per round (and, with a
         # FedZip downlink, as the coded change since each agent's replica): coordinator.downlink
@@ -211,10 +214,11 @@ class Coordinator:
             + (f"; never seen: {unseen[:10]}" if unseen else "")
         )
 
-    def settle(self, wait_s: float = 1.0) -> None:
-        """After the last round: wait for late reports (agents send energy right after uploading) and book them."""
+    def settle(self, wait_s: float = 2.0) -> None:
+        """After the last round: book the energy reports agents send right after uploading. Waits until every
+        agent whose result announced one has reported, or `wait_s` at most."""
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self._energy_due:
             try:
                 item = self._inbox.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
@@ -312,6 +316,7 @@ class Coordinator:
         t2 = time.perf_counter()
         self._checkpoint(r)
         wall = time.perf_counter() - t0
+        self.last_round_at = time.time()
         timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)
         summary = RoundSummary(r, accuracy, loss, wall, tasked, ok, rejected, late,
                                self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings,
@@ -337,6 +342,7 @@ class Coordinator:
         deadline = time.time() + self.cfg.deadline_s
         down: dict[str, int] = {}
         self._down = down
+        self.first_dispatch_at = self.first_dispatch_at or time.time()
         for agent, spec in tasks.items():
             down[agent] = self._dispatch(agent, r, phase, spec, deadline, state_bytes)
         t_sent = time.perf_counter()
@@ -436,6 +442,7 @@ class Coordinator:
             assert header is not None
             values = [header.get(k) for k in ("round", "phase", "compute_j", "radio_j", "idle_j")]
             if header.get("run") == self.cfg.run and all(isinstance(v, (int, float)) for v in values):
+                self._energy_due.discard((agent, int(values[0]), int(values[1])))
                 self.ledger.add_energy(self.cfg.run, int(values[0]), int(values[1]), agent, compute_j=float(values[2]),
                                        radio_j=float(values[3]), idle_j=float(values[4]))
             return None
@@ -460,6 +467,8 @@ class Coordinator:
             self._reject(r, phase, agent, exc.reason, exc.detail, 0, bytes_up=up.get(agent, 0) if agent in self._open else 0)
             return "rejected"
         self._received.add(agent)
+        if isinstance(header.get("meta"), dict) and header["meta"].get("energy") is True:
+            self._energy_due.add((agent, r, phase))
         if self._sync is not None and phase == 0:
             self._sync.confirm(agent, self._sync.version)  # it checked the state's digest before learning
         meta = header.get("meta", {})

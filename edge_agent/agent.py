@@ -326,7 +326,7 @@ class Agent:
             "round": task.round, "phase": task.phase, "method": task.method, "codec": spec,
             "layout": [[n, list(s)] for n, s in expect],
             "meta": {"samples": int(result.samples), "learn_s": learn_s, "metrics": _finite(result.metrics),
-                     "profile": self.cfg.profile},
+                     "profile": self.cfg.profile, "energy": self.meter is not None},  # an energy report follows
         }
         chunks = protocol.split(out, payload, self.cfg.key)
         sent = sum(protocol.mqtt_publish_bytes(self._result_topic, len(c)) for c in chunks)
