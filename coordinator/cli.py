@@ -44,11 +44,15 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline", type=float, dest="deadline_s", help="seconds per round phase")
     p.add_argument("--quorum", type=float)
     p.add_argument("--fleet")
-    p.add_argument("--uplink", help="uplink codec: none, zstd, fedzip, or JSON such as '{\"name\":\"fedzip\",\"z\":0.01}'")
-    p.add_argument("--downlink", choices=("none", "zstd"), help="task codec (lossless)")
+    p.add_argument("--uplink", help="uplink codec preset: none, zstd, fedzip (z 0.03, k 3, e4, error feedback), "
+                   "or JSON such as '{\"name\":\"fedzip\",\"z\":0.01}' (unset keys take the codec's defaults)")
+    p.add_argument("--downlink", choices=("none", "zstd", "fedzip"),
+                   help="task codec: none, zstd (lossless) or fedzip (the change since each agent's replica)")
     p.add_argument("--run-dir", help="where the ledger, checkpoints and summary go (default runs/<run id>)")
     p.add_argument("--json", help="write the summary JSON here too")
     p.add_argument("--metrics-port", type=int, help="serve live Prometheus metrics on 127.0.0.1:PORT (0: any)")
+    p.add_argument("--report", choices=("background", "now", "none"), default="background",
+                   help="render the HTML/PNG report in its own process after the summary (default), in this one, or not")
 
 
 def _job_config(args: argparse.Namespace):  # noqa: ANN202
@@ -65,7 +69,7 @@ def _job_config(args: argparse.Namespace):  # noqa: ANN202
     config.apply(cfg, overrides, "command line")
     if args.uplink:
         try:
-            spec = json.loads(args.uplink) if args.uplink.startswith("{") else {"name": args.uplink}
+            spec = json.loads(args.uplink) if args.uplink.startswith("{") else config.uplink_preset(args.uplink)
         except json.JSONDecodeError as exc:
             raise FedfleetError(f"--uplink: not valid JSON ({exc})") from None
         cfg.uplink = config.check_codec(spec, "--uplink")
@@ -102,7 +106,7 @@ def cmd_demo(argv: list[str]) -> int:
     from coordinator.job import run_demo
 
     result = run_demo(cfg, broker=args.broker, run_dir=run_dir, quiet=args.quiet,
-                      metrics_port=args.metrics_port, resume=bool(args.resume))
+                      metrics_port=args.metrics_port, resume=bool(args.resume), report=args.report)
     _write_json(args.json, result.to_json())
     print(json.dumps(result.to_json()))
     return 0
@@ -144,7 +148,8 @@ def cmd_serve(argv: list[str]) -> int:
     result = serve(cfg, broker=args.broker, secret=_read_secret(args.secret_file),
                    signing_key=read_key_file(args.signing_key_file, "--signing-key-file"),
                    run_dir=run_dir, wait_s=args.wait, username=args.username, password=args.password,
-                   ca_certs=args.ca_certs, metrics_port=args.metrics_port, resume=bool(args.resume))
+                   ca_certs=args.ca_certs, metrics_port=args.metrics_port, resume=bool(args.resume),
+                   report=args.report)
     _write_json(args.json, result.to_json())
     return 0
 

@@ -20,7 +20,8 @@ A job file is TOML; every key is optional:
     quorum = 0.5
     fleet = "demo"
     roster = ["pi-01", "pi-02"]
-    downlink = "none"        # or "zstd"
+    downlink = "none"        # "zstd" (lossless), or "fedzip": FedAvg-style tasks carry the FedZip-coded
+                             # change since each agent's replica (coordinator/downlink.py)
 
     [method]                 # passed to the strategy (and on to the learner): lr, epochs, batch, ...
     lr = 0.1
@@ -69,7 +70,7 @@ class JobConfig:
     roster: list[str] = field(default_factory=list)
     method_config: dict[str, Any] = field(default_factory=dict)  # over METHOD_DEFAULTS[method]
     uplink: dict[str, Any] | None = None  # None: the method's default (FedZip for update-uploading methods)
-    downlink: str = "none"  # "none" or "zstd": tasks carry the global tensors losslessly
+    downlink: str = "none"  # "none" | "zstd" (lossless) | "fedzip" (compressed sync, see DOWNLINK_PRESETS)
     continual: dict[str, Any] | None = None  # a checked [continual] table (coordinator.schedule), or None
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +130,22 @@ METHOD_HEADS: dict[str, int] = {"ggeur": 0}
 # aggregators (which compare raw updates) send dense.
 FEDZIP_DEFAULT: dict[str, Any] = {"name": "fedzip", "z": 0.03, "k": 3, "encoding": "e4", "error_feedback": True}
 UPDATE_METHODS = ("fedavg", "fedzo")
+# `--uplink NAME`: "fedzip" is the default FedZip configuration above, not the codec's bare defaults
+UPLINK_PRESETS: dict[str, dict[str, Any]] = {"none": {"name": "none"}, "zstd": {"name": "zstd"},
+                                             "fedzip": FEDZIP_DEFAULT}
+
+
+# `downlink = "fedzip"`: FedZip codes of the change of the global state (error feedback is implicit: the
+# coordinator codes G - R against the reconstruction R the agents hold, see coordinator/downlink.py)
+DOWNLINK_PRESETS: dict[str, dict[str, Any]] = {"none": {"name": "none"}, "zstd": {"name": "zstd"},
+                                               "fedzip": {"name": "fedzip", "z": 0.1, "k": 3, "encoding": "e4"}}
+
+
+def uplink_preset(name: str) -> dict[str, Any]:
+    """The codec spec a preset name stands for; ConfigError naming the presets otherwise."""
+    if name not in UPLINK_PRESETS:
+        raise ConfigError(f"--uplink: unknown preset {name!r}; use one of {', '.join(UPLINK_PRESETS)} or a JSON spec")
+    return dict(UPLINK_PRESETS[name])
 
 
 def method_config(cfg: JobConfig) -> dict[str, Any]:
@@ -189,7 +206,7 @@ _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "quorum": ((int, float), lambda v: 0 < v <= 1),
     "fleet": (str, lambda v: 0 < len(v) <= 64 and all(c.isalnum() or c in "-_." for c in v)),
     "roster": (list, _valid_roster),
-    "downlink": (str, lambda v: v in ("none", "zstd")),
+    "downlink": (str, lambda v: v in ("none", "zstd", "fedzip")),
 }
 _HINTS = {
     "rounds": "a positive integer",
@@ -200,7 +217,7 @@ _HINTS = {
     "deadline_s": "a finite positive number of seconds",
     "grace_s": "a finite number of seconds >= 0",
     "roster": "a list of distinct agent ids of 1-64 letters, digits, '-', '_' or '.' (no '/', '+' or '#')",
-    "downlink": "'none' or 'zstd' (the downlink carries the global model, so it stays lossless)",
+    "downlink": "'none', 'zstd' or 'fedzip' (a compressed sync of the global state against each agent's replica)",
     "mode": "'transfer', 'full' or 'lora'",
     "dataset": "'digits' or 'mnist' (mnist needs mode 'full')",
     "hidden": "an integer >= 0 (0: 32 for digits, 128 for mnist)",

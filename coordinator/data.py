@@ -85,22 +85,32 @@ def partition_iid(n_samples: int, n_parts: int, seed: int) -> list[np.ndarray]:
 
 
 def partition_dirichlet(
-    labels: np.ndarray, n_parts: int, alpha: float, seed: int, min_size: int = 10, per_class: int = 0
+    labels: np.ndarray, n_parts: int, alpha: float, seed: int, min_size: int = 10, per_class: int = 0,
+    tries: int = 100,
 ) -> list[np.ndarray]:
     """Label skew: each class is spread over the parts with proportions ~ Dirichlet(alpha).
 
-    Redraws (seeded) until every part holds at least `min_size` samples, so no agent is left empty.
+    The rule, for any fleet size: draw (seeded) up to `tries` times until every part holds at least
+    `min_size` samples. When no draw manages (many parts, small alpha: with 100 parts of digits at alpha
+    0.5 almost every draw leaves some part near empty), the last draw is repaired: each part still short
+    of `min_size` is topped up with samples moved at random from the currently largest part, so the skew
+    of the draw is kept everywhere else. Raises ValueError when `n_parts * min_size` exceeds the samples.
     `per_class` > 0 first gives every part that many samples of every class (the GGEUR reference's
-    at-least-one-per-class guarantee) and spreads the rest by Dirichlet.
+    at-least-one-per-class guarantee) and spreads the rest by Dirichlet (a top-up may move some of the
+    largest part's guaranteed samples).
     """
     if alpha <= 0:
         raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+    if n_parts < 1:
+        raise ValueError(f"need at least one part, got {n_parts}")
     if n_parts * min_size > len(labels):
-        raise ValueError(f"{len(labels)} samples cannot give {n_parts} parts of at least {min_size}")
+        raise ValueError(f"{len(labels)} samples cannot give {n_parts} parts of at least {min_size} samples each"
+                         f" (at most {len(labels) // max(min_size, 1)} agents)")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(n_parts)]
+    parts: list[list[int]] = []
+    for _ in range(max(1, tries)):
+        parts = [[] for _ in range(n_parts)]
         for c in classes:
             idx = np.flatnonzero(labels == c)
             rng.shuffle(idx)
@@ -116,4 +126,18 @@ def partition_dirichlet(
                 parts[p].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"could not draw a Dirichlet({alpha}) partition with {min_size}+ samples per part")
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in _top_up(parts, min_size, rng)]
+
+
+def _top_up(parts: list[list[int]], min_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Move samples from the largest parts into the parts short of `min_size` (smallest first)."""
+    for p in sorted(range(len(parts)), key=lambda i: len(parts[i])):
+        while len(parts[p]) < min_size:
+            donor = max(range(len(parts)), key=lambda i: len(parts[i]))
+            give = min(min_size - len(parts[p]), len(parts[donor]) - min_size)
+            if donor == p or give <= 0:
+                raise ValueError(f"cannot give every part {min_size} samples")  # excluded by the size check
+            pick = set(rng.choice(len(parts[donor]), size=give, replace=False).tolist())
+            parts[p].extend(v for j, v in enumerate(parts[donor]) if j in pick)
+            parts[donor] = [v for j, v in enumerate(parts[donor]) if j not in pick]
+    return parts

@@ -20,12 +20,13 @@ import numpy as np
 
 from coordinator import continual
 from coordinator import data as datasets
-from coordinator.config import METHOD_HEADS, JobConfig, method_config, package_mode
+from coordinator.config import DOWNLINK_PRESETS, METHOD_HEADS, JobConfig, method_config, package_mode
 from coordinator.progress import Progress
 from coordinator.server import Coordinator, EngineConfig, RoundSummary
 from coordinator.store import new_run_id, open_job
 from coordinator.strategies import create as create_strategy
 from edge_agent import protocol, signing
+from edge_agent.errors import ConfigError
 from edge_agent.learners import LocalData
 
 # demo agents book energy with the Raspberry Pi 4B profile's power model (at this host's speed)
@@ -43,6 +44,7 @@ class JobResult:
     broker: str
     run_dir: str
     summaries: list[RoundSummary]
+    timeline: dict[str, float] | None = None  # unix times: first task dispatched, last round done
 
     def to_json(self) -> dict[str, Any]:
         keys = ("final_accuracy", "rounds", "agents", "wall_s", "bytes_up", "bytes_down", "broker")
@@ -61,10 +63,13 @@ def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
         return [LocalData(p.x, p.y) for p in parts], test_set
     full = datasets.digits() if cfg.dataset == "digits" else datasets.mnist5k()
     train, test = datasets.split(full, 0.2, seed=cfg.seed)
-    if cfg.alpha > 0:
-        parts = datasets.partition_dirichlet(train.y, cfg.agents, cfg.alpha, seed=cfg.seed)
-    else:
-        parts = datasets.partition_iid(len(train), cfg.agents, seed=cfg.seed)
+    try:
+        if cfg.alpha > 0:
+            parts = datasets.partition_dirichlet(train.y, cfg.agents, cfg.alpha, seed=cfg.seed)
+        else:
+            parts = datasets.partition_iid(len(train), cfg.agents, seed=cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"field 'agents' = {cfg.agents} on {cfg.dataset} ({len(train)} training samples): {exc}") from None
     return [LocalData(train.x[p], train.y[p]) for p in parts], test
 
 
@@ -90,21 +95,41 @@ def run_rounds(coord: Coordinator, rounds: int, progress: Progress, run_dir: Pat
     try:
         with progress:
             summaries = coord.run(rounds)
-        coord.settle(1.0)
+        coord.settle()
     finally:
         if metrics is not None:
             metrics.shutdown()
     return summaries
 
 
-def finish(result: JobResult, run_dir: Path, progress: Progress, quiet: bool) -> JobResult:
-    """Write summary.json and the report; print the summary table unless quiet."""
-    (run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
-    report = write_report(run_dir)
+def finish(result: JobResult, run_dir: Path, progress: Progress, quiet: bool, report: str = "now") -> JobResult:
+    """Write summary.json, print the summary table unless quiet, and render the report: `now` (in this
+    process), `background` (in its own short process, so the summary is not held up by plotting) or `none`."""
+    (run_dir / "summary.json").write_text(json.dumps({**result.to_json(), "timeline": result.timeline}, indent=2))
     if not quiet:
         summary_table(result, progress.console)
-        progress.console.print(f"report: {report}", soft_wrap=True)
+    if report == "none":
+        return result
+    if report == "background":
+        path = render_in_background(run_dir)
+        note = " (rendering in the background)"
+    else:
+        path, note = write_report(run_dir), ""
+    if not quiet:
+        progress.console.print(f"report: {path}{note}", soft_wrap=True)
     return result
+
+
+def render_in_background(run_dir: Path) -> Path:
+    """Start `fedfleet report RUN_DIR` in its own process (it outlives this one); returns the page it writes."""
+    import subprocess
+    import sys
+
+    log = open(run_dir / "report.log", "wb")  # noqa: SIM115 - handed to the child
+    subprocess.Popen([sys.executable, "-m", "coordinator.report", str(run_dir)], stdout=log, stderr=subprocess.STDOUT,
+                     stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    return run_dir / "report" / "report.html"
 
 
 def serve_metrics(run_dir: Path, port: int | None, console: Any) -> Any:
@@ -163,7 +188,7 @@ def small_model_threads() -> None:
 
 def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
     return EngineConfig(fleet=cfg.fleet, run=run, rounds=cfg.rounds, per_round=cfg.per_round, quorum=cfg.quorum,
-                        deadline_s=cfg.deadline_s, grace_s=cfg.grace_s, seed=cfg.seed, downlink={"name": cfg.downlink})
+                        deadline_s=cfg.deadline_s, grace_s=cfg.grace_s, seed=cfg.seed, downlink=dict(DOWNLINK_PRESETS[cfg.downlink]))
 
 
 def job_identity(cfg: JobConfig, roster: list[str]) -> dict[str, Any]:
@@ -179,7 +204,8 @@ def finished(coord: Coordinator, summaries: list[RoundSummary]) -> tuple[float, 
 
 
 def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | None = None,
-             quiet: bool = False, metrics_port: int | None = None, resume: bool = False) -> JobResult:
+             quiet: bool = False, metrics_port: int | None = None, resume: bool = False,
+             report: str = "now") -> JobResult:
     """Broker + coordinator + `cfg.agents` in-process agents, `cfg.rounds` rounds (resume: the rest of them)."""
     from edge_agent.agent import Agent, AgentConfig
     from edge_agent.meters import open_meter
@@ -233,8 +259,9 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         final_accuracy=final_accuracy, rounds=rounds, agents=len(ids),
         wall_s=time.perf_counter() - t0, bytes_up=coord.bytes_up_total, bytes_down=coord.bytes_down_total,
         broker=b.kind, run_dir=str(run_dir), summaries=summaries,
+        timeline={"first_dispatch_at": coord.first_dispatch_at, "last_round_at": coord.last_round_at},
     )
-    return finish(result, run_dir, progress, quiet)
+    return finish(result, run_dir, progress, quiet, report)
 
 
 def _run_signing_key(run_dir: Path) -> bytes:
@@ -250,7 +277,7 @@ def _run_signing_key(run_dir: Path) -> bytes:
 def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run_dir: str | Path | None = None,
           wait_s: float = 600.0,
           username: str | None = None, password: str | None = None, ca_certs: str | None = None,
-          metrics_port: int | None = None, resume: bool = False) -> JobResult:
+          metrics_port: int | None = None, resume: bool = False, report: str = "now") -> JobResult:
     """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds (resume: the rest)."""
     t0 = time.perf_counter()
     ids = agent_ids(cfg)
@@ -280,5 +307,6 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
         coord.stop()
     final_accuracy, rounds = finished(coord, summaries)
     result = JobResult(final_accuracy, rounds, len(ids), time.perf_counter() - t0,
-                       coord.bytes_up_total, coord.bytes_down_total, broker, str(run_dir), summaries)
-    return finish(result, run_dir, progress, quiet=False)
+                       coord.bytes_up_total, coord.bytes_down_total, broker, str(run_dir), summaries,
+                       {"first_dispatch_at": coord.first_dispatch_at, "last_round_at": coord.last_round_at})
+    return finish(result, run_dir, progress, quiet=False, report=report)

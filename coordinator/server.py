@@ -28,9 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from coordinator.downlink import DownlinkSync
 from coordinator.receive import ReceivePath
 from coordinator.store import RunStore
 from coordinator.strategies import ClientResult, Strategy, TaskSpec
+from coordinator.strategies.base import to_numpy
 from coordinator.update_guard import UpdateGuard
 from edge_agent import codecs, protocol, signing
 from edge_agent.errors import ConfigError, ProtocolError
@@ -144,6 +146,14 @@ class Coordinator:
         self._late_bytes: dict[str, int] = {}
         self._timings: dict[str, float] = {}
         self.bytes_down_total = 0
+        self._energy_due: set[tuple[str, int, int]] = set()  # (agent, round, phase) whose energy report is due
+        self.first_dispatch_at = 0.0  # unix times of the first task and of the end of the last round
+        self.last_round_at = 0.0
+        # a FedZip downlink: tasks carry the change since each agent's replica (coordinator.downlink)
+        # strategies whose tasks all carry the global state get it as one broadcast per round (and, with a
+        # FedZip downlink, as the coded change since each agent's replica): coordinator.downlink
+        self._sync = DownlinkSync(config.downlink) if strategy.tasks_carry_state else None
+        self._broadcast_sync: dict[str, Any] = {}
         fleet = config.fleet
         self.link = MqttLink(
             broker_url,
@@ -249,10 +259,11 @@ class Coordinator:
             + (f"; never seen: {unseen[:10]}" if unseen else "")
         )
 
-    def settle(self, wait_s: float = 1.0) -> None:
-        """After the last round: wait for late reports (agents send energy right after uploading) and book them."""
+    def settle(self, wait_s: float = 2.0) -> None:
+        """After the last round: book the energy reports agents send right after uploading. Waits until every
+        agent whose result announced one has reported, or `wait_s` at most."""
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self._energy_due:
             try:
                 item = self._inbox.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
@@ -306,6 +317,7 @@ class Coordinator:
         self.store.save_checkpoint(self.cfg.run, r, self.strategy, rng=self._rng.bit_generator.state,
                                    bytes_up=self.bytes_up_total, bytes_down=self.bytes_down_total, summary=row)
         wall = time.perf_counter() - t0
+        self.last_round_at = time.time()
         timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)
         summary = RoundSummary(r, accuracy, loss, wall, tasked, ok, rejected, late,
                                self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings,
@@ -320,6 +332,10 @@ class Coordinator:
         self.phase = phase
         agents = selected if selected is not None else self.ready_agents()
         tasks = self.strategy.configure(r, phase, agents)
+        state_bytes = 0
+        if self._sync is not None and phase == 0:
+            self._sync.advance(to_numpy(self.strategy.global_state()))
+            state_bytes = self._publish_state(r)
         self._open = dict(tasks)
         self._received = set()
         self._refused: set[str] = set()  # selected agents whose own result was refused (their row says why)
@@ -331,8 +347,9 @@ class Coordinator:
         deadline = time.time() + self.cfg.deadline_s
         down: dict[str, int] = {}
         self._down = down
+        self.first_dispatch_at = self.first_dispatch_at or time.time()
         for agent, spec in tasks.items():
-            down[agent] = self._dispatch(agent, r, phase, spec)
+            down[agent] = self._dispatch(agent, r, phase, spec, state_bytes)
         t_sent = time.perf_counter()
         self._timings["dispatch"] += t_sent - t0
         up: dict[str, int] = {a: 0 for a in tasks}
@@ -362,6 +379,8 @@ class Coordinator:
         self._book_pending(r, phase, up, down)
         late = [a for a in tasks if a not in self._received and a not in self._refused]
         for agent in late:
+            if self._sync is not None:
+                self._sync.forget(agent)  # its replica is unknown now: a full state next time
             self.ledger.record(self.cfg.run, r, agent, "late", phase=phase, bytes_up=up.get(agent, 0),
                                bytes_down=down.get(agent, 0), detail="no valid result by the deadline")
         self._summarise_refusals(r, phase)
@@ -414,23 +433,51 @@ class Coordinator:
                                    detail=f"{count - self.cfg.reject_rows} more refusals in this phase not itemised")
         self._reject_count = {}
 
-    def _dispatch(self, agent: str, r: int, phase: int, spec: TaskSpec) -> int:
+    def _publish_state(self, r: int) -> int:
+        """The round's sync, once on the broadcast topic, signed; returns its MQTT bytes (what each agent it
+        serves receives; the coordinator sends it once)."""
+        assert self._sync is not None
+        meta, payload = self._sync.round_sync()
+        self._broadcast_sync = meta
+        header = {"kind": "state", "fleet": self.cfg.fleet, "agent": "coordinator", "run": self.cfg.run, "round": r,
+                  "codec": self._sync.spec, "layout": [[n, list(s)] for n, s in self._sync.layout],
+                  "meta": {"sync": meta}}
+        sent = 0
+        for chunk in protocol.split_signed(header, payload, self.signing_key):
+            sent += self.link.publish(protocol.broadcast_topic(self.cfg.fleet, "state"), chunk)
+        self.bytes_down_total += sent
+        return sent
+
+    def _dispatch(self, agent: str, r: int, phase: int, spec: TaskSpec, state_bytes: int = 0) -> int:
+        """Publish one agent's task; returns the bytes it receives (its task, plus the round's state broadcast
+        when the task refers to it)."""
         layout = [(n, tuple(np.shape(t))) for n, t in spec.tensors.items()]
-        payload = codecs.encode(spec.tensors, layout, self.cfg.downlink)
+        sync, codec, received = None, self.cfg.downlink, 0
+        if self._sync is not None and phase == 0:
+            codec = self._sync.spec
+            if self._sync.serves(agent, self._broadcast_sync):
+                sync = {"mode": "broadcast", "version": self._sync.version, "digest": self._sync.digest}
+                payload, received = b"", state_bytes
+            else:
+                sync, payload = self._sync.sync_for(agent)
+        else:
+            if codec.get("name") not in ("none", "zstd"):
+                codec = {"name": "zstd"}  # tasks that are not a state sync go losslessly
+            payload = codecs.encode(spec.tensors, layout, codec)
         header = {
             "kind": "task", "fleet": self.cfg.fleet, "agent": agent, "run": self.cfg.run, "round": r,
-            "phase": phase, "method": self.strategy.name, "codec": self.cfg.downlink,
+            "phase": phase, "method": self.strategy.name, "codec": codec,
             "layout": [[n, list(s)] for n, s in layout], "sent": time.time(), "ttl": self.cfg.deadline_s,
             "model": self.package_digest,
             "meta": {"config": spec.config, "expect": [[n, list(s)] for n, s in spec.expect],
-                     "uplink": spec.uplink_codec},
+                     "uplink": spec.uplink_codec, **({"sync": sync} if sync is not None else {})},
         }
         topic = protocol.agent_topic(self.cfg.fleet, agent, "task")
         sent = 0
         for chunk in protocol.split_signed(header, payload, self.signing_key):
             sent += self.link.publish(topic, chunk)
         self.bytes_down_total += sent
-        return sent
+        return sent + received
 
     def _drain(self, r: int, phase: int, up: dict[str, int], down: dict[str, int]) -> list[ClientResult | str | None]:
         """Handle what is queued when the phase closes; valid results among it still count (and are bounded)."""
@@ -473,6 +520,10 @@ class Coordinator:
                          bytes_up=up.get(agent, 0) if agent in self._open else 0, answers=own)
             return "rejected"
         self._received.add(agent)
+        if header["meta"].get("energy") is True:
+            self._energy_due.add((agent, r, phase))
+        if self._sync is not None and phase == 0:
+            self._sync.confirm(agent, self._sync.version)  # it checked the state's digest before learning
         meta = header["meta"]
         metrics = result.metrics
         claimed = meta["samples"]
@@ -489,6 +540,7 @@ class Coordinator:
         """Energy reports come right after an upload; one for a result not booked yet rides on its row."""
         if event["run"] != self.cfg.run:
             return
+        self._energy_due.discard((agent, event["round"], event.get("phase", 0)))
         energy = {f"energy_{k}": float(event[k]) for k in ("compute_j", "radio_j", "idle_j")}
         pending = self._pending_ok.get(agent)
         if pending is not None and (event["round"], event.get("phase", 0)) == (self.round, self.phase):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent import codecs, continual, protocol
+from edge_agent.downlink import Replica
 from edge_agent.errors import FedfleetError, ModelError, ProtocolError
 from edge_agent.learners import LearnResult, LocalData, Task, create
 from edge_agent.mqtt import MqttLink
@@ -77,6 +78,7 @@ class Agent:
         self.model_cache = model_cache
         self.learn_lock = learn_lock
         self.state = RunState()  # learners and error feedback of the current run only
+        self.replica = Replica()  # the global state as the compressed downlink rebuilt it
         self.rounds_done = 0
         self.tasks_dropped = 0
         self.refused: dict[str, int] = {}  # refused downlink messages by reason
@@ -96,11 +98,14 @@ class Agent:
         self._telemetry_topic = t(config.fleet, config.agent_id, "telemetry")
         self._task_topic = t(config.fleet, config.agent_id, "task")
         self._model_prefix = protocol.broadcast_topic(config.fleet, "model/")
+        self._state_topic = protocol.broadcast_topic(config.fleet, "state")
+        self._states = protocol.Reassembler(max_total=MAX_TASK_BYTES, max_pending=4)
+        self._state_msgs: dict[tuple[str, int], list[tuple[dict[str, Any], bytes]]] = {}  # (run, version) -> candidates
         self.link = MqttLink(
             config.broker,
             client_id=config.username or f"fedfleet-{config.fleet}-{config.agent_id}",  # the ACL's user name
             on_message=self._on_message,
-            subscriptions=[self._task_topic, protocol.broadcast_topic(config.fleet, "model/#")],
+            subscriptions=[self._task_topic, protocol.broadcast_topic(config.fleet, "model/#"), self._state_topic],
             clean_session=False,
             will=self._will,
             on_connect=self._announce,
@@ -175,7 +180,7 @@ class Agent:
     def _on_message(self, topic: str, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained message
-        if topic != self._task_topic and not topic.startswith(self._model_prefix):
+        if topic not in (self._task_topic, self._state_topic) and not topic.startswith(self._model_prefix):
             log.debug("agent %s ignores a message on %s (not subscribed)", self.cfg.agent_id, topic)
             return
         try:
@@ -184,7 +189,13 @@ class Agent:
             header, body = protocol.open_signed(payload, self.cfg.coordinator_key)
             if header.get("fleet") != self.cfg.fleet:
                 raise ProtocolError("spoofed", "signed for another fleet")
-            if topic.startswith(self._model_prefix):
+            if topic == self._state_topic:
+                if header.get("kind") != "state":
+                    raise ProtocolError("spoofed", f"a {str(header.get('kind'))[:16]!r} message on the state topic")
+                done = self._states.add(header, body, sender="coordinator")
+                if done is not None:
+                    self._work.put(("state", done[0], done[1]))
+            elif topic.startswith(self._model_prefix):
                 if header.get("kind") != "model":
                     raise ProtocolError("spoofed", f"a {str(header.get('kind'))[:16]!r} message on a model topic")
                 done = self._models.add(header, body, sender="coordinator")
@@ -213,6 +224,8 @@ class Agent:
             try:
                 if kind == "model":
                     self._load_model(header, body)
+                elif kind == "state":
+                    self._keep_state(header, body)
                 elif kind == "task":
                     self._handle_task(header, body)
             except Exception as exc:  # the agent stays up whatever a task does
@@ -256,6 +269,43 @@ class Agent:
         shared = (self.model_cache or {}).get(package_digest(blob))
         return None if shared is None else dataclasses.replace(shared, _cache={})
 
+    def _keep_state(self, header: dict[str, Any], body: bytes) -> None:
+        """Keep a round's state broadcast until a task names it (a few candidates per version, the newest
+        versions only: a task accepts only the one that leads to the state its signed header names)."""
+        from edge_agent.downlink import check_sync_meta
+
+        meta = header.get("meta")
+        sync = check_sync_meta(meta.get("sync") if isinstance(meta, dict) else None)
+        key = (str(header.get("run")), int(sync["version"]))
+        candidates = self._state_msgs.setdefault(key, [])
+        if len(candidates) < 4:
+            candidates.append((header, body))
+        for old in sorted(self._state_msgs)[:-3]:
+            del self._state_msgs[old]
+        self._retry_waiting()
+
+    def _sync_tensors(self, run: str, sync: Any, body: bytes, layout: codecs.Layout, codec: Any) -> Any:
+        """The task's tensors from this agent's replica; None while the round's state broadcast is still
+        arriving. ProtocolError when no sync leads to the state the task names."""
+        if not isinstance(sync, dict) or sync.get("mode") != "broadcast":
+            return self.replica.apply(run, sync, body, layout, codec, max_bytes=MAX_TASK_BYTES)
+        from edge_agent.downlink import check_sync_meta
+
+        check_sync_meta(sync, ("broadcast",))
+        if self.replica.run == run and self.replica.version == sync["version"]:
+            if self.replica.digest(layout) == sync["digest"]:
+                return {k: v.copy() for k, v in self.replica.tensors.items()}
+        candidates = self._state_msgs.get((run, int(sync["version"])))
+        if not candidates:
+            return None
+        for header, payload in candidates:
+            state = (header.get("meta") or {}).get("sync")
+            if not isinstance(state, dict) or state.get("digest") != sync["digest"]:
+                continue  # not the state this signed task names
+            return self.replica.apply(run, state, payload, layout, header.get("codec", codec),
+                                      max_bytes=MAX_TASK_BYTES)
+        raise ProtocolError("replica", f"no state broadcast leads to version {sync['version']} named by the task")
+
     def _retry_waiting(self) -> None:
         waiting, self._waiting = self._waiting, []
         for header, body in waiting:
@@ -280,8 +330,16 @@ class Agent:
         self._done.add(key)
         self._taken[key] = msg
         layout = codecs.normalize_layout(header.get("layout", []))
-        tensors = codecs.decode(body, layout, header.get("codec", {"name": "none"}), max_bytes=MAX_TASK_BYTES)
         meta = header.get("meta", {})
+        codec = header.get("codec", {"name": "none"})
+        if "sync" in meta:  # the round's state broadcast, or the change since this agent's replica
+            tensors = self._sync_tensors(key[0], meta["sync"], body, layout, codec)
+            if tensors is None:
+                self._done.discard(key)
+                self._waiting.append((header, body))  # the state broadcast is still arriving
+                return
+        else:
+            tensors = codecs.decode(body, layout, codec, max_bytes=MAX_TASK_BYTES)
         task = Task(run=key[0], round=key[1], method=str(header.get("method")), config=meta.get("config", {}),
                     tensors=tensors, phase=key[2], deadline=deadline)
         name = str(task.config.get("learner") or task.method)  # e.g. robust FedAvg's byzantine tasks
@@ -341,7 +399,7 @@ class Agent:
             "round": task.round, "phase": task.phase, "method": task.method, "codec": spec,
             "layout": [[n, list(s)] for n, s in expect],
             "meta": {"samples": int(result.samples), "learn_s": learn_s, "metrics": _finite(result.metrics),
-                     "profile": self.cfg.profile},
+                     "profile": self.cfg.profile, "energy": self.meter is not None},  # an energy report follows
         }
         chunks = protocol.split(out, payload, self.cfg.key)
         sent = sum(protocol.mqtt_publish_bytes(self._result_topic, len(c)) for c in chunks)

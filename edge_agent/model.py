@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,19 @@ def _int_list(value: list[Any], key: str) -> list[int]:
     return [int(v) for v in value]
 
 
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's AST constructor keeps its recursion
+# depth in interpreter-wide state: two threads parsing at once can fail with "AST constructor recursion depth
+# mismatch" (CPython gh-106905). Seen here when 20 in-process agents loaded one package together; one lock
+# makes the loads take turns (they are small).
+_NPY_LOCK = threading.Lock()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """One .npy array from bytes (no pickles), safe to call from many threads at once."""
+    with _NPY_LOCK:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def _load_head(
     raw: bytes, layout: list[tuple[str, tuple[int, ...]]], max_bytes: int
 ) -> dict[str, np.ndarray]:
@@ -120,7 +134,7 @@ def _load_head(
     for name, shape in layout:
         data = _read_member(npz, f"{name}.npy", max_bytes)
         try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            arr = load_npy(data)
         except Exception as exc:  # numpy raises ValueError/OSError/EOFError for bad .npy bytes
             raise ModelError(f"{HEAD_INIT}: tensor {name!r} is unreadable ({exc})") from exc
         if arr.shape != shape:

@@ -21,7 +21,7 @@ object, zlib-compressed when that makes it shorter (a zlib stream starts with 0x
 inflated to at most `MAX_HEADER_BYTES`, parsed strictly (no NaN/Infinity, finite floats, integers of at most
 `MAX_INT_DIGITS` digits, nesting at most `MAX_HEADER_DEPTH` deep). Every failure is a `ProtocolError`.
 
-Header fields: `kind` (status|task|result|telemetry|model), `fleet`, `agent`, `run`, `round`, `phase`,
+Header fields: `kind` (status|task|result|telemetry|model|state), `fleet`, `agent`, `run`, `round`, `phase`,
 `method`, `codec` (a dict), `layout` ([[name, shape], ...]), `chunk` ([i, n]), `msg` (message id), `digest`
 (SHA-256 hex of the whole, unchunked payload), `total` (its length), `sent` (the sender's unix time),
 `meta` (a dict). Freshness: status and telemetry carry `seq` = [epoch, n], strictly increasing per agent
@@ -63,7 +63,7 @@ _PREFIX = struct.Struct(">4sBBI")
 _LEN = struct.Struct(">I")
 CHUNK_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - MAX_HEADER_BYTES - _PREFIX.size - _LEN.size - SIGNATURE_BYTES
 
-KINDS = ("status", "task", "result", "telemetry", "model")
+KINDS = ("status", "task", "result", "telemetry", "model", "state")
 UPLINK_KINDS = ("status", "result", "telemetry")
 ROOT = "fedfleet/v1"
 

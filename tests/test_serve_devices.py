@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from tools.broker import MosquittoBroker
 from tools.tls import make_local_ca
@@ -59,4 +60,7 @@ def test_serve_with_agents_on_devices_over_tls(tmp_path):
         broker.stop()
     result = json.loads((tmp_path / "serve.json").read_text())
     assert result["rounds"] == 3 and result["agents"] == 2 and result["final_accuracy"] > 0.5
-    assert (tmp_path / "run" / "report" / "report.html").exists()
+    report, deadline = tmp_path / "run" / "report" / "report.html", time.time() + 120
+    while not report.exists() and time.time() < deadline:  # rendered in its own process after the summary
+        time.sleep(0.2)
+    assert report.exists()

@@ -44,6 +44,9 @@ class Strategy(ABC):
 
     name: str = ""
     phases: int = 1
+    # True when every task's tensors are the global state (`self.state`), the same for every agent: the
+    # engine may then send them as a compressed sync against each agent's replica (coordinator.downlink)
+    tasks_carry_state: bool = False
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         self.state = {k: v.detach().clone().float() for k, v in state.items()}

@@ -19,6 +19,7 @@ from coordinator.strategies.base import (
 @register
 class FedAvg(Strategy):
     name = "fedavg"
+    tasks_carry_state = True
 
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
         cfg = {k: self.config[k] for k in ("lr", "epochs", "batch", "weight_decay") if k in self.config}
