@@ -71,20 +71,20 @@ def test_config_pointing_at_a_folder_is_one_line(tmp_path):
 @pytest.mark.parametrize("roster", ["pi-01,pi/02", "pi-01,pi+", "pi-01,#", "pi-01,pi-01"])
 def test_serve_refuses_bad_roster_ids(tmp_path, roster):
     r = _run("coordinator.cli", "serve", "--broker", NO_BROKER, "--secret-file", str(tmp_path / "absent"),
-             "--roster", roster, "--metrics-port", "9", cwd=tmp_path)
+             "--signing-key-file", str(tmp_path / "absent.key"), "--roster", roster, "--metrics-port", "9", cwd=tmp_path)
     _assert_one_line_error(r, "'roster'")
 
 
 def test_serve_refuses_a_negative_metrics_port(tmp_path):
     r = _run("coordinator.cli", "serve", "--broker", NO_BROKER, "--secret-file", str(tmp_path / "absent"),
-             "--metrics-port", "-5", cwd=tmp_path)
+             "--signing-key-file", str(tmp_path / "absent.key"), "--metrics-port", "-5", cwd=tmp_path)
     _assert_one_line_error(r, "--metrics-port")
 
 
 @pytest.mark.parametrize("threads", ["-1", "0"])
 def test_agent_refuses_non_positive_threads(tmp_path, threads):
     r = _run("edge_agent.cli", "--broker", NO_BROKER, "--id", "pi-01", "--key", "00" * 32, "--data",
-             str(tmp_path / "absent.npz"), "--threads", threads, cwd=tmp_path)
+             str(tmp_path / "absent.npz"), "--coordinator-key-file", str(tmp_path / "absent.pub"), "--threads", threads, cwd=tmp_path)
     _assert_one_line_error(r, "--threads")
 
 
