@@ -93,11 +93,12 @@ class _Rogue(Rogue):
 
 
 def test_hostile_pair_uploads_are_refused_and_the_round_goes_on(mosquitto, tmp_path):
-    fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("rogue",), method="ferret",
+    fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("rogue", "silent"), method="ferret",
                         method_config=dict(FERRET), deadline_s=5.0, quorum=0.5)
     rogue = _Rogue(mosquitto.url, fleet.cfg.fleet, "rogue", fleet.coord.package_digest)
+    silent = Rogue(mosquitto.url, fleet.cfg.fleet, "silent", fleet.coord.package_digest)  # keeps the phase open
     try:
-        fleet.coord.wait_for_agents(4, 30)
+        fleet.coord.wait_for_agents(5, 30)
         fleet.run_async(1)
         deadline = time.time() + 15
         while not rogue.tasks and time.time() < deadline:
@@ -114,6 +115,7 @@ def test_hostile_pair_uploads_are_refused_and_the_round_goes_on(mosquitto, tmp_p
         summaries = fleet.join(90)
     finally:
         rogue.link.stop()
+        silent.link.stop()
         fleet.close()
     status = _rows(fleet)
     for reason in ("index_range", "duplicate_index", "too_many_pairs", "nonfinite"):

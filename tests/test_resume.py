@@ -147,7 +147,7 @@ def test_serve_resume_with_another_method_is_a_one_line_error(tmp_path):
 
 def test_serve_killed_mid_round_resumes_the_same_run(tmp_path, capsys):
     """`fedfleet bench resume`, small: real `fedfleet-agent` processes, `fedfleet serve` SIGKILLed once the
-    interrupted round has its first result, then `--resume`; compared with an uninterrupted same-seed run."""
+    interrupted round is under way, then `--resume`; compared with an uninterrupted same-seed run."""
     out = tmp_path / "resume.json"
     assert bench_resume.main(["--agents", "3", "--rounds", "4", "--kill-round", "3", "--json", str(out)]) == 0
     captured = capsys.readouterr()

@@ -3,7 +3,7 @@
 Everything is a real process over a real Mosquitto: N `fedfleet-agent` processes, and `fedfleet serve` runs
 as a subprocess three times with the same job and seed:
 1. uninterrupted, `--rounds R` into run dir A;
-2. into run dir B, SIGKILLed as soon as the first result of round K is in the ledger (mid-round);
+2. into run dir B, SIGKILLed a third of a typical round into round K, once round K - 1 is committed (mid-round);
 3. the same command with `--resume B`.
 The same agents serve all three (runs 1 and 2 have different run ids, so the agents start run 2 clean).
 
@@ -118,13 +118,18 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
         a_dir, b_dir = work / "uninterrupted", work / "interrupted"
         uninterrupted = _serve(cmd(a_dir, "a.json"), work / "a.log", timeout_s)
 
-        # the interrupted run: SIGKILL once round `kill_round` has its first result in the ledger
+        # the interrupted run: SIGKILL inside round `kill_round`: once round kill_round - 1 is committed, after
+        # a third of a typical round (the uninterrupted run's median round time). Results are booked in the
+        # ledger only when a phase closes, so the first `ok` row of a round comes too late to aim at.
+        walls = sorted(w for (w,) in _query(a_dir / "ledger.sqlite", "SELECT wall_s FROM rounds"))
+        into_round = 0.3 * walls[len(walls) // 2] if walls else 0.0
         db = b_dir / "ledger.sqlite"
         with open(work / "b.log", "wb") as log:
             victim = subprocess.Popen(cmd(b_dir, "b.json"), stdout=log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and victim.poll() is None:
-                if _query(db, "SELECT 1 FROM agent_rounds WHERE round = ? AND status = 'ok' LIMIT 1", (kill_round,)):
+                if _query(db, "SELECT 1 FROM rounds WHERE round = ?", (kill_round - 1,)):
+                    time.sleep(into_round)
                     break
                 time.sleep(0.005)
             if victim.poll() is not None:
