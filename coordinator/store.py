@@ -147,8 +147,14 @@ class RunStore:
             if ckpt.get("run") != run or ckpt.get("strategy") != strategy.name:
                 raise ConfigError(f"--resume {self.run_dir}: the checkpoint is of run {ckpt.get('run')!r} "
                                   f"({ckpt.get('strategy')}), not {run!r} ({strategy.name})")
-            strategy.state = {k: v.detach().clone() for k, v in ckpt["strategy_state"].items()}
-            strategy.load_extra_state(ckpt["extra"])
+            try:
+                strategy.state = {k: v.detach().clone() for k, v in ckpt["strategy_state"].items()}
+                strategy.load_extra_state(ckpt["extra"])
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a method that cannot resume says so in one line
+                raise ConfigError(f"--resume {self.run_dir}: method {strategy.name!r} cannot resume from its "
+                                  f"checkpoint ({type(exc).__name__}: {exc}); start a new run") from None
             done, rng = int(ckpt["round"]), ckpt.get("rng")
             up, down = int(ckpt.get("bytes_up", 0)), int(ckpt.get("bytes_down", 0))
             summary = ckpt.get("summary") or {}

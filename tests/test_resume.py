@@ -89,6 +89,28 @@ def test_strategy_state_survives_a_checkpoint_round_trip(tmp_path, method):
     assert _equal(resumed.extra_state(), whole.extra_state())
 
 
+class _Unresumable(type(create_strategy("fedavg", _initial(), lr=0.1))):
+    """A strategy with method state it cannot load back (as the methods without resume support)."""
+
+    def extra_state(self) -> dict:
+        return {"table": torch.zeros(2)}
+
+
+def test_a_method_that_cannot_resume_is_a_one_line_config_error(tmp_path):
+    store = RunStore(tmp_path)
+    meta = {"strategy": "fedavg", "roster": AGENTS}
+    store.start_run("r", meta)
+    store.save_checkpoint("r", 1, _Unresumable(_initial(), lr=0.1), rng={}, bytes_up=0, bytes_down=0, summary={})
+    store.close()
+    store = RunStore(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="method 'fedavg' cannot resume") as err:
+            store.resume_run("r", meta, _Unresumable(_initial(), lr=0.1))
+    finally:
+        store.close()
+    assert "\n" not in str(err.value)
+
+
 def test_resume_marks_the_interrupted_round_and_keeps_earlier_ones(tmp_path):
     strategy = create_strategy("fedavg", _initial(), lr=0.1)
     store = RunStore(tmp_path)

@@ -88,7 +88,8 @@ class Strategy(ABC):
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         """Restore what `extra_state()` returned, on resume; `self.state` has been restored already.
-        A strategy that saves extra state must load it: the default accepts only none."""
+        A strategy that saves extra state must load it: the default accepts only none (the engine's resume
+        turns the error into a one-line refusal naming the method)."""
         if extra:
             raise NotImplementedError(f"{type(self).__name__} saved extra state {sorted(extra)} but cannot load it")
 
