@@ -68,6 +68,8 @@ class RoundSummary:
     slowest_learn_s: float
     timings: dict[str, float] = field(default_factory=dict)  # dispatch, collect, aggregate, evaluate, checkpoint
     note: str = ""  # the method's own word on its state (Strategy.round_note), shown in progress lines
+    accuracy_min: float | None = None  # per-node methods (MoNNA): the worst node's; accuracy is their mean
+    nodes: int = 0  # models scored for the round's accuracy (0: the one global model)
 
 
 class Coordinator:
@@ -301,19 +303,30 @@ class Coordinator:
             late += len(outcome.late)
             slowest = max([slowest] + [float(res.metrics.get("_learn_s", 0.0)) for res in outcome.results])
         t1 = time.perf_counter()
-        accuracy, loss = self.evaluate(self.strategy.global_state())
+        accuracy, loss, accuracy_min, nodes = self._score()
         t2 = time.perf_counter()
         self._checkpoint(r)
         wall = time.perf_counter() - t0
         timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)
         summary = RoundSummary(r, accuracy, loss, wall, tasked, ok, rejected, late,
                                self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings,
-                               self.strategy.round_note())
+                               self.strategy.round_note(), accuracy_min, nodes)
         self.ledger.record_round(self.cfg.run, r, accuracy=accuracy, loss=loss, wall_s=wall, selected=tasked,
-                                 ok=ok, rejected=rejected, bytes_up=summary.bytes_up, bytes_down=summary.bytes_down)
+                                 ok=ok, rejected=rejected, bytes_up=summary.bytes_up, bytes_down=summary.bytes_down,
+                                 accuracy_min=accuracy_min, nodes=nodes)
         if self.on_round is not None:
             self.on_round(summary)
         return summary
+
+    def _score(self) -> tuple[float, float, float | None, int]:
+        """(accuracy, loss, worst node's accuracy, nodes): a per-node method's mean and minimum over its nodes."""
+        nodes = self.strategy.node_states()
+        if not nodes:
+            accuracy, loss = self.evaluate(self.strategy.global_state())
+            return accuracy, loss, None, 0
+        scores = [self.evaluate(state) for state in nodes.values()]
+        accs = [a for a, _ in scores]
+        return float(np.mean(accs)), float(np.mean([lo for _, lo in scores])), float(np.min(accs)), len(scores)
 
     def _run_phase(self, r: int, phase: int, selected: list[str] | None) -> PhaseOutcome:
         t0 = time.perf_counter()

@@ -207,7 +207,7 @@ def test_strategy_config_errors() -> None:
 
 
 def test_fedamd_reduces_loss_end_to_end() -> None:
-    from tools.bench_robust import inprocess_runner
+    from tools.inprocess_runner import inprocess_runner
 
     shards = {f"a{i}": _data(n=30, seed=i) for i in range(8)}
     state = _state()

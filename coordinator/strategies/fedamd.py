@@ -31,8 +31,15 @@ from typing import Any
 import torch
 
 from coordinator import robust, sampling
-from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register
-from coordinator.strategies.monna import agent_seed, to_wire
+from coordinator.strategies.base import (
+    ClientResult,
+    Strategy,
+    TaskSpec,
+    agent_seed,
+    layout_of,
+    register,
+    to_wire,
+)
 from edge_agent.errors import ConfigError
 
 log = logging.getLogger("fedfleet.fedamd")
