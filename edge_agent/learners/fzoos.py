@@ -141,14 +141,13 @@ class FZooSLearner(Learner):
         return out
 
     def _explore(self, f: Counted, post: gpm.GPPosterior, centre: np.ndarray, radius: float, candidates: int,
-                 pick: int, rng: np.random.Generator) -> None:
-        """Query the `pick` candidates in centre ± radius with the largest gradient-variance trace."""
+                 pick: int, rng: np.random.Generator) -> list[float]:
+        """Query the `pick` candidates in centre ± radius with the largest gradient-variance trace; their values."""
         if pick <= 0:
-            return
+            return []
         cand = centre[None, :] + rng.uniform(-radius, radius, (candidates, centre.shape[0]))
         score = post.grad_var_trace(cand)
-        for i in np.argsort(-score)[: min(pick, candidates)]:
-            self._query(f, cand[i])
+        return [self._query(f, cand[i]) for i in np.argsort(-score)[: min(pick, candidates)]]
 
     def _fit_gp(self, s: dict[str, Any], target: np.ndarray, rng: np.random.Generator) -> gpm.GPPosterior:
         xh, yh = self._history()
@@ -202,9 +201,14 @@ class FZooSLearner(Learner):
             corr = np.asarray(nu_bar, np.float64) - self.own_nu
         cos_gp: list[float] = []
         cos_dir: list[float] = []
+        scales: list[float] = []
+        norms: list[float] = []
+        ties = explored = 0
         for t in range(steps):
             post = self._fit_gp(s, x, rng)
             g = post.grad_mean(x)
+            scales.append(float(post.lengthscale))
+            norms.append(float(np.linalg.norm(g)))
             if f.has_grad:
                 cos_gp.append(_cos(g, f.true_grad(x)))
             if corr is not None:
@@ -214,10 +218,17 @@ class FZooSLearner(Learner):
             x = opt.step(x, g)
             last = self._query(f, x)
             if t < steps - 1:
-                self._explore(f, self._condition(s, x, post), x, float(s["explore_radius"]),
-                              int(s["explore_candidates"]), int(s["explore_pick"]), rng)
+                ys = self._explore(f, self._condition(s, x, post), x, float(s["explore_radius"]),
+                                   int(s["explore_candidates"]), int(s["explore_pick"]), rng)
+                ties += sum(y == last for y in ys)
+                explored += len(ys)
+        # diagnostics: the fitted lengthscale, the surrogate gradient's norm, and how often an exploration
+        # query returned exactly the iterate's value (a piecewise-constant objective ties a lot)
         metrics: dict[str, float] = {"queries": int(f.queries), "objective_first": first, "objective_last": last,
-                                     "history": len(self.xs), "corrected": int(corr is not None)}
+                                     "history": len(self.xs), "corrected": int(corr is not None),
+                                     "gp_lengthscale": float(np.mean(scales)) if scales else 0.0,
+                                     "gp_grad_norm": float(np.mean(norms)) if norms else 0.0,
+                                     "explore_tie_fraction": ties / explored if explored else 0.0}
         if cos_gp:
             metrics["gp_cosine"] = float(np.mean(cos_gp))
             metrics["direction_cosine_local"] = float(np.mean(cos_dir))
@@ -227,18 +238,20 @@ class FZooSLearner(Learner):
                  samples: int) -> LearnResult:
         f = prob.objective
         xr = prob.x0.copy()
-        self._query(f, xr)
+        y_r = self._query(f, xr)
         rho = float(s.get("rho", 0.0))
         if s["rho_floor"]:  # a deviation from the spec, off by default (see the module docstring)
             rho = max(rho, float(s["explore_radius"]))
         post = self._fit_gp(s, xr, rng)
-        self._explore(f, post, xr, rho, int(s["refresh_candidates"]), int(s["refresh_pick"]), rng)
+        ys = self._explore(f, post, xr, rho, int(s["refresh_candidates"]), int(s["refresh_pick"]), rng)
         xh, yh = self._history()
         nu, scale = rffm.fit_local(rff, xh, yh, xr, max_points=int(s["rff_points"]), jitter=float(s["rff_jitter"]))
         self.own_nu = scale * nu
         self._prune(xr, int(s["history_points"]))
         metrics: dict[str, float] = {"queries": int(f.queries), "history": len(self.xs),
-                                     "rff_gp_cosine": _cos(rff.grad(xr, self.own_nu), post.grad_mean(xr))}
+                                     "rff_gp_cosine": _cos(rff.grad(xr, self.own_nu), post.grad_mean(xr)),
+                                     "rho_given": float(s.get("rho", 0.0)), "rho_used": rho,
+                                     "refresh_tie_fraction": sum(y == y_r for y in ys) / len(ys) if ys else 0.0}
         if f.has_grad:
             metrics["rff_cosine"] = _cos(rff.grad(xr, self.own_nu), f.true_grad(xr))
         return LearnResult({"nu": self.own_nu.astype(np.float32)}, samples, metrics)
