@@ -208,8 +208,8 @@ def bench_quadratic(*, d: int, agents: int, div: float, rounds: int, seed: int,
                     variants: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Trace]]:
     kw = {"d": d, "agents": agents, "div": div, "rounds": rounds, "seed": seed}
     names = variants or list(QUAD_VARIANTS)
-    work = [(n, QUAD_VARIANTS[n][0], {**QUAD_VARIANTS[n][1], **(fzoos_overrides if n != "fedzo" else {})}, kw)
-            for n in names]
+    work = [(n, QUAD_VARIANTS[n][0], {**QUAD_VARIANTS[n][1], **((fzoos_overrides or {}) if n != "fedzo" else {})},
+             kw) for n in names]
     done = _pool_map(_quad_job, work, jobs)
     traces = {n: tr for n, tr, _ in done}
     times = {n: sec for n, _, sec in done}

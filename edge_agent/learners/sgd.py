@@ -54,9 +54,7 @@ class SGDLearner(Learner):
         params = {k: v.copy() for k, v in start.items()}
         extra: Tensors = {}
         losses = []
-        evals = 0
         for i, idx in enumerate(_batches(task, len(data), batch)):
-            evals += len(idx)
             if i == 0 and cfg.get("flip_grad"):
                 _, flip = mlp.loss_and_grad(params, feats[idx], flipped_labels(params, data.y[idx]))
                 extra = {f"flip.{k}": v.astype(np.float32) for k, v in flip.items()}
@@ -65,5 +63,4 @@ class SGDLearner(Learner):
             for k in params:
                 params[k] -= lr * (grads[k] + wd * params[k])
         delta = {k: params[k] - start[k] for k in params}
-        return LearnResult({**delta, **extra}, len(data), {
-            "loss": float(np.mean(losses)) if losses else 0.0, "grad_evals": float(evals)})
+        return LearnResult({**delta, **extra}, len(data), {"loss": float(np.mean(losses)) if losses else 0.0})
