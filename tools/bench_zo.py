@@ -363,6 +363,38 @@ def bench_digits(*, agents: int, budget: int, seed: int, quick: bool, runtime: s
     return res
 
 
+def history_memory(rounds: int, *, d: int = 330, history_points: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """One FZooS agent on the quadratic at the digits head's d over `rounds` rounds with cheap GP settings:
+    stored queries and the memory Python holds (tracemalloc, after each round), every `rounds // 10` rounds."""
+    import gc
+    import tracemalloc
+
+    cheap = {"rff_features": 2000, "gp_restarts": 1, "history_points": history_points}
+    c1, c2 = quadratic_coeffs(d, 1, 0.5, seed)
+    cfg = quadratic_configs(d, 1, 0.5, seed)[0]
+    strategy = create_strategy("fzoos", {"x": torch.full((d,), 0.5)}, objective="quadratic", seed=seed,
+                               agent_config={"agent-0": cfg}, **{**QUAD_FZOOS, **cheap})
+    learners = {"agent-0": create_learner("fzoos")}
+    out: dict[str, Any] = {"d": d, "history_points": history_points, "rounds": [], "stored": [], "traced_mb": []}
+    del c1, c2
+    tracemalloc.start()
+    try:
+        for r in range(1, rounds + 1):
+            run(strategy, learners, {"agent-0": EMPTY}, 1)
+            if r % max(1, rounds // 10) == 0 or r == rounds:
+                gc.collect()
+                out["rounds"].append(r)
+                out["stored"].append(len(learners["agent-0"].xs))
+                out["traced_mb"].append(round(tracemalloc.get_traced_memory()[0] / 2**20, 2))
+    finally:
+        tracemalloc.stop()
+    return out
+
+
+def _memory_job(job: tuple[int, int]) -> dict[str, Any]:
+    return history_memory(job[0], history_points=job[1])
+
+
 def plot(traces: dict[str, Trace], path: str) -> None:
     import matplotlib
 
@@ -394,7 +426,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="runtime for the digits objective; 'both' adds a LiteRT run under digits_f1.by_runtime")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="run the independent runs in this many processes")
+    ap.add_argument("--memory-rounds", type=int, default=0,
+                    help="instead: one FZooS agent's stored queries and memory over this many rounds, with the "
+                         "history bounded and unbounded (prints JSON)")
     args = ap.parse_args(argv)
+    if args.memory_rounds:
+        runs = _pool_map(_memory_job, [(args.memory_rounds, 1000), (args.memory_rounds, 0)], args.jobs)
+        print(json.dumps({"bounded": runs[0], "unbounded": runs[1]}))
+        return 0
     try:  # one BLAS thread: the GP and RFF solves are small, and threads only contend on a busy machine
         from threadpoolctl import threadpool_limits
 
