@@ -11,8 +11,10 @@ the honest statistics those agents need, and only when the experiment config exp
   (`line_maximize`: start at 0 with step 1, double while improving, then contract by 0.8).
 - sign flip: -mu.
 - mimic: a copy of one honest vector (honest node 0 by default).
-- label flip: computed locally by the agent on its own data; the hook only supplies the model to push
-  (mu when omniscient, otherwise the agent's own model).
+- label flip (the spec's): mu - gamma_t * mean_i grad NLL(theta_i; labels y -> C - 1 - y), the mean over
+  the honest nodes of their flipped-label gradients (the honest agents compute them on their own batches,
+  the strategy averages them and passes `flip_grad`). Without the hook a label flipper pushes its own
+  model with its own local flipped-label gradient (the agent computes it; not the spec's attack).
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ class AttackPlan:
             return -self.vectors["mu"]
         if self.attack == "mimic":
             return self.vectors["target"].clone()
-        return None  # label flip depends on the agent's local data
+        if self.attack == "label_flip" and "grad" in self.vectors:
+            return self.vectors["mu"] - self.scalars["lr"] * self.vectors["grad"]
+        return None  # the non-omniscient label flip depends on the agent's local data
 
 
 def plan(
@@ -130,10 +134,13 @@ def plan(
     *,
     evals: int = 16,
     mimic_target: int = 0,
+    flip_grad: torch.Tensor | None = None,
+    lr: float | None = None,
 ) -> AttackPlan:
     """Compute the honest statistics one attack needs. `honest` is (n_h, d); `mix` maps the full stack
     (honest rows then f Byzantine rows) to the mixed vector the defence would output; it is required
-    for ALIE and FOE, whose strength `a` is found by `line_maximize`."""
+    for ALIE and FOE, whose strength `a` is found by `line_maximize`. Label flip needs `flip_grad`, the
+    mean over the honest nodes of their flipped-label gradients (d,), and the step size `lr`."""
     attack = canonical(attack)
     if honest.dim() != 2 or honest.shape[0] < 1:
         raise ValueError(f"plan needs a (n_h, d) stack of honest vectors, got shape {tuple(honest.shape)}")
@@ -141,7 +148,9 @@ def plan(
     if attack == "sign_flip":
         return AttackPlan(attack, {"mu": mu})
     if attack == "label_flip":
-        return AttackPlan(attack, {"model": mu})
+        if flip_grad is None or lr is None or tuple(flip_grad.shape) != tuple(mu.shape):
+            raise ValueError("label_flip needs the honest nodes' mean flipped-label gradient (d,) and lr")
+        return AttackPlan(attack, {"mu": mu, "grad": flip_grad}, {"lr": float(lr)})
     if attack == "mimic":
         if not 0 <= mimic_target < honest.shape[0]:
             raise ValueError(f"mimic target {mimic_target} outside {honest.shape[0]} honest vectors")

@@ -27,7 +27,7 @@ A job file is TOML; every key is optional:
     lr = 0.1
 
     [uplink]                 # the codec agents upload with: name = "none" | "zstd" | "fedzip"
-    name = "fedzip"          # default for fedavg and fedzo: z = 0.03, k = 3, e4, error feedback
+    name = "fedzip"          # default for fedavg: z = 0.03, k = 3, e4, error feedback
     z = 0.03
 
     [continual]              # a continual job: a task schedule (coordinator/schedule.py); the job runs the
@@ -88,6 +88,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fedzo": {**_ZO_HEAD, "lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10},
     # FOT on the spec's permuted digits: 1 local epoch, batch 16, lr 0.05, eps 0.95, no threshold increment
     "fot": {"lr": 0.05, "epochs": 1, "batch": 16, "weight_decay": 1e-5, "eps": 0.95, "eps_inc": 0.0},
+    # FZooS's GD variant (the paper's plain-GD step, tuned for this head), not the spec's configuration (Adam at
+    # lr 0.01, 20 GP restarts, M = 10000, radius 0.01: the learner's defaults), which is slower per round and
+    # scored lower on digits (`fedfleet bench zo`); set [method] optimizer = "adam", lr = 0.01, ... for it
     "fzoos": {**_ZO_HEAD, "lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2,
               "explore_radius": 0.05, "init_radius": 0.05, "rff_features": 2000},
     # GGEUR (spec 4): the one-shot class-statistics exchange, then FedAvg of a linear head on the originals
@@ -127,9 +130,10 @@ METHOD_HEADS: dict[str, int] = {"ggeur": 0}
 # kept MNIST accuracy within 1 point of dense float32 (0.916 against 0.921) at 130x less uplink
 # (`fedfleet bench fedzip`, 40 rounds).
 # Methods that upload models, iterates or surrogate weights (MoNNA, FZooS, FedAMD) and the robust
-# aggregators (which compare raw updates) send dense.
+# aggregators (which compare raw updates) send dense. FedZO sends its d floats dense too, as the spec's
+# FedZO does (and as `fedfleet bench zo` measures it); FedZO with a FedZip uplink is `[uplink] name = "fedzip"`.
 FEDZIP_DEFAULT: dict[str, Any] = {"name": "fedzip", "z": 0.03, "k": 3, "encoding": "e4", "error_feedback": True}
-UPDATE_METHODS = ("fedavg", "fedzo")
+UPDATE_METHODS = ("fedavg",)
 # `--uplink NAME`: "fedzip" is the default FedZip configuration above, not the codec's bare defaults
 UPLINK_PRESETS: dict[str, dict[str, Any]] = {"none": {"name": "none"}, "zstd": {"name": "zstd"},
                                              "fedzip": FEDZIP_DEFAULT}

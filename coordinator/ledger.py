@@ -4,7 +4,9 @@ Tables:
 - `agent_rounds`: run, round, phase, agent, status (`ok`, `late`, `dropped`, `rejected:<reason>`),
   bytes_up, bytes_down (counted at the MQTT layer: payload plus MQTT overhead), learn_s, samples, queries,
   energy_compute_j, energy_radio_j, energy_idle_j, profile, codec, detail, ts.
-- `rounds`: run, round, accuracy, loss, wall_s, selected, ok, rejected, bytes_up, bytes_down, ts.
+- `rounds`: run, round, accuracy, loss, wall_s, selected, ok, rejected, bytes_up, bytes_down, ts,
+  accuracy_min, nodes. For methods with one model per node (MoNNA), accuracy and loss are the means over
+  the `nodes` honest nodes and accuracy_min is the worst node's; otherwise nodes = 0 and accuracy_min NULL.
 - `runs`: run, started, config (JSON).
 - `resumes`: run, round (the first round of the resumed attempt), interrupted (rows marked), ts.
 
@@ -44,6 +46,7 @@ CREATE INDEX IF NOT EXISTS agent_rounds_run_round ON agent_rounds(run, round);
 CREATE TABLE IF NOT EXISTS rounds (
   run TEXT NOT NULL, round INTEGER NOT NULL, accuracy REAL, loss REAL, wall_s REAL,
   selected INTEGER, ok INTEGER, rejected INTEGER, bytes_up INTEGER, bytes_down INTEGER, ts REAL NOT NULL,
+  accuracy_min REAL, nodes INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (run, round)
 );
 CREATE TABLE IF NOT EXISTS resumes (
@@ -59,6 +62,8 @@ CREATE TABLE IF NOT EXISTS layer_basis (
   d INTEGER NOT NULL, PRIMARY KEY (run, task, layer)
 );
 """
+# columns added after the first release: a ledger written before them gains them on open
+_ADDED_COLUMNS = {"rounds": (("accuracy_min", "REAL"), ("nodes", "INTEGER NOT NULL DEFAULT 0"))}
 
 AGENT_FIELDS = (
     "status", "bytes_up", "bytes_down", "learn_s", "samples", "queries", "energy_compute_j",
@@ -76,6 +81,11 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync per row; a crash loses at most the last rows
         self._db.executescript(SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
         self._lock = threading.Lock()
 
     def start_run(self, run: str, config: dict[str, Any]) -> None:

@@ -83,6 +83,8 @@ class Progress:
         """The plain one-line form of a round (also what logs get)."""
         online, joules = self._online(), self._joules()
         parts = [f"round {s.round:>3}/{self.total}", f"acc {s.accuracy:.3f}"]
+        if s.accuracy_min is not None:  # per-node models (MoNNA): accuracy is the mean over the nodes
+            parts.append(f"(mean of {s.nodes} nodes, worst {s.accuracy_min:.3f})")
         if online is not None:
             parts.append(f"online {online[0]}/{online[1]}")
         parts += [f"ok {s.ok}/{s.selected}", f"late {s.late}", f"rejected {s.rejected}",

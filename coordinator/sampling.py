@@ -92,8 +92,9 @@ def assign_roles(
         draws = rng.random(len(selected))
         return {a: (ANCHOR if u < float(p) else MINER) for a, u in zip(selected, draws)}
     if mode == "periodic":
-        if period is None or int(period) != period or int(period) < 1:
-            raise ConfigError(f"fedamd periodic mode needs an integer period >= 1, got {period!r}")
+        if isinstance(period, bool) or not isinstance(period, (int, float)) or int(period) != period or period < 2:
+            raise ConfigError(f"fedamd field 'period' must be an integer >= 2 in periodic mode (period 1 makes "
+                              f"every round all anchors, so the model never moves), got {period!r}")
         role = ANCHOR if round % int(period) == 0 else MINER
         return dict.fromkeys(selected, role)
     raise ConfigError(f"fedamd sampling mode must be 'constant' or 'periodic', got {mode!r}")

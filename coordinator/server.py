@@ -83,6 +83,8 @@ class RoundSummary:
     slowest_learn_s: float
     timings: dict[str, float] = field(default_factory=dict)  # dispatch, collect, aggregate, evaluate, checkpoint
     note: str = ""  # the method's own word on its state (Strategy.round_note), shown in progress lines
+    accuracy_min: float | None = None  # per-node methods (MoNNA): the worst node's; accuracy is their mean
+    nodes: int = 0  # models scored for the round's accuracy (0: the one global model)
 
 
 class Coordinator:
@@ -309,10 +311,11 @@ class Coordinator:
             late += len(outcome.late)
             slowest = max([slowest] + [float(res.metrics.get("_learn_s", 0.0)) for res in outcome.results])
         t1 = time.perf_counter()
-        accuracy, loss = self.evaluate(self.strategy.global_state())
+        accuracy, loss, accuracy_min, nodes = self._score()
         t2 = time.perf_counter()
         row = {"accuracy": accuracy, "loss": loss, "wall_s": t2 - t0, "selected": tasked, "ok": ok,
-               "rejected": rejected, "bytes_up": self.bytes_up_total - up0, "bytes_down": self.bytes_down_total - down0}
+               "rejected": rejected, "bytes_up": self.bytes_up_total - up0, "bytes_down": self.bytes_down_total - down0,
+               "accuracy_min": accuracy_min, "nodes": nodes}
         # the checkpoint is the round's commit point: a crash before it reruns the round on resume
         self.store.save_checkpoint(self.cfg.run, r, self.strategy, rng=self._rng.bit_generator.state,
                                    bytes_up=self.bytes_up_total, bytes_down=self.bytes_down_total, summary=row)
@@ -321,11 +324,21 @@ class Coordinator:
         timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)
         summary = RoundSummary(r, accuracy, loss, wall, tasked, ok, rejected, late,
                                self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings,
-                               self.strategy.round_note())
+                               self.strategy.round_note(), accuracy_min, nodes)
         self.ledger.record_round(self.cfg.run, r, **{**row, "wall_s": wall})
         if self.on_round is not None:
             self.on_round(summary)
         return summary
+
+    def _score(self) -> tuple[float, float, float | None, int]:
+        """(accuracy, loss, worst node's accuracy, nodes): a per-node method's mean and minimum over its nodes."""
+        nodes = self.strategy.node_states()
+        if not nodes:
+            accuracy, loss = self.evaluate(self.strategy.global_state())
+            return accuracy, loss, None, 0
+        scores = [self.evaluate(state) for state in nodes.values()]
+        accs = [a for a, _ in scores]
+        return float(np.mean(accs)), float(np.mean([lo for _, lo in scores])), float(np.min(accs)), len(scores)
 
     def _run_phase(self, r: int, phase: int, selected: list[str] | None) -> PhaseOutcome:
         t0 = time.perf_counter()
@@ -400,8 +413,11 @@ class Coordinator:
         if kind == "none" or not results:
             return results, 0
         names = self.strategy.update_names(phase)
+        # a "model" result's update is its difference from what the agent started from: the tensors its task
+        # sent, else (a task that named tensors the agent already held) the global state it holds
+        held = to_numpy(self.strategy.state) if kind == "model" else {}
         norms = [self.guard.update_norm({k: v for k, v in res.tensors.items() if names is None or k in names},
-                                        tasks[res.agent].tensors if kind == "model" else None)
+                                        {**held, **tasks[res.agent].tensors} if kind == "model" else None)
                  for res in results]
         screened = self.guard.screen(phase, results, norms)
         for res, norm, bound in screened.refused:

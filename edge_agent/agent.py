@@ -264,9 +264,7 @@ class Agent:
 
     def _shared_model(self, blob: bytes) -> Any:
         """This process's loaded copy of `blob` with a fresh feature cache, or None if not loaded yet."""
-        from edge_agent.model import package_digest
-
-        shared = (self.model_cache or {}).get(package_digest(blob))
+        shared = (self.model_cache or {}).get(protocol.digest(blob))
         return None if shared is None else dataclasses.replace(shared, _cache={})
 
     def _keep_state(self, header: dict[str, Any], body: bytes) -> None:
@@ -392,8 +390,9 @@ class Agent:
         spec = meta.get("uplink", {"name": "none"})
         tensors = {n: np.asarray(result.tensors[n], np.float32) for n, _ in expect}
         if spec.get("name") == "fedzip" and spec.get("error_feedback"):
-            tensors = self._with_feedback(task.method, tensors, spec)
-        payload = codecs.encode(tensors, expect, spec)
+            payload = self._with_feedback(task.method, tensors, spec)
+        else:
+            payload = codecs.encode(tensors, expect, spec)
         out = {
             "kind": "result", "fleet": self.cfg.fleet, "agent": self.cfg.agent_id, "run": task.run,
             "round": task.round, "phase": task.phase, "method": task.method, "codec": spec,
@@ -408,15 +407,16 @@ class Agent:
             for chunk in chunks:
                 self.link.publish(self._result_topic, chunk)
 
-    def _with_feedback(self, method: str, tensors: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _with_feedback(self, method: str, tensors: dict[str, np.ndarray], spec: dict[str, Any]) -> bytes:
+        """The FedZip payload of update + residual, sparsified and quantised once; the residual keeps the rest."""
         from edge_agent import fedzip
 
         params = fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
         fb = self.state.feedback.setdefault(method, fedzip.ErrorFeedback())
         compensated = fb.compensate(tensors)
-        sent = fedzip.quantize(compensated, params)
+        payload, sent = fedzip.encode_and_quantize(compensated, params)
         fb.update(compensated, sent)
-        return compensated
+        return payload
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:

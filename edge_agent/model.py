@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent import lora as lora_mlp
-from edge_agent import mlp
+from edge_agent import mlp, protocol
 from edge_agent.errors import ModelError
 from edge_agent.runtime import Runner, open_runner
 
@@ -46,11 +46,6 @@ FORMAT_RUNTIME = {
     "onnx": "onnxruntime",
     "tflite": "litert",
 }  # backbone file format -> the runtime that runs it
-
-
-def package_digest(blob: bytes) -> str:
-    """sha256 hex digest of a package blob: the identity the coordinator announces and agents check."""
-    return hashlib.sha256(blob).hexdigest()
 
 
 def _read_member(zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
@@ -180,7 +175,7 @@ class EdgeModel:
         blob = bytes(blob)
         if len(blob) > max_bytes:
             raise ModelError(f"model package is {len(blob)} bytes, over the {max_bytes}-byte cap")
-        digest = package_digest(blob)
+        digest = protocol.digest(blob)  # the identity the coordinator announces
         if expected_digest is not None and digest != expected_digest:
             raise ModelError(
                 f"model package digest {digest[:16]}... does not match the announced {expected_digest[:16]}...; "

@@ -27,10 +27,11 @@ import numpy as np
 
 from edge_agent import mlp
 from edge_agent.errors import ConfigError
-from edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST, package_digest
+from edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST
+from edge_agent.protocol import digest
 from models import backbone, head_graph
 
-__all__ = ["BackboneFile", "build_package", "package_digest", "write_zip", "central_head_accuracy"]
+__all__ = ["BackboneFile", "build_package", "write_zip", "central_head_accuracy"]
 
 BACKBONE_FILE = "backbone.onnx"
 INPUT_SHAPE = [64]
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         blob = build_package(mode, seed=args.seed)
         acc = central_head_accuracy(mode, seed=args.seed)
         print(
-            json.dumps({"mode": mode, "bytes": len(blob), "digest": package_digest(blob), "central_acc": acc})
+            json.dumps({"mode": mode, "bytes": len(blob), "digest": digest(blob), "central_acc": acc})
         )
     return 0
 

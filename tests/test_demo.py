@@ -54,3 +54,29 @@ def test_demo_runs_the_robust_and_anchor_sampling_methods(tmp_path, method, meth
                       quiet=True, metrics_port=0)
     assert [s.ok for s in result.summaries] == [4] * 5
     assert result.final_accuracy > result.summaries[0].accuracy + 0.2, [s.accuracy for s in result.summaries]
+
+
+def test_monna_rounds_record_the_mean_and_the_worst_honest_node(tmp_path):
+    """MoNNA has no global model: the engine scores every honest node's own model, and the ledger holds
+    their mean (accuracy) and minimum (accuracy_min), recomputed here from the last checkpoint."""
+    import sqlite3
+
+    import torch
+
+    from coordinator import robust
+    from coordinator.job import build, shards
+
+    cfg = JobConfig(method="monna", rounds=3, agents=4)
+    result = run_demo(cfg, run_dir=tmp_path, quiet=True, metrics_port=0)
+    rows = sqlite3.connect(str(tmp_path / "ledger.sqlite")).execute(
+        "SELECT round, accuracy, accuracy_min, nodes FROM rounds ORDER BY round").fetchall()
+    assert [r[3] for r in rows] == [4, 4, 4] and all(r[2] <= r[1] for r in rows)
+    last = result.summaries[-1]
+    assert (last.accuracy, last.accuracy_min, last.nodes) == (rows[-1][1], rows[-1][2], 4)
+    ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
+    _, cmodel = build(cfg)
+    _, test = shards(cfg)
+    layout = [(k, tuple(v.shape)) for k, v in cmodel.initial_state().items()]
+    accs = [cmodel.evaluate(robust.unflatten(v, layout), test.x, test.y)[0] for v in ckpt["extra"]["models"].values()]
+    assert len(accs) == 4
+    assert abs(sum(accs) / 4 - last.accuracy) < 1e-9 and abs(min(accs) - last.accuracy_min) < 1e-9

@@ -193,6 +193,27 @@ def test_auto_p_is_p_star_for_the_fleet_and_table_age_is_recorded() -> None:
     assert s.extra_state()["p"] == s.p
 
 
+def test_periodic_mode_counts_the_init_pass_as_round_zero() -> None:
+    """The first real round after the initialisation pass is a miner round; anchors every P rounds after."""
+    agents = [f"a{i}" for i in range(6)]
+    s = create_strategy("fedamd", _state(), participants=3, mode="periodic", period=3, lr=0.1, seed=1)
+    s.configure(0, 0, agents)
+    s.aggregate(0, 0, [_grad_result(a, 1.0, s.layout) for a in agents])  # the init pass: all anchors
+    roles = []
+    for rnd in range(1, 8):
+        tasks = s.configure(rnd, 0, agents)
+        roles.append({t.config["role"] for t in tasks.values()})
+        s.aggregate(rnd, 0, [])
+    assert roles == [{"miner"}, {"miner"}, {"anchor"}, {"miner"}, {"miner"}, {"anchor"}, {"miner"}]
+
+
+@pytest.mark.parametrize("period", [1, 0, 2.5, True, None])
+def test_periodic_mode_needs_a_period_of_at_least_two(period) -> None:
+    with pytest.raises(ConfigError, match="field 'period' must be an integer >= 2") as err:
+        create_strategy("fedamd", _state(), mode="periodic", period=period)
+    assert "\n" not in str(err.value)
+
+
 def test_strategy_config_errors() -> None:
     with pytest.raises(ConfigError):
         create_strategy("fedamd", _state(), mode="periodic", period=0)
@@ -207,7 +228,7 @@ def test_strategy_config_errors() -> None:
 
 
 def test_fedamd_reduces_loss_end_to_end() -> None:
-    from tools.bench_robust import inprocess_runner
+    from tools.inprocess_runner import inprocess_runner
 
     shards = {f"a{i}": _data(n=30, seed=i) for i in range(8)}
     state = _state()

@@ -14,7 +14,8 @@ from coordinator import data as fdata
 from coordinator.model import CoordinatorModel
 from edge_agent import mlp
 from edge_agent.errors import ModelError
-from edge_agent.model import EdgeModel, package_digest
+from edge_agent.model import EdgeModel
+from edge_agent.protocol import digest
 from models.package import BackboneFile, build_package, central_head_accuracy, write_zip
 
 
@@ -46,7 +47,7 @@ def with_manifest(blob: bytes, **changes: object) -> bytes:
 
 @pytest.mark.parametrize("mode", ["transfer", "full"])
 def test_round_trip(blobs: dict[str, bytes], mode: str) -> None:
-    model = EdgeModel.from_bytes(blobs[mode], expected_digest=package_digest(blobs[mode]))
+    model = EdgeModel.from_bytes(blobs[mode], expected_digest=digest(blobs[mode]))
     assert model.mode == mode
     assert model.input_shape == (64,)
     assert model.head_sizes == [64, 32, 10]
@@ -65,14 +66,14 @@ def test_round_trip(blobs: dict[str, bytes], mode: str) -> None:
 def test_digest_is_deterministic_and_seed_sensitive(blobs: dict[str, bytes]) -> None:
     again = build_package("transfer")
     assert again == blobs["transfer"]
-    assert package_digest(again) == package_digest(blobs["transfer"])
-    assert package_digest(build_package("transfer", seed=1)) != package_digest(blobs["transfer"])
-    assert len(package_digest(again)) == 64
+    assert digest(again) == digest(blobs["transfer"])
+    assert digest(build_package("transfer", seed=1)) != digest(blobs["transfer"])
+    assert len(digest(again)) == 64
 
 
 def test_digest_mismatch_is_refused(blobs: dict[str, bytes]) -> None:
     with pytest.raises(ModelError, match="digest"):
-        EdgeModel.from_bytes(blobs["full"], expected_digest=package_digest(blobs["transfer"]))
+        EdgeModel.from_bytes(blobs["full"], expected_digest=digest(blobs["transfer"]))
 
 
 # --- bad packages ---------------------------------------------------------------------------------

@@ -160,7 +160,12 @@ def test_attack_plans() -> None:
     assert torch.allclose(foe.vector(), (1 - foe.scalars["a"]) * mu)
     assert torch.allclose(attacks.plan("sf", honest, 3).vector(), -mu)
     assert torch.equal(attacks.plan("mimic", honest, 3).vector(), honest[0])
-    assert attacks.plan("label_flip", honest, 3).vector() is None
+    flip = torch.randn(20, generator=g)
+    lf = attacks.plan("label_flip", honest, 3, flip_grad=flip, lr=0.25)
+    assert torch.allclose(lf.vector(), mu - 0.25 * flip)  # the spec's: mu - gamma_t * mean_i flipped gradient
+    with pytest.raises(ValueError, match="flipped-label"):
+        attacks.plan("label_flip", honest, 3)
+    assert attacks.AttackPlan("label_flip", {"model": mu}).vector() is None  # non-omniscient: computed locally
     with pytest.raises(ConfigError, match="omniscient"):
         attacks.parse_byzantine({"agent-10": "alie"}, omniscient=False)
     assert attacks.parse_byzantine({"agent-10": "label_flip"}, omniscient=False) == {"agent-10": "label_flip"}
@@ -187,6 +192,9 @@ def test_byzantine_learner_applies_the_hook_vectors_and_flips_labels_locally() -
     out = learner.learn(_task({"attack": "label_flip", "lr": 0.5, "batch": 30}, model), data, None).tensors
     _, g = mlp.loss_and_grad(params, data.x, 3 - data.y)
     assert np.allclose(out["fc0.weight"], params["fc0.weight"] - 0.5 * g["fc0.weight"], atol=1e-6)
+    grad = {f"grad.{k}": np.full_like(v, 2.0) for k, v in params.items()}
+    out = learner.learn(_task({"attack": "label_flip", "lr": 0.5}, {**mu, **grad}), data, None).tensors
+    assert np.allclose(out["fc0.weight"], params["fc0.weight"] - 1.0)  # omniscient: mu - lr * honest mean
     with pytest.raises(ConfigError):
         learner.learn(_task({"attack": "nonsense"}, mu), data, None)
 
@@ -198,7 +206,9 @@ def test_monna_learner_dampened_momentum_and_unsquared_l2() -> None:
     params = mlp.init([5, 3], seed=2)
     rng = np.random.default_rng(1)
     data = LocalData(rng.random((8, 5), dtype=np.float32), rng.integers(0, 3, 8))
-    cfg = {"lr": 0.5, "beta": 0.9, "weight_decay": 0.1, "batch": 8, "seed": 0}
+    with pytest.raises(ConfigError, match="norm_penalty"):  # the old, misleading name is refused
+        create_learner("monna").learn(_task({"lr": 0.5, "weight_decay": 0.1}, params, method="monna"), data, None)
+    cfg = {"lr": 0.5, "beta": 0.9, "norm_penalty": 0.1, "batch": 8, "seed": 0}
     learner = create_learner("monna")
     out = learner.learn(_task(cfg, params, method="monna"), data, None).tensors
     _, g = mlp.loss_and_grad(params, data.x, data.y)
@@ -227,11 +237,11 @@ def _shards(n: int, seed: int = 0) -> dict[str, LocalData]:
 
 
 def test_monna_keeps_separate_copies_and_first_step_is_not_multiplied() -> None:
-    from tools.bench_robust import inprocess_runner
+    from tools.inprocess_runner import inprocess_runner
 
     agents = _shards(4)
     state = _state([6, 3])
-    s = create_strategy("monna", state, f=0, beta=0.0, lr=0.3, weight_decay=0.0, batch=40, mixing="mean")
+    s = create_strategy("monna", state, f=0, beta=0.0, lr=0.3, norm_penalty=0.0, batch=40, mixing="mean")
     inprocess_runner(s, agents, 1)
     models = list(s.models.values())
     assert len({id(m) for m in models}) == 4 and len({m.data_ptr() for m in models}) == 4
@@ -248,7 +258,7 @@ def test_monna_keeps_separate_copies_and_first_step_is_not_multiplied() -> None:
 
 
 def test_monna_under_sign_flip_keeps_honest_models_close_to_honest() -> None:
-    from tools.bench_robust import inprocess_runner
+    from tools.inprocess_runner import inprocess_runner
 
     agents = _shards(10)
     byz = ["agent-07", "agent-08", "agent-09"]
@@ -268,10 +278,64 @@ def test_monna_config_errors() -> None:
         create_strategy("monna", _state([6, 3]), f=1, byzantine={"agent-01": "foe"})
     with pytest.raises(ConfigError, match="2f"):
         create_strategy("monna", _state([6, 3]), f=3, n=8)
+    with pytest.raises(ConfigError, match="norm_penalty"):
+        create_strategy("monna", _state([6, 3]), weight_decay=1e-4)
+
+
+def _flip_mean(state: dict, agents: dict, batch: int, seed: int, round: int, names: list[str]) -> torch.Tensor:
+    """The spec's label-flip gradient, recomputed here: mean over the honest nodes of grad NLL(theta; C-1-y)
+    on each node's own batch (the batch its task draws)."""
+    from coordinator.strategies.base import agent_seed
+    from edge_agent.learners._inputs import minibatch, task_rng
+
+    layout = [(k, tuple(v.shape)) for k, v in state.items()]
+    params = {k: v.numpy() for k, v in state.items()}
+    out = []
+    for a in names:
+        d = agents[a]
+        idx = minibatch(task_rng(_task({"seed": agent_seed(seed, a)}, {}, round=round)), len(d), batch)
+        _, g = mlp.loss_and_grad(params, d.x[idx], 2 - d.y[idx])
+        out.append(robust.flatten(g, layout))
+    return torch.stack(out).mean(0)
+
+
+@pytest.mark.parametrize("method", ["monna", "robust_fedavg"])
+def test_label_flip_uses_the_mean_flipped_gradient_over_honest_nodes(method: str) -> None:
+    from tools.inprocess_runner import inprocess_runner
+
+    agents = _shards(8)
+    byz = {"agent-06": "label_flip", "agent-07": "label_flip"}
+    honest = [a for a in agents if a not in byz]
+    state = _state([6, 3])
+    layout = [(k, tuple(v.shape)) for k, v in state.items()]
+    kw = {"mixing": "mean"} if method == "monna" else {"aggregator": "mean"}
+    s = create_strategy(method, state, f=2, n=8, lr=0.4, batch=8, seed=3, byzantine=byz, omniscient=True, **kw)
+    tasks = s.configure(0, 0, list(agents))
+    assert set(tasks) == set(honest)
+    assert all(t.config["flip_grad"] and ("flip.fc0.weight", (3, 6)) in t.expect for t in tasks.values())
+    seen: dict[str, torch.Tensor] = {}
+    orig = s.configure
+
+    def spy(round: int, phase: int, names: list[str]):  # keep what the Byzantine agents are told to send
+        out = orig(round, phase, names)
+        if phase == 1:
+            seen.update({a: robust.flatten({k[5:]: v for k, v in t.tensors.items() if k.startswith("grad.")}, layout)
+                         for a, t in out.items()})
+        return out
+
+    s.configure = spy  # type: ignore[method-assign]
+    inprocess_runner(s, agents, 1)
+    expected = _flip_mean(state, agents, 8, 3, 0, honest)
+    assert set(seen) == set(byz)
+    for vec in seen.values():  # one shared vector: the mean over the honest nodes, not a Byzantine's own data
+        assert torch.allclose(vec, expected, atol=1e-6)
+    # without the omniscient hook the honest nodes are not asked for anything extra
+    plain = create_strategy(method, state, f=2, n=8, lr=0.4, batch=8, byzantine=byz, **kw)
+    assert all("flip_grad" not in t.config and t.expect == layout for t in plain.configure(0, 0, honest).values())
 
 
 def test_robust_fedavg_mean_is_fedavg_and_median_resists_sign_flip() -> None:
-    from tools.bench_robust import inprocess_runner
+    from tools.inprocess_runner import inprocess_runner
 
     agents = _shards(7)
     state = _state([6, 3])

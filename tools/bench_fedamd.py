@@ -42,8 +42,8 @@ from coordinator.strategies.base import Strategy
 from coordinator.strategies.fedamd import FedAMDStrategy
 from edge_agent import mlp
 from edge_agent.learners import LocalData
-from tools.bench_robust import Runner, inprocess_runner
 from tools.benchio import emit
+from tools.inprocess_runner import Runner, inprocess_runner
 
 
 def global_loss(params: dict[str, np.ndarray], shards: dict[str, LocalData]) -> float:

@@ -4,13 +4,14 @@ Setup (the issue's): n = 13 agents, f = 3 Byzantine, sklearn digits, Dirichlet a
 honest agents, a 64-32-10 MLP, batch 16, gamma_t = 0.5 / (1 + t / 50). Every robust rule runs in the
 decentralised MoNNA relay (`coordinator.strategies.monna` with `mixing = <rule>`): MoNNA is NNA with
 beta = 0.9, "nna_beta0" is NNA without momentum, the others mix with their rule at beta = 0.9, and
-"mean" is D-SGD. Attacks: none, ALIE, FOE, sign flip, label flip (omniscient hook on). Accuracy is the
-mean test accuracy over the honest nodes' own models after the last step.
+"mean" is D-SGD. Attacks: none, ALIE, FOE, sign flip, label flip (omniscient hook on; the spec's
+attack: mu - gamma_t * mean over the honest nodes of their flipped-label gradients). Each matrix cell
+has `accuracy`, the mean test accuracy over the honest nodes' own models after the last step, and
+`worst_node`, the minimum over them.
 
-`run_matrix(runner=...)` takes the runner that drives Strategy and Learner objects; `inprocess_runner`
-here exchanges tensors directly (configure -> learn -> aggregate, the engine's code path), and an MQTT
-runner with the same signature can replace it. `nna_seconds` times one full NNA mixing (every row a
-pivot) of 100 vectors of 1M floats.
+`run_matrix(runner=...)` takes the runner that drives Strategy and Learner objects: the MQTT runner
+(`tools.mqtt_runner`, the default) or `tools.inprocess_runner`, which exchanges tensors directly.
+`nna_seconds` times one full NNA mixing (every row a pivot) of 100 vectors of 1M floats.
 
     fedfleet bench robust [--quick] [--steps N] [--json PATH]
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,15 +29,10 @@ import torch
 from coordinator import data as datasets
 from coordinator import robust
 from coordinator.strategies import create as create_strategy
-from coordinator.strategies.base import ClientResult, Strategy
 from edge_agent import mlp
-from edge_agent.errors import ProtocolError
-from edge_agent.learners import Learner, LocalData, Task
-from edge_agent.learners import create as create_learner
+from edge_agent.learners import LocalData
 from tools.benchio import emit
-
-OnRound = Callable[[int, Strategy], None]
-Runner = Callable[..., None]
+from tools.inprocess_runner import Runner, inprocess_runner
 
 AGGREGATORS: dict[str, dict[str, Any]] = {
     "monna": {"mixing": "nna", "beta": 0.9},
@@ -52,62 +47,13 @@ AGGREGATORS: dict[str, dict[str, Any]] = {
 ATTACKS = ["none", "alie", "foe", "sign_flip", "label_flip"]
 
 
-def check_upload(agent: str, tensors: dict[str, np.ndarray], expect: list[tuple[str, tuple[int, ...]]]) -> None:
-    for name, shape in expect:
-        t = tensors.get(name)
-        if t is None or tuple(t.shape) != tuple(shape):
-            raise ProtocolError("shape", f"{agent} uploaded {name!r} with the wrong shape or not at all")
-        if not np.all(np.isfinite(t)):
-            raise ProtocolError("nonfinite", f"{agent} uploaded non-finite values in {name!r}")
-
-
-def inprocess_runner(
-    strategy: Strategy,
-    agents: dict[str, LocalData],
-    rounds: int,
-    *,
-    model: Any = None,
-    on_round: OnRound | None = None,
-) -> None:
-    """Drive a strategy and one learner object per agent without a broker, phase by phase.
-
-    The learner an agent runs is `config["learner"]` (default: the strategy's name). Uploads are checked
-    against the TaskSpec's `expect` layout and for finiteness, as the engine does; a refused upload
-    is left out of the round (the engine records it as rejected and goes on).
-    """
-    learners: dict[tuple[str, str], Learner] = {}
-    names = list(agents)
-    rejected = [0]
-    for r in range(rounds):
-        for phase in range(strategy.phases):
-            specs = strategy.configure(r, phase, names)
-            results = []
-            for agent, spec in specs.items():
-                method = str(spec.config.get("learner", strategy.name))
-                learner = learners.get((agent, method))
-                if learner is None:
-                    learner = learners[(agent, method)] = create_learner(method)
-                task = Task(run="bench", round=r, method=method, config=spec.config, tensors=spec.tensors, phase=phase)
-                with np.errstate(all="ignore"):  # a diverged model overflows; the check below refuses it
-                    out = learner.learn(task, agents[agent], model)
-                try:
-                    check_upload(agent, out.tensors, spec.expect)
-                except ProtocolError:
-                    rejected[0] += 1
-                    continue  # refused like the engine does: the round goes on without it
-                results.append(ClientResult(agent, out.tensors, out.samples, out.metrics))
-            strategy.aggregate(r, phase, results)
-        if on_round is not None:
-            on_round(r, strategy)
-
-
 def _setup(seed: int, n_honest: int, n_byz: int, alpha: float) -> tuple[dict[str, LocalData], list[str], datasets.Dataset]:
     train, test = datasets.split(datasets.digits(), 0.2, seed=seed)
     parts = datasets.partition_dirichlet(train.y, n_honest, alpha, seed=seed)
     agents = {f"agent-{i:02d}": LocalData(train.x[p], train.y[p]) for i, p in enumerate(parts)}
     rng = np.random.Generator(np.random.PCG64(seed + 1))
     byz = []
-    for j in range(n_byz):  # Byzantine agents hold an i.i.d. sample (used by label flipping only)
+    for j in range(n_byz):  # Byzantine agents hold an i.i.d. sample (used only by the non-omniscient label flip)
         idx = rng.choice(len(train), size=100, replace=False)
         name = f"agent-{n_honest + j:02d}"
         agents[name] = LocalData(train.x[idx], train.y[idx])
@@ -139,7 +85,7 @@ def run_one(
         n=n,
         lr=0.5,
         lr_decay=50,
-        weight_decay=1e-4,
+        norm_penalty=1e-4,
         batch=16,
         seed=seed,
         omniscient=True,
@@ -168,11 +114,12 @@ def run_matrix(
         for agg in aggregators:
             for att in attacks:
                 res = run_one(agg, att, steps=steps, seed=seed, runner=runner)
-                matrix.append({"aggregator": agg, "attack": att, "accuracy": round(res["accuracy"], 4)})
+                matrix.append({"aggregator": agg, "attack": att, "accuracy": round(res["accuracy"], 4),
+                               "worst_node": round(res["worst_node"], 4)})
                 print(f"{agg:18s} {att:11s} acc={res['accuracy']:.4f} worst={res['worst_node']:.4f}", file=sys.stderr)
     finally:
         torch.set_num_threads(threads)
-    cell = {(m["aggregator"], m["attack"]): m["accuracy"] for m in matrix}
+    cell = {(m["aggregator"], m["attack"]): m["accuracy"] for m in matrix}  # mean over the honest nodes
     clean = cell.get(("mean", "none"), cell.get(("monna", "none"), float("nan")))
     monna = [v for (a, att), v in cell.items() if a == "monna" and att != "none"]
     gap = 100.0 * (clean - min(monna)) if monna else float("nan")

@@ -2,15 +2,23 @@
 Learner classes (the round engine's loop without MQTT: configure, tasks with float32 tensors and JSON
 config, shape checks, aggregate).
 
-`fedfleet bench zo --json PATH [--plot PNG] [--quick]` writes {"quadratic", "digits_f1"}:
-- quadratic: the FZooS quadratic (d=50, 5 agents, div 0.5, F* in closed form), the same rounds for both
-  methods and the same step rule (plain GD, same lr, T = H = 10), so only the gradient estimate differs.
-  query_ratio = queries FedZO used to reach its final gap F−F* / queries FZooS used to reach that gap;
-  surrogate_cosine = mean cosine between FZooS's GP mean gradient and the true ∇f_i at its iterates.
+`fedfleet bench zo --json PATH [--plot PNG] [--quick] [--jobs N]` writes {"quadratic", "digits_f1"}:
+- quadratic: the FZooS quadratic (d=50, 5 agents, div 0.5, F* in closed form), the same rounds for every
+  run, T = H = 10. The headline FZooS is the spec's configuration (Adam, lr 0.01, 20 GP restarts, M =
+  10000, exploration radius 0.01, ρ_i as the spec computes it, no floor); FedZO is the spec's dense FedZO
+  (plain GD, lr 0.1). query_ratio = queries FedZO used to reach its final gap F−F* / queries FZooS used to
+  reach that gap; surrogate_cosine = mean cosine between FZooS's GP mean gradient and the true ∇f_i at its
+  iterates. Beside it, under their own labels (quadratic_details.variants): "fzoos_gd", the earlier
+  headline (plain GD, lr 0.1, 2 GP restarts), and "fzoos_rho_floor", the spec's configuration with the
+  refresh radius floored at the exploration radius (the deviation the learner used to apply).
 - digits_f1: 1 − macro-F1 through the int8 ONNX digits-mlp with its last layer fed as graph inputs,
-  class-skewed shards (Dirichlet 0.5), the same total query budget for both; test-set macro-F1 of the
-  resulting global head.
-The objective's true value is used only to score rounds here; no strategy evaluates it.
+  class-skewed shards (Dirichlet 0.5), the same total query budget for every run; test-set macro-F1 of
+  the resulting global head. fzoos_f1 is the spec's configuration; "fzoos_gd" (plain GD, lr 1, 2
+  restarts, radius 0.05, M = 10000) is beside it in digits_f1_details, with the diagnostics of why FZooS
+  loses there (the fitted GP lengthscale, how often an exploration query ties the iterate's value, and
+  a probe of how flat 1 − macro-F1 is around the start at several radii).
+The objective's true value is used only to score rounds here; no strategy evaluates it. `--jobs N` runs
+the independent runs in N processes (the results do not depend on it).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,7 +116,15 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 # ---- the quadratic ---------------------------------------------------------------------------------
 
 QUAD_FEDZO = {"lr": 0.1, "mu": 0.005, "directions": 20, "local_steps": 10}
-QUAD_FZOOS = {"lr": 0.1, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2}
+# the spec's FZooS: Adam at lr 0.01, 20 GP restarts (the learner's defaults: M = 10000, radius 0.01, no ρ floor)
+QUAD_FZOOS = {"lr": 0.01, "optimizer": "adam", "local_steps": 10, "gp_restarts": 20}
+QUAD_FZOOS_GD = {"lr": 0.1, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2}  # the earlier headline
+QUAD_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedzo": ("fedzo", QUAD_FEDZO),
+    "fzoos": ("fzoos", QUAD_FZOOS),
+    "fzoos_gd": ("fzoos", QUAD_FZOOS_GD),
+    "fzoos_rho_floor": ("fzoos", {**QUAD_FZOOS, "rho_floor": True}),
+}
 
 
 def quadratic_run(method: str, *, d: int, agents: int, div: float, rounds: int, seed: int,
@@ -141,42 +158,77 @@ def quadratic_run(method: str, *, d: int, agents: int, div: float, rounds: int, 
     return run(strategy, learners, {a: EMPTY for a in names}, rounds, score=gap, extra=extra)
 
 
-def bench_quadratic(*, d: int, agents: int, div: float, rounds: int, seed: int,
-                    fzoos_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Trace]]:
-    traces = {}
-    times = {}
-    for method, over in (("fedzo", None), ("fzoos", fzoos_overrides)):
-        t0 = time.perf_counter()
-        traces[method] = quadratic_run(method, d=d, agents=agents, div=div, rounds=rounds, seed=seed,
-                                       overrides=over)
-        times[method] = time.perf_counter() - t0
-    fz, fo = traces["fedzo"], traces["fzoos"]
-    target = fz.score[-1]
-    q_fedzo = queries_to_reach(fz, target)
-    q_fzoos = queries_to_reach(fo, target)
-    gp_cos = [m["gp_cosine"] for per in fo.metrics for m in per.values() if "gp_cosine" in m]
-    rff_cos = [m["rff_cosine"] for per in fo.metrics for m in per.values() if "rff_cosine" in m]
-    glob = [c for c in fo.extra if np.isfinite(c)]
-    # the same FZooS with the reference code's step rule (Adam, lr 0.01): small steps keep the iterate among
-    # its own queries, which is where the GP gradient is most accurate
+def _quad_job(job: tuple[str, str, dict[str, Any], dict[str, Any]]) -> tuple[str, Trace, float]:
+    name, method, overrides, kw = job
     t0 = time.perf_counter()
-    adam = quadratic_run("fzoos", d=d, agents=agents, div=div, rounds=min(rounds, 3), seed=seed,
-                         overrides={**(fzoos_overrides or {}), "optimizer": "adam", "lr": 0.01})
-    times["fzoos_adam"] = time.perf_counter() - t0
-    adam_cos = [m["gp_cosine"] for per in adam.metrics for m in per.values() if "gp_cosine" in m]
-    out = {
-        "d": d, "agents": agents, "div": div, "rounds": rounds,
-        "queries_fedzo": fz.queries[-1], "queries_fzoos": fo.queries[-1],
-        "gap_fedzo": fz.score[-1], "gap_fzoos": fo.score[-1],
-        "query_ratio": (q_fedzo / q_fzoos) if q_fedzo and q_fzoos else None,
-        "queries_to_fedzo_final_gap": {"fedzo": q_fedzo, "fzoos": q_fzoos},
-        "queries_to_gap": {f"{g:g}": {m: queries_to_reach(t, g) for m, t in traces.items()}
-                           for g in (1e-1, 1e-2, 1e-3, 1e-4)},
+    trace = quadratic_run(method, overrides=overrides, **kw)
+    return name, trace, time.perf_counter() - t0
+
+
+def _one_thread() -> None:
+    import torch as _torch
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    _torch.set_num_threads(1)
+
+
+def _pool_map(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[Any]:
+    if workers <= 1:
+        return [fn(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
+        return list(pool.map(fn, jobs))
+
+
+def _fzoos_stats(tr: Trace, target: float, q_fedzo: int | None) -> dict[str, Any]:
+    q = queries_to_reach(tr, target)
+    per = [m for r in tr.metrics for m in r.values()]
+    gp_cos = [m["gp_cosine"] for m in per if "gp_cosine" in m]
+    rho = [m["rho_given"] for m in per if "rho_given" in m]
+    glob = [c for c in tr.extra if np.isfinite(c)]
+    return {
+        "queries": tr.queries[-1], "gap": tr.score[-1], "queries_to_fedzo_final_gap": q,
+        "query_ratio": (q_fedzo / q) if q_fedzo and q else None,
         "surrogate_cosine": float(np.mean(gp_cos)) if gp_cos else None,
         "surrogate_cosine_min": float(np.min(gp_cos)) if gp_cos else None,
-        "surrogate_cosine_adam_lr0.01": float(np.mean(adam_cos)) if adam_cos else None,
-        "rff_local_cosine": float(np.mean(rff_cos)) if rff_cos else None,
-        "rff_global_cosine": float(np.mean(glob)) if glob else None,
+        "rff_local_cosine": _mean([m["rff_cosine"] for m in per if "rff_cosine" in m]),
+        "rff_global_cosine": _mean(glob),
+        "rho_mean": _mean(rho),
+        "rho_below_explore_radius": _mean([float(r < 0.01) for r in rho]),
+        "gp_lengthscale": _mean([m["gp_lengthscale"] for m in per if "gp_lengthscale" in m]),
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def bench_quadratic(*, d: int, agents: int, div: float, rounds: int, seed: int,
+                    fzoos_overrides: dict[str, Any] | None = None, jobs: int = 1,
+                    variants: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Trace]]:
+    kw = {"d": d, "agents": agents, "div": div, "rounds": rounds, "seed": seed}
+    names = variants or list(QUAD_VARIANTS)
+    work = [(n, QUAD_VARIANTS[n][0], {**QUAD_VARIANTS[n][1], **((fzoos_overrides or {}) if n != "fedzo" else {})},
+             kw) for n in names]
+    done = _pool_map(_quad_job, work, jobs)
+    traces = {n: tr for n, tr, _ in done}
+    times = {n: sec for n, _, sec in done}
+    fz = traces["fedzo"]
+    target = fz.score[-1]
+    q_fedzo = queries_to_reach(fz, target)
+    stats = {n: _fzoos_stats(tr, target, q_fedzo) for n, tr in traces.items() if n != "fedzo"}
+    head = stats["fzoos"]
+    out = {
+        "d": d, "agents": agents, "div": div, "rounds": rounds,
+        "queries_fedzo": fz.queries[-1], "queries_fzoos": head["queries"],
+        "gap_fedzo": fz.score[-1], "gap_fzoos": head["gap"],
+        "query_ratio": head["query_ratio"],
+        "surrogate_cosine": head["surrogate_cosine"],
+        "configs": {n: QUAD_VARIANTS[n][1] for n in names},
+        "queries_to_fedzo_final_gap": {"fedzo": q_fedzo, **{n: v["queries_to_fedzo_final_gap"] for n, v in stats.items()}},
+        "queries_to_gap": {f"{g:g}": {m: queries_to_reach(t, g) for m, t in traces.items()}
+                           for g in (1e-1, 1e-2, 1e-3, 1e-4)},
+        "variants": stats,
         "curves": {m: {"queries": t.queries, "gap": t.score} for m, t in traces.items()},
         "seconds": times,
     }
@@ -186,10 +238,18 @@ def bench_quadratic(*, d: int, agents: int, div: float, rounds: int, seed: int,
 # ---- digits, macro-F1 through the int8 runtime ------------------------------------------------------
 
 # step sizes from small sweeps at a 5,000-query budget (FedZO: mu in {0.3, 1, 3} x lr in {0.01, 0.03, 0.1, 0.3};
-# FZooS: (lr, radius) in {(0.2, 0.05), (0.5, 0.05), (1, 0.05), (2, 0.1), (1, 0.3), (3, 0.3)})
+# FZooS GD: (lr, radius) in {(0.2, 0.05), (0.5, 0.05), (1, 0.05), (2, 0.1), (1, 0.3), (3, 0.3)})
 DIGITS_FEDZO = {"lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10}
-DIGITS_FZOOS = {"lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2, "explore_radius": 0.05,
-                "init_radius": 0.05}
+# the spec's FZooS (the learner's defaults: radius 0.01, init radius 0.01, M = 10000)
+DIGITS_FZOOS = {"lr": 0.01, "optimizer": "adam", "local_steps": 10, "gp_restarts": 20}
+DIGITS_FZOOS_GD = {"lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2, "explore_radius": 0.05,
+                   "init_radius": 0.05}  # the earlier headline, and the demo's default
+DIGITS_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedzo": ("fedzo", DIGITS_FEDZO),
+    "fzoos": ("fzoos", DIGITS_FZOOS),
+    "fzoos_gd": ("fzoos", DIGITS_FZOOS_GD),
+}
+PROBE_RADII = (0.01, 0.05, 0.3, 1.0)
 
 
 def digits_head(runtime: str, seed: int, quick: bool) -> tuple[Any, Any]:
@@ -212,8 +272,7 @@ def digits_head(runtime: str, seed: int, quick: bool) -> tuple[Any, Any]:
     return RunnerHead(runner, dict(zip(zoo.get("digits-mlp").head, HEAD_INPUTS))), net
 
 
-def bench_digits(*, agents: int, budget: int, seed: int, quick: bool, runtime: str = "onnxruntime",
-                 fzoos_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def _digits_setup(runtime: str, seed: int, quick: bool, agents: int) -> dict[str, Any]:
     from coordinator.data import partition_dirichlet
     from models import zoo
 
@@ -234,22 +293,106 @@ def bench_digits(*, agents: int, budget: int, seed: int, quick: bool, runtime: s
         h = {k: v.numpy() for k, v in s.state.items()}
         return macro_f1(test.y, head.head_logits(h, test.x).argmax(1))
 
-    res: dict[str, Any] = {"runtime": runtime, "d": out_dim * in_dim + out_dim, "agents": agents}
-    for method, base in (("fedzo", DIGITS_FEDZO), ("fzoos", {**DIGITS_FZOOS, **(fzoos_overrides or {})})):
-        strategy = create_strategy(method, init, objective="macro_f1", zo_path="runtime", seed=seed, **base)
-        learners = {a: create_learner(method) for a in names}
-        t0 = time.perf_counter()
-        tr = run(strategy, learners, data, 10_000, model=head, score=test_f1, budget=budget)
-        res[f"{method}_f1"] = tr.score[-1]
-        res[f"{method}_queries"] = tr.queries[-1]
-        res[f"{method}_rounds"] = len(tr.queries) - 1
-        res[f"{method}_seconds"] = time.perf_counter() - t0
-        res[f"{method}_curve"] = {"queries": tr.queries, "f1": tr.score}
-        res["start_f1"] = tr.score[0]
-    res["queries"] = budget
-    res["trained_head_f1"] = test_f1(create_strategy("fedzo", {k: v.detach() for k, v in net.state_dict().items()
-                                                               if k in entry.head}))
+    trained = {k: v.detach() for k, v in net.state_dict().items() if k in entry.head}
+    return {"head": head, "init": init, "data": data, "names": names, "test_f1": test_f1, "trained": trained,
+            "d": out_dim * in_dim + out_dim}
+
+
+def _digits_job(job: tuple[str, str, int, bool, int, int, dict[str, Any]]) -> dict[str, Any]:
+    """One run on digits, or the flatness probe ("probe"): 1 − macro-F1 on agent 0's shard at 50 points
+    uniform in x0 ± r, for each r in PROBE_RADII: the fraction that ties f(x0) exactly, and the number
+    of distinct values."""
+    name, runtime, seed, quick, agents, budget, overrides = job
+    env = _digits_setup(runtime, seed, quick, agents)
+    if name == "probe":
+        from edge_agent.zo import problem
+
+        a0 = env["names"][0]
+        tensors = {k: v.numpy() for k, v in env["init"].items()}
+        prob = problem.build({"objective": "macro_f1", "zo_path": "runtime"}, tensors, env["data"][a0], env["head"])
+        rng = np.random.Generator(np.random.PCG64(seed + 11))
+        y0 = prob.objective(prob.x0)
+        out: dict[str, Any] = {"agent": a0, "f_x0": y0}
+        for r in PROBE_RADII:
+            ys = [prob.objective(prob.x0 + rng.uniform(-r, r, prob.view.d)) for _ in range(50)]
+            out[f"r{r:g}"] = {"tie_fraction": float(np.mean([y == y0 for y in ys])), "distinct": len(set(ys)),
+                              "mean_abs_change": float(np.mean([abs(y - y0) for y in ys]))}
+        return {"name": name, "probe": out, "d": env["d"], "start_f1": None,
+                "trained_head_f1": env["test_f1"](create_strategy("fedzo", env["trained"]))}
+    method, base = DIGITS_VARIANTS[name]
+    strategy = create_strategy(method, env["init"], objective="macro_f1", zo_path="runtime", seed=seed,
+                               **{**base, **overrides})
+    learners = {a: create_learner(method) for a in env["names"]}
+    t0 = time.perf_counter()
+    tr = run(strategy, learners, env["data"], 10_000, model=env["head"], score=env["test_f1"], budget=budget)
+    per = [m for r in tr.metrics for k, m in r.items() if k.endswith("/0")]
+    res = {"name": name, "f1": tr.score[-1], "queries": tr.queries[-1], "rounds": len(tr.queries) - 1,
+           "seconds": time.perf_counter() - t0, "curve": {"queries": tr.queries, "f1": tr.score},
+           "start_f1": tr.score[0], "d": env["d"]}
+    if method == "fzoos":
+        ref = [m for r in tr.metrics for k, m in r.items() if k.endswith("/1")]
+        res["diagnostics"] = {
+            "gp_lengthscale": _mean([m["gp_lengthscale"] for m in per]),
+            "gp_grad_norm": _mean([m["gp_grad_norm"] for m in per]),
+            "explore_tie_fraction": _mean([m["explore_tie_fraction"] for m in per]),
+            "refresh_tie_fraction": _mean([m["refresh_tie_fraction"] for m in ref]),
+            "rho_mean": _mean([m["rho_given"] for m in ref]),
+            "objective_change_per_round": _mean([m["objective_first"] - m["objective_last"] for m in per]),
+            "steps": int(sum(1 for _ in per) * int(base.get("local_steps", 10)) / max(1, len(env["names"]))),
+        }
     return res
+
+
+def bench_digits(*, agents: int, budget: int, seed: int, quick: bool, runtime: str = "onnxruntime",
+                 fzoos_overrides: dict[str, Any] | None = None, jobs: int = 1) -> dict[str, Any]:
+    work = [(n, runtime, seed, quick, agents, budget, (fzoos_overrides or {}) if n != "fedzo" else {})
+            for n in [*DIGITS_VARIANTS, "probe"]]
+    done = {r["name"]: r for r in _pool_map(_digits_job, work, jobs)}
+    res: dict[str, Any] = {"runtime": runtime, "d": done["fedzo"]["d"], "agents": agents, "queries": budget,
+                           "configs": {n: c for n, (_, c) in DIGITS_VARIANTS.items()}}
+    for n in DIGITS_VARIANTS:
+        r = done[n]
+        res[f"{n}_f1"] = r["f1"]
+        for key in ("queries", "rounds", "seconds", "curve"):
+            res[f"{n}_{key}"] = r[key]
+        if "diagnostics" in r:
+            res[f"{n}_diagnostics"] = r["diagnostics"]
+        res["start_f1"] = r["start_f1"]
+    res["flatness_probe"] = done["probe"]["probe"]
+    res["trained_head_f1"] = done["probe"]["trained_head_f1"]
+    return res
+
+
+def history_memory(rounds: int, *, d: int = 330, history_points: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """One FZooS agent on the quadratic at the digits head's d over `rounds` rounds with cheap GP settings:
+    stored queries and the memory Python holds (tracemalloc, after each round), every `rounds // 10` rounds."""
+    import gc
+    import tracemalloc
+
+    cheap = {"rff_features": 2000, "gp_restarts": 1, "history_points": history_points}
+    c1, c2 = quadratic_coeffs(d, 1, 0.5, seed)
+    cfg = quadratic_configs(d, 1, 0.5, seed)[0]
+    strategy = create_strategy("fzoos", {"x": torch.full((d,), 0.5)}, objective="quadratic", seed=seed,
+                               agent_config={"agent-0": cfg}, **{**QUAD_FZOOS, **cheap})
+    learners = {"agent-0": create_learner("fzoos")}
+    out: dict[str, Any] = {"d": d, "history_points": history_points, "rounds": [], "stored": [], "traced_mb": []}
+    del c1, c2
+    tracemalloc.start()
+    try:
+        for r in range(1, rounds + 1):
+            run(strategy, learners, {"agent-0": EMPTY}, 1)
+            if r % max(1, rounds // 10) == 0 or r == rounds:
+                gc.collect()
+                out["rounds"].append(r)
+                out["stored"].append(len(learners["agent-0"].xs))
+                out["traced_mb"].append(round(tracemalloc.get_traced_memory()[0] / 2**20, 2))
+    finally:
+        tracemalloc.stop()
+    return out
+
+
+def _memory_job(job: tuple[int, int]) -> dict[str, Any]:
+    return history_memory(job[0], history_points=job[1])
 
 
 def plot(traces: dict[str, Trace], path: str) -> None:
@@ -264,7 +407,7 @@ def plot(traces: dict[str, Trace], path: str) -> None:
                     .replace("fedzo", "FedZO"))
     ax.set_xlabel("cumulative queries (all agents)")
     ax.set_ylabel("F − F*")
-    ax.set_title("FZooS quadratic: d=50, 5 agents, div 0.5")
+    ax.set_title("FZooS quadratic: d=50, 5 agents, div 0.5 (fzoos: the spec's configuration)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -282,7 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "litert", "both"],
                     help="runtime for the digits objective; 'both' adds a LiteRT run under digits_f1.by_runtime")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="run the independent runs in this many processes")
+    ap.add_argument("--memory-rounds", type=int, default=0,
+                    help="instead: one FZooS agent's stored queries and memory over this many rounds, with the "
+                         "history bounded and unbounded (prints JSON)")
     args = ap.parse_args(argv)
+    if args.memory_rounds:
+        runs = _pool_map(_memory_job, [(args.memory_rounds, 1000), (args.memory_rounds, 0)], args.jobs)
+        print(json.dumps({"bounded": runs[0], "unbounded": runs[1]}))
+        return 0
     try:  # one BLAS thread: the GP and RFF solves are small, and threads only contend on a busy machine
         from threadpoolctl import threadpool_limits
 
@@ -293,11 +444,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:
             small = {"rff_features": 500, "local_steps": 3, "explore_candidates": 30, "refresh_candidates": 40,
                      "refresh_pick": 10}
-            quad, traces = bench_quadratic(d=8, agents=3, div=0.5, rounds=2, seed=args.seed, fzoos_overrides=small)
-            kw: dict[str, Any] = {"agents": 3, "budget": 600, "quick": True, "fzoos_overrides": small}
+            small["gp_restarts"] = 2
+            quad, traces = bench_quadratic(d=8, agents=3, div=0.5, rounds=2, seed=args.seed, fzoos_overrides=small,
+                                           jobs=args.jobs, variants=["fedzo", "fzoos", "fzoos_gd"])
+            kw: dict[str, Any] = {"agents": 3, "budget": 600, "quick": True, "fzoos_overrides": small,
+                                  "jobs": args.jobs}
         else:
-            quad, traces = bench_quadratic(d=50, agents=5, div=0.5, rounds=args.rounds, seed=args.seed)
-            kw = {"agents": 5, "budget": args.budget, "quick": False}
+            quad, traces = bench_quadratic(d=50, agents=5, div=0.5, rounds=args.rounds, seed=args.seed,
+                                           jobs=args.jobs)
+            kw = {"agents": 5, "budget": args.budget, "quick": False, "jobs": args.jobs}
         runtimes = ["onnxruntime", "litert"] if args.runtime == "both" else [args.runtime]
         by_rt = {rt: bench_digits(seed=args.seed, runtime=rt, **kw) for rt in runtimes}
         digits = dict(by_rt[runtimes[0]])

@@ -1,7 +1,7 @@
 """Run any strategy with its learners over a real MQTT broker: the benchmarks' `runner` for MQTT.
 
-`mqtt_runner(strategy, agents, rounds, *, model=None, on_round=None)` has the signature of the in-process
-runner in `tools/bench_robust.py`, but every task and result crosses a broker as signed envelopes between
+`mqtt_runner(strategy, agents, rounds, *, model=None, on_round=None)` has the signature of
+`tools.inprocess_runner.inprocess_runner`, but every task and result crosses a broker as signed envelopes between
 the round engine (`coordinator.server.Coordinator`) and real `edge_agent.agent.Agent` clients, one MQTT
 connection each. Rounds are numbered from 0, as in the in-process runner.
 """

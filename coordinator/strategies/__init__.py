@@ -20,12 +20,12 @@ def available() -> list[str]:
 
     import coordinator.strategies as pkg
 
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "base")
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "base" and not m.name.startswith("_"))
 
 
 def create(name: str, state: dict[str, torch.Tensor], **config: Any) -> Strategy:
     if name not in registered():
-        if not name.isidentifier():
+        if not name.isidentifier() or name.startswith("_"):
             raise KeyError(f"unknown strategy {name!r}; known: {', '.join(available())}")
         try:
             importlib.import_module(f"coordinator.strategies.{name}")

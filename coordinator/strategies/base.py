@@ -70,6 +70,11 @@ class Strategy(ABC):
         """The tensors that define the model to evaluate and checkpoint."""
         return self.state
 
+    def node_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-node models for methods without one global model (MoNNA): the engine scores each and records
+        their mean and minimum. Empty (the default) means: score `global_state()`."""
+        return {}
+
     def extra_state(self) -> dict[str, Any]:
         """Method state to include in checkpoints (momentum buffers, tables): tensors and plain containers of
         str, int, float, bool and None only, so checkpoints load with `torch.load(weights_only=True)`."""
@@ -103,6 +108,24 @@ def task_seed(base: int, round: int, phase: int, agent: str) -> int:
     reproducible across processes and runs for a given job seed."""
     ss = np.random.SeedSequence([int(base), int(round), int(phase), zlib.crc32(agent.encode())])
     return int(ss.generate_state(1, np.uint32)[0])
+
+
+def agent_seed(seed: int, agent: str) -> int:
+    """A per-agent seed that is the same in every process (no Python hash randomisation)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(agent.encode())) % (1 << 32)
+
+
+def to_wire(vec: torch.Tensor, layout: Layout, prefix: str = "") -> dict[str, np.ndarray]:
+    """A flat float32 vector as the named float32 arrays of `layout` (names prefixed by `prefix`)."""
+    out: dict[str, np.ndarray] = {}
+    pos = 0
+    for name, shape in layout:
+        size = int(np.prod(shape)) if shape else 1
+        out[prefix + name] = vec[pos : pos + size].reshape(shape).detach().cpu().numpy().astype(np.float32)
+        pos += size
+    if pos != vec.numel():
+        raise ValueError(f"vector has {vec.numel()} values, layout needs {pos}")
+    return out
 
 
 def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -6,7 +6,10 @@
   `t` counts the real rounds that follow).
 - Round t: sample A agents uniformly (PCG64 seeded by seed and t), freeze v_t = mean(G), assign roles
   (`coordinator.sampling.assign_roles`, constant mode with probability p or periodic mode with period
-  P; an agent not yet in the table is made an anchor). Miners get x_t and v_t, anchors get x_t.
+  P >= 2; an agent not yet in the table is made an anchor). Miners get x_t and v_t, anchors get x_t.
+  Periodic mode counts the initialisation pass as its round 0 (every client an anchor, as 0 mod P = 0),
+  so real round t is the paper's round t + 1: the first real round is a miner round, and anchor rounds
+  come every P rounds after the pass (real t = P - 1, 2P - 1, ...).
 - p = "auto" (the default) is the paper's p* = sqrt(4 r^2 + 2 r) - 2 r with r = M / A, fixed at the
   first real round from the number of agents M and A = min(participants, M): 0.485 for M = 20, A = 5,
   and 0.472 for the reference's M = 20, A = 10. A fixed p refreshes about A * p table rows per round. At
@@ -31,8 +34,15 @@ from typing import Any
 import torch
 
 from coordinator import robust, sampling
-from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register
-from coordinator.strategies.monna import agent_seed, to_wire
+from coordinator.strategies.base import (
+    ClientResult,
+    Strategy,
+    TaskSpec,
+    agent_seed,
+    layout_of,
+    register,
+    to_wire,
+)
 from edge_agent.errors import ConfigError
 
 log = logging.getLogger("fedfleet.fedamd")
@@ -108,8 +118,9 @@ class FedAMDStrategy(Strategy):
             self.p = sampling.optimal_p(m, a)
             log.info("fedamd: p = %.4f (p* for M = %d agents, A = %d per round)", self.p, m, a)
         selected = sampling.uniform(sorted(agents), self.participants, sampling.round_rng(self.seed, self.t, 1))
-        roles = sampling.assign_roles(
-            selected, self.t, sampling.round_rng(self.seed, self.t, 2), mode=self.mode, p=self.p, period=self.period
+        roles = sampling.assign_roles(  # periodic: the init pass was round 0, so this is round t + 1
+            selected, self.t + 1 if self.mode == "periodic" else self.t, sampling.round_rng(self.seed, self.t, 2),
+            mode=self.mode, p=self.p, period=self.period,
         )
         self.roles = {a: (sampling.ANCHOR if a not in self.table else r) for a, r in roles.items()}
         bull = to_wire(bullseye, self.layout, prefix="v.")

@@ -1,9 +1,16 @@
 """FZooS's coordinator side: two exchanges per round, no oracle.
 
-Phase 0: send the global ZO tensors x_{r-1} (and ν̄ from the previous round as "nu_bar"); agents return
-their local iterates x^(i); set x_r = x_{r-1} − η_g Σ p_i (x_{r-1} − x^(i)) and ρ_i = mean|x_r − x^(i)|/2.
-Phase 1: send x_r and ρ_i to the agents that answered phase 0; they return s_i ν_i ("nu", M floats);
-set ν̄ = Σ p_i s_i ν_i (weights renormalised over the agents that answered).
+Phase 0: send ν̄ from the previous round as "nu_bar" (M floats), and the global ZO tensors x_{r-1} only to
+agents that do not hold them; agents return their local iterates x^(i); set
+x_r = x_{r-1} − η_g Σ p_i (x_{r-1} − x^(i)) and ρ_i = mean|x_r − x^(i)|/2.
+Phase 1: send x_r (d floats) and ρ_i (1 float) to the agents that answered phase 0; they return s_i ν_i
+("nu", M floats); set ν̄ = Σ p_i s_i ν_i (weights renormalised over the agents that answered).
+
+So x_r goes down once per round, in phase 1, and the downlink is the spec's d + M + 1 floats per agent and
+round. Every task carries config "versions" (tensor name -> version; the ZO tensors' version moves when
+phase 0 changes them, the other head tensors stay at 0) and leaves out the tensors the agent is known to
+hold at that version: known because it answered a task that carried them. An agent that did not answer
+its last task is assumed to hold nothing and gets everything again.
 
 The coordinator holds only the M RFF weights, never Ω, and never evaluates the objective.
 Config: the learner settings of `edge_agent.learners.fzoos.DEFAULTS` (forwarded), objective, zo_tensors,
@@ -33,37 +40,68 @@ class FZooS(Strategy):
         super().__init__(state, **config)
         self.nu_bar: torch.Tensor | None = None
         self.rho: dict[str, float] = {}
+        self.version = 1  # of the ZO tensors; the other state tensors never change (version 0)
+        self.held: dict[str, dict[str, int]] = {}  # agent -> versions of the tensors it holds
+        self._sent: dict[str, dict[str, int]] = {}  # agent -> versions its open task needs
 
     @property
     def m(self) -> int:
         return int(self.config.get("rff_features", DEFAULTS["rff_features"]))
 
+    def _versions(self) -> dict[str, int]:
+        zo = set(zo_names(self))
+        return {n: (self.version if n in zo else 0) for n in self.state}
+
+    def _down(self, agent: str, state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """The state tensors this agent does not hold at their current version, and every version."""
+        versions = self._versions()
+        held = self.held.get(agent, {})
+        self._sent[agent] = versions
+        return {n: v for n, v in state.items() if held.get(n) != versions[n]}, versions
+
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
-        down = to_numpy(self.state)
+        state = to_numpy(self.state)
         uplink = dict(self.config.get("uplink", {"name": "none"}))
+        self._sent = {}
         if phase == 0:
-            if self.nu_bar is not None:
-                down = {**down, "nu_bar": self.nu_bar.numpy().astype(np.float32)}
             expect = layout_of({n: self.state[n] for n in zo_names(self)})
-            return {a: TaskSpec(agent_task_config(self, LEARNER_KEYS, round, phase, a), down, expect, uplink)
-                    for a in agents}
-        tasks: dict[str, TaskSpec] = {}
+            tasks = {}
+            for a in agents:
+                down, versions = self._down(a, state)
+                if self.nu_bar is not None:
+                    down["nu_bar"] = self.nu_bar.numpy().astype(np.float32)
+                cfg = {**agent_task_config(self, LEARNER_KEYS, round, phase, a), "versions": versions}
+                tasks[a] = TaskSpec(cfg, down, expect, uplink)
+            return tasks
+        tasks = {}
         for a in agents:
             if a not in self.rho:
                 continue  # only agents with a phase-0 iterate this round have a ρ_i
-            cfg = agent_task_config(self, LEARNER_KEYS, round, phase, a)
-            cfg["rho"] = self.rho[a]
+            down, versions = self._down(a, state)
+            cfg = {**agent_task_config(self, LEARNER_KEYS, round, phase, a), "versions": versions, "rho": self.rho[a]}
             tasks[a] = TaskSpec(cfg, down, [("nu", (self.m,))], uplink)
         return tasks
 
     def update_kind(self, phase: int) -> str:
         return "model" if phase == 0 else "delta"  # phase 0: local iterates; phase 1: the nu vectors
 
+    def _track(self, results: list[ClientResult]) -> None:
+        """Agents that answered hold what their task needed; agents that were tasked and did not, nothing."""
+        answered = {r.agent for r in results}
+        for agent, versions in self._sent.items():
+            if agent in answered:
+                self.held[agent] = dict(versions)
+            else:
+                self.held.pop(agent, None)
+        self._sent = {}
+
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        self._track(results)
         if phase == 0:
             self.rho = {}
             if not results:
                 return
+            self.version += 1  # x_r differs from x_{r-1}: every agent must get it (in phase 1)
             w = weights_of(results)
             lr = float(self.config.get("server_lr", 1.0))
             names = zo_names(self)
@@ -83,9 +121,11 @@ class FZooS(Strategy):
         self.nu_bar = torch.tensordot(w, stack, dims=1)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"nu_bar": self.nu_bar, "rho": dict(self.rho)}
+        return {"nu_bar": self.nu_bar, "rho": dict(self.rho), "version": self.version}
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         nu = extra["nu_bar"]
         self.nu_bar = None if nu is None else nu.clone()
         self.rho = {a: float(v) for a, v in extra["rho"].items()}
+        self.version = int(extra.get("version", 0))
+        self.held = {}  # after a restart nothing is known to be held: every agent gets x_r again

@@ -7,7 +7,8 @@ reference code aliased them all to one tensor, which made the first step n_h tim
   (`edge_agent.learners.monna`) and uploads theta_i+;
 - phase 1 (only when the fleet config lists Byzantine agents): each Byzantine agent gets what its
   attack needs (`coordinator.attacks`, omniscient hook only when `omniscient = true`) and uploads its
-  vector;
+  vector. For the spec's label flip (mu - gamma_t * mean_i of the honest flipped-label gradients) the
+  honest phase-0 tasks also return their flipped-label gradient (`strategies._byzantine`);
 - mixing: node i's set S_i = {theta_i+} + (n - 2f - 1) other honest vectors drawn uniformly (PCG64,
   seeded) + every Byzantine vector, so |S_i| = n - f; theta_i <- NNA_i(S_i) = mean of the |S_i| - f
   nearest. All NNA_i of a step come from one Gram-matrix product. With no Byzantine vectors the free
@@ -15,45 +16,33 @@ reference code aliased them all to one tensor, which made the first step n_h tim
   (trimmed_mean, median, krum, geometric_median, centered_clipping, mean) for baselines.
 
 Config: f, n (declared total, default honest + byzantine), byzantine {agent: attack}, omniscient,
-beta (0.9; 0 gives plain NNA), lr, lr_decay (50), lr_reset, weight_decay (lambda, 1e-4), batch (16),
-seed, mixing ("nna"), mixing_kw, attack_evals (16).
+beta (0.9; 0 gives plain NNA), lr, lr_decay (50), lr_reset, norm_penalty (lambda of the unsquared
+|theta|_2 term, 1e-4; it is not weight decay, so it is not called that), batch (16), seed, mixing ("nna"),
+mixing_kw, attack_evals (16).
+
+Evaluation: `node_states()` gives every honest node's own model; the round engine scores each and records
+the mean and the minimum (`global_state()`, honest node 0, is what the reference code scored).
 """
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
-import numpy as np
 import torch
 
 from coordinator import attacks, robust
 from coordinator.sampling import round_rng
-from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register
+from coordinator.strategies._byzantine import attack_tasks, flip_layout, needs_flip_grad, split_flip
+from coordinator.strategies.base import (
+    ClientResult,
+    Strategy,
+    TaskSpec,
+    agent_seed,
+    layout_of,
+    register,
+    to_wire,
+)
 from edge_agent.errors import ConfigError
-
-
-def agent_seed(seed: int, agent: str) -> int:
-    """A per-agent seed that is the same in every process (no Python hash randomisation)."""
-    return (int(seed) * 1_000_003 + zlib.crc32(agent.encode())) % (1 << 32)
-
-
-def to_wire(vec: torch.Tensor, layout: robust.Layout, prefix: str = "") -> dict[str, np.ndarray]:
-    return {prefix + k: v.numpy().astype(np.float32) for k, v in robust.unflatten(vec, layout).items()}
-
-
-def attack_tasks(
-    plans: dict[str, attacks.AttackPlan], byzantine: dict[str, str], layout: robust.Layout, base: dict[str, Any]
-) -> dict[str, TaskSpec]:
-    """One TaskSpec per Byzantine agent from the attack plans (shared by MoNNA and robust FedAvg)."""
-    out: dict[str, TaskSpec] = {}
-    for agent, plan in plans.items():
-        tensors: dict[str, np.ndarray] = {}
-        for role, vec in plan.vectors.items():
-            tensors.update(to_wire(vec, layout, prefix=f"{role}."))
-        cfg = {**base, "learner": "byzantine", "attack": byzantine[agent], **plan.scalars}
-        out[agent] = TaskSpec(config=cfg, tensors=tensors, expect=layout)
-    return out
 
 
 @register
@@ -70,7 +59,9 @@ class MonnaStrategy(Strategy):
         self.lr = float(config.get("lr", 0.5))
         self.lr_decay = float(config.get("lr_decay", 50.0))
         self.lr_reset = config.get("lr_reset")
-        self.weight_decay = float(config.get("weight_decay", 1e-4))
+        if "weight_decay" in config:
+            raise ConfigError("monna: 'weight_decay' is now 'norm_penalty' (lambda of the unsquared |theta|_2 term)")
+        self.norm_penalty = float(config.get("norm_penalty", 1e-4))
         self.batch = int(config.get("batch", 16))
         self.seed = int(config.get("seed", 0))
         self.mixing = robust.canonical(str(config.get("mixing", "nna")))
@@ -78,6 +69,7 @@ class MonnaStrategy(Strategy):
         self.attack_evals = int(config.get("attack_evals", 16))
         self.n_declared = config.get("n")
         self.phases = 2 if self.byzantine else 1
+        self.flip = needs_flip_grad(self.byzantine, self.omniscient)
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"monna: beta must be in [0, 1), got {self.beta}")
         if self.n_declared is not None and int(self.n_declared) - self.f < 2 * self.f + 1:
@@ -89,6 +81,7 @@ class MonnaStrategy(Strategy):
         self.models: dict[str, torch.Tensor] = {}  # one separate flat copy per agent
         self._honest_up: dict[str, torch.Tensor] = {}
         self._byz_up: dict[str, torch.Tensor] = {}
+        self._flip_up: dict[str, torch.Tensor] = {}
         self.last_attack: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -133,7 +126,7 @@ class MonnaStrategy(Strategy):
         return {
             "lr": self.step_size(round),
             "beta": self.beta,
-            "weight_decay": self.weight_decay,
+            "norm_penalty": self.norm_penalty,
             "batch": self.batch,
             "seed": agent_seed(self.seed, agent),
         }
@@ -141,12 +134,14 @@ class MonnaStrategy(Strategy):
     # ------------------------------------------------------------------ engine interface
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
         if phase == 0:
-            self._honest_up, self._byz_up = {}, {}
+            self._honest_up, self._byz_up, self._flip_up = {}, {}, {}
+            extra = {"flip_grad": True} if self.flip else {}
+            expect = self.layout + (flip_layout(self.layout) if self.flip else [])
             return {
                 a: TaskSpec(
-                    config={**self._base_config(round, a), "learner": "monna"},
+                    config={**self._base_config(round, a), "learner": "monna", **extra},
                     tensors=to_wire(self.model_of(a), self.layout),
-                    expect=self.layout,
+                    expect=expect,
                 )
                 for a in agents
                 if a not in self.byzantine
@@ -160,14 +155,16 @@ class MonnaStrategy(Strategy):
         shared: dict[str, attacks.AttackPlan] = {}
         for a in byz:
             kind = self.byzantine[a]
-            if kind not in shared:
-                shared[kind] = attacks.plan(
-                    kind, honest, f_real, self._objective(honest.shape[0]), evals=self.attack_evals
-                )
-            plan = shared[kind]
             if kind == "label_flip" and not self.omniscient:
-                plan = attacks.AttackPlan(kind, {"model": self.model_of(a)})
-            plans[a] = plan
+                plans[a] = attacks.AttackPlan(kind, {"model": self.model_of(a)})
+                continue
+            if kind not in shared:
+                flips = [self._flip_up[h] for h in sorted(self._flip_up)] if kind == "label_flip" else []
+                shared[kind] = attacks.plan(
+                    kind, honest, f_real, self._objective(honest.shape[0]), evals=self.attack_evals,
+                    flip_grad=torch.stack(flips).mean(dim=0) if flips else None, lr=self.step_size(round),
+                )
+            plans[a] = shared[kind]
         self.last_attack = {k: dict(p.scalars) for k, p in shared.items()}
         base = {a: self._base_config(round, a) for a in byz}
         out = {}
@@ -183,6 +180,9 @@ class MonnaStrategy(Strategy):
         target = self._honest_up if phase == 0 else self._byz_up
         for r in results:
             target[r.agent] = robust.flatten(r.tensors, self.layout)
+            flip = split_flip(r.tensors, self.layout) if phase == 0 else None
+            if flip is not None:
+                self._flip_up[r.agent] = flip
         if phase == self.phases - 1:
             self._mix_round(round)
 

@@ -1,17 +1,21 @@
 """FedAvg whose mean is replaced by a robust aggregator chosen by name (`coordinator.robust`).
 
 A round: sample honest participants (uniform, or availability-aware when `availability` is given),
-send them the global model x; each runs `local_steps` SGD steps (the `monna` learner with momentum
-reset every round, beta = 0 by default) and uploads its model. The coordinator aggregates the updates
-delta_i = theta_i - x with the named rule and sets x <- x + server_lr * agg(deltas, f). Working on
-updates keeps centered clipping centred on the current model and the geometric median's start sane.
+send them the global model x; each runs `local_steps` plain SGD steps on fresh minibatches (the one SGD
+learner, `edge_agent.learners.sgd`, FedAvg's) and uploads its update delta_i = theta_i - x. The
+coordinator aggregates the updates with the named rule and sets x <- x + server_lr * agg(deltas, f).
+Working on updates keeps centered clipping centred on the current model and the geometric median's start
+sane.
 
 Byzantine agents listed in the fleet config are tasked in phase 1 with the honest statistics from the
-omniscient hook (which the config must enable); the line search attacks this very aggregator.
+omniscient hook (which the config must enable); the line search attacks this very aggregator. Byzantine
+agents upload models (attacks are in parameter space); their update is model - x. For the spec's label
+flip the honest tasks also return their flipped-label gradient (`strategies._byzantine`).
 A round whose results are too few for the rule keeps the model and records why in `last_error`.
 
 Config: aggregator ("mean"), aggregator_kw, f, byzantine, omniscient, participants (None = all), lr,
-local_steps (1), batch (16), beta (0), weight_decay (0), server_lr (1), seed, availability, attack_evals.
+local_steps (1), batch (16), weight_decay (0; real weight decay, the squared L2 penalty), server_lr (1),
+seed, availability, attack_evals.
 """
 
 from __future__ import annotations
@@ -21,8 +25,17 @@ from typing import Any
 import torch
 
 from coordinator import attacks, robust, sampling
-from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register
-from coordinator.strategies.monna import agent_seed, attack_tasks, to_wire
+from coordinator.strategies._byzantine import attack_tasks, flip_layout, needs_flip_grad, split_flip
+from coordinator.strategies.base import (
+    ClientResult,
+    Strategy,
+    TaskSpec,
+    agent_seed,
+    layout_of,
+    register,
+    to_wire,
+)
+from edge_agent.errors import ConfigError
 
 
 @register
@@ -41,16 +54,19 @@ class RobustFedAvg(Strategy):
         self.lr = float(config.get("lr", 0.1))
         self.local_steps = int(config.get("local_steps", 1))
         self.batch = int(config.get("batch", 16))
-        self.beta = float(config.get("beta", 0.0))
+        if float(config.get("beta", 0.0)) != 0.0:
+            raise ConfigError("robust_fedavg: beta (local momentum) is not supported; its learner is plain SGD")
         self.weight_decay = float(config.get("weight_decay", 0.0))
         self.server_lr = float(config.get("server_lr", 1.0))
         self.seed = int(config.get("seed", 0))
         self.availability = config.get("availability")
         self.attack_evals = int(config.get("attack_evals", 16))
         self.phases = 2 if self.byzantine else 1
+        self.flip = needs_flip_grad(self.byzantine, self.omniscient)
         self.x = robust.flatten(self.state, self.layout)
         self._up: dict[str, torch.Tensor] = {}
         self._byz: dict[str, torch.Tensor] = {}
+        self._flip: dict[str, torch.Tensor] = {}
         self.last_error = ""
 
     def robust_step(self, deltas: torch.Tensor) -> torch.Tensor:
@@ -65,15 +81,13 @@ class RobustFedAvg(Strategy):
             "lr": self.lr,
             "local_steps": self.local_steps,
             "batch": self.batch,
-            "beta": self.beta,
             "weight_decay": self.weight_decay,
-            "reset_momentum": True,
             "seed": agent_seed(self.seed, agent),
         }
 
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
         if phase == 0:
-            self._up, self._byz = {}, {}
+            self._up, self._byz, self._flip = {}, {}, {}
             honest = [a for a in agents if a not in self.byzantine]
             if self.participants is not None:
                 rng = sampling.round_rng(self.seed, round, salt=11)
@@ -83,10 +97,9 @@ class RobustFedAvg(Strategy):
                 else:
                     honest = sampling.uniform(honest, k, rng)
             model = to_wire(self.x, self.layout)
-            return {
-                a: TaskSpec(config={**self._task_config(a), "learner": "monna"}, tensors=model, expect=self.layout)
-                for a in honest
-            }
+            cfg = {"learner": "fedavg", **({"flip_grad": True} if self.flip else {})}
+            expect = self.layout + (flip_layout(self.layout) if self.flip else [])
+            return {a: TaskSpec(config={**self._task_config(a), **cfg}, tensors=model, expect=expect) for a in honest}
         byz = [a for a in agents if a in self.byzantine]
         if not byz or not self._up:
             return {}
@@ -99,11 +112,14 @@ class RobustFedAvg(Strategy):
         shared: dict[str, attacks.AttackPlan] = {}
         for a in byz:
             kind = self.byzantine[a]
-            if kind not in shared:
-                shared[kind] = attacks.plan(kind, honest_models, len(byz), mix, evals=self.attack_evals)
-            plans[a] = shared[kind]
             if kind == "label_flip" and not self.omniscient:
                 plans[a] = attacks.AttackPlan(kind, {"model": self.x.clone()})
+                continue
+            if kind not in shared:
+                flips = [self._flip[h] for h in sorted(self._flip)] if kind == "label_flip" else []
+                shared[kind] = attacks.plan(kind, honest_models, len(byz), mix, evals=self.attack_evals,
+                                            flip_grad=torch.stack(flips).mean(dim=0) if flips else None, lr=self.lr)
+            plans[a] = shared[kind]
         out = attack_tasks(plans, self.byzantine, self.layout, {})
         for a, spec in out.items():
             spec.config.update(self._task_config(a))
@@ -113,9 +129,14 @@ class RobustFedAvg(Strategy):
         return "model"  # results are models; the robust rule averages (model - x)
 
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
-        target = self._up if phase == 0 else self._byz
         for r in results:
-            target[r.agent] = robust.flatten(r.tensors, self.layout) - self.x
+            if phase == 0:  # honest agents upload their update
+                self._up[r.agent] = robust.flatten(r.tensors, self.layout)
+                flip = split_flip(r.tensors, self.layout)
+                if flip is not None:
+                    self._flip[r.agent] = flip
+            else:  # Byzantine agents upload a model
+                self._byz[r.agent] = robust.flatten(r.tensors, self.layout) - self.x
         if phase != self.phases - 1:
             return
         rows = [self._up[a] for a in sorted(self._up)] + [self._byz[a] for a in sorted(self._byz)]

@@ -22,14 +22,14 @@ def available() -> list[str]:
 
     import edge_agent.learners as pkg
 
-    names = {m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "base"}
+    names = {m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "base" and not m.name.startswith("_")}
     return sorted(names | set(_ALIASES))
 
 
 def create(name: str) -> Learner:
     """A new learner for method `name`; raises KeyError naming the known methods."""
     if name not in registered():
-        if not name.isidentifier():
+        if not name.isidentifier() or name.startswith("_"):
             raise KeyError(f"unknown learning method {name!r}; known: {', '.join(available())}")
         try:
             importlib.import_module(f"edge_agent.learners.{_ALIASES.get(name, name)}")

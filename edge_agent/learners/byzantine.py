@@ -8,9 +8,11 @@ enables it), prefixed by role:
 - foe:        mu.*, config a           -> (1 - a) * mu
 - sign_flip:  mu.*                     -> -mu
 - mimic:      target.*                 -> target (a copy of one honest model)
-- label_flip: model.*, config lr       -> model - lr * grad NLL(model; local batch with y -> C - 1 - y)
-  computed locally on this agent's own data with a raw gradient (no momentum). `model` is the honest
-  mean when the hook is on, otherwise this agent's own model.
+- label_flip, omniscient hook on (the spec's attack): mu.*, grad.*, config lr -> mu - lr * grad, where
+  grad is the mean over the honest nodes of their gradients with labels y -> C - 1 - y (each honest node
+  computes its own on its batch; the coordinator averages them);
+- label_flip, hook off: model.*, config lr -> model - lr * grad NLL(model; local batch with y -> C - 1 - y)
+  computed locally on this agent's own data with a raw gradient (no momentum), `model` this agent's own.
 
 Numpy only; the upload uses the plain trainable tensor names.
 """
@@ -23,8 +25,8 @@ import numpy as np
 
 from edge_agent import mlp
 from edge_agent.errors import ConfigError
+from edge_agent.learners._inputs import features, flipped_labels, minibatch, params_from, task_rng
 from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
-from edge_agent.learners.monna import features, minibatch, params_from, task_rng
 
 
 @register
@@ -54,12 +56,12 @@ class ByzantineLearner(Learner):
 
     @staticmethod
     def _label_flip(task: Task, data: LocalData, model: Any) -> dict[str, np.ndarray]:
+        lr = float(task.config["lr"])
+        if any(k.startswith("grad.") for k in task.tensors):  # omniscient: the honest nodes' mean gradient
+            mu, grad = params_from(task, "mu."), params_from(task, "grad.")
+            return {k: (v - lr * grad[k]).astype(np.float32) for k, v in mu.items()}
         theta = params_from(task, "model.")
-        last = max(int(k[2:].split(".")[0]) for k in theta if k.endswith(".bias"))
-        classes = int(task.config.get("classes", theta[f"fc{last}.bias"].shape[0]))
         x = features(model, data, "train")
         idx = minibatch(task_rng(task, salt=1), len(data), int(task.config.get("batch", 16)))
-        flipped = (classes - 1 - data.y[idx]).astype(np.int64)
-        _, grads = mlp.loss_and_grad(theta, x[idx], flipped)
-        lr = float(task.config["lr"])
+        _, grads = mlp.loss_and_grad(theta, x[idx], flipped_labels(theta, data.y[idx]))
         return {k: (v - lr * grads[k]).astype(np.float32) for k, v in theta.items()}

@@ -22,8 +22,8 @@ import numpy as np
 
 from edge_agent import mlp
 from edge_agent.errors import ConfigError
+from edge_agent.learners._inputs import features, params_from, task_rng
 from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, Tensors, register
-from edge_agent.learners.monna import features, params_from, task_rng
 
 GradFn = Callable[[Tensors, np.ndarray], Tensors]
 

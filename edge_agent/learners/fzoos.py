@@ -1,9 +1,12 @@
 """FZooS's edge learner: trajectory-informed surrogate gradients with an RFF-based global correction.
 
-The agent keeps its whole query history (exploration appends points; stored points never move) and its
-last uploaded RFF weights s_i ν_i across rounds of one run (a new run id starts a fresh history). Two phases per round:
+The agent keeps a bounded query history (exploration appends points; stored points never move; see
+"History" below) and its last uploaded RFF weights s_i ν_i across rounds of one run (a new run id starts a
+fresh history). Two phases per round:
 
-- phase 0 (local steps), task tensors: the ZO tensors at x_{r-1} and, from round 2, "nu_bar" (M,).
+- phase 0 (local steps), task tensors: "nu_bar" (M,) from round 2, and the ZO tensors at x_{r-1} only if
+  this agent does not hold them already (it got x_{r-1} in the previous round's phase 1, so the spec's
+  downlink of d + M + 1 floats per round is not paid twice; see "Held tensors").
   Query f(x_{r-1}); then T times: fit a GP (Matérn-5/2 by default) on the `gp_points` stored queries
   nearest x, take the analytic mean gradient, add γ_t ∇φ(x)ᵀ(ν̄ − s_i ν_i) with γ_t = 1/(t+1), take an
   Adam step, query f(x), and (except after the last step) query the `explore_pick` of `explore_candidates`
@@ -12,6 +15,20 @@ last uploaded RFF weights s_i ν_i across rounds of one run (a new run id starts
 - phase 1 (surrogate refresh), task tensors: the ZO tensors at the averaged x_r; config "rho".
   Query f(x_r); explore `refresh_pick` of `refresh_candidates` points in x_r ± rho; fit the RFF ridge on the
   `rff_points` stored queries nearest x_r; upload {"nu": s_i ν_i}.
+
+ρ_i = mean|x_r − x^(i)|/2 as the spec says; with `rho_floor` set (off by default, a deviation from the
+spec), the refresh radius is max(ρ_i, explore_radius), which keeps the refresh from collapsing onto x_r
+when every agent's iterate lands on x_r (one agent, or identical shards).
+
+History: after each refresh the agent keeps only the `history_points` stored queries nearest x_r (1000 by
+default, at least `rff_points` and `gp_points`), the spec's windows being the 150 nearest the iterate
+(GP) and the 500 nearest x_r (RFF). The history then never exceeds history_points + one round's queries
+(107 at T = 10), instead of growing by that much every round. `history_points = 0` keeps everything.
+
+Held tensors: a task's config "versions" maps every tensor the problem needs to the coordinator's version
+of it; a tensor left out of the task is taken from what this learner received earlier at that version, and
+a task that leaves out a tensor this learner does not hold at that version is refused (ConfigError), so the
+coordinator resends it. Tasks without "versions" carry everything.
 
 On its first task the agent also queries `init_points` points uniform in x0 ± init_radius. Every
 objective call is counted in metrics["queries"].
@@ -36,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "gp_kernel": "matern52",
     "gp_points": 150,
-    "gp_restarts": 5,
+    "gp_restarts": 20,
     "gp_noise": 1e-6,
     "explore_radius": 0.01,
     "explore_candidates": 100,
@@ -50,16 +67,23 @@ DEFAULTS: dict[str, Any] = {
     "rff_lengthscale": 1.0,
     "rff_seed": 0,
     "rff_jitter": 1e-6,
+    "history_points": 1000,
+    "rho_floor": False,
     "correction": True,
     "seed": 0,
 }
 
 
 def settings(config: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(config) - set(DEFAULTS) - {"objective", "c1", "c2", "zo_tensors", "zo_path", "rho"}
+    unknown = set(config) - set(DEFAULTS) - {"objective", "c1", "c2", "zo_tensors", "zo_path", "rho", "versions"}
     if unknown:
         raise ConfigError(f"unknown fzoos settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **config}
+    s = {**DEFAULTS, **config}
+    keep = int(s["history_points"])
+    if keep and keep < max(int(s["rff_points"]), int(s["gp_points"])):
+        raise ConfigError(f"fzoos history_points ({keep}) must be 0 (keep all) or at least rff_points "
+                          f"({s['rff_points']}) and gp_points ({s['gp_points']})")
+    return s
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -76,6 +100,7 @@ class FZooSLearner(Learner):
         self.ys: list[float] = []
         self.own_nu: np.ndarray | None = None
         self.run: str | None = None
+        self.held: dict[str, tuple[int, np.ndarray]] = {}  # tensor name -> (coordinator's version, value)
 
     # -- history -----------------------------------------------------------------------------------
 
@@ -88,15 +113,41 @@ class FZooSLearner(Learner):
     def _history(self) -> tuple[np.ndarray, np.ndarray]:
         return np.stack(self.xs), np.asarray(self.ys)
 
-    def _explore(self, f: Counted, post: gpm.GPPosterior, centre: np.ndarray, radius: float, candidates: int,
-                 pick: int, rng: np.random.Generator) -> None:
-        """Query the `pick` candidates in centre ± radius with the largest gradient-variance trace."""
-        if pick <= 0:
+    def _prune(self, centre: np.ndarray, keep: int) -> None:
+        """Keep the `keep` stored queries nearest `centre` (in their original order); 0 keeps all."""
+        if not keep or len(self.xs) <= keep:
             return
+        xh, _ = self._history()
+        idx = np.sort(gpm.nearest(xh, centre, keep))
+        self.xs = [self.xs[i] for i in idx]
+        self.ys = [self.ys[i] for i in idx]
+
+    def _task_tensors(self, task: Task) -> dict[str, np.ndarray]:
+        """The problem's tensors: those in the task, plus held ones the task names in "versions"."""
+        sent = {k: v for k, v in task.tensors.items() if k != "nu_bar"}
+        versions = task.config.get("versions")
+        if versions is None:
+            return sent
+        out = {}
+        for name, version in versions.items():
+            if name in sent:
+                self.held[name] = (int(version), np.array(sent[name], copy=True))
+                out[name] = sent[name]
+            elif name in self.held and self.held[name][0] == int(version):
+                out[name] = self.held[name][1]
+            else:
+                raise ConfigError(f"fzoos task leaves out tensor {name!r} at version {version}, which this agent "
+                                  "does not hold; the coordinator must send it")
+        return out
+
+    def _explore(self, f: Counted, post: gpm.GPPosterior, centre: np.ndarray, radius: float, candidates: int,
+                 pick: int, rng: np.random.Generator) -> list[float]:
+        """Query the `pick` candidates in centre ± radius with the largest gradient-variance trace; their values."""
+        if pick <= 0:
+            return []
         cand = centre[None, :] + rng.uniform(-radius, radius, (candidates, centre.shape[0]))
         score = post.grad_var_trace(cand)
-        for i in np.argsort(-score)[: min(pick, candidates)]:
-            self._query(f, cand[i])
+        return [self._query(f, cand[i]) for i in np.argsort(-score)[: min(pick, candidates)]]
 
     def _fit_gp(self, s: dict[str, Any], target: np.ndarray, rng: np.random.Generator) -> gpm.GPPosterior:
         xh, yh = self._history()
@@ -114,14 +165,16 @@ class FZooSLearner(Learner):
 
     def learn(self, task: Task, data: LocalData, model: Any) -> LearnResult:
         s = settings(task.config)
-        tensors = {k: v for k, v in task.tensors.items() if k != "nu_bar"}
+        if self.run != task.run:
+            self.xs, self.ys, self.own_nu, self.held, self.run = [], [], None, {}, task.run  # a new run: forget
+        tensors = self._task_tensors(task)
         prob = problem.build(s, tensors, data, model)
         rng = np.random.Generator(np.random.PCG64(int(s["seed"])))
         rff = rffm.RFF.from_seed(prob.view.d, int(s["rff_features"]), float(s["rff_lengthscale"]),
                                  int(s["rff_seed"]))
         samples = len(data) if data is not None and len(data) else 1
-        if self.run != task.run or (self.xs and self.xs[0].shape != prob.x0.shape):
-            self.xs, self.ys, self.own_nu, self.run = [], [], None, task.run  # a new run: forget the old history
+        if self.xs and self.xs[0].shape != prob.x0.shape:
+            self.xs, self.ys, self.own_nu = [], [], None  # another problem in the same run: forget the history
         if not self.xs:
             r0 = float(s["init_radius"])
             for _ in range(int(s["init_points"])):
@@ -148,9 +201,14 @@ class FZooSLearner(Learner):
             corr = np.asarray(nu_bar, np.float64) - self.own_nu
         cos_gp: list[float] = []
         cos_dir: list[float] = []
+        scales: list[float] = []
+        norms: list[float] = []
+        ties = explored = 0
         for t in range(steps):
             post = self._fit_gp(s, x, rng)
             g = post.grad_mean(x)
+            scales.append(float(post.lengthscale))
+            norms.append(float(np.linalg.norm(g)))
             if f.has_grad:
                 cos_gp.append(_cos(g, f.true_grad(x)))
             if corr is not None:
@@ -160,10 +218,17 @@ class FZooSLearner(Learner):
             x = opt.step(x, g)
             last = self._query(f, x)
             if t < steps - 1:
-                self._explore(f, self._condition(s, x, post), x, float(s["explore_radius"]),
-                              int(s["explore_candidates"]), int(s["explore_pick"]), rng)
+                ys = self._explore(f, self._condition(s, x, post), x, float(s["explore_radius"]),
+                                   int(s["explore_candidates"]), int(s["explore_pick"]), rng)
+                ties += sum(y == last for y in ys)
+                explored += len(ys)
+        # diagnostics: the fitted lengthscale, the surrogate gradient's norm, and how often an exploration
+        # query returned exactly the iterate's value (a piecewise-constant objective ties a lot)
         metrics: dict[str, float] = {"queries": int(f.queries), "objective_first": first, "objective_last": last,
-                                     "history": len(self.xs), "corrected": int(corr is not None)}
+                                     "history": len(self.xs), "corrected": int(corr is not None),
+                                     "gp_lengthscale": float(np.mean(scales)) if scales else 0.0,
+                                     "gp_grad_norm": float(np.mean(norms)) if norms else 0.0,
+                                     "explore_tie_fraction": ties / explored if explored else 0.0}
         if cos_gp:
             metrics["gp_cosine"] = float(np.mean(cos_gp))
             metrics["direction_cosine_local"] = float(np.mean(cos_dir))
@@ -173,15 +238,20 @@ class FZooSLearner(Learner):
                  samples: int) -> LearnResult:
         f = prob.objective
         xr = prob.x0.copy()
-        self._query(f, xr)
-        rho = max(float(s.get("rho", 0.0)), float(s["explore_radius"]))
+        y_r = self._query(f, xr)
+        rho = float(s.get("rho", 0.0))
+        if s["rho_floor"]:  # a deviation from the spec, off by default (see the module docstring)
+            rho = max(rho, float(s["explore_radius"]))
         post = self._fit_gp(s, xr, rng)
-        self._explore(f, post, xr, rho, int(s["refresh_candidates"]), int(s["refresh_pick"]), rng)
+        ys = self._explore(f, post, xr, rho, int(s["refresh_candidates"]), int(s["refresh_pick"]), rng)
         xh, yh = self._history()
         nu, scale = rffm.fit_local(rff, xh, yh, xr, max_points=int(s["rff_points"]), jitter=float(s["rff_jitter"]))
         self.own_nu = scale * nu
+        self._prune(xr, int(s["history_points"]))
         metrics: dict[str, float] = {"queries": int(f.queries), "history": len(self.xs),
-                                     "rff_gp_cosine": _cos(rff.grad(xr, self.own_nu), post.grad_mean(xr))}
+                                     "rff_gp_cosine": _cos(rff.grad(xr, self.own_nu), post.grad_mean(xr)),
+                                     "rho_given": float(s.get("rho", 0.0)), "rho_used": rho,
+                                     "refresh_tie_fraction": sum(y == y_r for y in ys) / len(ys) if ys else 0.0}
         if f.has_grad:
             metrics["rff_cosine"] = _cos(rff.grad(xr, self.own_nu), f.true_grad(xr))
         return LearnResult({"nu": self.own_nu.astype(np.float32)}, samples, metrics)

@@ -1,8 +1,22 @@
-"""FedAvg's edge learner: local minibatch SGD on the trainable part, uploading the delta.
+"""The one plain-SGD edge learner (FedAvg's, and robust FedAvg's): local minibatch SGD on the trainable
+part, uploading the delta local - global.
 
-Task config: `lr` (0.1), `epochs` (1), `batch` (32), `seed` (the agent's own, from the strategy),
-optional `weight_decay` (0); in a continual job, `continual` (see edge_agent.continual).
-Task tensors: the global trainable tensors. Result tensors: local − global, same names.
+Two schedules:
+- `epochs` (default 1): passes over the local set in a seeded shuffle, batches of `batch` (FedAvg);
+- `local_steps` (when set): that many steps, each on a fresh minibatch of `batch` distinct samples drawn
+  with the task's PCG64 Generator (robust FedAvg, and FedAvg in `fedfleet bench fedamd`).
+
+`weight_decay` is weight decay: the gradient gains weight_decay * theta (the squared L2 penalty
+weight_decay / 2 * |theta|^2). With `flip_grad` set (the omniscient label-flip experiment only), the
+result also carries "flip.<name>", the gradient at the received model on the first batch with labels
+y -> C - 1 - y. In a continual job with per-task heads, `continual` names the task's output units
+(edge_agent.continual).
+
+Task config: `lr` (0.1), `epochs` (1) or `local_steps`, `batch` (32), `seed` (the agent's own, from the
+strategy), `weight_decay` (0), `flip_grad`, `continual`.
+
+`local_sgd` and `sgd_steps` are the same loop for learners that train on another local set (GGEUR's
+augmented embeddings).
 """
 
 from __future__ import annotations
@@ -12,7 +26,47 @@ from typing import Any
 import numpy as np
 
 from edge_agent import continual, mlp
-from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from edge_agent.learners._inputs import features, flipped_labels, minibatch, task_rng
+from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, Tensors, register
+
+
+def _batches(task: Task, n: int, batch: int) -> list[np.ndarray]:
+    cfg = task.config
+    if cfg.get("local_steps") is not None:
+        rng = task_rng(task)
+        return [minibatch(rng, n, batch) for _ in range(int(cfg["local_steps"]))]
+    # explicit and reproducible: the strategy gives each agent its own seed per round
+    return epoch_batches(np.random.default_rng([int(cfg.get("seed", 0)), task.round]), n, batch,
+                         int(cfg.get("epochs", 1)))
+
+
+def epoch_batches(rng: np.random.Generator, n: int, batch: int, epochs: int) -> list[np.ndarray]:
+    out = []
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        out.extend(order[start : start + batch] for start in range(0, n, batch))
+    return out
+
+
+def sgd_steps(start: dict[str, np.ndarray], feats: np.ndarray, y: np.ndarray, batches: list[np.ndarray],
+              cfg: dict[str, Any], classes: Any = None) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Minibatch SGD from `start` over `batches` of (feats, y); (final params, batch losses)."""
+    lr, wd = float(cfg.get("lr", 0.1)), float(cfg.get("weight_decay", 0.0))
+    params = {k: np.asarray(v, np.float32).copy() for k, v in start.items()}
+    losses = []
+    for idx in batches:
+        value, grads = mlp.loss_and_grad(params, feats[idx], y[idx], classes)
+        losses.append(value)
+        for k in params:
+            params[k] -= lr * (grads[k] + wd * params[k])
+    return params, losses
+
+
+def local_sgd(start: dict[str, np.ndarray], feats: np.ndarray, y: np.ndarray, cfg: dict[str, Any],
+              rng: np.random.Generator, classes: Any = None) -> tuple[dict[str, np.ndarray], list[float]]:
+    """`epochs` passes of shuffled minibatch SGD on (feats, y) from `start`; (final params, batch losses)."""
+    batches = epoch_batches(rng, len(y), int(cfg.get("batch", 32)), int(cfg.get("epochs", 1)))
+    return sgd_steps(start, feats, y, batches, cfg, classes)
 
 
 @register
@@ -21,30 +75,15 @@ class SGDLearner(Learner):
 
     def learn(self, task: Task, data: LocalData, model: Any) -> LearnResult:
         cfg = task.config
-        # explicit and reproducible: the strategy gives each agent its own seed per round
-        rng = np.random.default_rng([int(cfg.get("seed", 0)), task.round])
-        feats = model.features(data.x, cache_key="local")
-        params, losses = local_sgd(task.tensors, feats, data.y, cfg, rng,
+        feats = features(model, data, "local")
+        start = {k: np.asarray(v, np.float32) for k, v in task.tensors.items()}
+        batches = _batches(task, len(data), int(cfg.get("batch", 32)))
+        extra: Tensors = {}
+        if batches and cfg.get("flip_grad"):
+            idx = batches[0]
+            _, flip = mlp.loss_and_grad(start, feats[idx], flipped_labels(start, data.y[idx]))
+            extra = {f"flip.{k}": v.astype(np.float32) for k, v in flip.items()}
+        params, losses = sgd_steps(start, feats, data.y, batches, cfg,
                                    classes=continual.head_classes(cfg))  # a per-task head in a continual job
-        delta = {k: params[k] - task.tensors[k] for k in params}
-        return LearnResult(delta, len(data), {"loss": float(np.mean(losses)) if losses else 0.0})
-
-
-def local_sgd(start: dict[str, np.ndarray], feats: np.ndarray, y: np.ndarray, cfg: dict[str, Any],
-              rng: np.random.Generator, classes: Any = None) -> tuple[dict[str, np.ndarray], list[float]]:
-    """`epochs` passes of shuffled minibatch SGD on (feats, y) from `start`; (final params, batch losses).
-    Also used by learners that train the head on a different local set (GGEUR's augmented embeddings).
-    `classes`: the output units of a per-task head (continual jobs), None for all."""
-    lr, epochs, batch = float(cfg.get("lr", 0.1)), int(cfg.get("epochs", 1)), int(cfg.get("batch", 32))
-    wd = float(cfg.get("weight_decay", 0.0))
-    params = {k: v.astype(np.float32).copy() for k, v in start.items()}
-    losses = []
-    for _ in range(epochs):
-        order = rng.permutation(len(y))
-        for begin in range(0, len(order), batch):
-            idx = order[begin : begin + batch]
-            value, grads = mlp.loss_and_grad(params, feats[idx], y[idx], classes)
-            losses.append(value)
-            for k in params:
-                params[k] -= lr * (grads[k] + wd * params[k])
-    return params, losses
+        delta = {k: params[k] - start[k] for k in params}
+        return LearnResult({**delta, **extra}, len(data), {"loss": float(np.mean(losses)) if losses else 0.0})
