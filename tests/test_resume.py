@@ -84,7 +84,13 @@ def test_strategy_state_survives_a_checkpoint_round_trip(tmp_path, method):
     assert (at.round, at.rng, at.bytes_up, at.bytes_down) == (2, {"n": 1}, 5, 7)
     sent_resumed = _drive(resumed, range(3, 6))
     per_round = len(sent_whole) // 5
-    assert _equal(sent_resumed, sent_whole[2 * per_round:]), "the resumed strategy sent other tasks"
+    # the resumed strategy sends what the uninterrupted one sent; it may send more (FZooS sends x_r to every
+    # agent again after a restart, as it cannot know which agents still hold it), never other values
+    for got, want in zip(sent_resumed, sent_whole[2 * per_round:], strict=True):
+        assert got.keys() == want.keys()
+        for agent in want:
+            assert set(want[agent]) <= set(got[agent]), "the resumed strategy sent fewer tensors"
+            assert _equal({k: got[agent][k] for k in want[agent]}, want[agent]), "the resumed strategy sent other tasks"
     assert _equal(resumed.global_state(), whole.global_state())
     assert _equal(resumed.extra_state(), whole.extra_state())
 
