@@ -89,8 +89,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # FOT on the spec's permuted digits: 1 local epoch, batch 16, lr 0.05, eps 0.95, no threshold increment
     "fot": {"lr": 0.05, "epochs": 1, "batch": 16, "weight_decay": 1e-5, "eps": 0.95, "eps_inc": 0.0},
     # FZooS's GD variant (the paper's plain-GD step, tuned for this head), not the spec's configuration (Adam at
-    # lr 0.01, 20 GP restarts, M = 10000, radius 0.01: the learner's defaults), which is slower per round and
-    # scored lower on digits (`fedfleet bench zo`); set [method] optimizer = "adam", lr = 0.01, ... for it
+    # lr 0.01, 20 GP restarts, M = 10000, radius 0.01: the learner's defaults), which costs about 4x the CPU per
+    # round and scored the same on digits (`fedfleet bench zo`: 0.299 against 0.296); set [method]
+    # optimizer = "adam", lr = 0.01, gp_restarts = 20, explore_radius = 0.01, ... for it
     "fzoos": {**_ZO_HEAD, "lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2,
               "explore_radius": 0.05, "init_radius": 0.05, "rff_features": 2000},
     # GGEUR (spec 4): the one-shot class-statistics exchange, then FedAvg of a linear head on the originals
