@@ -8,6 +8,7 @@
     fedfleet bench NAME [...]                         benchmarks (tools/bench_NAME.py)
     fedfleet report RUN_DIR                          HTML and PNG report of a run
     fedfleet emulate FLEET.toml                      an emulated fleet against a broker
+    fedfleet provision --id pi-07 --broker URL --secret-file F --out DIR   files and a service for devices
 
 Errors in input (config files, options) print one clear line and exit 2, never a traceback.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from edge_agent.errors import FedfleetError
 
-COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate")
+COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate", "provision")
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +105,7 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a quorum of agents")
     p.add_argument("--username", help="broker user (with a password file and ACL)")
     p.add_argument("--password")
+    p.add_argument("--password-file", help="the broker password, in a file (from `fedfleet provision`)")
     p.add_argument("--ca-certs", help="CA file for an mqtts:// broker")
     _job_args(p)
     args = p.parse_args(argv)
@@ -111,6 +113,11 @@ def cmd_serve(argv: list[str]) -> int:
     from coordinator.job import serve
 
     cfg = _job_config(args)
+    if args.password_file:
+        try:
+            args.password = Path(args.password_file).read_text().strip()
+        except OSError as exc:
+            raise FedfleetError(f"--password-file {args.password_file}: {exc.strerror}") from None
     if args.roster:
         apply(cfg, {"roster": [a.strip() for a in args.roster.split(",") if a.strip()]}, "--roster")
     result = serve(cfg, broker=args.broker, secret=_read_secret(args.secret_file),
@@ -211,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             return _delegate("coordinator.report", rest)
         if cmd == "emulate":
             return _delegate("tools.emulate", rest)
+        if cmd == "provision":
+            return _delegate("coordinator.provision", rest)
         return {"demo": cmd_demo, "serve": cmd_serve, "keys": cmd_keys, "shards": cmd_shards,
                 "broker": cmd_broker, "bench": cmd_bench}[cmd](rest)
     except FedfleetError as exc:

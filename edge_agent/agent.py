@@ -22,6 +22,7 @@ from edge_agent import codecs, protocol
 from edge_agent.errors import FedfleetError, ModelError, ProtocolError
 from edge_agent.learners import LearnResult, LocalData, Task, create
 from edge_agent.mqtt import MqttLink
+from edge_agent.state import AgentState
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class AgentConfig:
     username: str | None = None
     password: str | None = None
     ca_certs: str | None = None
+    coordinator_key: bytes | None = None  # the coordinator's pinned Ed25519 public key (signed downlink)
+    state_dir: str | None = None  # kept across restarts: answered tasks, the package, error feedback
     extra_status: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,6 +71,10 @@ class Agent:
         self.rounds_done = 0
         self.tasks_dropped = 0
         self._done: set[tuple[str, int, int]] = set()
+        self.state = AgentState(config.state_dir) if config.state_dir else None
+        if self.state is not None:
+            self._done = set(self.state.done)
+            self.rounds_done, self.tasks_dropped = self.state.rounds_done, self.state.tasks_dropped
         self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self._waiting: list[tuple[dict[str, Any], bytes]] = []
         self._tasks = protocol.Reassembler(max_total=MAX_TASK_BYTES, max_pending=8)
@@ -97,6 +104,9 @@ class Agent:
 
     # -------------------------------------------------------------- lifecycle
     def start(self, wait_s: float = 10.0) -> None:
+        kept = self.state.package() if self.state is not None else None
+        if kept is not None:  # the package this agent last used: ready before the coordinator resends it
+            self._work.put(("model", {"digest": kept[0]}, kept[1]))
         self._worker.start()
         self.link.start(wait_s=wait_s)
 
@@ -201,6 +211,8 @@ class Agent:
             self._announce()
             return
         self.model, self.model_digest, self.model_error = model, header["digest"], None
+        if self.state is not None and self.state.model_digest != self.model_digest:
+            self.state.save_package(self.model_digest, blob)
         self._announce()
         self._retry_waiting()
 
@@ -224,6 +236,7 @@ class Agent:
         if deadline and time.time() > deadline:
             self._done.add(key)
             self.tasks_dropped += 1
+            self._persist()
             self._safe_telemetry("dropped_task", run=key[0], round=key[1], phase=key[2], reason="deadline passed")
             return
         if header.get("model") != self.model_digest:
@@ -250,11 +263,16 @@ class Agent:
         learn_s = time.perf_counter() - t0
         self._upload(header, task, result, learn_s)
         self.rounds_done += 1
+        self._persist()
         if self.meter is not None:
             with self.meter.measure("radio", bytes_down=int(header.get("total", len(body)))):
                 pass  # the task's download, booked by bytes
             energy = self.meter.take().as_dict()
             self._safe_telemetry("energy", run=task.run, round=task.round, phase=task.phase, **energy)
+
+    def _persist(self) -> None:
+        if self.state is not None:
+            self.state.save(self._done, self.rounds_done, self.tasks_dropped)
 
     def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> None:
         meta = header.get("meta", {})
@@ -282,10 +300,16 @@ class Agent:
         from edge_agent import fedzip
 
         params = fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
-        fb = self.feedback.setdefault(method, fedzip.ErrorFeedback())
+        fb = self.feedback.get(method)
+        if fb is None:
+            fb = self.feedback[method] = fedzip.ErrorFeedback()
+            if self.state is not None:
+                fb.residual = self.state.feedback(method)
         compensated = fb.compensate(tensors)
         sent = fedzip.quantize(compensated, params)
         fb.update(compensated, sent)
+        if self.state is not None:
+            self.state.save_feedback(method, fb.residual)
         return compensated
 
 
