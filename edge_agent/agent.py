@@ -268,7 +268,17 @@ class Agent:
             with self.meter.measure("radio", bytes_down=int(header.get("total", len(body)))):
                 pass  # the task's download, booked by bytes
             energy = self.meter.take().as_dict()
-            self._safe_telemetry("energy", run=task.run, round=task.round, phase=task.phase, **energy)
+            self._safe_telemetry("energy", run=task.run, round=task.round, phase=task.phase, **energy,
+                                 **self.byte_counts())
+        else:
+            self._safe_telemetry("bytes", run=task.run, round=task.round, phase=task.phase, **self.byte_counts())
+
+    def byte_counts(self) -> dict[str, int | None]:
+        """This agent's bytes so far: `mqtt_*` by the MQTT framing formula (what the ledger books) and
+        `wire_*` as its socket really moved them (TLS, keep-alives, CONNECT included; None if unknown)."""
+        wire = self.link.wire_bytes()
+        return {"mqtt_up": self.link.bytes_sent, "mqtt_down": self.link.bytes_received,
+                "wire_up": wire[0] if wire else None, "wire_down": wire[1] if wire else None}
 
     def _persist(self) -> None:
         if self.state is not None:
