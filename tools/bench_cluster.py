@@ -34,7 +34,8 @@ KEYS = ("agents", "nodes", "connected", "round_s", "rss_mb_total", "broker")
 
 
 def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout_s: float,
-             deadline_s: float, republish_s: float) -> dict[str, Any]:
+             deadline_s: float, republish_s: float, broker: Any = None) -> dict[str, Any]:
+    """One side of the comparison; `broker`: an already running broker or cluster to use (not stopped here)."""
     from coordinator.config import JobConfig, method_config
     from coordinator.job import agent_ids, build, engine_config, shards, small_model_threads
     from coordinator.server import Coordinator
@@ -53,7 +54,9 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
     ids = agent_ids(cfg)
     secret = os.urandom(32)
     t0 = time.perf_counter()
-    broker = RabbitCluster(nodes) if kind == "rabbitmq" else MosquittoBroker()
+    own = broker is None
+    if own:
+        broker = RabbitCluster(nodes) if kind == "rabbitmq" else MosquittoBroker()
     out: dict[str, Any] = {"agents": agents, "broker": kind, "broker_start_s": round(time.perf_counter() - t0, 1)}
     try:
         urls = broker.urls if kind == "rabbitmq" else [broker.url]
@@ -61,7 +64,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
         if kind == "rabbitmq":
             out["running_nodes"] = broker.running_nodes()
         coord_url, agent_urls = urls[0], (urls[1:] or urls)
-        broker_pids = broker.pids if kind == "rabbitmq" else [broker.pid]
+        broker_pids = list(broker.pids) if kind == "rabbitmq" else [broker.pid]
         with tempfile.TemporaryDirectory() as tmp:
             strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
             ecfg = engine_config(cfg, f"bench-cluster-{kind}")
@@ -111,7 +114,8 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                     pool.stop()
                 coord.stop()
     finally:
-        broker.stop()
+        if own:
+            broker.stop()
     out["total_s"] = round(time.perf_counter() - t0, 1)
     return out
 

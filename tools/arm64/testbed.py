@@ -102,14 +102,20 @@ def build_wheel(share: Path) -> Path:
     return found[0]
 
 
-def install_extras(guest: Guest, wheel: Path) -> dict[str, Any]:
-    """One venv per extra, from the wheel, binary wheels only; time, size, versions, and no torch."""
+def install_extras(guest: Guest, wheel: Path, keep: bool = False) -> dict[str, Any]:
+    """One venv per extra, from the wheel, binary wheels only; time, size, versions, and no torch.
+    `keep` (development only): reuse venvs from an earlier run, reinstalling just the fedfleet wheel."""
     out: dict[str, Any] = {}
     for extra, venv in EXTRAS.items():
-        shutil.rmtree(guest.rootfs / venv.lstrip("/"), ignore_errors=True)
         t0 = time.monotonic()
-        guest.run(f"python3 -m venv {venv} && {venv}/bin/pip install -q --no-cache-dir --only-binary=:all: "
-                  f"'/share/wheel/{wheel.name}[{extra}]' cryptography", timeout=3600, what=f"installing [{extra}]")
+        if keep and (guest.rootfs / venv.lstrip("/") / "bin" / "pip").exists():
+            guest.run(f"{venv}/bin/pip install -q --no-deps --force-reinstall /share/wheel/{wheel.name}",
+                      timeout=1800, what=f"reinstalling fedfleet in [{extra}]")
+        else:
+            shutil.rmtree(guest.rootfs / venv.lstrip("/"), ignore_errors=True)
+            guest.run(f"python3 -m venv {venv} && {venv}/bin/pip install -q --no-cache-dir --only-binary=:all: "
+                      f"'/share/wheel/{wheel.name}[{extra}]' cryptography", timeout=3600,
+                      what=f"installing [{extra}]")
         install_s = time.monotonic() - t0
         size = subprocess.run(["du", "-sk", str(guest.rootfs / venv.lstrip("/"))], capture_output=True,
                               text=True, check=True).stdout.split()[0]
@@ -119,8 +125,8 @@ def install_extras(guest: Guest, wheel: Path) -> dict[str, Any]:
         machine = guest.run(f"{venv}/bin/python -c \"{check}\"", timeout=900, what=f"importing [{extra}]").split()
         if not machine or machine[-1] != "aarch64":
             raise BedError(f"the [{extra}] venv's python reports machine {machine!r}, not aarch64")
-        freeze = guest.run(f"{venv}/bin/pip freeze --exclude-editable", timeout=600, what="pip freeze").split()
-        out[extra] = {"install_s": round(install_s, 1), "size_mb": round(int(size) / 1024, 1),
+        freeze = guest.run(f"{venv}/bin/pip freeze", timeout=600, what="pip freeze").splitlines()
+        out[extra] = {"install_s": None if keep else round(install_s, 1), "size_mb": round(int(size) / 1024, 1),
                       "torch": False, "machine": machine[-1], "packages": freeze}
         log(f"  [{extra}] installed in {install_s:.0f} s, {int(size) / 1024:.0f} MB, torch absent, "
             f"{len(freeze)} packages")
@@ -184,7 +190,7 @@ def run_job(arch: str, runtime: str, args: argparse.Namespace, guest: Guest, sha
                 agents.append(guest.popen(cmd, logdir / f"agent-{tag}-{agent}.log"))
         serve = [sys.executable, "-m", "coordinator.cli", "serve", "--broker", broker.url,
                  "--secret-file", str(share / "fleet.secret"), "--fleet", FLEET, "--roster", ",".join(IDS),
-                 "--rounds", str(args.rounds), "--seed", str(args.seed), "--runtime", runtime,
+                 "--rounds", str(args.rounds), "--seed", str(args.seed), "--runtime", runtime, "--quorum", "1.0",
                  "--deadline", str(args.deadline), "--wait", str(args.deadline), "--run-dir", str(run_dir),
                  "--json", str(run_dir / "serve.json"), *serve_opts]
         try:
@@ -263,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline", type=float, default=900.0, help="seconds per round and to wait for agents")
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--keep-venvs", action="store_true", help="development: reuse the venvs of an earlier run")
     args = p.parse_args(argv)
     cache = Path(args.cache).resolve()
     share, logdir = cache / "share", cache / "logs"
@@ -279,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         log("2/4 wheel from the checkout; one venv per extra, --only-binary=:all:")
         wheel = build_wheel(share)
         result["wheel"] = wheel.name
-        result["extras"] = install_extras(guest, wheel)
+        result["extras"] = install_extras(guest, wheel, keep=args.keep_venvs)
         log("3/4 runs: x86 agents, then emulated aarch64 agents, per runtime, same seed")
         prepare_share(share, args)
         runs: dict[str, Any] = {}
