@@ -33,6 +33,20 @@ from tools.bench_fleet import cpu_seconds, process_tree, status_kb
 KEYS = ("agents", "nodes", "connected", "round_s", "rss_mb_total", "broker")
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds per thread of this process, by thread name (Linux: /proc/self/task/*/stat and comm)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout_s: float,
              deadline_s: float, republish_s: float, broker: Any = None) -> dict[str, Any]:
     """One side of the comparison; `broker`: an already running broker or cluster to use (not stopped here)."""
@@ -98,10 +112,14 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                 roles = {"coordinator": [os.getpid()], "broker": [p for b in broker_pids for p in process_tree(b)],
                          "agents": [p for pool in pools for p in pool.pids]}
                 cpu0 = {r: cpu_seconds(p) for r, p in roles.items()}
+                threads0 = thread_cpu()
                 round_started = time.perf_counter()
                 out["round1_start_after_online_s"] = round(round_started - online_at, 2)
                 summary = coord.run_round(1)
                 out["cpu_s_in_round"] = {r: round(cpu_seconds(p) - cpu0[r], 1) for r, p in roles.items()}
+                threads1 = thread_cpu()
+                out["coordinator_threads_cpu_s"] = {n: round(v - threads0.get(n, 0.0), 2) for n, v in threads1.items()
+                                                    if v - threads0.get(n, 0.0) >= 0.05}
                 pids = sorted(set(process_tree(os.getpid()) + roles["broker"]))
                 out["rss_mb_total"] = round(sum(status_kb(p, "VmRSS") for p in pids) / 1024, 1)
                 out["rss_mb_by_role"] = {r: round(sum(status_kb(x, "VmRSS") for x in p) / 1024, 1)

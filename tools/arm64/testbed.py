@@ -108,7 +108,8 @@ def install_extras(guest: Guest, wheel: Path, keep: bool = False) -> dict[str, A
     out: dict[str, Any] = {}
     for extra, venv in EXTRAS.items():
         t0 = time.monotonic()
-        if keep and (guest.rootfs / venv.lstrip("/") / "bin" / "pip").exists():
+        reused = keep and (guest.rootfs / venv.lstrip("/") / "bin" / "pip").exists()
+        if reused:
             guest.run(f"{venv}/bin/pip install -q --no-deps --force-reinstall /share/wheel/{wheel.name}",
                       timeout=1800, what=f"reinstalling fedfleet in [{extra}]")
         else:
@@ -126,7 +127,7 @@ def install_extras(guest: Guest, wheel: Path, keep: bool = False) -> dict[str, A
         if not machine or machine[-1] != "aarch64":
             raise BedError(f"the [{extra}] venv's python reports machine {machine!r}, not aarch64")
         freeze = guest.run(f"{venv}/bin/pip freeze", timeout=600, what="pip freeze").splitlines()
-        out[extra] = {"install_s": None if keep else round(install_s, 1), "size_mb": round(int(size) / 1024, 1),
+        out[extra] = {"install_s": None if reused else round(install_s, 1), "size_mb": round(int(size) / 1024, 1),
                       "torch": False, "machine": machine[-1], "packages": freeze}
         log(f"  [{extra}] installed in {install_s:.0f} s, {int(size) / 1024:.0f} MB, torch absent, "
             f"{len(freeze)} packages")
