@@ -13,7 +13,8 @@ Steps, each logged with a timestamp; any failed step exits 1 with the reason:
    accuracies must be equal. The agents' peak RSS (VmHWM of the qemu process) is read before they stop.
 4. The int8 backbone's features on the same inputs must agree bit for bit between x86 and aarch64, per runtime.
 
-The venvs and shares are rebuilt on every run; only the rootfs is reused (rebuilt when absent or
+The guest sees a Cortex-A72 (a Pi 4): its /proc/cpuinfo and the CPU qemu emulates (see enter.sh for why
+qemu's default "max" CPU is not used). The venvs and shares are rebuilt on every run; only the rootfs is reused (rebuilt when absent or
 incomplete). Emulated timings are 40-80x slower than native and say nothing about a real Pi's speed.
 """
 
