@@ -42,14 +42,22 @@ if [ -f "$ROOT/.fedfleet-rootfs-ok" ]; then
   log "reusing $ROOT (built $(cat "$ROOT/.fedfleet-rootfs-ok"))"
 else
   log "building bookworm arm64 in $ROOT from $MIRROR (first stage)"
+  if grep -q " $(realpath -m "$ROOT")/" /proc/mounts; then
+    log "FAIL: something is mounted under $ROOT; unmount it before rebuilding"; exit 2
+  fi
   rm -rf "$ROOT"; mkdir -p "$ROOT"
   start=$(date +%s)
-  debootstrap --arch=arm64 --foreign --variant=minbase \
-    --include=python3,python3-venv,ca-certificates bookworm "$ROOT" "$MIRROR"
+  mkdir -p "$(dirname "$ROOT")"
+  if ! debootstrap --arch=arm64 --foreign --variant=minbase \
+      --include=python3,python3-venv,ca-certificates bookworm "$ROOT" "$MIRROR" > "$ROOT.debootstrap.log" 2>&1; then
+    tail -20 "$ROOT.debootstrap.log"; log "FAIL: debootstrap's first stage failed (log $ROOT.debootstrap.log)"; exit 1
+  fi
   log "first stage done in $(( $(date +%s) - start )) s; second stage under emulation (the slow part)"
   cp /usr/bin/qemu-aarch64-static "$ROOT/usr/bin/"
   echo "$mode" > "$ROOT/.mode"
-  "$HERE/enter.sh" "$ROOT" /debootstrap/debootstrap --second-stage
+  if ! "$HERE/enter.sh" "$ROOT" /debootstrap/debootstrap --second-stage >> "$ROOT.debootstrap.log" 2>&1; then
+    tail -20 "$ROOT.debootstrap.log"; log "FAIL: debootstrap's second stage failed (log $ROOT.debootstrap.log)"; exit 1
+  fi
   log "debootstrap done in $(( $(date +%s) - start )) s"
   date -u +%FT%TZ > "$ROOT/.fedfleet-rootfs-ok"
 fi
