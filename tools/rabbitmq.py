@@ -107,8 +107,9 @@ class RabbitCluster(Broker):
                 log = open(node.dir / "server.out", "wb")  # noqa: SIM115
                 node.proc = subprocess.Popen(self._as_user([str(BIN / "rabbitmq-server")]), env=node.env,
                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + timeout_s
             for node in self.nodes:
-                self.ctl(node, "await_startup", timeout_s=timeout_s)
+                self._await(node, deadline)
             for node in self.nodes[1:]:
                 self.ctl(node, "stop_app")
                 self.ctl(node, "join_cluster", self.nodes[0].name)
@@ -122,6 +123,19 @@ class RabbitCluster(Broker):
             raise RuntimeError(f"the RabbitMQ cluster did not start: {exc}\n{logs}") from None
         self.urls = [n.url for n in self.nodes]
         super().__init__(self.urls[0])
+
+    def _await(self, node: RabbitNode, deadline: float) -> None:
+        """Until the node has booted: `await_startup` fails at once while the node is not yet registered."""
+        while True:
+            try:
+                self.ctl(node, "await_startup", timeout_s=max(5.0, deadline - time.monotonic()))
+                return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if node.proc is not None and node.proc.poll() is not None:
+                    raise RuntimeError(f"node {node.name} exited with code {node.proc.returncode}") from None
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(2.0)
 
     def _as_user(self, argv: list[str]) -> list[str]:
         if self._user is None:
@@ -162,4 +176,3 @@ class RabbitCluster(Broker):
                 os.killpg(node.proc.pid, 9)
                 node.proc.wait(10)
         shutil.rmtree(self._base, ignore_errors=True)
-        time.sleep(0)
