@@ -16,7 +16,7 @@
 # for a few variables and FEDFLEET_* ones.
 set -euo pipefail
 ROOT=$(cd "${1:?usage: enter.sh ROOTFS_DIR COMMAND...}" && pwd); shift
-mode=$(cat "$ROOT/.mode")
+mode=${FEDFLEET_ARM64_MODE:-$(cat "$ROOT/.mode")}  # FEDFLEET_ARM64_MODE=proot forces the fallback
 SHARE=${FEDFLEET_ARM64_SHARE:-}
 envs=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
       PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
