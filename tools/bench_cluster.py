@@ -35,11 +35,14 @@ KEYS = ("agents", "nodes", "connected", "round_s", "rss_mb_total", "broker")
 
 def thread_cpu() -> dict[str, float]:
     """CPU seconds per thread of this process, by thread name (Linux: /proc/self/task/*/stat and comm)."""
+    import threading
+
     tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
     out: dict[str, float] = {}
     for task in Path("/proc/self/task").iterdir():
         try:
-            name = (task / "comm").read_text().strip()
+            name = names.get(int(task.name)) or (task / "comm").read_text().strip()
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
             out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
         except (OSError, ValueError, IndexError):
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=4, help="agent worker processes per side")
     p.add_argument("--connect-timeout", type=float, default=900.0)
     p.add_argument("--deadline", type=float, default=300.0, help="round deadline, seconds")
-    p.add_argument("--republish", type=float, default=2.0, help="republish the package this often while agents lack it")
+    p.add_argument("--republish", type=float, default=15.0,
+                   help="republish the package at most this often while agents still lack it after a wave of joins")
     p.add_argument("--brokers", default="rabbitmq,mosquitto")
     p.add_argument("--json")
     args = p.parse_args(argv)
