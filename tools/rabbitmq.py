@@ -50,7 +50,7 @@ def _conf(mqtt_port: int, amqp_port: int) -> str:
         "loopback_users = none",
         "log.console = false",
         "log.file.level = warning",
-        "vm_memory_high_watermark.absolute = 1GB",
+        "vm_memory_high_watermark.absolute = 3GB",  # 1,000 MQTT connections cost a node ~300 MB
         "disk_free_limit.absolute = 50MB",
     ]) + "\n"
 
