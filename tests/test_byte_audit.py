@@ -14,6 +14,7 @@ from coordinator.strategies import create as create_strategy
 from edge_agent import protocol
 from edge_agent.agent import Agent, AgentConfig
 from edge_agent.mqtt import MqttLink
+from tools.bench_cluster import signing_options
 from tools.broker import MosquittoBroker
 from tools.byte_audit import SysObserver, reconcile
 from tools.tls import make_local_ca
@@ -31,12 +32,13 @@ def test_ledger_bytes_match_the_brokers_count(tmp_path):
         secret = os.urandom(32)
         ids = [f"agent-{i:02d}" for i in range(cfg.agents)]
         strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg), seed=cfg.seed)
+        coord_sign, agent_sign = signing_options()
         coord = Coordinator(broker_url=broker.url, secret=secret, roster=ids, strategy=strategy, package=blob,
                             evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp_path / "run",
-                            config=engine_config(cfg, "audit-run"))
+                            config=engine_config(cfg, "audit-run"), **coord_sign)
         coord.start()
-        agents = [Agent(AgentConfig(broker.url, cfg.fleet, a, protocol.derive_key(secret, a), profile=DEMO_PROFILE),
-                        local[i]) for i, a in enumerate(ids)]
+        agents = [Agent(AgentConfig(broker.url, cfg.fleet, a, protocol.derive_key(secret, a), profile=DEMO_PROFILE,
+                                    **agent_sign), local[i]) for i, a in enumerate(ids)]
         for a in agents:
             a.start()
         coord.wait_for_agents(len(ids), timeout_s=60)

@@ -92,8 +92,16 @@ def test_password_line_is_mosquitto_passwd_format():
 def test_provision_roster_run_restart_and_service(tmp_path):
     secret = tmp_path / "fleet.secret"
     secret.write_text(os.urandom(32).hex())
-    pub = tmp_path / "coordinator.pub"
-    pub.write_text(os.urandom(32).hex() + "\n")
+    pub, serve_sign = tmp_path / "coordinator.pub", []
+    try:  # the signed downlink, where this checkout has it: a real key pair, as the README does
+        import edge_agent.signing  # noqa: F401
+
+        key = tmp_path / "coordinator.key"
+        assert _cli("keys", "--signing-key-file", str(key), "--new").returncode == 0
+        pub.write_text(_cli("keys", "--signing-key-file", str(key), "--public").stdout.strip() + "\n")
+        serve_sign = ["--signing-key-file", str(key)]
+    except ImportError:
+        pub.write_text(os.urandom(32).hex() + "\n")  # pinned by the agents, not yet used by this checkout
     shards = _cli("shards", "--out", str(tmp_path / "shards"), "--agents", "2")
     assert shards.returncode == 0, shards.stderr
     agent_exe = shutil.which("fedfleet-agent") or sys.executable
@@ -139,7 +147,7 @@ def test_provision_roster_run_restart_and_service(tmp_path):
             [sys.executable, "-m", "coordinator.cli", "serve", "--broker", broker.url, "--secret-file", str(secret),
              "--fleet", "lab", "--roster", ",".join(IDS), "--rounds", "40", "--wait", "60", "--deadline", "10",
              "--username", "coordinator", "--password-file", str(devices / "broker" / "coordinator.password"),
-             "--run-dir", str(run_dir), "--json", str(tmp_path / "serve.json")],
+             "--run-dir", str(run_dir), "--json", str(tmp_path / "serve.json"), *serve_sign],
             stdout=open(tmp_path / "serve.out", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         state_file = tmp_path / "state" / "pi-02" / "state.json"
         deadline = time.monotonic() + 180

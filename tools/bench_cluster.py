@@ -33,6 +33,16 @@ from tools.bench_fleet import cpu_seconds, process_tree, status_kb
 KEYS = ("agents", "nodes", "connected", "round_s", "rss_mb_total", "broker")
 
 
+def signing_options() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Coordinator and agent keyword arguments for the signed downlink, where this checkout has it."""
+    try:
+        from edge_agent import signing
+    except ImportError:
+        return {}, {}
+    seed = signing.new_signing_seed()
+    return {"signing_key": seed}, {"coordinator_key": signing.public_key(seed)}
+
+
 def thread_cpu() -> dict[str, float]:
     """CPU seconds per thread of this process, by thread name (Linux: /proc/self/task/*/stat and comm)."""
     import threading
@@ -86,8 +96,10 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
             strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
             ecfg = engine_config(cfg, f"bench-cluster-{kind}")
             ecfg.grace_s = 0.0
+            coord_sign, agent_sign = signing_options()
             coord = Coordinator(broker_url=coord_url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                                evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg)
+                                evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg,
+                                **coord_sign)
             coord.start()
             pools = []
             per_node = max(1, processes // len(agent_urls))
@@ -97,7 +109,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                     mine = ids[j::len(agent_urls)]
                     data = {a: local[ids.index(a)] for a in mine}
                     pool = AgentPool(url, cfg.fleet, secret, data, processes=per_node, share_model=True,
-                                     blas_threads=1, serialize_learning=True)
+                                     blas_threads=1, serialize_learning=True, **agent_sign)
                     pools.append(pool)
                 for pool in pools:
                     pool.start(timeout_s=connect_timeout_s)
