@@ -11,6 +11,7 @@
     fedfleet bench NAME [...]                         benchmarks (tools/bench_NAME.py)
     fedfleet report RUN_DIR                          HTML and PNG report of a run
     fedfleet emulate FLEET.toml                      an emulated fleet against a broker
+    fedfleet provision --id pi-07 --broker URL --secret-file F --out DIR   files and a service for devices
 
 Errors in input (config files, options) print one clear line and exit 2, never a traceback.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from edge_agent.errors import FedfleetError
 
-COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate")
+COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate", "provision")
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -131,7 +132,7 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--roster", help="comma-separated agent ids (default: agent-00 .. agent-NN)")
     p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a quorum of agents")
     p.add_argument("--username", help="broker user (with a password file and ACL)")
-    p.add_argument("--password")
+    p.add_argument("--password-file", help="the broker password, in a file (never on the command line)")
     p.add_argument("--ca-certs", help="CA file for an mqtts:// broker")
     _job_args(p)
     _resume_args(p)
@@ -139,6 +140,12 @@ def cmd_serve(argv: list[str]) -> int:
     from coordinator.config import apply
 
     cfg = _job_config(args)
+    args.password = None
+    if args.password_file:
+        try:
+            args.password = Path(args.password_file).read_text().strip()
+        except OSError as exc:
+            raise FedfleetError(f"--password-file {args.password_file}: {exc.strerror}") from None
     if args.roster:
         apply(cfg, {"roster": [a.strip() for a in args.roster.split(",") if a.strip()]}, "--roster")
     run_dir = _run_dir(args)
@@ -273,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             return _delegate("coordinator.report", rest)
         if cmd == "emulate":
             return _delegate("tools.emulate", rest)
+        if cmd == "provision":
+            return _delegate("coordinator.provision", rest)
         return {"demo": cmd_demo, "serve": cmd_serve, "keys": cmd_keys, "shards": cmd_shards,
                 "broker": cmd_broker, "bench": cmd_bench}[cmd](rest)
     except FedfleetError as exc:

@@ -224,29 +224,42 @@ class Coordinator:
             return sorted(a for a, s in self.online.items()
                           if s.get("state") == "online" and s.get("model") == self.package_digest)
 
-    def wait_for_agents(self, n: int, timeout_s: float, *, republish_s: float = 15.0) -> list[str]:
+    def wait_for_agents(self, n: int, timeout_s: float, *, republish_s: float = 15.0,
+                        settle_s: float = 2.0) -> list[str]:
         """Wait until n agents are online with the current model package.
 
-        An agent that is online but still without the package after `republish_s`, and has reported no
-        error about it (a chunk was refused as damaged, or its delivery was lost), gets the package again:
-        it is republished at most once per `republish_s`, and agents that already hold it ignore the copy.
+        An agent online without the package, that has reported no error about it (a chunk was refused as
+        damaged), gets the package again, live, without relying on the retained copy: a clustered broker
+        (RabbitMQ) keeps retained messages on the node that received them, so agents on other nodes never
+        see it. The package goes out again once agents that came online since the last publication have
+        stopped arriving for `settle_s` and still lack it (one publication per wave of joins, so round 1
+        starts within seconds of the agents being online), and at most once per `republish_s` for agents
+        that still lack it after that (a lost delivery). Agents that already hold it ignore the copy.
         """
         start = time.monotonic()
-        deadline, next_republish = start + timeout_s, start + republish_s
+        deadline, last_publish = start + timeout_s, start
+        covered: set[str] = set()  # agents online at the last publication that went out while waiting
+        newcomers: set[str] = set()
+        changed = start
         while time.monotonic() < deadline:
             ready = self.ready_agents()
             if len(ready) >= n:
                 return ready
-            if time.monotonic() >= next_republish:
+            with self._online_lock:
+                missing = {a for a, s in self.online.items()  # an agent that refused it says why
+                           if s.get("state") == "online" and s.get("model") != self.package_digest
+                           and not s.get("error")}
+            now = time.monotonic()
+            if missing - covered != newcomers:
+                newcomers, changed = missing - covered, now
+            wave_over = bool(newcomers) and now - changed >= settle_s
+            if missing and (wave_over or now - last_publish >= republish_s):
+                log.warning("%d agents online without the model package (%s); publishing it again",
+                            len(missing), ", ".join(sorted(missing)[:5]))
+                self.publish_package()
                 with self._online_lock:
-                    missing = sorted(a for a, s in self.online.items()  # an agent that refused it says why
-                                     if s.get("state") == "online" and s.get("model") != self.package_digest
-                                     and not s.get("error"))
-                if missing:
-                    log.warning("%d agents online without the model package after %.0f s (%s); publishing it again",
-                                len(missing), time.monotonic() - start, ", ".join(missing[:5]))
-                    self.publish_package()
-                next_republish = time.monotonic() + republish_s
+                    covered = {a for a, s in self.online.items() if s.get("state") == "online"}
+                newcomers, last_publish = set(), time.monotonic()
             time.sleep(0.05)
         ready = self.ready_agents()
         with self._online_lock:

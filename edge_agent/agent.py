@@ -31,6 +31,7 @@ from edge_agent.errors import FedfleetError, ModelError, ProtocolError
 from edge_agent.learners import LearnResult, LocalData, Task, create
 from edge_agent.mqtt import MqttLink
 from edge_agent.run_state import RunState
+from edge_agent.state import AgentState
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class AgentConfig:
     username: str | None = None
     password: str | None = None
     ca_certs: str | None = None
+    coordinator_key: bytes | None = None  # the coordinator's pinned Ed25519 public key (signed downlink)
+    state_dir: str | None = None  # kept across restarts: answered tasks, the package, error feedback
     extra_status: dict[str, Any] = field(default_factory=dict)
     coordinator_key: bytes | None = None  # the pinned raw Ed25519 public key of the coordinator
     max_skew_s: float = 300.0  # tolerated difference between this device's clock and the coordinator's
@@ -88,6 +91,11 @@ class Agent:
                             "no coordinator key pinned (--coordinator-key-file): refusing every task and package")
         self._done: set[tuple[str, int, int]] = set()
         self._taken: dict[tuple[str, int, int], str] = {}  # task -> the dispatch (msg id) the agent took
+        # what survives a restart (tasks answered, counters, the last package): edge_agent.state
+        self.kept = AgentState(config.state_dir) if config.state_dir else None
+        if self.kept is not None:
+            self._done = set(self.kept.done)
+            self.rounds_done, self.tasks_dropped = self.kept.rounds_done, self.kept.tasks_dropped
         self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self._waiting: list[tuple[dict[str, Any], bytes]] = []
         self._tasks = protocol.Reassembler(max_total=MAX_TASK_BYTES, max_pending=8)
@@ -118,6 +126,9 @@ class Agent:
 
     # -------------------------------------------------------------- lifecycle
     def start(self, wait_s: float = 10.0) -> None:
+        kept = self.kept.package() if self.kept is not None else None
+        if kept is not None:  # the package this agent last used: ready before the coordinator resends it
+            self._work.put(("model", {"digest": kept[0]}, kept[1]))
         self._worker.start()
         self.link.start(wait_s=wait_s)
 
@@ -259,6 +270,8 @@ class Agent:
             self._announce()
             return
         self.model, self.model_digest, self.model_error = model, header["digest"], None
+        if self.kept is not None and self.kept.model_digest != self.model_digest:
+            self.kept.save_package(self.model_digest, blob)
         self._announce()
         self._retry_waiting()
 
@@ -319,6 +332,7 @@ class Agent:
             self._done.add(key)
             self._taken[key] = msg
             self.tasks_dropped += 1
+            self._persist()
             self._safe_telemetry("dropped_task", run=key[0], round=key[1], phase=key[2], reason=late)
             return
         deadline = self._now() + self._remaining(header)
@@ -357,11 +371,26 @@ class Agent:
         learn_s = time.perf_counter() - t0
         self._upload(header, task, result, learn_s)
         self.rounds_done += 1
+        self._persist()
         if self.meter is not None:
             with self.meter.measure("radio", bytes_down=int(header.get("total", len(body)))):
                 pass  # the task's download, booked by bytes
             energy = self.meter.take().as_dict()
-            self._safe_telemetry("energy", run=task.run, round=task.round, phase=task.phase, **energy)
+            self._safe_telemetry("energy", run=task.run, round=task.round, phase=task.phase, **energy,
+                                 **self.byte_counts())
+        else:
+            self._safe_telemetry("bytes", run=task.run, round=task.round, phase=task.phase, **self.byte_counts())
+
+    def byte_counts(self) -> dict[str, int | None]:
+        """This agent's bytes so far: `mqtt_*` by the MQTT framing formula (what the ledger books) and
+        `wire_*` as its socket really moved them (TLS, keep-alives, CONNECT included; None if unknown)."""
+        wire = self.link.wire_bytes()
+        return {"mqtt_up": self.link.bytes_sent, "mqtt_down": self.link.bytes_received,
+                "wire_up": wire[0] if wire else None, "wire_down": wire[1] if wire else None}
+
+    def _persist(self) -> None:
+        if self.kept is not None:
+            self.kept.save(self._done, self.rounds_done, self.tasks_dropped)
 
     def _remaining(self, header: dict[str, Any]) -> float:
         """Seconds left on the task: its ttl from this agent's own receive time (monotonic)."""
@@ -412,10 +441,16 @@ class Agent:
         from edge_agent import fedzip
 
         params = fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
-        fb = self.state.feedback.setdefault(method, fedzip.ErrorFeedback())
+        fb = self.state.feedback.get(method)
+        if fb is None:  # this run's residual: kept across a restart, never carried into another run
+            fb = self.state.feedback[method] = fedzip.ErrorFeedback()
+            if self.kept is not None:
+                fb.residual = self.kept.feedback(f"{self.state.run}-{method}")
         compensated = fb.compensate(tensors)
         payload, sent = fedzip.encode_and_quantize(compensated, params)
         fb.update(compensated, sent)
+        if self.kept is not None:
+            self.kept.save_feedback(f"{self.state.run}-{method}", fb.residual)
         return payload
 
 

@@ -2,7 +2,8 @@
 
 Broker URLs: `mqtt://host:port` (default port 1883) or `mqtts://host:port` (TLS, default 8883; the CA file
 comes from `ca_certs`). MQTT 3.1.1 semantics so any broker works. Publishes are QoS 1 by default.
-Byte counters hold PUBLISH packet bytes plus PUBACKs (`protocol.mqtt_publish_bytes`), per direction.
+Byte counters hold PUBLISH packet bytes plus PUBACKs (`protocol.mqtt_publish_bytes`), per direction and
+per topic; `wire_bytes()` is what the socket really moved (edge_agent.wire: TCP counters, TLS included).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import random
 import socket
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -20,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.errors import ConfigError
 from edge_agent.protocol import mqtt_publish_bytes
+from edge_agent.wire import WireCounter
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,10 @@ class MqttLink:
         self.keepalive = keepalive
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.bytes_by_topic: Counter[str] = Counter()  # formula bytes per topic, both directions
+        self.connects = 0  # CONNACKs accepted (first connection and reconnects)
+        self.wire = WireCounter()
+        self.client_id, self.will, self.username, self.password = client_id, will, username, password
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # the broker acknowledged our subscriptions (SUBACK)
         self._stop = threading.Event()
@@ -91,7 +98,8 @@ class MqttLink:
             CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
             protocol=paho.MQTTv311,
         )
-        c.on_socket_open = _nodelay
+        c.on_socket_open = self._socket_open
+        c.on_socket_close = lambda client, userdata, sock: self.wire.closed(sock)
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
@@ -173,13 +181,22 @@ class MqttLink:
         except Exception:  # noqa: BLE001
             pass
 
+    def wire_bytes(self) -> tuple[int, int] | None:
+        """(sent, received) bytes on the socket(s) so far, TLS and MQTT control included; None if unknown."""
+        return self.wire.totals()
+
     # -------------------------------------------------------------- callbacks
+    def _socket_open(self, client: paho.Client, userdata: object, sock: object) -> None:
+        _nodelay(client, userdata, sock)
+        self.wire.opened(sock)
+
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
             log.warning("broker %s refused the connection: %s", self.url, reason_code)
             return
         if self._subscriptions:
             client.subscribe([(topic, 1) for topic in self._subscriptions])
+        self.connects += 1
         self.connected.set()
         if self._on_connect_cb is not None:
             self._on_connect_cb()
@@ -197,6 +214,7 @@ class MqttLink:
         n = mqtt_publish_bytes(msg.topic, len(msg.payload), msg.qos)
         with self._lock:
             self.bytes_received += n
+            self.bytes_by_topic[msg.topic] += n
         try:
             self._on_message_cb(msg.topic, msg.payload)
         except Exception:  # a handler bug must never kill the network thread
@@ -212,4 +230,5 @@ class MqttLink:
         n = mqtt_publish_bytes(topic, len(payload), qos)
         with self._lock:
             self.bytes_sent += n
+            self.bytes_by_topic[topic] += n
         return n

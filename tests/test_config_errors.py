@@ -83,7 +83,8 @@ def test_serve_refuses_a_negative_metrics_port(tmp_path):
 
 @pytest.mark.parametrize("threads", ["-1", "0"])
 def test_agent_refuses_non_positive_threads(tmp_path, threads):
-    r = _run("edge_agent.cli", "--broker", NO_BROKER, "--id", "pi-01", "--key", "00" * 32, "--data",
+    (tmp_path / "pi-01.key").write_text("00" * 32 + "\n")
+    r = _run("edge_agent.cli", "--broker", NO_BROKER, "--id", "pi-01", "--key-file", str(tmp_path / "pi-01.key"), "--data",
              str(tmp_path / "absent.npz"), "--coordinator-key-file", str(tmp_path / "absent.pub"), "--threads", threads, cwd=tmp_path)
     _assert_one_line_error(r, "--threads")
 

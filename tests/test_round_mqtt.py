@@ -97,12 +97,13 @@ def test_hostile_messages_are_refused_recorded_and_the_round_completes(mosquitto
 
 
 def _agent_process(url: str, fleet: str, agent: str, data_path, tmp_path) -> subprocess.Popen:
-    key = protocol.derive_key(SECRET, agent).hex()
+    key = tmp_path / f"{agent}.key"
+    key.write_text(protocol.derive_key(SECRET, agent).hex() + "\n")
     pub = tmp_path / "coordinator.pub"
     pub.write_text(COORDINATOR_KEY.hex() + "\n")
     return subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.cli", "--broker", url, "--fleet", fleet, "--id", agent, "--key", key,
-         "--data", str(data_path), "--coordinator-key-file", str(pub)],
+        [sys.executable, "-m", "edge_agent.cli", "--broker", url, "--fleet", fleet, "--id", agent,
+         "--key-file", str(key), "--data", str(data_path), "--coordinator-key-file", str(pub)],
         stdout=open(tmp_path / f"{agent}.log", "ab"), stderr=subprocess.STDOUT,
     )
 
@@ -153,13 +154,15 @@ def test_broken_agent_options_and_config_give_clear_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--config", str(bad)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "field 'rounds'" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "bad.key").write_text("zz\n")
     r = subprocess.run([sys.executable, "-m", "edge_agent.cli", "--broker", "mqtt://127.0.0.1:1", "--id", "a",
-                        "--key", "zz", "--data", str(tmp_path / "none.npz"), "--coordinator-key-file", "x.pub"],
-                       capture_output=True, text=True)
+                        "--key-file", str(tmp_path / "bad.key"), "--data", str(tmp_path / "none.npz"),
+                        "--coordinator-key-file", "x.pub"], capture_output=True, text=True)
     assert r.returncode == 2 and "hex" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "good.key").write_text("00" * 32 + "\n")
     r = subprocess.run([sys.executable, "-m", "edge_agent.cli", "--broker", "mqtt://127.0.0.1:1", "--id", "a",
-                        "--key", "00" * 32, "--data", str(tmp_path / "none.npz"), "--coordinator-key-file",
-                        str(tmp_path / "missing.pub")], capture_output=True, text=True)
+                        "--key-file", str(tmp_path / "good.key"), "--data", str(tmp_path / "none.npz"),
+                        "--coordinator-key-file", str(tmp_path / "missing.pub")], capture_output=True, text=True)
     assert r.returncode == 2 and "--coordinator-key-file" in r.stderr and "Traceback" not in r.stderr
 
 

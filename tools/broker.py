@@ -74,9 +74,11 @@ def broker_user() -> str:
 
 
 def mosquitto_config(port: int, *, password_file: Path | None = None, acl_file: Path | None = None,
-                     max_packet_bytes: int = 2 << 20, tls: TLSFiles | None = None, user: str | None = None) -> str:
+                     max_packet_bytes: int = 2 << 20, tls: TLSFiles | None = None, user: str | None = None,
+                     extra: str = "") -> str:
     """The broker's config. With a password file, client ids are the user names
-    (`use_username_as_clientid`): a client cannot take over another's session by picking its id."""
+    (`use_username_as_clientid`): a client cannot take over another's session by picking its id.
+    `extra`: more mosquitto.conf lines."""
     lines = [f"listener {port} 127.0.0.1"]
     if tls is not None:  # this listener speaks TLS only (mqtts://)
         lines += [f"cafile {tls.cafile}", f"certfile {tls.certfile}", f"keyfile {tls.keyfile}",
@@ -98,7 +100,7 @@ def mosquitto_config(port: int, *, password_file: Path | None = None, acl_file: 
     if acl_file is not None:
         lines.append(f"acl_file {acl_file}")
     lines.append(f"user {user or broker_user()}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + extra
 
 
 def acl_text(coordinator_user: str) -> str:
@@ -126,13 +128,16 @@ class MosquittoBroker(Broker):
     kind = "mosquitto"
 
     def __init__(self, port: int | None = None, *, users: dict[str, str] | None = None,
-                 coordinator_user: str = "coordinator", tls: TLSFiles | None = None) -> None:
+                 coordinator_user: str = "coordinator", tls: TLSFiles | None = None,
+                 password_file: Path | None = None, acl_file: Path | None = None, extra_config: str = "") -> None:
+        """`password_file`/`acl_file`: ready-made files (e.g. from `fedfleet provision --broker-users`), used
+        when `users` is not given; `extra_config`: more mosquitto.conf lines (e.g. `sys_interval 1`)."""
         exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if exe is None:
             raise ConfigError("mosquitto is not installed: `apt-get install -y mosquitto`, or use --broker embedded")
         self.port = port or free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="fedfleet-mosquitto-"))
-        pw = acl = None
+        pw, acl = password_file, acl_file
         if users:
             pw = self._dir / "passwd"
             pw.write_text("")
@@ -147,7 +152,8 @@ class MosquittoBroker(Broker):
                              for f in (tls.cafile, tls.certfile, tls.keyfile)))
         user = broker_user()
         conf = self._dir / "mosquitto.conf"
-        conf.write_text(mosquitto_config(self.port, password_file=pw, acl_file=acl, tls=tls, user=user))
+        conf.write_text(mosquitto_config(self.port, password_file=pw, acl_file=acl, tls=tls, user=user,
+                                         extra=extra_config))
         _give_to(self._dir, user)
         self._log = open(self._dir / "mosquitto.log", "wb")  # noqa: SIM115
         self._proc = subprocess.Popen([exe, "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT)
