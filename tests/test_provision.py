@@ -51,21 +51,21 @@ def _rounds_done(ledger: Path) -> int:
 class _StatusWatch:
     """Reads pi-02's retained status like the coordinator does; `back` is set when it is online with a model."""
 
-    def __init__(self, url: str, devices: Path, secret: bytes) -> None:
+    def __init__(self, url: str, password: str, secret: bytes) -> None:
         from edge_agent.mqtt import MqttLink
 
         self.back, self.back_at = threading.Event(), 0.0
         self._key = derive_key(secret, "pi-02")
-        password = (devices / "broker" / "coordinator.password").read_text().strip()
-        self.link = MqttLink(url, client_id="status-watch", on_message=self._on_message,
+        # its own broker user: client ids are user names, so the coordinator's would replace the coordinator
+        self.link = MqttLink(url, client_id="observer", on_message=self._on_message,
                              subscriptions=[agent_topic("lab", "pi-02", "status")], clean_session=True,
-                             username="coordinator", password=password)
+                             username="observer", password=password)
         self.link.start()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if not payload:
             return
-        _, body = open_envelope(payload, lambda h: self._key)
+        _, body = open_envelope(payload, self._key)
         status = json.loads(body)
         if status.get("state") == "online" and status.get("model") and not self.back.is_set():
             self.back_at = time.time()
@@ -130,7 +130,12 @@ def test_provision_roster_run_restart_and_service(tmp_path):
     passwd = (devices / "broker" / "passwd").read_text().splitlines()
     assert [line.split(":")[0] for line in passwd] == ["coordinator", *IDS]
 
-    broker = MosquittoBroker(password_file=devices / "broker" / "passwd", acl_file=devices / "broker" / "acl")
+    # the provisioned passwd and ACL, plus a read-only observer user for this test's status watch
+    shutil.copy(devices / "broker" / "passwd", tmp_path / "passwd")
+    subprocess.run(["mosquitto_passwd", "-b", str(tmp_path / "passwd"), "observer", "observer-pw"], check=True,
+                   capture_output=True)
+    (tmp_path / "acl").write_text((devices / "broker" / "acl").read_text() + "\nuser observer\ntopic read fedfleet/#\n")
+    broker = MosquittoBroker(password_file=tmp_path / "passwd", acl_file=tmp_path / "acl")
     agents: dict[str, subprocess.Popen] = {}
     try:
         for agent, data in made:  # point each device's files at this machine's broker, data and state dirs
@@ -141,7 +146,7 @@ def test_provision_roster_run_restart_and_service(tmp_path):
             text = text.replace('"/var/log/fedfleet-agent/agent.log"', json.dumps(str(tmp_path / "log" / f"{agent}.log")))
             toml.write_text(text)
             agents[agent] = _start_agent(devices / agent, tmp_path / f"{agent}.out")
-        watch = _StatusWatch(broker.url, devices, secret.read_bytes().strip())
+        watch = _StatusWatch(broker.url, "observer-pw", secret.read_bytes().strip())
         run_dir = tmp_path / "run"
         serve = subprocess.Popen(
             [sys.executable, "-m", "coordinator.cli", "serve", "--broker", broker.url, "--secret-file", str(secret),

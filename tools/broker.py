@@ -146,6 +146,9 @@ class MosquittoBroker(Broker):
                                capture_output=True)
             acl = self._dir / "acl"
             acl.write_text(acl_text(coordinator_user))
+        else:  # given files (e.g. `fedfleet provision`'s, 0600): private copies the broker's user can read
+            pw = Path(shutil.copy(pw, self._dir / "passwd")) if pw is not None else None
+            acl = Path(shutil.copy(acl, self._dir / "acl")) if acl is not None else None
         if tls is not None:  # private copies the broker's user can read (the originals may be root's alone)
             (self._dir / "tls").mkdir()
             tls = TLSFiles(*(Path(shutil.copy(f, self._dir / "tls" / Path(f).name))
