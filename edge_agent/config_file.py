@@ -86,17 +86,7 @@ def read_secret_file(path: str, field: str) -> str:
 
 def read_public_key(path: str) -> bytes:
     """A 32-byte public key from a file of 64 hex digits (the contract's `coordinator.pub`)."""
-    try:
-        from edge_agent.signing import read_key_file  # the signed downlink's own reader, when present
-    except ImportError:
-        read_key_file = None
-    if read_key_file is not None:
-        return read_key_file(path, "coordinator public key")
-    text = read_secret_file(path, "coordinator_key_file")
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        raise ConfigError(f"coordinator_key_file {path}: not hex") from None
-    if len(key) != 32:
-        raise ConfigError(f"coordinator_key_file {path}: need 64 hex digits, got {len(text)}")
-    return key
+    from edge_agent.signing import read_key_file
+
+    return read_key_file(path, "--coordinator-key-file (coordinator_key_file)")
+

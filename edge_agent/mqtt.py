@@ -119,6 +119,7 @@ class MqttLink:
         """A callable will is asked for a fresh will before every (re)connection, so each connection's will
         can carry its own sequence number."""
         will = self._will() if callable(self._will) else self._will
+        self.will_set = will  # the will of the current connection (its bytes count in the CONNECT)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=will[2])
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import protocol
+from edge_agent import protocol, signing
 from edge_agent.mqtt import MqttLink
-from tests.fleet_helpers import SECRET, start_fleet
+from tests.fleet_helpers import Rogue, start_fleet
 from tools import bench_cluster
 
 FLEET_TOML = """
@@ -64,13 +64,19 @@ def test_emulator_shards_on_other_nodes_than_the_coordinator(cluster, tmp_path):
     fleet.write_text(FLEET_TOML)
     secret = tmp_path / "fleet.secret"
     secret.write_text(os.urandom(32).hex())
+    key, pub = tmp_path / "coordinator.key", tmp_path / "coordinator.pub"  # the coordinator's; shards pin it
+    seed = signing.new_signing_seed()
+    signing.write_private_key_file(key, seed)
+    pub.write_text(signing.public_key(seed).hex() + "\n")
     emulate = [sys.executable, "-m", "coordinator.cli", "emulate", str(fleet), "--secret-file", str(secret), "--quiet"]
     shards = [subprocess.Popen([*emulate, "--broker", cluster.urls[1 + i], "--shard", f"{i}/2", "--no-coordinator",
+                                "--coordinator-key-file", str(pub),
                                 "--duration", "300", "--run-dir", str(tmp_path / f"shard{i}")],
                                stdout=open(tmp_path / f"shard{i}.out", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
               for i in range(2)]
     try:
-        coord = subprocess.run([*emulate, "--broker", cluster.urls[0], "--coordinator-only", "--run-dir",
+        coord = subprocess.run([*emulate, "--broker", cluster.urls[0], "--coordinator-only",
+                                "--signing-key-file", str(key), "--run-dir",
                                 str(tmp_path / "coord"), "--json", str(tmp_path / "summary.json")],
                                capture_output=True, text=True, timeout=400)
     finally:
@@ -106,13 +112,8 @@ def test_package_goes_out_again_once_a_wave_of_joins_settles(mosquitto, tmp_path
         fleet.coord.wait_for_agents(3, 30)
         time.sleep(0.3)
         before = len(copies)
-        far = MqttLink(mosquitto.url, client_id="far-agent", clean_session=True, on_message=lambda t, p: None,
-                       subscriptions=[])
-        far.start()
-        key = protocol.derive_key(SECRET, "far")
-        far.publish(protocol.agent_topic(fleet.cfg.fleet, "far", "status"), protocol.seal(
-            {"kind": "status", "agent": "far"}, json.dumps({"state": "online", "model": None}).encode(), key))
         t0 = time.monotonic()
+        far = Rogue(mosquitto.url, fleet.cfg.fleet, "far", None)  # online (a signed, fresh status), no model
         with pytest.raises(TimeoutError):
             fleet.coord.wait_for_agents(4, 3.0, republish_s=60.0, settle_s=0.5)
         time.sleep(0.3)
@@ -121,6 +122,6 @@ def test_package_goes_out_again_once_a_wave_of_joins_settles(mosquitto, tmp_path
         assert again[0] - t0 < 2.0
     finally:
         if far is not None:
-            far.stop()
+            far.link.stop()
         watcher.stop()
         fleet.close()

@@ -35,6 +35,6 @@ def test_feedback_upload_quantises_once_and_the_residual_is_what_was_not_sent(mo
         assert payload == codecs.encode(compensated, layout, SPEC)  # the same bytes as before the change
         monkeypatch.setattr(fedzip.container, "_sparsify_all", counted)
         sent = codecs.decode(payload, layout, SPEC, max_bytes=1 << 20)
-        residual = agent.feedback["fedavg"].residual
+        residual = agent.state.feedback["fedavg"].residual
         for n, _ in layout:  # the coordinator decodes exactly what the residual says was sent
             np.testing.assert_allclose(sent[n] + residual[n], compensated[n], rtol=0, atol=1e-6)

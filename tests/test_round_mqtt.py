@@ -155,9 +155,10 @@ def test_broken_agent_options_and_config_give_clear_errors(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "field 'rounds'" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "bad.key").write_text("zz\n")
+    (tmp_path / "x.pub").write_text(COORDINATOR_KEY.hex() + "\n")
     r = subprocess.run([sys.executable, "-m", "edge_agent.cli", "--broker", "mqtt://127.0.0.1:1", "--id", "a",
                         "--key-file", str(tmp_path / "bad.key"), "--data", str(tmp_path / "none.npz"),
-                        "--coordinator-key-file", "x.pub"], capture_output=True, text=True)
+                        "--coordinator-key-file", str(tmp_path / "x.pub")], capture_output=True, text=True)
     assert r.returncode == 2 and "hex" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "good.key").write_text("00" * 32 + "\n")
     r = subprocess.run([sys.executable, "-m", "edge_agent.cli", "--broker", "mqtt://127.0.0.1:1", "--id", "a",

@@ -2,8 +2,11 @@
 
 The ledger books each result and task once, by the MQTT framing formula (`protocol.mqtt_publish_bytes`:
 the PUBLISH packet plus its PUBACK). The broker counts every byte it reads and writes, so each of those
-messages twice (received from its sender, sent to its one subscriber). What the ledger leaves out, by
-design, and how it is counted here:
+messages twice (received from its sender, sent to its one subscriber). The round's state broadcast
+(`broadcast/state`) is booked in the ledger once per agent that receives it (what each agent receives);
+the broker reads it once from the coordinator and writes it once to each subscribed agent, which is what
+the clients' per-topic counters see (the coordinator's link counts its one send). What the ledger leaves
+out, by design, and how it is counted here:
 - status (retained, with a last will), telemetry and the model package (retained, fanned out to every
   agent, and sent again to each agent that subscribes later): the same formula, from the per-topic counters
   every `MqttLink` keeps at both ends (`bytes_by_topic`);
@@ -68,7 +71,7 @@ def subscribe_bytes(topics: list[str]) -> int:
 
 def control_bytes(link: MqttLink, *, graceful_stop: bool = True) -> int:
     """The control packets of one link over its connections (keep-alives not included)."""
-    per_connect = connect_bytes(link.client_id, will=link.will, username=link.username, password=link.password)
+    per_connect = connect_bytes(link.client_id, will=link.will_set, username=link.username, password=link.password)
     per_connect += subscribe_bytes(link._subscriptions)
     return link.connects * per_connect + (2 if graceful_stop else 0)
 
@@ -78,7 +81,9 @@ def topic_kind(topic: str) -> str:
     parsed = protocol.parse_agent_topic(topic)
     if parsed is not None:
         return parsed[2]
-    return "model" if "/broadcast/model/" in topic else "other"
+    if "/broadcast/model/" in topic:
+        return "model"
+    return "state" if topic.endswith("/broadcast/state") else "other"
 
 
 @dataclass
@@ -135,13 +140,17 @@ class SysObserver:
 def reconcile(ledger_bytes: int, links: list[MqttLink], before: SysSample, after: SysSample) -> dict[str, Any]:
     """The broker's count over [before, after] against 2 x the ledger plus the documented exclusions."""
     by_kind: dict[str, int] = {}
+    state_received = 0  # the state broadcast at the agents' ends: the part of the ledger that is broadcast
     for link in links:
         for topic, n in link.bytes_by_topic.items():
             kind = topic_kind(topic)
             by_kind[kind] = by_kind.get(kind, 0) + n
+            if kind == "state" and not link.client_id.startswith("fedfleet-coordinator"):
+                state_received += n
     control = sum(control_bytes(link) for link in links)
-    excluded = {k: v for k, v in by_kind.items() if k not in ("result", "task")}
-    expected = 2 * ledger_bytes + sum(excluded.values()) + control
+    excluded = {k: v for k, v in by_kind.items() if k not in ("result", "task", "state")}
+    state_published = by_kind.get("state", 0) - state_received
+    expected = 2 * (ledger_bytes - state_received) + state_received + state_published + sum(excluded.values()) + control
     broker_total = (after.received - before.received) + (after.sent - before.sent)
     observer = after.observer_wire - before.observer_wire
     counted = broker_total - observer
@@ -150,6 +159,7 @@ def reconcile(ledger_bytes: int, links: list[MqttLink], before: SysSample, after
     return {
         "broker_bytes": counted, "broker_raw": broker_total, "observer_bytes": observer,
         "ledger_bytes": ledger_bytes, "ledger_kinds_at_clients": by_kind.get("result", 0) + by_kind.get("task", 0),
+        "state_received": state_received, "state_published": state_published,
         "excluded": {**excluded, "control": control}, "expected": expected,
         "rel_error": (expected - counted) / counted if counted else None,
         "client_socket_bytes": sockets,
