@@ -28,16 +28,9 @@ from typing import Any
 
 from edge_agent import protocol
 from edge_agent.mqtt import MqttLink
+from edge_agent.protocol import _varint_len
 
 SYS_TOPICS = ("$SYS/broker/bytes/received", "$SYS/broker/bytes/sent")
-
-
-def _varint_len(n: int) -> int:
-    size = 1
-    while n >= 128:
-        n //= 128
-        size += 1
-    return size
 
 
 def _packet(remaining: int) -> int:
