@@ -60,6 +60,26 @@ class LoraStrategy(Strategy):
         b = [torch.from_numpy(r.tensors[f"{layer}.lora_B"]) for r in results]
         return a, b
 
+    def average_factors(self, round: int, results: list[ClientResult]) -> None:
+        """The Avg-Initial aggregation FedIT and LoRA-FAIR share: Ā and B̄ per layer (B̄ as `refine_b` makes
+        it, with the layer's stats for the history), then FedAvg of the head."""
+        if not results:
+            return
+        w = lora.client_weights([r.samples for r in results])
+        layers = {}
+        for layer in self.layers:
+            a, b = self.factors(results, layer)
+            a_bar, b_bar = lora.weighted_mean(a, w), lora.weighted_mean(b, w)
+            b_new, layers[layer] = self.refine_b(a, b, w, a_bar, b_bar)
+            self.state[f"{layer}.lora_A"], self.state[f"{layer}.lora_B"] = a_bar, b_new
+        self.average_others(results, w)
+        self.record(round, layers)
+
+    def refine_b(self, a: list[torch.Tensor], b: list[torch.Tensor], w: torch.Tensor, a_bar: torch.Tensor,
+                 b_bar: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The layer's new B and its stats (FedIT: B̄ itself)."""
+        raise NotImplementedError
+
     def record(self, round: int, layers: dict[str, dict[str, float]]) -> None:
         self.history.append({"round": round, "layers": layers})
 

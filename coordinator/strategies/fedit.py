@@ -5,6 +5,8 @@ records that gap as cos(ΔW, B̄Ā) per layer and round."""
 
 from __future__ import annotations
 
+import torch
+
 from coordinator import lora
 from coordinator.lora_strategy import LoraStrategy
 from coordinator.strategies.base import ClientResult, register
@@ -15,14 +17,8 @@ class FedIT(LoraStrategy):
     name = "fedit"
 
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
-        if not results:
-            return
-        w = lora.client_weights([r.samples for r in results])
-        layers = {}
-        for layer in self.layers:
-            a, b = self.factors(results, layer)
-            a_bar, b_bar = lora.weighted_mean(a, w), lora.weighted_mean(b, w)
-            layers[layer] = {"cos_fedit": lora.cosine(b_bar @ a_bar, lora.product_mean(a, b, w))}
-            self.state[f"{layer}.lora_A"], self.state[f"{layer}.lora_B"] = a_bar, b_bar
-        self.average_others(results, w)
-        self.record(round, layers)
+        self.average_factors(round, results)
+
+    def refine_b(self, a: list[torch.Tensor], b: list[torch.Tensor], w: torch.Tensor, a_bar: torch.Tensor,
+                 b_bar: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return b_bar, {"cos_fedit": lora.cosine(b_bar @ a_bar, lora.product_mean(a, b, w))}

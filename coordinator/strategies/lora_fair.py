@@ -13,6 +13,8 @@ iterations in a row with |Δloss| < 1e-6 end the solve). The history holds, per 
 
 from __future__ import annotations
 
+import torch
+
 from coordinator import lora
 from coordinator.lora_strategy import LoraStrategy
 from coordinator.strategies.base import ClientResult, register
@@ -23,19 +25,13 @@ class LoraFair(LoraStrategy):
     name = "lora_fair"
 
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
-        if not results:
-            return
-        w = lora.client_weights([r.samples for r in results])
-        layers = {}
-        for layer in self.layers:
-            a, b = self.factors(results, layer)
-            a_bar, b_bar = lora.weighted_mean(a, w), lora.weighted_mean(b, w)
-            fix = lora.refine_delta_b(
-                a_bar, b_bar, lora.product_mean(a, b, w), lam=float(self.config.get("lam", 0.01)),
-                lr=float(self.config.get("refine_lr", 0.01)),
-                iterations=int(self.config.get("refine_iterations", 1000)),
-                early_stop=bool(self.config.get("refine_early_stop", False)))
-            layers[layer] = fix.as_dict()
-            self.state[f"{layer}.lora_A"], self.state[f"{layer}.lora_B"] = a_bar, b_bar + fix.delta_b
-        self.average_others(results, w)
-        self.record(round, layers)
+        self.average_factors(round, results)
+
+    def refine_b(self, a: list[torch.Tensor], b: list[torch.Tensor], w: torch.Tensor, a_bar: torch.Tensor,
+                 b_bar: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        fix = lora.refine_delta_b(
+            a_bar, b_bar, lora.product_mean(a, b, w), lam=float(self.config.get("lam", 0.01)),
+            lr=float(self.config.get("refine_lr", 0.01)),
+            iterations=int(self.config.get("refine_iterations", 1000)),
+            early_stop=bool(self.config.get("refine_early_stop", False)))
+        return b_bar + fix.delta_b, fix.as_dict()
