@@ -93,5 +93,35 @@ def loss_and_grad(params: Params, x: np.ndarray, y: np.ndarray,
     return value, grads
 
 
+def activations(params: Params, x: np.ndarray) -> list[np.ndarray]:
+    """[x, h_1, ..., output]: every layer's output on a batch (ReLU applied between layers, not on the last)."""
+    n = n_layers(params)
+    acts = [np.asarray(x, np.float32)]
+    h = acts[0]
+    for i in range(n):
+        h = h @ params[f"fc{i}.weight"].T + params[f"fc{i}.bias"]
+        if i < n - 1:
+            h = np.maximum(h, 0.0)
+        acts.append(h)
+    return acts
+
+
+def backward(params: Params, acts: list[np.ndarray], delta: np.ndarray,
+             need_params: bool = True) -> tuple[Params, np.ndarray]:
+    """Backpropagate `delta` (d loss / d output, (N, out)) through the MLP whose `activations` are `acts`.
+
+    Returns (the gradient of every tensor, empty when `need_params` is False; d loss / d input (N, in))."""
+    n = n_layers(params)
+    grads: Params = {}
+    for i in range(n - 1, -1, -1):
+        if need_params:
+            grads[f"fc{i}.weight"] = (delta.T @ acts[i]).astype(np.float32)
+            grads[f"fc{i}.bias"] = delta.sum(axis=0).astype(np.float32)
+        delta = delta @ params[f"fc{i}.weight"]
+        if i > 0:
+            delta = delta * (acts[i] > 0)
+    return grads, delta.astype(np.float32)
+
+
 def accuracy(params: Params, x: np.ndarray, y: np.ndarray) -> float:
     return float((forward(params, x).argmax(axis=1) == y).mean()) if len(y) else 0.0
