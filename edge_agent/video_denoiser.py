@@ -53,7 +53,11 @@ def sizes(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> list[int]:
 
 
 def init(hidden: tuple[int, ...] = DEFAULT_HIDDEN, seed: int = 0) -> Params:
-    return mlp.init(sizes(hidden), seed)
+    """He-uniform hidden layers and a zero output layer, so an untrained denoiser is the linear estimate."""
+    params = mlp.init(sizes(hidden), seed)
+    last = len(hidden)
+    params[f"fc{last}.weight"][:] = 0.0
+    return params
 
 
 def alpha_bar(steps: int = STEPS) -> np.ndarray:

@@ -66,17 +66,22 @@ def test_edge_and_torch_denoisers_agree_and_gradients_match_autograd() -> None:
 
 
 def test_denoiser_learns_on_clips() -> None:
-    """A few hundred numpy SGD steps lower the denoising loss well below its value at initialisation."""
-    train, _ = md.moving_digits(seed=0, repeats=1)
+    """Numpy SGD on clips lowers the held-out denoising loss below the untrained denoiser's (the linear
+    estimate, since the output layer starts at zero), on the same noise draws."""
+    train, test = md.moving_digits(seed=0, repeats=1)
     params = vd.init((128,), seed=0)
-    rng = np.random.default_rng(0)
     ab = vd.alpha_bar()
-    first = []
-    last = []
-    for step in range(300):
+
+    def held_out(p: dict[str, np.ndarray]) -> float:
+        return float(np.mean([vd.loss_and_grad(p, test.x[i : i + 64], test.y[i : i + 64], np.random.default_rng(i), ab)[0]
+                              for i in range(0, 320, 64)]))
+
+    before = held_out(params)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
         idx = rng.choice(len(train), 32, replace=False)
-        value, grads = vd.loss_and_grad(params, train.x[idx], train.y[idx], rng, ab)
-        (first if step < 20 else last).append(value)
+        _, grads = vd.loss_and_grad(params, train.x[idx], train.y[idx], rng, ab)
         for k in params:
-            params[k] -= 0.5 * grads[k]
-    assert np.mean(last[-50:]) < 0.6 * np.mean(first)
+            params[k] -= 2.0 * grads[k]
+    after = held_out(params)
+    assert after < before - 0.002, (before, after)
