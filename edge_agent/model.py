@@ -11,6 +11,8 @@ A package is one zip blob (written by `models.package.build_package`) holding:
 Mode "lora" (see `edge_agent.lora`): no backbone; `head_sizes` are the widths of a frozen base MLP shipped as
 an npz whose sha256 the manifest's `lora` section carries; `head_layout` and `head_init.npz` are the trainable
 tensors (LoRA A and B per adapted layer, and the head).
+Mode "diffusion" (see `edge_agent.diffusion_spec`): no backbone; the layout is the whole conditional video
+denoiser, and the manifest's `objective` and `diffusion` table say what it is and how it trains.
 
 `EdgeModel.from_bytes` checks everything before use: overall and declared member sizes (zip-bomb guard,
 before anything is decompressed), member names, manifest fields, backbone digest, backbone input and
@@ -39,7 +41,7 @@ FORMAT = "fedfleet-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 HEAD_INIT = "head_init.npz"
-MODES = ("transfer", "full", "lora")
+MODES = ("transfer", "full", "lora", "diffusion")
 BATCH = 256
 MAX_MANIFEST_BYTES = 64 << 10
 FORMAT_RUNTIME = {
@@ -223,10 +225,14 @@ class EdgeModel:
                 f"head_layout {head_layout} is inconsistent with head_sizes {head_sizes} "
                 f"(expected {mlp.layout(head_sizes)}); rebuild the package"
             )
-        if head_sizes[0] != feature_dim:
-            raise ModelError(f"head input width {head_sizes[0]} differs from feature_dim {feature_dim}")
         classes = _field(manifest, "classes", list)
-        if len(classes) != head_sizes[-1]:
+        if mode == "diffusion":  # the denoiser's input is the clip plus time and condition features
+            from edge_agent import diffusion_spec
+
+            diffusion_spec.check(manifest, head_sizes, input_shape, feature_dim)
+        elif head_sizes[0] != feature_dim:
+            raise ModelError(f"head input width {head_sizes[0]} differs from feature_dim {feature_dim}")
+        elif len(classes) != head_sizes[-1]:
             raise ModelError(f"{len(classes)} classes but the head has {head_sizes[-1]} outputs")
         expected = {MANIFEST, HEAD_INIT} | ({base_file} if base_file else set())
         backbone: Runner | None = None

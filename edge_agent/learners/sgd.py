@@ -1,6 +1,10 @@
 """The one plain-SGD edge learner (FedAvg's, and robust FedAvg's): local minibatch SGD on the trainable
 part, uploading the delta local - global.
 
+The loss is the one the model package declares (`edge_agent.objectives`: classification by default, the
+denoising loss of a diffusion package), and the step is `optimizer` ("sgd", the default, or "adam" with its
+moments fresh each round; `edge_agent.optimizers`). The moving-digits diffusion task trains with local Adam.
+
 Two schedules:
 - `epochs` (default 1): passes over the local set in a seeded shuffle, batches of `batch` (FedAvg);
 - `local_steps` (when set): that many steps, each on a fresh minibatch of `batch` distinct samples drawn
@@ -13,7 +17,7 @@ y -> C - 1 - y. In a continual job with per-task heads, `continual` names the ta
 (edge_agent.continual).
 
 Task config: `lr` (0.1), `epochs` (1) or `local_steps`, `batch` (32), `seed` (the agent's own, from the
-strategy), `weight_decay` (0), `flip_grad`, `continual`.
+strategy), `weight_decay` (0), `optimizer` ("sgd"), `flip_grad`, `continual`.
 
 `local_sgd` and `sgd_steps` are the same loop for learners that train on another local set (GGEUR's
 augmented embeddings).
@@ -25,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import continual, mlp
+from edge_agent import continual, mlp, objectives, optimizers
 from edge_agent.learners._inputs import features, flipped_labels, minibatch, task_rng
 from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, Tensors, register
 
@@ -49,16 +53,18 @@ def epoch_batches(rng: np.random.Generator, n: int, batch: int, epochs: int) -> 
 
 
 def sgd_steps(start: dict[str, np.ndarray], feats: np.ndarray, y: np.ndarray, batches: list[np.ndarray],
-              cfg: dict[str, Any], classes: Any = None) -> tuple[dict[str, np.ndarray], list[float]]:
-    """Minibatch SGD from `start` over `batches` of (feats, y); (final params, batch losses)."""
-    lr, wd = float(cfg.get("lr", 0.1)), float(cfg.get("weight_decay", 0.0))
+              cfg: dict[str, Any], classes: Any = None,
+              loss: objectives.Loss | None = None) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Minibatch steps of `cfg`'s optimizer (SGD by default) from `start` over `batches` of (feats, y), on
+    `loss` (default: classification over `classes`); (final params, batch losses)."""
+    loss = loss or objectives.classification(classes)
+    opt = optimizers.create(cfg)
     params = {k: np.asarray(v, np.float32).copy() for k, v in start.items()}
     losses = []
     for idx in batches:
-        value, grads = mlp.loss_and_grad(params, feats[idx], y[idx], classes)
+        value, grads = loss(params, feats[idx], y[idx])
         losses.append(value)
-        for k in params:
-            params[k] -= lr * (grads[k] + wd * params[k])
+        opt.step(params, grads)
     return params, losses
 
 
@@ -83,7 +89,8 @@ class SGDLearner(Learner):
             idx = batches[0]
             _, flip = mlp.loss_and_grad(start, feats[idx], flipped_labels(start, data.y[idx]))
             extra = {f"flip.{k}": v.astype(np.float32) for k, v in flip.items()}
-        params, losses = sgd_steps(start, feats, data.y, batches, cfg,
-                                   classes=continual.head_classes(cfg))  # a per-task head in a continual job
+        loss = objectives.for_model(model, task_rng(task, salt=1),
+                                    classes=continual.head_classes(cfg))  # a per-task head in a continual job
+        params, losses = sgd_steps(start, feats, data.y, batches, cfg, loss=loss)
         delta = {k: params[k] - start[k] for k in params}
         return LearnResult({**delta, **extra}, len(data), {"loss": float(np.mean(losses)) if losses else 0.0})

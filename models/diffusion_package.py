@@ -1,0 +1,47 @@
+"""Build the moving-digits diffusion model package (mode "diffusion"): no backbone, the whole denoiser.
+
+`build_diffusion_package(hidden, seed) -> bytes` writes one deterministic zip that
+`edge_agent.model.EdgeModel.from_bytes` loads and checks (`edge_agent.diffusion_spec`):
+- `manifest.json`: mode "diffusion", objective "denoising", input_shape [8, 16, 16], feature_dim 2048,
+  head_sizes = `video_denoiser.sizes(hidden)`, head_layout, classes (the 40 condition ids), and the
+  `diffusion` table (hidden widths, frames, size, steps, schedule, pixel statistics);
+- `head_init.npz`: `video_denoiser.init(hidden, seed)` (He-uniform hidden layers, zero output layer).
+No head graphs: the zeroth-order methods do not train this model.
+"""
+
+from __future__ import annotations
+
+import json
+
+from edge_agent import diffusion_spec, mlp
+from edge_agent import video_denoiser as vd
+from edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST
+from models.package import _npz, write_zip
+
+TASK = "moving-digits-diffusion"
+
+
+def manifest_for(hidden: tuple[int, ...], steps: int = vd.STEPS) -> dict:
+    sizes = vd.sizes(tuple(hidden))
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": TASK,
+        "mode": diffusion_spec.MODE,
+        "objective": diffusion_spec.OBJECTIVE,
+        "dataset": "moving-digits",
+        "input_shape": [vd.FRAMES, vd.SIZE, vd.SIZE],
+        "feature_dim": vd.PIXELS,
+        "head_sizes": sizes,
+        "head_layout": [[name, list(shape)] for name, shape in mlp.layout(sizes)],
+        "classes": list(range(vd.CLASSES * len(vd.DIRECTIONS))),
+        "diffusion": diffusion_spec.section(tuple(hidden), steps),
+    }
+
+
+def build_diffusion_package(hidden: tuple[int, ...] = vd.DEFAULT_HIDDEN, *, seed: int = 0,
+                            steps: int = vd.STEPS) -> bytes:
+    """One package blob for a denoiser of hidden widths `hidden`; deterministic for (hidden, seed, steps)."""
+    manifest = manifest_for(tuple(hidden), steps)
+    return write_zip({MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode(),
+                      HEAD_INIT: _npz(vd.init(tuple(hidden), seed))})
