@@ -41,6 +41,8 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=("digits", "mnist"))
     p.add_argument("--hidden", type=int, help="hidden width of the MLP")
     p.add_argument("--runtime", choices=("onnxruntime", "litert"))
+    p.add_argument("--task", help="classification (default) or moving-digits-diffusion (fedavg trains a video denoiser)")
+    p.add_argument("--eval-every", type=int, dest="eval_every", help="moving-digits-diffusion: evaluate every N rounds")
     p.add_argument("--seed", type=int)
     p.add_argument("--deadline", type=float, dest="deadline_s", help="seconds per round phase")
     p.add_argument("--quorum", type=float)
@@ -65,7 +67,8 @@ def _job_config(args: argparse.Namespace):  # noqa: ANN202
 
     cfg = config.load(args.config) if args.config else config.JobConfig()
     overrides = {k: getattr(args, k) for k in ("method", "rounds", "agents", "per_round", "alpha", "mode",
-                                                 "dataset", "hidden", "runtime", "seed", "deadline_s", "quorum", "fleet", "downlink")
+                                                 "dataset", "hidden", "runtime", "seed", "deadline_s", "quorum", "fleet", "downlink",
+                                                 "task", "eval_every")
                  if getattr(args, k, None) is not None}
     config.apply(cfg, overrides, "command line")
     if args.uplink:
@@ -74,7 +77,7 @@ def _job_config(args: argparse.Namespace):  # noqa: ANN202
         except json.JSONDecodeError as exc:
             raise FedfleetError(f"--uplink: not valid JSON ({exc})") from None
         cfg.uplink = config.check_codec(spec, "--uplink")
-    return cfg
+    return config.check_task(cfg)
 
 
 def _resume_args(p: argparse.ArgumentParser) -> None:

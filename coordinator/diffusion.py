@@ -67,10 +67,11 @@ def shards(cfg: Any) -> tuple[list[LocalData], moving_digits.ClipSet]:
 
 
 def build(cfg: Any) -> tuple[bytes, DiffusionModel]:
+    from coordinator.config import DIFFUSION_EVAL_EVERY
     from models.diffusion_package import build_diffusion_package
 
     blob = build_diffusion_package(hidden_of(cfg), seed=cfg.seed)
-    return blob, DiffusionModel(blob, rounds=cfg.rounds, eval_every=cfg.eval_every)
+    return blob, DiffusionModel(blob, rounds=cfg.rounds, eval_every=cfg.eval_every or DIFFUSION_EVAL_EVERY)
 
 
 def _eval_draws(n: int, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,6 +106,8 @@ def score(state: dict[str, Any], x0: np.ndarray, y: np.ndarray, steps: int = vd.
 
 class DiffusionModel:
     """The engine's model for the diffusion task: the package's initial state and the periodic evaluation."""
+
+    score_name = "x0 MSE"  # what the round score (the ledger's score column) is, for progress lines
 
     def __init__(self, blob: bytes, *, rounds: int, eval_every: int = 1) -> None:
         self.edge = EdgeModel.from_bytes(blob)

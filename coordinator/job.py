@@ -45,10 +45,11 @@ class JobResult:
     run_dir: str
     summaries: list[RoundSummary]
     timeline: dict[str, float] | None = None  # unix times: first task dispatched, last round done
+    quality: dict[str, Any] | None = None  # a task without an accuracy: its own summary keys (coordinator.diffusion)
 
     def to_json(self) -> dict[str, Any]:
         keys = ("final_accuracy", "rounds", "agents", "wall_s", "bytes_up", "bytes_down", "broker")
-        return {k: getattr(self, k) for k in keys}
+        return {**{k: getattr(self, k) for k in keys}, **(self.quality or {})}
 
 
 def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
@@ -56,6 +57,10 @@ def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
 
     LoRA jobs fine-tune a pre-trained base on feature-shifted data: agent i holds domain i mod 6
     (`coordinator.shifts`), the test split is scored under every domain."""
+    if package_mode(cfg) == "diffusion":  # moving-digit clips (coordinator.diffusion)
+        from coordinator import diffusion
+
+        return diffusion.shards(cfg)  # type: ignore[return-value]
     if package_mode(cfg) == "lora":
         from coordinator import shifts
 
@@ -83,7 +88,9 @@ def summary_table(result: JobResult, console: Any) -> None:
     t = Table(title=f"fedfleet run: {result.run_dir}")
     for col in ("final accuracy", "rounds", "agents", "wall s", "MB up", "MB down", "broker"):
         t.add_column(col)
-    t.add_row(f"{result.final_accuracy:.4f}", str(result.rounds), str(result.agents), f"{result.wall_s:.1f}",
+    q = result.quality or {}
+    score = f"x0 MSE {q['final_x0_mse']:.4f}" if "final_x0_mse" in q else f"{result.final_accuracy:.4f}"
+    t.add_row(score, str(result.rounds), str(result.agents), f"{result.wall_s:.1f}",
               f"{result.bytes_up / 1e6:.3f}", f"{result.bytes_down / 1e6:.3f}", result.broker)
     console.print(t)
 
@@ -162,6 +169,10 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
     from coordinator.model import CoordinatorModel
     from models.package import build_package
 
+    if package_mode(cfg) == "diffusion":
+        from coordinator import diffusion
+
+        return diffusion.build(cfg)
     if package_mode(cfg) == "lora":  # the base's widths are fixed by its pre-training (models.lora_base)
         from coordinator.lora_model import LoraCoordinatorModel
         from models.lora_base import build_lora_package
@@ -234,6 +245,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         continual.bind(evaluate, coord)
         progress = Progress(cfg.rounds, title="fedfleet demo", quiet=quiet,
                             online=lambda: (len(coord.ready_agents()), len(ids)), joules=lambda: ledger_joules(coord))
+        bind_model(cmodel, coord, progress)
         coord.on_round = progress
         try:
             coord.start()
@@ -246,7 +258,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
                 agents.append(a)
             if not quiet:
                 progress.console.print(f"broker {b.kind} at {b.url}; {len(ids)} agents; method {cfg.method}; "
-                                      f"model {cfg.mode} on {cfg.runtime}; energy modelled from the "
+                                      f"model {package_mode(cfg)} on {cfg.runtime}; energy modelled from the "
                                       f"{DEMO_PROFILE} profile; run dir {run_dir}", soft_wrap=True)
             coord.wait_for_agents(len(ids), timeout_s=60)
             summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
@@ -260,6 +272,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         wall_s=time.perf_counter() - t0, bytes_up=coord.bytes_up_total, bytes_down=coord.bytes_down_total,
         broker=b.kind, run_dir=str(run_dir), summaries=summaries,
         timeline={"first_dispatch_at": coord.first_dispatch_at, "last_round_at": coord.last_round_at},
+        quality=model_summary(cmodel, coord, run_dir, test),
     )
     return finish(result, run_dir, progress, quiet, report)
 
@@ -297,6 +310,7 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
     continual.bind(evaluate, coord)
     progress = Progress(cfg.rounds, title="fedfleet serve", online=lambda: (len(coord.ready_agents()), len(ids)),
                         joules=lambda: ledger_joules(coord))
+    bind_model(cmodel, coord, progress)
     coord.on_round = progress
     try:
         coord.start()
@@ -308,5 +322,21 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
     final_accuracy, rounds = finished(coord, summaries)
     result = JobResult(final_accuracy, rounds, len(ids), time.perf_counter() - t0,
                        coord.bytes_up_total, coord.bytes_down_total, broker, str(run_dir), summaries,
-                       {"first_dispatch_at": coord.first_dispatch_at, "last_round_at": coord.last_round_at})
+                       {"first_dispatch_at": coord.first_dispatch_at, "last_round_at": coord.last_round_at},
+                       model_summary(cmodel, coord, run_dir, test))
     return finish(result, run_dir, progress, quiet=False, report=report)
+
+
+def bind_model(cmodel: Any, coord: Coordinator, progress: Progress) -> None:
+    """Give a model that evaluates on its own schedule (the diffusion task's) the coordinator, and let the
+    progress lines name its score."""
+    if hasattr(cmodel, "bind"):
+        cmodel.bind(coord)
+    progress.score_name = getattr(cmodel, "score_name", progress.score_name)
+
+
+def model_summary(cmodel: Any, coord: Coordinator, run_dir: Path, test: Any) -> dict[str, Any] | None:
+    """The summary keys of a task scored by something other than accuracy, and its model files (None: none)."""
+    if not hasattr(cmodel, "summary"):
+        return None
+    return cmodel.summary(run_dir, coord.strategy.global_state(), test.x, test.y)

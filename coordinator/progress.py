@@ -79,10 +79,13 @@ class Progress:
             return
         self.console.print(self.line(s), soft_wrap=True)
 
+    score_name = "acc"  # what a round's score is: "acc", or "x0 MSE" for the diffusion task (NaN: not evaluated)
+
     def line(self, s: RoundSummary) -> str:
         """The plain one-line form of a round (also what logs get)."""
         online, joules = self._online(), self._joules()
-        parts = [f"round {s.round:>3}/{self.total}", f"acc {s.accuracy:.3f}"]
+        score = "-" if s.accuracy != s.accuracy else f"{s.accuracy:.3f}"
+        parts = [f"round {s.round:>3}/{self.total}", f"{self.score_name} {score}"]
         if s.accuracy_min is not None:  # per-node models (MoNNA): accuracy is the mean over the nodes
             parts.append(f"(mean of {s.nodes} nodes, worst {s.accuracy_min:.3f})")
         if online is not None:
@@ -104,7 +107,8 @@ class Progress:
         t.add_column(style="bold")
         t.add_column()
         t.add_row("round", f"{len(self.summaries)}/{self.total}")
-        t.add_row("accuracy", f"{last.accuracy:.4f}" if last else "-")
+        t.add_row("accuracy" if self.score_name == "acc" else self.score_name,
+                  f"{last.accuracy:.4f}" if last and last.accuracy == last.accuracy else "-")
         t.add_row("agents online", f"{online[0]}/{online[1]}" if online else "-")
         if last:
             t.add_row("last round", f"ok {last.ok}/{last.selected}  late {last.late}  rejected {last.rejected}  "

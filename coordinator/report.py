@@ -2,7 +2,9 @@
 
 `render(run_dir)` reads `run_dir/ledger.sqlite` (read-only; schema in `coordinator.ledger`) and writes
 `run_dir/report/report.html` with the PNGs embedded as base64, plus the same PNGs next to it:
-- `accuracy.png`: accuracy against round, cumulative megabytes and cumulative kilojoules;
+- `accuracy.png`: accuracy against round, cumulative megabytes and cumulative kilojoules (for the
+  moving-digits diffusion task, whose round score is the held-out x0-prediction MSE, labelled as that:
+  `ScoreLabel`, read from the task in `job.json`);
 - `agents.png`: bytes and joules per agent;
 - `profiles.png`: per-profile energy split and traffic per agent-round;
 - `stragglers.png`: outcomes per round (ok, late, dropped, rejected) and learn time per profile;
@@ -60,6 +62,31 @@ class AgentTotals:
         return self.compute_j + self.radio_j + self.idle_j
 
 
+@dataclass(frozen=True)
+class ScoreLabel:
+    """What the ledger's per-round score column holds for a run's task, for plot and table labels."""
+
+    name: str
+    axis: str
+    title: str
+    lower_is_better: bool = False
+
+
+ACCURACY = ScoreLabel("Accuracy", "Test accuracy", "Accuracy of the global model")
+TASK_SCORES = {"moving-digits-diffusion": ScoreLabel(
+    "x0 MSE", "Held-out x0-prediction MSE (lower is better)", "Denoising quality (x0 MSE) of the global denoiser",
+    lower_is_better=True)}
+
+
+def score_label(run_dir: Path) -> ScoreLabel:
+    """The score label of the run's task (`job.json`'s job.task); accuracy when there is none."""
+    try:
+        job = json.loads((run_dir / "job.json").read_text()).get("job", {})
+    except (OSError, ValueError, AttributeError):
+        return ACCURACY
+    return TASK_SCORES.get(job.get("task") if isinstance(job, dict) else None, ACCURACY)
+
+
 @dataclass
 class RunData:
     run: str
@@ -68,6 +95,7 @@ class RunData:
     rows: list[dict[str, Any]]  # rows of `agent_rounds` for this run
     agents: dict[str, AgentTotals]
     has_energy: bool
+    score: ScoreLabel = ACCURACY
 
 
 def outcome(status: str) -> str:
@@ -135,7 +163,7 @@ def load(run_dir: str | Path, run: str | None = None) -> RunData:
         if r["learn_s"] is not None:
             a.learn_s.append(float(r["learn_s"]))
         a.outcomes[outcome(r["status"])] += 1
-    return RunData(run, config, rounds, rows, dict(sorted(agents.items())), has_energy)
+    return RunData(run, config, rounds, rows, dict(sorted(agents.items())), has_energy, score_label(run_dir))
 
 
 # --- per-round series -----------------------------------------------------------------------------------------
@@ -194,13 +222,13 @@ def plot_accuracy(data: RunData, path: Path) -> Path:
     pts = [(k, mb, kj, series[k]["accuracy"]) for k, mb, kj in zip(rounds, cum_mb, cum_kj, strict=True)
            if "accuracy" in series[k]]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharey=True, layout="constrained")
-    fig.suptitle(f"Accuracy of the global model, run {data.run}", fontsize=13)
+    fig.suptitle(f"{data.score.title}, run {data.run}", fontsize=13)
     xs = ((0, "Round", "against rounds"), (1, "Cumulative traffic, up + down (MB)", "against bytes on the wire"),
           (2, "Cumulative fleet energy (kJ)", "against joules spent"))
     for ax, (i, xlabel, title) in zip(axes, xs, strict=True):
         ax.set_title(title)
         if not pts:
-            _empty(ax, "no accuracy recorded")
+            _empty(ax, f"no {data.score.name.lower()} recorded")
             continue
         if i == 2 and not data.has_energy:
             _empty(ax, "no energy recorded\n(agents ran without a meter)")
@@ -208,9 +236,9 @@ def plot_accuracy(data: RunData, path: Path) -> Path:
         ax.plot([p[i] for p in pts], [p[3] for p in pts], marker="o", ms=3, color="#3b6ea8")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("Test accuracy")
+    axes[0].set_ylabel(data.score.axis)
     axes[0].xaxis.get_major_locator().set_params(integer=True)
-    if pts:
+    if pts and not data.score.lower_is_better:
         axes[0].set_ylim(0, 1.02 if max(p[3] for p in pts) <= 1 else None)
     return _save(fig, path)
 
@@ -388,7 +416,9 @@ def _html(data: RunData, images: dict[str, Path]) -> str:
     energy = [sum(getattr(a, f"{p}_j") for a in agents) for p in ("compute", "radio", "idle")]
     summary = [
         ["Run", data.run], ["Rounds", len(series)], ["Agents", len(agents)],
-        ["Final accuracy", _num(accs[-1], 4) if accs else "-"], ["Best accuracy", _num(max(accs), 4) if accs else "-"],
+        [f"Final {data.score.name.lower()}", _num(accs[-1], 4) if accs else "-"],
+        [f"Best {data.score.name.lower()}",
+         _num(min(accs) if data.score.lower_is_better else max(accs), 4) if accs else "-"],
         ["Traffic up / down (MB)", f"{tot_up / MB:,.3f} / {tot_down / MB:,.3f}"],
         ["Energy compute / radio / idle (J)",
          " / ".join(_num(e, 1) for e in energy) if data.has_energy else "not recorded"],
@@ -402,7 +432,8 @@ def _html(data: RunData, images: dict[str, Path]) -> str:
     if data.config:
         cfg = html.escape(json.dumps(data.config, indent=2, sort_keys=True, default=str))
         parts.append(f"<details><summary>Run configuration</summary><pre>{cfg}</pre></details>")
-    parts += ["<h2>Accuracy against rounds, bytes and joules</h2>", _img(images["accuracy"], "accuracy")]
+    parts += [f"<h2>{html.escape(data.score.name)} against rounds, bytes and joules</h2>",
+              _img(images["accuracy"], data.score.name.lower())]
     round_rows = []
     by_round = {int(r["round"]): r for r in data.rounds}
     for k, s in series.items():
@@ -410,7 +441,7 @@ def _html(data: RunData, images: dict[str, Path]) -> str:
         round_rows.append([k, _num(s.get("accuracy"), 4), _num(rd.get("loss"), 4), _num(rd.get("wall_s"), 2),
                            int(s.get("ok", 0)), int(s.get("late", 0)), int(s.get("dropped", 0)),
                            int(s.get("rejected", 0)), _num(s.get("bytes", 0) / MB, 3), _num(s.get("joules", 0), 1)])
-    parts.append(_table(["Round", "Accuracy", "Loss", "Wall (s)", "ok", "late", "dropped", "rejected", "MB", "J"],
+    parts.append(_table(["Round", data.score.name, "Loss", "Wall (s)", "ok", "late", "dropped", "rejected", "MB", "J"],
                         round_rows))
     parts += ["<h2>Per-agent bytes and joules</h2>", _img(images["agents"], "per-agent bytes and joules")]
     agent_rows = [[a.agent, a.profile, a.outcomes.get("ok", 0), a.outcomes.get("late", 0), a.outcomes.get("dropped", 0),

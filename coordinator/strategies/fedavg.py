@@ -22,7 +22,7 @@ class FedAvg(Strategy):
     tasks_carry_state = True
 
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
-        cfg = {k: self.config[k] for k in ("lr", "epochs", "batch", "weight_decay") if k in self.config}
+        cfg = {k: self.config[k] for k in ("lr", "epochs", "batch", "weight_decay", "optimizer") if k in self.config}
         down = to_numpy(self.state)
         expect = layout_of(self.state)
         uplink = dict(self.config.get("uplink", {"name": "none"}))
