@@ -23,6 +23,7 @@ The task (`[job] task = "moving-digits-diffusion"`, FedAvg only) trains the cond
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -54,8 +55,13 @@ def hidden_of(cfg: Any) -> tuple[int, ...]:
     return DEFAULT_HIDDEN if not cfg.hidden else (int(cfg.hidden),) * int(cfg.hidden_layers)
 
 
+@functools.lru_cache(maxsize=2)
+def _clips(seed: int) -> tuple[moving_digits.ClipSet, moving_digits.ClipSet]:
+    return moving_digits.moving_digits(seed, repeats=REPEATS)  # a few seconds of rendering: once per seed
+
+
 def shards(cfg: Any) -> tuple[list[LocalData], moving_digits.ClipSet]:
-    train, test = moving_digits.moving_digits(cfg.seed, repeats=REPEATS)
+    train, test = _clips(int(cfg.seed))
     try:
         if cfg.alpha > 0:
             parts = datasets.partition_dirichlet(train.digit, cfg.agents, cfg.alpha, seed=cfg.seed)
