@@ -12,7 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from coordinator.report import OUTCOMES, ReportError, outcome
+from coordinator.report import ACCURACY, OUTCOMES, ReportError, outcome, score_label
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -38,7 +38,8 @@ def exposition(run_dir: str | Path, run: str | None = None) -> str:
             " COALESCE(SUM(energy_radio_j),0), COALESCE(SUM(energy_idle_j),0), COUNT(DISTINCT agent)"
             " FROM agent_rounds WHERE run=?", (run,)).fetchone()
         statuses = db.execute("SELECT status, COUNT(*) FROM agent_rounds WHERE run=? GROUP BY status", (run,)).fetchall()
-        last = db.execute("SELECT round, accuracy FROM rounds WHERE run=? ORDER BY round DESC LIMIT 1", (run,)).fetchone()
+        last = db.execute("SELECT round, accuracy FROM rounds WHERE run=? AND accuracy IS NOT NULL "
+                          "ORDER BY round DESC LIMIT 1", (run,)).fetchone()
     except sqlite3.DatabaseError as exc:
         raise ReportError(f"{db_path}: not a readable ledger ({exc})") from exc
     finally:
@@ -50,11 +51,13 @@ def exposition(run_dir: str | Path, run: str | None = None) -> str:
     lines = [
         "# HELP fedfleet_round Last round with an evaluation.", "# TYPE fedfleet_round gauge",
         f"fedfleet_round{{{r}}} {last[0] if last else 0}",
-        "# HELP fedfleet_accuracy Test accuracy of the global model after the last round.",
-        "# TYPE fedfleet_accuracy gauge",
     ]
+    # the diffusion task's round score is the held-out x0-prediction MSE, not an accuracy
+    gauge, what = (("accuracy", "Test accuracy of the global model") if score_label(Path(run_dir)) == ACCURACY
+                   else ("x0_mse", "Held-out x0-prediction MSE of the global denoiser"))
+    lines += [f"# HELP fedfleet_{gauge} {what} after the last evaluated round.", f"# TYPE fedfleet_{gauge} gauge"]
     if last and last[1] is not None:
-        lines.append(f"fedfleet_accuracy{{{r}}} {float(last[1])!r}")
+        lines.append(f"fedfleet_{gauge}{{{r}}} {float(last[1])!r}")
     lines += [
         "# HELP fedfleet_agents Agents seen in the ledger.", "# TYPE fedfleet_agents gauge",
         f"fedfleet_agents{{{r}}} {agents}",
