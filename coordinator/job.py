@@ -203,8 +203,13 @@ def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
 
 
 def job_identity(cfg: JobConfig, roster: list[str]) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues (`coordinator.store.open_job` compares it)."""
-    return {**cfg.to_dict(), "roster": list(roster)}
+    """What a resumed run must share with the run it continues (`coordinator.store.open_job` compares it).
+    The task fields are left out at their defaults, so runs started before they existed still resume."""
+    identity = {**cfg.to_dict(), "roster": list(roster)}
+    for key, default in (("task", "classification"), ("eval_every", 0)):
+        if identity.get(key) == default:
+            del identity[key]
+    return identity
 
 
 def finished(coord: Coordinator, summaries: list[RoundSummary]) -> tuple[float, int]:
