@@ -207,8 +207,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
              quiet: bool = False, metrics_port: int | None = None, resume: bool = False,
              report: str = "now") -> JobResult:
     """Broker + coordinator + `cfg.agents` in-process agents, `cfg.rounds` rounds (resume: the rest of them)."""
-    from edge_agent.agent import Agent, AgentConfig
-    from edge_agent.meters import open_meter
+    from edge_agent.agent import Agent
     from tools.broker import start_broker
 
     t0 = time.perf_counter()
@@ -237,13 +236,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         coord.on_round = progress
         try:
             coord.start()
-            for i, agent_id in enumerate(ids):
-                a = Agent(AgentConfig(b.url, cfg.fleet, agent_id, protocol.derive_key(secret, agent_id),
-                                      runtime=cfg.runtime, profile=DEMO_PROFILE,
-                                      coordinator_key=coord.public_key), local[i],
-                          meter=open_meter("model", DEMO_PROFILE))
-                a.start()
-                agents.append(a)
+            start_demo_agents(cfg, b.url, ids, secret, local, coord.public_key, agents)
             if not quiet:
                 progress.console.print(f"broker {b.kind} at {b.url}; {len(ids)} agents; method {cfg.method}; "
                                       f"model {cfg.mode} on {cfg.runtime}; energy modelled from the "
@@ -262,6 +255,27 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         timeline={"first_dispatch_at": coord.first_dispatch_at, "last_round_at": coord.last_round_at},
     )
     return finish(result, run_dir, progress, quiet, report)
+
+
+def start_demo_agents(cfg: JobConfig, url: str, ids: list[str], secret: bytes, local: list[LocalData],
+                      coordinator_key: bytes, agents: list[Any] | None = None) -> list[Any]:
+    """The demo's in-process agents, started, appended to `agents` as each starts (so a caller can stop
+    those already running if a later one fails) and returned. They share one model cache: a package is loaded once in this
+    process and its ONNX Runtime sessions (backbone and head graph; `InferenceSession.run` is thread-safe)
+    serve every agent, each with its own feature cache. LiteRT interpreters are not thread-safe (one set of
+    input tensors per interpreter), so with `--runtime litert` each agent still loads its own."""
+    from edge_agent.agent import Agent, AgentConfig
+    from edge_agent.meters import open_meter
+
+    shared_models: dict[str, Any] = {}
+    agents = [] if agents is None else agents
+    for i, agent_id in enumerate(ids):
+        a = Agent(AgentConfig(url, cfg.fleet, agent_id, protocol.derive_key(secret, agent_id), runtime=cfg.runtime,
+                              profile=DEMO_PROFILE, coordinator_key=coordinator_key), local[i],
+                  meter=open_meter("model", DEMO_PROFILE), model_cache=shared_models)
+        a.start()
+        agents.append(a)
+    return agents
 
 
 def _run_signing_key(run_dir: Path) -> bytes:

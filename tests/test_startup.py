@@ -45,3 +45,33 @@ def test_reading_digits_does_not_import_sklearn():
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["1797", "False", "False", "False"], r.stdout
+
+
+def test_demo_agents_in_one_process_share_one_runtime_session_each_with_its_own_cache(mosquitto, tmp_path):
+    from coordinator.job import shards, start_demo_agents
+    from tests.fleet_helpers import SECRET, start_fleet
+
+    fleet = start_fleet(mosquitto.url, tmp_path / "run", start_agents=False, mode="transfer", agents=4, rounds=2)
+    local, _ = shards(fleet.cfg)
+    ids = sorted(fleet.coord.keys)
+    agents: list = []
+    try:
+        start_demo_agents(fleet.cfg, mosquitto.url, ids, SECRET, local, fleet.coord.public_key, agents)
+        assert len(agents) == 4
+        fleet.coord.wait_for_agents(4, timeout_s=60)
+        models = [a.model for a in agents]
+        assert models[0].backbone is not None and models[0].head_runner is not None
+        assert len({id(m.backbone) for m in models}) == 1  # one backbone session for the process
+        assert len({id(m.head_runner) for m in models}) == 1
+        assert len({id(m._cache) for m in models}) == 4  # but a feature cache per agent
+        fleet.agents = {a.cfg.agent_id: a for a in agents}
+        fleet.run_async(2)
+        summaries = fleet.join()
+        assert [s.round for s in summaries] == [1, 2]
+        assert all(s.ok == 4 for s in summaries)
+        caches = [m._cache for m in models]
+        assert all(caches) and len({id(next(iter(c.values()))[1]) for c in caches}) == 4
+    finally:
+        for a in agents:
+            a.stop()
+        fleet.coord.stop()
