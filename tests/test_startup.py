@@ -75,3 +75,32 @@ def test_demo_agents_in_one_process_share_one_runtime_session_each_with_its_own_
         for a in agents:
             a.stop()
         fleet.coord.stop()
+
+
+def test_exit_now_keeps_the_exit_work_that_has_effects(tmp_path):
+    out = tmp_path / "out.txt"
+    r = _run(f"""
+        import atexit, sys, threading, time
+        from coordinator.quick_exit import exit_now
+        path = {str(out)!r}
+        atexit.register(lambda: open(path, "a").write("atexit\\n"))
+        def late():
+            time.sleep(0.3)
+            open(path, "a").write("thread\\n")
+        threading.Thread(target=late).start()  # non-daemon: a normal exit waits for it, so does exit_now
+        sys.stdout.write("buffered line without newline")
+        exit_now(3)
+        print("never")
+    """)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "buffered line without newline"
+    assert out.read_text() == "thread\natexit\n"
+
+
+def test_the_command_line_owns_its_process_but_not_a_callers():
+    from coordinator import cli
+
+    assert cli.main(["no-such-command"]) == 2  # in-process: a return code, the caller's process lives on
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--agents", "0"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "agents" in r.stderr and "Traceback" not in r.stderr
