@@ -10,7 +10,9 @@ network): the compute floor. From the demo's ledger and summary:
 - `per_agent_ms[broker]`: the least-squares slope of (round_s - floor) over agents, in ms per agent;
 - `startup_s[broker]`: process start to round 1 dispatched, `tail_s[broker]`: last round done to process
   exit (at the smallest fleet);
-- `pss_mib[agents]`: the peak summed PSS of every process the demo starts (Mosquitto runs);
+- `pss_mib[agents]`: the peak summed PSS of every process the demo starts (Mosquitto runs), sampled every
+  0.1 s; the details add the peak summed USS (`uss_mib`, steadier on a shared machine: see `PssSampler`),
+  the slopes of both over agents, and the summed per-process peak RSS (`rss_hwm_mib`);
 - bytes per agent-round up and down, and the final accuracy, of the smallest Mosquitto run.
 
 Writes {"agents", "floor_round_s", "round_s", "per_agent_ms", "startup_s", "tail_s", "pss_mib",
@@ -61,33 +63,60 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _pss_kib(pid: int) -> int:
+def _memory_kib(pid: int) -> tuple[int, int, int]:
+    """(PSS, USS, peak RSS) of one process in KiB, from /proc (zeros once it has gone)."""
+    pss = uss = hwm = 0
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
-                return int(line.split()[1])
+                pss = int(line.split()[1])
+            elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                uss += int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return pss, uss, hwm
 
 
 class PssSampler:
-    """Peak of the summed PSS of a process tree, sampled every `every_s`."""
+    """Peak of the summed PSS (and USS) of a process tree, sampled every `every_s`, and the sum of each
+    process's own peak RSS (VmHWM, kept by the kernel, so no peak is missed between samples).
 
-    def __init__(self, pid: int, every_s: float = 0.25) -> None:
-        self.pid, self.every_s, self.peak_kib = pid, every_s, 0
+    PSS splits a shared page among the processes mapping it, so the PSS of a process whose libraries
+    (libtorch) are also mapped by other processes on the machine drops while they run: on a shared machine
+    USS (the pages only this tree holds) is the steadier number for what an agent adds."""
+
+    def __init__(self, pid: int, every_s: float = 0.1) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.peak_kib = self.peak_uss_kib = 0
+        self.hwm_kib: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.peak_kib = max(self.peak_kib, sum(_pss_kib(p) for p in _tree(self.pid)))
+            pss = uss = 0
+            for p in _tree(self.pid):
+                p_pss, p_uss, p_hwm = _memory_kib(p)
+                pss, uss = pss + p_pss, uss + p_uss
+                self.hwm_kib[p] = max(self.hwm_kib.get(p, 0), p_hwm)
+            self.peak_kib, self.peak_uss_kib = max(self.peak_kib, pss), max(self.peak_uss_kib, uss)
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
         return self.peak_kib / 1024
+
+    @property
+    def uss_mib(self) -> float:
+        return self.peak_uss_kib / 1024
+
+    @property
+    def rss_hwm_mib(self) -> float:
+        return sum(self.hwm_kib.values()) / 1024
 
 
 def demo_run(agents: int, rounds: int, broker: str, seed: int = 0) -> dict[str, Any]:
@@ -111,7 +140,7 @@ def demo_run(agents: int, rounds: int, broker: str, seed: int = 0) -> dict[str, 
     timeline = summary["timeline"]
     return {"agents": agents, "broker": broker, "round_s": statistics.median(walls[1:] or walls),
             "startup_s": timeline["first_dispatch_at"] - start, "tail_s": exited - timeline["last_round_at"],
-            "pss_mib": pss, "bytes_up": up, "bytes_down": down, "final_accuracy": summary["final_accuracy"]}
+            "pss_mib": pss, "uss_mib": sampler.uss_mib, "rss_hwm_mib": sampler.rss_hwm_mib, "bytes_up": up, "bytes_down": down, "final_accuracy": summary["final_accuracy"]}
 
 
 def floor_run(agents: int, rounds: int, seed: int = 0) -> float:
@@ -181,6 +210,10 @@ def run(agent_counts: list[int], rounds: int, brokers: list[str], progress: bool
         "final_accuracy": ref["final_accuracy"],
         "pss_mib_per_broker": {b: {n: runs[b][n]["pss_mib"] for n in agent_counts} for b in brokers},
         "pss_slope_mib_per_agent": slope_ms(agent_counts, [runs[brokers[0]][n]["pss_mib"] for n in agent_counts]) / 1000,
+        "uss_mib": {n: runs[brokers[0]][n]["uss_mib"] for n in agent_counts},
+        "uss_slope_mib_per_agent": slope_ms(agent_counts, [runs[brokers[0]][n]["uss_mib"] for n in agent_counts]) / 1000,
+        "rss_hwm_mib": {n: runs[brokers[0]][n]["rss_hwm_mib"] for n in agent_counts},
+        "bytecode_cached": not sys.flags.dont_write_bytecode,  # False: every demo compiles fedfleet's modules
         "rounds": rounds,
     }
 
