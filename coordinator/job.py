@@ -207,6 +207,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
              quiet: bool = False, metrics_port: int | None = None, resume: bool = False,
              report: str = "now") -> JobResult:
     """Broker + coordinator + `cfg.agents` in-process agents, `cfg.rounds` rounds (resume: the rest of them)."""
+    from coordinator.malloc_arenas import cap_malloc_arenas
     from edge_agent.agent import Agent
     from tools.broker import start_broker
 
@@ -216,6 +217,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     run_dir = Path(run_dir or Path("runs") / run)
     run = open_job(run_dir, job_identity(cfg, ids), resume=resume, run=run)
     small_model_threads()
+    cap_malloc_arenas(2)  # before the agents' threads start: coordinator.malloc_arenas
     local, test = shards(cfg)
     blob, cmodel = build(cfg)
     secret = os.urandom(32)

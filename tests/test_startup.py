@@ -104,3 +104,43 @@ def test_the_command_line_owns_its_process_but_not_a_callers():
     r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--agents", "0"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "agents" in r.stderr and "Traceback" not in r.stderr
+
+
+ARENAS = """
+import re, sys, threading, time
+from pathlib import Path
+from coordinator.malloc_arenas import cap_malloc_arenas
+took = cap_malloc_arenas(2) if sys.argv[1] == "cap" else None
+def work():
+    kept = [bytearray(4096 + i) for i in range(300)]  # malloc in this thread: it gets an arena
+    done.wait()
+done = threading.Event()
+threads = [threading.Thread(target=work) for _ in range(20)]
+for t in threads:
+    t.start()
+time.sleep(0.3)
+heaps = 0  # non-main arenas live in 64 MiB-aligned anonymous mappings
+for line in Path("/proc/self/maps").read_text().splitlines():
+    m = re.match(r"^([0-9a-f]+)-\\S+ \\S+ \\S+ \\S+ \\S+\\s*(.*)$", line)
+    if m and not m.group(2) and int(m.group(1), 16) % (64 << 20) == 0:
+        heaps += 1
+done.set()
+print(took, heaps)
+"""
+
+
+def test_capping_malloc_arenas_keeps_many_threads_in_few_heaps():
+    capped = subprocess.run([sys.executable, "-c", ARENAS, "cap"], capture_output=True, text=True, timeout=60)
+    free = subprocess.run([sys.executable, "-c", ARENAS, "free"], capture_output=True, text=True, timeout=60)
+    assert capped.returncode == 0 and free.returncode == 0, capped.stderr + free.stderr
+    took, capped_heaps = capped.stdout.split()
+    assert took == "True"
+    assert int(capped_heaps) <= 1  # the main arena (brk) and at most one more
+    assert int(free.stdout.split()[1]) > int(capped_heaps)  # glibc's default: an arena per new thread
+
+
+def test_an_explicit_malloc_arena_max_is_left_alone(monkeypatch):
+    from coordinator.malloc_arenas import cap_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert cap_malloc_arenas(2) is False
