@@ -158,9 +158,11 @@ def ledger_joules(coord: Coordinator) -> float:
 
 
 def build(cfg: JobConfig) -> tuple[bytes, Any]:
-    """The model package and the coordinator's torch mirror of it."""
+    """The model package (built once per machine: `models.package_cache`) and the coordinator's torch mirror
+    of it."""
     from coordinator.model import CoordinatorModel
-    from models.package import build_package
+    from edge_agent.errors import ModelError
+    from models import package_cache
 
     if package_mode(cfg) == "lora":  # the base's widths are fixed by its pre-training (models.lora_base)
         from coordinator.lora_model import LoraCoordinatorModel
@@ -169,9 +171,13 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
         blob = build_lora_package(cfg.dataset, seed=cfg.seed)
         return blob, LoraCoordinatorModel(blob)
     hidden = cfg.hidden or METHOD_HEADS.get(cfg.method, 32 if cfg.dataset == "digits" else 128)
-    blob = build_package(cfg.mode, seed=cfg.seed, head_hidden=hidden, dataset=cfg.dataset,
-                         head_layers=cfg.hidden_layers)
-    return blob, CoordinatorModel(blob)
+    spec = {"seed": cfg.seed, "head_hidden": hidden, "dataset": cfg.dataset, "head_layers": cfg.hidden_layers}
+    blob = package_cache.package(cfg.mode, **spec)
+    try:
+        return blob, CoordinatorModel(blob)
+    except ModelError:  # a damaged cached copy: build it again (a fresh build that fails raises)
+        blob = package_cache.package(cfg.mode, **spec, refresh=True)
+        return blob, CoordinatorModel(blob)
 
 
 def small_model_threads() -> None:

@@ -144,3 +144,61 @@ def test_an_explicit_malloc_arena_max_is_left_alone(monkeypatch):
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert cap_malloc_arenas(2) is False
+
+
+def test_package_cache_gives_the_built_package_and_then_reads_it_without_onnx(tmp_path, monkeypatch):
+    from models import package_cache
+    from models.package import build_package
+
+    monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(tmp_path))
+    built = build_package("transfer", head_hidden=32, seed=0)
+    assert package_cache.package("transfer", head_hidden=32, seed=0) == built
+    assert len(list((tmp_path / "packages").glob("*.zip"))) == 1
+    r = _run(f"""
+        import os, sys
+        os.environ["FEDFLEET_CACHE_DIR"] = {str(tmp_path)!r}
+        from models import package_cache
+        blob = package_cache.package("transfer", head_hidden=32, seed=0)
+        print(package_cache.cache_dir(), len(blob), [m for m in ("onnx", "flatbuffers", "ai_edge_litert", "torch")
+                                                    if m in sys.modules])
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(tmp_path / "packages"), str(len(built)), "[]"]
+
+
+def test_package_cache_key_follows_every_argument(tmp_path, monkeypatch):
+    from models import package_cache
+
+    monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(tmp_path))
+    base = {"head_hidden": 32, "seed": 0, "dataset": "digits", "head_layers": 1}
+    keys = {package_cache.cache_key("transfer", **base)}
+    for change in ({"head_hidden": 16}, {"seed": 1}, {"head_layers": 2}):
+        keys.add(package_cache.cache_key("transfer", **{**base, **change}))
+    keys.add(package_cache.cache_key("full", **base))
+    keys.add(package_cache.cache_key("full", **{**base, "dataset": "mnist"}))
+    assert len(keys) == 6
+    assert package_cache.package("full", head_hidden=16, seed=3) != package_cache.package("full", head_hidden=16, seed=4)
+
+
+def test_a_damaged_cached_package_is_built_again(tmp_path, monkeypatch):
+    from coordinator.config import JobConfig
+    from coordinator.job import build
+    from edge_agent import protocol
+
+    monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(tmp_path))
+    cfg = JobConfig(mode="full", seed=5)
+    blob, _ = build(cfg)
+    (cached,) = (tmp_path / "packages").glob("*.zip")
+    cached.write_bytes(b"PK\x03\x04 not a package")
+    again, model = build(cfg)
+    assert again == blob and cached.read_bytes() == blob  # rebuilt and stored again
+    assert model.digest == protocol.digest(blob)
+
+
+def test_an_unwritable_cache_only_means_no_caching(tmp_path, monkeypatch):
+    from models import package_cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(blocker))
+    assert package_cache.package("full", head_hidden=8, seed=0)[:2] == b"PK"
