@@ -266,12 +266,16 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
 
 
 def start_demo_agents(cfg: JobConfig, url: str, ids: list[str], secret: bytes, local: list[LocalData],
-                      coordinator_key: bytes, agents: list[Any] | None = None) -> list[Any]:
+                      coordinator_key: bytes, agents: list[Any] | None = None, wait_s: float | None = None) -> list[Any]:
     """The demo's in-process agents, started, appended to `agents` as each starts (so a caller can stop
     those already running if a later one fails) and returned. They share one model cache: a package is loaded once in this
     process and its ONNX Runtime sessions (backbone and head graph; `InferenceSession.run` is thread-safe)
     serve every agent, each with its own feature cache. LiteRT interpreters are not thread-safe (one set of
-    input tensors per interpreter), so with `--runtime litert` each agent still loads its own."""
+    input tensors per interpreter), so with `--runtime litert` each agent still loads its own.
+
+    The agents connect at once, not one after another: each `start` returns at once and then every agent
+    is waited for (connection and subscriptions acknowledged), as `Agent.start` would wait for one; `wait_s`
+    in all (default 10 s, and 0.1 s more per agent above 100)."""
     from edge_agent.agent import Agent, AgentConfig
     from edge_agent.meters import open_meter
 
@@ -281,8 +285,15 @@ def start_demo_agents(cfg: JobConfig, url: str, ids: list[str], secret: bytes, l
         a = Agent(AgentConfig(url, cfg.fleet, agent_id, protocol.derive_key(secret, agent_id), runtime=cfg.runtime,
                               profile=DEMO_PROFILE, coordinator_key=coordinator_key), local[i],
                   meter=open_meter("model", DEMO_PROFILE), model_cache=shared_models)
-        a.start()
+        a.start(wait_s=0)
         agents.append(a)
+    wait_s = max(10.0, 0.1 * len(ids)) if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    for a in agents:
+        for event, what in ((a.link.connected, "connect"), (a.link.subscribed, "have its subscriptions acknowledged")):
+            if not event.wait(max(0.0, deadline - time.monotonic())):
+                raise ConnectionError(f"agent {a.cfg.agent_id} could not {what} at the MQTT broker {url} "
+                                      f"within {wait_s:.0f} s")
     return agents
 
 

@@ -202,3 +202,22 @@ def test_an_unwritable_cache_only_means_no_caching(tmp_path, monkeypatch):
     blocker.write_text("not a directory")
     monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(blocker))
     assert package_cache.package("full", head_hidden=8, seed=0)[:2] == b"PK"
+
+
+def test_demo_agents_that_cannot_connect_are_a_connection_error_and_stay_stoppable():
+    import pytest
+
+    from coordinator.config import JobConfig
+    from coordinator.job import shards, start_demo_agents
+    from tools.broker import free_port
+
+    cfg = JobConfig(mode="full", agents=3, alpha=0.0)
+    local, _ = shards(cfg)
+    agents: list = []
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nobody listens there
+    with pytest.raises(ConnectionError, match="agent-00 could not connect"):
+        start_demo_agents(cfg, url, ["agent-00", "agent-01", "agent-02"], b"s" * 32, local, b"k" * 32, agents,
+                          wait_s=1.0)
+    assert len(agents) == 3  # all started, all handed back to be stopped
+    for a in agents:
+        a.stop()
