@@ -71,6 +71,10 @@ def test_demo_agents_in_one_process_share_one_runtime_session_each_with_its_own_
         assert all(s.ok == 4 for s in summaries)
         caches = [m._cache for m in models]
         assert all(caches) and len({id(next(iter(c.values()))[1]) for c in caches}) == 4
+        kept = [a._state_msgs for a in agents]  # the round state broadcasts each agent keeps
+        newest = max(kept[0])
+        assert all(newest in k for k in kept)
+        assert len({id(k[newest][0][1]) for k in kept}) == 1  # one copy of the payload in the process
     finally:
         for a in agents:
             a.stop()
@@ -221,3 +225,19 @@ def test_demo_agents_that_cannot_connect_are_a_connection_error_and_stay_stoppab
     assert len(agents) == 3  # all started, all handed back to be stopped
     for a in agents:
         a.stop()
+
+
+def test_shared_bytes_keeps_one_copy_of_equal_payloads_and_forgets_old_ones():
+    from edge_agent import shared_bytes
+
+    first = bytes(bytearray(b"state" * 100))
+    again = bytes(bytearray(b"state" * 100))
+    assert first is not again
+    assert shared_bytes.shared(first) is first
+    assert shared_bytes.shared(again) is first
+    other = shared_bytes.shared(b"other")
+    assert other == b"other" and shared_bytes.shared(bytes(bytearray(b"other"))) is other
+    for i in range(shared_bytes.MAX_KEPT):
+        shared_bytes.shared(f"filler {i}".encode())
+    late = bytes(bytearray(b"state" * 100))
+    assert shared_bytes.shared(late) is late  # the first copy was forgotten: not kept forever
