@@ -278,13 +278,15 @@ def start_demo_agents(cfg: JobConfig, url: str, ids: list[str], secret: bytes, l
     in all (default 10 s, and 0.1 s more per agent above 100)."""
     from edge_agent.agent import Agent, AgentConfig
     from edge_agent.meters import open_meter
+    from firmware_profiles.schema import load_profile
 
+    profile = load_profile(DEMO_PROFILE)  # parsed once (a frozen Profile); each agent has its own meter
     shared_models: dict[str, Any] = {}
     agents = [] if agents is None else agents
     for i, agent_id in enumerate(ids):
         a = Agent(AgentConfig(url, cfg.fleet, agent_id, protocol.derive_key(secret, agent_id), runtime=cfg.runtime,
                               profile=DEMO_PROFILE, coordinator_key=coordinator_key), local[i],
-                  meter=open_meter("model", DEMO_PROFILE), model_cache=shared_models)
+                  meter=open_meter("model", profile), model_cache=shared_models)
         a.start(wait_s=0)
         agents.append(a)
     wait_s = max(10.0, 0.1 * len(ids)) if wait_s is None else wait_s
