@@ -15,6 +15,10 @@ network): the compute floor. From the demo's ledger and summary:
   the slopes of both over agents, and the summed per-process peak RSS (`rss_hwm_mib`);
 - bytes per agent-round up and down, and the final accuracy, of the smallest Mosquitto run.
 
+On this machine PYTHONDONTWRITEBYTECODE is set, so every demo process compiles fedfleet's own modules
+again; `--bytecode-cache DIR` compiles them once into DIR and runs the demos from there, as an installed copy
+runs (the details say which: `bytecode_cached`).
+
 Writes {"agents", "floor_round_s", "round_s", "per_agent_ms", "startup_s", "tail_s", "pss_mib",
 "bytes_up_per_agent_round", "bytes_down_per_agent_round", "final_accuracy"}; `--plot` draws round time
 against agents.
@@ -119,14 +123,27 @@ class PssSampler:
         return sum(self.hwm_kib.values()) / 1024
 
 
-def demo_run(agents: int, rounds: int, broker: str, seed: int = 0) -> dict[str, Any]:
+def bytecode_env(cache_dir: str) -> dict[str, str]:
+    """The environment for demo processes that read compiled bytecode from `cache_dir` (written there by
+    `compileall` first), as an installed fedfleet would, also where PYTHONDONTWRITEBYTECODE is set."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = cache_dir
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *(str(root / d) for d in
+                    ("coordinator", "edge_agent", "models", "tools", "firmware_profiles"))],
+                   env=env, check=True, capture_output=True)
+    return env
+
+
+def demo_run(agents: int, rounds: int, broker: str, seed: int = 0,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
     """One `fedfleet demo` process; its round times, timeline, peak PSS, bytes and accuracy."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "coordinator.cli", "demo", "--agents", str(agents), "--rounds", str(rounds),
                "--broker", broker, "--seed", str(seed), "--quiet", "--report", "none", "--run-dir", str(run_dir)]
         start = time.time()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         sampler = PssSampler(proc.pid)
         out, err = proc.communicate(timeout=1800)
         exited = time.time()
@@ -184,13 +201,14 @@ def slope_ms(xs: list[int], ys: list[float]) -> float:
     return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0] * 1000)
 
 
-def run(agent_counts: list[int], rounds: int, brokers: list[str], progress: bool = True) -> dict[str, Any]:
+def run(agent_counts: list[int], rounds: int, brokers: list[str], progress: bool = True,
+        env: dict[str, str] | None = None) -> dict[str, Any]:
     floor = {}
     runs: dict[str, dict[int, dict[str, Any]]] = {b: {} for b in brokers}
     for n in agent_counts:  # interleaved: the floor and each broker at one size, then the next size
         floor[n] = floor_run(n, rounds)
         for b in brokers:
-            runs[b][n] = demo_run(n, rounds, b)
+            runs[b][n] = demo_run(n, rounds, b, env=env)
             if progress:
                 print(f"scale: {n} agents on {b}: round {runs[b][n]['round_s']:.3f} s (floor {floor[n]:.4f} s)",
                       file=sys.stderr, flush=True)
@@ -213,7 +231,8 @@ def run(agent_counts: list[int], rounds: int, brokers: list[str], progress: bool
         "uss_mib": {n: runs[brokers[0]][n]["uss_mib"] for n in agent_counts},
         "uss_slope_mib_per_agent": slope_ms(agent_counts, [runs[brokers[0]][n]["uss_mib"] for n in agent_counts]) / 1000,
         "rss_hwm_mib": {n: runs[brokers[0]][n]["rss_hwm_mib"] for n in agent_counts},
-        "bytecode_cached": not sys.flags.dont_write_bytecode,  # False: every demo compiles fedfleet's modules
+        # False: every demo process compiles fedfleet's modules (PYTHONDONTWRITEBYTECODE, no --bytecode-cache)
+        "bytecode_cached": env is not None or not sys.flags.dont_write_bytecode,
         "rounds": rounds,
     }
 
@@ -247,9 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--brokers", default="mosquitto,embedded")
     p.add_argument("--json")
     p.add_argument("--plot")
+    p.add_argument("--bytecode-cache", metavar="DIR",
+                   help="run the demos with fedfleet's modules compiled once into DIR (PYTHONPYCACHEPREFIX), as an "
+                        "installed copy runs, also where PYTHONDONTWRITEBYTECODE is set")
     args = p.parse_args(argv)
     counts = sorted(int(a) for a in args.agents.split(","))
-    result = run(counts, args.rounds, [b.strip() for b in args.brokers.split(",") if b.strip()])
+    env = bytecode_env(args.bytecode_cache) if args.bytecode_cache else None
+    result = run(counts, args.rounds, [b.strip() for b in args.brokers.split(",") if b.strip()], env=env)
     if args.plot:
         plot(result, args.plot)
     emit(result, KEYS, args.json)
