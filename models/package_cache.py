@@ -15,7 +15,7 @@ as something else than a package (checked by the coordinator's load, `EdgeModel.
 caller's cue to `package(..., refresh=True)`.
 
 Where: `$FEDFLEET_CACHE_DIR`, else `$XDG_CACHE_HOME/fedfleet`, else `~/.cache/fedfleet`, under `packages/`.
-An unwritable cache directory only means no caching.
+It keeps the newest 32 packages. An unwritable cache directory only means no caching.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 SOURCES = ("models/package.py", "models/head_graph.py", "models/tflite_writer.py", "models/tflite_schema.py",
            "models/backbone.py", "edge_agent/mlp.py", "edge_agent/model.py", "models/package_cache.py")
 LIBRARIES = ("onnx", "flatbuffers", "ai_edge_litert", "numpy")
+KEEP = 32  # newest cached packages kept; older ones are removed when a new one is stored
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -70,15 +71,18 @@ def package(mode: str = "transfer", *, head_hidden: int = 32, seed: int = 0, dat
             head_layers: int = 1, refresh: bool = False) -> bytes:
     """`build_package(mode, head_hidden=..., seed=..., dataset=..., head_layers=...)`, from the cache when
     it holds the same build (`refresh`: build anew and replace the cached copy)."""
-    key = cache_key(mode, head_hidden=head_hidden, seed=seed, dataset=dataset, head_layers=head_layers)
+    from models.package import build_package
+
+    try:
+        key = cache_key(mode, head_hidden=head_hidden, seed=seed, dataset=dataset, head_layers=head_layers)
+    except OSError:  # a builder's source is not on disk (an install without sources): no cache
+        return build_package(mode, head_hidden=head_hidden, seed=seed, dataset=dataset, head_layers=head_layers)
     path = cache_dir() / f"{key}.zip"
     if not refresh:
         try:
             return path.read_bytes()
         except OSError:
             pass
-    from models.package import build_package
-
     blob = build_package(mode, head_hidden=head_hidden, seed=seed, dataset=dataset, head_layers=head_layers)
     _store(path, blob)
     return blob
@@ -95,5 +99,8 @@ def _store(path: Path, blob: bytes) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        by_age = sorted(path.parent.glob("*.zip"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in by_age[KEEP:]:  # builds of older code or other arguments
+            old.unlink(missing_ok=True)
     except OSError:
         pass  # no cache then; the blob is still returned

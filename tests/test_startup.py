@@ -241,3 +241,20 @@ def test_shared_bytes_keeps_one_copy_of_equal_payloads_and_forgets_old_ones():
         shared_bytes.shared(f"filler {i}".encode())
     late = bytes(bytearray(b"state" * 100))
     assert shared_bytes.shared(late) is late  # the first copy was forgotten: not kept forever
+
+
+def test_package_cache_keeps_only_the_newest_builds(tmp_path, monkeypatch):
+    import os
+
+    from models import package_cache
+
+    monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(package_cache, "KEEP", 2)
+    def path(seed: int):
+        key = package_cache.cache_key("full", head_hidden=4, seed=seed, dataset="digits", head_layers=1)
+        return tmp_path / "packages" / f"{key}.zip"
+
+    for seed in range(3):
+        package_cache.package("full", head_hidden=4, seed=seed)
+        os.utime(path(seed), (1000 + seed, 1000 + seed))  # distinct ages, oldest first
+    assert sorted((tmp_path / "packages").glob("*.zip")) == sorted([path(1), path(2)])
