@@ -165,9 +165,11 @@ def ledger_joules(coord: Coordinator) -> float:
 
 
 def build(cfg: JobConfig) -> tuple[bytes, Any]:
-    """The model package and the coordinator's torch mirror of it."""
+    """The model package (built once per machine: `models.package_cache`) and the coordinator's torch mirror
+    of it."""
     from coordinator.model import CoordinatorModel
-    from models.package import build_package
+    from edge_agent.errors import ModelError
+    from models import package_cache
 
     if package_mode(cfg) == "diffusion":
         from coordinator import diffusion
@@ -180,9 +182,13 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
         blob = build_lora_package(cfg.dataset, seed=cfg.seed)
         return blob, LoraCoordinatorModel(blob)
     hidden = cfg.hidden or METHOD_HEADS.get(cfg.method, 32 if cfg.dataset == "digits" else 128)
-    blob = build_package(cfg.mode, seed=cfg.seed, head_hidden=hidden, dataset=cfg.dataset,
-                         head_layers=cfg.hidden_layers)
-    return blob, CoordinatorModel(blob)
+    spec = {"seed": cfg.seed, "head_hidden": hidden, "dataset": cfg.dataset, "head_layers": cfg.hidden_layers}
+    blob = package_cache.package(cfg.mode, **spec)
+    try:
+        return blob, CoordinatorModel(blob)
+    except ModelError:  # a damaged cached copy: build it again (a fresh build that fails raises)
+        blob = package_cache.package(cfg.mode, **spec, refresh=True)
+        return blob, CoordinatorModel(blob)
 
 
 def small_model_threads() -> None:
@@ -223,8 +229,8 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
              quiet: bool = False, metrics_port: int | None = None, resume: bool = False,
              report: str = "now") -> JobResult:
     """Broker + coordinator + `cfg.agents` in-process agents, `cfg.rounds` rounds (resume: the rest of them)."""
-    from edge_agent.agent import Agent, AgentConfig
-    from edge_agent.meters import open_meter
+    from coordinator.malloc_arenas import cap_malloc_arenas
+    from edge_agent.agent import Agent
     from tools.broker import start_broker
 
     t0 = time.perf_counter()
@@ -233,6 +239,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     run_dir = Path(run_dir or Path("runs") / run)
     run = open_job(run_dir, job_identity(cfg, ids), resume=resume, run=run)
     small_model_threads()
+    cap_malloc_arenas(2)  # before the agents' threads start: coordinator.malloc_arenas
     local, test = shards(cfg)
     blob, cmodel = build(cfg)
     secret = os.urandom(32)
@@ -254,13 +261,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         coord.on_round = progress
         try:
             coord.start()
-            for i, agent_id in enumerate(ids):
-                a = Agent(AgentConfig(b.url, cfg.fleet, agent_id, protocol.derive_key(secret, agent_id),
-                                      runtime=cfg.runtime, profile=DEMO_PROFILE,
-                                      coordinator_key=coord.public_key), local[i],
-                          meter=open_meter("model", DEMO_PROFILE))
-                a.start()
-                agents.append(a)
+            start_demo_agents(cfg, b.url, ids, secret, local, coord.public_key, agents)
             if not quiet:
                 progress.console.print(f"broker {b.kind} at {b.url}; {len(ids)} agents; method {cfg.method}; "
                                       f"model {package_mode(cfg)} on {cfg.runtime}; energy modelled from the "
@@ -280,6 +281,40 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
         quality=model_summary(cmodel, coord, run_dir, test),
     )
     return finish(result, run_dir, progress, quiet, report)
+
+
+def start_demo_agents(cfg: JobConfig, url: str, ids: list[str], secret: bytes, local: list[LocalData],
+                      coordinator_key: bytes, agents: list[Any] | None = None, wait_s: float | None = None) -> list[Any]:
+    """The demo's in-process agents, started, appended to `agents` as each starts (so a caller can stop
+    those already running if a later one fails) and returned. They share one model cache: a package is loaded once in this
+    process and its ONNX Runtime sessions (backbone and head graph; `InferenceSession.run` is thread-safe)
+    serve every agent, each with its own feature cache. LiteRT interpreters are not thread-safe (one set of
+    input tensors per interpreter), so with `--runtime litert` each agent still loads its own.
+
+    The agents connect at once, not one after another: each `start` returns at once and then every agent
+    is waited for (connection and subscriptions acknowledged), as `Agent.start` would wait for one; `wait_s`
+    in all (default 10 s, and 0.1 s more per agent above 100)."""
+    from edge_agent.agent import Agent, AgentConfig
+    from edge_agent.meters import open_meter
+    from firmware_profiles.schema import load_profile
+
+    profile = load_profile(DEMO_PROFILE)  # parsed once (a frozen Profile); each agent has its own meter
+    shared_models: dict[str, Any] = {}
+    agents = [] if agents is None else agents
+    for i, agent_id in enumerate(ids):
+        a = Agent(AgentConfig(url, cfg.fleet, agent_id, protocol.derive_key(secret, agent_id), runtime=cfg.runtime,
+                              profile=DEMO_PROFILE, coordinator_key=coordinator_key), local[i],
+                  meter=open_meter("model", profile), model_cache=shared_models)
+        a.start(wait_s=0)
+        agents.append(a)
+    wait_s = max(10.0, 0.1 * len(ids)) if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    for a in agents:
+        for event, what in ((a.link.connected, "connect"), (a.link.subscribed, "have its subscriptions acknowledged")):
+            if not event.wait(max(0.0, deadline - time.monotonic())):
+                raise ConnectionError(f"agent {a.cfg.agent_id} could not {what} at the MQTT broker {url} "
+                                      f"within {wait_s:.0f} s")
+    return agents
 
 
 def _run_signing_key(run_dir: Path) -> bytes:

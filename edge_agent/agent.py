@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import codecs, continual, protocol
+from edge_agent import codecs, continual, protocol, shared_bytes
 from edge_agent.downlink import Replica
 from edge_agent.errors import FedfleetError, ModelError, ProtocolError
 from edge_agent.learners import LearnResult, LocalData, Task, create
@@ -290,7 +290,7 @@ class Agent:
         key = (str(header.get("run")), int(sync["version"]))
         candidates = self._state_msgs.setdefault(key, [])
         if len(candidates) < 4:
-            candidates.append((header, body))
+            candidates.append((header, shared_bytes.shared(body)))  # one copy for the agents of this process
         for old in sorted(self._state_msgs)[:-3]:
             del self._state_msgs[old]
         self._retry_waiting()

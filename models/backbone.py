@@ -20,15 +20,17 @@ import argparse
 import hashlib
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from coordinator import data as fdata
-from models.export_onnx import export_fp32
-from models.quantize import quantize_qdq
-from models.train import fit
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch, onnx and the quantiser are imported where the backbone is built, not here: reading the shipped
+# artifacts (`load`, `load_tflite`), which is all a model package needs, then costs no heavy import
 
 ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "digits-backbone-int8.onnx"
 TFLITE_ARTIFACT = ARTIFACT.with_suffix(".tflite")
@@ -87,6 +89,8 @@ def pretraining_split(seed: int = 0) -> tuple[fdata.Dataset, fdata.Dataset]:
 
 
 def feature_extractor() -> nn.Sequential:
+    from torch import nn
+
     return nn.Sequential(
         OrderedDict(
             fc0=nn.Linear(IN_DIM, HIDDEN),
@@ -102,6 +106,8 @@ def pretrain(seed: int = 0, epochs: int = 20, batch_size: int = 128) -> tuple[nn
 
     Runs single-threaded: on two cores torch's threading makes these tiny matmuls about ten times slower.
     """
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -111,6 +117,11 @@ def pretrain(seed: int = 0, epochs: int = 20, batch_size: int = 128) -> tuple[nn
 
 
 def _pretrain(seed: int, epochs: int, batch_size: int) -> tuple[nn.Sequential, float]:
+    import torch
+    from torch import nn
+
+    from models.train import fit
+
     train_set, test_set = pretraining_split(seed)
     torch.manual_seed(seed)
     extractor = feature_extractor()
@@ -124,6 +135,9 @@ def _pretrain(seed: int, epochs: int, batch_size: int) -> tuple[nn.Sequential, f
 
 def export_int8(extractor: nn.Module, seed: int = 0, n_calibration: int = 1000) -> bytes:
     """int8 QDQ ONNX bytes of `extractor`, calibrated on seeded MNIST 8x8 samples."""
+    from models.export_onnx import export_fp32
+    from models.quantize import quantize_qdq
+
     fp32 = export_fp32(extractor, (IN_DIM,), input_name=INPUT, output_name=OUTPUT)
     data, _ = pretraining_split(seed)
     rng = np.random.Generator(np.random.PCG64(seed))

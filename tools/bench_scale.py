@@ -10,8 +10,14 @@ network): the compute floor. From the demo's ledger and summary:
 - `per_agent_ms[broker]`: the least-squares slope of (round_s - floor) over agents, in ms per agent;
 - `startup_s[broker]`: process start to round 1 dispatched, `tail_s[broker]`: last round done to process
   exit (at the smallest fleet);
-- `pss_mib[agents]`: the peak summed PSS of every process the demo starts (Mosquitto runs);
+- `pss_mib[agents]`: the peak summed PSS of every process the demo starts (Mosquitto runs), sampled every
+  0.1 s; the details add the peak summed USS (`uss_mib`, steadier on a shared machine: see `PssSampler`),
+  the slopes of both over agents, and the summed per-process peak RSS (`rss_hwm_mib`);
 - bytes per agent-round up and down, and the final accuracy, of the smallest Mosquitto run.
+
+On this machine PYTHONDONTWRITEBYTECODE is set, so every demo process compiles fedfleet's own modules
+again; `--bytecode-cache DIR` compiles them once into DIR and runs the demos from there, as an installed copy
+runs (the details say which: `bytecode_cached`).
 
 Writes {"agents", "floor_round_s", "round_s", "per_agent_ms", "startup_s", "tail_s", "pss_mib",
 "bytes_up_per_agent_round", "bytes_down_per_agent_round", "final_accuracy"}; `--plot` draws round time
@@ -61,43 +67,83 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _pss_kib(pid: int) -> int:
+def _memory_kib(pid: int) -> tuple[int, int, int]:
+    """(PSS, USS, peak RSS) of one process in KiB, from /proc (zeros once it has gone)."""
+    pss = uss = hwm = 0
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
-                return int(line.split()[1])
+                pss = int(line.split()[1])
+            elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                uss += int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return pss, uss, hwm
 
 
 class PssSampler:
-    """Peak of the summed PSS of a process tree, sampled every `every_s`."""
+    """Peak of the summed PSS (and USS) of a process tree, sampled every `every_s`, and the sum of each
+    process's own peak RSS (VmHWM, kept by the kernel, so no peak is missed between samples).
 
-    def __init__(self, pid: int, every_s: float = 0.25) -> None:
-        self.pid, self.every_s, self.peak_kib = pid, every_s, 0
+    PSS splits a shared page among the processes mapping it, so the PSS of a process whose libraries
+    (libtorch) are also mapped by other processes on the machine drops while they run: on a shared machine
+    USS (the pages only this tree holds) is the steadier number for what an agent adds."""
+
+    def __init__(self, pid: int, every_s: float = 0.1) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.peak_kib = self.peak_uss_kib = 0
+        self.hwm_kib: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.peak_kib = max(self.peak_kib, sum(_pss_kib(p) for p in _tree(self.pid)))
+            pss = uss = 0
+            for p in _tree(self.pid):
+                p_pss, p_uss, p_hwm = _memory_kib(p)
+                pss, uss = pss + p_pss, uss + p_uss
+                self.hwm_kib[p] = max(self.hwm_kib.get(p, 0), p_hwm)
+            self.peak_kib, self.peak_uss_kib = max(self.peak_kib, pss), max(self.peak_uss_kib, uss)
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
         return self.peak_kib / 1024
 
+    @property
+    def uss_mib(self) -> float:
+        return self.peak_uss_kib / 1024
 
-def demo_run(agents: int, rounds: int, broker: str, seed: int = 0) -> dict[str, Any]:
+    @property
+    def rss_hwm_mib(self) -> float:
+        return sum(self.hwm_kib.values()) / 1024
+
+
+def bytecode_env(cache_dir: str) -> dict[str, str]:
+    """The environment for demo processes that read compiled bytecode from `cache_dir` (written there by
+    `compileall` first), as an installed fedfleet would, also where PYTHONDONTWRITEBYTECODE is set."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = cache_dir
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *(str(root / d) for d in
+                    ("coordinator", "edge_agent", "models", "tools", "firmware_profiles"))],
+                   env=env, check=True, capture_output=True)
+    return env
+
+
+def demo_run(agents: int, rounds: int, broker: str, seed: int = 0,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
     """One `fedfleet demo` process; its round times, timeline, peak PSS, bytes and accuracy."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "coordinator.cli", "demo", "--agents", str(agents), "--rounds", str(rounds),
                "--broker", broker, "--seed", str(seed), "--quiet", "--report", "none", "--run-dir", str(run_dir)]
         start = time.time()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         sampler = PssSampler(proc.pid)
         out, err = proc.communicate(timeout=1800)
         exited = time.time()
@@ -111,7 +157,7 @@ def demo_run(agents: int, rounds: int, broker: str, seed: int = 0) -> dict[str, 
     timeline = summary["timeline"]
     return {"agents": agents, "broker": broker, "round_s": statistics.median(walls[1:] or walls),
             "startup_s": timeline["first_dispatch_at"] - start, "tail_s": exited - timeline["last_round_at"],
-            "pss_mib": pss, "bytes_up": up, "bytes_down": down, "final_accuracy": summary["final_accuracy"]}
+            "pss_mib": pss, "uss_mib": sampler.uss_mib, "rss_hwm_mib": sampler.rss_hwm_mib, "bytes_up": up, "bytes_down": down, "final_accuracy": summary["final_accuracy"]}
 
 
 def floor_run(agents: int, rounds: int, seed: int = 0) -> float:
@@ -155,13 +201,14 @@ def slope_ms(xs: list[int], ys: list[float]) -> float:
     return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0] * 1000)
 
 
-def run(agent_counts: list[int], rounds: int, brokers: list[str], progress: bool = True) -> dict[str, Any]:
+def run(agent_counts: list[int], rounds: int, brokers: list[str], progress: bool = True,
+        env: dict[str, str] | None = None) -> dict[str, Any]:
     floor = {}
     runs: dict[str, dict[int, dict[str, Any]]] = {b: {} for b in brokers}
     for n in agent_counts:  # interleaved: the floor and each broker at one size, then the next size
         floor[n] = floor_run(n, rounds)
         for b in brokers:
-            runs[b][n] = demo_run(n, rounds, b)
+            runs[b][n] = demo_run(n, rounds, b, env=env)
             if progress:
                 print(f"scale: {n} agents on {b}: round {runs[b][n]['round_s']:.3f} s (floor {floor[n]:.4f} s)",
                       file=sys.stderr, flush=True)
@@ -181,6 +228,11 @@ def run(agent_counts: list[int], rounds: int, brokers: list[str], progress: bool
         "final_accuracy": ref["final_accuracy"],
         "pss_mib_per_broker": {b: {n: runs[b][n]["pss_mib"] for n in agent_counts} for b in brokers},
         "pss_slope_mib_per_agent": slope_ms(agent_counts, [runs[brokers[0]][n]["pss_mib"] for n in agent_counts]) / 1000,
+        "uss_mib": {n: runs[brokers[0]][n]["uss_mib"] for n in agent_counts},
+        "uss_slope_mib_per_agent": slope_ms(agent_counts, [runs[brokers[0]][n]["uss_mib"] for n in agent_counts]) / 1000,
+        "rss_hwm_mib": {n: runs[brokers[0]][n]["rss_hwm_mib"] for n in agent_counts},
+        # False: every demo process compiles fedfleet's modules (PYTHONDONTWRITEBYTECODE, no --bytecode-cache)
+        "bytecode_cached": env is not None or not sys.flags.dont_write_bytecode,
         "rounds": rounds,
     }
 
@@ -214,9 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--brokers", default="mosquitto,embedded")
     p.add_argument("--json")
     p.add_argument("--plot")
+    p.add_argument("--bytecode-cache", metavar="DIR",
+                   help="run the demos with fedfleet's modules compiled once into DIR (PYTHONPYCACHEPREFIX), as an "
+                        "installed copy runs, also where PYTHONDONTWRITEBYTECODE is set")
     args = p.parse_args(argv)
     counts = sorted(int(a) for a in args.agents.split(","))
-    result = run(counts, args.rounds, [b.strip() for b in args.brokers.split(",") if b.strip()])
+    env = bytecode_env(args.bytecode_cache) if args.bytecode_cache else None
+    result = run(counts, args.rounds, [b.strip() for b in args.brokers.split(",") if b.strip()], env=env)
     if args.plot:
         plot(result, args.plot)
     emit(result, KEYS, args.json)

@@ -1,0 +1,30 @@
+"""A tiny run of `fedfleet bench scale`: two fleet sizes, two rounds, Mosquitto only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tools.bench_scale import KEYS
+from tools.benchio import details
+
+
+def test_bench_scale_smoke(tmp_path):
+    out = tmp_path / "scale.json"
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "bench", "scale", "--agents", "2,3", "--rounds", "3",
+                        "--brokers", "mosquitto", "--json", str(out),
+                        "--bytecode-cache", str(tmp_path / "pyc")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert tuple(result) == KEYS
+    assert result["agents"] == [2, 3]
+    assert set(result["round_s"]) == {"mosquitto"} and set(result["round_s"]["mosquitto"]) == {"2", "3"}
+    assert 0 < result["startup_s"]["mosquitto"] < 120 and 0 < result["tail_s"]["mosquitto"] < 60
+    assert all(v > 50 for v in result["pss_mib"].values())  # a torch process: tens of MiB at the very least
+    assert result["bytes_up_per_agent_round"] > 0 and result["bytes_down_per_agent_round"] > 0
+    assert 0.0 <= result["final_accuracy"] <= 1.0
+    more = details(r.stderr)
+    assert set(more["uss_mib"]) == {"2", "3"} and all(v > 50 for v in more["uss_mib"].values())
+    assert all(more["rss_hwm_mib"][n] >= more["uss_mib"][n] for n in ("2", "3"))
+    assert more["bytecode_cached"] is True and any((tmp_path / "pyc").rglob("job*.pyc"))
