@@ -50,7 +50,8 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uplink", help="uplink codec preset: none, zstd, fedzip (z 0.03, k 3, e4, error feedback), "
                    "or JSON such as '{\"name\":\"fedzip\",\"z\":0.01}' (unset keys take the codec's defaults)")
     p.add_argument("--downlink", choices=("none", "zstd", "fedzip"),
-                   help="task codec: none, zstd (lossless) or fedzip (the change since each agent's replica)")
+                   help="task codec: fedzip (default: the change since each agent's replica), none (dense) or zstd "
+                   "(lossless)")
     p.add_argument("--run-dir", help="where the ledger, checkpoints and summary go (default runs/<run id>)")
     p.add_argument("--json", help="write the summary JSON here too")
     p.add_argument("--metrics-port", type=int, help="serve live Prometheus metrics on 127.0.0.1:PORT (0: any)")

@@ -20,8 +20,8 @@ A job file is TOML; every key is optional:
     quorum = 0.5
     fleet = "demo"
     roster = ["pi-01", "pi-02"]
-    downlink = "none"        # "zstd" (lossless), or "fedzip": FedAvg-style tasks carry the FedZip-coded
-                             # change since each agent's replica (coordinator/downlink.py)
+    downlink = "fedzip"      # FedAvg-style tasks carry the FedZip-coded change since each agent's replica
+                             # (coordinator/downlink.py); "none" (dense float32) or "zstd" (lossless)
     task = "classification"  # or "moving-digits-diffusion": FedAvg trains the conditional video denoiser on
                              # moving-digit clips (coordinator/diffusion.py; mode "diffusion", dataset digits;
                              # hidden 0 = its default widths (256, 256), else hidden_layers x hidden)
@@ -75,7 +75,7 @@ class JobConfig:
     roster: list[str] = field(default_factory=list)
     method_config: dict[str, Any] = field(default_factory=dict)  # over METHOD_DEFAULTS[method]
     uplink: dict[str, Any] | None = None  # None: the method's default (FedZip for update-uploading methods)
-    downlink: str = "none"  # "none" | "zstd" (lossless) | "fedzip" (compressed sync, see DOWNLINK_PRESETS)
+    downlink: str = "fedzip"  # "fedzip" (compressed sync, see DOWNLINK_PRESETS) | "none" | "zstd" (lossless)
     continual: dict[str, Any] | None = None  # a checked [continual] table (coordinator.schedule), or None
     task: str = "classification"  # or DIFFUSION_TASK (check_task says which fields apply)
     eval_every: int = 0  # DIFFUSION_TASK: evaluate every N rounds (0: DIFFUSION_EVAL_EVERY)
