@@ -13,6 +13,10 @@ and carries no tensors, the task of any other agent carries its own sync.
 
 An agent's version is confirmed when it returns a valid result for a task that carried the sync (it checked
 the state digest before learning). An agent that does not answer is unconfirmed and gets a full state next.
+
+`saved()` / `restore()` carry R and its version through a checkpoint, so a resumed run codes the next change
+against the same reconstruction and its agents learn from the same state as without the interruption; after
+a restore every agent is unconfirmed and gets that state in full once.
 """
 
 from __future__ import annotations
@@ -62,6 +66,20 @@ class DownlinkSync:
         budget = len(self._full)  # codes older than a full state's worth are never worth sending
         while self._codes and (len(self._codes) > MAX_CHAIN or sum(map(len, self._codes.values())) > budget):
             self._codes.popitem(last=False)
+
+    def saved(self) -> dict[str, Any]:
+        """R and its version, for a checkpoint (tensors as float32 torch-free numpy arrays)."""
+        return {"version": self.version, "state": {k: v.copy() for k, v in self.state.items()}}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint's `saved()`: R and its version; no codes, no confirmed agents."""
+        self.state = {k: np.array(v, dtype=np.float32, copy=True) for k, v in saved["state"].items()}
+        self.layout = [(k, tuple(v.shape)) for k, v in self.state.items()]
+        self.version = int(saved["version"])
+        self.digest = state_digest(self.state, self.layout) if self.state else ""
+        self._full = codecs.encode(self.state, self.layout, FULL_CODEC) if self.state else b""
+        self._codes.clear()
+        self._confirmed.clear()
 
     def sync_for(self, agent: str) -> tuple[dict[str, Any], bytes]:
         """(sync metadata, payload) that brings `agent` to the current version."""

@@ -177,6 +177,8 @@ class Coordinator:
             self.first_round = resumed.round + 1
             if resumed.rng is not None:
                 self._rng.bit_generator.state = resumed.rng
+            if resumed.downlink is not None and self._sync is not None:
+                self._sync.restore(resumed.downlink)
             self.receive.bytes_up, self.bytes_down_total = resumed.bytes_up, resumed.bytes_down
             log.warning("resuming run %s at round %d (%d ledger rows of the interrupted round marked)",
                         config.run, self.first_round, resumed.interrupted_rows)
@@ -331,7 +333,8 @@ class Coordinator:
                "accuracy_min": accuracy_min, "nodes": nodes}
         # the checkpoint is the round's commit point: a crash before it reruns the round on resume
         self.store.save_checkpoint(self.cfg.run, r, self.strategy, rng=self._rng.bit_generator.state,
-                                   bytes_up=self.bytes_up_total, bytes_down=self.bytes_down_total, summary=row)
+                                   bytes_up=self.bytes_up_total, bytes_down=self.bytes_down_total, summary=row,
+                                   downlink=None if self._sync is None else self._sync.saved())
         wall = time.perf_counter() - t0
         self.last_round_at = time.time()
         timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from coordinator.ledger import Ledger
@@ -110,6 +111,7 @@ class Resumed:
     bytes_up: int
     bytes_down: int
     interrupted_rows: int  # ledger rows of the interrupted round, now marked interrupted:<status>
+    downlink: dict[str, Any] | None = None  # the compressed downlink's reconstruction (DownlinkSync.saved)
 
 
 class RunStore:
@@ -134,14 +136,14 @@ class RunStore:
         saved = self.ledger.run_config(run)
         if saved is None:  # killed before its first row: nothing to continue, nothing to mark
             self.start_run(run, meta)
-            return Resumed(0, None, 0, 0, 0)
+            return Resumed(0, None, 0, 0, 0, None)
         for key in ("strategy", "roster"):
             if saved.get(key) != json.loads(json.dumps(meta.get(key), default=str)):
                 raise ConfigError(f"--resume {self.run_dir}: run {run!r} has {key} {saved.get(key)!r}, "
                                   f"this job {meta.get(key)!r}")
         ckpt = self.latest_checkpoint()
         done = 0
-        rng = None
+        rng = downlink = None
         up = down = 0
         if ckpt is not None:
             if ckpt.get("run") != run or ckpt.get("strategy") != strategy.name:
@@ -156,23 +158,30 @@ class RunStore:
                 raise ConfigError(f"--resume {self.run_dir}: method {strategy.name!r} cannot resume from its "
                                   f"checkpoint ({type(exc).__name__}: {exc}); start a new run") from None
             done, rng = int(ckpt["round"]), ckpt.get("rng")
+            if ckpt.get("downlink") is not None:
+                downlink = {"version": int(ckpt["downlink"]["version"]),
+                            "state": {k: v.numpy() for k, v in ckpt["downlink"]["state"].items()}}
             up, down = int(ckpt.get("bytes_up", 0)), int(ckpt.get("bytes_down", 0))
             summary = ckpt.get("summary") or {}
             if summary and not self.ledger.query("SELECT 1 FROM rounds WHERE run = ? AND round = ?", (run, done)):
                 self.ledger.record_round(run, done, **summary)  # killed between its checkpoint and its row
         marked = self.ledger.mark_interrupted(run, done)
-        return Resumed(done, rng, up, down, marked)
+        return Resumed(done, rng, up, down, marked, downlink)
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self, run: str, round: int, strategy: Strategy, *, rng: dict[str, Any], bytes_up: int,
-                        bytes_down: int, summary: dict[str, Any]) -> None:
-        """After round `round` completed: `round-NNNN.pt`, then `latest.pt`, each atomically."""
+                        bytes_down: int, summary: dict[str, Any], downlink: dict[str, Any] | None = None) -> None:
+        """After round `round` completed: `round-NNNN.pt`, then `latest.pt`, each atomically. `downlink` is
+        the compressed downlink's reconstruction (`DownlinkSync.saved()`), when the run has one."""
         state = {
             "format": CHECKPOINT_FORMAT, "run": run, "round": round, "strategy": strategy.name,
             "state": strategy.global_state(),  # the model to evaluate
             "strategy_state": strategy.state,  # what the strategy holds as `state` (MoNNA: the initial model)
             "extra": strategy.extra_state(), "rng": rng, "bytes_up": int(bytes_up), "bytes_down": int(bytes_down),
             "summary": summary,
+            "downlink": None if downlink is None else {
+                "version": int(downlink["version"]),
+                "state": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in downlink["state"].items()}},
         }
         for name in (f"round-{round:04d}.pt", "latest.pt"):
             _atomic_write(self.checkpoints / name, lambda fh: torch.save(state, fh))

@@ -123,3 +123,25 @@ def test_over_mosquitto_replicas_equal_the_reconstruction_and_a_late_joiner_catc
     assert max(steady) < dense / 4
     joined = [r["bytes_down"] for r in rows if r["agent"] == late_id and r["round"] == 12]
     assert joined and joined[0] > dense / 2  # its first task carried the full state
+
+
+def test_a_restored_sync_codes_the_same_changes_and_sends_its_reconstruction_in_full_once():
+    """What a checkpoint carries (`saved`/`restore`): a resumed coordinator holds the same R at the same
+    version, codes the next change exactly as the uninterrupted one, and its agents get R in full once."""
+    walk = _walk(np.random.default_rng(1), 8)
+    straight, resumed = DownlinkSync(SPEC), DownlinkSync(SPEC)
+    for g in walk[:5]:
+        straight.advance(g)
+        straight.confirm("a", straight.version)
+    resumed.restore(straight.saved())
+    assert resumed.version == straight.version and resumed.digest == straight.digest
+    replica, layout = Replica(), [("w", (30, 20)), ("b", (20,))]
+    for g in walk[5:]:
+        straight.advance(g)
+        resumed.advance(g)
+        assert resumed.digest == straight.digest and resumed.round_sync()[1] == straight.round_sync()[1]
+        meta, payload = resumed.sync_for("a")
+        assert meta["mode"] == ("full" if g is walk[5] else "chain")
+        got = replica.apply("run", meta, payload, layout, SPEC, max_bytes=1 << 20)
+        resumed.confirm("a", resumed.version)
+        assert all(np.array_equal(got[k], straight.state[k]) for k in got)
