@@ -3,7 +3,7 @@
 The MQTT network thread runs the receive path (coordinator/receive.py: MAC first, per-sender reassembly
 caps, schema checks) and enqueues authenticated messages; the engine thread checks them against the open
 round (run, round, the task's codec and layout), bounds what each may contribute (coordinator/update_guard.py)
-and records every outcome in the ledger. A bad message is refused with a reason (`rejected:<reason>`) and
+and records every outcome in the ledger (one transaction per phase). A bad message is refused with a reason (`rejected:<reason>`) and
 the round goes on. Only an authenticated answer to the agent's own open task closes its slot in a phase;
 unauthenticated messages are counted and summarised in one row per reason per phase.
 
@@ -317,7 +317,8 @@ class Coordinator:
         slowest = 0.0
         self._timings = timings = {"dispatch": 0.0, "collect": 0.0, "aggregate": 0.0}
         for phase in range(self.strategy.phases):
-            outcome = self._run_phase(r, phase, selected if phase == 0 else None)
+            with self.ledger.batch():  # the phase's rows (one per agent, and refusals) in one commit
+                outcome = self._run_phase(r, phase, selected if phase == 0 else None)
             ok += len(outcome.results)
             tasked += len(outcome.selected)
             rejected += outcome.rejected

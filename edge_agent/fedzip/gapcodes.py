@@ -101,8 +101,7 @@ def choose_b(v: np.ndarray) -> int:
     best, best_b = None, 0
     for b in bs.tolist():
         row = counts[b, : tops[b]]
-        lengths = huffman.code_lengths(row.tolist())
-        cost = int(np.dot(lengths, row)) + raw_bits[b] + _table_bits(row.size)
+        cost = huffman.code_cost(row.tolist()) + raw_bits[b] + _table_bits(row.size)
         if best is None or cost < best:
             best, best_b = cost, b
     return best_b

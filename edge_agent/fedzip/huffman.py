@@ -13,6 +13,7 @@ counts never run the Huffman construction twice.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -45,6 +46,22 @@ def _code_lengths(w: tuple[int, ...], max_len: int | None) -> tuple[int, ...]:
         if max_len is None or max(lengths, default=0) <= max_len:
             return tuple(lengths)
         w = tuple((x + 1) // 2 if x else 0 for x in w)
+
+
+def code_cost(weights: Sequence[int]) -> int:
+    """sum(code_lengths(weights) * weights), without building the code: the sum of the merged weights of any
+    Huffman tree (all have the same cost). Exact while no length limit can bind (at most MAX_LEN + 1 used
+    symbols); otherwise it falls back to the limited code."""
+    heap = [int(x) for x in weights if x > 0]
+    if len(heap) > MAX_LEN + 1:
+        return int(np.dot(code_lengths(weights), np.asarray(weights, dtype=np.int64)))
+    heapq.heapify(heap)
+    cost = 0
+    while len(heap) > 1:
+        merged = heapq.heappop(heap) + heapq.heappop(heap)
+        cost += merged
+        heapq.heappush(heap, merged)
+    return cost
 
 
 def raw_lengths(w: Sequence[int]) -> list[int]:
