@@ -9,6 +9,7 @@ per batch, the phase-wide weight cap, and the memo of verified downlink signatur
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sqlite3
@@ -21,6 +22,8 @@ from coordinator.update_guard import UpdateGuard
 from edge_agent import signing
 from edge_agent.errors import ProtocolError
 from edge_agent.fedzip import bitio, encodings, gapcodes, huffman
+
+quantize_module = importlib.import_module("edge_agent.fedzip.quantize")  # the package exports a function by that name
 
 RNG = np.random.default_rng(7)
 
@@ -201,3 +204,18 @@ def test_a_remembered_signature_never_vouches_for_other_bytes() -> None:
                  (signing.public_key(os.urandom(32)), data, sig), (pub, data + b"\0", sig)):
         with pytest.raises(ProtocolError):
             signing.verify(*args)
+
+
+def test_one_kept_entry_is_what_top_z_and_k_means_give() -> None:
+    for x in (np.array([0.5, -2.0, 2.0, 1.0], np.float32), np.zeros(5, np.float32), np.array([-0.0, 0.0], np.float32),
+              np.array([3e38], np.float32), RNG.normal(size=(4, 8)).astype(np.float32), np.array([1e-45], np.float32)):
+        flat = x.ravel()
+        pos = quantize_module.top_z(np.abs(flat), 1)
+        pos = pos[flat[pos] != 0]
+        s = quantize_module.sparsify(x, 1, 3)
+        assert np.array_equal(s.positions, pos) and s.positions.dtype == np.int64
+        if pos.size:
+            c, ids = quantize_module.kmeans_1d(flat[pos].astype(np.float64), 3)
+            assert np.array_equal(s.centroids, c.astype(np.float32)) and np.array_equal(s.ids, ids)
+        else:
+            assert s.centroids.size == 0 and s.ids.size == 0
