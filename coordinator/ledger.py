@@ -106,15 +106,14 @@ class Ledger:
                 if not self._batching:
                     self._db.commit()
 
-    def _write(self, sql: str, params: Any, many: bool = False) -> int:
+    def _write(self, sql: str, params: Any) -> None:
         """Run one write; commit it unless a batch is open (an error rolls back only outside a batch)."""
         with self._lock:
             if self._batching:
-                cur = self._db.executemany(sql, params) if many else self._db.execute(sql, params)
-                return cur.rowcount
+                self._db.execute(sql, params)
+                return
             with self._db:
-                cur = self._db.executemany(sql, params) if many else self._db.execute(sql, params)
-                return cur.rowcount
+                self._db.execute(sql, params)
 
     def start_run(self, run: str, config: dict[str, Any]) -> None:
         with self._lock, self._db:
