@@ -82,7 +82,7 @@ def _block_weights(counts: list[int], block: int) -> list[int]:
     return w
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=512)  # about 1 MB at most: a tuple of up to 256 lengths per entry
 def _block_lengths(counts: tuple[int, ...], block: int) -> tuple[int, ...]:
     """Huffman code lengths of the block alphabet (up to 256 symbols), memoised on the cluster counts: the
     encoder tries several block sizes and the decoder rebuilds the chosen one, from the same counts."""
