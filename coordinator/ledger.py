@@ -18,7 +18,8 @@ Rows of a round that was interrupted by a coordinator crash keep their numbers b
 - `layer_basis` (FOT): run, task, task_name, layer, k, d: the basis size k_l of d_l after each task.
 
 Writes are serialised through one connection guarded by a lock, so the MQTT thread and the round engine
-can both record.
+can both record. Each write commits on its own, except inside `batch()`: the engine books a phase's rows
+(one per agent) in one transaction, so a round costs one commit, not one per agent.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +90,30 @@ class Ledger:
                 if name not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
         self._lock = threading.Lock()
+        self._batching = 0  # open `batch()` blocks: writes inside them wait for its one commit
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Writes inside go in one transaction, committed when the (outermost) block ends. Rows are visible
+        to `query` at once (same connection); other readers see them at the commit."""
+        with self._lock:
+            self._batching += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._batching -= 1
+                if not self._batching:
+                    self._db.commit()
+
+    def _write(self, sql: str, params: Any) -> None:
+        """Run one write; commit it unless a batch is open (an error rolls back only outside a batch)."""
+        with self._lock:
+            if self._batching:
+                self._db.execute(sql, params)
+                return
+            with self._db:
+                self._db.execute(sql, params)
 
     def start_run(self, run: str, config: dict[str, Any]) -> None:
         with self._lock, self._db:
@@ -103,34 +130,30 @@ class Ledger:
         cols = ["run", "round", "phase", "agent", "status", "ts", *fields]
         vals = [run, round, phase, agent, status, time.time(), *fields.values()]
         sql = f"INSERT INTO agent_rounds({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-        with self._lock, self._db:
-            self._db.execute(sql, vals)
+        self._write(sql, vals)
 
     def add_bytes(self, run: str, round: int, phase: int, agent: str, bytes_up: int) -> None:
         """Add bytes that arrived after an agent's row was written (a late result)."""
-        with self._lock, self._db:
-            self._db.execute(
-                "UPDATE agent_rounds SET bytes_up = bytes_up + ? WHERE id = (SELECT max(id) FROM agent_rounds"
-                " WHERE run = ? AND round = ? AND phase = ? AND agent = ?)",
-                (bytes_up, run, round, phase, agent),
-            )
+        self._write(
+            "UPDATE agent_rounds SET bytes_up = bytes_up + ? WHERE id = (SELECT max(id) FROM agent_rounds"
+            " WHERE run = ? AND round = ? AND phase = ? AND agent = ?)",
+            (bytes_up, run, round, phase, agent),
+        )
 
     def add_energy(self, run: str, round: int, phase: int, agent: str, *, compute_j: float, radio_j: float,
                    idle_j: float) -> None:
         """Set an agent's energy for a round (agents report it after their upload, so it comes last)."""
-        with self._lock, self._db:
-            self._db.execute(
-                "UPDATE agent_rounds SET energy_compute_j = ?, energy_radio_j = ?, energy_idle_j = ? WHERE id ="
-                " (SELECT max(id) FROM agent_rounds WHERE run = ? AND round = ? AND phase = ? AND agent = ?)",
-                (compute_j, radio_j, idle_j, run, round, phase, agent),
-            )
+        self._write(
+            "UPDATE agent_rounds SET energy_compute_j = ?, energy_radio_j = ?, energy_idle_j = ? WHERE id ="
+            " (SELECT max(id) FROM agent_rounds WHERE run = ? AND round = ? AND phase = ? AND agent = ?)",
+            (compute_j, radio_j, idle_j, run, round, phase, agent),
+        )
 
     def record_round(self, run: str, round: int, **fields: Any) -> None:
         cols = ["run", "round", "ts", *fields]
         vals = [run, round, time.time(), *fields.values()]
         sql = f"INSERT OR REPLACE INTO rounds({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-        with self._lock, self._db:
-            self._db.execute(sql, vals)
+        self._write(sql, vals)
 
     def run_config(self, run: str) -> dict[str, Any] | None:
         """The config a run was started with (None: no such run in this ledger)."""

@@ -3,7 +3,7 @@
 The MQTT network thread runs the receive path (coordinator/receive.py: MAC first, per-sender reassembly
 caps, schema checks) and enqueues authenticated messages; the engine thread checks them against the open
 round (run, round, the task's codec and layout), bounds what each may contribute (coordinator/update_guard.py)
-and records every outcome in the ledger. A bad message is refused with a reason (`rejected:<reason>`) and
+and records every outcome in the ledger (one transaction per phase). A bad message is refused with a reason (`rejected:<reason>`) and
 the round goes on. Only an authenticated answer to the agent's own open task closes its slot in a phase;
 unauthenticated messages are counted and summarised in one row per reason per phase.
 
@@ -135,6 +135,8 @@ class Coordinator:
             reassembly_timeout_s=config.deadline_s + config.grace_s + 60.0)
         self.guard = UpdateGuard(norm_bound=config.norm_bound, weight_cap=config.weight_cap)
         self._announced: dict[str, int] = {}  # samples each tasked agent announced when it was selected
+        self._weight_limit: int | None = None  # the phase's cap on a result's weight (UpdateGuard.weight_limit)
+        self._phase_memo: dict[tuple[int, Any], tuple[Any, Any]] = {}
         self._pending_ok: dict[str, tuple[ClientResult, dict[str, Any]]] = {}  # validated, not yet booked
         self._reject_count: dict[str, int] = {}
         self._rng = np.random.default_rng(config.seed)
@@ -319,7 +321,8 @@ class Coordinator:
         slowest = 0.0
         self._timings = timings = {"dispatch": 0.0, "collect": 0.0, "aggregate": 0.0}
         for phase in range(self.strategy.phases):
-            outcome = self._run_phase(r, phase, selected if phase == 0 else None)
+            with self.ledger.batch():  # the phase's rows (one per agent, and refusals) in one commit
+                outcome = self._run_phase(r, phase, selected if phase == 0 else None)
             ok += len(outcome.results)
             tasked += len(outcome.selected)
             rejected += outcome.rejected
@@ -366,6 +369,7 @@ class Coordinator:
             self._sync.advance(to_numpy(self.strategy.global_state()))
             state_bytes = self._publish_state(r)
         self._open = dict(tasks)
+        self._phase_memo: dict[tuple[int, Any], tuple[Any, Any]] = {}  # `_per_phase`: holds the values it keys
         self._received = set()
         self._refused: set[str] = set()  # selected agents whose own result was refused (their row says why)
         self._pending_ok = {}
@@ -373,6 +377,7 @@ class Coordinator:
         with self._online_lock:
             announced = {a: self.online.get(a, {}).get("samples") for a in tasks}
         self._announced = {a: v for a, v in announced.items() if type(v) is int and v > 0}
+        self._weight_limit = self.guard.weight_limit(self._announced.values())  # once per phase
         deadline = time.time() + self.cfg.deadline_s
         down: dict[str, int] = {}
         self._down = down
@@ -596,6 +601,15 @@ class Coordinator:
         self.ledger.record(self.cfg.run, r, agent[:64], f"rejected:{reason}", phase=phase,
                            bytes_up=max(nbytes, bytes_up), bytes_down=bytes_down, detail=detail[:500])
 
+    def _per_phase(self, value: Any, derive: Callable[[Any], Any]) -> Any:
+        """`derive(value)` once per phase for a value the tasks share (a strategy gives every agent the same
+        codec and layout objects), not once per result."""
+        key = (id(value), derive.__code__)
+        hit = self._phase_memo.get(key)
+        if hit is None or hit[0] is not value:
+            hit = self._phase_memo[key] = (value, derive(value))
+        return hit[1]
+
     def _validate(self, agent: str, header: dict[str, Any], body: bytes, r: int, phase: int, closing: bool) -> ClientResult:
         """Check a complete, schema-checked result against the open task (coordinator/receive.py checked
         every field's type and range)."""
@@ -613,17 +627,17 @@ class Coordinator:
             raise ProtocolError("not_selected", f"{agent} has no task in round {r}.{phase}")
         if agent in self._received:
             raise ProtocolError("duplicate", f"second result from {agent} in round {r}.{phase}")
-        want = _as_json(spec.uplink_codec)
+        want = self._per_phase(spec.uplink_codec, _as_json)
         if header["codec"] != want:
             raise ProtocolError("codec", f"result codec {str(header['codec'])[:120]} is not the task's {want}")
         layout = codecs.normalize_layout(header["layout"])
-        if layout != [(n, tuple(s)) for n, s in spec.expect]:
+        if layout != self._per_phase(spec.expect, lambda e: [(n, tuple(s)) for n, s in e]):
             raise ProtocolError("shape", "result layout differs from the task's expected layout")
         tensors = codecs.decode(body, layout, want, max_bytes=self.cfg.max_result_bytes)  # the task's spec
         if not codecs.all_finite(tensors):
             raise ProtocolError("nonfinite", "result holds NaN or Inf values")
         meta = header["meta"]
-        samples = self.guard.weight(meta["samples"], self._announced.get(agent), list(self._announced.values()))
+        samples = self.guard.weight(meta["samples"], self._announced.get(agent), limit=self._weight_limit)
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if v is not None}
         metrics["_learn_s"] = float(meta.get("learn_s", 0.0))
         result = ClientResult(agent, tensors, samples, metrics)

@@ -18,6 +18,7 @@ act. `norm_bound = 0` turns it off.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,12 +40,23 @@ class UpdateGuard:
         self._history: dict[int, deque[float]] = {}
         self._window = window
 
-    def weight(self, claimed: int, announced: int | None, announced_all: list[int]) -> int:
-        """The sample weight to use for one result (at least 1)."""
-        counts = sorted(c for c in announced_all if c > 0)
+    def weight_limit(self, announced_all: Iterable[int]) -> int | None:
+        """The cap on any result's weight in a phase (None: no cap), from the counts announced by the agents
+        tasked in it; computed once per phase, not per result."""
+        counts = [c for c in announced_all if c > 0]
+        if not counts or self.weight_cap <= 0:
+            return None
+        return int(self.weight_cap * float(np.median(counts))) or 1
+
+    def weight(self, claimed: int, announced: int | None, announced_all: Iterable[int] | None = None, *,
+               limit: int | None = None) -> int:
+        """The sample weight to use for one result (at least 1): under `limit`, or under the limit of
+        `announced_all` when that is given."""
+        if announced_all is not None:
+            limit = self.weight_limit(announced_all)
         w = claimed if announced is None or announced <= 0 else min(claimed, announced)
-        if counts and self.weight_cap > 0:
-            w = min(w, int(self.weight_cap * float(np.median(counts))) or 1)
+        if limit is not None:
+            w = min(w, limit)
         return max(1, int(w))
 
     @staticmethod

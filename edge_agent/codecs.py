@@ -9,6 +9,7 @@ allocates or decompresses.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -84,12 +85,22 @@ def zstd_decompress(data: bytes, max_bytes: int) -> bytes:
 
 
 def fedzip_params(spec: dict[str, Any]) -> Any:
-    """The FedZipParams of a codec spec. Unknown fields or out-of-range values are a CodecError("codec")."""
+    """The FedZipParams of a codec spec. Unknown fields or out-of-range values are a CodecError("codec").
+    Memoised on the spec's items (every result of a round names the same spec)."""
+    fields = tuple(sorted(((k, v) for k, v in spec.items() if k not in ("name", "error_feedback")), key=lambda kv: str(kv[0])))
+    try:
+        return _fedzip_params(tuple((k, type(v), v) for k, v in fields))
+    except TypeError:  # an unhashable value: no memo (and from_dict says what is wrong)
+        return _fedzip_params.__wrapped__(tuple((k, type(v), v) for k, v in fields))
+
+
+@lru_cache(maxsize=32)
+def _fedzip_params(fields: tuple[tuple[str, type, Any], ...]) -> Any:
     from edge_agent import fedzip
     from edge_agent.errors import ConfigError
 
     try:
-        return fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
+        return fedzip.FedZipParams.from_dict({k: v for k, _, v in fields})
     except (ConfigError, TypeError, ValueError) as exc:
         raise CodecError(f"bad fedzip parameters: {str(exc)[:200]}", reason="codec") from None
 

@@ -58,10 +58,9 @@ def byte_windows(buf: bytes | np.ndarray, nbits: int) -> np.ndarray:
     """For every byte index i < ceil(nbits/8)+1, the big-endian uint64 made of bytes i..i+7 (zero past the end)."""
     padded = _padded(buf, nbits)
     n = (nbits + 7) // 8 + 1
-    win = np.zeros(n, dtype=np.uint64)
-    for j in range(8):  # eight whole-array passes, not a loop over elements
-        win |= padded[j : j + n].astype(np.uint64) << np.uint64(56 - 8 * j)
-    return win
+    # an overlapping view: element i is the big-endian 8 bytes at offset i (padded holds n + 7 bytes)
+    view = np.ndarray((n,), dtype=">u8", buffer=padded, strides=(1,))
+    return view.astype(np.uint64)
 
 
 def read_fields(buf: bytes | np.ndarray, nbits: int, offsets: np.ndarray, widths: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import numpy as np
 import zstandard
@@ -54,8 +55,32 @@ def _check_layout(layout: Layout) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def layout_crc(layout: Layout) -> int:
-    text = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in _check_layout(layout))
-    return zlib.crc32(text.encode()) & 0xFFFFFFFF
+    return _layout_info(layout)[1]
+
+
+def _layout_info(layout: Layout) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+    """The checked layout in name order and its CRC; memoised, as every update of a round has the same one."""
+    try:
+        key = tuple((name, tuple(shape)) for name, shape in layout)
+        hash(key)
+    except (TypeError, ValueError):  # not a well-formed layout: let _check_layout say why
+        key = None
+    if key is None:
+        return _layout_info_of(layout)
+    order, crc = _cached_layout_info(key)
+    return list(order), crc
+
+
+def _layout_info_of(layout: Layout) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+    order = _check_layout(layout)
+    text = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in order)
+    return order, zlib.crc32(text.encode()) & 0xFFFFFFFF
+
+
+@lru_cache(maxsize=64)
+def _cached_layout_info(key: tuple) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]:
+    order, crc = _layout_info_of(key)
+    return tuple(order), crc
 
 
 def _sparsify_all(tensors: Mapping[str, np.ndarray], p: FedZipParams) -> dict[str, Sparse]:
@@ -143,8 +168,8 @@ def _decode(data: bytes, layout: Layout, p: FedZipParams, max_bytes: int) -> dic
         raise CodecError(f"payload uses encoding {enc}, the task says {p.encoding}; the sender is misconfigured")
     if flags & ~FLAG_ZSTD:
         raise CodecError(f"unknown FedZip flags {flags:#x}; the payload is corrupt or from a newer version")
-    order = _check_layout(layout)
-    if crc != layout_crc(layout):
+    order, want_crc = _layout_info(layout)
+    if crc != want_crc:
         raise CodecError("payload was encoded for a different tensor layout (names or shapes); check the model")
     head = Reader(data[_HEAD.size :])
     count = head.varint(limit=len(order))

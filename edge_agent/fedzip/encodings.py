@@ -18,6 +18,8 @@ Then, by encoding:
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from ..errors import CodecError
@@ -80,8 +82,20 @@ def _block_weights(counts: list[int], block: int) -> list[int]:
     return w
 
 
+@lru_cache(maxsize=512)  # about 1 MB at most: a tuple of up to 256 lengths per entry
+def _block_lengths(counts: tuple[int, ...], block: int) -> tuple[int, ...]:
+    """Huffman code lengths of the block alphabet (up to 256 symbols), memoised on the cluster counts: the
+    encoder tries several block sizes and the decoder rebuilds the chosen one, from the same counts."""
+    return tuple(huffman.raw_lengths(_block_weights(list(counts), block)))
+
+
 def _block_code(counts: list[int], block: int) -> huffman.Code:
-    return huffman.from_weights(_block_weights(counts, block), max_len=None)
+    """The block code the encoder used: `huffman.from_weights(_block_weights(counts, block), max_len=None)`."""
+    used = [i for i, c in enumerate(counts) if c > 0]
+    if len(used) == 1:  # one used block symbol: the all-`used` block, degenerate
+        kp = len(counts)
+        return huffman.from_lengths([0] * kp**block, single=sum(used[0] * kp**e for e in range(block)))
+    return huffman.from_lengths(_block_lengths(tuple(counts), block))
 
 
 def _block_symbols(digits: np.ndarray, kp: int, block: int, pad: int) -> np.ndarray:
@@ -120,7 +134,7 @@ def _write_ids(w: Writer, ids: np.ndarray, counts: list[int]) -> None:
     for block in range(top, max(0, top - 3), -1):
         if block > 1 and kp**block > 4 * ids.size:  # alphabets far larger than the data only cost time
             continue
-        lengths = huffman.code_lengths(_block_weights(freq, block), max_len=None)
+        lengths = _block_lengths(tuple(freq), block)
         if max(lengths) > huffman.MAX_LEN:
             continue
         sym = _block_symbols(digits, kp, block, pad)
@@ -175,15 +189,22 @@ def _read_ids(r: Reader, counts: np.ndarray) -> np.ndarray:
 
 # -- positions as gaps (E4) --------------------------------------------------------------------------------
 
+_BUCKET_OVERHEAD = 16 + 8 * 3  # bits of a bucket-coded section besides its codes, raw bits and 5-bit lengths
+
+
 def _write_gaps(w: Writer, pos: np.ndarray, n: int) -> None:
     m = pos.size
+    fixed_bits = m * _width(n)
+    if fixed_bits <= _BUCKET_OVERHEAD + 5:  # no bucket code can be smaller (tiny tensors): skip fitting one
+        w.u8(1)
+        w.raw(pack_fields(pos.astype(np.uint64), np.full(m, _width(n)))[0])
+        return
     v = np.diff(pos, prepend=-1) - 1
     b = choose_b(v)
     sym, raw, width = bucket_split(v, b)
     counts = np.bincount(sym)
     code = huffman.from_weights(counts.tolist())
-    bucket_bits = code.bits(counts) + int(width.sum()) + 16 + 5 * counts.size + 8 * 3
-    fixed_bits = m * _width(n)
+    bucket_bits = code.bits(counts) + int(width.sum()) + _BUCKET_OVERHEAD + 5 * counts.size
     if fixed_bits <= bucket_bits:
         w.u8(1)
         w.raw(pack_fields(pos.astype(np.uint64), np.full(m, _width(n)))[0])

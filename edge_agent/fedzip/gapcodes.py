@@ -89,15 +89,19 @@ def choose_b(v: np.ndarray) -> int:
     mean = float(v.mean()) + 1.0 if v.size else 1.0
     b0 = max(0, round(math.log2(max(mean * math.log(2), 1.0))))
     e = bitlength(v)  # bitlength(v >> b) = max(e - b, 0), so one pass serves every candidate
+    bs = np.arange(min(MAX_VALUE_BITS - 2, b0 + 2) + 1, dtype=np.int64)  # small b wins on clustered positions
+    eu = np.maximum(e[None, :] - bs[:, None], 0)  # every candidate at once: one row per b
+    linear = eu <= 4  # u = v >> b < 16
+    sym = np.where(linear, v[None, :] >> bs[:, None], LINEAR + eu - 5)
+    raw_bits = (bs * linear.sum(axis=1) + np.where(linear, 0, e - 1).sum(axis=1)).tolist()
+    size = int(sym.max()) + 1 if sym.size else 1
+    counts = np.bincount((sym + (np.arange(bs.size) * size)[:, None]).ravel(),
+                         minlength=bs.size * size).reshape(bs.size, size)
+    tops = (sym.max(axis=1) + 1).tolist() if sym.size else [0] * bs.size
     best, best_b = None, 0
-    for b in range(0, min(MAX_VALUE_BITS - 2, b0 + 2) + 1):  # small b wins on clustered positions
-        eu = np.maximum(e - b, 0)
-        linear = eu <= 4  # u = v >> b < 16
-        sym = np.where(linear, v >> b, LINEAR + eu - 5)
-        raw_bits = b * int(linear.sum()) + int((e - 1)[~linear].sum())
-        counts = np.bincount(sym)
-        lengths = huffman.code_lengths(counts.tolist())
-        cost = int(np.dot(lengths, counts)) + raw_bits + _table_bits(counts.size)
+    for b in bs.tolist():
+        row = counts[b, : tops[b]]
+        cost = huffman.code_cost(row.tolist()) + raw_bits[b] + _table_bits(row.size)
         if best is None or cost < best:
             best, best_b = cost, b
     return best_b

@@ -2,14 +2,21 @@
 
 Code lengths come from exact integer weights, so the encoder and the decoder build the same code from the
 same counts on any platform (ties are broken by symbol index). A code with one used symbol is "degenerate":
-that symbol costs 0 bits. Decoding finds the code length at every bit position with one table lookup and
-then walks the chain of code starts by pointer doubling (`bitio.walk`), so no Python loop runs per symbol.
+that symbol costs 0 bits. Decoding finds the code length at every bit position (one table lookup when the
+stream is long enough to pay for a table of 2**maxlen entries, else a binary search over the code starts)
+and then walks the chain of code starts by pointer doubling (`bitio.walk`), so no Python loop runs per symbol.
+
+Cost per tensor matters (a coordinator decodes every tensor of every update): canonical codes are assigned
+with one cumulative sum, and code lengths are memoised per weight vector (`code_lengths`), so the same
+counts never run the Huffman construction twice.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -26,42 +33,69 @@ def code_lengths(weights: Sequence[int], max_len: int | None = MAX_LEN) -> list[
     With `max_len` set, weights are halved (rounding up, so used symbols stay used) until the code fits.
     With `max_len=None` the caller checks the result itself.
     """
-    w = [int(x) for x in weights]
+    w = tuple(int(x) for x in weights)
     if any(x < 0 for x in w):
         raise ValueError("code_lengths: negative weight")
+    return list(_code_lengths(w, max_len))
+
+
+@lru_cache(maxsize=256)  # small alphabets (gap buckets); block codes cache their own (encodings)
+def _code_lengths(w: tuple[int, ...], max_len: int | None) -> tuple[int, ...]:
     while True:
-        lengths = _lengths(w)
+        lengths = raw_lengths(w)
         if max_len is None or max(lengths, default=0) <= max_len:
-            return lengths
-        w = [(x + 1) // 2 if x else 0 for x in w]
+            return tuple(lengths)
+        w = tuple((x + 1) // 2 if x else 0 for x in w)
 
 
-def _lengths(w: list[int]) -> list[int]:
-    """Huffman code lengths by the two-queue method: leaves sorted by (weight, index), merged nodes in the
-    order they are made (their weights never decrease); ties prefer the leaf queue."""
+def code_cost(weights: Sequence[int]) -> int:
+    """sum(code_lengths(weights) * weights), without building the code: the sum of the merged weights of any
+    Huffman tree (all have the same cost). Exact while no length limit can bind (at most MAX_LEN + 1 used
+    symbols); otherwise it falls back to the limited code."""
+    heap = [int(x) for x in weights if x > 0]
+    if len(heap) > MAX_LEN + 1:
+        return int(np.dot(code_lengths(weights), np.asarray(weights, dtype=np.int64)))
+    heapq.heapify(heap)
+    cost = 0
+    while len(heap) > 1:
+        merged = heapq.heappop(heap) + heapq.heappop(heap)
+        cost += merged
+        heapq.heappush(heap, merged)
+    return cost
+
+
+def raw_lengths(w: Sequence[int]) -> list[int]:
+    """Huffman code lengths of non-negative weights, with no length limit and no memo (for callers that
+    memoise on something smaller than the weights). The two-queue method: leaves sorted by (weight, index),
+    merged nodes in the order they are made (their weights never decrease); ties prefer the leaf queue."""
     lengths = [0] * len(w)
-    leaves = sorted((x, i) for i, x in enumerate(w) if x > 0)
-    if len(leaves) <= 1:
+    syms = sorted((i for i, x in enumerate(w) if x > 0), key=w.__getitem__)  # stable: ties by index
+    nleaf = len(syms)
+    if nleaf <= 1:
         return lengths
-    nleaf = len(leaves)
+    lw = [w[i] for i in syms]
     parent = [0] * (2 * nleaf - 1)  # nodes 0..nleaf-1 are the sorted leaves, then merged nodes in order
     merged: list[int] = []  # weights of merged nodes
     i = j = 0
     for node in range(nleaf, 2 * nleaf - 1):
-        pair = []
-        for _ in range(2):
-            if i < nleaf and (j >= len(merged) or leaves[i][0] <= merged[j]):
-                pair.append((leaves[i][0], i))
-                i += 1
-            else:
-                pair.append((merged[j], nleaf + j))
-                j += 1
-        parent[pair[0][1]] = parent[pair[1][1]] = node
-        merged.append(pair[0][0] + pair[1][0])
+        if i < nleaf and (j >= len(merged) or lw[i] <= merged[j]):
+            wa, a = lw[i], i
+            i += 1
+        else:
+            wa, a = merged[j], nleaf + j
+            j += 1
+        if i < nleaf and (j >= len(merged) or lw[i] <= merged[j]):
+            wb, b = lw[i], i
+            i += 1
+        else:
+            wb, b = merged[j], nleaf + j
+            j += 1
+        parent[a] = parent[b] = node
+        merged.append(wa + wb)
     depth = [0] * (2 * nleaf - 1)
     for node in range(2 * nleaf - 3, -1, -1):  # the root is the last node; parents come after children
         depth[node] = depth[parent[node]] + 1
-    for rank, (_, sym) in enumerate(leaves):
+    for rank, sym in enumerate(syms):
         lengths[sym] = depth[rank]
     return lengths
 
@@ -76,7 +110,7 @@ class Code:
     order: np.ndarray  # used symbols sorted by (length, symbol)
     starts: np.ndarray  # left-justified 32-bit first window of each symbol in `order`
     end: int  # first window past the last codeword (2**32 for a complete code)
-    table: np.ndarray | None  # index into `order` for each top-`maxlen`-bit window, when maxlen <= 16
+    _table: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)  # built on first need
 
     @property
     def maxlen(self) -> int:
@@ -86,6 +120,14 @@ class Code:
     def minlen(self) -> int:
         used = self.lengths[self.lengths > 0]
         return int(used.min()) if used.size else 0
+
+    def table(self) -> np.ndarray:
+        """Index into `order` for each top-`maxlen`-bit window (2**maxlen entries, built once)."""
+        if not self._table:
+            maxlen = self.maxlen
+            tops = np.arange(1 << maxlen, dtype=np.uint64) << np.uint64(_W - maxlen)
+            self._table.append((np.searchsorted(self.starts, tops, side="right") - 1).astype(np.int64))
+        return self._table[0]
 
     def bits(self, counts: np.ndarray) -> int:
         """Bits needed to code symbols with these counts."""
@@ -101,34 +143,24 @@ def from_lengths(lengths: Sequence[int], single: int | None = None) -> Code:
         if not 0 <= single < max(ln.size, 1) or ln.any():
             raise CodecError("degenerate Huffman table is inconsistent; the payload is corrupt")
         return Code(ln, np.zeros(ln.size, np.uint64), int(single), np.array([single]), np.zeros(1, np.uint64),
-                    2**_W, None)
+                    2**_W)
     if ln.min(initial=0) < 0 or ln.max(initial=0) > MAX_LEN:
         raise CodecError(f"Huffman code length outside 1..{MAX_LEN}; the payload is corrupt")
     used = np.flatnonzero(ln)
     if used.size == 0:
         raise CodecError("Huffman table has no symbols; the payload is corrupt")
-    kraft = sum(1 << (MAX_LEN - int(x)) for x in ln[used])
-    if kraft > 1 << MAX_LEN:
+    lu = ln[used]
+    if int(np.left_shift(1, MAX_LEN - lu).sum()) > 1 << MAX_LEN:
         raise CodecError("Huffman code lengths violate the Kraft inequality; the payload is corrupt")
-    order = used[np.lexsort((used, ln[used]))]
+    order = used[np.lexsort((used, lu))]
+    lo = ln[order].astype(np.uint64)
+    # canonical code: each codeword, left-justified in _W bits, starts where the previous one's range ends
+    span = np.left_shift(np.uint64(1), np.uint64(_W) - lo)
+    ends = np.cumsum(span, dtype=np.uint64)
+    starts = ends - span
     codes = np.zeros(ln.size, dtype=np.uint64)
-    starts = np.zeros(order.size, dtype=np.uint64)
-    code, prev = 0, int(ln[order[0]])
-    for j, s in enumerate(order.tolist()):  # one pass over the alphabet (<= 256), not over the data
-        length = int(ln[s])
-        if j:
-            code = (code + 1) << (length - prev)
-        prev = length
-        codes[s] = code
-        starts[j] = code << (_W - length)
-    last = int(order[-1])
-    end = (int(codes[last]) + 1) << (_W - int(ln[last]))
-    table = None
-    maxlen = int(ln.max())
-    if maxlen <= 16:
-        tops = np.arange(1 << maxlen, dtype=np.uint64) << np.uint64(_W - maxlen)
-        table = (np.searchsorted(starts, tops, side="right") - 1).astype(np.int64)
-    return Code(ln, codes, None, order, starts, end, table)
+    codes[order] = starts >> (np.uint64(_W) - lo)
+    return Code(ln, codes, None, order, starts, int(ends[-1]))
 
 
 def from_weights(weights: Sequence[int], max_len: int | None = MAX_LEN) -> Code:
@@ -157,8 +189,9 @@ def decode(buf: bytes | np.ndarray, nbits: int, count: int, code: Code) -> np.nd
     if not count * code.minlen <= nbits <= count * code.maxlen:
         raise CodecError(f"Huffman stream of {nbits} bits cannot hold {count} symbols; the payload is corrupt")
     win = bit_windows(buf, nbits, _W)
-    if code.table is not None:
-        idx = code.table[(win >> np.uint64(_W - code.maxlen)).astype(np.int64)]
+    maxlen = code.maxlen
+    if maxlen <= 16 and 1 << maxlen <= nbits:  # a table pays for itself (same result as the search)
+        idx = code.table()[(win >> np.uint64(_W - maxlen)).astype(np.int64)]
     else:
         idx = np.searchsorted(code.starts, win, side="right") - 1
     valid = win < np.uint64(code.end) if code.end < 2**_W else np.ones(win.size, dtype=bool)

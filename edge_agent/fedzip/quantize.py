@@ -99,6 +99,12 @@ def sparsify(x: np.ndarray, m: int, k: int) -> Sparse:
     mag = np.abs(flat)
     if flat.size and not np.isfinite(mag.max()):  # max() propagates NaN
         raise CodecError("tensor has NaN or infinite entries; fix the local update before encoding it")
+    if m == 1 and flat.size:  # a bias-sized tensor keeps one entry: its own centroid (what k-means gives)
+        p = int(np.argmax(mag))  # the first of equal maxima, as top_z breaks ties
+        one = np.array([p], dtype=np.int64)
+        if flat[p] == 0:
+            return Sparse(flat.size, one[:0], one[:0].copy(), np.zeros(0, np.float32))
+        return Sparse(flat.size, one, np.zeros(1, dtype=np.int64), flat[one].astype(np.float32))
     pos = top_z(mag, m)
     vals = flat[pos]
     nonzero = vals != 0
