@@ -17,26 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.moving_digits import SPEEDS, STEPS
+from edge_agent.mtvg_output import boundary_mse, estimate_motion
 from edge_agent.video_denoiser import DIRECTIONS
 
-
-def boundary_mse(seqs: np.ndarray) -> np.ndarray:
-    """(N, K-1) pixel MSE between each segment's last frame and the next one's first; seqs (N, K, F, S, S)."""
-    return np.mean((seqs[:, 1:, 0] - seqs[:, :-1, -1]) ** 2, axis=(-2, -1))
-
-
-def estimate_motion(clips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(direction, speed) int64 (N,) per clip (N, F, S, S): the wrapped shift that best maps frame f to f + 1."""
-    clips = np.asarray(clips, np.float32)
-    err = np.empty((len(clips), len(DIRECTIONS), len(SPEEDS)))
-    for d, name in enumerate(DIRECTIONS):
-        dr, dc = STEPS[name]
-        for j, s in enumerate(SPEEDS):
-            shifted = np.roll(clips[:, :-1], (dr * s, dc * s), axis=(-2, -1))
-            err[:, d, j] = np.mean((shifted - clips[:, 1:]) ** 2, axis=(1, 2, 3))
-    best = err.reshape(len(clips), -1).argmin(1)
-    return best // len(SPEEDS), np.asarray(SPEEDS)[best % len(SPEEDS)]
+__all__ = ["boundary_mse", "estimate_motion", "motion_accuracy", "repetition"]
 
 
 def repetition(seqs: np.ndarray, conds: np.ndarray) -> tuple[float, int]:

@@ -1,7 +1,6 @@
-"""Pictures of generated moving-digit sequences: a PNG strip (one row per segment) and an animated GIF.
+"""The MTVG benchmark's figure: generated sequences as long rows of frames, naive next to MTVG (matplotlib).
 
-Frames are float in [-1, 1]; they are drawn as greyscale with 0 = background. Pillow only (already a
-matplotlib dependency); `comparison_png` uses matplotlib for the benchmark's naive-vs-MTVG figure.
+The strip, GIF and per-segment files of one generation are `edge_agent.mtvg_output`'s.
 """
 
 from __future__ import annotations
@@ -11,42 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-SCALE = 4  # pixels per canvas pixel in the strip and GIF
-
-
-def _u8(frames: np.ndarray) -> np.ndarray:
-    return (np.clip((np.asarray(frames) + 1.0) / 2.0, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
-def strip(seq: np.ndarray, gap: int = 1) -> np.ndarray:
-    """uint8 image: segments (K, F, S, S) as K rows of F frames, a `gap`-pixel grey line between frames."""
-    k, f, s, _ = seq.shape
-    img = np.full((k * (s + gap) - gap, f * (s + gap) - gap), 96, np.uint8)
-    for i in range(k):
-        for j in range(f):
-            img[i * (s + gap): i * (s + gap) + s, j * (s + gap): j * (s + gap) + s] = _u8(seq[i, j])
-    return np.kron(img, np.ones((SCALE, SCALE), np.uint8))
-
-
-def write_strip(path: str | Path, seq: np.ndarray) -> Path:
-    from PIL import Image
-
-    Image.fromarray(strip(seq)).save(path)
-    return Path(path)
-
-
-def write_gif(path: str | Path, seq: np.ndarray, ms_per_frame: int = 120) -> Path:
-    """All segments' frames one after the other, looping."""
-    from PIL import Image
-
-    frames = [Image.fromarray(np.kron(_u8(fr), np.ones((SCALE * 2, SCALE * 2), np.uint8)))
-              for fr in seq.reshape(-1, *seq.shape[-2:])]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
-    return Path(path)
+from edge_agent.mtvg_output import SCALE, strip
 
 
 def comparison_png(path: str | Path, rows: Sequence[tuple[str, np.ndarray]]) -> Path:
-    """One long row of frames per (title, sequence (K, F, S, S)), stacked, segment borders marked."""
+    """One long row of frames per (title, sequence (K, F, S, S)), stacked, segment borders marked in red."""
     import matplotlib
 
     matplotlib.use("Agg")

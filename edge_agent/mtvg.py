@@ -27,6 +27,7 @@ npz weights. A model file or weights whose shapes do not match are a `ModelError
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -229,6 +230,8 @@ class OnnxDenoiser:
 
 def load_weights(path: str | Path) -> vd.Params:
     """The denoiser's `fc{i}` tensors from an npz, checked against the video denoiser's input and output widths."""
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path}: not an .npz archive of denoiser weights")
     try:
         with np.load(path, allow_pickle=False) as z:
             params = {k: np.asarray(z[k], np.float32) for k in z.files}

@@ -141,8 +141,8 @@ def variants(steps: int) -> dict[str, MTVGOptions]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedfleet bench mtvg", description=__doc__.split("\n")[0])
     p.add_argument("--agents", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--local-steps", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--local-steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, default=vd.DEFAULT_HIDDEN[0], help="width of both hidden layers")
