@@ -31,6 +31,7 @@ stderr `details:` line. `--plot PNG` draws generated sequences, naive next to MT
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -107,7 +108,8 @@ def train_denoiser(train: md.ClipSet, test: md.ClipSet, *, agents: int, rounds: 
             entry["held_out_loss"] = held_out_loss(global_params, test)
         history.append(entry)
         print(f"round {r + 1}/{rounds}: train loss {entry['train_loss']:.4f}"
-              + (f", held-out {entry['held_out_loss']:.4f}" if "held_out_loss" in entry else ""), flush=True)
+              + (f", held-out {entry['held_out_loss']:.4f}" if "held_out_loss" in entry else ""), file=sys.stderr,
+              flush=True)
     return global_params, {"trainer": TRAINER, "agents": agents, "local_steps": local_steps, "batch": batch,
                            "lr": lr, "hidden": list(hidden), "alpha": alpha, "partition_sizes": weights,
                            "history": history}
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         samples[name] = mtvg.sample_sequences(model, conds, seed=args.seed, options=opts)
         timings[name] = round(time.perf_counter() - t1, 2)
         scores[name] = score(samples[name], conds, clf.model)
-        print(f"{name}: {scores[name]}", flush=True)
+        print(f"{name}: {scores[name]}", file=sys.stderr, flush=True)
     if args.plot:
         from coordinator.mtvg_render import comparison_png
 
