@@ -23,4 +23,5 @@ def test_bench_mtvg_smoke(tmp_path, capsys):
     assert set(more["variants"]) == {"naive", "mtvg", "no_inversion", "no_dynamic_noise", "no_structure_guidance"}
     assert "stand-in" in more["training"]["trainer"] and len(more["training"]["history"]) == 2
     assert 0.0 <= more["classifier_held_out"]["both"] <= 1.0
+    assert more["onnxruntime_vs_torch_mtvg"]["max_abs"] < 0.05  # the device path gives the same frames
     assert (tmp_path / "seq.png").stat().st_size > 5_000

@@ -140,6 +140,24 @@ def variants(steps: int) -> dict[str, MTVGOptions]:
             "no_structure_guidance": full.without("structure_guidance")}
 
 
+def onnxruntime_agreement(params: vd.Params, conds: np.ndarray, seed: int, steps: int,
+                          torch_frames: np.ndarray) -> dict[str, float]:
+    """The same MTVG sequences sampled on the device path (ONNX Runtime + numpy guidance) against torch's.
+
+    The model goes through `tools.mtvg_onnx.export_onnx`, a stand-in for the project's exporter."""
+    import tempfile
+
+    from edge_agent.mtvg import OnnxDenoiser
+    from tools.mtvg_onnx import export_onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        np.savez(f"{d}/denoiser.npz", **params)
+        export_onnx(params, f"{d}/denoiser.onnx")
+        frames = OnnxDenoiser(f"{d}/denoiser.onnx", f"{d}/denoiser.npz").sample(conds, seed, MTVGOptions(steps=steps))
+    diff = np.abs(frames - torch_frames)
+    return {"sequences": len(conds), "max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedfleet bench mtvg", description=__doc__.split("\n")[0])
     p.add_argument("--agents", type=int, default=4)
@@ -156,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of seconds")
     p.add_argument("--json", dest="json_path")
     p.add_argument("--plot", help="PNG of generated sequences, naive next to MTVG")
+    p.add_argument("--weights-out", help="also save the trained denoiser here (.npz, for `fedfleet generate`)")
     args = p.parse_args(argv)
     repeats = 4
     if args.quick:
@@ -189,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             rows += [(f"naive: {label}", samples["naive"][i]), (f"MTVG: {label}", samples["mtvg"][i])]
         comparison_png(args.plot, rows)
     n_seg = int(conds.size)
+    if args.weights_out:
+        np.savez(args.weights_out, **params)
+    device_check = onnxruntime_agreement(params, conds[:4], args.seed, args.steps, samples["mtvg"][:4])
     result: dict[str, Any] = {
         "segments": n_seg,
         "boundary_mse_naive": scores["naive"]["boundary_mse"], "boundary_mse_mtvg": scores["mtvg"]["boundary_mse"],
@@ -201,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "classifier_held_out": {"both": clf.test_accuracy, "digit": clf.test_digit_accuracy,
                                 "direction": clf.test_direction_accuracy, "clips": len(test)},
         "real_clip_boundary_mse_within_clip": float(np.mean((test.x[:, 1:] - test.x[:, :-1]) ** 2)),
-        "training": training, "train_s": round(t_train, 1), "sample_s": timings,
+        "onnxruntime_vs_torch_mtvg": device_check, "training": training, "train_s": round(t_train, 1), "sample_s": timings,
         "targets": {"boundary_mse_mtvg_le_half_naive": scores["mtvg"]["boundary_mse"]
                     <= 0.5 * scores["naive"]["boundary_mse"],
                     "condition_accuracy_within_5_points": abs(scores["mtvg"]["condition_accuracy"]
