@@ -20,10 +20,12 @@ from coordinator.video_denoiser import VideoDenoiser
 from edge_agent import video_denoiser as vd
 from edge_agent.mtvg import (
     CLIP,
+    FD_STEP,
     MTVGOptions,
     ddim_update,
     dynamic_weights,
     inversion_schedule,
+    linesearch_length,
     load_weights,
     segment_noise,
     step_schedule,
@@ -48,8 +50,8 @@ def _rms(a: torch.Tensor) -> torch.Tensor:
 
 
 def _guide(model: VideoDenoiser, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
-           prev_last: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """One structure-guiding update: a steepest-descent step on 1/2 sum_f |x0_hat^f - ref^f|^2."""
+           prev_last: torch.Tensor | None, opts: MTVGOptions) -> torch.Tensor:
+    """One structure-guiding update on 1/2 sum_f |x0_hat^f - ref^f|^2 (references held), by `opts.guide_step`."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         x0 = model.predict_x0(x, t, c)
@@ -63,8 +65,15 @@ def _guide(model: VideoDenoiser, x: torch.Tensor, t: torch.Tensor, c: torch.Tens
         resid = (x0 - ref) * mask
         loss = 0.5 * torch.sum(resid**2)
         (grad,) = torch.autograd.grad(loss, x)
+    x, resid = x.detach(), resid.detach()
     g = _rms(grad)
-    return (x - scale * _rms(resid.detach()) * grad / torch.where(g > 0, g, torch.ones_like(g))).detach()
+    d = grad / torch.where(g > 0, g, torch.ones_like(g))
+    if opts.guide_step == "normalised":
+        return x - opts.guide_scale * _rms(resid) * d
+    with torch.no_grad():
+        jd = (model.predict_x0(x + FD_STEP * d, t, c) - held) / FD_STEP * mask
+    step = linesearch_length(resid.numpy(), jd.numpy(), opts.guide_scale, opts.guide_max)
+    return x - torch.from_numpy(step) * d
 
 
 @torch.no_grad()
@@ -92,7 +101,7 @@ def sample_sequences(model: VideoDenoiser, conditions: np.ndarray, seed: int,
             tt = torch.full((n,), t)
             if i < opts.guided_steps:
                 for _ in range(opts.guide_iters):
-                    x = _guide(model, x, tt, c, prev_last, opts.guide_scale)
+                    x = _guide(model, x, tt, c, prev_last, opts)
             x = ddim_update(x, model.predict_x0(x, tt, c), a_t, a_next)
         segment = torch.clamp(x, -1.0, 1.0)
         out[:, k] = segment.numpy()

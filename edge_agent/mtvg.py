@@ -13,8 +13,13 @@ text-to-video generation. Segment k of a sequence, with condition c_k, is sample
 - **Structure-Guiding Sampling**: during the first `guide_fraction` of the sampling steps, `guide_iters` times
   per step, the latent takes a gradient step on L = 1/2 sum_f |x0_hat^f(z_t) - ref^f|^2 where ref^f is the
   preceding frame's prediction x0_hat^(f-1) (held fixed) and, for f = 0, the previous segment's last frame.
-  The step is  z_t -= guide_scale * rms(x0_hat - ref) * g / rms(g)  per clip (g = dL/dz_t), a steepest-descent
-  step whose length follows the residual, so it vanishes as the frames agree.
+  Each update moves z_t along d = g / rms(g) (g = dL/dz_t, held references) by a = min(guide_scale * a*,
+  guide_max): a* = <r, J d> / |J d|^2 minimises the linearised loss 1/2 |r - a J d|^2 along d (r the masked
+  residual, J d = dx0_hat/dz_t d by a finite difference: one more forward pass), and guide_max caps the RMS
+  of each update, so the step neither overshoots where x0_hat depends strongly on z_t nor runs away where it
+  hardly does (high noise). `guide_step = "normalised"` is the rule the first benchmark runs used,
+  z_t -= 0.3 * rms(r) * g / rms(g): it runs away, because at high noise r hardly shrinks however far z_t moves
+  (see docs/results).
 - The first segment starts from fresh noise. Every technique can be switched off (`MTVGOptions`); with all
   three off (`MTVGOptions.naive()`) every segment is plain DDIM from its own fresh noise.
 
@@ -52,7 +57,9 @@ class MTVGOptions:
     noise_max: float = 0.5  # Dynamic Noise's fresh-noise share l_f at the last frame
     guide_fraction: float = 0.2  # the early share of sampling steps with structure guidance
     guide_iters: int = 2  # latent updates per guided step
-    guide_scale: float = 0.3  # step length relative to the residual's RMS
+    guide_scale: float = 0.5  # share of the line-minimising step a* taken per update
+    guide_max: float = 0.03  # cap on the RMS of one update of the latent (unit-variance noise at t = T)
+    guide_step: str = "linesearch"  # or "normalised" (the first runs' rule, with guide_scale 0.3; it runs away)
 
     @classmethod
     def naive(cls, steps: int = 50) -> MTVGOptions:
@@ -71,6 +78,8 @@ class MTVGOptions:
             raise ConfigError(f"noise_max must be in [0, 1], got {self.noise_max}")
         if not 0.0 <= self.guide_fraction <= 1.0 or self.guide_iters < 0 or self.guide_scale < 0:
             raise ConfigError("guide_fraction must be in [0, 1], guide_iters and guide_scale >= 0")
+        if self.guide_step not in ("linesearch", "normalised"):
+            raise ConfigError(f"guide_step must be 'linesearch' or 'normalised', got {self.guide_step!r}")
         return self
 
     @property
@@ -130,9 +139,21 @@ def _rms(a: np.ndarray) -> np.ndarray:
 
 
 def guidance_move(grad: np.ndarray, resid: np.ndarray, scale: float) -> np.ndarray:
-    """The latent update -scale * rms(resid) * grad / rms(grad), per clip (zero where the gradient is zero)."""
+    """The "normalised" rule's update -scale * rms(resid) * grad / rms(grad), per clip."""
     g = _rms(grad)
     return (-scale * _rms(resid) * grad / np.where(g > 0, g, 1.0)).astype(np.float32)
+
+
+FD_STEP = 1e-2  # RMS of the finite-difference probe for J d
+
+
+def linesearch_length(resid: np.ndarray, jd: np.ndarray, scale: float, cap: float) -> np.ndarray:
+    """Per clip min(scale * <r, Jd> / |Jd|^2, cap), >= 0; shaped (N, 1, 1, 1)."""
+    n = resid.shape[0]
+    num = np.sum((resid * jd).reshape(n, -1), axis=1)
+    den = np.sum((jd * jd).reshape(n, -1), axis=1)
+    a = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    return np.clip(scale * a, 0.0, cap).astype(np.float32).reshape(-1, 1, 1, 1)
 
 
 X0Fn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -168,7 +189,14 @@ def sample_sequences(x0_fn: X0Fn, vjp_fn: VjpFn, conditions: np.ndarray, seed: i
                     x0 = x0_fn(x, tt, c)
                     ref, mask = guidance_refs_np(x0, prev_last)
                     resid = (x0 - ref) * mask
-                    x = x + guidance_move(vjp_fn(x, tt, c, resid), resid, opts.guide_scale)
+                    grad = vjp_fn(x, tt, c, resid)
+                    if opts.guide_step == "normalised":
+                        x = x + guidance_move(grad, resid, opts.guide_scale)
+                        continue
+                    g = _rms(grad)
+                    d = (grad / np.where(g > 0, g, 1.0)).astype(np.float32)
+                    jd = (x0_fn((x + FD_STEP * d).astype(np.float32), tt, c) - x0) / FD_STEP * mask
+                    x = (x - linesearch_length(resid, jd, opts.guide_scale, opts.guide_max) * d).astype(np.float32)
             x = ddim_update(x, x0_fn(x, tt, c), a_t, a_next).astype(np.float32)
         out[:, k] = np.clip(x, -1.0, 1.0)
         prev_last = out[:, k, -1]

@@ -101,21 +101,26 @@ def test_inversion_reverses_sampling_and_dynamic_noise_ramps_over_frames() -> No
     assert lam[0] == 0.0 and lam[-1] == pytest.approx(0.5) and np.all(np.diff(lam) > 0)
 
 
-def test_structure_guidance_step_lowers_its_loss() -> None:
-    model = mtvg.from_state(_params())
+@pytest.mark.parametrize("t", [999, 600, 100])
+def test_structure_guidance_update_lowers_its_loss_and_is_capped(t: int) -> None:
+    model = mtvg.from_state(_params())  # a network with a large input Jacobian: a plain gradient step overshoots
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((3, *em.CLIP)).astype(np.float32))
     prev = torch.from_numpy(np.clip(rng.standard_normal((3, vd.SIZE, vd.SIZE)), -1, 1).astype(np.float32))
-    t, c = torch.full((3,), 600), torch.tensor([1, 2, 3])
+    tt, c = torch.full((3,), t), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        x0 = model.predict_x0(x, tt, c)
+        ref = torch.cat([prev[:, None], x0[:, :-1]], dim=1)  # the references the update holds fixed
 
-    def loss(z: torch.Tensor) -> float:
+    def loss(z: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            x0 = model.predict_x0(z, t, c)
-            ref = torch.cat([prev[:, None], x0[:, :-1]], dim=1)
-            return float(torch.sum((x0 - ref) ** 2))
+            return torch.sum(((model.predict_x0(z, tt, c) - ref) ** 2).reshape(3, -1), dim=1).numpy()
 
-    moved = mtvg._guide(model, x, t, c, prev, scale=0.05)
-    assert loss(moved) < loss(x)
+    opts = em.MTVGOptions()
+    moved = mtvg._guide(model, x, tt, c, prev, opts)
+    assert np.all(loss(moved) < loss(x))
+    rms = torch.sqrt(torch.mean(((moved - x) ** 2).reshape(3, -1), dim=1))
+    assert torch.all(rms <= opts.guide_max + 1e-6) and torch.all(rms > 0)
 
 
 @pytest.fixture(scope="module")

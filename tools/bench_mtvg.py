@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -133,14 +134,14 @@ def score(seqs: np.ndarray, conds: np.ndarray, classifier: clip_classifier.ClipC
 
 
 
-def variants(steps: int) -> dict[str, MTVGOptions]:
-    full = MTVGOptions(steps=steps)
+def variants(steps: int, **overrides: Any) -> dict[str, MTVGOptions]:
+    full = replace(MTVGOptions(steps=steps), **overrides)
     return {"naive": MTVGOptions.naive(steps), "mtvg": full,
             "no_inversion": full.without("inversion"), "no_dynamic_noise": full.without("dynamic_noise"),
             "no_structure_guidance": full.without("structure_guidance")}
 
 
-def onnxruntime_agreement(params: vd.Params, conds: np.ndarray, seed: int, steps: int,
+def onnxruntime_agreement(params: vd.Params, conds: np.ndarray, seed: int, options: MTVGOptions,
                           torch_frames: np.ndarray) -> dict[str, float]:
     """The same MTVG sequences sampled on the device path (ONNX Runtime + numpy guidance) against torch's.
 
@@ -153,7 +154,7 @@ def onnxruntime_agreement(params: vd.Params, conds: np.ndarray, seed: int, steps
     with tempfile.TemporaryDirectory() as d:
         np.savez(f"{d}/denoiser.npz", **params)
         export_onnx(params, f"{d}/denoiser.onnx")
-        frames = OnnxDenoiser(f"{d}/denoiser.onnx", f"{d}/denoiser.npz").sample(conds, seed, MTVGOptions(steps=steps))
+        frames = OnnxDenoiser(f"{d}/denoiser.onnx", f"{d}/denoiser.npz").sample(conds, seed, options)
     diff = np.abs(frames - torch_frames)
     return {"sequences": len(conds), "max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
 
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of seconds")
     p.add_argument("--json", dest="json_path")
     p.add_argument("--plot", help="PNG of generated sequences, naive next to MTVG")
+    p.add_argument("--weights-in", help="skip training: sample with this denoiser.npz (give --rounds it was "
+                   "trained for, which is reported as fl_rounds)")
+    p.add_argument("--guide-step", choices=("linesearch", "normalised"), default=MTVGOptions.guide_step,
+                   help="structure-guidance update rule (normalised: the first runs' rule; give --guide-scale 0.3)")
+    p.add_argument("--guide-scale", type=float, default=None, help=f"default {MTVGOptions.guide_scale}")
     p.add_argument("--weights-out", help="also save the trained denoiser here (.npz, for `fedfleet generate`)")
     args = p.parse_args(argv)
     repeats = 4
@@ -182,9 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         args.sequences, args.steps, args.classifier_epochs, repeats = 4, 6, 1, 1
     t0 = time.perf_counter()
     train, test = md.moving_digits(seed=args.seed, repeats=repeats)
-    params, training = train_denoiser(train, test, agents=args.agents, rounds=args.rounds,
-                                      local_steps=args.local_steps, batch=args.batch, lr=args.lr,
-                                      hidden=(args.hidden, args.hidden), alpha=args.alpha, seed=args.seed)
+    if args.weights_in:
+        from edge_agent.mtvg import load_weights
+
+        params = load_weights(args.weights_in)
+        training: dict[str, Any] = {"trainer": f"not trained here: loaded {args.weights_in}",
+                                    "held_out_loss": held_out_loss(params, test)}
+    else:
+        params, training = train_denoiser(train, test, agents=args.agents, rounds=args.rounds,
+                                          local_steps=args.local_steps, batch=args.batch, lr=args.lr,
+                                          hidden=(args.hidden, args.hidden), alpha=args.alpha, seed=args.seed)
+    guide = {"guide_step": args.guide_step}
+    if args.guide_scale is not None:
+        guide["guide_scale"] = args.guide_scale
     t_train = time.perf_counter() - t0
     clf = clip_classifier.train(seed=args.seed, epochs=args.classifier_epochs, repeats=repeats)
     model = mtvg.from_state(params)
@@ -193,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
     torch.manual_seed(args.seed)
-    for name, opts in variants(args.steps).items():
+    for name, opts in variants(args.steps, **guide).items():
         t1 = time.perf_counter()
         samples[name] = mtvg.sample_sequences(model, conds, seed=args.seed, options=opts)
         timings[name] = round(time.perf_counter() - t1, 2)
@@ -210,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     n_seg = int(conds.size)
     if args.weights_out:
         np.savez(args.weights_out, **params)
-    device_check = onnxruntime_agreement(params, conds[:4], args.seed, args.steps, samples["mtvg"][:4])
+    device_check = onnxruntime_agreement(params, conds[:4], args.seed, variants(args.steps, **guide)["mtvg"],
+                                         samples["mtvg"][:4])
     result: dict[str, Any] = {
         "segments": n_seg,
         "boundary_mse_naive": scores["naive"]["boundary_mse"], "boundary_mse_mtvg": scores["mtvg"]["boundary_mse"],
@@ -219,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "repetition_naive": scores["naive"]["repetition"], "repetition_mtvg": scores["mtvg"]["repetition"],
         "fl_rounds": args.rounds,
         "sequences": len(conds), "segments_per_sequence": SEGMENTS_PER_SEQUENCE,
-        "variants": scores, "options": {k: vars(v) for k, v in variants(args.steps).items()},
+        "variants": scores, "options": {k: vars(v) for k, v in variants(args.steps, **guide).items()},
         "classifier_held_out": {"both": clf.test_accuracy, "digit": clf.test_digit_accuracy,
                                 "direction": clf.test_direction_accuracy, "clips": len(test)},
         "real_clip_boundary_mse_within_clip": float(np.mean((test.x[:, 1:] - test.x[:, :-1]) ** 2)),
