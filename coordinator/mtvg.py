@@ -50,7 +50,7 @@ def _rms(a: torch.Tensor) -> torch.Tensor:
 
 
 def _guide(model: VideoDenoiser, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
-           prev_last: torch.Tensor | None, opts: MTVGOptions) -> torch.Tensor:
+           opts: MTVGOptions) -> torch.Tensor:
     """One structure-guiding update on 1/2 sum_f |x0_hat^f - ref^f|^2 (references held), by `opts.guide_step`."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -58,10 +58,7 @@ def _guide(model: VideoDenoiser, x: torch.Tensor, t: torch.Tensor, c: torch.Tens
         held = x0.detach()
         ref = torch.cat([held[:, :1], held[:, :-1]], dim=1)
         mask = torch.ones((1, vd.FRAMES, 1, 1))
-        if prev_last is None:
-            mask[:, 0] = 0.0
-        else:
-            ref[:, 0] = prev_last
+        mask[:, 0] = 0.0  # frame 0 has no preceding frame in the clip
         resid = (x0 - ref) * mask
         loss = 0.5 * torch.sum(resid**2)
         (grad,) = torch.autograd.grad(loss, x)
@@ -101,7 +98,7 @@ def sample_sequences(model: VideoDenoiser, conditions: np.ndarray, seed: int,
             tt = torch.full((n,), t)
             if i < opts.guided_steps:
                 for _ in range(opts.guide_iters):
-                    x = _guide(model, x, tt, c, prev_last, opts)
+                    x = _guide(model, x, tt, c, opts)
             x = ddim_update(x, model.predict_x0(x, tt, c), a_t, a_next)
         segment = torch.clamp(x, -1.0, 1.0)
         out[:, k] = segment.numpy()
