@@ -97,9 +97,16 @@ def timesteps(steps: int) -> np.ndarray:
 
 
 def segment_noise(seed: int, segment: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(initial noise, Dynamic Noise's fresh noise) for segment `segment` of `n` sequences, float32 (n, F, S, S)."""
-    rng = np.random.Generator(np.random.PCG64([int(seed), int(segment)]))
-    return (rng.standard_normal((n, *CLIP)).astype(np.float32), rng.standard_normal((n, *CLIP)).astype(np.float32))
+    """(initial noise, Dynamic Noise's fresh noise) for segment `segment` of sequences 0..n-1, float32 (n, F, S, S).
+
+    Sequence i's noise comes from PCG64([seed, segment, i]) alone, so its frames do not depend on the batch."""
+    init = np.empty((n, *CLIP), np.float32)
+    fresh = np.empty((n, *CLIP), np.float32)
+    for i in range(n):
+        rng = np.random.Generator(np.random.PCG64([int(seed), int(segment), i]))
+        init[i] = rng.standard_normal(CLIP, dtype=np.float32)
+        fresh[i] = rng.standard_normal(CLIP, dtype=np.float32)
+    return init, fresh
 
 
 def dynamic_weights(noise_max: float, frames: int = vd.FRAMES) -> np.ndarray:

@@ -143,7 +143,8 @@ def variants(steps: int, **overrides: Any) -> dict[str, MTVGOptions]:
 
 def onnxruntime_agreement(params: vd.Params, conds: np.ndarray, seed: int, options: MTVGOptions,
                           torch_frames: np.ndarray) -> dict[str, float]:
-    """The same MTVG sequences sampled on the device path (ONNX Runtime + numpy guidance) against torch's.
+    """The first MTVG sequences sampled on the device path (ONNX Runtime + numpy guidance) against torch's
+    (a sequence's noise depends only on the seed, the segment and its index, not on the batch).
 
     The model goes through `tools.mtvg_onnx.export_onnx`, a stand-in for the project's exporter."""
     import tempfile
