@@ -12,6 +12,7 @@
     fedfleet report RUN_DIR                          HTML and PNG report of a run
     fedfleet emulate FLEET.toml                      an emulated fleet against a broker
     fedfleet provision --id pi-07 --broker URL --secret-file F --out DIR   files and a service for devices
+    fedfleet generate --prompts "3 right; 3 down" --out DIR --run RUN_DIR|--weights F   MTVG clip sequence
 
 Errors in input (config files, options) print one clear line and exit 2, never a traceback.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from edge_agent.errors import FedfleetError
 
-COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate", "provision")
+COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate", "provision", "generate")
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -297,6 +298,8 @@ def _main(argv: list[str]) -> int:
             return _delegate("tools.emulate", rest)
         if cmd == "provision":
             return _delegate("coordinator.provision", rest)
+        if cmd == "generate":
+            return _delegate("coordinator.mtvg_generate", rest)
         return {"demo": cmd_demo, "serve": cmd_serve, "keys": cmd_keys, "shards": cmd_shards,
                 "broker": cmd_broker, "bench": cmd_bench}[cmd](rest)
     except FedfleetError as exc:

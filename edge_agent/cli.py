@@ -6,6 +6,9 @@
 
     fedfleet-agent --config agent.toml     (the file `fedfleet provision` writes; see edge_agent/config_file.py)
 
+    fedfleet-agent generate --model denoiser.onnx --weights denoiser.npz --prompts "3 right; 3 down" --out DIR
+                           (MTVG sampling through ONNX Runtime; see edge_agent/mtvg_generate.py)
+
 The key is the agent's own key (`fedfleet keys` prints it on the coordinator host); the coordinator key is
 the public half of the coordinator's signing key (`fedfleet keys --signing-key-file K --public`), which the
 agent pins: it takes tasks and model packages signed with it and nothing else. Secrets come from files (or
@@ -99,6 +102,11 @@ def _secrets(args: argparse.Namespace) -> tuple[str | None, bytes | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "generate":
+        from edge_agent.mtvg_generate import main as generate
+
+        return generate(argv[1:])
     p = argparse.ArgumentParser(prog="fedfleet-agent", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="agent.toml (from `fedfleet provision`); options given here override it")
     p.add_argument("--broker")
