@@ -17,7 +17,7 @@ from edge_agent.cli import main as fedfleet_agent
 from edge_agent.errors import ConfigError, ModelError
 from edge_agent.mtvg_output import MOTION, estimate_motion
 from edge_agent.mtvg_prompts import MAX_SEGMENTS, parse_prompts
-from tools.mtvg_onnx import export_onnx
+from models.export_video_denoiser import export_onnx
 
 
 def _cid(digit: int, direction: str) -> int:

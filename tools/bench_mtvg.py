@@ -2,14 +2,14 @@
 
 MTVG's procedure on a toy video model (moving digits, `coordinator.moving_digits`), not text-to-video.
 
-1. **Training (a stand-in for the MQTT job).** The conditional video denoiser (`edge_agent.video_denoiser`)
-   is trained by FedAvg in this process: the moving-digit training clips are split over `--agents` agents
-   (IID, or Dirichlet over the condition label with `--alpha`); every round each agent starts from the
-   global weights, runs `--local-steps` numpy Adam steps (fresh Adam state each round) on batches of its own
-   clips with `video_denoiser.loss_and_grad`, and the coordinator adds the sample-weighted mean of the local
-   deltas to the global weights. No broker is involved: the fleet's MQTT job for this task
-   (`--task moving-digits-diffusion`) is built separately; `train_denoiser` is the one function to swap for
-   it (it returns the global weights and a per-round history). The details line says which trainer ran.
+1. **Training.** By default (`--trainer fleet`) the fleet trains the denoiser: `fedfleet demo --method fedavg
+   --task moving-digits-diffusion` (`coordinator.job.run_demo`, the task's defaults: local Adam, FedZip
+   uplink and downlink) with `--agents` in-process agents over a real MQTT broker (`--broker`: the embedded
+   one, `mosquitto`, or mqtt://host:port) for `--rounds` rounds; the run's `denoiser.npz` is what is sampled.
+   `--trainer inprocess` is the same FedAvg without a broker, in this process: every round each agent
+   starts from the global weights, runs `--local-steps` numpy Adam steps (fresh Adam state each round) on
+   batches of its own clips with `video_denoiser.loss_and_grad`, and the coordinator adds the sample-weighted
+   mean of the local deltas. The details line says which trainer ran.
 2. **Scoring.** A condition classifier (`coordinator.clip_classifier`) is trained centrally on real clips;
    its held-out accuracy is in the details.
 3. **Sampling.** `--sequences` prompt sequences of 3 segments, each segment's digit and direction drawn
@@ -50,7 +50,44 @@ from tools.benchio import emit
 KEYS = ("segments", "boundary_mse_naive", "boundary_mse_mtvg", "condition_accuracy_naive",
         "condition_accuracy_mtvg", "repetition_naive", "repetition_mtvg", "fl_rounds")
 SEGMENTS_PER_SEQUENCE = 3
-TRAINER = "in-process FedAvg stand-in (numpy local Adam, sample-weighted mean of deltas; no broker)"
+TRAINER = "in-process FedAvg (numpy local Adam, sample-weighted mean of deltas; no broker)"
+
+
+def train_by_fleet(*, agents: int, rounds: int, hidden: int, alpha: float, seed: int, broker: str,
+                   eval_every: int = 5) -> tuple[vd.Params, dict[str, Any]]:
+    """The fleet's own job: `--task moving-digits-diffusion` over MQTT; (the final global weights, details)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from coordinator.config import DIFFUSION_TASK, JobConfig
+    from coordinator.job import run_demo
+    from models.export_video_denoiser import load_npz
+
+    cfg = JobConfig(task=DIFFUSION_TASK, rounds=rounds, agents=agents, hidden=hidden, alpha=alpha, seed=seed,
+                    eval_every=eval_every, deadline_s=600.0)
+    url = broker
+    mosq = None
+    if broker == "mosquitto":
+        from tools.broker import start_broker
+
+        mosq = start_broker("mosquitto")
+        url = mosq.url
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            result = run_demo(cfg, broker=url, run_dir=d, quiet=True, report="none")
+            params = load_npz(Path(d) / "denoiser.npz")
+            summary = json.loads((Path(d) / "summary.json").read_text())
+    finally:
+        if mosq is not None:
+            mosq.stop()
+    return params, {"trainer": f"fedfleet demo --method fedavg --task {DIFFUSION_TASK} over MQTT ({broker})",
+                    "agents": agents, "hidden": [int(v.shape[0]) for k, v in params.items()
+                                                 if k.endswith(".bias")][:-1],
+                    "alpha": alpha, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
+                    "wall_s": round(result.wall_s, 1), "ok_per_round": [s.ok for s in result.summaries],
+                    **{k: summary.get(k) for k in ("initial_x0_mse", "final_x0_mse", "initial_denoise_loss",
+                                                   "final_denoise_loss")}}
 
 
 def _adam(params: vd.Params, lr: float) -> Any:
@@ -146,11 +183,11 @@ def onnxruntime_agreement(params: vd.Params, conds: np.ndarray, seed: int, optio
     """The first MTVG sequences sampled on the device path (ONNX Runtime + numpy guidance) against torch's
     (a sequence's noise depends only on the seed, the segment and its index, not on the batch).
 
-    The model goes through `tools.mtvg_onnx.export_onnx`, a stand-in for the project's exporter."""
+    The model goes through the project's exporter, `models.export_video_denoiser.export_onnx`."""
     import tempfile
 
     from edge_agent.mtvg import OnnxDenoiser
-    from tools.mtvg_onnx import export_onnx
+    from models.export_video_denoiser import export_onnx
 
     with tempfile.TemporaryDirectory() as d:
         np.savez(f"{d}/denoiser.npz", **params)
@@ -162,12 +199,16 @@ def onnxruntime_agreement(params: vd.Params, conds: np.ndarray, seed: int, optio
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedfleet bench mtvg", description=__doc__.split("\n")[0])
+    p.add_argument("--trainer", choices=("fleet", "inprocess"), default="fleet",
+                   help="fleet: the --task moving-digits-diffusion job over MQTT (default); inprocess: no broker")
+    p.add_argument("--broker", default="embedded", help="fleet trainer: embedded, mosquitto or mqtt://host:port")
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--hidden", type=int, default=vd.DEFAULT_HIDDEN[0], help="width of both hidden layers")
+    p.add_argument("--hidden", type=int, default=0, help="width of both hidden layers (0: the task's default, 256; "
+                   "the in-process trainer's is 512)")
     p.add_argument("--alpha", type=float, default=0.0, help="Dirichlet skew over conditions (0 = IID)")
     p.add_argument("--sequences", type=int, default=64)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -195,10 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         params = load_weights(args.weights_in)
         training: dict[str, Any] = {"trainer": f"not trained here: loaded {args.weights_in}",
                                     "held_out_loss": held_out_loss(params, test)}
+    elif args.trainer == "fleet":
+        params, training = train_by_fleet(agents=args.agents, rounds=args.rounds, hidden=args.hidden,
+                                          alpha=args.alpha, seed=args.seed, broker=args.broker,
+                                          eval_every=max(1, min(5, args.rounds)))
+        training["held_out_loss"] = held_out_loss(params, test)
     else:
+        width = args.hidden or vd.DEFAULT_HIDDEN[0]
         params, training = train_denoiser(train, test, agents=args.agents, rounds=args.rounds,
                                           local_steps=args.local_steps, batch=args.batch, lr=args.lr,
-                                          hidden=(args.hidden, args.hidden), alpha=args.alpha, seed=args.seed)
+                                          hidden=(width, width), alpha=args.alpha, seed=args.seed)
     guide = {"guide_step": args.guide_step}
     if args.guide_scale is not None:
         guide["guide_scale"] = args.guide_scale
