@@ -18,11 +18,20 @@ The coordinator sends whichever is smaller, and publishes each round's sync once
 (`{"mode": "broadcast", "version": v, "digest": hex}`). The task, signed for the agent, names the digest
 of the state, so a state message is used only when it leads to exactly that state. Sync metadata (`meta.sync` of a task header):
 `{"mode": "full"|"chain", "version": v, "base": b|None, "digest": hex, "lens": [bytes of each code]}`.
+
+Agents of one process (an emulated or demo fleet) that apply the same sync bytes to the same replica object
+get the same result: `Replica.apply` remembers the last few transitions (base tensors object, SHA-256 of the
+payload, layout, codec, sync metadata) and hands the resulting tensors to the next agent instead of decoding
+again. Replica tensors are never changed in place, so sharing them is safe; an agent alone on a device
+decodes as before.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +85,17 @@ def check_sync_meta(raw: Any, modes: tuple[str, ...] = ("full", "chain")) -> dic
     return raw
 
 
+_MEMO_KEPT = 4
+_memo: OrderedDict[tuple[Any, ...], tuple[Tensors | None, Tensors]] = OrderedDict()
+_memo_lock = threading.Lock()
+
+
+def _memo_key(run: str, sync: Mapping[str, Any], payload: bytes, layout: codecs.Layout,
+              spec: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (run, json.dumps(sync, sort_keys=True), hashlib.sha256(payload).digest(),
+            tuple((n, tuple(s)) for n, s in layout), json.dumps(dict(spec), sort_keys=True, default=str))
+
+
 @dataclass
 class Replica:
     """One agent's copy of the global state for one run: version v and the tensors R_v."""
@@ -93,6 +113,13 @@ class Replica:
         does not start from what this replica holds or does not lead to the named state (the coordinator
         then sends a full state)."""
         sync = check_sync_meta(sync)
+        key = _memo_key(run, sync, payload, layout, spec)
+        base = None if sync["mode"] == "full" else self.tensors
+        with _memo_lock:
+            hit = _memo.get(key)
+        if hit is not None and hit[0] is base and (base is None or (run == self.run and sync["base"] == self.version)):
+            self.run, self.version, self.tensors = run, int(sync["version"]), hit[1]
+            return {k: v.copy() for k, v in hit[1].items()}
         if sync["mode"] == "full":
             tensors = codecs.decode(payload, layout, FULL_CODEC, max_bytes=max_bytes)
         else:
@@ -110,4 +137,8 @@ class Replica:
         if state_digest(tensors, layout) != sync["digest"]:
             raise ProtocolError("replica", f"state after sync to version {sync['version']} has the wrong digest")
         self.run, self.version, self.tensors = run, int(sync["version"]), tensors
+        with _memo_lock:
+            _memo[key] = (base, tensors)
+            while len(_memo) > _MEMO_KEPT:
+                _memo.popitem(last=False)
         return {k: v.copy() for k, v in tensors.items()}

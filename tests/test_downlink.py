@@ -145,3 +145,30 @@ def test_a_restored_sync_codes_the_same_changes_and_sends_its_reconstruction_in_
         got = replica.apply("run", meta, payload, layout, SPEC, max_bytes=1 << 20)
         resumed.confirm("a", resumed.version)
         assert all(np.array_equal(got[k], straight.state[k]) for k in got)
+
+
+def test_replicas_of_one_process_share_a_transition_and_get_the_same_state():
+    """Two agents' replicas applying the same sync bytes to the same state: the second reuses the first's
+    result (one decode per process, the same tensors object kept), and both equal the coordinator's R."""
+    sync, layout = DownlinkSync(SPEC), [("w", (30, 20)), ("b", (20,))]
+    first, second = Replica(), Replica()
+    for i, g in enumerate(_walk(np.random.default_rng(2), 4)):
+        sync.advance(g)
+        meta, payload = sync.round_sync()
+        a = first.apply("run", meta, payload, layout, SPEC, max_bytes=1 << 20)
+        b = second.apply("run", meta, bytes(payload), layout, SPEC, max_bytes=1 << 20)
+        assert second.tensors is first.tensors  # shared, not decoded again
+        a["w"][:] = 0.0  # what a caller gets is its own copy
+        assert all(np.array_equal(b[k], sync.state[k]) and np.array_equal(first.tensors[k], sync.state[k])
+                   for k in b), i
+    # replicas whose state is another object decode for themselves: equal content gives the same state,
+    # a replica that drifted is still caught by the digest
+    own = Replica("run", first.version, {k: v.copy() for k, v in first.tensors.items()})
+    drifted = Replica("run", first.version, {k: v + 1e-3 for k, v in first.tensors.items()})
+    sync.advance(_walk(np.random.default_rng(3), 1)[0])
+    meta, payload = sync.round_sync()
+    first.apply("run", meta, payload, layout, SPEC, max_bytes=1 << 20)
+    got = own.apply("run", meta, payload, layout, SPEC, max_bytes=1 << 20)
+    assert own.tensors is not first.tensors and all(np.array_equal(got[k], sync.state[k]) for k in got)
+    with pytest.raises(ProtocolError, match="digest"):
+        drifted.apply("run", meta, payload, layout, SPEC, max_bytes=1 << 20)
