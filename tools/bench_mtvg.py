@@ -54,7 +54,7 @@ TRAINER = "in-process FedAvg (numpy local Adam, sample-weighted mean of deltas; 
 
 
 def train_by_fleet(*, agents: int, rounds: int, hidden: int, alpha: float, seed: int, broker: str,
-                   eval_every: int = 5) -> tuple[vd.Params, dict[str, Any]]:
+                   eval_every: int = 5, epochs: int | None = None) -> tuple[vd.Params, dict[str, Any]]:
     """The fleet's own job: `--task moving-digits-diffusion` over MQTT; (the final global weights, details)."""
     import json
     import tempfile
@@ -65,7 +65,8 @@ def train_by_fleet(*, agents: int, rounds: int, hidden: int, alpha: float, seed:
     from models.export_video_denoiser import load_npz
 
     cfg = JobConfig(task=DIFFUSION_TASK, rounds=rounds, agents=agents, hidden=hidden, alpha=alpha, seed=seed,
-                    eval_every=eval_every, deadline_s=600.0)
+                    eval_every=eval_every, deadline_s=600.0,
+                    method_config={} if epochs is None else {"epochs": int(epochs)})
     url = broker
     mosq = None
     if broker == "mosquitto":
@@ -84,7 +85,7 @@ def train_by_fleet(*, agents: int, rounds: int, hidden: int, alpha: float, seed:
     return params, {"trainer": f"fedfleet demo --method fedavg --task {DIFFUSION_TASK} over MQTT ({broker})",
                     "agents": agents, "hidden": [int(v.shape[0]) for k, v in params.items()
                                                  if k.endswith(".bias")][:-1],
-                    "alpha": alpha, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
+                    "alpha": alpha, "local_epochs": epochs or "the task's default", "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
                     "wall_s": round(result.wall_s, 1), "ok_per_round": [s.ok for s in result.summaries],
                     **{k: summary.get(k) for k in ("initial_x0_mse", "final_x0_mse", "initial_denoise_loss",
                                                    "final_denoise_loss")}}
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainer", choices=("fleet", "inprocess"), default="fleet",
                    help="fleet: the --task moving-digits-diffusion job over MQTT (default); inprocess: no broker")
     p.add_argument("--broker", default="embedded", help="fleet trainer: embedded, mosquitto or mqtt://host:port")
+    p.add_argument("--local-epochs", type=int, default=None,
+                   help="fleet trainer: local epochs per round (default: the task's, 2)")
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-steps", type=int, default=40)
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.trainer == "fleet":
         params, training = train_by_fleet(agents=args.agents, rounds=args.rounds, hidden=args.hidden,
                                           alpha=args.alpha, seed=args.seed, broker=args.broker,
-                                          eval_every=max(1, min(5, args.rounds)))
+                                          eval_every=max(1, min(5, args.rounds)), epochs=args.local_epochs)
         training["held_out_loss"] = held_out_loss(params, test)
     else:
         width = args.hidden or vd.DEFAULT_HIDDEN[0]
