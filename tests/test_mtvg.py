@@ -137,7 +137,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[vd.Params, str, 
     d = tmp_path_factory.mktemp("mtvg")
     params = _params()
     np.savez(d / "denoiser.npz", **params)
-    # stand-in for models.export_video_denoiser.export_onnx until that branch is merged
     export_onnx(params, d / "denoiser.onnx")
     return params, str(d / "denoiser.onnx"), str(d / "denoiser.npz")
 
