@@ -106,7 +106,8 @@ class RabbitCluster(Broker):
             for node in self.nodes:
                 log = open(node.dir / "server.out", "wb")  # noqa: SIM115
                 node.proc = subprocess.Popen(self._as_user([str(BIN / "rabbitmq-server")]), env=node.env,
-                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                             cwd=self._base)
             deadline = time.monotonic() + timeout_s
             for node in self.nodes:
                 self._await(node, deadline)
@@ -143,8 +144,10 @@ class RabbitCluster(Broker):
         return ["setpriv", f"--reuid={self._user.pw_uid}", f"--regid={self._user.pw_gid}", "--init-groups", *argv]
 
     def ctl(self, node: RabbitNode, *args: str, timeout_s: float = 120.0) -> str:
+        # run in the cluster's own directory: Erlang looks up modules in its working directory first, and a
+        # directory its user cannot read (a private checkout) prints an error report into the output
         p = subprocess.run(self._as_user([str(BIN / "rabbitmqctl"), "-n", node.name, *args]), env=node.env,
-                           capture_output=True, text=True, timeout=timeout_s + 30)
+                           capture_output=True, text=True, timeout=timeout_s + 30, cwd=self._base)
         if p.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {node.name} failed: {p.stdout[-800:]} {p.stderr[-800:]}")
         return p.stdout
@@ -154,7 +157,10 @@ class RabbitCluster(Broker):
         import json
 
         out = self.ctl(self.nodes[0], "cluster_status", "--formatter", "json")
-        return sorted(json.loads(out).get("running_nodes", []))
+        lines = [line for line in out.splitlines() if line.startswith("{")]  # the JSON, past any Erlang report
+        if not lines:
+            raise RuntimeError(f"rabbitmqctl cluster_status printed no JSON: {out[-800:]}")
+        return sorted(json.loads(lines[-1]).get("running_nodes", []))
 
     @property
     def pids(self) -> list[int]:
