@@ -168,6 +168,22 @@ X0Fn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 VjpFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+def guide_update(x0_fn: X0Fn, vjp_fn: VjpFn, x: np.ndarray, t: np.ndarray, cond: np.ndarray,
+                 opts: MTVGOptions) -> np.ndarray:
+    """One structure-guiding update of the latent x on 1/2 sum_f |x0_hat^f - ref^f|^2 (references held fixed),
+    by `opts.guide_step`."""
+    x0 = x0_fn(x, t, cond)
+    ref, mask = guidance_refs_np(x0)
+    resid = (x0 - ref) * mask
+    grad = vjp_fn(x, t, cond, resid)
+    if opts.guide_step == "normalised":
+        return x + guidance_move(grad, resid, opts.guide_scale)
+    g = _rms(grad)
+    d = (grad / np.where(g > 0, g, 1.0)).astype(np.float32)
+    jd = (x0_fn((x + FD_STEP * d).astype(np.float32), t, cond) - x0) / FD_STEP * mask
+    return (x - linesearch_length(resid, jd, opts.guide_scale, opts.guide_max) * d).astype(np.float32)
+
+
 def sample_sequences(x0_fn: X0Fn, vjp_fn: VjpFn, conditions: np.ndarray, seed: int,
                      options: MTVGOptions | None = None) -> np.ndarray:
     """Frames (N, K, F, S, S) in [-1, 1] for N sequences of K conditions each (`conditions` (N, K) or (K,)).
@@ -194,17 +210,7 @@ def sample_sequences(x0_fn: X0Fn, vjp_fn: VjpFn, conditions: np.ndarray, seed: i
             tt = np.full(n, t, np.int64)
             if i < opts.guided_steps:
                 for _ in range(opts.guide_iters):
-                    x0 = x0_fn(x, tt, c)
-                    ref, mask = guidance_refs_np(x0)
-                    resid = (x0 - ref) * mask
-                    grad = vjp_fn(x, tt, c, resid)
-                    if opts.guide_step == "normalised":
-                        x = x + guidance_move(grad, resid, opts.guide_scale)
-                        continue
-                    g = _rms(grad)
-                    d = (grad / np.where(g > 0, g, 1.0)).astype(np.float32)
-                    jd = (x0_fn((x + FD_STEP * d).astype(np.float32), tt, c) - x0) / FD_STEP * mask
-                    x = (x - linesearch_length(resid, jd, opts.guide_scale, opts.guide_max) * d).astype(np.float32)
+                    x = guide_update(x0_fn, vjp_fn, x, tt, c, opts)
             x = ddim_update(x, x0_fn(x, tt, c), a_t, a_next).astype(np.float32)
         out[:, k] = np.clip(x, -1.0, 1.0)
         prev_last = out[:, k, -1]

@@ -126,7 +126,7 @@ def test_structure_guidance_update_lowers_its_loss_and_is_capped(t: int) -> None
             return torch.sum(((model.predict_x0(z, tt, c)[:, 1:] - ref) ** 2).reshape(3, -1), dim=1).numpy()
 
     opts = em.MTVGOptions()
-    moved = mtvg._guide(model, x, tt, c, opts)
+    moved = torch.from_numpy(em.guide_update(*mtvg.denoiser_fns(model), x.numpy(), tt.numpy(), c.numpy(), opts))
     assert np.all(loss(moved) < loss(x))
     rms = torch.sqrt(torch.mean(((moved - x) ** 2).reshape(3, -1), dim=1))
     assert torch.all(rms <= opts.guide_max + 1e-6) and torch.all(rms > 0)
