@@ -7,7 +7,7 @@
 - `mnist5k_8x8()`: the same images padded to 32x32 and block-averaged to 8x8, the way sklearn's digits
   were made, so a backbone pre-trained on it transfers to digits.
 - `split()`: a seeded, stratified train/test split.
-- `partition_iid()`, `partition_dirichlet()`: seeded shards for agents.
+- `partition_iid()`, `partition_dirichlet()`: seeded shards for agents; `partition()` picks one by alpha.
 """
 
 from __future__ import annotations
@@ -100,6 +100,13 @@ def split(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Data
     mask = np.ones(len(data), bool)
     mask[test] = False
     return data.take(np.flatnonzero(mask)), data.take(test)
+
+
+def partition(labels: np.ndarray, n_parts: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Dirichlet(alpha) label skew over `labels` when alpha > 0, else IID shards; ValueError when impossible."""
+    if alpha > 0:
+        return partition_dirichlet(labels, n_parts, alpha, seed=seed)
+    return partition_iid(len(labels), n_parts, seed=seed)
 
 
 def partition_iid(n_samples: int, n_parts: int, seed: int) -> list[np.ndarray]:

@@ -63,10 +63,7 @@ def _clips(seed: int) -> tuple[moving_digits.ClipSet, moving_digits.ClipSet]:
 def shards(cfg: Any) -> tuple[list[LocalData], moving_digits.ClipSet]:
     train, test = _clips(int(cfg.seed))
     try:
-        if cfg.alpha > 0:
-            parts = datasets.partition_dirichlet(train.digit, cfg.agents, cfg.alpha, seed=cfg.seed)
-        else:
-            parts = datasets.partition_iid(len(train), cfg.agents, seed=cfg.seed)
+        parts = datasets.partition(train.digit, cfg.agents, cfg.alpha, cfg.seed)
     except ValueError as exc:
         raise ConfigError(f"field 'agents' = {cfg.agents} on {TASK} ({len(train)} training clips): {exc}") from None
     return [LocalData(train.x[p], train.y[p]) for p in parts], test

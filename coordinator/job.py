@@ -69,10 +69,7 @@ def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
     full = datasets.digits() if cfg.dataset == "digits" else datasets.mnist5k()
     train, test = datasets.split(full, 0.2, seed=cfg.seed)
     try:
-        if cfg.alpha > 0:
-            parts = datasets.partition_dirichlet(train.y, cfg.agents, cfg.alpha, seed=cfg.seed)
-        else:
-            parts = datasets.partition_iid(len(train), cfg.agents, seed=cfg.seed)
+        parts = datasets.partition(train.y, cfg.agents, cfg.alpha, cfg.seed)
     except ValueError as exc:
         raise ConfigError(f"field 'agents' = {cfg.agents} on {cfg.dataset} ({len(train)} training samples): {exc}") from None
     return [LocalData(train.x[p], train.y[p]) for p in parts], test

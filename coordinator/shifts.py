@@ -97,10 +97,7 @@ def shifted_shards(dataset: str, agents: int, alpha: float, seed: int
                    ) -> tuple[list[datasets.Dataset], datasets.Dataset, list[str]]:
     """(per-agent shards, each under its domain; the test split under every domain; the domains)."""
     train, test = datasets.split(lora_pool(dataset, "finetune"), 0.2, seed=seed)
-    if alpha > 0:
-        parts = datasets.partition_dirichlet(train.y, agents, alpha, seed=seed)
-    else:
-        parts = datasets.partition_iid(len(train), agents, seed=seed)
+    parts = datasets.partition(train.y, agents, alpha, seed)
     domains = [domain_of(i) for i in range(agents)]
     shards = [datasets.Dataset(SHIFTS[d](train.x[p], seed * 1000 + i), train.y[p])
               for i, (d, p) in enumerate(zip(domains, parts, strict=True))]

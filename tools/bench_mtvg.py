@@ -119,10 +119,7 @@ def train_denoiser(train: md.ClipSet, test: md.ClipSet, *, agents: int, rounds: 
                    lr: float, hidden: tuple[int, ...], alpha: float, seed: int,
                    eval_every: int = 5) -> tuple[vd.Params, dict[str, Any]]:
     """FedAvg over `agents` in-process agents; returns the global weights and {trainer, history, ...}."""
-    if alpha > 0:
-        parts = datasets.partition_dirichlet(train.y, agents, alpha, seed=seed)
-    else:
-        parts = datasets.partition_iid(len(train), agents, seed=seed)
+    parts = datasets.partition(train.y, agents, alpha, seed)
     global_params = vd.init(hidden, seed=seed)
     history: list[dict[str, float]] = [{"round": 0, "held_out_loss": held_out_loss(global_params, test)}]
     ab = vd.alpha_bar()
