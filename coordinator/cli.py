@@ -8,7 +8,7 @@
     fedfleet shards --out DIR [--agents N --alpha A]  local data files (.npz) for devices (per task
                                                      in a continual job: DIR/<agent>/<task>.npz)
     fedfleet broker [--port P]                       a Mosquitto broker on loopback, in the foreground
-    fedfleet bench NAME [...]                         benchmarks (tools/bench_NAME.py)
+    fedfleet bench NAME [...]                         benchmarks (tools/bench/NAME.py)
     fedfleet report RUN_DIR                          HTML and PNG report of a run
     fedfleet emulate FLEET.toml                      an emulated fleet against a broker
     fedfleet provision --id pi-07 --broker URL --secret-file F --out DIR   files and a service for devices
@@ -26,13 +26,14 @@ import logging
 import sys
 from pathlib import Path
 
-from edge_agent.errors import FedfleetError
+from fedfleet.edge_agent.errors import FedfleetError
 
+PLUGINS = ("bench", "emulate")  # commands of fedfleet.tools, found through entry points
 COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate", "provision", "generate")
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="job TOML file (see coordinator/config.py for the fields)")
+    p.add_argument("--config", help="job TOML file (see coordinator/job/config.py for the fields)")
     p.add_argument("--method", help="fedavg (default), fedzo, fzoos, ...")
     p.add_argument("--rounds", type=int)
     p.add_argument("--agents", type=int)
@@ -61,7 +62,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 
 
 def _job_config(args: argparse.Namespace):  # noqa: ANN202
-    from coordinator import config
+    from fedfleet.coordinator.job import config
 
     port = getattr(args, "metrics_port", None)
     if port is not None and not 0 <= port <= 65535:
@@ -109,7 +110,7 @@ def cmd_demo(argv: list[str]) -> int:
     args = p.parse_args(argv)
     cfg = _job_config(args)  # checked before the job's heavy imports
     run_dir = _run_dir(args)
-    from coordinator.job import run_demo
+    from fedfleet.coordinator.job.run import run_demo
 
     result = run_demo(cfg, broker=args.broker, run_dir=run_dir, quiet=args.quiet,
                       metrics_port=args.metrics_port, resume=bool(args.resume), report=args.report)
@@ -142,7 +143,7 @@ def cmd_serve(argv: list[str]) -> int:
     _job_args(p)
     _resume_args(p)
     args = p.parse_args(argv)
-    from coordinator.config import apply
+    from fedfleet.coordinator.job.config import apply
 
     cfg = _job_config(args)
     args.password = None
@@ -154,8 +155,8 @@ def cmd_serve(argv: list[str]) -> int:
     if args.roster:
         apply(cfg, {"roster": [a.strip() for a in args.roster.split(",") if a.strip()]}, "--roster")
     run_dir = _run_dir(args)
-    from coordinator.job import serve
-    from edge_agent.signing import read_key_file
+    from fedfleet.coordinator.job.run import serve
+    from fedfleet.edge_agent.wire.signing import read_key_file
 
     result = serve(cfg, broker=args.broker, secret=_read_secret(args.secret_file),
                    signing_key=read_key_file(args.signing_key_file, "--signing-key-file"),
@@ -176,8 +177,8 @@ def cmd_keys(argv: list[str]) -> int:
     mode.add_argument("--public", action="store_true", help="print the public key (hex) for agents to pin")
     p.add_argument("ids", nargs="*")
     args = p.parse_args(argv)
-    from edge_agent import signing
-    from edge_agent.protocol import derive_key, valid_id
+    from fedfleet.edge_agent.wire import signing
+    from fedfleet.edge_agent.wire.protocol import derive_key, valid_id
 
     if args.new or args.public:
         if not args.signing_key_file:
@@ -204,15 +205,15 @@ def cmd_shards(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import numpy as np
 
-    from coordinator.job import agent_ids, shards
+    from fedfleet.coordinator.job.run import agent_ids, shards
 
     cfg = _job_config(args)
     local, _ = shards(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.continual:  # a continual job: one folder per agent with a <task>.npz per task (fedfleet-agent --data DIR)
-        from coordinator.schedule import parse
-        from edge_agent.continual import derive
+        from fedfleet.coordinator.tasks.schedule import parse
+        from fedfleet.edge_agent.continual import derive
 
         schedule = parse(cfg.continual, "job")
         for agent, d in zip(agent_ids(cfg), local):
@@ -234,7 +235,7 @@ def cmd_broker(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import time
 
-    from tools.broker import MosquittoBroker
+    from fedfleet.coordinator.broker import MosquittoBroker
 
     b = MosquittoBroker(args.port or None)
     print(b.url, flush=True)
@@ -252,33 +253,24 @@ def _delegate(module: str, argv: list[str]) -> int:
     return int(importlib.import_module(module).main(argv) or 0)
 
 
-def cmd_bench(argv: list[str]) -> int:
-    if not argv or argv[0].startswith("-"):
-        import pkgutil
+def _plugin(cmd: str, argv: list[str]) -> int:
+    """A command that a layer above the coordinator registers (entry points `fedfleet.commands`: the tools'
+    `bench` and `emulate`); the coordinator never imports them by name."""
+    from importlib.metadata import entry_points
 
-        import tools
-
-        names = sorted(m.name[6:] for m in pkgutil.iter_modules(tools.__path__) if m.name.startswith("bench_"))
-        print(f"usage: fedfleet bench NAME [options]; NAME is one of: {', '.join(names)}")
-        return 2
-    name = argv[0]
-    if not name.isidentifier():
-        raise FedfleetError(f"unknown benchmark {name!r}")
-    try:
-        module = importlib.import_module(f"tools.bench_{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"tools.bench_{name}":
-            raise FedfleetError(f"unknown benchmark {name!r}; run `fedfleet bench` for the list") from None
-        raise
-    return int(module.main(argv[1:]) or 0)
+    found = [ep for ep in entry_points(group="fedfleet.commands") if ep.name == cmd]
+    if not found:
+        raise FedfleetError(f"command {cmd!r} is not installed (no 'fedfleet.commands' entry point); "
+                            "reinstall fedfleet: pip install -e '.[all]'")
+    return int(found[0].load()(argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Called without `argv` (the console script, `python -m coordinator.cli`) it owns the
-    process and ends it as soon as the command is done (`coordinator.quick_exit`): a finished demo leaves
+    """Run one command. Called without `argv` (the console script, `python -m fedfleet.coordinator.cli`) it owns the
+    process and ends it as soon as the command is done (`fedfleet.coordinator.job.quick_exit`): a finished demo leaves
     in milliseconds instead of spending a second on interpreter teardown."""
     if argv is None:
-        from coordinator.quick_exit import exit_now
+        from fedfleet.coordinator.job.quick_exit import exit_now
 
         exit_now(_main(sys.argv[1:]))
     return _main(argv)
@@ -293,15 +285,15 @@ def _main(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     try:
         if cmd == "report":
-            return _delegate("coordinator.report", rest)
-        if cmd == "emulate":
-            return _delegate("tools.emulate", rest)
+            return _delegate("fedfleet.coordinator.records.report", rest)
+        if cmd in PLUGINS:
+            return _plugin(cmd, rest)
         if cmd == "provision":
-            return _delegate("coordinator.provision", rest)
+            return _delegate("fedfleet.coordinator.job.provision", rest)
         if cmd == "generate":
-            return _delegate("coordinator.mtvg_generate", rest)
+            return _delegate("fedfleet.coordinator.mtvg.generate", rest)
         return {"demo": cmd_demo, "serve": cmd_serve, "keys": cmd_keys, "shards": cmd_shards,
-                "broker": cmd_broker, "bench": cmd_bench}[cmd](rest)
+                "broker": cmd_broker}[cmd](rest)
     except FedfleetError as exc:
         print(f"fedfleet {cmd}: error: {exc}", file=sys.stderr)
         return 2

@@ -25,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import codecs, continual, protocol, shared_bytes
-from edge_agent.downlink import Replica
-from edge_agent.errors import FedfleetError, ModelError, ProtocolError
-from edge_agent.learners import LearnResult, LocalData, Task, create
-from edge_agent.mqtt import MqttLink
-from edge_agent.run_state import RunState
-from edge_agent.state import AgentState
+from fedfleet.edge_agent import continual
+from fedfleet.edge_agent.downlink import Replica
+from fedfleet.edge_agent.errors import ModelError, ProtocolError
+from fedfleet.edge_agent.learners import LearnResult, LocalData, Task, create
+from fedfleet.edge_agent.run_state import RunState
+from fedfleet.edge_agent.state import AgentState
+from fedfleet.edge_agent.wire import codecs, protocol, shared_bytes
+from fedfleet.edge_agent.wire.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Agent:
                             "no coordinator key pinned (--coordinator-key-file): refusing every task and package")
         self._done: set[tuple[str, int, int]] = set()
         self._taken: dict[tuple[str, int, int], str] = {}  # task -> the dispatch (msg id) the agent took
-        # what survives a restart (tasks answered, counters, the last package): edge_agent.state
+        # what survives a restart (tasks answered, counters, the last package): fedfleet.edge_agent.state
         self.kept = AgentState(config.state_dir) if config.state_dir else None
         if self.kept is not None:
             self._done = set(self.kept.done)
@@ -250,7 +251,7 @@ class Agent:
             log.exception("telemetry failed")
 
     def _load_model(self, header: dict[str, Any], blob: bytes) -> None:
-        from edge_agent.model import EdgeModel
+        from fedfleet.edge_agent.model import EdgeModel
 
         try:
             with _LOAD_LOCK:
@@ -283,7 +284,7 @@ class Agent:
     def _keep_state(self, header: dict[str, Any], body: bytes) -> None:
         """Keep a round's state broadcast until a task names it (a few candidates per version, the newest
         versions only: a task accepts only the one that leads to the state its signed header names)."""
-        from edge_agent.downlink import check_sync_meta
+        from fedfleet.edge_agent.downlink import check_sync_meta
 
         meta = header.get("meta")
         sync = check_sync_meta(meta.get("sync") if isinstance(meta, dict) else None)
@@ -300,7 +301,7 @@ class Agent:
         arriving. ProtocolError when no sync leads to the state the task names."""
         if not isinstance(sync, dict) or sync.get("mode") != "broadcast":
             return self.replica.apply(run, sync, body, layout, codec, max_bytes=MAX_TASK_BYTES)
-        from edge_agent.downlink import check_sync_meta
+        from fedfleet.edge_agent.downlink import check_sync_meta
 
         check_sync_meta(sync, ("broadcast",))
         if self.replica.run == run and self.replica.version == sync["version"]:
@@ -438,7 +439,7 @@ class Agent:
 
     def _with_feedback(self, method: str, tensors: dict[str, np.ndarray], spec: dict[str, Any]) -> bytes:
         """The FedZip payload of update + residual, sparsified and quantised once; the residual keeps the rest."""
-        from edge_agent import fedzip
+        from fedfleet.edge_agent import fedzip
 
         params = fedzip.FedZipParams.from_dict({k: v for k, v in spec.items() if k not in ("name", "error_feedback")})
         fb = self.state.feedback.get(method)
@@ -473,14 +474,3 @@ class _null:
     def __exit__(self, *exc: object) -> None:
         return None
 
-
-def load_npz(path: str) -> LocalData:
-    """Local data from a `.npz` holding `x` (N, ...) and `y` (N,). Raises FedfleetError with what is wrong."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            x, y = f["x"].astype(np.float32), f["y"].astype(np.int64)
-    except (OSError, KeyError, ValueError) as exc:
-        raise FedfleetError(f"--data {path}: need a .npz with arrays 'x' and 'y' ({exc})") from None
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise FedfleetError(f"--data {path}: x has {x.shape[0]} rows and y {y.shape[0]}; they must match and be > 0")
-    return LocalData(x, y)

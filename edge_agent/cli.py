@@ -7,7 +7,7 @@
     fedfleet-agent --config agent.toml     (the file `fedfleet provision` writes; see edge_agent/config_file.py)
 
     fedfleet-agent generate --model denoiser.onnx --weights denoiser.npz --prompts "3 right; 3 down" --out DIR
-                           (MTVG sampling through ONNX Runtime; see edge_agent/mtvg_generate.py)
+                           (MTVG sampling through ONNX Runtime; see edge_agent/mtvg/generate.py)
 
 The key is the agent's own key (`fedfleet keys` prints it on the coordinator host); the coordinator key is
 the public half of the coordinator's signing key (`fedfleet keys --signing-key-file K --public`), which the
@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 
-from edge_agent.errors import FedfleetError
+from fedfleet.edge_agent.errors import FedfleetError
 
 
 def _key(args: argparse.Namespace) -> bytes:
@@ -52,7 +52,7 @@ DEFAULTS = {"fleet": "demo", "threads": 1, "meter": "auto"}
 
 def _merge_config(args: argparse.Namespace) -> argparse.Namespace:
     """Fill options not given on the command line from --config, then the defaults; check the required ones."""
-    from edge_agent.config_file import load
+    from fedfleet.edge_agent.config_file import load
 
     fields = load(args.config) if args.config else {}
     for key, value in fields.items():
@@ -92,7 +92,7 @@ def _logging(args: argparse.Namespace) -> None:
 
 def _secrets(args: argparse.Namespace) -> tuple[str | None, bytes | None]:
     """The broker password and the coordinator's public key, each read from its file."""
-    from edge_agent.config_file import read_public_key, read_secret_file
+    from fedfleet.edge_agent.config_file import read_public_key, read_secret_file
 
     password = getattr(args, "password", None)  # agent.toml may point at a password file only
     if args.password_file:
@@ -104,7 +104,7 @@ def _secrets(args: argparse.Namespace) -> tuple[str | None, bytes | None]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "generate":
-        from edge_agent.mtvg_generate import main as generate
+        from fedfleet.edge_agent.mtvg.generate import main as generate
 
         return generate(argv[1:])
     p = argparse.ArgumentParser(prog="fedfleet-agent", description=__doc__.splitlines()[0])
@@ -138,14 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     _logging(args)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # numpy is not imported yet
         os.environ.setdefault(var, str(max(1, args.threads)))
-    from edge_agent.agent import Agent, AgentConfig, load_npz
+    from fedfleet.edge_agent.agent import Agent, AgentConfig
+    from fedfleet.edge_agent.data import load_npz
 
     try:
         if not 0 <= args.max_skew_s < 86400:
             raise FedfleetError(f"--max-skew must be a number of seconds in [0, 86400), got {args.max_skew_s}")
         runtime, threads = args.runtime, args.threads
         if args.profile and runtime is None:
-            from firmware_profiles.schema import load_profile
+            from fedfleet.edge_agent.profiles import load_profile
 
             prof = load_profile(args.profile)
             runtime = prof.runtime
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_skew_s=args.max_skew_s, state_dir=args.state_dir)
         meter = None
         if args.meter != "none":
-            from edge_agent.meters import MeterError, open_meter
+            from fedfleet.edge_agent.meters import MeterError, open_meter
 
             try:
                 meter = open_meter(args.meter, args.profile)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.meter != "auto":
                     raise
                 logging.getLogger("fedfleet-agent").warning("no energy meter (%s); energy is not recorded", exc)
-        from edge_agent.continual import load_task_dir
+        from fedfleet.edge_agent.continual import load_task_dir
 
         data = load_task_dir(args.data) if os.path.isdir(args.data) else load_npz(args.data)
         agent = Agent(cfg, data, meter=meter)

@@ -17,7 +17,7 @@ itself and never on a command line:
     ca_certs = "ca.pem"                    # CA of an mqtts:// broker
     username = "pi-07"                     # broker user, with the ACL
     password_file = "broker.password"
-    state_dir = "/var/lib/fedfleet-agent"  # what the agent keeps across restarts (edge_agent.state)
+    state_dir = "/var/lib/fedfleet-agent"  # what the agent keeps across restarts (fedfleet.edge_agent.state)
     log_file = "/var/log/fedfleet-agent/agent.log"
     log_max_bytes = 1048576                # the log rotates at this size ...
     log_backups = 3                        # ... keeping this many old files
@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import ConfigError
+from fedfleet.edge_agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,7 +86,7 @@ def read_secret_file(path: str, field: str) -> str:
 
 def read_public_key(path: str) -> bytes:
     """A 32-byte public key from a file of 64 hex digits (the contract's `coordinator.pub`)."""
-    from edge_agent.signing import read_key_file
+    from fedfleet.edge_agent.wire.signing import read_key_file
 
     return read_key_file(path, "--coordinator-key-file (coordinator_key_file)")
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import FedfleetError
-from edge_agent.learners.base import LocalData
+from fedfleet.edge_agent.errors import FedfleetError
+from fedfleet.edge_agent.learners.base import LocalData
 
 TRANSFORMS = ("identity", "permute")
 HEADS = ("shared", "task")
@@ -95,7 +95,7 @@ def head_classes(config: dict[str, Any]) -> list[int] | None:
 
 def load_task_dir(path: str | Path) -> TaskShards:
     """A device's data for a continual job: a directory with one `<task name>.npz` (arrays x, y) per task."""
-    from edge_agent.agent import load_npz
+    from fedfleet.edge_agent.data import load_npz
 
     root = Path(path)
     files = sorted(root.glob("*.npz"))

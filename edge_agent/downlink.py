@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import codecs
-from edge_agent.errors import ProtocolError
+from fedfleet.edge_agent.errors import ProtocolError
+from fedfleet.edge_agent.wire import codecs
 
 Tensors = dict[str, np.ndarray]
 FULL_CODEC: dict[str, Any] = {"name": "zstd", "level": 3}

@@ -1,17 +1,17 @@
 """Model packages on the edge: load, validate, and run a frozen backbone plus a numpy MLP head.
 
-A package is one zip blob (written by `models.package.build_package`) holding:
+A package is one zip blob (written by `fedfleet.models.package.build_package`) holding:
 - `manifest.json`: format, format_version, name, mode ("transfer" or "full"), input_shape, feature_dim,
-  head_sizes, head_layout ([[name, shape], ...] exactly as `edge_agent.mlp.layout(head_sizes)`), classes,
+  head_sizes, head_layout ([[name, shape], ...] exactly as `fedfleet.edge_agent.nn.mlp.layout(head_sizes)`), classes,
   and in transfer mode `backbone` = {file, sha256, format "onnx", input, output};
   optionally `backbone_alternates`: more entries of the same form in other formats (e.g. "tflite"), so one
   package runs on either runtime; the loader picks the entry whose format matches the runtime;
 - the backbone file(s) (transfer mode only), int8 feature extractors;
 - `head_init.npz`: the initial head tensors, float32, named as in the layout.
-Mode "lora" (see `edge_agent.lora`): no backbone; `head_sizes` are the widths of a frozen base MLP shipped as
+Mode "lora" (see `fedfleet.edge_agent.nn.lora`): no backbone; `head_sizes` are the widths of a frozen base MLP shipped as
 an npz whose sha256 the manifest's `lora` section carries; `head_layout` and `head_init.npz` are the trainable
 tensors (LoRA A and B per adapted layer, and the head).
-Mode "diffusion" (see `edge_agent.diffusion_spec`): no backbone; the layout is the whole conditional video
+Mode "diffusion" (see `fedfleet.edge_agent.nn.diffusion_spec`): no backbone; the layout is the whole conditional video
 denoiser, and the manifest's `objective` and `diffusion` table say what it is and how it trains.
 
 `EdgeModel.from_bytes` checks everything before use: overall and declared member sizes (zip-bomb guard,
@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import lora as lora_mlp
-from edge_agent import mlp, protocol
-from edge_agent.errors import ModelError
-from edge_agent.runtime import Runner, open_runner
+from fedfleet.edge_agent.errors import ModelError
+from fedfleet.edge_agent.nn import lora as lora_mlp
+from fedfleet.edge_agent.nn import mlp
+from fedfleet.edge_agent.runtime import Runner, open_runner
+from fedfleet.edge_agent.wire import protocol
 
 FORMAT = "fedfleet-model"
 FORMAT_VERSION = 1
@@ -227,7 +228,7 @@ class EdgeModel:
             )
         classes = _field(manifest, "classes", list)
         if mode == "diffusion":  # the denoiser's input is the clip plus time and condition features
-            from edge_agent import diffusion_spec
+            from fedfleet.edge_agent.nn import diffusion_spec
 
             diffusion_spec.check(manifest, head_sizes, input_shape, feature_dim)
         elif head_sizes[0] != feature_dim:

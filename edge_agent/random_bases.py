@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ConfigError
+from fedfleet.edge_agent.errors import ConfigError
 
 Layout = list[tuple[str, tuple[int, ...]]]
 Tensors = dict[str, np.ndarray]
@@ -135,7 +135,7 @@ class BasisCache:
         self._store: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
 
     def __deepcopy__(self, memo: dict[int, object]) -> BasisCache:
-        """A snapshot of the agent's state (edge_agent.run_state) carries no bases: they are regenerated."""
+        """A snapshot of the agent's state (fedfleet.edge_agent.run_state) carries no bases: they are regenerated."""
         return BasisCache(self.budget)
 
     def get(self, pool: Pool, round: int, block: Block, k: int) -> np.ndarray:

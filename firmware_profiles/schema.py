@@ -54,7 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import ConfigError
+
+class ProfileError(ValueError):
+    """A profile file is missing, not TOML, or has a field out of range; the message names the file and field.
+    (The edge agent turns it into its ConfigError: `fedfleet.edge_agent.profiles`.)"""
+
 
 if sys.version_info >= (3, 11):
     import tomllib as _toml
@@ -157,16 +161,16 @@ def _where(source: str, dotted: str) -> str:
 
 def _number(raw: Any, kind: str, lo: float | None, hi: float | None, lo_incl: bool, where: str) -> float | int:
     if isinstance(raw, bool) or not isinstance(raw, int | float):
-        raise ConfigError(f"{where}: value must be a number, got {raw!r}")
+        raise ProfileError(f"{where}: value must be a number, got {raw!r}")
     if kind == "int" and not isinstance(raw, int):
-        raise ConfigError(f"{where}: value must be a whole number, got {raw!r}")
+        raise ProfileError(f"{where}: value must be a whole number, got {raw!r}")
     if raw != raw or raw in (float("inf"), float("-inf")):
-        raise ConfigError(f"{where}: value must be finite, got {raw!r}")
+        raise ProfileError(f"{where}: value must be finite, got {raw!r}")
     if lo is not None and (raw < lo or (raw == lo and not lo_incl)):
         rel = ">=" if lo_incl else ">"
-        raise ConfigError(f"{where}: value must be {rel} {lo}, got {raw!r}")
+        raise ProfileError(f"{where}: value must be {rel} {lo}, got {raw!r}")
     if hi is not None and raw > hi:
-        raise ConfigError(f"{where}: value must be <= {hi}, got {raw!r}")
+        raise ProfileError(f"{where}: value must be <= {hi}, got {raw!r}")
     return raw
 
 
@@ -174,23 +178,23 @@ def _field(raw: Any, spec: _Spec, where: str) -> tuple[Any, str]:
     kind, _, lo, hi, lo_incl = spec
     if kind == "choice":
         if not isinstance(raw, str) or raw not in RUNTIMES:
-            raise ConfigError(f"{where}: must be one of {list(RUNTIMES)}, got {raw!r}")
+            raise ProfileError(f"{where}: must be one of {list(RUNTIMES)}, got {raw!r}")
         return raw, ""
     hint = 'write it as { value = ..., source = "datasheet/benchmark name, or measured: how" }'
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: missing source; {hint}")
+        raise ProfileError(f"{where}: missing source; {hint}")
     extra = set(raw) - {"value", "source"}
     if extra:
-        raise ConfigError(f"{where}: unknown keys {sorted(extra)}; only 'value' and 'source' are allowed")
+        raise ProfileError(f"{where}: unknown keys {sorted(extra)}; only 'value' and 'source' are allowed")
     if "value" not in raw:
-        raise ConfigError(f"{where}: missing 'value'; {hint}")
+        raise ProfileError(f"{where}: missing 'value'; {hint}")
     src = raw.get("source")
     if not isinstance(src, str) or len(src.strip()) < _MIN_SOURCE_CHARS:
-        raise ConfigError(f"{where}: missing or empty 'source'; {hint}")
+        raise ProfileError(f"{where}: missing or empty 'source'; {hint}")
     value = raw["value"]
     if kind == "str":
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: value must be a non-empty string, got {value!r}")
+            raise ProfileError(f"{where}: value must be a non-empty string, got {value!r}")
     else:
         value = _number(value, kind, lo, hi, lo_incl, where)
         if kind == "float":
@@ -201,35 +205,35 @@ def _field(raw: Any, spec: _Spec, where: str) -> tuple[Any, str]:
 def validate(data: dict[str, Any], source: str) -> Profile:
     """Check a parsed profile and build a `Profile`. `source` names the file in every error message."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a profile must be a TOML table, got {type(data).__name__}")
+        raise ProfileError(f"{source}: a profile must be a TOML table, got {type(data).__name__}")
     unknown = set(data) - _TOP
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(_TOP)}")
+        raise ProfileError(f"{source}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(_TOP)}")
     if data.get("schema") != SCHEMA_VERSION:
-        raise ConfigError(f"{_where(source, 'schema')}: must be {SCHEMA_VERSION}, got {data.get('schema')!r}")
+        raise ProfileError(f"{_where(source, 'schema')}: must be {SCHEMA_VERSION}, got {data.get('schema')!r}")
     for key in ("name", "title"):
         if not isinstance(data.get(key), str) or not data[key].strip():
-            raise ConfigError(f"{_where(source, key)}: required non-empty string")
+            raise ProfileError(f"{_where(source, key)}: required non-empty string")
     name = data["name"]
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
-        raise ConfigError(f"{_where(source, 'name')}: use lower-case letters, digits, '-' or '_', got {name!r}")
+        raise ProfileError(f"{_where(source, 'name')}: use lower-case letters, digits, '-' or '_', got {name!r}")
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for section, keys in FIELDS.items():
         table = data.get(section)
         if not isinstance(table, dict):
-            raise ConfigError(f"{_where(source, section)}: missing section [{section}]")
+            raise ProfileError(f"{_where(source, section)}: missing section [{section}]")
         extra = set(table) - set(keys)
         if extra:
-            raise ConfigError(
+            raise ProfileError(
                 f"{_where(source, f'{section}.{sorted(extra)[0]}')}: unknown key; allowed in [{section}]: {sorted(keys)}"
             )
         for key, spec in keys.items():
             dotted = f"{section}.{key}"
             if key not in table:
                 if spec[1]:
-                    raise ConfigError(f"{_where(source, dotted)}: required field is missing")
+                    raise ProfileError(f"{_where(source, dotted)}: required field is missing")
                 values[dotted] = None
                 continue
             values[dotted], src = _field(table[key], spec, _where(source, dotted))
@@ -237,22 +241,22 @@ def validate(data: dict[str, Any], source: str) -> Profile:
                 sources[dotted] = src
 
     if values["platform.arch"] not in ARCHES:
-        raise ConfigError(f"{_where(source, 'platform.arch')}: must be one of {list(ARCHES)}")
+        raise ProfileError(f"{_where(source, 'platform.arch')}: must be one of {list(ARCHES)}")
     if not re.fullmatch(r"3\.\d{1,2}", values["platform.python"]):
-        raise ConfigError(f"{_where(source, 'platform.python')}: write a version like \"3.11\"")
+        raise ProfileError(f"{_where(source, 'platform.python')}: write a version like \"3.11\"")
     if values["runtime.threads"] > values["cpu.cores"]:
-        raise ConfigError(
+        raise ProfileError(
             f"{_where(source, 'runtime.threads')}: {values['runtime.threads']} threads exceed "
             f"{values['cpu.cores']} cores; oversubscribing a small board slows it down"
         )
     if values["power.cpu_active_w"] < values["power.idle_w"]:
-        raise ConfigError(f"{_where(source, 'power.cpu_active_w')}: must be >= power.idle_w (whole-board power)")
+        raise ProfileError(f"{_where(source, 'power.cpu_active_w')}: must be >= power.idle_w (whole-board power)")
     if values["link.loss"] >= 1:
-        raise ConfigError(f"{_where(source, 'link.loss')}: a fraction in [0, 1), got {values['link.loss']}")
+        raise ProfileError(f"{_where(source, 'link.loss')}: a fraction in [0, 1), got {values['link.loss']}")
 
     path = Path(source) if source.endswith(".toml") else None
     if path is not None and path.stem != name:
-        raise ConfigError(f"{_where(source, 'name')}: {name!r} must equal the file name {path.stem!r}")
+        raise ProfileError(f"{_where(source, 'name')}: {name!r} must equal the file name {path.stem!r}")
     return Profile(
         name=name, title=data["title"].strip(), path=path,
         arch=values["platform.arch"], python=values["platform.python"],
@@ -280,18 +284,18 @@ def available() -> list[str]:
 def load_profile(name_or_path: str | Path) -> Profile:
     """Load a shipped profile by name ("rpi4b") or any profile file by path, and validate it."""
     if _toml is None:  # pragma: no cover
-        raise ConfigError("reading profiles on Python 3.10 needs the 'tomli' package: pip install tomli")
+        raise ProfileError("reading profiles on Python 3.10 needs the 'tomli' package: pip install tomli")
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or text.endswith(".toml") or "/" in text or "\\" in text:
         path = Path(name_or_path)
     else:
         path = _shipped_dir() / f"{text}.toml"
         if not path.is_file():
-            raise ConfigError(f"unknown profile {text!r}; shipped profiles: {available()}, or pass a .toml path")
+            raise ProfileError(f"unknown profile {text!r}; shipped profiles: {available()}, or pass a .toml path")
     if not path.is_file():
-        raise ConfigError(f"{path}: profile file not found")
+        raise ProfileError(f"{path}: profile file not found")
     try:
         data = _toml.loads(path.read_text(encoding="utf-8"))
     except (_toml.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax") from exc
+        raise ProfileError(f"{path}: not valid TOML ({exc}); fix the syntax") from exc
     return validate(data, str(path))

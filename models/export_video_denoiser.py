@@ -6,12 +6,12 @@
   (N, 8, 16, 16) float32. The time embedding, the one-hot conditions, the schedule and the fixed skip are in
   the graph; N is dynamic.
 - `check_onnx(state, path)`: runs the file on onnxruntime against the numpy model
-  (`edge_agent.video_denoiser.predict`, `predict_x0`) on seeded inputs; ModelError past the tolerance;
+  (`fedfleet.edge_agent.nn.video_denoiser.predict`, `predict_x0`) on seeded inputs; ModelError past the tolerance;
   returns the largest differences.
 - `check_onnx_file(path) -> (hidden, session)`: opens a denoiser file and checks its inputs and outputs
   (names, element types, shapes); a clear ModelError when it is not this model.
 - `export_tflite_core(state) -> bytes` and `check_tflite_core(state, blob)`: LiteRT gets the MLP core only,
-  network input (N, 2094) -> x0 residual (N, 2048), FULLY_CONNECTED layers written by `models.head_graph`'s
+  network input (N, 2094) -> x0 residual (N, 2048), FULLY_CONNECTED layers written by `fedfleet.models.head_graph`'s
   writer with the trained tensors fed as graph inputs. The project's TFLite writer has no SIN/COS, GATHER or
   the per-sample skip arithmetic, so the time embedding, the one-hot conditions and
   x0_hat = MEAN + c_skip(t) (x_t - sqrt(ab_t) MEAN) + residual stay in numpy on the device
@@ -19,7 +19,7 @@
 - `save_npz(state, path)` / `load_npz(path)`: the layout tensors (`fc{i}.weight`, `fc{i}.bias`) as an npz;
   loading checks every shape against the denoiser's layout for the hidden widths the file implies.
 
-`python -m models.export_video_denoiser RUN_DIR/denoiser.npz --out DIR` writes and checks both files.
+`python -m fedfleet.models.export_video_denoiser RUN_DIR/denoiser.npz --out DIR` writes and checks both files.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent import mlp
-from edge_agent import video_denoiser as vd
-from edge_agent.errors import ModelError
+from fedfleet.edge_agent.errors import ModelError
+from fedfleet.edge_agent.nn import mlp
+from fedfleet.edge_agent.nn import video_denoiser as vd
 
 INPUTS = ("x_t", "t", "cond")
 OUTPUTS = ("eps", "x0")
@@ -85,7 +85,7 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
 def _module(state: dict[str, np.ndarray]):  # noqa: ANN202 - a torch module, torch imported lazily
     import torch
 
-    from coordinator.video_denoiser import VideoDenoiser
+    from fedfleet.models.mirrors.video_denoiser import VideoDenoiser
 
     class Both(torch.nn.Module):
         def __init__(self, inner: VideoDenoiser) -> None:
@@ -164,7 +164,7 @@ def check_onnx(state: dict[str, np.ndarray], path: str | Path, n: int = 16, seed
 
 def export_tflite_core(state: dict[str, np.ndarray]) -> bytes:
     """The MLP core (network input -> x0 residual) as TFLite, its tensors as graph inputs (`head_graph`)."""
-    from models.head_graph import tflite_head
+    from fedfleet.models.head_graph import tflite_head
 
     return tflite_head(vd.sizes(hidden_of(state)))
 
@@ -172,7 +172,7 @@ def export_tflite_core(state: dict[str, np.ndarray]) -> bytes:
 def check_tflite_core(state: dict[str, np.ndarray], blob: bytes, n: int = 16, seed: int = 0) -> dict[str, float]:
     """x0_hat computed with the core on LiteRT (embedding and skip in numpy) against numpy; ModelError past
     ATOL_X0. Returns the largest difference of x0."""
-    from edge_agent.runtime import open_runner
+    from fedfleet.edge_agent.runtime import open_runner
 
     runner = open_runner(blob, runtime="litert", threads=1)
     x, t, cond = _probe(n, seed)

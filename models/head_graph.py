@@ -3,14 +3,14 @@
 Inputs: `features` (N, F) and every head tensor by its layout name (`fc0.weight` (out, in), `fc0.bias`, ...);
 output `logits`. Zeroth-order agents feed a perturbed head and get the logits in one runtime call, on the
 frozen int8 backbone's cached features (the backbone runs once per sample; the head runs per query). The
-graphs are checked against `edge_agent.mlp.forward` in the tests.
+graphs are checked against `fedfleet.edge_agent.nn.mlp.forward` in the tests.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from edge_agent import mlp
+from fedfleet.edge_agent.nn import mlp
 
 
 def onnx_head(sizes: list[int]) -> bytes:
@@ -41,8 +41,8 @@ def onnx_head(sizes: list[int]) -> bytes:
 
 def tflite_head(sizes: list[int]) -> bytes:
     """TFLite: FULLY_CONNECTED per layer with its weight and bias as float graph inputs (ReLU fused)."""
-    from models.tflite_schema import schema
-    from models.tflite_writer import _ACT, _F32, _Builder
+    from fedfleet.models.tflite_schema import schema
+    from fedfleet.models.tflite_writer import _ACT, _F32, _Builder
 
     b = _Builder()
     cur = b.tensor("features", (sizes[0],), _F32, batch=True)

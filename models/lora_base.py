@@ -1,13 +1,13 @@
 """Frozen, pre-trained base MLPs for the `lora` package mode, and the package builder.
 
-Two bases, each pre-trained centrally with `models.train.fit` (seeded Adam) on data the federated jobs never
+Two bases, each pre-trained centrally with `fedfleet.models.train.fit` (seeded Adam) on data the federated jobs never
 see, so fine-tuning starts from a real pre-trained model without test leakage:
 - `digits`: 64-64-10, pre-trained on the MNIST 5k images in sklearn-digits style
-  (`models.backbone.mnist_8x8_uci`); fine-tuned on (feature-shifted) sklearn digits. Shipped as
-  `models/artifacts/digits-lora-base.npz` because the MNIST preprocessing is slow; `python -m models.lora_base`
+  (`fedfleet.models.backbone.mnist_8x8_uci`); fine-tuned on (feature-shifted) sklearn digits. Shipped as
+  `models/artifacts/digits-lora-base.npz` because the MNIST preprocessing is slow; `python -m fedfleet.models.lora_base`
   rebuilds it (the same seed gives the same tensors on the same torch build).
 - `mnist`: 784-256-256-10, pre-trained on the pre-training half of the MNIST 5k file
-  (`coordinator.shifts.lora_pool(..., "pretrain")`); fine-tuned on the other half. Built on first use and cached
+  (`fedfleet.models.shifts.lora_pool(..., "pretrain")`); fine-tuned on the other half. Built on first use and cached
   in the process (a few seconds).
 
 `build_lora_package(dataset, rank, alpha, seed)` writes a deterministic package: the base as `lora_base.npz`
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_agent import lora as lora_mlp
-from edge_agent import mlp
-from edge_agent.errors import ConfigError
-from edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST
+from fedfleet.edge_agent.nn import lora as lora_mlp
+from fedfleet.edge_agent.nn import mlp
 
 SIZES = {"digits": [64, 64, 10], "mnist": [784, 256, 256, 10]}
 INPUT_SHAPES = {"digits": [64], "mnist": [784]}
@@ -55,19 +55,19 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 def pretraining_data(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """The data a base is pre-trained on (never part of a federated job's train or test sets)."""
     if dataset == "digits":
-        from models import backbone
+        from fedfleet.models import backbone
 
         d = backbone.mnist_8x8_uci()
         return d.x, d.y
-    from coordinator import shifts
+    from fedfleet.models import shifts
 
     d = shifts.lora_pool("mnist", "pretrain")
     return d.x, d.y
 
 
 def pretrain(dataset: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Central pre-training of the base MLP; float32 tensors named as `edge_agent.mlp.layout`."""
-    from models.train import fit
+    """Central pre-training of the base MLP; float32 tensors named as `fedfleet.edge_agent.nn.mlp.layout`."""
+    from fedfleet.models.train import fit
 
     if dataset not in SIZES:
         raise ConfigError(f"no LoRA base for dataset {dataset!r}; choose one of {sorted(SIZES)}")
@@ -94,7 +94,7 @@ def base(dataset: str) -> dict[str, np.ndarray]:
 
 
 def _npz(tensors: dict[str, np.ndarray]) -> bytes:
-    from models.package import _npz as stored_npz
+    from fedfleet.models._zip import npz as stored_npz
 
     return stored_npz(tensors)
 
@@ -102,7 +102,7 @@ def _npz(tensors: dict[str, np.ndarray]) -> bytes:
 def build_lora_package(dataset: str = "digits", *, rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
                        seed: int = 0) -> bytes:
     """A deterministic `lora` package blob for `dataset` (see the module docstring)."""
-    from models.package import write_zip
+    from fedfleet.models._zip import write_zip
 
     if dataset not in SIZES:
         raise ConfigError(f"no LoRA base for dataset {dataset!r}; choose one of {sorted(SIZES)}")

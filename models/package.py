@@ -1,63 +1,41 @@
 """Build the digits model package: a frozen int8 ONNX backbone plus an MLP head, or a full MLP.
 
 `build_package(mode, head_hidden=32, seed=0) -> bytes` writes one deterministic zip (fixed timestamps,
-sorted members) that `edge_agent.model.EdgeModel.from_bytes` loads:
+sorted members) that `fedfleet.edge_agent.model.EdgeModel.from_bytes` loads:
 - mode "transfer": backbone `backbone.onnx` = the shipped MNIST-pretrained int8 QDQ extractor
-  (`models.backbone`, 64 -> 64 features); head 64-`head_hidden`-10 trained federatedly on digits
+  (`fedfleet.models.backbone`, 64 -> 64 features); head 64-`head_hidden`-10 trained federatedly on digits
   (head_hidden = 0: a linear 64-10 head, as GGEUR trains).
 - mode "full": no backbone; the head is the whole 64-`head_hidden`-10 MLP on raw 8x8 pixels.
-- mode "lora": a frozen pre-trained MLP with LoRA adapters and a trainable head (`models.lora_base`).
-The head's initial tensors come from `edge_agent.mlp.init(head_sizes, seed)`.
+- mode "lora": a frozen pre-trained MLP with LoRA adapters and a trainable head (`fedfleet.models.lora_base`).
+The head's initial tensors come from `fedfleet.edge_agent.nn.mlp.init(head_sizes, seed)`.
 
-`python -m models.package` prints the central (non-federated) head accuracy on digits for both modes.
+`python -m fedfleet.models.package` prints the central (non-federated) head accuracy on digits for both modes.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edge_agent import mlp
-from edge_agent.errors import ConfigError
-from edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST
-from edge_agent.protocol import digest
-from models import backbone, head_graph
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.model import FORMAT, FORMAT_VERSION, HEAD_INIT, MANIFEST
+from fedfleet.edge_agent.nn import mlp
+from fedfleet.edge_agent.wire.protocol import digest
+from fedfleet.models import backbone, head_graph
+from fedfleet.models._zip import npz as _npz
+from fedfleet.models._zip import write_zip
 
 __all__ = ["BackboneFile", "build_package", "write_zip", "central_head_accuracy"]
 
 BACKBONE_FILE = "backbone.onnx"
 INPUT_SHAPE = [64]
 CLASSES = list(range(10))
-_EPOCH = (1980, 1, 1, 0, 0, 0)
-
-
-def _npz(tensors: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for name in sorted(tensors):
-            member = io.BytesIO()
-            np.save(member, np.ascontiguousarray(tensors[name], dtype=np.float32), allow_pickle=False)
-            zf.writestr(zipfile.ZipInfo(f"{name}.npy", _EPOCH), member.getvalue())
-    return buf.getvalue()
-
-
-def write_zip(members: dict[str, bytes]) -> bytes:
-    """Deterministic zip of `members` (name -> bytes): sorted, fixed timestamps, deflated."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name in sorted(members):
-            info = zipfile.ZipInfo(name, _EPOCH)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, members[name])
-    return buf.getvalue()
 
 
 @dataclass(frozen=True)
@@ -124,13 +102,13 @@ def build_package(
     """One package blob for `mode` ("transfer" or "full"); deterministic for a given (mode, head_hidden, seed).
 
     `alternates` adds the same backbone in other formats (transfer mode). By default (None) that is the
-    shipped int8 TFLite twin (`models.backbone.load_tflite()`), so LiteRT agents load the same package;
+    shipped int8 TFLite twin (`fedfleet.models.backbone.load_tflite()`), so LiteRT agents load the same package;
     pass `()` for an ONNX-only package. `dataset="mnist"` (full mode only) makes a 784-`head_hidden`-10
     MLP on raw 28x28 MNIST pixels, the FedZip benchmark's model. `head_layers` hidden layers of
     `head_hidden` units each (1).
     """
-    if mode == "lora":  # a frozen pre-trained MLP plus LoRA adapters: models.lora_base
-        from models.lora_base import build_lora_package
+    if mode == "lora":  # a frozen pre-trained MLP plus LoRA adapters: fedfleet.models.lora_base
+        from fedfleet.models.lora_base import build_lora_package
 
         return build_lora_package(dataset, seed=seed)
     if dataset not in DATASET_INPUTS:
@@ -171,8 +149,8 @@ def central_head_accuracy(
     mode: str, *, seed: int = 0, epochs: int = 60, lr: float = 0.05, batch_size: int = 32
 ) -> float:
     """Test accuracy of the head trained centrally (numpy SGD, edge maths) on the digits train split."""
-    from coordinator import data as fdata
-    from edge_agent.model import EdgeModel
+    from fedfleet.edge_agent.model import EdgeModel
+    from fedfleet.models import data as fdata
 
     model = EdgeModel.from_bytes(build_package(mode, seed=seed))
     train_set, test_set = fdata.split(fdata.digits(), 0.2, seed=0)

@@ -1,4 +1,4 @@
-"""Model packages built once per machine: a cache of `models.package.build_package` blobs on disk.
+"""Model packages built once per machine: a cache of `fedfleet.models.package.build_package` blobs on disk.
 
 Building a package is deterministic, but it imports onnx (for the head graph) and the TFLite schema and
 flatbuffers (for the TFLite head): about 15 MiB and 0.05-0.1 s in every `fedfleet demo` or `serve` process,
@@ -29,7 +29,7 @@ from pathlib import Path
 
 # the modules whose code decides a package's bytes (relative to the repository root)
 SOURCES = ("models/package.py", "models/head_graph.py", "models/tflite_writer.py", "models/tflite_schema.py",
-           "models/backbone.py", "edge_agent/mlp.py", "edge_agent/model.py", "models/package_cache.py")
+           "models/backbone.py", "edge_agent/nn/mlp.py", "edge_agent/model.py", "models/package_cache.py")
 LIBRARIES = ("onnx", "flatbuffers", "ai_edge_litert", "numpy")
 KEEP = 32  # newest cached packages kept; older ones are removed when a new one is stored
 _ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def _installed(name: str) -> str:
 
 def cache_key(mode: str, *, head_hidden: int, seed: int, dataset: str, head_layers: int) -> str:
     """SHA-256 (hex) of every input of `build_package(mode, ...)` with the default backbone alternates."""
-    from models import backbone
+    from fedfleet.models import backbone
 
     h = hashlib.sha256()
     h.update(json.dumps({"mode": mode, "head_hidden": head_hidden, "seed": seed, "dataset": dataset,
@@ -71,7 +71,7 @@ def package(mode: str = "transfer", *, head_hidden: int = 32, seed: int = 0, dat
             head_layers: int = 1, refresh: bool = False) -> bytes:
     """`build_package(mode, head_hidden=..., seed=..., dataset=..., head_layers=...)`, from the cache when
     it holds the same build (`refresh`: build anew and replace the cached copy)."""
-    from models.package import build_package
+    from fedfleet.models.package import build_package
 
     try:
         key = cache_key(mode, head_hidden=head_hidden, seed=seed, dataset=dataset, head_layers=head_layers)

@@ -22,7 +22,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from edge_agent.errors import ModelError
+from fedfleet.edge_agent.errors import ModelError
 
 
 class ArrayCalibrationReader(CalibrationDataReader):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from edge_agent.errors import ModelError
+from fedfleet.edge_agent.errors import ModelError
 
 FILE_IDENTIFIER = b"TFL3"
 SCHEMA_VERSION = 3

@@ -31,8 +31,8 @@ from typing import Any
 import flatbuffers
 import numpy as np
 
-from edge_agent.errors import ModelError
-from models.tflite_schema import FILE_IDENTIFIER, SCHEMA_VERSION, schema
+from fedfleet.edge_agent.errors import ModelError
+from fedfleet.models.tflite_schema import FILE_IDENTIFIER, SCHEMA_VERSION, schema
 
 # ---------------------------------------------------------------------------------------------- graph IR
 

@@ -2,7 +2,7 @@
 
 Every model is a flat `nn.Sequential` of Linear / Conv2d / ReLU / MaxPool2d / Flatten layers that ends in
 raw logits (no softmax), so exporters (ONNX, the hand-written TFLite writer) map it layer by layer. Layer
-names follow `edge_agent.mlp`: fully-connected layers are `fc{i}`, convolutions `conv{i}`, pools `pool{i}`.
+names follow `fedfleet.edge_agent.nn.mlp`: fully-connected layers are `fc{i}`, convolutions `conv{i}`, pools `pool{i}`.
 
 | name        | input       | layers                                                  | dataset  | head      |
 |-------------|-------------|---------------------------------------------------------|----------|-----------|
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from coordinator import data as fdata
-from edge_agent.errors import ConfigError
-from models.train import fit
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.models import data as fdata
+from fedfleet.models.train import fit
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ import pytest
 import threadpoolctl
 import torch
 
-from tools.broker import MosquittoBroker
+from fedfleet.coordinator.broker import MosquittoBroker
 
 # tests host many agents and small models in one process: single-threaded math avoids thread pools
-# spinning against each other on a 2-core machine (see coordinator.job.small_model_threads)
+# spinning against each other on a 2-core machine (see fedfleet.coordinator.job.run.small_model_threads)
 threadpoolctl.threadpool_limits(1)
 torch.set_num_threads(1)
 

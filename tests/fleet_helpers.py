@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.config import JobConfig, method_config
-from coordinator.job import agent_ids, build, engine_config, shards
-from coordinator.server import Coordinator, RoundSummary
-from coordinator.strategies import create as create_strategy
-from edge_agent import codecs, protocol, signing
-from edge_agent.agent import Agent, AgentConfig
-from edge_agent.mqtt import MqttLink
+from fedfleet.coordinator.engine.rounds import Coordinator, RoundSummary
+from fedfleet.coordinator.job.config import JobConfig, method_config
+from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards
+from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.edge_agent.agent import Agent, AgentConfig
+from fedfleet.edge_agent.wire import codecs, protocol, signing
+from fedfleet.edge_agent.wire.mqtt import MqttLink
 
 SECRET = b"fedfleet-test-secret-0123456789ab"
 SIGNING_KEY = bytes(range(100, 132))  # the coordinator's Ed25519 seed in tests

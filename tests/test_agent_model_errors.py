@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from coordinator.config import JobConfig
+from fedfleet.coordinator.job.config import JobConfig
 from tests.fleet_helpers import package, start_fleet
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from tools import bench_ferret, bench_frontier
-from tools.benchio import details
+from fedfleet.tools.bench import ferret as bench_ferret
+from fedfleet.tools.bench import frontier as bench_frontier
+from fedfleet.tools.bench.output import details
 
 
 def test_bench_ferret_smoke(tmp_path, capsys):

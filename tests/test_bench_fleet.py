@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tools import bench_fleet
-from tools.benchio import details
+from fedfleet.tools.bench import fleet as bench_fleet
+from fedfleet.tools.bench.output import details
 
 
 def test_bench_fleet_smoke(tmp_path, capsys):

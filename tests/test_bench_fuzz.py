@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from tools import bench_fuzz
-from tools.benchio import details
+from fedfleet.tools.bench import fuzz as bench_fuzz
+from fedfleet.tools.bench.output import details
 
 
 def test_bench_fuzz_smoke(tmp_path, capsys):

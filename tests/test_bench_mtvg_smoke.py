@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tools import bench_mtvg
-from tools.benchio import details
+from fedfleet.tools.bench import mtvg as bench_mtvg
+from fedfleet.tools.bench.output import details
 
 
 @pytest.mark.parametrize("trainer", ["fleet", "inprocess"])

@@ -6,13 +6,13 @@ import json
 import subprocess
 import sys
 
-from tools.bench_scale import KEYS
-from tools.benchio import details
+from fedfleet.tools.bench.output import details
+from fedfleet.tools.bench.scale import KEYS
 
 
 def test_bench_scale_smoke(tmp_path):
     out = tmp_path / "scale.json"
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "bench", "scale", "--agents", "2,3", "--rounds", "3",
+    r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "bench", "scale", "--agents", "2,3", "--rounds", "3",
                         "--brokers", "mosquitto", "--json", str(out),
                         "--bytecode-cache", str(tmp_path / "pyc")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -27,4 +27,4 @@ def test_bench_scale_smoke(tmp_path):
     more = details(r.stderr)
     assert set(more["uss_mib"]) == {"2", "3"} and all(v > 50 for v in more["uss_mib"].values())
     assert all(more["rss_hwm_mib"][n] >= more["uss_mib"][n] for n in ("2", "3"))
-    assert more["bytecode_cached"] is True and any((tmp_path / "pyc").rglob("job*.pyc"))
+    assert more["bytecode_cached"] is True and any((tmp_path / "pyc").rglob("coordinator/job/run*.pyc"))

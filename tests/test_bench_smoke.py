@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from tools import bench_fedzip, bench_rounds
+from fedfleet.tools.bench import fedzip as bench_fedzip
+from fedfleet.tools.bench import rounds as bench_rounds
 
 
 def test_bench_rounds_smoke(tmp_path, capsys):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from edge_agent import protocol
-from edge_agent.mqtt import MqttLink
-from tools.broker import MosquittoBroker, acl_text, mosquitto_config
+from fedfleet.coordinator.broker import MosquittoBroker, acl_text, mosquitto_config
+from fedfleet.edge_agent.wire import protocol
+from fedfleet.edge_agent.wire.mqtt import MqttLink
 
 
 def test_generated_config_sets_nodelay_and_loopback():
@@ -54,7 +54,7 @@ def test_acl_lets_an_agent_publish_only_under_its_own_id():
 
 
 def test_tls_listener_carries_mqtts_and_refuses_plain_mqtt(tmp_path):
-    from tools.tls import make_local_ca
+    from fedfleet.coordinator.tls import make_local_ca
 
     tls = make_local_ca(tmp_path / "tls")
     broker = MosquittoBroker(tls=tls)
@@ -81,9 +81,9 @@ def test_tls_listener_carries_mqtts_and_refuses_plain_mqtt(tmp_path):
 
 # ---------------------------------------------------------------- client ids, take-over, broadcast writes
 def _coordinator(url: str, tmp_path, fleet: str, **auth: str):
-    from coordinator.config import JobConfig, method_config
-    from coordinator.server import Coordinator, EngineConfig
-    from coordinator.strategies import create
+    from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig
+    from fedfleet.coordinator.job.config import JobConfig, method_config
+    from fedfleet.coordinator.strategies import create
     from tests.fleet_helpers import SECRET, SIGNING_KEY, package
 
     cfg = JobConfig(mode="full", fleet=fleet)
@@ -159,8 +159,8 @@ def test_acl_broker_refuses_takeover_and_device_writes_to_broadcast(tmp_path):
 
 
 def test_generated_broker_does_not_run_as_root(tmp_path):
-    from tools.broker import broker_user
-    from tools.tls import make_local_ca
+    from fedfleet.coordinator.broker import broker_user
+    from fedfleet.coordinator.tls import make_local_ca
 
     user = broker_user()
     assert "user root" not in mosquitto_config(1234) and f"user {user}" in mosquitto_config(1234)

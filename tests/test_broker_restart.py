@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
+from fedfleet.coordinator.broker import MosquittoBroker
 from tests.fleet_helpers import start_fleet
-from tools.broker import MosquittoBroker
 
 
 def test_rounds_continue_after_a_broker_restart(tmp_path):

@@ -1,4 +1,4 @@
-"""The ledger's bytes against Mosquitto's own count over a whole demo run (tools/byte_audit.py), and the
+"""The ledger's bytes against Mosquitto's own count over a whole demo run (tools/infra/byte_audit.py), and the
 socket byte counters (TLS overhead included) that agents report in telemetry."""
 
 from __future__ import annotations
@@ -7,17 +7,17 @@ import os
 import threading
 import time
 
-from coordinator.config import JobConfig, method_config
-from coordinator.job import DEMO_PROFILE, build, engine_config, shards, small_model_threads
-from coordinator.server import Coordinator
-from coordinator.strategies import create as create_strategy
-from edge_agent import protocol
-from edge_agent.agent import Agent, AgentConfig
-from edge_agent.mqtt import MqttLink
-from tools.bench_cluster import signing_options
-from tools.broker import MosquittoBroker
-from tools.byte_audit import SysObserver, reconcile
-from tools.tls import make_local_ca
+from fedfleet.coordinator.broker import MosquittoBroker
+from fedfleet.coordinator.engine.rounds import Coordinator
+from fedfleet.coordinator.job.config import JobConfig, method_config
+from fedfleet.coordinator.job.run import DEMO_PROFILE, build, engine_config, shards, small_model_threads
+from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.tls import make_local_ca
+from fedfleet.edge_agent.agent import Agent, AgentConfig
+from fedfleet.edge_agent.wire import protocol
+from fedfleet.edge_agent.wire.mqtt import MqttLink
+from fedfleet.tools.bench.cluster import signing_options
+from fedfleet.tools.infra.byte_audit import SysObserver, reconcile
 
 
 def test_ledger_bytes_match_the_brokers_count(tmp_path):

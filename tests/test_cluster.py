@@ -1,4 +1,4 @@
-"""A fleet split over the nodes of a real RabbitMQ MQTT cluster (tools/rabbitmq.py): `fedfleet emulate`
+"""A fleet split over the nodes of a real RabbitMQ MQTT cluster (tools/infra/rabbitmq.py): `fedfleet emulate`
 shards on two nodes, the coordinator on a third, and a tiny `fedfleet bench cluster`. RabbitMQ keeps retained
 messages per node, so these pass only if model delivery does not depend on the retained copy."""
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import protocol, signing
-from edge_agent.mqtt import MqttLink
+from fedfleet.edge_agent.wire import protocol, signing
+from fedfleet.edge_agent.wire.mqtt import MqttLink
+from fedfleet.tools.bench import cluster as bench_cluster
 from tests.fleet_helpers import Rogue, start_fleet
-from tools import bench_cluster
 
 FLEET_TOML = """
 [job]
@@ -48,7 +48,7 @@ partition = "iid"
 def cluster():
     if not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists():
         pytest.fail("rabbitmq-server is not installed: apt-get install -y rabbitmq-server (.ci/run does)")
-    from tools.rabbitmq import RabbitCluster
+    from fedfleet.tools.infra.rabbitmq import RabbitCluster
 
     c = RabbitCluster(nodes=3)
     yield c
@@ -68,7 +68,7 @@ def test_emulator_shards_on_other_nodes_than_the_coordinator(cluster, tmp_path):
     seed = signing.new_signing_seed()
     signing.write_private_key_file(key, seed)
     pub.write_text(signing.public_key(seed).hex() + "\n")
-    emulate = [sys.executable, "-m", "coordinator.cli", "emulate", str(fleet), "--secret-file", str(secret), "--quiet"]
+    emulate = [sys.executable, "-m", "fedfleet.coordinator.cli", "emulate", str(fleet), "--secret-file", str(secret), "--quiet"]
     shards = [subprocess.Popen([*emulate, "--broker", cluster.urls[1 + i], "--shard", f"{i}/2", "--no-coordinator",
                                 "--coordinator-key-file", str(pub),
                                 "--duration", "300", "--run-dir", str(tmp_path / f"shard{i}")],

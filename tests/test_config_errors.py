@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import config
-from edge_agent.errors import ConfigError
+from fedfleet.coordinator.job import config
+from fedfleet.edge_agent.errors import ConfigError
 
 NO_BROKER = "mqtt://127.0.0.1:1"  # nothing listens: a run that starts fails with a connection error (exit 1)
 
@@ -59,24 +59,24 @@ def test_demo_refuses_bad_config_with_one_line(tmp_path, case):
             *extra]
     if text is not None:
         args += ["--config", _toml(tmp_path, text)]
-    _assert_one_line_error(_run("coordinator.cli", *args, cwd=tmp_path), needle)
+    _assert_one_line_error(_run("fedfleet.coordinator.cli", *args, cwd=tmp_path), needle)
     assert not (tmp_path / "run").exists(), "the job started before its config was checked"
 
 
 def test_config_pointing_at_a_folder_is_one_line(tmp_path):
-    r = _run("coordinator.cli", "demo", "--broker", NO_BROKER, "--config", str(tmp_path), cwd=tmp_path)
+    r = _run("fedfleet.coordinator.cli", "demo", "--broker", NO_BROKER, "--config", str(tmp_path), cwd=tmp_path)
     _assert_one_line_error(r, str(tmp_path), "folder")
 
 
 @pytest.mark.parametrize("roster", ["pi-01,pi/02", "pi-01,pi+", "pi-01,#", "pi-01,pi-01"])
 def test_serve_refuses_bad_roster_ids(tmp_path, roster):
-    r = _run("coordinator.cli", "serve", "--broker", NO_BROKER, "--secret-file", str(tmp_path / "absent"),
+    r = _run("fedfleet.coordinator.cli", "serve", "--broker", NO_BROKER, "--secret-file", str(tmp_path / "absent"),
              "--signing-key-file", str(tmp_path / "absent.key"), "--roster", roster, "--metrics-port", "9", cwd=tmp_path)
     _assert_one_line_error(r, "'roster'")
 
 
 def test_serve_refuses_a_negative_metrics_port(tmp_path):
-    r = _run("coordinator.cli", "serve", "--broker", NO_BROKER, "--secret-file", str(tmp_path / "absent"),
+    r = _run("fedfleet.coordinator.cli", "serve", "--broker", NO_BROKER, "--secret-file", str(tmp_path / "absent"),
              "--signing-key-file", str(tmp_path / "absent.key"), "--metrics-port", "-5", cwd=tmp_path)
     _assert_one_line_error(r, "--metrics-port")
 
@@ -84,7 +84,7 @@ def test_serve_refuses_a_negative_metrics_port(tmp_path):
 @pytest.mark.parametrize("threads", ["-1", "0"])
 def test_agent_refuses_non_positive_threads(tmp_path, threads):
     (tmp_path / "pi-01.key").write_text("00" * 32 + "\n")
-    r = _run("edge_agent.cli", "--broker", NO_BROKER, "--id", "pi-01", "--key-file", str(tmp_path / "pi-01.key"), "--data",
+    r = _run("fedfleet.edge_agent.cli", "--broker", NO_BROKER, "--id", "pi-01", "--key-file", str(tmp_path / "pi-01.key"), "--data",
              str(tmp_path / "absent.npz"), "--coordinator-key-file", str(tmp_path / "absent.pub"), "--threads", threads, cwd=tmp_path)
     _assert_one_line_error(r, "--threads")
 

@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from coordinator.config import JobConfig
-from coordinator.job import run_demo
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.job.run import run_demo
 
 DEMO_KEYS = {"final_accuracy", "rounds", "agents", "wall_s", "bytes_up", "bytes_down", "broker"}
 
 
 def test_default_demo_reaches_the_accuracy_target(tmp_path):
     out = tmp_path / "demo.json"
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--json", str(out), "--run-dir",
+    r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--json", str(out), "--run-dir",
                         str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -63,8 +63,8 @@ def test_monna_rounds_record_the_mean_and_the_worst_honest_node(tmp_path):
 
     import torch
 
-    from coordinator import robust
-    from coordinator.job import build, shards
+    from fedfleet.coordinator.job.run import build, shards
+    from fedfleet.coordinator.strategies import _robust as robust
 
     cfg = JobConfig(method="monna", rounds=3, agents=4)
     result = run_demo(cfg, run_dir=tmp_path, quiet=True, metrics_port=0)

@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator import config
-from coordinator import diffusion as task
-from coordinator.job import run_demo
-from edge_agent import optimizers
-from edge_agent import video_denoiser as vd
-from edge_agent.errors import ConfigError, ModelError
-from edge_agent.learners import Task, create
-from edge_agent.model import EdgeModel
-from models import export_video_denoiser as ex
-from models.diffusion_package import build_diffusion_package
-from models.package import write_zip
+from fedfleet.coordinator.job import config
+from fedfleet.coordinator.job.run import run_demo
+from fedfleet.coordinator.tasks import diffusion as task
+from fedfleet.edge_agent.errors import ConfigError, ModelError
+from fedfleet.edge_agent.learners import Task, create
+from fedfleet.edge_agent.model import EdgeModel
+from fedfleet.edge_agent.nn import optimizers
+from fedfleet.edge_agent.nn import video_denoiser as vd
+from fedfleet.models import export_video_denoiser as ex
+from fedfleet.models.diffusion_package import build_diffusion_package
+from fedfleet.models.package import write_zip
 
 TINY = (32,)
 DIFF = config.DIFFUSION_TASK
@@ -74,7 +74,7 @@ def test_job_file_and_command_line_errors_are_one_line(tmp_path):
     assert (cfg.task, cfg.eval_every, task.hidden_of(cfg)) == (DIFF, 2, (16,))
     shipped = config.load(Path(__file__).parent.parent / "examples" / "moving-digits-diffusion.toml")
     assert task.hidden_of(shipped) == task.DEFAULT_HIDDEN and config.method_config(shipped)["optimizer"] == "adam"
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--broker", "mqtt://127.0.0.1:1",
+    r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--broker", "mqtt://127.0.0.1:1",
                         "--task", DIFF, "--mode", "full", "--run-dir", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=120)
     err = r.stderr.strip()
@@ -165,7 +165,7 @@ def test_onnx_and_tflite_exports_match_numpy_and_wrong_files_are_refused(tmp_pat
     other = {k: v + 0.5 for k, v in state.items()}  # a different model in the same file: the check fails
     with pytest.raises(ModelError, match="differs"):
         ex.check_onnx(other, path)
-    from models.head_graph import onnx_head
+    from fedfleet.models.head_graph import onnx_head
 
     (tmp_path / "head.onnx").write_bytes(onnx_head([64, 10]))
     with pytest.raises(ModelError, match="inputs"):

@@ -8,11 +8,11 @@ import sqlite3
 import numpy as np
 import pytest
 
-from coordinator.downlink import DownlinkSync
-from edge_agent import codecs, protocol
-from edge_agent.agent import Agent, AgentConfig
-from edge_agent.downlink import Replica, state_digest
-from edge_agent.errors import ProtocolError
+from fedfleet.coordinator.engine.downlink import DownlinkSync
+from fedfleet.edge_agent.agent import Agent, AgentConfig
+from fedfleet.edge_agent.downlink import Replica, state_digest
+from fedfleet.edge_agent.errors import ProtocolError
+from fedfleet.edge_agent.wire import codecs, protocol
 from tests.fleet_helpers import COORDINATOR_KEY, SECRET, shards, start_fleet
 
 SPEC = {"name": "fedzip", "z": 0.1, "k": 3, "encoding": "e4"}

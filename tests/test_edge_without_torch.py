@@ -8,7 +8,7 @@ import textwrap
 
 import numpy as np
 
-from coordinator.config import JobConfig
+from fedfleet.coordinator.job.config import JobConfig
 from tests.fleet_helpers import package
 
 BLOCK_TORCH = """
@@ -36,15 +36,15 @@ def test_edge_agent_imports_and_learns_without_torch(tmp_path):
             raise SystemExit("torch import was not blocked")
         except ImportError:
             pass
-        import edge_agent
+        import fedfleet.edge_agent as edge_agent
         skipped = []
-        for m in pkgutil.walk_packages(edge_agent.__path__, "edge_agent."):
-            if m.name == "edge_agent.runtime.litert":
+        for m in pkgutil.walk_packages(edge_agent.__path__, "fedfleet.edge_agent."):
+            if m.name == "fedfleet.edge_agent.runtime.litert":
                 continue  # optional extra
             importlib.import_module(m.name)
-        from edge_agent.agent import load_npz
-        from edge_agent.learners import Task, create
-        from edge_agent.model import EdgeModel
+        from fedfleet.edge_agent.data import load_npz
+        from fedfleet.edge_agent.learners import Task, create
+        from fedfleet.edge_agent.model import EdgeModel
         data = load_npz({str(tmp_path / 'd.npz')!r})
         for mode in ("full", "transfer"):
             model = EdgeModel.from_bytes(open({str(tmp_path)!r} + "/" + mode + ".pkg", "rb").read())
@@ -61,8 +61,8 @@ def test_edge_agent_imports_and_learns_without_torch(tmp_path):
 def test_embedded_broker_smoke():
     import threading
 
-    from edge_agent.mqtt import MqttLink
-    from tools.broker import start_broker
+    from fedfleet.coordinator.broker import start_broker
+    from fedfleet.edge_agent.wire.mqtt import MqttLink
 
     with start_broker("embedded") as b:
         got = threading.Event()

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from coordinator.progress import Progress
-from coordinator.server import RoundSummary
-from edge_agent.errors import ConfigError
-from firmware_profiles.schema import load_profile
-from tools import emulate
-from tools.fleet_config import load, parse
-from tools.shaping import MSS, ShapedMeter, Shaper
+from fedfleet.coordinator.engine.rounds import RoundSummary
+from fedfleet.coordinator.job.progress import Progress
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.firmware_profiles.schema import load_profile
+from fedfleet.tools.emulate import run as emulate
+from fedfleet.tools.emulate.fleet_config import load, parse
+from fedfleet.tools.emulate.shaping import MSS, ShapedMeter, Shaper
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "examples" / "small-fleet.toml"

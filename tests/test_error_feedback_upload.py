@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_agent import codecs, fedzip
-from edge_agent.agent import Agent, AgentConfig
-from edge_agent.learners import LocalData
+from fedfleet.edge_agent import fedzip
+from fedfleet.edge_agent.agent import Agent, AgentConfig
+from fedfleet.edge_agent.learners import LocalData
+from fedfleet.edge_agent.wire import codecs
 
 SPEC = {"name": "fedzip", "z": 0.05, "k": 3, "encoding": "e4", "error_feedback": True}
 

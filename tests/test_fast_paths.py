@@ -17,13 +17,13 @@ import sqlite3
 import numpy as np
 import pytest
 
-from coordinator.ledger import Ledger
-from coordinator.update_guard import UpdateGuard
-from edge_agent import signing
-from edge_agent.errors import ProtocolError
-from edge_agent.fedzip import bitio, encodings, gapcodes, huffman
+from fedfleet.coordinator.engine.update_guard import UpdateGuard
+from fedfleet.coordinator.records.ledger import Ledger
+from fedfleet.edge_agent.errors import ProtocolError
+from fedfleet.edge_agent.fedzip import bitio, encodings, gapcodes, huffman
+from fedfleet.edge_agent.wire import signing
 
-quantize_module = importlib.import_module("edge_agent.fedzip.quantize")  # the package exports a function by that name
+quantize_module = importlib.import_module("fedfleet.edge_agent.fedzip.quantize")  # the package exports a function by that name
 
 RNG = np.random.default_rng(7)
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator import robust
-from coordinator.strategies import create as create_strategy
-from coordinator.strategies.base import ClientResult
-from edge_agent import mlp
-from edge_agent.errors import ConfigError
-from edge_agent.learners import LocalData, Task
-from edge_agent.learners import create as create_learner
-from edge_agent.learners.fedamd import chunked_gradient, miner_steps, shuffled_batches
+from fedfleet.coordinator.strategies import _robust as robust
+from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.strategies.base import ClientResult
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.learners import LocalData, Task
+from fedfleet.edge_agent.learners import create as create_learner
+from fedfleet.edge_agent.learners.fedamd import chunked_gradient, miner_steps, shuffled_batches
+from fedfleet.edge_agent.nn import mlp
 
 
 def _data(n: int = 50, d: int = 6, c: int = 3, seed: int = 0) -> LocalData:
@@ -228,7 +228,7 @@ def test_strategy_config_errors() -> None:
 
 
 def test_fedamd_reduces_loss_end_to_end() -> None:
-    from tools.inprocess_runner import inprocess_runner
+    from fedfleet.tools.bench.inprocess_runner import inprocess_runner
 
     shards = {f"a{i}": _data(n=30, seed=i) for i in range(8)}
     state = _state()
@@ -242,8 +242,8 @@ def test_fedamd_reduces_loss_end_to_end() -> None:
 
 
 def test_bench_fedamd_quick_smoke(tmp_path, capsys) -> None:
-    from tools import bench_fedamd
-    from tools.benchio import details
+    from fedfleet.tools.bench import fedamd as bench_fedamd
+    from fedfleet.tools.bench.output import details
 
     path = tmp_path / "fedamd.json"
     png = tmp_path / "fedamd.png"

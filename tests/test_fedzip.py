@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edge_agent.errors import CodecError, ConfigError
-from edge_agent.fedzip import (
+from fedfleet.edge_agent.errors import CodecError, ConfigError
+from fedfleet.edge_agent.fedzip import (
     ENCODINGS,
     ErrorFeedback,
     FedZipParams,
@@ -26,8 +26,8 @@ from edge_agent.fedzip import (
     encode_and_quantize,
     quantize,
 )
-from edge_agent.fedzip.container import _HEAD, FLAG_ZSTD, MAGIC, VERSION, layout_crc
-from edge_agent.fedzip.wire import Writer
+from fedfleet.edge_agent.fedzip.container import _HEAD, FLAG_ZSTD, MAGIC, VERSION, layout_crc
+from fedfleet.edge_agent.fedzip.wire import Writer
 
 CAP = 1 << 22
 
@@ -323,11 +323,11 @@ def test_params_validate_and_round_trip():
 # -- benchmark smoke -------------------------------------------------------------------------------------
 
 def test_bench_codec_smoke(tmp_path, capsys):
-    from tools import bench_codec
+    from fedfleet.tools.bench import codec as bench_codec
 
     path = tmp_path / "codec.json"
     assert bench_codec.main(["--d", "4000", "--steps", "2", "--repeat", "1", "--json", str(path)]) == 0
-    from tools.benchio import details
+    from fedfleet.tools.bench.output import details
 
     result = json.loads(path.read_text())
     captured = capsys.readouterr()

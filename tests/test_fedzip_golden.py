@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.errors import CodecError
-from edge_agent.fedzip import FedZipParams, decode, encode, quantize
+from fedfleet.edge_agent.errors import CodecError
+from fedfleet.edge_agent.fedzip import FedZipParams, decode, encode, quantize
 
 GOLDEN = Path(__file__).parent / "data" / "fedzip_golden.json"
 CAP = 1 << 22

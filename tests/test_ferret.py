@@ -6,15 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.config import JobConfig
-from coordinator.job import build, shards
-from coordinator.strategies import ClientResult, create
-from edge_agent import codecs, ferret_codec, mlp, random_bases
-from edge_agent.errors import CodecError, ConfigError
-from edge_agent.learners import Task
-from edge_agent.learners import create as create_learner
-from edge_agent.learners.ferret import ReplicaError
-from edge_agent.model import EdgeModel
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.job.run import build, shards
+from fedfleet.coordinator.strategies import ClientResult, create
+from fedfleet.edge_agent import random_bases
+from fedfleet.edge_agent.errors import CodecError, ConfigError
+from fedfleet.edge_agent.learners import Task
+from fedfleet.edge_agent.learners import create as create_learner
+from fedfleet.edge_agent.learners.ferret import ReplicaError
+from fedfleet.edge_agent.model import EdgeModel
+from fedfleet.edge_agent.nn import mlp
+from fedfleet.edge_agent.wire import codecs, ferret_codec
 
 
 def test_blocks_follow_the_median_rule():

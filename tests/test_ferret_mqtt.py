@@ -9,11 +9,12 @@ import time
 import numpy as np
 import torch
 
-from coordinator.config import JobConfig
-from coordinator.job import run_demo, shards
-from coordinator.ledger import Ledger
-from edge_agent import protocol, random_bases
-from edge_agent.agent import Agent, AgentConfig
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.job.run import run_demo, shards
+from fedfleet.coordinator.records.ledger import Ledger
+from fedfleet.edge_agent import random_bases
+from fedfleet.edge_agent.agent import Agent, AgentConfig
+from fedfleet.edge_agent.wire import protocol
 from tests.fleet_helpers import COORDINATOR_KEY, SECRET, Rogue, start_fleet
 
 FERRET = {"k": 48, "local_steps": 5}

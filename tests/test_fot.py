@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator import config
-from coordinator.continual import ContinualStrategy, acc_fgt
-from coordinator.schedule import parse, permuted_digits, split_digits
-from coordinator.strategies import ClientResult, create
-from coordinator.strategies.fot import choose_k, project_out, subspace_update, threshold
-from edge_agent import continual, mlp
-from edge_agent.errors import ConfigError, ProtocolError
-from edge_agent.learners import LocalData, Task
-from edge_agent.learners import create as create_learner
-from edge_agent.learners.fot import BASIS, COUNT, RHO, SKETCH, random_matrix, residual
+from fedfleet.coordinator.job import config
+from fedfleet.coordinator.strategies import ClientResult, create
+from fedfleet.coordinator.strategies.fot import choose_k, project_out, subspace_update, threshold
+from fedfleet.coordinator.tasks.continual import ContinualStrategy, acc_fgt
+from fedfleet.coordinator.tasks.schedule import parse, permuted_digits, split_digits
+from fedfleet.edge_agent import continual
+from fedfleet.edge_agent.errors import ConfigError, ProtocolError
+from fedfleet.edge_agent.learners import LocalData, Task
+from fedfleet.edge_agent.learners import create as create_learner
+from fedfleet.edge_agent.learners.fot import BASIS, COUNT, RHO, SKETCH, random_matrix, residual
+from fedfleet.edge_agent.nn import mlp
 
 
 def _orthonormal(d: int, k: int, seed: int) -> torch.Tensor:
@@ -200,7 +201,7 @@ def test_a_bad_schedule_in_a_job_file_is_one_line_on_the_command_line(tmp_path):
                    '[continual.tasks.identity]\nrounds = 2\n')
     with pytest.raises(ConfigError, match=r"field 'continual\.schedule\[1\]' names unknown task 'perm-9'"):
         config.load(bad)
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--config", str(bad)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--config", str(bad)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "continual.schedule[1]" in r.stderr
@@ -231,7 +232,7 @@ def test_fot_checks_the_sketch_statistics():
 
 
 def test_shards_of_a_continual_job_are_files_named_per_task(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "shards", "--config", "examples/split-digits.toml",
+    r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "shards", "--config", "examples/split-digits.toml",
                         "--agents", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     shards = continual.load_task_dir(tmp_path / "agent-01")
@@ -242,8 +243,8 @@ def test_shards_of_a_continual_job_are_files_named_per_task(tmp_path):
 
 
 def test_fot_needs_a_schedule_and_a_schedule_needs_a_continual_method():
-    from coordinator.config import JobConfig
-    from coordinator.continual import schedule_of
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.tasks.continual import schedule_of
 
     with pytest.raises(ConfigError, match=r"method 'fot' needs a task schedule"):
         schedule_of(JobConfig(method="fot"))

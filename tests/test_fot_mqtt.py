@@ -12,19 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator import continual
-from coordinator.config import JobConfig, load, method_config
-from coordinator.job import agent_ids, build, engine_config, run_demo, shards
-from coordinator.ledger import Ledger
-from coordinator.schedule import parse
-from coordinator.server import Coordinator
-from coordinator.strategies import create
-from edge_agent import codecs, protocol
-from edge_agent.agent import Agent, AgentConfig
-from edge_agent.learners import LearnResult
-from edge_agent.learners.fot import COUNT, SKETCH
+from fedfleet.coordinator.engine.rounds import Coordinator
+from fedfleet.coordinator.job.config import JobConfig, load, method_config
+from fedfleet.coordinator.job.run import agent_ids, build, engine_config, run_demo, shards
+from fedfleet.coordinator.records.ledger import Ledger
+from fedfleet.coordinator.strategies import create
+from fedfleet.coordinator.tasks import continual
+from fedfleet.coordinator.tasks.schedule import parse
+from fedfleet.edge_agent.agent import Agent, AgentConfig
+from fedfleet.edge_agent.learners import LearnResult
+from fedfleet.edge_agent.learners.fot import COUNT, SKETCH
+from fedfleet.edge_agent.wire import codecs, protocol
+from fedfleet.tools.bench import fot as bench_fot
 from tests.fleet_helpers import COORDINATOR_KEY, SIGNING_KEY
-from tools import bench_fot
 
 SECRET = b"fot-test-secret-0123456789abcdefgh"
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def test_demo_fot_on_the_shipped_permuted_digits_job_over_mosquitto(tmp_path):
 
 def test_demo_fot_from_the_command_line_on_the_embedded_broker(tmp_path):
     out = tmp_path / "demo.json"
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--method", "fot", "--config",
+    r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--method", "fot", "--config",
                         str(ROOT / "examples/permuted-digits-small.toml"), "--run-dir", str(tmp_path / "run"),
                         "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -168,7 +168,7 @@ def test_task_end_uploads_over_a_mebibyte_travel_in_chunks(mosquitto, tmp_path):
 
 
 def test_emulate_runs_the_shipped_continual_fleet(tmp_path):
-    from tools import emulate
+    from fedfleet.tools.emulate import run as emulate
 
     out = tmp_path / "summary.json"
     code = emulate.main([str(ROOT / "examples/continual-fleet.toml"), "--broker", "mosquitto", "--run-dir",

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.strategies import create as create_strategy
-from coordinator.strategies.base import ClientResult
-from edge_agent.errors import ConfigError
-from edge_agent.learners import create as create_learner
-from edge_agent.learners.base import LocalData, Task
-from edge_agent.zo.objectives import quadratic_configs
+from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.strategies.base import ClientResult
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.learners import create as create_learner
+from fedfleet.edge_agent.learners.base import LocalData, Task
+from fedfleet.edge_agent.zo.objectives import quadratic_configs
 
 EMPTY = LocalData(np.zeros((0, 1), np.float32), np.zeros(0, np.int64))
 CHEAP = {"rff_features": 200, "local_steps": 3, "gp_restarts": 1, "gp_points": 40, "explore_candidates": 20,

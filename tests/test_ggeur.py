@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.strategies import create as create_strategy
-from coordinator.strategies.base import ClientResult
-from edge_agent import class_stats, mlp
-from edge_agent.errors import ConfigError, ProtocolError
-from edge_agent.learners import LocalData, Task
-from edge_agent.learners import create as create_learner
-from edge_agent.learners.ggeur import multi_domain, single_domain
+from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.strategies.base import ClientResult
+from fedfleet.edge_agent import class_stats
+from fedfleet.edge_agent.errors import ConfigError, ProtocolError
+from fedfleet.edge_agent.learners import LocalData, Task
+from fedfleet.edge_agent.learners import create as create_learner
+from fedfleet.edge_agent.learners.ggeur import multi_domain, single_domain
+from fedfleet.edge_agent.nn import mlp
 
 
 def test_pooled_covariance_equals_the_covariance_of_the_concatenated_data():

@@ -10,17 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from coordinator import data as datasets
-from coordinator.config import JobConfig
-from coordinator.job import run_demo
-from coordinator.ledger import Ledger
-from coordinator.server import Coordinator, EngineConfig
-from coordinator.strategies import create as create_strategy
-from edge_agent import class_stats, codecs, protocol
-from edge_agent.agent import Agent, AgentConfig
-from edge_agent.learners import LearnResult, LocalData, Task
+from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.job.run import run_demo
+from fedfleet.coordinator.records.ledger import Ledger
+from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.edge_agent import class_stats
+from fedfleet.edge_agent.agent import Agent, AgentConfig
+from fedfleet.edge_agent.learners import LearnResult, LocalData, Task
+from fedfleet.edge_agent.wire import codecs, protocol
+from fedfleet.models import data as datasets
+from fedfleet.tools.bench.ggeur import package
 from tests.fleet_helpers import COORDINATOR_KEY, SECRET, SIGNING_KEY
-from tools.bench_ggeur import package
 
 _PACKAGE: list[Any] = []
 
@@ -155,8 +156,8 @@ def test_demo_runs_ggeur_on_mosquitto_and_learns(mosquitto, tmp_path):
 
 
 def test_bench_ggeur_smoke(tmp_path, capsys):
-    from tools import bench_ggeur
-    from tools.benchio import details
+    from fedfleet.tools.bench import ggeur as bench_ggeur
+    from fedfleet.tools.bench.output import details
 
     out = tmp_path / "ggeur.json"
     assert bench_ggeur.main(["--quick", "--agents", "4", "--json", str(out)]) == 0

@@ -15,10 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from coordinator.ledger import Ledger
-from edge_agent import codecs, protocol, signing
-from edge_agent.agent import Agent, AgentConfig
-from edge_agent.mqtt import MqttLink
+from fedfleet.coordinator.records.ledger import Ledger
+from fedfleet.edge_agent.agent import Agent, AgentConfig
+from fedfleet.edge_agent.wire import codecs, protocol, signing
+from fedfleet.edge_agent.wire.mqtt import MqttLink
 from tests.fleet_helpers import COORDINATOR_KEY, SECRET, start_fleet
 
 HONEST = ("agent-00", "agent-01", "agent-02")
@@ -130,7 +130,7 @@ def corpus_fleet(mosquitto, tmp_path):
     fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("rogue", "skewed", "silent"), deadline_s=5.0,
                         quorum=0.5,
                         uplink={"name": "none"}, rounds=2)
-    from coordinator.job import shards
+    from fedfleet.coordinator.job.run import shards
 
     local, _ = shards(fleet.cfg)
     skewed = SkewedAgent(AgentConfig(mosquitto.url, fleet.cfg.fleet, "skewed", protocol.derive_key(SECRET, "skewed"),
@@ -296,7 +296,7 @@ class _SlowClock:
 
 
 def test_agents_whose_clock_is_90_s_ahead_of_the_coordinator_take_every_task(mosquitto, tmp_path, monkeypatch):
-    import coordinator.server as server
+    import fedfleet.coordinator.engine.rounds as server
 
     monkeypatch.setattr(server, "time", _SlowClock())
     fleet = start_fleet(mosquitto.url, tmp_path, rounds=2, deadline_s=10.0)
@@ -311,7 +311,7 @@ def test_agents_whose_clock_is_90_s_ahead_of_the_coordinator_take_every_task(mos
 
 def test_an_agent_without_a_pinned_key_refuses_everything_and_says_so(mosquitto, tmp_path):
     fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("unpinned",), rounds=1)
-    from coordinator.job import shards
+    from fedfleet.coordinator.job.run import shards
 
     local, _ = shards(fleet.cfg)
     unpinned = Agent(AgentConfig(mosquitto.url, fleet.cfg.fleet, "unpinned", protocol.derive_key(SECRET, "unpinned")),

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator import data as datasets
-from coordinator import lora
-from coordinator.config import JobConfig, package_mode
-from coordinator.lora_model import LoraCoordinatorModel
-from coordinator.strategies import ClientResult, create
-from edge_agent import lora as lora_mlp
-from edge_agent.errors import ConfigError, ModelError
-from edge_agent.learners import LocalData, Task
-from edge_agent.learners import create as create_learner
-from edge_agent.model import EdgeModel
-from models.lora_base import build_lora_package
+from fedfleet.coordinator.job.config import JobConfig, package_mode
+from fedfleet.coordinator.strategies import ClientResult, create
+from fedfleet.edge_agent.errors import ConfigError, ModelError
+from fedfleet.edge_agent.learners import LocalData, Task
+from fedfleet.edge_agent.learners import create as create_learner
+from fedfleet.edge_agent.model import EdgeModel
+from fedfleet.edge_agent.nn import lora as lora_mlp
+from fedfleet.models import data as datasets
+from fedfleet.models.lora_base import build_lora_package
+from fedfleet.models.mirrors import lora
+from fedfleet.models.mirrors.lora_model import LoraCoordinatorModel
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_learner_trains_adapters_and_head_only(blob):
 
 
 def test_synthetic_check_lifts_the_cosine_to_099_and_the_lambda_sweep_shows_the_trade_off():
-    """The spec's check: 6 factor pairs, r = 4, d = 32 (see `coordinator.lora.synthetic_factors`)."""
+    """The spec's check: 6 factor pairs, r = 4, d = 32 (see `fedfleet.models.mirrors.lora.synthetic_factors`)."""
     for seed in range(3):
         r = lora.synthetic_check(seed, lam=0.01)
         assert r.cos_fair >= 0.99 and r.cos_fair > r.cos_fedit + 0.05, r
@@ -251,8 +251,8 @@ def test_lora_learner_runs_without_torch(blob, tmp_path):
     (tmp_path / "lora.pkg").write_bytes(blob)
     code = BLOCK_TORCH + textwrap.dedent(f"""
         import numpy as np
-        from edge_agent.learners import LocalData, Task, create
-        from edge_agent.model import EdgeModel
+        from fedfleet.edge_agent.learners import LocalData, Task, create
+        from fedfleet.edge_agent.model import EdgeModel
         model = EdgeModel.from_bytes(open({str(tmp_path / 'lora.pkg')!r}, "rb").read())
         rng = np.random.default_rng(0)
         data = LocalData(rng.random((40, 64), dtype=np.float32), rng.integers(0, 10, 40))
@@ -265,7 +265,7 @@ def test_lora_learner_runs_without_torch(blob, tmp_path):
 
 
 def test_mnist_layout_adapts_every_hidden_layer_and_pools_do_not_leak():
-    from coordinator import shifts
+    from fedfleet.models import shifts
 
     assert lora_mlp.trainable_layout([784, 256, 256, 10], [0, 1], 4) == [
         ("fc0.lora_A", (4, 784)), ("fc0.lora_B", (256, 4)), ("fc1.lora_A", (4, 256)), ("fc1.lora_B", (256, 4)),
@@ -277,7 +277,7 @@ def test_mnist_layout_adapts_every_hidden_layer_and_pools_do_not_leak():
 
 
 def test_feature_shifts_are_the_six_domains():
-    from coordinator import shifts
+    from fedfleet.models import shifts
 
     x = np.random.default_rng(0).random((5, 64)).astype(np.float32)
     img = x.reshape(5, 8, 8)

@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from coordinator.config import JobConfig
-from coordinator.job import build, run_demo, shards
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.job.run import build, run_demo, shards
+from fedfleet.tools.bench import lora as bench_lora
 from tests.fleet_helpers import package, start_fleet
 from tests.test_lora import altered_base
 from tests.test_round_mqtt import Rogue, rows
-from tools import bench_lora
 
 METHODS = ("fedit", "flora", "lora_fair")
 
@@ -95,7 +95,7 @@ def test_demo_runs_the_lora_methods_on_the_embedded_broker_and_learns(tmp_path, 
     start = initial_accuracy(cfg)
     if method == "lora_fair":  # the command a user types
         out = tmp_path / "demo.json"
-        r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--method", method, "--rounds", "3",
+        r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--method", method, "--rounds", "3",
                             "--agents", "3", "--quiet", "--json", str(out), "--run-dir", str(tmp_path / "run")],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.meters import (
+from fedfleet.edge_agent.meters import (
     EnergySplit,
     JetsonMeter,
     MeterError,
@@ -21,7 +21,7 @@ from edge_agent.meters import (
     open_meter,
     parse_pmic,
 )
-from firmware_profiles.schema import load_profile
+from fedfleet.firmware_profiles.schema import load_profile
 
 DATA = Path(__file__).parent / "data"
 
@@ -251,5 +251,5 @@ def test_open_meter_auto_picks_what_exists(tmp_path: Path) -> None:
 
 
 def test_meters_are_edge_safe() -> None:
-    code = "import sys, edge_agent.meters; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, fedfleet.edge_agent.meters; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

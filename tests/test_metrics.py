@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_report import build_ledger
 
-from coordinator.metrics import exposition, serve
-from coordinator.report import ReportError
+from fedfleet.coordinator.records.metrics import exposition, serve
+from fedfleet.coordinator.records.report import ReportError
 
 LINE = re.compile(r'^[a-z_]+\{[a-z]+="[^"]*"(,[a-z]+="[^"]*")*\} -?[0-9.e+-]+$')
 

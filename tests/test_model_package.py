@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator import data as fdata
-from coordinator.model import CoordinatorModel
-from edge_agent import mlp
-from edge_agent.errors import ModelError
-from edge_agent.model import EdgeModel
-from edge_agent.protocol import digest
-from models.package import BackboneFile, build_package, central_head_accuracy, write_zip
+from fedfleet.edge_agent.errors import ModelError
+from fedfleet.edge_agent.model import EdgeModel
+from fedfleet.edge_agent.nn import mlp
+from fedfleet.edge_agent.wire.protocol import digest
+from fedfleet.models import data as fdata
+from fedfleet.models.mirrors.head import CoordinatorModel
+from fedfleet.models.package import BackboneFile, build_package, central_head_accuracy, write_zip
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_wrong_runtime_for_backbone() -> None:
 
 
 def test_default_transfer_package_runs_on_both_runtimes_with_agreeing_features(blobs: dict[str, bytes]) -> None:
-    from coordinator.data import digits
+    from fedfleet.models.data import digits
 
     x = digits().x[:300]
     ort = EdgeModel.from_bytes(blobs["transfer"], runtime="onnxruntime").features(x)
@@ -331,7 +331,7 @@ def test_edge_side_never_imports_torch(blobs: dict[str, bytes], tmp_path) -> Non
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from edge_agent.model import EdgeModel\n"
+        "from fedfleet.edge_agent.model import EdgeModel\n"
         f"m = EdgeModel.from_bytes(open({str(path)!r}, 'rb').read())\n"
         "print(m.features(np.zeros((3, 64), np.float32)).shape)\n"
     )

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge_agent.errors import ConfigError, ModelError
-from edge_agent.runtime import open_runner
-from models import export_onnx, zoo
+from fedfleet.edge_agent.errors import ConfigError, ModelError
+from fedfleet.edge_agent.runtime import open_runner
+from fedfleet.models import export_onnx, zoo
 
 
 @pytest.fixture(scope="session")

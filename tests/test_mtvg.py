@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator import moving_digits as md
-from coordinator import mtvg
-from coordinator.cli import main as fedfleet
-from edge_agent import mtvg as em
-from edge_agent import video_denoiser as vd
-from edge_agent.cli import main as fedfleet_agent
-from edge_agent.errors import ConfigError, ModelError
-from edge_agent.mtvg_output import MOTION, estimate_motion
-from edge_agent.mtvg_prompts import MAX_SEGMENTS, parse_prompts
-from models.export_video_denoiser import export_onnx
+from fedfleet.coordinator.cli import main as fedfleet
+from fedfleet.coordinator.mtvg import sample as mtvg
+from fedfleet.edge_agent.cli import main as fedfleet_agent
+from fedfleet.edge_agent.errors import ConfigError, ModelError
+from fedfleet.edge_agent.mtvg import sample as em
+from fedfleet.edge_agent.mtvg.output import MOTION, estimate_motion
+from fedfleet.edge_agent.mtvg.prompts import MAX_SEGMENTS, parse_prompts
+from fedfleet.edge_agent.nn import video_denoiser as vd
+from fedfleet.models import moving_digits as md
+from fedfleet.models.export_video_denoiser import export_onnx
 
 
 def _cid(digit: int, direction: str) -> int:

@@ -13,8 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("ai_edge_litert")
 
-from edge_agent.runtime import open_runner  # noqa: E402
-from models import export_onnx, export_tflite, zoo  # noqa: E402
+from fedfleet.edge_agent.runtime import open_runner  # noqa: E402
+from fedfleet.models import export_onnx, export_tflite, zoo  # noqa: E402
 
 EPOCHS = {"digits-mlp": 10, "mnist-mlp": 2, "mnist-cnn": 2}
 RUNTIME_OF = {"onnx": "onnxruntime", "tflite": "litert"}
@@ -93,7 +93,7 @@ def test_int8_tflite_is_smaller(exported: dict) -> None:
 def test_bench_runtimes_quick_smoke(tmp_path, capsys) -> None:
     import json
 
-    from tools import bench_runtimes
+    from fedfleet.tools.bench import runtimes as bench_runtimes
 
     path = tmp_path / "runtimes.json"
     assert bench_runtimes.main(["--quick", "--seconds", "0.01", "--json", str(path)]) == 0

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from coordinator import data as datasets
-from coordinator.config import JobConfig
-from coordinator.job import shards
-from edge_agent.errors import ConfigError
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.job.run import shards
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.models import data as datasets
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_an_impossible_partition_is_a_config_error_naming_agents():
 
 
 def test_demo_with_too_many_agents_is_one_line_not_a_traceback():
-    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--agents", "500", "--rounds", "1"],
+    proc = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--agents", "500", "--rounds", "1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -58,7 +58,7 @@ def test_demo_with_too_many_agents_is_one_line_not_a_traceback():
 
 
 def test_uplink_fedzip_preset_is_the_default_fedzip_configuration():
-    from coordinator.config import FEDZIP_DEFAULT, uplink_preset
+    from fedfleet.coordinator.job.config import FEDZIP_DEFAULT, uplink_preset
 
     assert uplink_preset("fedzip") == FEDZIP_DEFAULT
     assert FEDZIP_DEFAULT["error_feedback"] is True and FEDZIP_DEFAULT["z"] == 0.03

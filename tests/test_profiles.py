@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from edge_agent.errors import ConfigError
-from firmware_profiles import directory
-from firmware_profiles.schema import FIELDS, REFERENCE, Profile, available, load_profile, validate
+from fedfleet.firmware_profiles import directory
+from fedfleet.firmware_profiles.schema import FIELDS, REFERENCE, Profile, available, load_profile, validate
+from fedfleet.firmware_profiles.schema import ProfileError as ConfigError
 
 REQUIRED = {"rpizero2w", "rpi3bplus", "rpi4b", "rpi5", "jetson-nano", "jetson-orin-nano"}
 
@@ -116,5 +116,5 @@ def test_schema_module_is_edge_safe() -> None:
     import subprocess
     import sys
 
-    code = "import sys, firmware_profiles.schema as s; s.load_profile('rpi4b'); assert 'torch' not in sys.modules"
+    code = "import sys, fedfleet.firmware_profiles.schema as s; s.load_profile('rpi4b'); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

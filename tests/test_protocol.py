@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent import codecs, protocol, signing
-from edge_agent.errors import CodecError, ProtocolError
+from fedfleet.edge_agent.errors import CodecError, ProtocolError
+from fedfleet.edge_agent.wire import codecs, protocol, signing
 
 KEY = bytes(range(32))
 SEED = bytes(range(1, 33))
@@ -106,7 +106,7 @@ def test_signed_downlink_round_trip_and_refusals():
 def test_signing_key_files(tmp_path):
     import os
 
-    from edge_agent.errors import ConfigError
+    from fedfleet.edge_agent.errors import ConfigError
 
     path = tmp_path / "coordinator.key"
     seed = signing.new_signing_seed()

@@ -19,24 +19,24 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.provision import mosquitto_password_line
-from edge_agent.cli import _logging
-from edge_agent.config_file import load
-from edge_agent.errors import ConfigError
-from edge_agent.protocol import agent_topic, derive_key, open_envelope
-from tools.broker import MosquittoBroker
+from fedfleet.coordinator.broker import MosquittoBroker
+from fedfleet.coordinator.job.provision import mosquitto_password_line
+from fedfleet.edge_agent.cli import _logging
+from fedfleet.edge_agent.config_file import load
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.wire.protocol import agent_topic, derive_key, open_envelope
 
 IDS = ("pi-01", "pi-02")
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
 def _start_agent(d: Path, log: Path) -> subprocess.Popen:
     out = open(log, "ab")  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "--config", str(d / "agent.toml")],
+    return subprocess.Popen([sys.executable, "-m", "fedfleet.edge_agent.cli", "--config", str(d / "agent.toml")],
                             stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -52,7 +52,7 @@ class _StatusWatch:
     """Reads pi-02's retained status like the coordinator does; `back` is set when it is online with a model."""
 
     def __init__(self, url: str, password: str, secret: bytes) -> None:
-        from edge_agent.mqtt import MqttLink
+        from fedfleet.edge_agent.wire.mqtt import MqttLink
 
         self.back, self.back_at = threading.Event(), 0.0
         self._key = derive_key(secret, "pi-02")
@@ -94,7 +94,7 @@ def test_provision_roster_run_restart_and_service(tmp_path):
     secret.write_text(os.urandom(32).hex())
     pub, serve_sign = tmp_path / "coordinator.pub", []
     try:  # the signed downlink, where this checkout has it: a real key pair, as the README does
-        import edge_agent.signing  # noqa: F401
+        import fedfleet.edge_agent.wire.signing  # noqa: F401
 
         key = tmp_path / "coordinator.key"
         assert _cli("keys", "--signing-key-file", str(key), "--new").returncode == 0
@@ -149,7 +149,7 @@ def test_provision_roster_run_restart_and_service(tmp_path):
         watch = _StatusWatch(broker.url, "observer-pw", secret.read_bytes().strip())
         run_dir = tmp_path / "run"
         serve = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "serve", "--broker", broker.url, "--secret-file", str(secret),
+            [sys.executable, "-m", "fedfleet.coordinator.cli", "serve", "--broker", broker.url, "--secret-file", str(secret),
              "--fleet", "lab", "--roster", ",".join(IDS), "--rounds", "40", "--wait", "60", "--deadline", "10",
              "--username", "coordinator", "--password-file", str(devices / "broker" / "coordinator.password"),
              "--run-dir", str(run_dir), "--json", str(tmp_path / "serve.json"), *serve_sign],
@@ -206,7 +206,7 @@ def test_agent_toml_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="'brokr' is unknown"):
         load(bad)
     bad.write_text('id = "x"\n')
-    p = subprocess.run([sys.executable, "-m", "edge_agent.cli", "--config", str(bad)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "fedfleet.edge_agent.cli", "--config", str(bad)], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and "--broker (or broker) is required" in p.stderr and "Traceback" not in p.stderr
 

@@ -12,10 +12,11 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.ledger import Ledger
-from coordinator.server import Coordinator, EngineConfig
-from coordinator.strategies import TaskSpec, create
-from edge_agent import codecs, fedzip, protocol
+from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig
+from fedfleet.coordinator.records.ledger import Ledger
+from fedfleet.coordinator.strategies import TaskSpec, create
+from fedfleet.edge_agent import fedzip
+from fedfleet.edge_agent.wire import codecs, protocol
 
 SECRET = b"receive-path-secret-0123456789abcd"
 LAYOUT = [("fc0.weight", (32, 64)), ("fc0.bias", (32,)), ("fc1.weight", (10, 32)), ("fc1.bias", (10,))]
@@ -132,7 +133,7 @@ def test_replayed_result_is_refused_in_the_same_and_in_a_later_round(coord):
 
 def test_bad_fedzip_parameters_are_typed_codec_errors_not_crashes():
     """Unknown FedZip fields and an out-of-range z used to escape the decoder as ConfigError."""
-    from edge_agent.errors import CodecError
+    from fedfleet.edge_agent.errors import CodecError
 
     for spec in (dict(FEDZIP, bogus=1), dict(FEDZIP, z=7.0), dict(FEDZIP, z=float("nan")), dict(FEDZIP, k="x")):
         with pytest.raises(CodecError) as e:

@@ -10,8 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.ledger import Ledger
-from coordinator.report import ReportError, load, main, outcome, profile_table, render, round_series
+from fedfleet.coordinator.records.ledger import Ledger
+from fedfleet.coordinator.records.report import (
+    ReportError,
+    load,
+    main,
+    outcome,
+    profile_table,
+    render,
+    round_series,
+)
 
 PROFILES = ["rpizero2w", "rpi4b", "rpi5", "jetson-nano"]
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.store import RunStore, open_job
-from coordinator.strategies import ClientResult
-from coordinator.strategies import create as create_strategy
-from edge_agent import signing
-from edge_agent.errors import ConfigError
-from tools import bench_resume
-from tools.benchio import details
+from fedfleet.coordinator.records.store import RunStore, open_job
+from fedfleet.coordinator.strategies import ClientResult
+from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.wire import signing
+from fedfleet.tools.bench import resume as bench_resume
+from fedfleet.tools.bench.output import details
 
 AGENTS = ["a-0", "a-1", "a-2", "a-3"]
 STATEFUL = {
@@ -164,7 +164,7 @@ def test_serve_resume_with_another_method_is_a_one_line_error(tmp_path):
     open_job(tmp_path / "run", {"method": "fedavg"}, resume=False)
     key = tmp_path / "coordinator.key"
     signing.write_private_key_file(key, signing.new_signing_seed())
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "serve", "--broker", "mqtt://127.0.0.1:1",
+    r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "serve", "--broker", "mqtt://127.0.0.1:1",
                         "--secret-file", str(secret), "--signing-key-file", str(key), "--method", "fedzo",
                         "--resume", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=120)
@@ -191,9 +191,9 @@ def test_serve_killed_mid_round_resumes_the_same_run(tmp_path, capsys):
 
 
 def test_demo_resume_continues_the_same_run_with_more_rounds(mosquitto, tmp_path):
-    from coordinator.config import JobConfig
-    from coordinator.job import run_demo
-    from coordinator.ledger import Ledger
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.job.run import run_demo
+    from fedfleet.coordinator.records.ledger import Ledger
 
     cfg = JobConfig(rounds=1, agents=2, fleet="resume-demo")
     first = run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path, quiet=True)

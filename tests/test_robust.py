@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator import attacks, robust, sampling
-from coordinator.strategies import create as create_strategy
-from coordinator.strategies.base import ClientResult
-from edge_agent import mlp
-from edge_agent.errors import ConfigError
-from edge_agent.learners import LocalData, Task
-from edge_agent.learners import create as create_learner
+from fedfleet.coordinator.strategies import _attacks as attacks
+from fedfleet.coordinator.strategies import _robust as robust
+from fedfleet.coordinator.strategies import _sampling as sampling
+from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.strategies.base import ClientResult
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.learners import LocalData, Task
+from fedfleet.edge_agent.learners import create as create_learner
+from fedfleet.edge_agent.nn import mlp
 
 T = torch.tensor
 
@@ -237,7 +239,7 @@ def _shards(n: int, seed: int = 0) -> dict[str, LocalData]:
 
 
 def test_monna_keeps_separate_copies_and_first_step_is_not_multiplied() -> None:
-    from tools.inprocess_runner import inprocess_runner
+    from fedfleet.tools.bench.inprocess_runner import inprocess_runner
 
     agents = _shards(4)
     state = _state([6, 3])
@@ -258,7 +260,7 @@ def test_monna_keeps_separate_copies_and_first_step_is_not_multiplied() -> None:
 
 
 def test_monna_under_sign_flip_keeps_honest_models_close_to_honest() -> None:
-    from tools.inprocess_runner import inprocess_runner
+    from fedfleet.tools.bench.inprocess_runner import inprocess_runner
 
     agents = _shards(10)
     byz = ["agent-07", "agent-08", "agent-09"]
@@ -285,8 +287,8 @@ def test_monna_config_errors() -> None:
 def _flip_mean(state: dict, agents: dict, batch: int, seed: int, round: int, names: list[str]) -> torch.Tensor:
     """The spec's label-flip gradient, recomputed here: mean over the honest nodes of grad NLL(theta; C-1-y)
     on each node's own batch (the batch its task draws)."""
-    from coordinator.strategies.base import agent_seed
-    from edge_agent.learners._inputs import minibatch, task_rng
+    from fedfleet.coordinator.strategies.base import agent_seed
+    from fedfleet.edge_agent.learners._inputs import minibatch, task_rng
 
     layout = [(k, tuple(v.shape)) for k, v in state.items()]
     params = {k: v.numpy() for k, v in state.items()}
@@ -301,7 +303,7 @@ def _flip_mean(state: dict, agents: dict, batch: int, seed: int, round: int, nam
 
 @pytest.mark.parametrize("method", ["monna", "robust_fedavg"])
 def test_label_flip_uses_the_mean_flipped_gradient_over_honest_nodes(method: str) -> None:
-    from tools.inprocess_runner import inprocess_runner
+    from fedfleet.tools.bench.inprocess_runner import inprocess_runner
 
     agents = _shards(8)
     byz = {"agent-06": "label_flip", "agent-07": "label_flip"}
@@ -335,7 +337,7 @@ def test_label_flip_uses_the_mean_flipped_gradient_over_honest_nodes(method: str
 
 
 def test_robust_fedavg_mean_is_fedavg_and_median_resists_sign_flip() -> None:
-    from tools.inprocess_runner import inprocess_runner
+    from fedfleet.tools.bench.inprocess_runner import inprocess_runner
 
     agents = _shards(7)
     state = _state([6, 3])
@@ -392,7 +394,7 @@ def test_sampling_uniform_availability_and_roles() -> None:
 
 
 def test_bench_robust_quick_smoke(tmp_path) -> None:
-    from tools import bench_robust
+    from fedfleet.tools.bench import robust as bench_robust
 
     path = tmp_path / "robust.json"
     assert bench_robust.main(["--quick", "--steps", "2", "--json", str(path)]) == 0

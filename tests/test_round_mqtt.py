@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.ledger import Ledger
-from edge_agent import codecs, protocol
-from edge_agent.mqtt import MqttLink
+from fedfleet.coordinator.records.ledger import Ledger
+from fedfleet.edge_agent.wire import codecs, protocol
+from fedfleet.edge_agent.wire.mqtt import MqttLink
 from tests.fleet_helpers import COORDINATOR_KEY, SECRET, Rogue, package, start_fleet
 
 
@@ -102,7 +102,7 @@ def _agent_process(url: str, fleet: str, agent: str, data_path, tmp_path) -> sub
     pub = tmp_path / "coordinator.pub"
     pub.write_text(COORDINATOR_KEY.hex() + "\n")
     return subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.cli", "--broker", url, "--fleet", fleet, "--id", agent,
+        [sys.executable, "-m", "fedfleet.edge_agent.cli", "--broker", url, "--fleet", fleet, "--id", agent,
          "--key-file", str(key), "--data", str(data_path), "--coordinator-key-file", str(pub)],
         stdout=open(tmp_path / f"{agent}.log", "ab"), stderr=subprocess.STDOUT,
     )
@@ -110,7 +110,7 @@ def _agent_process(url: str, fleet: str, agent: str, data_path, tmp_path) -> sub
 
 def test_killed_agent_round_completes_on_quorum_and_restarted_agent_rejoins(mosquitto, tmp_path):
     fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("proc-agent",), deadline_s=5.0, quorum=0.5)
-    from coordinator.job import shards
+    from fedfleet.coordinator.job.run import shards
 
     local, _ = shards(fleet.cfg)
     data_path = tmp_path / "proc.npz"
@@ -151,17 +151,17 @@ def test_killed_agent_round_completes_on_quorum_and_restarted_agent_rejoins(mosq
 def test_broken_agent_options_and_config_give_clear_errors(tmp_path):
     bad = tmp_path / "job.toml"
     bad.write_text("[job]\nrounds = 'many'\n")
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--config", str(bad)],
+    r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--config", str(bad)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "field 'rounds'" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "bad.key").write_text("zz\n")
     (tmp_path / "x.pub").write_text(COORDINATOR_KEY.hex() + "\n")
-    r = subprocess.run([sys.executable, "-m", "edge_agent.cli", "--broker", "mqtt://127.0.0.1:1", "--id", "a",
+    r = subprocess.run([sys.executable, "-m", "fedfleet.edge_agent.cli", "--broker", "mqtt://127.0.0.1:1", "--id", "a",
                         "--key-file", str(tmp_path / "bad.key"), "--data", str(tmp_path / "none.npz"),
                         "--coordinator-key-file", str(tmp_path / "x.pub")], capture_output=True, text=True)
     assert r.returncode == 2 and "hex" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "good.key").write_text("00" * 32 + "\n")
-    r = subprocess.run([sys.executable, "-m", "edge_agent.cli", "--broker", "mqtt://127.0.0.1:1", "--id", "a",
+    r = subprocess.run([sys.executable, "-m", "fedfleet.edge_agent.cli", "--broker", "mqtt://127.0.0.1:1", "--id", "a",
                         "--key-file", str(tmp_path / "good.key"), "--data", str(tmp_path / "none.npz"),
                         "--coordinator-key-file", str(tmp_path / "missing.pub")], capture_output=True, text=True)
     assert r.returncode == 2 and "--coordinator-key-file" in r.stderr and "Traceback" not in r.stderr

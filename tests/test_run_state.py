@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.config import method_config
-from coordinator.job import engine_config, shards
-from coordinator.server import Coordinator
-from coordinator.strategies import create as create_strategy
-from edge_agent.run_state import RunState
+from fedfleet.coordinator.engine.rounds import Coordinator
+from fedfleet.coordinator.job.config import method_config
+from fedfleet.coordinator.job.run import engine_config, shards
+from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.edge_agent.run_state import RunState
 from tests.fleet_helpers import SECRET, SIGNING_KEY, package, start_fleet
 
 

@@ -9,12 +9,12 @@ import subprocess
 import sys
 import time
 
-from tools.broker import MosquittoBroker
-from tools.tls import make_local_ca
+from fedfleet.coordinator.broker import MosquittoBroker
+from fedfleet.coordinator.tls import make_local_ca
 
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", *args], capture_output=True, text=True,
                           timeout=300, cwd=cwd, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
@@ -44,7 +44,7 @@ def test_serve_with_agents_on_devices_over_tls(tmp_path):
             (tmp_path / f"{agent}.key").write_text(key_of[agent])
             log = open(tmp_path / f"{agent}.log", "wb")  # noqa: SIM115
             agents.append(subprocess.Popen(
-                [sys.executable, "-m", "edge_agent.cli", "--broker", broker.url, "--fleet", "lab", "--id", agent,
+                [sys.executable, "-m", "fedfleet.edge_agent.cli", "--broker", broker.url, "--fleet", "lab", "--id", agent,
                  "--key-file", str(tmp_path / f"{agent}.key"), "--data", str(tmp_path / "shards" / f"agent-{i:02d}.npz"),
                  "--ca-certs", str(tls.cafile), "--profile", "rpi4b",
                  "--coordinator-key-file", str(tmp_path / "coordinator.pub")], stdout=log, stderr=subprocess.STDOUT, cwd=repo))

@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 
-from coordinator import data as datasets
+from fedfleet.models import data as datasets
 
 
 def _run(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -39,7 +39,7 @@ def test_digits_callers_get_their_own_arrays():
 def test_reading_digits_does_not_import_sklearn():
     r = _run("""
         import sys
-        from coordinator import data
+        from fedfleet.models import data
         d = data.digits()
         print(len(d), "sklearn" in sys.modules, "scipy" in sys.modules, "pandas" in sys.modules)
     """)
@@ -48,7 +48,7 @@ def test_reading_digits_does_not_import_sklearn():
 
 
 def test_demo_agents_in_one_process_share_one_runtime_session_each_with_its_own_cache(mosquitto, tmp_path):
-    from coordinator.job import shards, start_demo_agents
+    from fedfleet.coordinator.job.run import shards, start_demo_agents
     from tests.fleet_helpers import SECRET, start_fleet
 
     fleet = start_fleet(mosquitto.url, tmp_path / "run", start_agents=False, mode="transfer", agents=4, rounds=2)
@@ -85,7 +85,7 @@ def test_exit_now_keeps_the_exit_work_that_has_effects(tmp_path):
     out = tmp_path / "out.txt"
     r = _run(f"""
         import atexit, sys, threading, time
-        from coordinator.quick_exit import exit_now
+        from fedfleet.coordinator.job.quick_exit import exit_now
         path = {str(out)!r}
         atexit.register(lambda: open(path, "a").write("atexit\\n"))
         def late():
@@ -102,10 +102,10 @@ def test_exit_now_keeps_the_exit_work_that_has_effects(tmp_path):
 
 
 def test_the_command_line_owns_its_process_but_not_a_callers():
-    from coordinator import cli
+    from fedfleet.coordinator import cli
 
     assert cli.main(["no-such-command"]) == 2  # in-process: a return code, the caller's process lives on
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "demo", "--agents", "0"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--agents", "0"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "agents" in r.stderr and "Traceback" not in r.stderr
 
@@ -113,7 +113,7 @@ def test_the_command_line_owns_its_process_but_not_a_callers():
 ARENAS = """
 import re, sys, threading, time
 from pathlib import Path
-from coordinator.malloc_arenas import cap_malloc_arenas
+from fedfleet.coordinator.job.malloc_arenas import cap_malloc_arenas
 took = cap_malloc_arenas(2) if sys.argv[1] == "cap" else None
 def work():
     kept = [bytearray(4096 + i) for i in range(300)]  # malloc in this thread: it gets an arena
@@ -144,15 +144,15 @@ def test_capping_malloc_arenas_keeps_many_threads_in_few_heaps():
 
 
 def test_an_explicit_malloc_arena_max_is_left_alone(monkeypatch):
-    from coordinator.malloc_arenas import cap_malloc_arenas
+    from fedfleet.coordinator.job.malloc_arenas import cap_malloc_arenas
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert cap_malloc_arenas(2) is False
 
 
 def test_package_cache_gives_the_built_package_and_then_reads_it_without_onnx(tmp_path, monkeypatch):
-    from models import package_cache
-    from models.package import build_package
+    from fedfleet.models import package_cache
+    from fedfleet.models.package import build_package
 
     monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(tmp_path))
     built = build_package("transfer", head_hidden=32, seed=0)
@@ -161,7 +161,7 @@ def test_package_cache_gives_the_built_package_and_then_reads_it_without_onnx(tm
     r = _run(f"""
         import os, sys
         os.environ["FEDFLEET_CACHE_DIR"] = {str(tmp_path)!r}
-        from models import package_cache
+        from fedfleet.models import package_cache
         blob = package_cache.package("transfer", head_hidden=32, seed=0)
         print(package_cache.cache_dir(), len(blob), [m for m in ("onnx", "flatbuffers", "ai_edge_litert", "torch")
                                                     if m in sys.modules])
@@ -171,7 +171,7 @@ def test_package_cache_gives_the_built_package_and_then_reads_it_without_onnx(tm
 
 
 def test_package_cache_key_follows_every_argument(tmp_path, monkeypatch):
-    from models import package_cache
+    from fedfleet.models import package_cache
 
     monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(tmp_path))
     base = {"head_hidden": 32, "seed": 0, "dataset": "digits", "head_layers": 1}
@@ -185,9 +185,9 @@ def test_package_cache_key_follows_every_argument(tmp_path, monkeypatch):
 
 
 def test_a_damaged_cached_package_is_built_again(tmp_path, monkeypatch):
-    from coordinator.config import JobConfig
-    from coordinator.job import build
-    from edge_agent import protocol
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.job.run import build
+    from fedfleet.edge_agent.wire import protocol
 
     monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(tmp_path))
     cfg = JobConfig(mode="full", seed=5)
@@ -200,7 +200,7 @@ def test_a_damaged_cached_package_is_built_again(tmp_path, monkeypatch):
 
 
 def test_an_unwritable_cache_only_means_no_caching(tmp_path, monkeypatch):
-    from models import package_cache
+    from fedfleet.models import package_cache
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -211,9 +211,9 @@ def test_an_unwritable_cache_only_means_no_caching(tmp_path, monkeypatch):
 def test_demo_agents_that_cannot_connect_are_a_connection_error_and_stay_stoppable():
     import pytest
 
-    from coordinator.config import JobConfig
-    from coordinator.job import shards, start_demo_agents
-    from tools.broker import free_port
+    from fedfleet.coordinator.broker import free_port
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.job.run import shards, start_demo_agents
 
     cfg = JobConfig(mode="full", agents=3, alpha=0.0)
     local, _ = shards(cfg)
@@ -228,7 +228,7 @@ def test_demo_agents_that_cannot_connect_are_a_connection_error_and_stay_stoppab
 
 
 def test_shared_bytes_keeps_one_copy_of_equal_payloads_and_forgets_old_ones():
-    from edge_agent import shared_bytes
+    from fedfleet.edge_agent.wire import shared_bytes
 
     first = bytes(bytearray(b"state" * 100))
     again = bytes(bytearray(b"state" * 100))
@@ -246,7 +246,7 @@ def test_shared_bytes_keeps_one_copy_of_equal_payloads_and_forgets_old_ones():
 def test_package_cache_keeps_only_the_newest_builds(tmp_path, monkeypatch):
     import os
 
-    from models import package_cache
+    from fedfleet.models import package_cache
 
     monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(package_cache, "KEEP", 2)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent.errors import ModelError
-from edge_agent.runtime import open_runner
-from models import tflite_writer as tw
+from fedfleet.edge_agent.errors import ModelError
+from fedfleet.edge_agent.runtime import open_runner
+from fedfleet.models import tflite_writer as tw
 
 RNG = np.random.default_rng(7)
 
@@ -190,7 +190,7 @@ def test_torch_mapping_matches_torch() -> None:
     torch = pytest.importorskip("torch")
     from torch import nn
 
-    from models.export_tflite import to_graph
+    from fedfleet.models.export_tflite import to_graph
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -218,7 +218,7 @@ def test_export_backbone_int8_features() -> None:
     torch = pytest.importorskip("torch")
     from torch import nn
 
-    from models.export_tflite import export_backbone
+    from fedfleet.models.export_tflite import export_backbone
 
     torch.manual_seed(1)
     extractor = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU()).eval()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coordinator import moving_digits as md
-from coordinator.video_denoiser import VideoDenoiser
-from edge_agent import video_denoiser as vd
+from fedfleet.edge_agent.nn import video_denoiser as vd
+from fedfleet.models import moving_digits as md
+from fedfleet.models.mirrors.video_denoiser import VideoDenoiser
 
 
 def test_clips_move_with_wrap_and_carry_their_condition() -> None:

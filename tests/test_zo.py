@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.strategies import create as create_strategy
-from coordinator.zo_rff import rff_tensors, surrogate_grad
-from edge_agent.learners import create as create_learner
-from edge_agent.learners.base import LocalData, Task
-from edge_agent.zo import gp, rff
-from edge_agent.zo.objectives import (
+from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.strategies._zo_rff import rff_tensors, surrogate_grad
+from fedfleet.edge_agent.learners import create as create_learner
+from fedfleet.edge_agent.learners.base import LocalData, Task
+from fedfleet.edge_agent.zo import gp, rff
+from fedfleet.edge_agent.zo.objectives import (
     Counted,
     Quadratic,
     VectorView,
@@ -168,7 +168,7 @@ def test_fedzo_query_count_and_estimator() -> None:
     assert res.metrics["queries"] == 4 * (1 + 5)
     assert res.metrics["objective_last"] < res.metrics["objective_first"]
     # the d/μ two-point estimator is unbiased for a linear function: its mean over many directions is the gradient
-    from edge_agent.learners.fedzo import sphere
+    from fedfleet.edge_agent.learners.fedzo import sphere
 
     d, mu = 6, 1e-3
     a = np.arange(1, d + 1, dtype=float)
@@ -179,7 +179,7 @@ def test_fedzo_query_count_and_estimator() -> None:
 
 @pytest.mark.parametrize("method", ["fedzo", "fzoos"])
 def test_inprocess_federated_run_improves(method: str) -> None:
-    from tools.bench_zo import QUAD_FZOOS_GD, quadratic_run
+    from fedfleet.tools.bench.zo import QUAD_FZOOS_GD, quadratic_run
 
     # FZooS with plain GD at lr 0.1: the spec's Adam at lr 0.01 moves too little in 3 rounds for this check
     out = quadratic_run(method, d=10, agents=3, div=0.5, rounds=3, seed=0,
@@ -194,7 +194,7 @@ def test_fzoos_strategy_two_exchanges() -> None:
     cfgs = quadratic_configs(5, 2, 0.5, seed=0)
     st = create_strategy("fzoos", {"x": torch.full((5,), 0.5)}, objective="quadratic", rff_features=64,
                          agent_config={"a": cfgs[0], "b": cfgs[1]})
-    from coordinator.strategies.base import ClientResult
+    from fedfleet.coordinator.strategies.base import ClientResult
 
     tasks = st.configure(1, 0, ["a", "b"])
     assert "nu_bar" not in tasks["a"].tensors and tasks["a"].expect == [("x", (5,))]
@@ -221,13 +221,13 @@ def test_vector_view_roundtrip() -> None:
 
 
 def test_edge_zo_never_imports_torch() -> None:
-    code = ("import sys; import edge_agent.zo.gp, edge_agent.zo.rff, edge_agent.zo.problem; "
-            "import edge_agent.learners.fedzo, edge_agent.learners.fzoos; assert 'torch' not in sys.modules")
+    code = ("import sys; import fedfleet.edge_agent.zo.gp, fedfleet.edge_agent.zo.rff, fedfleet.edge_agent.zo.problem; "
+            "import fedfleet.edge_agent.learners.fedzo, fedfleet.edge_agent.learners.fzoos; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_bench_quick(tmp_path) -> None:
-    from tools.bench_zo import main
+    from fedfleet.tools.bench.zo import main
 
     out = tmp_path / "zo.json"
     assert main(["--quick", "--json", str(out), "--plot", str(tmp_path / "zo.png")]) == 0
@@ -244,10 +244,10 @@ def test_bench_quick(tmp_path) -> None:
 
 
 def test_macro_f1_objective_on_an_edge_model_package() -> None:
-    from coordinator.data import digits
-    from edge_agent.model import EdgeModel
-    from edge_agent.zo import problem
-    from models.package import build_package
+    from fedfleet.edge_agent.model import EdgeModel
+    from fedfleet.edge_agent.zo import problem
+    from fedfleet.models.data import digits
+    from fedfleet.models.package import build_package
 
     model = EdgeModel.from_bytes(build_package("full", seed=0))
     ds = digits()

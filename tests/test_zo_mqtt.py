@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from coordinator.config import JobConfig
-from coordinator.job import run_demo
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.job.run import run_demo
 
 
 @pytest.mark.parametrize("method,rounds", [("fedzo", 4), ("fzoos", 2)])

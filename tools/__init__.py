@@ -1,1 +1,2 @@
-"""Fleet emulator, broker launcher and benchmarks (`fedfleet bench NAME` runs `tools.bench_NAME.main`)."""
+"""Tools above the coordinator: benchmarks (`bench/`), the fleet emulator (`emulate/`) and infrastructure
+(`infra/`: RabbitMQ clusters, byte audits, wheel checks, the aarch64 test bed)."""

@@ -1,6 +1,6 @@
 """Coordinator strategies, one module per method, registered by name.
 
-`create(name, state, **cfg)` imports `coordinator.strategies.<name>` on first use, so adding a method
+`create(name, state, **cfg)` imports `fedfleet.coordinator.strategies.<name>` on first use, so adding a method
 means adding one module: no list to edit.
 """
 
@@ -11,14 +11,14 @@ from typing import Any
 
 import torch
 
-from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, register, registered
+from fedfleet.coordinator.strategies.base import ClientResult, Strategy, TaskSpec, register, registered
 
 __all__ = ["ClientResult", "Strategy", "TaskSpec", "register", "registered", "create", "available"]
 
 def available() -> list[str]:
     import pkgutil
 
-    import coordinator.strategies as pkg
+    import fedfleet.coordinator.strategies as pkg
 
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "base" and not m.name.startswith("_"))
 
@@ -28,7 +28,7 @@ def create(name: str, state: dict[str, torch.Tensor], **config: Any) -> Strategy
         if not name.isidentifier() or name.startswith("_"):
             raise KeyError(f"unknown strategy {name!r}; known: {', '.join(available())}")
         try:
-            importlib.import_module(f"coordinator.strategies.{name}")
+            importlib.import_module(f"fedfleet.coordinator.strategies.{name}")
         except ModuleNotFoundError as exc:
             raise KeyError(f"unknown strategy {name!r}; known: {', '.join(available())}") from exc
     if name not in registered():

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator import attacks, robust
-from coordinator.strategies.base import Layout, TaskSpec, to_wire
+from fedfleet.coordinator.strategies import _attacks as attacks
+from fedfleet.coordinator.strategies import _robust as robust
+from fedfleet.coordinator.strategies.base import Layout, TaskSpec, to_wire
 
 FLIP = "flip."
 

@@ -45,7 +45,7 @@ class Strategy(ABC):
     name: str = ""
     phases: int = 1
     # True when every task's tensors are the global state (`self.state`), the same for every agent: the
-    # engine may then send them as a compressed sync against each agent's replica (coordinator.downlink)
+    # engine may then send them as a compressed sync against each agent's replica (fedfleet.coordinator.engine.downlink)
     tasks_carry_state: bool = False
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
@@ -82,7 +82,7 @@ class Strategy(ABC):
 
     def update_kind(self, phase: int) -> str:
         """How this phase's results relate to an update, for the shared update-norm bound
-        (coordinator/update_guard.py): "delta" (the result is the update), "model" (the update is the result
+        (coordinator/engine/update_guard.py): "delta" (the result is the update), "model" (the update is the result
         minus the tensors its task sent), or "none" (not an update; not bounded)."""
         return "delta"
 

@@ -5,7 +5,7 @@
   is an anchor at x_0; it fills G and does not move the model (`init_done` tells the two apart, and
   `t` counts the real rounds that follow).
 - Round t: sample A agents uniformly (PCG64 seeded by seed and t), freeze v_t = mean(G), assign roles
-  (`coordinator.sampling.assign_roles`, constant mode with probability p or periodic mode with period
+  (`fedfleet.coordinator.strategies._sampling.assign_roles`, constant mode with probability p or periodic mode with period
   P >= 2; an agent not yet in the table is made an anchor). Miners get x_t and v_t, anchors get x_t.
   Periodic mode counts the initialisation pass as its round 0 (every client an anchor, as 0 mod P = 0),
   so real round t is the paper's round t + 1: the first real round is a miner round, and anchor rounds
@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from coordinator import robust, sampling
-from coordinator.strategies.base import (
+from fedfleet.coordinator.strategies import _robust as robust
+from fedfleet.coordinator.strategies import _sampling as sampling
+from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
     TaskSpec,
@@ -43,7 +44,7 @@ from coordinator.strategies.base import (
     register,
     to_wire,
 )
-from edge_agent.errors import ConfigError
+from fedfleet.edge_agent.errors import ConfigError
 
 log = logging.getLogger("fedfleet.fedamd")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.strategies.base import (
+from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
     TaskSpec,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from coordinator import lora
-from coordinator.lora_strategy import LoraStrategy
-from coordinator.strategies.base import ClientResult, register
+from fedfleet.coordinator.strategies._lora import LoraStrategy
+from fedfleet.coordinator.strategies.base import ClientResult, register
+from fedfleet.models.mirrors import lora
 
 
 @register

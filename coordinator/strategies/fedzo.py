@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.strategies.base import (
+from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
     TaskSpec,

@@ -4,7 +4,7 @@
   come from (pool_seed, r, block, k), shared by every agent of the round, so per-seed aggregation still
   holds and, over the run, updates are not confined to one K-dimensional subspace per block (the paper's
   unbiasedness argument assumes fresh bases). `pool = "run"` fixes the pool for the whole run, as the
-  reference code does. Basis maths: `edge_agent.random_bases`.
+  reference code does. Basis maths: `fedfleet.edge_agent.random_bases`.
 - **Scaling and server lr.** Agents use the paper's unbiased gamma = <Delta, v> / (rho K_l), so E[Delta~] =
   Delta and eta_s = `server_lr` = 1 is the FedAvg-equivalent step (the code's d/K scaling needs
   eta_s ~ 3x larger for the same step; it is not used here).
@@ -33,9 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register, task_seed
-from edge_agent import random_bases
-from edge_agent.errors import ConfigError
+from fedfleet.coordinator.strategies.base import (
+    ClientResult,
+    Strategy,
+    TaskSpec,
+    layout_of,
+    register,
+    task_seed,
+)
+from fedfleet.edge_agent import random_bases
+from fedfleet.edge_agent.errors import ConfigError
 
 LEARNER_KEYS = ("local_steps", "lr", "batch", "basis_cache_mb")
 

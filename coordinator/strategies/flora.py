@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator import lora
-from coordinator.lora_strategy import LoraStrategy
-from coordinator.strategies.base import ClientResult, register
-from edge_agent import lora as lora_mlp
+from fedfleet.coordinator.strategies._lora import LoraStrategy
+from fedfleet.coordinator.strategies.base import ClientResult, register
+from fedfleet.edge_agent.nn import lora as lora_mlp
+from fedfleet.models.mirrors import lora
 
 
 @register

@@ -2,13 +2,13 @@
 each protected layer is projected orthogonally to that layer's basis U_l of earlier tasks' input subspace,
 and, in the last round of each task, the global principal subspace extraction from the agents' sketches.
 
-Runs inside a continual job (`coordinator.continual.ContinualStrategy` calls `set_task` every round).
+Runs inside a continual job (`fedfleet.coordinator.tasks.continual.ContinualStrategy` calls `set_task` every round).
 
 Every round: the agents run plain SGD and upload delta_i = theta_i - theta. With uniform weights,
 Delta = -mean_i delta_i; for each protected layer (out x in) Delta_l <- Delta_l - Delta_l U_l U_l^T; then
 theta <- theta - Delta. Biases and unprotected layers (per-task heads) are averaged without projection.
 
-Last round of a task: each agent also uploads S_i = R_hat_i G_i, rho_i and N_i (edge_agent.learners.fot),
+Last round of a task: each agent also uploads S_i = R_hat_i G_i, rho_i and N_i (fedfleet.edge_agent.learners.fot),
 all with the same width m_l per layer. Then per layer: S = sum_i S_i, rho_bar = sum_i (N_i / sum N) rho_i,
 eps' = (rho_bar - (1 - eps)) / rho_bar, S = P diag(sigma) Q^T, k = the smallest k with
 sum_{j<=k} sigma_j^2 / ||S||_F^2 > eps' (at least 1; the whole remaining space when eps' >= 1), and
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.strategies.base import (
+from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
     TaskSpec,
@@ -39,8 +39,8 @@ from coordinator.strategies.base import (
     task_seed,
     to_numpy,
 )
-from edge_agent.errors import ConfigError, ProtocolError
-from edge_agent.learners.fot import BASIS, COUNT, RHO, SKETCH
+from fedfleet.edge_agent.errors import ConfigError, ProtocolError
+from fedfleet.edge_agent.learners.fot import BASIS, COUNT, RHO, SKETCH
 
 LOSSLESS = ("none", "zstd")
 RHO_TOLERANCE = 1e-3

@@ -13,7 +13,7 @@ hold at that version: known because it answered a task that carried them. An age
 its last task is assumed to hold nothing and gets everything again.
 
 The coordinator holds only the M RFF weights, never Ω, and never evaluates the objective.
-Config: the learner settings of `edge_agent.learners.fzoos.DEFAULTS` (forwarded), objective, zo_tensors,
+Config: the learner settings of `fedfleet.edge_agent.learners.fzoos.DEFAULTS` (forwarded), objective, zo_tensors,
 zo_path, server_lr (η_g, 1.0), seed, agent_config {agent id: {extra task config}}.
 """
 
@@ -24,9 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.strategies.base import ClientResult, Strategy, TaskSpec, layout_of, register, to_numpy
-from coordinator.strategies.fedzo import agent_task_config, weights_of, zo_names
-from edge_agent.learners.fzoos import DEFAULTS
+from fedfleet.coordinator.strategies.base import (
+    ClientResult,
+    Strategy,
+    TaskSpec,
+    layout_of,
+    register,
+    to_numpy,
+)
+from fedfleet.coordinator.strategies.fedzo import agent_task_config, weights_of, zo_names
+from fedfleet.edge_agent.learners.fzoos import DEFAULTS
 
 LEARNER_KEYS = tuple(k for k in DEFAULTS if k != "seed") + ("objective", "zo_path")
 

@@ -10,7 +10,7 @@ The first round has four phases (later rounds only the last), each its own rows 
    asked for, a negative n or one that differs from the census, or a covariance that is not positive
    semi-definite beyond round-off is refused with a `rejected:<reason>` row; wrong shapes and non-finite
    values are refused by the engine. The class's statistics are pooled exactly over the guides that passed
-   (`edge_agent.class_stats.pool`), eigendecomposed with torch.linalg.eigh, negative eigenvalues clipped to
+   (`fedfleet.edge_agent.class_stats.pool`), eigendecomposed with torch.linalg.eigh, negative eigenvalues clipped to
    0 and shrunk towards their mean (`shrinkage`, 0.1).
 2. `geometry`: each agent gets (Xi, Lambda) for the classes it holds (every class with statistics in the
    multi-domain variant, plus the other domains' class prototypes) and the per-class target (`target`:
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.strategies.base import (
+from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
     TaskSpec,
@@ -47,8 +47,8 @@ from coordinator.strategies.base import (
     task_seed,
     to_numpy,
 )
-from edge_agent import class_stats
-from edge_agent.errors import ConfigError, ProtocolError
+from fedfleet.edge_agent import class_stats
+from fedfleet.edge_agent.errors import ConfigError, ProtocolError
 
 log = logging.getLogger("fedfleet.ggeur")
 

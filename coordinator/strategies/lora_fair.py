@@ -2,7 +2,7 @@
 
 Per adapted layer: Ā = Σ p_k A_k, B̄ = Σ p_k B_k and the target ΔW = Σ p_k B_k A_k (accumulated client by
 client, never sent); ΔB* = argmin [1 − cos(ΔW, (B̄ + ΔB)Ā)] + λ‖ΔB‖_F², solved in torch by SGD from ΔB = 0
-(`coordinator.lora.refine_delta_b`: lr 0.01, 1000 iterations, λ = 0.01, the squared norm as in the code);
+(`fedfleet.models.mirrors.lora.refine_delta_b`: lr 0.01, 1000 iterations, λ = 0.01, the squared norm as in the code);
 then B̄′ = B̄ + ΔB*, the head averaged, and every agent starts the next round from (Ā, B̄′): no re-initialisation
 and no extra traffic (the downlink is the uplink's size). The model served and evaluated is W0 + s·B̄′Ā.
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from coordinator import lora
-from coordinator.lora_strategy import LoraStrategy
-from coordinator.strategies.base import ClientResult, register
+from fedfleet.coordinator.strategies._lora import LoraStrategy
+from fedfleet.coordinator.strategies.base import ClientResult, register
+from fedfleet.models.mirrors import lora
 
 
 @register

@@ -4,15 +4,15 @@ There is no global model. Each agent has its OWN model copy here (separate stora
 reference code aliased them all to one tensor, which made the first step n_h times too large). A step:
 
 - phase 0: every honest agent gets its own model theta_i, takes a momentum half step on the edge
-  (`edge_agent.learners.monna`) and uploads theta_i+;
+  (`fedfleet.edge_agent.learners.monna`) and uploads theta_i+;
 - phase 1 (only when the fleet config lists Byzantine agents): each Byzantine agent gets what its
-  attack needs (`coordinator.attacks`, omniscient hook only when `omniscient = true`) and uploads its
+  attack needs (`fedfleet.coordinator.strategies._attacks`, omniscient hook only when `omniscient = true`) and uploads its
   vector. For the spec's label flip (mu - gamma_t * mean_i of the honest flipped-label gradients) the
   honest phase-0 tasks also return their flipped-label gradient (`strategies._byzantine`);
 - mixing: node i's set S_i = {theta_i+} + (n - 2f - 1) other honest vectors drawn uniformly (PCG64,
   seeded) + every Byzantine vector, so |S_i| = n - f; theta_i <- NNA_i(S_i) = mean of the |S_i| - f
   nearest. All NNA_i of a step come from one Gram-matrix product. With no Byzantine vectors the free
-  slots go to more honest vectors. `mixing` may name any other rule from `coordinator.robust`
+  slots go to more honest vectors. `mixing` may name any other rule from `fedfleet.coordinator.strategies._robust`
   (trimmed_mean, median, krum, geometric_median, centered_clipping, mean) for baselines.
 
 Config: f, n (declared total, default honest + byzantine), byzantine {agent: attack}, omniscient,
@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from coordinator import attacks, robust
-from coordinator.sampling import round_rng
-from coordinator.strategies._byzantine import attack_tasks, flip_layout, needs_flip_grad, split_flip
-from coordinator.strategies.base import (
+from fedfleet.coordinator.strategies import _attacks as attacks
+from fedfleet.coordinator.strategies import _robust as robust
+from fedfleet.coordinator.strategies._byzantine import attack_tasks, flip_layout, needs_flip_grad, split_flip
+from fedfleet.coordinator.strategies._sampling import round_rng
+from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
     TaskSpec,
@@ -42,7 +43,7 @@ from coordinator.strategies.base import (
     register,
     to_wire,
 )
-from edge_agent.errors import ConfigError
+from fedfleet.edge_agent.errors import ConfigError
 
 
 @register

@@ -1,8 +1,8 @@
-"""FedAvg whose mean is replaced by a robust aggregator chosen by name (`coordinator.robust`).
+"""FedAvg whose mean is replaced by a robust aggregator chosen by name (`fedfleet.coordinator.strategies._robust`).
 
 A round: sample honest participants (uniform, or availability-aware when `availability` is given),
 send them the global model x; each runs `local_steps` plain SGD steps on fresh minibatches (the one SGD
-learner, `edge_agent.learners.sgd`, FedAvg's) and uploads its update delta_i = theta_i - x. The
+learner, `fedfleet.edge_agent.learners.sgd`, FedAvg's) and uploads its update delta_i = theta_i - x. The
 coordinator aggregates the updates with the named rule and sets x <- x + server_lr * agg(deltas, f).
 Working on updates keeps centered clipping centred on the current model and the geometric median's start
 sane.
@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 
-from coordinator import attacks, robust, sampling
-from coordinator.strategies._byzantine import attack_tasks, flip_layout, needs_flip_grad, split_flip
-from coordinator.strategies.base import (
+from fedfleet.coordinator.strategies import _attacks as attacks
+from fedfleet.coordinator.strategies import _robust as robust
+from fedfleet.coordinator.strategies import _sampling as sampling
+from fedfleet.coordinator.strategies._byzantine import attack_tasks, flip_layout, needs_flip_grad, split_flip
+from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
     TaskSpec,
@@ -35,7 +37,7 @@ from coordinator.strategies.base import (
     register,
     to_wire,
 )
-from edge_agent.errors import ConfigError
+from fedfleet.edge_agent.errors import ConfigError
 
 
 @register

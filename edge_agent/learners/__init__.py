@@ -1,6 +1,6 @@
 """Edge-side learners, one module per method, registered by name.
 
-`create(name)` imports `edge_agent.learners.<name>` (or an alias below) on first use and returns a
+`create(name)` imports `fedfleet.edge_agent.learners.<name>` (or an alias below) on first use and returns a
 fresh learner instance, so adding a method means adding one module: no list to edit.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register, registered
+from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register, registered
 
 __all__ = ["Learner", "LearnResult", "LocalData", "Task", "register", "registered", "create", "available"]
 
@@ -20,7 +20,7 @@ def available() -> list[str]:
     """Every method with a learner module in this package."""
     import pkgutil
 
-    import edge_agent.learners as pkg
+    import fedfleet.edge_agent.learners as pkg
 
     names = {m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "base" and not m.name.startswith("_")}
     return sorted(names | set(_ALIASES))
@@ -32,7 +32,7 @@ def create(name: str) -> Learner:
         if not name.isidentifier() or name.startswith("_"):
             raise KeyError(f"unknown learning method {name!r}; known: {', '.join(available())}")
         try:
-            importlib.import_module(f"edge_agent.learners.{_ALIASES.get(name, name)}")
+            importlib.import_module(f"fedfleet.edge_agent.learners.{_ALIASES.get(name, name)}")
         except ModuleNotFoundError as exc:
             raise KeyError(f"unknown learning method {name!r}; known: {', '.join(available())}") from exc
     if name not in registered():

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ConfigError
-from edge_agent.learners.base import LocalData, Task, Tensors
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.learners.base import LocalData, Task, Tensors
 
 __all__ = ["features", "flipped_labels", "minibatch", "params_from", "task_rng"]
 

@@ -1,6 +1,6 @@
 """The edge-side learner interface: a task plus local data plus the model becomes a result.
 
-Every method has one module in `edge_agent.learners` that defines a `Learner` subclass and registers
+Every method has one module in `fedfleet.edge_agent.learners` that defines a `Learner` subclass and registers
 it by name with `@register`. Learners are pure numpy; they never import torch.
 """
 
@@ -59,7 +59,7 @@ class Learner(ABC):
 
     @abstractmethod
     def learn(self, task: Task, data: LocalData, model: Any) -> LearnResult:
-        """Run the local work of one task. `model` is the agent's `edge_agent.model.EdgeModel`."""
+        """Run the local work of one task. `model` is the agent's `fedfleet.edge_agent.model.EdgeModel`."""
 
 
 _REGISTRY: dict[str, type[Learner]] = {}

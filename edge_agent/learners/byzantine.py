@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import mlp
-from edge_agent.errors import ConfigError
-from edge_agent.learners._inputs import features, flipped_labels, minibatch, params_from, task_rng
-from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.learners._inputs import features, flipped_labels, minibatch, params_from, task_rng
+from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from fedfleet.edge_agent.nn import mlp
 
 
 @register

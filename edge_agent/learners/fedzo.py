@@ -5,7 +5,7 @@ g = (1/b2) Σ_j (d/μ) [f(x + μ v_j) − f(x)] v_j with v_j uniform on the unit
 from Generator(PCG64(config["seed"]))). Each step costs 1 + b2 queries; all are counted in
 metrics["queries"].
 
-Config: objective fields (see `edge_agent.zo.problem`), local_steps (H, 10), lr (0.05), mu (0.005),
+Config: objective fields (see `fedfleet.edge_agent.zo.problem`), local_steps (H, 10), lr (0.05), mu (0.005),
 directions (b2, 20), seed.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ConfigError
-from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
-from edge_agent.zo import problem
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from fedfleet.edge_agent.zo import problem
 
 
 def sphere(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -9,11 +9,11 @@ Round r on the agent:
    so the coordinator sends the full model next time).
 2. **Local steps.** T = `local_steps` minibatch SGD steps (`lr`, `batch`, no momentum, no weight decay) on
    the trainable tensors (the head in transfer mode, the whole MLP in full mode), with
-   `edge_agent.mlp.loss_and_grad`.
+   `fedfleet.edge_agent.nn.mlp.loss_and_grad`.
 3. **Project.** Delta_l = w_(r-1,l) - w_(r,l) (old - new) per block; K_l = max(floor(K ||Delta_l|| /
    max_j ||Delta_j||), 2); K_l seed indices drawn without replacement; gamma_(l,k) = <Delta_l, v_(l,k)> /
    (rho_l K_l) (the paper's unbiased scaling). Bases are uniform on [-a, a], a = 1/sqrt(d_l), from
-   Generator(PCG64) (see `edge_agent.random_bases`), cached per (seed, block) within `basis_cache_mb`.
+   Generator(PCG64) (see `fedfleet.edge_agent.random_bases`), cached per (seed, block) within `basis_cache_mb`.
 4. **Upload** `gamma.<l>` (length K, zero where not chosen) through the `ferret` codec, which sends only
    the (index, gamma) pairs.
 
@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import mlp, random_bases
-from edge_agent.errors import ConfigError, FedfleetError
-from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from fedfleet.edge_agent import random_bases
+from fedfleet.edge_agent.errors import ConfigError, FedfleetError
+from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from fedfleet.edge_agent.nn import mlp
 
 KEEP_RUNS = 2  # replicas of this many runs are kept; older ones are dropped
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.learners.base import LearnResult, LocalData, Task, register
-from edge_agent.learners.sgd import SGDLearner
+from fedfleet.edge_agent.learners.base import LearnResult, LocalData, Task, register
+from fedfleet.edge_agent.learners.sgd import SGDLearner
 
 BASIS = "basis:"
 SKETCH = "sketch:"

@@ -40,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ConfigError
-from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
-from edge_agent.zo import gp as gpm
-from edge_agent.zo import optim, problem
-from edge_agent.zo import rff as rffm
-from edge_agent.zo.objectives import Counted
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from fedfleet.edge_agent.zo import gp as gpm
+from fedfleet.edge_agent.zo import optim, problem
+from fedfleet.edge_agent.zo import rff as rffm
+from fedfleet.edge_agent.zo.objectives import Counted
 
 DEFAULTS: dict[str, Any] = {
     "local_steps": 10,

@@ -5,13 +5,13 @@ The task's `stage` says what to do:
 - `census`: upload `counts` (C,), how many local samples each class has (the coordinator picks guides).
 - `stats`: for the classes in config `classes`, upload `classes` (k,), `n` (k,), `mean` (k, d) and `cov`
   (k, d(d+1)/2), the packed upper triangle of the biased covariance (divided by n) of each class's
-  embeddings (`edge_agent.class_stats`).
+  embeddings (`fedfleet.edge_agent.class_stats`).
 - `geometry`: the task carries, per class, the global eigenvectors `g.xi` (k, d, d) and eigenvalues `g.lam`
   (k, d) with `g.classes` (k,) and the per-class targets `g.target` (k,) (in the multi-domain variant also
   `g.proto_classes` (m,) and the other domains' prototypes `g.protos` (m, d)). The learner draws the
   synthetic embeddings once, keeps them for the training rounds, and uploads `synthetic` (C,), how many
   points it made per class. A training task may carry the same tensors (an agent that missed this stage).
-- `train`: FedAvg's local SGD (`edge_agent.learners.sgd.local_sgd`, softmax cross-entropy on the logits)
+- `train`: FedAvg's local SGD (`fedfleet.edge_agent.learners.sgd.local_sgd`, softmax cross-entropy on the logits)
   from the broadcast head over the originals plus the synthetic points; uploads the head delta.
 
 Single-domain generation (spec 4a.5), for each class c present locally with n_cur originals and target T:
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import class_stats
-from edge_agent.errors import ConfigError
-from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
-from edge_agent.learners.sgd import local_sgd
+from fedfleet.edge_agent import class_stats
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from fedfleet.edge_agent.learners.sgd import local_sgd
 
 GEOMETRY_PREFIX = "g."
 

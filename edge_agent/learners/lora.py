@@ -5,7 +5,7 @@ The three methods differ only on the coordinator, so they share this learner (re
 Task tensors: the trainable layout (`fc{i}.lora_A`, `fc{i}.lora_B`, the head) and, for FLoRA, the merged
 residuals `fc{i}.merged` (held fixed). Task config: `lr` (0.01), `epochs` (1), `batch` (128), `seed`,
 optional `weight_decay` (0). Result tensors: the locally trained A_k, B_k and head (values, not deltas).
-Forward and backward are `edge_agent.lora` (G_B = s·δ(Ax)ᵀ, G_A = s·Bᵀδxᵀ).
+Forward and backward are `fedfleet.edge_agent.nn.lora` (G_B = s·δ(Ax)ᵀ, G_A = s·Bᵀδxᵀ).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import lora
-from edge_agent.errors import ModelError
-from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from fedfleet.edge_agent.errors import ModelError
+from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from fedfleet.edge_agent.nn import lora
 
 
 class LoraLearner(Learner):

@@ -11,7 +11,7 @@ grad NLL(theta; the same batch with labels y -> C - 1 - y), which the coordinato
 nodes for the spec's label-flip attack (mu - gamma_t * mean_i of these gradients).
 
 Task config: lr, beta, norm_penalty (lambda), batch, seed, flip_grad.
-Task tensors: the trainable tensors (edge_agent.mlp names). Numpy only.
+Task tensors: the trainable tensors (fedfleet.edge_agent.nn.mlp names). Numpy only.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import mlp
-from edge_agent.errors import ConfigError
-from edge_agent.learners._inputs import features, flipped_labels, minibatch, params_from, task_rng
-from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, Tensors, register
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.learners._inputs import features, flipped_labels, minibatch, params_from, task_rng
+from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, Tensors, register
+from fedfleet.edge_agent.nn import mlp
 
 
 def norm_penalty_grad(params: Tensors, lam: float) -> Tensors:

@@ -1,9 +1,9 @@
 """The one plain-SGD edge learner (FedAvg's, and robust FedAvg's): local minibatch SGD on the trainable
 part, uploading the delta local - global.
 
-The loss is the one the model package declares (`edge_agent.objectives`: classification by default, the
+The loss is the one the model package declares (`fedfleet.edge_agent.nn.losses`: classification by default, the
 denoising loss of a diffusion package), and the step is `optimizer` ("sgd", the default, or "adam" with its
-moments fresh each round; `edge_agent.optimizers`). The moving-digits diffusion task trains with local Adam.
+moments fresh each round; `fedfleet.edge_agent.nn.optimizers`). The moving-digits diffusion task trains with local Adam.
 
 Two schedules:
 - `epochs` (default 1): passes over the local set in a seeded shuffle, batches of `batch` (FedAvg);
@@ -14,7 +14,7 @@ Two schedules:
 weight_decay / 2 * |theta|^2). With `flip_grad` set (the omniscient label-flip experiment only), the
 result also carries "flip.<name>", the gradient at the received model on the first batch with labels
 y -> C - 1 - y. In a continual job with per-task heads, `continual` names the task's output units
-(edge_agent.continual).
+(fedfleet.edge_agent.continual).
 
 Task config: `lr` (0.1), `epochs` (1) or `local_steps`, `batch` (32), `seed` (the agent's own, from the
 strategy), `weight_decay` (0), `optimizer` ("sgd"), `flip_grad`, `continual`.
@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import continual, mlp, objectives, optimizers
-from edge_agent.learners._inputs import features, flipped_labels, minibatch, task_rng
-from edge_agent.learners.base import Learner, LearnResult, LocalData, Task, Tensors, register
+from fedfleet.edge_agent import continual
+from fedfleet.edge_agent.learners._inputs import features, flipped_labels, minibatch, task_rng
+from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, Tensors, register
+from fedfleet.edge_agent.nn import losses as objectives
+from fedfleet.edge_agent.nn import mlp, optimizers
 
 
 def _batches(task: Task, n: int, batch: int) -> list[np.ndarray]:

@@ -21,12 +21,12 @@ import shutil
 import time
 from pathlib import Path
 
-from edge_agent.meters._base import EnergySplit, Meter, MeterError, PhaseReading, PowerMeter
-from edge_agent.meters.jetson import JetsonMeter
-from edge_agent.meters.model import ModelMeter
-from edge_agent.meters.rapl import RaplMeter
-from edge_agent.meters.rpi5 import Rpi5Meter, Runner, parse_pmic, run_vcgencmd
-from firmware_profiles.schema import Profile, load_profile
+from fedfleet.edge_agent.meters._base import EnergySplit, Meter, MeterError, PhaseReading, PowerMeter
+from fedfleet.edge_agent.meters.jetson import JetsonMeter
+from fedfleet.edge_agent.meters.model import ModelMeter
+from fedfleet.edge_agent.meters.rapl import RaplMeter
+from fedfleet.edge_agent.meters.rpi5 import Rpi5Meter, Runner, parse_pmic, run_vcgencmd
+from fedfleet.edge_agent.profiles import Profile, load_profile
 
 __all__ = [
     "KINDS", "EnergySplit", "JetsonMeter", "Meter", "MeterError", "ModelMeter", "PhaseReading", "PowerMeter",

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from edge_agent.errors import FedfleetError
+from fedfleet.edge_agent.errors import FedfleetError
 
 PHASES = ("compute", "radio")
 Clock = Callable[[], float]

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.meters._base import Clock, MeterError, PowerMeter
+from fedfleet.edge_agent.meters._base import Clock, MeterError, PowerMeter
 
 OLD_GLOB = "sys/bus/i2c/drivers/ina3221x/*/iio:device*"
 NEW_GLOB = "sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*"

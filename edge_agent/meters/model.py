@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 
-from edge_agent.meters._base import PHASES, Clock, Meter, MeterError
-from firmware_profiles.schema import Profile
+from fedfleet.edge_agent.meters._base import PHASES, Clock, Meter, MeterError
+from fedfleet.firmware_profiles.schema import Profile
 
 
 class ModelMeter(Meter):

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.meters._base import Clock, Meter, MeterError
+from fedfleet.edge_agent.meters._base import Clock, Meter, MeterError
 
 _TOP_ZONE = re.compile(r"intel-rapl:\d+$")
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_agent.meters._base import Clock, MeterError, PowerMeter
+from fedfleet.edge_agent.meters._base import Clock, MeterError, PowerMeter
 
 Runner = Callable[[list[str]], str]
 COMMAND = ["vcgencmd", "pmic_read_adc"]

@@ -1,7 +1,7 @@
 """One Runner interface over ONNX Runtime and LiteRT/TFLite.
 
 `open_runner(model, runtime=..., threads=...)` loads a model (bytes or a path) with the backend module
-`edge_agent.runtime.<runtime>` ("onnxruntime" or "litert"); each backend module defines
+`fedfleet.edge_agent.runtime.<runtime>` ("onnxruntime" or "litert"); each backend module defines
 `open(blob: bytes, *, threads: int) -> Runner`.
 """
 
@@ -13,7 +13,7 @@ from os import PathLike
 
 import numpy as np
 
-from edge_agent.errors import ModelError
+from fedfleet.edge_agent.errors import ModelError
 
 RUNTIMES = ("onnxruntime", "litert")
 
@@ -65,5 +65,5 @@ def open_runner(model: bytes | str | PathLike[str], *, runtime: str = "onnxrunti
     if not isinstance(model, bytes):
         with open(model, "rb") as fh:
             model = fh.read()
-    backend = importlib.import_module(f"edge_agent.runtime.{runtime}")
+    backend = importlib.import_module(f"fedfleet.edge_agent.runtime.{runtime}")
     return backend.open(model, threads=threads)

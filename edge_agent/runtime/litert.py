@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ModelError
-from edge_agent.runtime import Runner
+from fedfleet.edge_agent.errors import ModelError
+from fedfleet.edge_agent.runtime import Runner
 
 _IDENTIFIER = b"TFL3"
 _MIN_BYTES = 16

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.errors import ModelError
-from edge_agent.runtime import Runner
+from fedfleet.edge_agent.errors import ModelError
+from fedfleet.edge_agent.runtime import Runner
 
 _DTYPES = {
     "tensor(float)": np.float32,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_agent.errors import ConfigError
+from fedfleet.edge_agent.errors import ConfigError
 
 KINDS = ("se", "matern52")
 _SQRT5 = float(np.sqrt(5.0))

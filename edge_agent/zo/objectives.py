@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.errors import ConfigError
+from fedfleet.edge_agent.errors import ConfigError
 
 Tensors = dict[str, np.ndarray]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_agent.errors import ConfigError
+from fedfleet.edge_agent.errors import ConfigError
 
 
 class SGD:

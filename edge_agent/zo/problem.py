@@ -3,7 +3,7 @@
 Owns the task-config contract shared by the FedZO and FZooS learners and strategies:
 - `{"objective": "quadratic", "c1": [...], "c2": [...]}` with tensors `{"x": (d,)}`;
 - `{"objective": "macro_f1", "zo_tensors": [names], "zo_path": "numpy" | "runtime"}` with the head
-  tensors as task tensors: 1 − macro-F1 on the agent's shard. "numpy" runs the head (`edge_agent.mlp`)
+  tensors as task tensors: 1 − macro-F1 on the agent's shard. "numpy" runs the head (`fedfleet.edge_agent.nn.mlp`)
   in numpy over the EdgeModel's cached int8-backbone features; "runtime" feeds the head as graph inputs of the int8 model
   (`model.head_logits(head, x)`), one runtime call per query.
 """
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import mlp
-from edge_agent.errors import ConfigError
-from edge_agent.zo.objectives import Counted, MacroF1Objective, Quadratic, Tensors, VectorView
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.nn import mlp
+from fedfleet.edge_agent.zo.objectives import Counted, MacroF1Objective, Quadratic, Tensors, VectorView
 
 OBJECTIVES = ("quadratic", "macro_f1")
 

@@ -14,8 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from edge_agent.errors import ConfigError
-from edge_agent.zo.gp import nearest, scale_targets
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.zo.gp import nearest, scale_targets
 
 
 def draw(d: int, m: int, lengthscale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,1 @@
+"""The round engine: rounds and phases, the receive path, validation, the downlink."""

@@ -1,0 +1,1 @@
+"""MTVG: multi-condition video generation with the fleet-trained denoiser."""

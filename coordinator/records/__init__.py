@@ -1,0 +1,1 @@
+"""The books: the SQLite ledger (every query), checkpoints and resume, metrics, reports."""

@@ -1,0 +1,190 @@
+"""Continual jobs on the coordinator: run any strategy through a task schedule, evaluate every task seen so
+far after every round, and score the run (ACC, FGT).
+
+- `ContinualStrategy(inner, schedule)` wraps a strategy: each round it works out the current task
+  (`Position`), tells the inner strategy (`set_task(position)`, if it has one: FOT does), and adds the
+  task's description to every agent's task config (`config["continual"]`, read by `fedfleet.edge_agent.continual`).
+- `ContinualEvaluator` is the engine's `evaluate`: after every round it scores the global model on the
+  held-out test split of every task seen so far (transformed like the task; with a per-task head the
+  prediction is the argmax over the task's classes), writes a `task_accuracy` row per task to the ledger,
+  FOT's basis sizes after each task to `layer_basis`, and returns the mean over the tasks seen.
+- `acc_fgt(a)`: ACC = mean final per-task accuracy; FGT = mean over the old tasks of (accuracy just after
+  learning the task - final accuracy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedfleet.coordinator.strategies.base import ClientResult, Strategy, TaskSpec
+from fedfleet.coordinator.tasks.schedule import Position, Schedule
+from fedfleet.coordinator.tasks.schedule import parse as parse_schedule
+from fedfleet.edge_agent import continual as edge_continual
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.models import data as datasets
+
+# methods whose learners train on the task's data and honour per-task heads (fedfleet.edge_agent.continual)
+METHODS = ("fedavg", "fot")
+
+
+class ContinualStrategy(Strategy):
+    """A strategy run through a task schedule. Rounds are counted in the order they run (numbering-free)."""
+
+    def __init__(self, inner: Strategy, schedule: Schedule) -> None:
+        # no Strategy.__init__: the inner strategy owns the state, this wrapper holds no copy of it
+        self.inner = inner
+        self.schedule = schedule
+        self.name = inner.name
+        self.phases = inner.phases
+        self.config = inner.config
+        self.rounds_started = 0
+        self.position: Position | None = None
+
+    @property  # type: ignore[override]
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.inner.state
+
+    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
+        if phase == 0:
+            self.position = self.schedule.position(min(self.rounds_started, self.schedule.total_rounds - 1))
+            self.rounds_started += 1
+            if hasattr(self.inner, "set_task"):
+                self.inner.set_task(self.position)
+        assert self.position is not None
+        spec = self.position.task.spec(self.position.index, self.schedule.head)
+        specs = self.inner.configure(round, phase, agents)
+        return {a: dataclasses.replace(s, config={**s.config, "continual": spec}) for a, s in specs.items()}
+
+    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        self.inner.aggregate(round, phase, results)
+
+    def check(self, round: int, phase: int, result: ClientResult) -> None:
+        self.inner.check(round, phase, result)
+
+    def update_kind(self, phase: int) -> str:
+        return self.inner.update_kind(phase)
+
+    def update_names(self, phase: int) -> set[str] | None:
+        return self.inner.update_names(phase)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.inner.global_state()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**self.inner.extra_state(), "continual_rounds": self.rounds_started,
+                "schedule": self.schedule.to_dict()}
+
+    def round_note(self) -> str:
+        p = self.position
+        where = f"task {p.index + 1}/{p.tasks} {p.task.name} r{p.round_in_task}/{p.task.rounds}" if p else ""
+        inner = self.inner.round_note()
+        return f"{where}; {inner}" if inner and where else where or inner
+
+
+def task_tests(schedule: Schedule, test: datasets.Dataset) -> list[datasets.Dataset]:
+    """Each task's held-out set: the test split, with the task's classes and transform."""
+    out = []
+    for i, t in enumerate(schedule.tasks):
+        d = edge_continual.derive(edge_continual.LocalData(test.x, test.y), t.spec(i, schedule.head))
+        out.append(datasets.Dataset(d.x, d.y))
+    return out
+
+
+class ContinualEvaluator:
+    """The engine's `evaluate` for a continual job (see the module docstring). `bind(coord)` before round 1."""
+
+    def __init__(self, strategy: ContinualStrategy, cmodel: Any, test: datasets.Dataset) -> None:
+        self.strategy = strategy
+        self.cmodel = cmodel
+        self.tests = task_tests(strategy.schedule, test)
+        self.coord: Any = None
+        self.history: list[tuple[int, list[float]]] = []  # (task index, accuracies on tasks 0..t) per round
+
+    def bind(self, coord: Any) -> ContinualEvaluator:
+        self.coord = coord
+        return self
+
+    @torch.no_grad()
+    def score(self, state: dict[str, torch.Tensor], tau: int) -> tuple[float, float]:
+        """(accuracy, loss) of the global model on task tau's test set."""
+        test = self.tests[tau]
+        feats = torch.from_numpy(self.cmodel.edge.features(test.x, f"continual-{tau}"))
+        head = self.cmodel.load_head(state)
+        logits = head(feats)
+        target = torch.as_tensor(test.y, dtype=torch.long)
+        classes = self.strategy.schedule.tasks[tau].classes
+        if self.strategy.schedule.head == "task" and classes is not None:
+            mask = torch.full((logits.shape[1],), float("-inf"))
+            mask[list(classes)] = 0.0
+            logits = logits + mask
+        loss = float(nn.functional.cross_entropy(logits, target))
+        return int((logits.argmax(dim=1) == target).sum()) / max(1, len(target)), loss
+
+    def __call__(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        pos = self.strategy.position
+        if pos is None:
+            raise RuntimeError("the continual evaluator runs after a round was configured")
+        scores = [self.score(state, tau) for tau in range(pos.index + 1)]
+        self.history.append((pos.index, [a for a, _ in scores]))
+        if self.coord is not None:
+            run, r = self.coord.cfg.run, int(self.coord.round)
+            names = [t.name for t in self.strategy.schedule.tasks]
+            self.coord.ledger.record_task_accuracy(run, r, pos.index, pos.task.name, pos.last,
+                                                   [(tau, names[tau], a, lo) for tau, (a, lo) in enumerate(scores)])
+            fill = getattr(self.strategy.inner, "basis_sizes", None)
+            if pos.last and fill is not None:
+                self.coord.ledger.record_basis(run, pos.index, pos.task.name, fill())
+        return float(np.mean([a for a, _ in scores])), float(np.mean([lo for _, lo in scores]))
+
+    def matrix(self) -> list[list[float]]:
+        """a[t][tau] from this run's rounds (the last round of each task t), tau <= t."""
+        ends: dict[int, list[float]] = {}
+        for t, accs in self.history:
+            ends[t] = accs  # the last one per task wins
+        return [ends[t] for t in sorted(ends)]
+
+
+def acc_fgt(matrix: list[list[float | None]]) -> tuple[float, float]:
+    """(ACC, FGT) from a[t][tau]: ACC = mean_tau a[T-1][tau]; FGT = mean_{tau < T-1} (a[tau][tau] - a[T-1][tau])
+    (0 with one task)."""
+    last = len(matrix) - 1
+    final = [float(v) for v in matrix[last][: last + 1] if v is not None]
+    acc = float(np.mean(final)) if final else float("nan")
+    drops = [float(matrix[t][t]) - float(matrix[last][t]) for t in range(last)
+             if matrix[t][t] is not None and matrix[last][t] is not None]
+    return acc, float(np.mean(drops)) if drops else 0.0
+
+
+def schedule_of(cfg: Any) -> Schedule | None:
+    """The job's schedule (None for an ordinary job); ConfigError for a method that cannot run one."""
+    if not getattr(cfg, "continual", None):
+        if cfg.method == "fot":
+            raise ConfigError("method 'fot' needs a task schedule: add a [continual] table to the job file "
+                              "(see examples/permuted-digits.toml)")
+        return None
+    if cfg.method not in METHODS:
+        raise ConfigError(f"field 'job.method': a continual job runs {', '.join(METHODS)}, not {cfg.method!r}")
+    return parse_schedule(cfg.continual, "job")
+
+
+def wrap(cfg: Any, strategy: Strategy, cmodel: Any, test: datasets.Dataset) -> tuple[Strategy, Any]:
+    """(strategy, evaluate) for the engine: unchanged for an ordinary job; for a continual job the wrapped
+    strategy and a `ContinualEvaluator` (call `bind(evaluate, coord)` once the coordinator exists), and
+    `cfg.rounds` set to the schedule's total."""
+    schedule = schedule_of(cfg)
+    if schedule is None:
+        return strategy, lambda state: cmodel.evaluate(state, test.x, test.y)
+    cfg.rounds = schedule.total_rounds  # a continual job runs its schedule
+    wrapped = ContinualStrategy(strategy, schedule)
+    return wrapped, ContinualEvaluator(wrapped, cmodel, test)
+
+
+def bind(evaluate: Any, coord: Any) -> None:
+    """Give a continual evaluator the coordinator (its ledger and round); a no-op for a plain evaluate."""
+    if isinstance(evaluate, ContinualEvaluator):
+        evaluate.bind(coord)

@@ -1,0 +1,1 @@
+"""MTVG sampling on the device side (numpy): the sampling loop, prompts, outputs."""

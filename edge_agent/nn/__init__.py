@@ -1,0 +1,1 @@
+"""Numpy networks and their maths: MLP, LoRA, the video denoiser, losses, optimizers."""

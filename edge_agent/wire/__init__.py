@@ -1,0 +1,1 @@
+"""The wire: topics, envelopes and signing, MQTT link, codecs, socket byte counters."""

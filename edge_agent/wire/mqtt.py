@@ -1,0 +1,235 @@
+"""One MQTT connection: paho-mqtt 2 with TCP_NODELAY, jittered exponential reconnect and byte counters.
+
+Broker URLs: `mqtt://host:port` (default port 1883) or `mqtts://host:port` (TLS, default 8883; the CA file
+comes from `ca_certs`). MQTT 3.1.1 semantics so any broker works. Publishes are QoS 1 by default.
+Byte counters hold PUBLISH packet bytes plus PUBACKs (`protocol.mqtt_publish_bytes`), per direction and
+per topic; `wire_bytes()` is what the socket really moved (fedfleet.edge_agent.wire.socket_bytes: TCP counters, TLS included).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.wire.protocol import mqtt_publish_bytes
+from fedfleet.edge_agent.wire.socket_bytes import WireCounter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "mqtts", "tcp") or not u.hostname:
+            raise ConfigError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
+        try:
+            port = u.port
+        except ValueError:
+            raise ConfigError(f"broker URL {url!r} has a bad port") from None
+        return cls(u.hostname, port or (8883 if u.scheme == "mqtts" else 1883), u.scheme == "mqtts")
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def _nodelay(client: paho.Client, userdata: object, sock: object) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):  # websockets or unusual sockets: leave as is
+        pass
+
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class MqttLink:
+    """A client with its own network thread. Handlers run on that thread: keep them short."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str,
+        on_message: MessageHandler,
+        subscriptions: list[str],
+        clean_session: bool = False,
+        will: tuple[str, bytes, bool] | Callable[[], tuple[str, bytes, bool]] | None = None,
+        on_connect: Callable[[], None] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        ca_certs: str | None = None,
+        keepalive: int = 30,
+        min_backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self.url = BrokerURL.parse(url)
+        self._on_message_cb = on_message
+        self._subscriptions = list(subscriptions)
+        self._on_connect_cb = on_connect
+        self._min_backoff, self._max_backoff = min_backoff_s, max_backoff_s
+        self.keepalive = keepalive
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.bytes_by_topic: Counter[str] = Counter()  # formula bytes per topic, both directions
+        self.connects = 0  # CONNACKs accepted (first connection and reconnects)
+        self.wire = WireCounter()
+        self.client_id, self.will, self.username, self.password = client_id, will, username, password
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker acknowledged our subscriptions (SUBACK)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+            protocol=paho.MQTTv311,
+        )
+        c.on_socket_open = self._socket_open
+        c.on_socket_close = lambda client, userdata, sock: self.wire.closed(sock)
+        c.on_connect = self._handle_connect
+        c.on_disconnect = self._handle_disconnect
+        c.on_message = self._handle_message
+        c.on_subscribe = self._handle_subscribe
+        c.max_inflight_messages_set(64)
+        c.max_queued_messages_set(0)
+        if username is not None:
+            c.username_pw_set(username, password)
+        if self.url.tls:
+            c.tls_set(ca_certs=ca_certs)
+        self._will = will
+        self._client = c
+        self._set_will()
+        self._thread: threading.Thread | None = None
+
+    def _set_will(self) -> None:
+        """A callable will is asked for a fresh will before every (re)connection, so each connection's will
+        can carry its own sequence number."""
+        will = self._will() if callable(self._will) else self._will
+        self.will_set = will  # the will of the current connection (its bytes count in the CONNECT)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=will[2])
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self, wait_s: float = 10.0) -> None:
+        """Start the network thread and wait up to `wait_s` for the first connection and for the broker to
+        acknowledge the subscriptions, so messages published after this returns are delivered (0: no wait)."""
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._client._client_id!r}", daemon=True)
+        self._thread.start()
+        if wait_s and not self.connected.wait(wait_s):
+            raise ConnectionError(f"could not connect to the MQTT broker at {self.url} within {wait_s:.0f} s")
+        if wait_s and self._subscriptions and not self.subscribed.wait(wait_s):
+            raise ConnectionError(f"the MQTT broker at {self.url} did not acknowledge our subscriptions")
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """Disconnect. `graceful=False` drops the socket without DISCONNECT, so the broker sends the will."""
+        self._stop.set()
+        try:
+            if graceful:
+                self._client.disconnect()
+            else:
+                sock = self._client.socket()
+                if sock is not None:
+                    sock.close()
+        except Exception:  # noqa: BLE001 - best effort on shutdown
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        delay = self._min_backoff
+        first = True
+        while not self._stop.is_set():
+            try:
+                if callable(self._will):
+                    self._set_will()
+                if first:
+                    self._client.connect(self.url.host, self.url.port, keepalive=self.keepalive)
+                    first = False
+                else:
+                    self._client.reconnect()
+            except (OSError, paho.WebsocketConnectionError) as exc:
+                wait = random.uniform(delay / 2, delay)  # jittered exponential backoff
+                log.info("broker %s unreachable (%s); retrying in %.1f s", self.url, exc, wait)
+                self._stop.wait(wait)
+                delay = min(delay * 2, self._max_backoff)
+                continue
+            rc = paho.MQTT_ERR_SUCCESS
+            while not self._stop.is_set() and rc == paho.MQTT_ERR_SUCCESS:
+                rc = self._client.loop(timeout=1.0)
+                if self.connected.is_set():
+                    delay = self._min_backoff
+            self.connected.clear()
+            if not self._stop.is_set():
+                wait = random.uniform(delay / 2, delay)
+                self._stop.wait(wait)
+                delay = min(delay * 2, self._max_backoff)
+        try:
+            self._client.loop(timeout=0.05)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def wire_bytes(self) -> tuple[int, int] | None:
+        """(sent, received) bytes on the socket(s) so far, TLS and MQTT control included; None if unknown."""
+        return self.wire.totals()
+
+    # -------------------------------------------------------------- callbacks
+    def _socket_open(self, client: paho.Client, userdata: object, sock: object) -> None:
+        _nodelay(client, userdata, sock)
+        self.wire.opened(sock)
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            log.warning("broker %s refused the connection: %s", self.url, reason_code)
+            return
+        if self._subscriptions:
+            client.subscribe([(topic, 1) for topic in self._subscriptions])
+        self.connects += 1
+        self.connected.set()
+        if self._on_connect_cb is not None:
+            self._on_connect_cb()
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        if any(rc.is_failure for rc in reason_codes):
+            log.warning("broker %s refused a subscription: %s", self.url, reason_codes)
+        self.subscribed.set()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self.connected.clear()
+        self.subscribed.clear()
+
+    def _handle_message(self, client, userdata, msg: paho.MQTTMessage) -> None:  # noqa: ANN001
+        n = mqtt_publish_bytes(msg.topic, len(msg.payload), msg.qos)
+        with self._lock:
+            self.bytes_received += n
+            self.bytes_by_topic[msg.topic] += n
+        try:
+            self._on_message_cb(msg.topic, msg.payload)
+        except Exception:  # a handler bug must never kill the network thread
+            log.exception("message handler failed on %s", msg.topic)
+
+    # -------------------------------------------------------------- publishing
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        """Queue one message; returns its MQTT bytes. QoS 1 messages survive a reconnect."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        queued = (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST) if qos else (paho.MQTT_ERR_SUCCESS,)
+        if info.rc not in queued:  # QoS 1 messages stay in paho's queue and go out after a reconnect
+            raise ConnectionError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        n = mqtt_publish_bytes(topic, len(payload), qos)
+        with self._lock:
+            self.bytes_sent += n
+            self.bytes_by_topic[topic] += n
+        return n

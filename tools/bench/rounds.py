@@ -1,0 +1,76 @@
+"""`fedfleet bench rounds`: the round engine's own cost.
+
+Runs FedAvg rounds with N agents (each its own MQTT connection, spread over worker processes) and reports
+the median round wall time, the median of the slowest agent's learn time, and their difference, the
+overhead: dispatch, transfer, validation, aggregation, evaluation and checkpointing.
+
+Writes {"agents", "round_s_median", "slowest_agent_s_median", "overhead_s_median"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from fedfleet.coordinator.job.config import JobConfig, method_config
+from fedfleet.tools.bench.output import emit
+
+
+def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "transfer") -> dict:
+    from fedfleet.coordinator.broker import start_broker
+    from fedfleet.coordinator.engine.rounds import Coordinator
+    from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards, small_model_threads
+    from fedfleet.coordinator.strategies import create
+    from fedfleet.edge_agent.wire.signing import new_signing_seed, public_key
+    from fedfleet.tools.emulate.agent_pool import AgentPool
+
+    small_model_threads()
+    cfg = JobConfig(agents=agents, rounds=rounds, alpha=0.5, mode=mode, deadline_s=60.0)
+    local, test = shards(cfg)
+    blob, cmodel = build(cfg)
+    ids = agent_ids(cfg)
+    secret = os.urandom(32)
+    seed = new_signing_seed()
+    with start_broker(broker) as b, tempfile.TemporaryDirectory() as tmp:
+        strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
+        coord = Coordinator(broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
+                            evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp),
+                            config=engine_config(cfg, "bench"), signing_key=seed)
+        coord.start()
+        pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes,
+                         coordinator_key=public_key(seed))
+        try:
+            pool.start()
+            coord.wait_for_agents(agents, 120)
+            coord.run_round(0)  # warm-up: caches, first features; not counted
+            summaries = [coord.run_round(r) for r in range(1, rounds + 1)]
+        finally:
+            pool.stop()
+            coord.stop()
+    walls = [s.wall_s for s in summaries]
+    slowest = [s.slowest_learn_s for s in summaries]
+    return {
+        "agents": agents,
+        "round_s_median": statistics.median(walls),
+        "slowest_agent_s_median": statistics.median(slowest),
+        "overhead_s_median": statistics.median(w - s for w, s in zip(walls, slowest)),
+        "ok_per_round": [s.ok for s in summaries],
+        "timings_s_median": {k: statistics.median(s.timings[k] for s in summaries) for k in summaries[0].timings},
+        "broker": broker,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fedfleet bench rounds", description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--broker", default="mosquitto")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    out = run(args.agents, args.rounds, args.broker, args.processes)
+    emit(out, ("agents", "round_s_median", "slowest_agent_s_median", "overhead_s_median"), args.json)
+    return 0

@@ -1,0 +1,1 @@
+"""The fleet emulator: emulated agents with device profiles, agent pools, traffic shaping."""

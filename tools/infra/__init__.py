@@ -1,0 +1,1 @@
+"""Infrastructure: RabbitMQ clusters, byte audits, wheel checks, the aarch64 test bed."""
