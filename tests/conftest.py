@@ -23,3 +23,23 @@ def mosquitto():
     broker = MosquittoBroker()
     yield broker
     broker.stop()
+
+
+# tests that need more than a few seconds on a 2-core machine (`-m "not slow"` skips them)
+SLOW = {
+    "tests/system/test_cluster.py", "tests/system/test_provision.py", "tests/tools/test_emulate.py",
+    "tests/tools/test_bench_fuzz.py", "tests/tools/test_bench_scale_smoke.py", "tests/system/test_demo.py",
+    "tests/tools/test_bench_ferret_smoke.py", "tests/system/test_hostile_corpus.py", "tests/system/test_serve_devices.py",
+    "tests/system/test_resume.py", "tests/models/test_parity.py", "tests/models/test_models_onnx.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
+    """Mark what needs a broker (`mqtt`: the Mosquitto fixture, or a system test) and what is slow, so that
+    `pytest -m "not mqtt"` runs the unit tests alone."""
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if "mosquitto" in getattr(item, "fixturenames", ()) or path.startswith("tests/system/"):
+            item.add_marker(pytest.mark.mqtt)
+        if path in SLOW:
+            item.add_marker(pytest.mark.slow)

@@ -34,6 +34,7 @@ from fedfleet.coordinator.engine.update_guard import UpdateGuard
 from fedfleet.coordinator.records.store import RunStore
 from fedfleet.coordinator.strategies import ClientResult, Strategy, TaskSpec
 from fedfleet.coordinator.strategies.base import to_numpy
+from fedfleet.coordinator.tasks.base import RoundContext
 from fedfleet.edge_agent.errors import ConfigError, ProtocolError
 from fedfleet.edge_agent.wire import codecs, protocol, signing
 from fedfleet.edge_agent.wire.mqtt import MqttLink
@@ -102,7 +103,7 @@ class Coordinator:
         roster: list[str],
         strategy: Strategy,
         package: bytes,
-        evaluate: Callable[[dict[str, torch.Tensor]], tuple[float, float]],
+        evaluate: Callable[[RoundContext, dict[str, torch.Tensor]], tuple[float, float]],
         run_dir: str | Path,
         config: EngineConfig,
         signing_key: bytes,
@@ -352,10 +353,12 @@ class Coordinator:
     def _score(self) -> tuple[float, float, float | None, int]:
         """(accuracy, loss, worst node's accuracy, nodes): a per-node method's mean and minimum over its nodes."""
         nodes = self.strategy.node_states()
+        ctx = RoundContext(run=self.cfg.run, round=self.round, rounds=self.cfg.rounds, run_dir=self.run_dir,
+                           ledger=self.ledger)
         if not nodes:
-            accuracy, loss = self.evaluate(self.strategy.global_state())
+            accuracy, loss = self.evaluate(ctx, self.strategy.global_state())
             return accuracy, loss, None, 0
-        scores = [self.evaluate(state) for state in nodes.values()]
+        scores = [self.evaluate(ctx, state) for state in nodes.values()]
         accs = [a for a, _ in scores]
         return float(np.mean(accs)), float(np.mean([lo for _, lo in scores])), float(np.min(accs)), len(scores)
 

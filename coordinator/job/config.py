@@ -79,6 +79,12 @@ class JobConfig:
     continual: dict[str, Any] | None = None  # a checked [continual] table (fedfleet.coordinator.tasks.schedule), or None
     task: str = "classification"  # or DIFFUSION_TASK (check_task says which fields apply)
     eval_every: int = 0  # DIFFUSION_TASK: evaluate every N rounds (0: DIFFUSION_EVAL_EVERY)
+    # task "custom" (your own model and data): the job file's [model], [data] and [eval] tables as written,
+    # checked by fedfleet.coordinator.tasks.custom; relative paths in them are resolved against `base_dir`
+    model: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+    base_dir: str = ""  # the folder of the job file ("" : the working directory)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,7 +125,8 @@ LORA_METHODS = ("fedit", "flora", "lora_fair")
 
 
 DIFFUSION_TASK = "moving-digits-diffusion"
-TASKS = ("classification", DIFFUSION_TASK)
+CUSTOM_TASK = "custom"  # a model and data of your own: [model], [data], [eval] (fedfleet.coordinator.tasks.custom)
+TASKS = ("classification", DIFFUSION_TASK, CUSTOM_TASK)
 DIFFUSION_EVAL_EVERY = 5
 # the diffusion task's [method] defaults over fedavg's: plain SGD barely moves this denoiser (300 steps at
 # lr 2 took the held-out loss from 0.169 to 0.165), local Adam at lr 1e-3, batch 64 trains it
@@ -128,8 +135,19 @@ TASK_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+CUSTOM_SECTIONS = ("model", "data", "eval")
+
+
 def check_task(cfg: JobConfig) -> JobConfig:
     """Cross-field checks of the task; a one-line ConfigError naming the field that does not apply."""
+    if cfg.task == CUSTOM_TASK:
+        if not cfg.model:
+            raise ConfigError(f"field 'task': {CUSTOM_TASK!r} needs a [model] table (and [data]); see "
+                              "examples/own-model/job.toml")
+        return cfg
+    for section in CUSTOM_SECTIONS:
+        if getattr(cfg, section):
+            raise ConfigError(f"section [{section}] belongs to task {CUSTOM_TASK!r}, not {cfg.task!r}")
     if cfg.task != DIFFUSION_TASK:
         if cfg.mode == "diffusion":
             raise ConfigError(f"field 'mode': 'diffusion' packages are for task {DIFFUSION_TASK!r}; set task too")
@@ -152,7 +170,9 @@ def check_task(cfg: JobConfig) -> JobConfig:
 
 def package_mode(cfg: JobConfig) -> str:
     """The package mode a job runs: "lora" for the LoRA methods (and only for them), "diffusion" for the
-    diffusion task, else `cfg.mode`."""
+    diffusion task, "custom" for a model of your own (its task builds the package), else `cfg.mode`."""
+    if cfg.task == CUSTOM_TASK:
+        return CUSTOM_TASK
     if cfg.task == DIFFUSION_TASK or cfg.mode == "diffusion":
         check_task(cfg)
         return "diffusion"
@@ -277,7 +297,7 @@ _HINTS = {
     "quorum": "a fraction in (0, 1]",
     "fleet": "1-64 characters of letters, digits, '-', '_' or '.'",
     "method": "a registered method (see coordinator/strategies/)",
-    "task": f"'classification' or {DIFFUSION_TASK!r}",
+    "task": f"'classification', {DIFFUSION_TASK!r} or {CUSTOM_TASK!r} (your own [model], [data] and [eval])",
     "eval_every": "an integer >= 0 (0: the task's default)",
 }
 
@@ -321,10 +341,11 @@ def load(path: str | Path, cfg: JobConfig | None = None) -> JobConfig:
     cfg = cfg or JobConfig()
     p = Path(path)
     data = read_toml(p)
-    unknown = set(data) - {"job", "method", "uplink", "continual"}
+    unknown = set(data) - {"job", "method", "uplink", "continual", *CUSTOM_SECTIONS}
     if unknown:
-        raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; use [job], [method], [uplink], [continual]")
-    for section in ("job", "method", "uplink"):
+        raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; use [job], [method], [uplink], [continual], "
+                          "[model], [data], [eval]")
+    for section in ("job", "method", "uplink", *CUSTOM_SECTIONS):
         if section in data and not isinstance(data[section], dict):
             raise ConfigError(f"{p}: '{section}' must be a table ([{section}])")
     apply(cfg, data.get("job", {}), str(p))
@@ -335,6 +356,12 @@ def load(path: str | Path, cfg: JobConfig | None = None) -> JobConfig:
         cfg.uplink = check_codec(data["uplink"], f"{p}: [uplink]")
     if "continual" in data:
         apply_continual(cfg, data["continual"], str(p), rounds_set="rounds" in data.get("job", {}))
+    if any(section in data for section in CUSTOM_SECTIONS):
+        if "task" not in data.get("job", {}):
+            cfg.task = CUSTOM_TASK  # [model] / [data] / [eval] make a custom task
+        for section in CUSTOM_SECTIONS:
+            setattr(cfg, section, dict(data[section]) if section in data else None)
+        cfg.base_dir = str(p.resolve().parent)
     try:
         check_task(cfg)
     except ConfigError as exc:

@@ -63,6 +63,10 @@ def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
 
     LoRA jobs fine-tune a pre-trained base on feature-shifted data: agent i holds domain i mod 6
     (`fedfleet.models.shifts`), the test split is scored under every domain."""
+    if package_mode(cfg) == "custom":  # a model and data of your own (fedfleet.coordinator.tasks.custom)
+        from fedfleet.coordinator.tasks import task_for
+
+        return task_for(cfg).shards(cfg.agents), None  # type: ignore[return-value]
     if package_mode(cfg) == "diffusion":  # moving-digit clips (fedfleet.coordinator.tasks.diffusion)
         from fedfleet.coordinator.tasks import diffusion
 
@@ -174,6 +178,10 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
     from fedfleet.models import package_cache
     from fedfleet.models.mirrors.head import CoordinatorModel
 
+    if package_mode(cfg) == "custom":
+        from fedfleet.coordinator.tasks import task_for
+
+        return task_for(cfg).package()
     if package_mode(cfg) == "diffusion":
         from fedfleet.coordinator.tasks import diffusion
 
@@ -215,7 +223,8 @@ def job_identity(cfg: JobConfig, roster: list[str]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (`fedfleet.coordinator.records.store.open_job` compares it).
     The task fields are left out at their defaults, so runs started before they existed still resume."""
     identity = {**cfg.to_dict(), "roster": list(roster)}
-    for key, default in (("task", "classification"), ("eval_every", 0)):
+    for key, default in (("task", "classification"), ("eval_every", 0), ("model", None), ("data", None),
+                         ("eval", None), ("base_dir", "")):
         if identity.get(key) == default:
             del identity[key]
     return identity
@@ -257,7 +266,6 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
             evaluate=evaluate, run_dir=run_dir,
             config=engine_config(cfg, run), signing_key=signing_key, resume=resume,
         )
-        continual.bind(evaluate, coord)
         progress = Progress(cfg.rounds, title="fedfleet demo", quiet=quiet,
                             online=lambda: (len(coord.ready_agents()), len(ids)), joules=lambda: ledger_joules(coord))
         bind_model(cmodel, coord, progress)
@@ -350,7 +358,6 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
                         evaluate=evaluate, run_dir=run_dir,
                         config=engine_config(cfg, run), signing_key=signing_key, username=username,
                         password=password, ca_certs=ca_certs, resume=resume)
-    continual.bind(evaluate, coord)
     progress = Progress(cfg.rounds, title="fedfleet serve", online=lambda: (len(coord.ready_agents()), len(ids)),
                         joules=lambda: ledger_joules(coord))
     bind_model(cmodel, coord, progress)
@@ -371,10 +378,7 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
 
 
 def bind_model(cmodel: Any, coord: Coordinator, progress: Progress) -> None:
-    """Give a model that evaluates on its own schedule (the diffusion task's) the coordinator, and let the
-    progress lines name its score."""
-    if hasattr(cmodel, "bind"):
-        cmodel.bind(coord)
+    """Let the progress lines name the model's score."""
     progress.score_name = getattr(cmodel, "score_name", progress.score_name)
 
 

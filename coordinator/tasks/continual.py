@@ -4,7 +4,7 @@ far after every round, and score the run (ACC, FGT).
 - `ContinualStrategy(inner, schedule)` wraps a strategy: each round it works out the current task
   (`Position`), tells the inner strategy (`set_task(position)`, if it has one: FOT does), and adds the
   task's description to every agent's task config (`config["continual"]`, read by `fedfleet.edge_agent.continual`).
-- `ContinualEvaluator` is the engine's `evaluate`: after every round it scores the global model on the
+- `ContinualEvaluator` is the engine's `evaluate(ctx, state)`: after every round it scores the global model on the
   held-out test split of every task seen so far (transformed like the task; with a per-task head the
   prediction is the argmax over the task's classes), writes a `task_accuracy` row per task to the ledger,
   FOT's basis sizes after each task to `layer_basis`, and returns the mean over the tasks seen.
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fedfleet.coordinator.strategies.base import ClientResult, Strategy, TaskSpec
+from fedfleet.coordinator.tasks.base import RoundContext
 from fedfleet.coordinator.tasks.schedule import Position, Schedule
 from fedfleet.coordinator.tasks.schedule import parse as parse_schedule
 from fedfleet.edge_agent import continual as edge_continual
@@ -96,18 +97,13 @@ def task_tests(schedule: Schedule, test: datasets.Dataset) -> list[datasets.Data
 
 
 class ContinualEvaluator:
-    """The engine's `evaluate` for a continual job (see the module docstring). `bind(coord)` before round 1."""
+    """The engine's `evaluate(ctx, state)` for a continual job (see the module docstring)."""
 
     def __init__(self, strategy: ContinualStrategy, cmodel: Any, test: datasets.Dataset) -> None:
         self.strategy = strategy
         self.cmodel = cmodel
         self.tests = task_tests(strategy.schedule, test)
-        self.coord: Any = None
         self.history: list[tuple[int, list[float]]] = []  # (task index, accuracies on tasks 0..t) per round
-
-    def bind(self, coord: Any) -> ContinualEvaluator:
-        self.coord = coord
-        return self
 
     @torch.no_grad()
     def score(self, state: dict[str, torch.Tensor], tau: int) -> tuple[float, float]:
@@ -125,20 +121,19 @@ class ContinualEvaluator:
         loss = float(nn.functional.cross_entropy(logits, target))
         return int((logits.argmax(dim=1) == target).sum()) / max(1, len(target)), loss
 
-    def __call__(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+    def __call__(self, ctx: RoundContext, state: dict[str, torch.Tensor]) -> tuple[float, float]:
         pos = self.strategy.position
         if pos is None:
             raise RuntimeError("the continual evaluator runs after a round was configured")
         scores = [self.score(state, tau) for tau in range(pos.index + 1)]
         self.history.append((pos.index, [a for a, _ in scores]))
-        if self.coord is not None:
-            run, r = self.coord.cfg.run, int(self.coord.round)
+        if ctx.ledger is not None:
             names = [t.name for t in self.strategy.schedule.tasks]
-            self.coord.ledger.record_task_accuracy(run, r, pos.index, pos.task.name, pos.last,
-                                                   [(tau, names[tau], a, lo) for tau, (a, lo) in enumerate(scores)])
+            ctx.ledger.record_task_accuracy(ctx.run, ctx.round, pos.index, pos.task.name, pos.last,
+                                            [(tau, names[tau], a, lo) for tau, (a, lo) in enumerate(scores)])
             fill = getattr(self.strategy.inner, "basis_sizes", None)
             if pos.last and fill is not None:
-                self.coord.ledger.record_basis(run, pos.index, pos.task.name, fill())
+                ctx.ledger.record_basis(ctx.run, pos.index, pos.task.name, fill())
         return float(np.mean([a for a, _ in scores])), float(np.mean([lo for _, lo in scores]))
 
     def matrix(self) -> list[list[float]]:
@@ -174,17 +169,17 @@ def schedule_of(cfg: Any) -> Schedule | None:
 
 def wrap(cfg: Any, strategy: Strategy, cmodel: Any, test: datasets.Dataset) -> tuple[Strategy, Any]:
     """(strategy, evaluate) for the engine: unchanged for an ordinary job; for a continual job the wrapped
-    strategy and a `ContinualEvaluator` (call `bind(evaluate, coord)` once the coordinator exists), and
+    strategy and a `ContinualEvaluator`, and
     `cfg.rounds` set to the schedule's total."""
+    if getattr(cfg, "task", None) == "custom":  # a model and data of your own: the task scores it
+        from fedfleet.coordinator.tasks import task_for
+
+        return strategy, task_for(cfg).evaluate
     schedule = schedule_of(cfg)
     if schedule is None:
-        return strategy, lambda state: cmodel.evaluate(state, test.x, test.y)
+        if getattr(cmodel, "scores_rounds", False):  # it decides which rounds it scores (the diffusion task)
+            return strategy, lambda ctx, state: cmodel.evaluate(state, test.x, test.y, ctx=ctx)
+        return strategy, lambda ctx, state: cmodel.evaluate(state, test.x, test.y)
     cfg.rounds = schedule.total_rounds  # a continual job runs its schedule
     wrapped = ContinualStrategy(strategy, schedule)
     return wrapped, ContinualEvaluator(wrapped, cmodel, test)
-
-
-def bind(evaluate: Any, coord: Any) -> None:
-    """Give a continual evaluator the coordinator (its ledger and round); a no-op for a plain evaluate."""
-    if isinstance(evaluate, ContinualEvaluator):
-        evaluate.bind(coord)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedfleet.coordinator.tasks.base import RoundContext
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.model import EdgeModel
@@ -111,6 +112,7 @@ class DiffusionModel:
     """The engine's model for the diffusion task: the package's initial state and the periodic evaluation."""
 
     score_name = "x0 MSE"  # what the round score (the ledger's score column) is, for progress lines
+    scores_rounds = True  # it scores every eval_every rounds: its evaluate takes the round's context
 
     def __init__(self, blob: bytes, *, rounds: int, eval_every: int = 1) -> None:
         self.edge = EdgeModel.from_bytes(blob)
@@ -119,27 +121,24 @@ class DiffusionModel:
         self.head_layout = self.edge.head_layout
         self.steps = int(self.manifest["diffusion"]["steps"])
         self.rounds, self.eval_every = rounds, max(1, int(eval_every))
-        self.coord: Any = None
         self.last: dict[str, Any] | None = None
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v.copy()) for k, v in self.edge.head_init.items()}
 
-    def bind(self, coord: Any) -> None:
-        """The coordinator whose round number decides which rounds are evaluated, and whose run dir gets the log."""
-        self.coord = coord
-
     def due(self, round: int) -> bool:
         return round % self.eval_every == 0 or round >= self.rounds
 
-    def evaluate(self, state: dict[str, Any], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        """(x0_mse, denoise_loss) on the held-out clips, or (NaN, NaN) on a round that is not evaluated."""
-        round = int(getattr(self.coord, "round", self.rounds))
+    def evaluate(self, state: dict[str, Any], x: np.ndarray, y: np.ndarray,
+                 ctx: RoundContext | None = None) -> tuple[float, float]:
+        """(x0_mse, denoise_loss) on the held-out clips, or (NaN, NaN) on a round that is not evaluated (the
+        round is the context's; without one, the last). Each evaluation is appended to the run dir's log."""
+        round = ctx.round if ctx is not None else self.rounds
         if not self.due(round):
             return math.nan, math.nan
         self.last = {"round": round, **score(state, x, y, self.steps)}
-        if self.coord is not None:
-            with open(Path(self.coord.run_dir) / EVAL_FILE, "a", encoding="utf-8") as fh:
+        if ctx is not None:
+            with open(Path(ctx.run_dir) / EVAL_FILE, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(self.last) + "\n")
         return self.last["x0_mse"], self.last["denoise_loss"]
 

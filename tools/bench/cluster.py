@@ -98,7 +98,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
             ecfg.grace_s = 0.0
             coord_sign, agent_sign = signing_options()
             coord = Coordinator(broker_url=coord_url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                                evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg,
+                                evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg,
                                 **coord_sign)
             coord.start()
             pools = []

@@ -94,7 +94,7 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
         ecfg = engine_config(cfg, "bench-fleet")
         ecfg.grace_s = 0.0
         coord = Coordinator(broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                            evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg,
+                            evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg,
                             signing_key=seed)
         coord.start()
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes, share_model=True,

@@ -245,7 +245,7 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
         ecfg = engine_config(cfg, "fuzz")
         ecfg.grace_s = 0.0
         coord = Coordinator(broker_url=b.url, secret=secret, roster=[*honest, insider], strategy=strategy,
-                            package=blob, evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp),
+                            package=blob, evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp),
                             config=ecfg, signing_key=seed_key)
         processed = [0]
         inner = coord.link._on_message_cb

@@ -108,7 +108,7 @@ def run_fleet(broker_url: str, blob: bytes, cmodel: CoordinatorModel, method: st
         strategy = create_strategy(method, cmodel.initial_state(), seed=seed, uplink={"name": "none"}, **config)
     with tempfile.TemporaryDirectory() as tmp:
         coord = Coordinator(broker_url=broker_url, secret=secret, roster=list(shards), strategy=strategy,
-                            package=blob, evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp,
+                            package=blob, evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp,
                             config=EngineConfig(fleet=fleet, run="bench", deadline_s=60.0, quorum=1.0, grace_s=0.0,
                                                 seed=seed), signing_key=BENCH_SIGNING_KEY)
         agents = []

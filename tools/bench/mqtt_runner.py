@@ -53,7 +53,7 @@ def mqtt_runner(strategy: Strategy, agents: dict[str, LocalData], rounds: int, *
     with start_broker(broker) as b, tempfile.TemporaryDirectory() as tmp:
         coord = Coordinator(
             broker_url=b.url, secret=secret, roster=list(agents), strategy=strategy, package=_package(input_dim),
-            evaluate=lambda state: (math.nan, math.nan), run_dir=tmp,
+            evaluate=lambda ctx, state: (math.nan, math.nan), run_dir=tmp,
             config=EngineConfig(fleet=fleet, run="bench", deadline_s=deadline_s, quorum=1.0, grace_s=0.0),
             signing_key=seed,
         )

@@ -37,7 +37,7 @@ def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "
     with start_broker(broker) as b, tempfile.TemporaryDirectory() as tmp:
         strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
         coord = Coordinator(broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                            evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp),
+                            evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp),
                             config=engine_config(cfg, "bench"), signing_key=seed)
         coord.start()
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes,

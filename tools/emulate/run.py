@@ -288,7 +288,6 @@ def _coordinator(fleet: FleetConfig, url: str, secret: bytes, signing_key: bytes
     coord = Coordinator(broker_url=url, secret=secret, roster=fleet.roster(), strategy=strategy, package=blob,
                         evaluate=evaluate, run_dir=run_dir, config=ecfg, on_round=progress,
                         signing_key=signing_key)
-    continual.bind(evaluate, coord)
     holder["coord"] = coord
     return coord, progress
 

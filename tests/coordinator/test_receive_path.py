@@ -27,7 +27,7 @@ FEDZIP = {"name": "fedzip", "z": 0.05, "k": 3, "encoding": "e4"}
 def coord(tmp_path):
     state = {n: torch.zeros(s) for n, s in LAYOUT}
     c = Coordinator(broker_url="mqtt://127.0.0.1:1", secret=SECRET, roster=["a1"], strategy=create("fedavg", state),
-                    package=b"pkg", evaluate=lambda s: (0.0, 0.0), run_dir=tmp_path,
+                    package=b"pkg", evaluate=lambda ctx, s: (0.0, 0.0), run_dir=tmp_path,
                     config=EngineConfig(fleet="f", run="run"), signing_key=bytes(32))
     c.round, c.phase = 3, 0
     c._open = {"a1": TaskSpec(config={}, tensors={}, expect=LAYOUT, uplink_codec=FEDZIP)}

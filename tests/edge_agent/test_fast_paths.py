@@ -3,7 +3,7 @@
 FedZip: canonical codes by a cumulative sum, decode tables only for long streams, memoised block codes, the
 gap parameter fitted for all candidates at once and costed by the sum of Huffman merges, byte windows by a
 strided view. Each is checked here against a straightforward reference (the earlier code, kept in this
-file). The payload bytes themselves are pinned by tests/test_fedzip_golden.py. Also: one ledger commit
+file). The payload bytes themselves are pinned by tests/edge_agent/test_fedzip_golden.py. Also: one ledger commit
 per batch, the phase-wide weight cap, and the memo of verified downlink signatures.
 """
 

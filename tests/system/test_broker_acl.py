@@ -84,13 +84,13 @@ def _coordinator(url: str, tmp_path, fleet: str, **auth: str):
     from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig
     from fedfleet.coordinator.job.config import JobConfig, method_config
     from fedfleet.coordinator.strategies import create
-    from tests.fleet_helpers import SECRET, SIGNING_KEY, package
+    from tests.support.fleet import SECRET, SIGNING_KEY, package
 
     cfg = JobConfig(mode="full", fleet=fleet)
     blob, cmodel = package(cfg)
     strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
     return Coordinator(broker_url=url, secret=SECRET, roster=["pi-01", "pi-02"], strategy=strategy, package=blob,
-                       evaluate=lambda s: (0.0, 0.0), run_dir=tmp_path, config=EngineConfig(fleet=fleet, run="acl"),
+                       evaluate=lambda ctx, s: (0.0, 0.0), run_dir=tmp_path, config=EngineConfig(fleet=fleet, run="acl"),
                        signing_key=SIGNING_KEY, **auth)
 
 

@@ -16,7 +16,7 @@ import pytest
 from fedfleet.edge_agent.wire import protocol, signing
 from fedfleet.edge_agent.wire.mqtt import MqttLink
 from fedfleet.tools.bench import cluster as bench_cluster
-from tests.fleet_helpers import Rogue, start_fleet
+from tests.support.fleet import Rogue, start_fleet
 
 FLEET_TOML = """
 [job]

@@ -4,7 +4,7 @@
 real updates, tiny and degenerate ones, every encoding and several z and k), the SHA-256 (first 16 hex digits) of each payload
 and of its decode, and for damaged copies of each payload (bit flips, truncations) whether the decoder
 refused it or the SHA-256 of what it returned. The file was written by the codec before its speed work
-(`python -m tests.test_fedzip_golden --write`); any change in the bytes on the wire, in a decode, or in
+(`python -m tests.edge_agent.test_fedzip_golden --write`); any change in the bytes on the wire, in a decode, or in
 which damaged payloads are refused fails here.
 
 The values come from an integer hash, not from numpy's random generators, so the corpus is the same on
@@ -23,7 +23,7 @@ import numpy as np
 from fedfleet.edge_agent.errors import CodecError
 from fedfleet.edge_agent.fedzip import FedZipParams, decode, encode, quantize
 
-GOLDEN = Path(__file__).parent / "data" / "fedzip_golden.json"
+GOLDEN = Path(__file__).parents[1] / "data" / "fedzip_golden.json"
 CAP = 1 << 22
 _M64 = (1 << 64) - 1
 
@@ -140,6 +140,6 @@ def test_corpus_covers_what_the_fast_paths_branch_on() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python -m tests.test_fedzip_golden --write  (only when the wire format changes on purpose)")
+        sys.exit("usage: python -m tests.edge_agent.test_fedzip_golden --write  (only when the wire format changes on purpose)")
     GOLDEN.write_text(json.dumps(compute(), indent=0, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN}")

@@ -76,7 +76,7 @@ def start_fleet(broker_url: str, run_dir: Path, *, roster_extra: tuple[str, ...]
     ecfg = engine_config(cfg, "test-run")
     ecfg.grace_s = overrides.get("grace_s", 0.0)
     coord = Coordinator(broker_url=broker_url, secret=SECRET, roster=ids + list(roster_extra), strategy=strategy,
-                        package=blob, evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=run_dir,
+                        package=blob, evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=run_dir,
                         config=ecfg, signing_key=SIGNING_KEY)
     coord.start()
     agents = {}

@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from fedfleet.coordinator.job.config import JobConfig
-from tests.fleet_helpers import package, start_fleet
+from tests.support.fleet import package, start_fleet
 
 
 def _corrupt(blob: bytes, member: str, data: bytes) -> bytes:

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 
 from fedfleet.coordinator.job.config import JobConfig
-from tests.fleet_helpers import package
+from tests.support.fleet import package
 
 BLOCK_TORCH = """
 import importlib.abc, sys

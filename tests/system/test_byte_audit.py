@@ -34,7 +34,7 @@ def test_ledger_bytes_match_the_brokers_count(tmp_path):
         strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg), seed=cfg.seed)
         coord_sign, agent_sign = signing_options()
         coord = Coordinator(broker_url=broker.url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                            evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp_path / "run",
+                            evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp_path / "run",
                             config=engine_config(cfg, "audit-run"), **coord_sign)
         coord.start()
         agents = [Agent(AgentConfig(broker.url, cfg.fleet, a, protocol.derive_key(secret, a), profile=DEMO_PROFILE,

@@ -12,7 +12,7 @@ from fedfleet.coordinator.job.config import method_config
 from fedfleet.coordinator.job.run import engine_config, shards
 from fedfleet.coordinator.strategies import create as create_strategy
 from fedfleet.edge_agent.run_state import RunState
-from tests.fleet_helpers import SECRET, SIGNING_KEY, package, start_fleet
+from tests.support.fleet import SECRET, SIGNING_KEY, package, start_fleet
 
 
 def test_run_state_resets_on_a_new_run_and_rolls_back_a_rerun():
@@ -38,7 +38,7 @@ def _second_run(fleet, run_dir, run: str, rounds: int) -> list:
     ecfg = engine_config(cfg, run)
     ecfg.grace_s = 0.0
     coord = Coordinator(broker_url=fleet.coord.link.url.__str__(), secret=SECRET, roster=list(fleet.agents),
-                        strategy=strategy, package=blob, evaluate=lambda s: cmodel.evaluate(s, test.x, test.y),
+                        strategy=strategy, package=blob, evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y),
                         run_dir=run_dir, config=ecfg, signing_key=SIGNING_KEY)
     coord.start()
     try:

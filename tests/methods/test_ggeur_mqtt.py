@@ -21,7 +21,7 @@ from fedfleet.edge_agent.learners import LearnResult, LocalData, Task
 from fedfleet.edge_agent.wire import codecs, protocol
 from fedfleet.models import data as datasets
 from fedfleet.tools.bench.ggeur import package
-from tests.fleet_helpers import COORDINATOR_KEY, SECRET, SIGNING_KEY
+from tests.support.fleet import COORDINATOR_KEY, SECRET, SIGNING_KEY
 
 _PACKAGE: list[Any] = []
 
@@ -93,7 +93,7 @@ def test_statistics_exchange_refuses_bad_uploads_and_the_fleet_learns(mosquitto,
     strategy = create_strategy("ggeur", cmodel.initial_state(), lr=0.1, epochs=2, batch=16, guide="all", seed=0)
     fleet = f"gg{time.time_ns() % 10**9}"
     coord = Coordinator(broker_url=mosquitto.url, secret=SECRET, roster=ids, strategy=strategy, package=blob,
-                        evaluate=lambda s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp_path,
+                        evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp_path,
                         config=EngineConfig(fleet=fleet, run="gg", deadline_s=30.0, quorum=0.5, grace_s=0.0), signing_key=SIGNING_KEY)
     agents = []
     try:

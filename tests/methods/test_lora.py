@@ -246,7 +246,7 @@ def test_lora_learner_runs_without_torch(blob, tmp_path):
     import sys
     import textwrap
 
-    from tests.test_edge_without_torch import BLOCK_TORCH
+    from tests.edge_agent.test_edge_without_torch import BLOCK_TORCH
 
     (tmp_path / "lora.pkg").write_bytes(blob)
     code = BLOCK_TORCH + textwrap.dedent(f"""

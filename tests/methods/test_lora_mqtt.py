@@ -15,9 +15,9 @@ import pytest
 from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.run import build, run_demo, shards
 from fedfleet.tools.bench import lora as bench_lora
-from tests.fleet_helpers import package, start_fleet
-from tests.test_lora import altered_base
-from tests.test_round_mqtt import Rogue, rows
+from tests.methods.test_lora import altered_base
+from tests.support.fleet import package, start_fleet
+from tests.system.test_round_mqtt import Rogue, rows
 
 METHODS = ("fedit", "flora", "lora_fair")
 

@@ -23,7 +23,7 @@ from fedfleet.edge_agent.meters import (
 )
 from fedfleet.firmware_profiles.schema import load_profile
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 class FakeClock:

@@ -18,7 +18,7 @@ from fedfleet.tools.emulate import run as emulate
 from fedfleet.tools.emulate.fleet_config import load, parse
 from fedfleet.tools.emulate.shaping import MSS, ShapedMeter, Shaper
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ROOT / "examples" / "small-fleet.toml"
 
 

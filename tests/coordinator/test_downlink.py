@@ -13,7 +13,7 @@ from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.downlink import Replica, state_digest
 from fedfleet.edge_agent.errors import ProtocolError
 from fedfleet.edge_agent.wire import codecs, protocol
-from tests.fleet_helpers import COORDINATOR_KEY, SECRET, shards, start_fleet
+from tests.support.fleet import COORDINATOR_KEY, SECRET, shards, start_fleet
 
 SPEC = {"name": "fedzip", "z": 0.1, "k": 3, "encoding": "e4"}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from fedfleet.coordinator.broker import MosquittoBroker
-from tests.fleet_helpers import start_fleet
+from tests.support.fleet import start_fleet
 
 
 def test_rounds_continue_after_a_broker_restart(tmp_path):

@@ -15,7 +15,7 @@ from fedfleet.coordinator.records.ledger import Ledger
 from fedfleet.edge_agent import random_bases
 from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.wire import protocol
-from tests.fleet_helpers import COORDINATOR_KEY, SECRET, Rogue, start_fleet
+from tests.support.fleet import COORDINATOR_KEY, SECRET, Rogue, start_fleet
 
 FERRET = {"k": 48, "local_steps": 5}
 

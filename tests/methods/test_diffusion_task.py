@@ -72,7 +72,7 @@ def test_job_file_and_command_line_errors_are_one_line(tmp_path):
     job.write_text(f'[job]\ntask = "{DIFF}"\neval_every = 2\nhidden = 16\nrounds = 3\n')
     cfg = config.load(job)
     assert (cfg.task, cfg.eval_every, task.hidden_of(cfg)) == (DIFF, 2, (16,))
-    shipped = config.load(Path(__file__).parent.parent / "examples" / "moving-digits-diffusion.toml")
+    shipped = config.load(Path(__file__).parents[2] / "examples" / "moving-digits-diffusion.toml")
     assert task.hidden_of(shipped) == task.DEFAULT_HIDDEN and config.method_config(shipped)["optimizer"] == "adam"
     r = subprocess.run([sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--broker", "mqtt://127.0.0.1:1",
                         "--task", DIFF, "--mode", "full", "--run-dir", str(tmp_path / "run")],

@@ -49,7 +49,7 @@ def test_reading_digits_does_not_import_sklearn():
 
 def test_demo_agents_in_one_process_share_one_runtime_session_each_with_its_own_cache(mosquitto, tmp_path):
     from fedfleet.coordinator.job.run import shards, start_demo_agents
-    from tests.fleet_helpers import SECRET, start_fleet
+    from tests.support.fleet import SECRET, start_fleet
 
     fleet = start_fleet(mosquitto.url, tmp_path / "run", start_agents=False, mode="transfer", agents=4, rounds=2)
     local, _ = shards(fleet.cfg)

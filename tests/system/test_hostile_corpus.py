@@ -19,7 +19,7 @@ from fedfleet.coordinator.records.ledger import Ledger
 from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.wire import codecs, protocol, signing
 from fedfleet.edge_agent.wire.mqtt import MqttLink
-from tests.fleet_helpers import COORDINATOR_KEY, SECRET, start_fleet
+from tests.support.fleet import COORDINATOR_KEY, SECRET, start_fleet
 
 HONEST = ("agent-00", "agent-01", "agent-02")
 

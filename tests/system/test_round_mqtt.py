@@ -16,7 +16,7 @@ import torch
 from fedfleet.coordinator.records.ledger import Ledger
 from fedfleet.edge_agent.wire import codecs, protocol
 from fedfleet.edge_agent.wire.mqtt import MqttLink
-from tests.fleet_helpers import COORDINATOR_KEY, SECRET, Rogue, package, start_fleet
+from tests.support.fleet import COORDINATOR_KEY, SECRET, Rogue, package, start_fleet
 
 
 def rows(fleet, sql: str = "SELECT * FROM agent_rounds ORDER BY id") -> list[dict]:

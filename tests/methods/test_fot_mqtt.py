@@ -24,10 +24,10 @@ from fedfleet.edge_agent.learners import LearnResult
 from fedfleet.edge_agent.learners.fot import COUNT, SKETCH
 from fedfleet.edge_agent.wire import codecs, protocol
 from fedfleet.tools.bench import fot as bench_fot
-from tests.fleet_helpers import COORDINATOR_KEY, SIGNING_KEY
+from tests.support.fleet import COORDINATOR_KEY, SIGNING_KEY
 
 SECRET = b"fot-test-secret-0123456789abcdefgh"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _small(path: str = "examples/permuted-digits-small.toml") -> JobConfig:
@@ -113,7 +113,6 @@ def test_bad_sketches_are_refused_and_the_task_end_completes_on_the_others(mosqu
     ecfg.grace_s = 0.0
     coord = Coordinator(broker_url=mosquitto.url, secret=SECRET, roster=ids, strategy=strategy, package=blob,
                         evaluate=evaluate, run_dir=tmp_path, config=ecfg, signing_key=SIGNING_KEY)
-    continual.bind(evaluate, coord)
     modes = {ids[3]: "shape", ids[4]: "nonfinite", ids[5]: "negative_n"}
     agents = []
     try:
