@@ -98,5 +98,6 @@ def _quantize(
         weight_type=QuantType.QInt8,
         nodes_to_exclude=exclude,
         calibrate_method=CalibrationMethod.MinMax,
+        reduce_range=True,
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
     )
