@@ -1,8 +1,9 @@
 """Static int8 QDQ quantisation of ONNX models with onnxruntime.quantization and a calibration reader.
 
 Weights are int8, symmetric, per-channel and kept in 7 bits (`reduce_range`: ONNX Runtime's U8S8
-kernels on x86 CPUs without VNNI saturate full 8-bit products, and x86 would then disagree with ARM); activations are uint8 with ranges calibrated (MinMax) on
-real samples fed through `ArrayCalibrationReader`. This is the U8S8 QDQ form ONNX Runtime runs with
+kernels on x86 CPUs without VNNI saturate full 8-bit products, and x86 would then disagree with ARM);
+activations are uint8 with ranges calibrated (MinMax) on real samples fed through
+`ArrayCalibrationReader`. This is the U8S8 QDQ form ONNX Runtime runs with
 integer kernels on ARM and x86. Dynamic quantisation is not offered: it is slower on small boards.
 """
 
