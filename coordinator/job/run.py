@@ -18,22 +18,24 @@ from typing import Any
 
 import numpy as np
 
-from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig, RoundSummary
-from fedfleet.coordinator.job.config import (
-    DOWNLINK_PRESETS,
-    METHOD_HEADS,
-    JobConfig,
-    method_config,
-    package_mode,
+from fedfleet.coordinator.engine.rounds import Coordinator, RoundSummary
+from fedfleet.coordinator.job.assemble import (
+    Run,
+    agent_ids,
+    build_run,
+    engine_config,
+    job_identity,
+    ledger_joules,
 )
+from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.progress import Progress
-from fedfleet.coordinator.records.store import new_run_id, open_job
-from fedfleet.coordinator.strategies import create as create_strategy
-from fedfleet.coordinator.tasks import continual
-from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.coordinator.records.store import new_run_id
+from fedfleet.coordinator.tasks import task_for
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.wire import protocol, signing
-from fedfleet.models import data as datasets
+
+__all__ = ["JobResult", "run_demo", "serve", "start_demo_agents", "shards", "build", "agent_ids", "engine_config",
+           "job_identity", "small_model_threads", "DEMO_PROFILE"]
 
 # demo agents book energy with the Raspberry Pi 4B profile's power model (at this host's speed)
 DEMO_PROFILE = "rpi4b"
@@ -58,35 +60,17 @@ class JobResult:
         return {**{k: getattr(self, k) for k in keys}, **(self.quality or {})}
 
 
-def shards(cfg: JobConfig) -> tuple[list[LocalData], datasets.Dataset]:
-    """The demo's agent shards (Dirichlet(alpha) label skew, or IID when alpha = 0) and the test split.
-
-    LoRA jobs fine-tune a pre-trained base on feature-shifted data: agent i holds domain i mod 6
-    (`fedfleet.models.shifts`), the test split is scored under every domain."""
-    if package_mode(cfg) == "custom":  # a model and data of your own (fedfleet.coordinator.tasks.custom)
-        from fedfleet.coordinator.tasks import task_for
-
-        return task_for(cfg).shards(cfg.agents), None  # type: ignore[return-value]
-    if package_mode(cfg) == "diffusion":  # moving-digit clips (fedfleet.coordinator.tasks.diffusion)
-        from fedfleet.coordinator.tasks import diffusion
-
-        return diffusion.shards(cfg)  # type: ignore[return-value]
-    if package_mode(cfg) == "lora":
-        from fedfleet.models import shifts
-
-        parts, test_set, _ = shifts.shifted_shards(cfg.dataset, cfg.agents, cfg.alpha, cfg.seed)
-        return [LocalData(p.x, p.y) for p in parts], test_set
-    full = datasets.digits() if cfg.dataset == "digits" else datasets.mnist5k()
-    train, test = datasets.split(full, 0.2, seed=cfg.seed)
-    try:
-        parts = datasets.partition(train.y, cfg.agents, cfg.alpha, cfg.seed)
-    except ValueError as exc:
-        raise ConfigError(f"field 'agents' = {cfg.agents} on {cfg.dataset} ({len(train)} training samples): {exc}") from None
-    return [LocalData(train.x[p], train.y[p]) for p in parts], test
+def shards(cfg: JobConfig) -> tuple[list[LocalData], Any]:
+    """The job's agent shards and its held-out split (None for a task that keeps it to itself): the task's own
+    (`fedfleet.coordinator.tasks.task_for`), for tools that start agents without a coordinator."""
+    task = task_for(cfg)
+    local = task.shards(cfg.agents)
+    return local, getattr(task, "test", None)
 
 
-def agent_ids(cfg: JobConfig) -> list[str]:
-    return list(cfg.roster) if cfg.roster else [f"agent-{i:02d}" for i in range(cfg.agents)]
+def build(cfg: JobConfig) -> tuple[bytes, Any]:
+    """The job's model package and the coordinator's torch mirror of it (the task's `package()`)."""
+    return task_for(cfg).package()
 
 
 def summary_table(result: JobResult, console: Any) -> None:
@@ -164,44 +148,6 @@ def write_report(run_dir: Path) -> Path:
     return render(run_dir)
 
 
-def ledger_joules(coord: Coordinator) -> float:
-    rows = coord.ledger.query(
-        "SELECT SUM(COALESCE(energy_compute_j, 0) + COALESCE(energy_radio_j, 0) + COALESCE(energy_idle_j, 0))"
-        " AS j FROM agent_rounds WHERE run = ?", (coord.cfg.run,))
-    return float(rows[0]["j"] or 0.0)
-
-
-def build(cfg: JobConfig) -> tuple[bytes, Any]:
-    """The model package (built once per machine: `fedfleet.models.package_cache`) and the coordinator's torch mirror
-    of it."""
-    from fedfleet.edge_agent.errors import ModelError
-    from fedfleet.models import package_cache
-    from fedfleet.models.mirrors.head import CoordinatorModel
-
-    if package_mode(cfg) == "custom":
-        from fedfleet.coordinator.tasks import task_for
-
-        return task_for(cfg).package()
-    if package_mode(cfg) == "diffusion":
-        from fedfleet.coordinator.tasks import diffusion
-
-        return diffusion.build(cfg)
-    if package_mode(cfg) == "lora":  # the base's widths are fixed by its pre-training (fedfleet.models.lora_base)
-        from fedfleet.models.lora_base import build_lora_package
-        from fedfleet.models.mirrors.lora_model import LoraCoordinatorModel
-
-        blob = build_lora_package(cfg.dataset, seed=cfg.seed)
-        return blob, LoraCoordinatorModel(blob)
-    hidden = cfg.hidden or METHOD_HEADS.get(cfg.method, 32 if cfg.dataset == "digits" else 128)
-    spec = {"seed": cfg.seed, "head_hidden": hidden, "dataset": cfg.dataset, "head_layers": cfg.hidden_layers}
-    blob = package_cache.package(cfg.mode, **spec)
-    try:
-        return blob, CoordinatorModel(blob)
-    except ModelError:  # a damaged cached copy: build it again (a fresh build that fails raises)
-        blob = package_cache.package(cfg.mode, **spec, refresh=True)
-        return blob, CoordinatorModel(blob)
-
-
 def small_model_threads() -> None:
     """One thread for torch and for numpy's BLAS in this process. The tensors here are small and many agents
     share the process: on a busy 2-core machine, thread pools spin against each other and cost far more
@@ -212,22 +158,6 @@ def small_model_threads() -> None:
 
     torch.set_num_threads(1)
     threadpoolctl.threadpool_limits(1)
-
-
-def engine_config(cfg: JobConfig, run: str) -> EngineConfig:
-    return EngineConfig(fleet=cfg.fleet, run=run, rounds=cfg.rounds, per_round=cfg.per_round, quorum=cfg.quorum,
-                        deadline_s=cfg.deadline_s, grace_s=cfg.grace_s, seed=cfg.seed, downlink=dict(DOWNLINK_PRESETS[cfg.downlink]))
-
-
-def job_identity(cfg: JobConfig, roster: list[str]) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues (`fedfleet.coordinator.records.store.open_job` compares it).
-    The task fields are left out at their defaults, so runs started before they existed still resume."""
-    identity = {**cfg.to_dict(), "roster": list(roster)}
-    for key, default in (("task", "classification"), ("eval_every", 0), ("model", None), ("data", None),
-                         ("eval", None), ("base_dir", "")):
-        if identity.get(key) == default:
-            del identity[key]
-    return identity
 
 
 def finished(coord: Coordinator, summaries: list[RoundSummary]) -> tuple[float, int]:
@@ -246,52 +176,53 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     from fedfleet.edge_agent.agent import Agent
 
     t0 = time.perf_counter()
-    ids = agent_ids(cfg)[: cfg.agents]
-    run = new_run_id()
-    run_dir = Path(run_dir or Path("runs") / run)
-    run = open_job(run_dir, job_identity(cfg, ids), resume=resume, run=run)
+    run_dir = Path(run_dir or Path("runs") / new_run_id())
     small_model_threads()
     cap_malloc_arenas(2)  # before the agents' threads start: fedfleet.coordinator.job.malloc_arenas
-    local, test = shards(cfg)
-    blob, cmodel = build(cfg)
     secret = os.urandom(32)
-    signing_key = _run_signing_key(run_dir)
-    strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg),
-                               seed=cfg.seed)
-    strategy, evaluate = continual.wrap(cfg, strategy, cmodel, test)  # a task schedule, if the job has one
     agents: list[Agent] = []
     with start_broker(broker) as b:
-        coord = Coordinator(
-            broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
-            evaluate=evaluate, run_dir=run_dir,
-            config=engine_config(cfg, run), signing_key=signing_key, resume=resume,
-        )
-        progress = Progress(cfg.rounds, title="fedfleet demo", quiet=quiet,
-                            online=lambda: (len(coord.ready_agents()), len(ids)), joules=lambda: ledger_joules(coord))
-        bind_model(cmodel, coord, progress)
-        coord.on_round = progress
+        run = build_run(cfg, broker_url=b.url, secret=secret, signing_key=_run_signing_key(run_dir),
+                        run_dir=run_dir, roster=agent_ids(cfg)[: cfg.agents], resume=resume)
+        coord = run.coordinator
+        progress = _progress(run, "fedfleet demo", quiet)
         try:
             coord.start()
-            start_demo_agents(cfg, b.url, ids, secret, local, coord.public_key, agents)
+            start_demo_agents(cfg, b.url, run.roster, secret, run.shards(), coord.public_key, agents)
             if not quiet:
-                progress.console.print(f"broker {b.kind} at {b.url}; {len(ids)} agents; method {cfg.method}; "
-                                      f"model {package_mode(cfg)} on {cfg.runtime}; energy modelled from the "
+                progress.console.print(f"broker {b.kind} at {b.url}; {len(run.roster)} agents; method {cfg.method}; "
+                                      f"model {run.task.name} on {cfg.runtime}; energy modelled from the "
                                       f"{DEMO_PROFILE} profile; run dir {run_dir}", soft_wrap=True)
-            coord.wait_for_agents(len(ids), timeout_s=60)
+            coord.wait_for_agents(len(run.roster), timeout_s=60)
             summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
         finally:
             for a in agents:
                 a.stop()
             coord.stop()
+    return finish(_result(run, summaries, t0, b.kind), run_dir, progress, quiet, report)
+
+
+def _progress(run: Run, title: str, quiet: bool = False) -> Progress:
+    """The run's progress view (rounds, agents online, joules booked), set as the engine's round callback."""
+    coord = run.coordinator
+    progress = Progress(run.job.rounds, title=title, quiet=quiet,
+                        online=lambda: (len(coord.ready_agents()), len(run.roster)),
+                        joules=lambda: ledger_joules(coord))
+    progress.score_name = run.task.score_name
+    coord.on_round = progress
+    return progress
+
+
+def _result(run: Run, summaries: list[RoundSummary], t0: float, broker: str) -> JobResult:
+    coord = run.coordinator
     final_accuracy, rounds = finished(coord, summaries)
-    result = JobResult(
-        final_accuracy=final_accuracy, rounds=rounds, agents=len(ids),
+    return JobResult(
+        final_accuracy=final_accuracy, rounds=rounds, agents=len(run.roster),
         wall_s=time.perf_counter() - t0, bytes_up=coord.bytes_up_total, bytes_down=coord.bytes_down_total,
-        broker=b.kind, run_dir=str(run_dir), summaries=summaries,
+        broker=broker, run_dir=str(run.run_dir), summaries=summaries,
         timeline={"first_dispatch_at": coord.first_dispatch_at, "last_round_at": coord.last_round_at},
-        quality=model_summary(cmodel, coord, run_dir, test),
+        quality=run.summary(),
     )
-    return finish(result, run_dir, progress, quiet, report)
 
 
 def start_demo_agents(cfg: JobConfig, url: str, ids: list[str], secret: bytes, local: list[LocalData],
@@ -334,6 +265,7 @@ def _run_signing_key(run_dir: Path) -> bytes:
     if path.exists():
         return signing.read_key_file(path, "coordinator.key in the run directory")
     seed = signing.new_signing_seed()
+    run_dir.mkdir(parents=True, exist_ok=True)
     signing.write_private_key_file(path, seed)
     return seed
 
@@ -344,46 +276,17 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
           metrics_port: int | None = None, resume: bool = False, report: str = "now") -> JobResult:
     """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds (resume: the rest)."""
     t0 = time.perf_counter()
-    ids = agent_ids(cfg)
-    run = new_run_id()
-    run_dir = Path(run_dir or Path("runs") / run)
-    run = open_job(run_dir, job_identity(cfg, ids), resume=resume, run=run)
+    run_dir = Path(run_dir or Path("runs") / new_run_id())
     small_model_threads()
-    _, test = shards(cfg)
-    blob, cmodel = build(cfg)
-    strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg),
-                               seed=cfg.seed)
-    strategy, evaluate = continual.wrap(cfg, strategy, cmodel, test)
-    coord = Coordinator(broker_url=broker, secret=secret, roster=ids, strategy=strategy, package=blob,
-                        evaluate=evaluate, run_dir=run_dir,
-                        config=engine_config(cfg, run), signing_key=signing_key, username=username,
-                        password=password, ca_certs=ca_certs, resume=resume)
-    progress = Progress(cfg.rounds, title="fedfleet serve", online=lambda: (len(coord.ready_agents()), len(ids)),
-                        joules=lambda: ledger_joules(coord))
-    bind_model(cmodel, coord, progress)
-    coord.on_round = progress
+    run = build_run(cfg, broker_url=broker, secret=secret, signing_key=signing_key, run_dir=run_dir,
+                    resume=resume, username=username, password=password, ca_certs=ca_certs)
+    coord = run.coordinator
+    progress = _progress(run, "fedfleet serve")
     try:
         coord.start()
-        progress.console.print(f"waiting for {len(ids)} agents on {broker} (fleet {cfg.fleet}) ...")
-        coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(ids)))), timeout_s=wait_s)
+        progress.console.print(f"waiting for {len(run.roster)} agents on {broker} (fleet {cfg.fleet}) ...")
+        coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(run.roster)))), timeout_s=wait_s)
         summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
     finally:
         coord.stop()
-    final_accuracy, rounds = finished(coord, summaries)
-    result = JobResult(final_accuracy, rounds, len(ids), time.perf_counter() - t0,
-                       coord.bytes_up_total, coord.bytes_down_total, broker, str(run_dir), summaries,
-                       {"first_dispatch_at": coord.first_dispatch_at, "last_round_at": coord.last_round_at},
-                       model_summary(cmodel, coord, run_dir, test))
-    return finish(result, run_dir, progress, quiet=False, report=report)
-
-
-def bind_model(cmodel: Any, coord: Coordinator, progress: Progress) -> None:
-    """Let the progress lines name the model's score."""
-    progress.score_name = getattr(cmodel, "score_name", progress.score_name)
-
-
-def model_summary(cmodel: Any, coord: Coordinator, run_dir: Path, test: Any) -> dict[str, Any] | None:
-    """The summary keys of a task scored by something other than accuracy, and its model files (None: none)."""
-    if not hasattr(cmodel, "summary"):
-        return None
-    return cmodel.summary(run_dir, coord.strategy.global_state(), test.x, test.y)
+    return finish(_result(run, summaries, t0, broker), run_dir, progress, quiet=False, report=report)

@@ -160,6 +160,13 @@ class Ledger:
         rows = self.query("SELECT config FROM runs WHERE run = ?", (run,))
         return json.loads(rows[0]["config"]) if rows else None
 
+    def run_joules(self, run: str) -> float:
+        """Joules the run's agents booked (compute, radio and idle), over every round so far."""
+        rows = self.query(
+            "SELECT SUM(COALESCE(energy_compute_j, 0) + COALESCE(energy_radio_j, 0) + COALESCE(energy_idle_j, 0))"
+            " AS j FROM agent_rounds WHERE run = ?", (run,))
+        return float(rows[0]["j"] or 0.0)
+
     def mark_interrupted(self, run: str, after_round: int) -> int:
         """Mark the rows of rounds after `after_round` (the last checkpointed one) as `interrupted:<status>` and
         drop their round evaluations; record the resume. Returns how many agent rows were marked."""

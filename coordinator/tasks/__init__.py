@@ -12,15 +12,24 @@ __all__ = ["NOT_SCORED", "RoundContext", "Score", "Task", "task_for"]
 
 
 def task_for(job: Any) -> Task:
-    """The task a job runs (`job.task`, with its [model]/[data]/[eval] tables for a custom one)."""
-    from fedfleet.coordinator.job.config import CUSTOM_TASK
+    """The task a job runs: its `task` field (with the [model]/[data]/[eval] tables of a custom one), and for
+    classification jobs the package its method trains (the LoRA methods fine-tune the LoRA base)."""
+    from fedfleet.coordinator.job.config import CUSTOM_TASK, DIFFUSION_TASK
+    from fedfleet.coordinator.strategies import package_mode
 
-    if job.task == CUSTOM_TASK:
-        from fedfleet.coordinator.tasks.custom import CustomTask
+    mode = package_mode(job)  # ConfigError naming the field when the method and the task do not fit
+    if job.task == DIFFUSION_TASK:
+        from fedfleet.coordinator.tasks.diffusion import DiffusionTask
 
-        task = getattr(job, "_custom_task", None)  # one per job object: its data are loaded once
-        if task is None:
-            task = CustomTask(job)
-            job._custom_task = task
-        return task
-    raise NotImplementedError(f"task {job.task!r} is not a Task object yet")
+        return DiffusionTask(job)
+    if mode == "lora":
+        from fedfleet.coordinator.tasks.lora import LoraTask
+
+        return LoraTask(job)
+    if job.task != CUSTOM_TASK:
+        from fedfleet.coordinator.tasks.classification import ClassificationTask
+
+        return ClassificationTask(job)
+    from fedfleet.coordinator.tasks.custom import CustomTask
+
+    return CustomTask(job)

@@ -165,21 +165,3 @@ def schedule_of(cfg: Any) -> Schedule | None:
     if cfg.method not in METHODS:
         raise ConfigError(f"field 'job.method': a continual job runs {', '.join(METHODS)}, not {cfg.method!r}")
     return parse_schedule(cfg.continual, "job")
-
-
-def wrap(cfg: Any, strategy: Strategy, cmodel: Any, test: datasets.Dataset) -> tuple[Strategy, Any]:
-    """(strategy, evaluate) for the engine: unchanged for an ordinary job; for a continual job the wrapped
-    strategy and a `ContinualEvaluator`, and
-    `cfg.rounds` set to the schedule's total."""
-    if getattr(cfg, "task", None) == "custom":  # a model and data of your own: the task scores it
-        from fedfleet.coordinator.tasks import task_for
-
-        return strategy, task_for(cfg).evaluate
-    schedule = schedule_of(cfg)
-    if schedule is None:
-        if getattr(cmodel, "scores_rounds", False):  # it decides which rounds it scores (the diffusion task)
-            return strategy, lambda ctx, state: cmodel.evaluate(state, test.x, test.y, ctx=ctx)
-        return strategy, lambda ctx, state: cmodel.evaluate(state, test.x, test.y)
-    cfg.rounds = schedule.total_rounds  # a continual job runs its schedule
-    wrapped = ContinualStrategy(strategy, schedule)
-    return wrapped, ContinualEvaluator(wrapped, cmodel, test)

@@ -153,6 +153,49 @@ class DiffusionModel:
                 "files": files}
 
 
+class DiffusionTask:
+    """The task object of the assembly (`fedfleet.coordinator.tasks.base.Task`) over the functions above."""
+
+    name = TASK
+    score_name = DiffusionModel.score_name
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+        self._model: DiffusionModel | None = None
+        self._test: moving_digits.ClipSet | None = None
+
+    @property
+    def test(self) -> moving_digits.ClipSet:
+        if self._test is None:
+            self._test = _clips(int(self.job.seed))[1]
+        return self._test
+
+    def shards(self, agents: int) -> list[LocalData]:
+        import dataclasses
+
+        local, self._test = shards(dataclasses.replace(self.job, agents=agents))
+        return local
+
+    def package(self) -> tuple[bytes, DiffusionModel]:
+        blob, self._model = build(self.job)
+        return blob, self._model
+
+    def wrap_strategy(self, strategy: Any) -> Any:
+        return strategy
+
+    def evaluate(self, ctx: RoundContext, state: dict[str, Any]) -> tuple[float, float]:
+        if self._model is None:
+            self.package()
+        assert self._model is not None
+        return self._model.evaluate(state, self.test.x, self.test.y, ctx=ctx)
+
+    def summary(self, run_dir: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+        if self._model is None:
+            self.package()
+        assert self._model is not None
+        return self._model.summary(run_dir, state, self.test.x, self.test.y)
+
+
 def write_files(run_dir: str | Path, state: dict[str, Any]) -> dict[str, str]:
     """`denoiser.npz` (layout names) and `denoiser.onnx` in `run_dir`; returns {"npz": name, "onnx": name}."""
     from fedfleet.models.export_video_denoiser import check_onnx, export_onnx, save_npz

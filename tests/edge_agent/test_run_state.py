@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedfleet.coordinator.engine.rounds import Coordinator
-from fedfleet.coordinator.job.config import method_config
-from fedfleet.coordinator.job.run import engine_config, shards
-from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.job.assemble import build_run
 from fedfleet.edge_agent.run_state import RunState
-from tests.support.fleet import SECRET, SIGNING_KEY, package, start_fleet
+from tests.support.fleet import SECRET, SIGNING_KEY, start_fleet
 
 
 def test_run_state_resets_on_a_new_run_and_rolls_back_a_rerun():
@@ -31,19 +28,13 @@ def test_run_state_resets_on_a_new_run_and_rolls_back_a_rerun():
 
 
 def _second_run(fleet, run_dir, run: str, rounds: int) -> list:
-    cfg = fleet.cfg
-    blob, cmodel = package(cfg)
-    _, test = shards(cfg)
-    strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg))
-    ecfg = engine_config(cfg, run)
-    ecfg.grace_s = 0.0
-    coord = Coordinator(broker_url=fleet.coord.link.url.__str__(), secret=SECRET, roster=list(fleet.agents),
-                        strategy=strategy, package=blob, evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y),
-                        run_dir=run_dir, config=ecfg, signing_key=SIGNING_KEY)
+    built = build_run(fleet.cfg, broker_url=str(fleet.coord.link.url), secret=SECRET, signing_key=SIGNING_KEY,
+                      run_dir=run_dir, roster=list(fleet.agents), run_id=run)
+    coord = built.coordinator
     coord.start()
     try:
         coord.wait_for_agents(len(fleet.agents), 30)
-        return coord.run(rounds), strategy
+        return coord.run(rounds), built.strategy
     finally:
         coord.stop()
 

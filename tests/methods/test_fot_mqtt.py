@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfleet.coordinator.engine.rounds import Coordinator
-from fedfleet.coordinator.job.config import JobConfig, load, method_config
-from fedfleet.coordinator.job.run import agent_ids, build, engine_config, run_demo, shards
+from fedfleet.coordinator.job.assemble import build_run
+from fedfleet.coordinator.job.config import JobConfig, load
+from fedfleet.coordinator.job.run import run_demo
 from fedfleet.coordinator.records.ledger import Ledger
-from fedfleet.coordinator.strategies import create
-from fedfleet.coordinator.tasks import continual
 from fedfleet.coordinator.tasks.schedule import parse
 from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.learners import LearnResult
@@ -104,15 +102,10 @@ def test_bad_sketches_are_refused_and_the_task_end_completes_on_the_others(mosqu
                     continual=parse({"rounds_per_task": 2, "schedule": ["identity", "perm-1"],
                                      "tasks": {"identity": {}, "perm-1": {"transform": "permute", "seed": 1}}},
                                     "test").to_dict())
-    blob, cmodel = build(cfg)
-    local, test = shards(cfg)
-    ids = agent_ids(cfg)
-    strategy, evaluate = continual.wrap(cfg, create("fot", cmodel.initial_state(), **method_config(cfg)), cmodel,
-                                        test)
-    ecfg = engine_config(cfg, "bad-run")
-    ecfg.grace_s = 0.0
-    coord = Coordinator(broker_url=mosquitto.url, secret=SECRET, roster=ids, strategy=strategy, package=blob,
-                        evaluate=evaluate, run_dir=tmp_path, config=ecfg, signing_key=SIGNING_KEY)
+    cfg.grace_s = 0.0
+    run = build_run(cfg, broker_url=mosquitto.url, secret=SECRET, signing_key=SIGNING_KEY, run_dir=tmp_path,
+                    run_id="bad-run")
+    coord, ids, local = run.coordinator, run.roster, run.shards()
     modes = {ids[3]: "shape", ids[4]: "nonfinite", ids[5]: "negative_n"}
     agents = []
     try:

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from fedfleet.coordinator.engine.rounds import Coordinator, RoundSummary
-from fedfleet.coordinator.job.config import JobConfig, method_config
-from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards
-from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.job.assemble import agent_ids, build_run
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.job.run import build, shards
 from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.wire import codecs, protocol, signing
 from fedfleet.edge_agent.wire.mqtt import MqttLink
@@ -66,27 +66,24 @@ class Fleet:
 
 def start_fleet(broker_url: str, run_dir: Path, *, roster_extra: tuple[str, ...] = (), start_agents: bool = True,
                 **overrides: Any) -> Fleet:
+    """A test run assembled like every run (`build_run`), ledger run id "test-run", with in-process agents."""
     cfg = JobConfig(mode="full", agents=3, rounds=3, alpha=0.0, deadline_s=20.0, fleet=f"t{abs(hash(run_dir)) % 10**8}")
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    blob, cmodel = package(cfg)
-    local, test = shards(cfg)
+    cfg.grace_s = overrides.get("grace_s", 0.0)
     ids = agent_ids(cfg)
-    strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg))
-    ecfg = engine_config(cfg, "test-run")
-    ecfg.grace_s = overrides.get("grace_s", 0.0)
-    coord = Coordinator(broker_url=broker_url, secret=SECRET, roster=ids + list(roster_extra), strategy=strategy,
-                        package=blob, evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=run_dir,
-                        config=ecfg, signing_key=SIGNING_KEY)
-    coord.start()
+    run = build_run(cfg, broker_url=broker_url, secret=SECRET, signing_key=SIGNING_KEY, run_dir=run_dir,
+                    roster=ids + list(roster_extra), run_id="test-run")
+    run.coordinator.start()
     agents = {}
     if start_agents:
+        local = run.shards()
         for i, agent_id in enumerate(ids):
             a = Agent(AgentConfig(broker_url, cfg.fleet, agent_id, protocol.derive_key(SECRET, agent_id),
                                   coordinator_key=COORDINATOR_KEY), local[i])
             a.start()
             agents[agent_id] = a
-    return Fleet(coord, agents, cfg)
+    return Fleet(run.coordinator, agents, cfg)
 
 
 class Rogue:

@@ -8,10 +8,9 @@ import threading
 import time
 
 from fedfleet.coordinator.broker import MosquittoBroker
-from fedfleet.coordinator.engine.rounds import Coordinator
-from fedfleet.coordinator.job.config import JobConfig, method_config
-from fedfleet.coordinator.job.run import DEMO_PROFILE, build, engine_config, shards, small_model_threads
-from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.job.assemble import build_run
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.job.run import DEMO_PROFILE, small_model_threads
 from fedfleet.coordinator.tls import make_local_ca
 from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.wire import protocol
@@ -27,15 +26,11 @@ def test_ledger_bytes_match_the_brokers_count(tmp_path):
     observer = SysObserver(broker.url)
     try:
         before = observer.sample_after(time.time())  # the counters before any demo traffic
-        local, test = shards(cfg)
-        blob, cmodel = build(cfg)
         secret = os.urandom(32)
-        ids = [f"agent-{i:02d}" for i in range(cfg.agents)]
-        strategy = create_strategy(cfg.method, cmodel.initial_state(), **method_config(cfg), seed=cfg.seed)
         coord_sign, agent_sign = signing_options()
-        coord = Coordinator(broker_url=broker.url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                            evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp_path / "run",
-                            config=engine_config(cfg, "audit-run"), **coord_sign)
+        run = build_run(cfg, broker_url=broker.url, secret=secret, run_dir=tmp_path / "run", run_id="audit-run",
+                        **coord_sign)
+        coord, ids, local = run.coordinator, run.roster, run.shards()
         coord.start()
         agents = [Agent(AgentConfig(broker.url, cfg.fleet, a, protocol.derive_key(secret, a), profile=DEMO_PROFILE,
                                     **agent_sign), local[i]) for i, a in enumerate(ids)]

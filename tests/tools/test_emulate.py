@@ -53,6 +53,36 @@ def test_small_fleet_end_to_end(mosquitto, tmp_path):
     assert s["calibration"]["host_speed"] > 0
 
 
+def test_emulated_run_resumes_where_it_stopped(mosquitto, tmp_path):
+    """An emulated run has a job.json like any other (one assembly path), so it resumes: the second call runs
+    only the rounds left, in the same ledger run, and refuses a fresh start in the same directory."""
+    import dataclasses
+
+    from fedfleet.coordinator.records.ledger import Ledger
+
+    small = load(SMALL)
+    two = {"job": {"rounds": 2, "mode": "full", "seed": 0, "deadline_s": 4.0, "quorum": 1.0, "fleet": "resume-em"},
+           "uplink": {"name": "none"}, "group": [{"name": "g", "profile": "rpi4b", "count": 2, "partition": "iid"}]}
+    fleet = parse(two, "two.toml")
+    assert small.job.method == fleet.job.method
+    first = dataclasses.replace(fleet, job=dataclasses.replace(fleet.job, rounds=1))
+    s1 = emulate.run(first, broker=mosquitto.url, run_dir=tmp_path, quiet=True)
+    run = json.loads((tmp_path / "job.json").read_text())["run"]
+    assert s1["rounds"] == 1
+    with pytest.raises(ConfigError, match="already holds run"):
+        emulate.run(fleet, broker=mosquitto.url, run_dir=tmp_path, quiet=True)
+    s2 = emulate.run(fleet, broker=mosquitto.url, run_dir=tmp_path, quiet=True, resume=True)
+    assert s2["rounds"] == 1 and s2["final_accuracy"] > 0.3
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        runs = [r["run"] for r in ledger.query("SELECT run FROM runs")]
+        rounds = [r["round"] for r in ledger.query(
+            "SELECT DISTINCT round FROM agent_rounds WHERE status = 'ok' ORDER BY round")]
+    finally:
+        ledger.close()
+    assert runs == [run] and rounds == [1, 2]
+
+
 def _fleet(**group_overrides):
     group = {"name": "g", "profile": "rpi4b", "count": 2, **group_overrides}
     return {"job": {"rounds": 1}, "group": [group]}

@@ -64,10 +64,9 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
              deadline_s: float, republish_s: float, broker: Any = None) -> dict[str, Any]:
     """One side of the comparison; `broker`: an already running broker or cluster to use (not stopped here)."""
     from fedfleet.coordinator.broker import MosquittoBroker
-    from fedfleet.coordinator.engine.rounds import Coordinator
-    from fedfleet.coordinator.job.config import JobConfig, method_config
-    from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards, small_model_threads
-    from fedfleet.coordinator.strategies import create
+    from fedfleet.coordinator.job.assemble import agent_ids, build_run
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.job.run import shards, small_model_threads
     from fedfleet.tools.emulate.agent_pool import AgentPool
     from fedfleet.tools.emulate.run import raise_nofile
     from fedfleet.tools.infra.rabbitmq import RabbitCluster
@@ -75,9 +74,8 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
     raise_nofile()
     small_model_threads()
     cfg = JobConfig(agents=agents, rounds=1, alpha=0.0, mode="full", deadline_s=deadline_s, quorum=1.0,
-                    fleet=f"bench-cluster-{kind}", roster=[f"c{i:05d}" for i in range(agents)])
-    local, test = shards(cfg)
-    blob, cmodel = build(cfg)
+                    grace_s=0.0, fleet=f"bench-cluster-{kind}", roster=[f"c{i:05d}" for i in range(agents)])
+    local, _ = shards(cfg)
     ids = agent_ids(cfg)
     secret = os.urandom(32)
     t0 = time.perf_counter()
@@ -93,13 +91,9 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
         coord_url, agent_urls = urls[0], (urls[1:] or urls)
         broker_pids = list(broker.pids) if kind == "rabbitmq" else [broker.pid]
         with tempfile.TemporaryDirectory() as tmp:
-            strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
-            ecfg = engine_config(cfg, f"bench-cluster-{kind}")
-            ecfg.grace_s = 0.0
             coord_sign, agent_sign = signing_options()
-            coord = Coordinator(broker_url=coord_url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                                evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg,
-                                **coord_sign)
+            coord = build_run(cfg, broker_url=coord_url, secret=secret, run_dir=Path(tmp),
+                              run_id=f"bench-cluster-{kind}", **coord_sign).coordinator
             coord.start()
             pools = []
             per_node = max(1, processes // len(agent_urls))

@@ -69,10 +69,9 @@ def cpu_seconds(pids: list[int]) -> float:
 def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_timeout_s: float = 300.0,
         deadline_s: float = 120.0) -> dict[str, Any]:
     from fedfleet.coordinator.broker import MosquittoBroker
-    from fedfleet.coordinator.engine.rounds import Coordinator
-    from fedfleet.coordinator.job.config import JobConfig, method_config
-    from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards, small_model_threads
-    from fedfleet.coordinator.strategies import create
+    from fedfleet.coordinator.job.assemble import build_run
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.job.run import small_model_threads
     from fedfleet.tools.emulate.agent_pool import AgentPool
     from fedfleet.tools.emulate.run import raise_nofile
 
@@ -81,21 +80,14 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
 
     small_model_threads()
     cfg = JobConfig(agents=agents, rounds=1, alpha=0.0, mode="full", deadline_s=deadline_s, quorum=1.0,
-                    fleet="bench-fleet", roster=[f"a{i:05d}" for i in range(agents)])
-    local, test = shards(cfg)
-    blob, cmodel = build(cfg)
-    ids = agent_ids(cfg)
+                    grace_s=0.0, fleet="bench-fleet", roster=[f"a{i:05d}" for i in range(agents)])
     secret = os.urandom(32)
     seed = new_signing_seed()
     out: dict[str, Any] = {"agents": agents, "processes": processes, "nofile_limit": nofile[0]}
     t_start = time.perf_counter()
     with MosquittoBroker() as b, tempfile.TemporaryDirectory() as tmp:
-        strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
-        ecfg = engine_config(cfg, "bench-fleet")
-        ecfg.grace_s = 0.0
-        coord = Coordinator(broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                            evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp), config=ecfg,
-                            signing_key=seed)
+        run = build_run(cfg, broker_url=b.url, secret=secret, signing_key=seed, run_dir=Path(tmp))
+        coord, ids, local = run.coordinator, run.roster, run.shards()
         coord.start()
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes, share_model=True,
                          blas_threads=1, serialize_learning=True, coordinator_key=public_key(seed))

@@ -221,10 +221,9 @@ class Fuzzer:
 # ---------------------------------------------------------------- the run
 def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
     from fedfleet.coordinator.broker import MosquittoBroker
-    from fedfleet.coordinator.engine.rounds import Coordinator
-    from fedfleet.coordinator.job.config import JobConfig, method_config
-    from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards, small_model_threads
-    from fedfleet.coordinator.strategies import create
+    from fedfleet.coordinator.job.assemble import agent_ids, build_run
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.job.run import small_model_threads
     from fedfleet.edge_agent.agent import Agent, AgentConfig
     from fedfleet.edge_agent.wire import protocol, signing
 
@@ -233,20 +232,15 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
     logging.getLogger().addHandler(errors)
     logging.getLogger().setLevel(logging.ERROR)
     cfg = JobConfig(agents=agents, rounds=1, alpha=0.0, mode="full", deadline_s=per_round_s, quorum=1.0,
-                    fleet=f"fuzz{os.getpid()}", uplink={"name": "none"})
-    local, test = shards(cfg)
-    blob, cmodel = build(cfg)
+                    grace_s=0.0, fleet=f"fuzz{os.getpid()}", uplink={"name": "none"})
     honest = agent_ids(cfg)
     insider = "insider"
     secret, seed_key = os.urandom(32), signing.new_signing_seed()
     out: dict[str, Any] = {"cases": 0, "crashes": 0, "untyped_errors": 0}
     with MosquittoBroker() as b, tempfile.TemporaryDirectory() as tmp:
-        strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
-        ecfg = engine_config(cfg, "fuzz")
-        ecfg.grace_s = 0.0
-        coord = Coordinator(broker_url=b.url, secret=secret, roster=[*honest, insider], strategy=strategy,
-                            package=blob, evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp),
-                            config=ecfg, signing_key=seed_key)
+        run = build_run(cfg, broker_url=b.url, secret=secret, signing_key=seed_key, run_dir=Path(tmp),
+                        roster=[*honest, insider], run_id="fuzz")
+        coord, local = run.coordinator, run.shards()
         processed = [0]
         inner = coord.link._on_message_cb
 
@@ -341,7 +335,7 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
     key_changes = [change(a, b) for name, a, b in states if name == "keyless"]
     ref = float(np.median(key_changes)) if key_changes else float("nan")
     bad_rounds = [i for i, (name, a, b) in enumerate(states) if name == "insider" and (
-        not all(bool(torch.isfinite(v).all()) for v in b.values()) or change(a, b) > ecfg.norm_bound * ref)]
+        not all(bool(torch.isfinite(v).all()) for v in b.values()) or change(a, b) > coord.cfg.norm_bound * ref)]
     insider_ok = [dict(r) for r in ledger_rows if r["agent"] == insider and r["status"] == "ok"]
     scaled_ok = [r for r in insider_ok if f"claimed {VALID_TAG}" in (r["detail"] or "")]
     huge_ok = [r for r in scaled_ok if any(f"claimed {VALID_TAG + k} " in (r["detail"] or "") for k in (0, 1))]

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig
 from fedfleet.coordinator.job.config import METHOD_DEFAULTS
 from fedfleet.coordinator.records.ledger import Ledger
 from fedfleet.coordinator.strategies import create as create_strategy
@@ -96,6 +95,9 @@ def package() -> tuple[bytes, CoordinatorModel]:
 def run_fleet(broker_url: str, blob: bytes, cmodel: CoordinatorModel, method: str, config: dict[str, Any],
               shards: dict[str, LocalData], rounds: int, test: datasets.Dataset, seed: int) -> dict[str, Any]:
     """One run over the broker; the final head, its accuracy curve and the ledger's bytes per stage."""
+    from fedfleet.coordinator.job.assemble import build_run
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.tasks.packaged import PackagedTask
     from fedfleet.edge_agent.agent import Agent, AgentConfig
 
     secret = os.urandom(32)
@@ -106,11 +108,12 @@ def run_fleet(broker_url: str, blob: bytes, cmodel: CoordinatorModel, method: st
                                   uplink={"name": "none"}, **config)
     else:
         strategy = create_strategy(method, cmodel.initial_state(), seed=seed, uplink={"name": "none"}, **config)
+    job = JobConfig(method="ggeur", agents=len(shards), roster=list(shards), fleet=fleet, deadline_s=60.0,
+                    quorum=1.0, grace_s=0.0, seed=seed, uplink={"name": "none"}, downlink="none")
     with tempfile.TemporaryDirectory() as tmp:
-        coord = Coordinator(broker_url=broker_url, secret=secret, roster=list(shards), strategy=strategy,
-                            package=blob, evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp,
-                            config=EngineConfig(fleet=fleet, run="bench", deadline_s=60.0, quorum=1.0, grace_s=0.0,
-                                                seed=seed), signing_key=BENCH_SIGNING_KEY)
+        coord = build_run(job, broker_url=broker_url, secret=secret, signing_key=BENCH_SIGNING_KEY, run_dir=tmp,
+                          strategy=strategy, task=PackagedTask(blob, cmodel, list(shards.values()), test),
+                          run_id="bench").coordinator
         agents = []
         try:
             coord.start()

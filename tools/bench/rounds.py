@@ -15,30 +15,24 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from fedfleet.coordinator.job.config import JobConfig, method_config
+from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.tools.bench.output import emit
 
 
 def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "transfer") -> dict:
     from fedfleet.coordinator.broker import start_broker
-    from fedfleet.coordinator.engine.rounds import Coordinator
-    from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards, small_model_threads
-    from fedfleet.coordinator.strategies import create
+    from fedfleet.coordinator.job.assemble import build_run
+    from fedfleet.coordinator.job.run import small_model_threads
     from fedfleet.edge_agent.wire.signing import new_signing_seed, public_key
     from fedfleet.tools.emulate.agent_pool import AgentPool
 
     small_model_threads()
     cfg = JobConfig(agents=agents, rounds=rounds, alpha=0.5, mode=mode, deadline_s=60.0)
-    local, test = shards(cfg)
-    blob, cmodel = build(cfg)
-    ids = agent_ids(cfg)
     secret = os.urandom(32)
     seed = new_signing_seed()
     with start_broker(broker) as b, tempfile.TemporaryDirectory() as tmp:
-        strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
-        coord = Coordinator(broker_url=b.url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                            evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=Path(tmp),
-                            config=engine_config(cfg, "bench"), signing_key=seed)
+        run = build_run(cfg, broker_url=b.url, secret=secret, signing_key=seed, run_dir=Path(tmp), run_id="bench")
+        coord, ids, local = run.coordinator, run.roster, run.shards()
         coord.start()
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes,
                          coordinator_key=public_key(seed))

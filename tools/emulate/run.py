@@ -150,8 +150,10 @@ def ledger_totals(run_dir: Path, run: str) -> dict[str, Any]:
 
 def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | None = None,
         shard: Shard = Shard(0, 1), coordinator: bool = True, agents: bool = True, secret: bytes | None = None,
-        signing_key: bytes | None = None, coordinator_key: bytes | None = None, quiet: bool = False, live: bool | None = None, duration_s: float | None = None) -> dict[str, Any]:
-    """Run (this shard of) the fleet; returns the summary also written to RUN_DIR/summary.json."""
+        signing_key: bytes | None = None, coordinator_key: bytes | None = None, quiet: bool = False, live: bool | None = None, duration_s: float | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    """Run (this shard of) the fleet; returns the summary also written to RUN_DIR/summary.json. `resume`: continue
+    the run in `run_dir` from its newest checkpoint (its rounds left; the same fleet file)."""
     from fedfleet.coordinator.broker import start_broker
     from fedfleet.coordinator.records.report import render
     from fedfleet.tools.emulate.agent_pool import AgentPool
@@ -162,7 +164,9 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
     t0 = time.perf_counter()
     raise_nofile()
     job = fleet.job
-    run_id = f"emulate-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = f"emulate-{time.strftime('%Y%m%d-%H%M%S')}"  # the ledger's run id is build_run's (job.json)
+    if resume and not run_dir:
+        raise ConfigError("--resume needs the run directory of the run to continue")
     run_dir = Path(run_dir or Path("runs") / run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     cal = calibrate(reference_s=fleet.reference_s, reference_source=fleet.reference_source)
@@ -179,7 +183,7 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
 
     from fedfleet.models import data as datasets
 
-    train, test = datasets.split(datasets.digits(), 0.2, seed=job.seed)
+    train, _ = datasets.split(datasets.digits(), 0.2, seed=job.seed)
     parts = partition(fleet, train.y)
     members = {a: LocalData(train.x[parts[a]], train.y[parts[a]]) for a in mine}
     opts = agent_options(fleet, mine, cal.host_speed)
@@ -193,8 +197,10 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
         coord = None
         progress = None
         if coordinator:
-            coord, progress = _coordinator(fleet, b.url, secret, signing_key, run_dir, run_id, test, quiet, live,
-                                           console)
+            assembled, progress = _coordinator(fleet, b.url, secret, signing_key, run_dir, resume, quiet, live,
+                                               console)
+            run_id = assembled.run
+            coord = assembled.coordinator
             coord.start()
         pool = None
         try:
@@ -247,49 +253,30 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
     return summary
 
 
-def _coordinator(fleet: FleetConfig, url: str, secret: bytes, signing_key: bytes, run_dir: Path, run_id: str, test: Any, quiet: bool,
-                 live: bool | None, console: Any) -> tuple[Any, Any]:
-    from fedfleet.coordinator.engine.rounds import Coordinator
-    from fedfleet.coordinator.job.config import method_config
+def _coordinator(fleet: FleetConfig, url: str, secret: bytes, signing_key: bytes, run_dir: Path, resume: bool,
+                 quiet: bool, live: bool | None, console: Any) -> tuple[Any, Any]:
+    """The fleet's run (`fedfleet.coordinator.job.assemble.build_run`: job.json, so it can be resumed) and its
+    progress view."""
+    from fedfleet.coordinator.job.assemble import build_run, ledger_joules
     from fedfleet.coordinator.job.progress import Progress
-    from fedfleet.coordinator.job.run import build, engine_config, small_model_threads
-    from fedfleet.coordinator.strategies import create as create_strategy
+    from fedfleet.coordinator.job.run import small_model_threads
 
     small_model_threads()
     job = fleet.job
-    blob, cmodel = build(job)
     try:
-        strategy = create_strategy(job.method, cmodel.initial_state(), **method_config(job),
-                                   seed=job.seed)
-    except ConfigError as exc:
-        raise ConfigError(f"{fleet.source}: [method] / [[group]] byzantine: {exc}") from None
-    except KeyError as exc:
-        raise ConfigError(f"{fleet.source}: field 'job.method': {exc}") from None
-    from fedfleet.coordinator.tasks import continual
-
-    try:
-        strategy, evaluate = continual.wrap(job, strategy, cmodel, test)  # a task schedule, if the fleet has one
+        run = build_run(job, broker_url=url, secret=secret, signing_key=signing_key, run_dir=run_dir,
+                        roster=fleet.roster(), resume=resume)
     except ConfigError as exc:
         raise ConfigError(f"{fleet.source}: {exc}") from None
-    holder: dict[str, Any] = {}
-
-    def online() -> tuple[int, int]:
-        return len(holder["coord"].ready_agents()), len(fleet.roster())
-
-    def joules() -> float:
-        rows = holder["coord"].ledger.query(
-            "SELECT SUM(COALESCE(energy_compute_j, 0) + COALESCE(energy_radio_j, 0) + COALESCE(energy_idle_j, 0))"
-            " AS j FROM agent_rounds WHERE run = ?", (run_id,))
-        return float(rows[0]["j"] or 0.0)
-
-    progress = Progress(job.rounds, title=f"fedfleet emulate {fleet.source}", online=online, joules=joules,
-                        quiet=quiet, console=console, live=live)
-    ecfg = engine_config(job, run_id)
-    coord = Coordinator(broker_url=url, secret=secret, roster=fleet.roster(), strategy=strategy, package=blob,
-                        evaluate=evaluate, run_dir=run_dir, config=ecfg, on_round=progress,
-                        signing_key=signing_key)
-    holder["coord"] = coord
-    return coord, progress
+    except KeyError as exc:
+        raise ConfigError(f"{fleet.source}: field 'job.method': {exc}") from None
+    coord = run.coordinator
+    progress = Progress(job.rounds, title=f"fedfleet emulate {fleet.source}",
+                        online=lambda: (len(coord.ready_agents()), len(run.roster)),
+                        joules=lambda: ledger_joules(coord), quiet=quiet, console=console, live=live)
+    progress.score_name = run.task.score_name
+    coord.on_round = progress
+    return run, progress
 
 
 def _wait(coord: Any, n: int, quorum: float, timeout_s: float, console: Any) -> None:
@@ -378,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                    "that run only agents")
     p.add_argument("--duration", type=float, help="with --no-coordinator: seconds to keep the agents up")
     p.add_argument("--run-dir")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     p.add_argument("--json", help="also write the summary here")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--expect-accuracy", type=float, help="exit 1 if the final accuracy is lower")
@@ -403,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         if sharded and signing_key is None and coordinator_key is None:
             raise ConfigError("a sharded run needs --signing-key-file (or, for agent-only shards, "
                               "--coordinator-key-file)")
-        summary = run(fleet, broker=args.broker, run_dir=args.run_dir, shard=shard,
+        if args.resume and args.run_dir and Path(args.resume) != Path(args.run_dir):
+            raise ConfigError("--resume RUN_DIR names the run directory: leave out --run-dir")
+        summary = run(fleet, broker=args.broker, run_dir=args.resume or args.run_dir, shard=shard,
+                      resume=bool(args.resume),
                       coordinator=not args.no_coordinator, agents=not args.coordinator_only, secret=secret,
                       signing_key=signing_key, coordinator_key=coordinator_key,
                       quiet=args.quiet, duration_s=args.duration)
