@@ -213,3 +213,91 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class LedgerView:
+    """Read-only queries of a ledger file, for the report, the metrics endpoint and the emulator's summary
+    (a second process may read while the run writes). `sqlite3.DatabaseError` for a file that is not a
+    readable ledger; use as a context manager or `close()`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        self._db.row_factory = sqlite3.Row
+
+    def __enter__(self) -> LedgerView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return self._db.execute(sql, params).fetchall()
+
+    def tables(self) -> set[str]:
+        return {r[0] for r in self._rows("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    def runs(self) -> list[str]:
+        """Runs with agent rows or rounds, the most recently active last."""
+        return [r["run"] for r in self._rows(
+            "SELECT run, MAX(ts) AS last FROM (SELECT run, ts FROM agent_rounds UNION ALL SELECT run, ts FROM rounds)"
+            " GROUP BY run ORDER BY last")]
+
+    def latest_run(self) -> str | None:
+        row = self._rows("SELECT run FROM agent_rounds ORDER BY ts DESC LIMIT 1")
+        return row[0]["run"] if row else None
+
+    def config_text(self, run: str) -> str | None:
+        """The run's config as stored (JSON text), None without a `runs` row."""
+        if "runs" not in self.tables():
+            return None
+        rows = self._rows("SELECT config FROM runs WHERE run=?", (run,))
+        return rows[0]["config"] if rows else None
+
+    def rounds(self, run: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._rows("SELECT * FROM rounds WHERE run=? ORDER BY round", (run,))]
+
+    def agent_rows(self, run: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._rows("SELECT * FROM agent_rounds WHERE run=? ORDER BY round, phase, id",
+                                            (run,))]
+
+    def totals(self, run: str) -> tuple[int, int, float, float, float, int]:
+        """(bytes up, bytes down, compute J, radio J, idle J, agents) over the run's agent rows."""
+        row = self._rows(
+            "SELECT COALESCE(SUM(bytes_up),0), COALESCE(SUM(bytes_down),0), COALESCE(SUM(energy_compute_j),0),"
+            " COALESCE(SUM(energy_radio_j),0), COALESCE(SUM(energy_idle_j),0), COUNT(DISTINCT agent)"
+            " FROM agent_rounds WHERE run=?", (run,))[0]
+        return int(row[0]), int(row[1]), float(row[2]), float(row[3]), float(row[4]), int(row[5])
+
+    def status_counts(self, run: str) -> list[tuple[str, int]]:
+        return [(r[0], int(r[1])) for r in self._rows(
+            "SELECT status, COUNT(*) FROM agent_rounds WHERE run=? GROUP BY status", (run,))]
+
+    def last_scored(self, run: str) -> tuple[int, float] | None:
+        """(round, score) of the run's last evaluated round."""
+        rows = self._rows("SELECT round, accuracy FROM rounds WHERE run=? AND accuracy IS NOT NULL "
+                          "ORDER BY round DESC LIMIT 1", (run,))
+        return (int(rows[0][0]), float(rows[0][1])) if rows else None
+
+    def task_ends(self, run: str) -> list[tuple[int, str, int, float | None]]:
+        """A continual run's (task, task name, eval task, accuracy) at the end of each task (empty: none)."""
+        if "task_accuracy" not in self.tables():
+            return []
+        return [tuple(r) for r in self._rows(  # type: ignore[misc]
+            "SELECT task, task_name, eval_task, accuracy FROM task_accuracy WHERE run = ? AND task_end = 1"
+            " ORDER BY task, eval_task", (run,))]
+
+    def basis(self, run: str) -> list[tuple[int, str, str, int, int]]:
+        """FOT's (task, task name, layer, k, d) rows (empty: none)."""
+        if "layer_basis" not in self.tables():
+            return []
+        return [tuple(r) for r in self._rows(  # type: ignore[misc]
+            "SELECT task, task_name, layer, k, d FROM layer_basis WHERE run = ? ORDER BY task, layer", (run,))]
+
+    def agent_outcomes(self, run: str) -> list[tuple[str, str, int, int, float]]:
+        """(agent, status, bytes up, bytes down, joules) per agent row of the run."""
+        return [(r[0], r[1], int(r[2] or 0), int(r[3] or 0), float(r[4] or 0.0)) for r in self._rows(
+            "SELECT agent, status, bytes_up, bytes_down, COALESCE(energy_compute_j, 0) + COALESCE(energy_radio_j, 0)"
+            " + COALESCE(energy_idle_j, 0) FROM agent_rounds WHERE run = ?", (run,))]

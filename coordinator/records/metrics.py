@@ -12,6 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from fedfleet.coordinator.records.ledger import LedgerView
 from fedfleet.coordinator.records.report import ACCURACY, OUTCOMES, ReportError, outcome, score_label
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -26,24 +27,17 @@ def exposition(run_dir: str | Path, run: str | None = None) -> str:
     db_path = Path(run_dir) / "ledger.sqlite"
     if not db_path.is_file():
         raise ReportError(f"{db_path}: ledger not found; is {run_dir} a fedfleet run directory?")
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        if run is None:
-            row = db.execute("SELECT run FROM agent_rounds ORDER BY ts DESC LIMIT 1").fetchone()
-            if row is None:
-                return "# no rounds recorded yet\n"
-            run = row[0]
-        up, down, cj, rj, ij, agents = db.execute(
-            "SELECT COALESCE(SUM(bytes_up),0), COALESCE(SUM(bytes_down),0), COALESCE(SUM(energy_compute_j),0),"
-            " COALESCE(SUM(energy_radio_j),0), COALESCE(SUM(energy_idle_j),0), COUNT(DISTINCT agent)"
-            " FROM agent_rounds WHERE run=?", (run,)).fetchone()
-        statuses = db.execute("SELECT status, COUNT(*) FROM agent_rounds WHERE run=? GROUP BY status", (run,)).fetchall()
-        last = db.execute("SELECT round, accuracy FROM rounds WHERE run=? AND accuracy IS NOT NULL "
-                          "ORDER BY round DESC LIMIT 1", (run,)).fetchone()
+        with LedgerView(db_path) as view:
+            if run is None:
+                run = view.latest_run()
+                if run is None:
+                    return "# no rounds recorded yet\n"
+            up, down, cj, rj, ij, agents = view.totals(run)
+            statuses = view.status_counts(run)
+            last = view.last_scored(run)
     except sqlite3.DatabaseError as exc:
         raise ReportError(f"{db_path}: not a readable ledger ({exc})") from exc
-    finally:
-        db.close()
     counts = dict.fromkeys(OUTCOMES, 0)
     for status, n in statuses:
         counts[outcome(status)] += n

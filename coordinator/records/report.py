@@ -31,6 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedfleet.coordinator.records.ledger import LedgerView
 from fedfleet.edge_agent.errors import FedfleetError  # noqa: E402
 
 MB = 1e6
@@ -118,18 +119,15 @@ def load(run_dir: str | Path, run: str | None = None) -> RunData:
     if not db_path.is_file():
         raise ReportError(f"{db_path}: ledger not found; is {run_dir} a fedfleet run directory?")
     try:
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        db.row_factory = sqlite3.Row
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        view = LedgerView(db_path)
+        tables = view.tables()
     except sqlite3.DatabaseError as exc:
         raise ReportError(f"{db_path}: not a readable SQLite ledger ({exc})") from exc
     try:
         missing = {"agent_rounds", "rounds"} - tables
         if missing:
             raise ReportError(f"{db_path}: ledger lacks tables {sorted(missing)}; was it written by fedfleet.coordinator.records.ledger?")
-        runs = [r["run"] for r in db.execute(
-            "SELECT run, MAX(ts) AS last FROM (SELECT run, ts FROM agent_rounds UNION ALL SELECT run, ts FROM rounds)"
-            " GROUP BY run ORDER BY last")]
+        runs = view.runs()
         if not runs:
             raise ReportError(f"{db_path}: the ledger has no rounds yet; run at least one round first")
         if run is None:
@@ -137,17 +135,18 @@ def load(run_dir: str | Path, run: str | None = None) -> RunData:
         elif run not in runs:
             raise ReportError(f"{db_path}: run {run!r} not in the ledger; runs present: {runs}")
         config: dict[str, Any] = {}
-        if "runs" in tables:
-            row = db.execute("SELECT config FROM runs WHERE run=?", (run,)).fetchone()
-            if row is not None:
-                try:
-                    config = json.loads(row["config"])
-                except (TypeError, ValueError):
-                    config = {"raw": row["config"]}
-        rounds = [dict(r) for r in db.execute("SELECT * FROM rounds WHERE run=? ORDER BY round", (run,))]
-        rows = [dict(r) for r in db.execute("SELECT * FROM agent_rounds WHERE run=? ORDER BY round, phase, id", (run,))]
+        text = view.config_text(run)
+        if text is not None:
+            try:
+                config = json.loads(text)
+            except (TypeError, ValueError):
+                config = {"raw": text}
+        rounds = view.rounds(run)
+        rows = view.agent_rows(run)
+    except sqlite3.DatabaseError as exc:
+        raise ReportError(f"{db_path}: not a readable SQLite ledger ({exc})") from exc
     finally:
-        db.close()
+        view.close()
     agents: dict[str, AgentTotals] = {}
     has_energy = False
     for r in rows:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +18,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedfleet.coordinator.records.ledger import LedgerView  # noqa: E402
 from fedfleet.coordinator.tasks.continual import acc_fgt  # noqa: E402
 
 
 def read(db_path: Path, run: str) -> dict[str, Any] | None:
     """Task names, the matrix (None where tau > t) and the basis rows of `run`; None if it has none."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "task_accuracy" not in tables:
-            return None
-        rows = db.execute("SELECT task, task_name, eval_task, accuracy FROM task_accuracy WHERE run = ? AND "
-                          "task_end = 1 ORDER BY task, eval_task", (run,)).fetchall()
-        basis = (db.execute("SELECT task, task_name, layer, k, d FROM layer_basis WHERE run = ? ORDER BY task, layer",
-                            (run,)).fetchall() if "layer_basis" in tables else [])
-    finally:
-        db.close()
+    with LedgerView(db_path) as view:
+        rows = view.task_ends(run)
+        basis = view.basis(run) if rows else []
     if not rows:
         return None
     names = {t: name for t, name, _, _ in rows}

@@ -129,17 +129,12 @@ def _settle(coord: Any, wait_s: float = 1.0) -> None:
 
 def ledger_totals(run_dir: Path, run: str) -> dict[str, Any]:
     """Per agent and per group: bytes, joules and outcomes, from the ledger."""
-    import sqlite3
+    from fedfleet.coordinator.records.ledger import LedgerView
 
-    db = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            "SELECT agent, status, bytes_up, bytes_down, COALESCE(energy_compute_j, 0) + COALESCE(energy_radio_j, 0)"
-            " + COALESCE(energy_idle_j, 0), learn_s FROM agent_rounds WHERE run = ?", (run,)).fetchall()
-    finally:
-        db.close()
+    with LedgerView(run_dir / "ledger.sqlite") as view:
+        rows = view.agent_outcomes(run)
     agents: dict[str, dict[str, Any]] = {}
-    for agent, status, up, down, joules, _ in rows:
+    for agent, status, up, down, joules in rows:
         a = agents.setdefault(agent, {"bytes_up": 0, "bytes_down": 0, "joules": 0.0, "outcomes": {}})
         a["bytes_up"] += int(up or 0)
         a["bytes_down"] += int(down or 0)
