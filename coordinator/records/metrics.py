@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from fedfleet.coordinator.records.ledger import LedgerView
-from fedfleet.coordinator.records.report import ACCURACY, OUTCOMES, ReportError, outcome, score_label
+from fedfleet.coordinator.records.run_data import ACCURACY, OUTCOMES, ReportError, outcome, score_label
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
