@@ -101,6 +101,16 @@ class ProtocolError(FedfleetError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[object, tuple[type[ProtocolError], str, str]]:
+        return _rebuild, (type(self), self.reason.value, self.detail)
+
+
+def _rebuild(cls: type[ProtocolError], reason: str, detail: str) -> ProtocolError:
+    """Unpickle a ProtocolError or subclass (their constructors take different arguments)."""
+    err = cls.__new__(cls)
+    ProtocolError.__init__(err, reason, detail)
+    return err
+
 
 class CodecError(ProtocolError):
     """A compressed payload is truncated, garbage, or would exceed its size cap when decoded."""

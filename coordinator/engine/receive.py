@@ -179,7 +179,7 @@ class ReceivePath:
             per_sender_bytes=per_sender_bytes if per_sender_bytes is not None else 2 * max_result_bytes)
         self.bytes_up = 0  # MQTT bytes of every message on a result topic
         self.dropped_total = 0  # unauthenticated messages since start
-        self.dropped_other: dict[str, int] = {}  # unauthenticated status and telemetry messages, by reason
+        self.dropped_other: dict[Refusal, int] = {}  # unauthenticated status and telemetry messages, by reason
         self.duplicates = 0  # status and telemetry seen twice with the same seq
         self._dropped: dict[Refusal, list[Any]] = {}  # reason -> [count, bytes, claimed ids]
         self._refused: dict[tuple[str, Refusal], list[Any]] = {}  # (agent, reason) -> [count, kinds] (status, telemetry)

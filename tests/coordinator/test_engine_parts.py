@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import pickle
 import queue
 from pathlib import Path
 
@@ -56,10 +58,15 @@ def test_refusal_values_are_the_ledger_statuses():
     assert len({r.value for r in Refusal}) == len(Refusal)
     assert f"rejected:{Refusal.NORM_BOUND}" == Refusal.NORM_BOUND.status == "rejected:norm_bound"
     assert str(Refusal.SCHEMA) == "schema" and Refusal.SCHEMA == "schema"
+    assert {"schema": 1}[Refusal.SCHEMA] == {Refusal.SCHEMA: 1}["schema"] == 1  # hashes as its value
+    assert json.dumps({Refusal.SCHEMA: [Refusal.SHAPE]}) == '{"schema": ["shape"]}'
     assert ProtocolError("shape", "x").reason is Refusal.SHAPE  # the string value is accepted
     assert CodecError("bad").reason is Refusal.CODEC and str(CodecError("bad", reason="shape")) == "shape: bad"
     with pytest.raises(ValueError, match="not a refusal reason"):
         ProtocolError("no_such_reason")
+    for err in (ProtocolError(Refusal.SPOOFED, "d"), CodecError("d", reason="oversized")):
+        back = pickle.loads(pickle.dumps(err))
+        assert (type(back), back.reason, back.detail, str(back)) == (type(err), err.reason, "d", str(err))
 
 
 def test_which_refusals_answer_the_agents_own_task():
