@@ -9,14 +9,14 @@ For every message on `fedfleet/v1/<fleet>/agents/<id>/<kind>`:
    secret) is counted in `dropped_other`.
 3. The header is parsed strictly (`protocol.parse_header`) and every field is schema-checked (types,
    ranges, finiteness, integers that fit a float64 exactly and SQLite's int64). An authenticated message
-   that fails is refused: the engine gets a ("reject", ...) item and records `rejected:<reason>`.
+   that fails is refused: the engine gets a `Refused` item and records `rejected:<reason>`.
 4. Status and telemetry must be fresh: a `seq` [epoch, n] below the last one accepted from that agent for
    that kind is refused (`replayed`: e.g. an old status re-retained); the same seq again is a duplicate
    (QoS 1 redelivery, or a replay of the latest message) and is dropped without effect.
 5. Result chunks go through a `Reassembler` with per-sender caps on partial messages and bytes.
 
-Checks that need the open round (run, round, the task's codec and layout) are the engine's, in
-`coordinator/engine/rounds.py`.
+Items on the inbox are the typed dataclasses of `coordinator/engine/inbox.py`. Checks that need the open round
+(run, round, the task's codec and layout) are the engine's, in `coordinator/engine/validate.py`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fedfleet.edge_agent.errors import ProtocolError
+from fedfleet.coordinator.engine.inbox import ChunkBytes, EnergyReport, InboxItem, Refused, ResultMessage
+from fedfleet.edge_agent.errors import ProtocolError, Refusal
 from fedfleet.edge_agent.wire import protocol
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,10 @@ MAX_BODY_BYTES = 64 << 10  # status and telemetry bodies
 MAX_METRICS = 64
 MAX_CLAIMED_IDS = 5  # ids kept per summary row of unauthenticated messages
 
-Item = tuple[str, str, "dict[str, Any] | None", bytes, int]
-
 
 # ---------------------------------------------------------------- schema checks
 def _fail(field: str, what: str) -> ProtocolError:
-    return ProtocolError("schema", f"{field}: {what}")
+    return ProtocolError(Refusal.SCHEMA, f"{field}: {what}")
 
 
 def check_int(value: Any, field: str, lo: int = 0, hi: int = MAX_SAFE_INT) -> int:
@@ -141,11 +140,11 @@ def check_energy(event: dict[str, Any]) -> dict[str, Any]:
 
 def _json_body(body: bytes) -> dict[str, Any]:
     if len(body) > MAX_BODY_BYTES:
-        raise ProtocolError("oversized", f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+        raise ProtocolError(Refusal.OVERSIZED, f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     return protocol.parse_header(body)  # the same strict JSON reader as headers
 
 
-def _header_ints(header: dict[str, Any]) -> dict[str, Any]:
+def _named(header: dict[str, Any]) -> dict[str, Any]:
     """run, round and phase of a header, where they are well-typed (for the engine's refusal accounting)."""
     out: dict[str, Any] = {}
     if isinstance(header.get("run"), str):
@@ -161,13 +160,12 @@ def _header_ints(header: dict[str, Any]) -> dict[str, Any]:
 class ReceivePath:
     """Turns raw MQTT messages from agents into authenticated, schema-checked items on `inbox`.
 
-    Items are (kind, agent, header, body, mqtt_bytes) with kind one of "chunk" (a verified result chunk,
-    for byte accounting), "result" (a complete result), "reject" (header = {"reason", "detail", and the
-    message's run/round/phase where known}) and "energy" (header = the checked energy event). Status goes to
-    `on_status(agent, status)`.
+    Items (`coordinator/engine/inbox.py`): `ChunkBytes` (a verified result chunk, for byte accounting),
+    `ResultMessage` (a complete result), `Refused` (a refused result message, with the run/round/phase its
+    header named where known) and `EnergyReport`. Status goes to `on_status(agent, status)`.
     """
 
-    def __init__(self, *, fleet: str, keys: dict[str, bytes], inbox: queue.Queue[Item],
+    def __init__(self, *, fleet: str, keys: dict[str, bytes], inbox: queue.Queue[InboxItem],
                  on_status: Callable[[str, dict[str, Any]], None], max_result_bytes: int,
                  reassembly_timeout_s: float = 600.0, per_sender_pending: int = 4,
                  per_sender_bytes: int | None = None) -> None:
@@ -181,15 +179,15 @@ class ReceivePath:
             per_sender_bytes=per_sender_bytes if per_sender_bytes is not None else 2 * max_result_bytes)
         self.bytes_up = 0  # MQTT bytes of every message on a result topic
         self.dropped_total = 0  # unauthenticated messages since start
-        self.dropped_other: dict[str, int] = {}  # unauthenticated status and telemetry messages, by reason
+        self.dropped_other: dict[Refusal, int] = {}  # unauthenticated status and telemetry messages, by reason
         self.duplicates = 0  # status and telemetry seen twice with the same seq
-        self._dropped: dict[str, list[Any]] = {}  # reason -> [count, bytes, claimed ids]
-        self._refused: dict[tuple[str, str], list[Any]] = {}  # (agent, reason) -> [count, kinds] (status, telemetry)
+        self._dropped: dict[Refusal, list[Any]] = {}  # reason -> [count, bytes, claimed ids]
+        self._refused: dict[tuple[str, Refusal], list[Any]] = {}  # (agent, reason) -> [count, kinds] (status, telemetry)
         self._lock = threading.Lock()
         self._last_seq: dict[tuple[str, str], tuple[int, int]] = {}  # (agent, kind) -> last accepted seq
 
     # -------------------------------------------------------------- unauthenticated messages
-    def _drop(self, reason: str, agent: str, nbytes: int, kind: str) -> None:
+    def _drop(self, reason: Refusal, agent: str, nbytes: int, kind: str) -> None:
         with self._lock:
             self.dropped_total += 1
             if kind != "result":  # e.g. a previous run's retained status under another secret: counted only
@@ -201,14 +199,14 @@ class ReceivePath:
             if len(entry[2]) < MAX_CLAIMED_IDS and agent not in entry[2]:
                 entry[2].append(agent)
 
-    def take_dropped(self) -> dict[str, tuple[int, int, list[str]]]:
+    def take_dropped(self) -> dict[Refusal, tuple[int, int, list[str]]]:
         """Unauthenticated messages on result topics since the last call: reason -> (count, MQTT bytes, a few
         claimed ids). Those on status and telemetry topics are only counted, in `dropped_other`."""
         with self._lock:
             out, self._dropped = {k: (v[0], v[1], v[2]) for k, v in self._dropped.items()}, {}
         return out
 
-    def take_refused(self) -> dict[tuple[str, str], tuple[int, list[str]]]:
+    def take_refused(self) -> dict[tuple[str, Refusal], tuple[int, list[str]]]:
         """Authenticated status and telemetry messages refused since the last call:
         (agent, reason) -> (count, the kinds refused)."""
         with self._lock:
@@ -229,7 +227,7 @@ class ReceivePath:
                 self.bytes_up += nbytes
         key = self.keys.get(agent)
         if key is None:
-            self._drop("unknown_agent", agent[:64], nbytes, kind)
+            self._drop(Refusal.UNKNOWN_AGENT, agent[:64], nbytes, kind)
             return
         try:
             protocol.verify_hmac(payload, key)
@@ -247,12 +245,11 @@ class ReceivePath:
             self._refuse(kind, agent, exc, header, nbytes)
         except Exception as exc:  # noqa: BLE001 - last line of defence: the network thread never dies
             log.exception("receive path bug on a %s message from %s", kind, agent)
-            self._refuse(kind, agent, ProtocolError("internal", f"{type(exc).__name__}: {exc}"), header, nbytes)
+            self._refuse(kind, agent, ProtocolError(Refusal.INTERNAL, f"{type(exc).__name__}: {exc}"), header, nbytes)
 
     def _refuse(self, kind: str, agent: str, exc: ProtocolError, header: dict[str, Any], nbytes: int) -> None:
         if kind == "result":
-            self.inbox.put(("reject", agent, {"reason": exc.reason, "detail": exc.detail, **_header_ints(header)},
-                            b"", nbytes))
+            self.inbox.put(Refused(agent, exc.reason, exc.detail, nbytes, **_named(header)))
             return
         with self._lock:
             entry = self._refused.setdefault((agent, exc.reason), [0, []])
@@ -265,17 +262,17 @@ class ReceivePath:
 
     def _accept(self, kind: str, agent: str, header: dict[str, Any], body: bytes, nbytes: int) -> None:
         if header.get("kind") != kind:
-            raise ProtocolError("malformed", f"a {str(header.get('kind'))[:16]!r} message on a {kind} topic")
+            raise ProtocolError(Refusal.MALFORMED, f"a {str(header.get('kind'))[:16]!r} message on a {kind} topic")
         if header.get("agent") != agent:
-            raise ProtocolError("spoofed", f"header names agent {str(header.get('agent'))[:64]!r} on {agent}'s topic")
+            raise ProtocolError(Refusal.SPOOFED, f"header names agent {str(header.get('agent'))[:64]!r} on {agent}'s topic")
         if header.get("fleet", self.fleet) != self.fleet:
-            raise ProtocolError("spoofed", "header names another fleet")
+            raise ProtocolError(Refusal.SPOOFED, "header names another fleet")
         if kind == "result":
             check_result_header(header)
             done = self.reassembler.add(header, body, sender=agent)
-            self.inbox.put(("chunk", agent, header, b"", nbytes))
+            self.inbox.put(ChunkBytes(agent, nbytes))
             if done is not None:
-                self.inbox.put(("result", agent, done[0], done[1], 0))
+                self.inbox.put(ResultMessage(agent, done[0], done[1]))
             return
         seq = check_seq(header.get("seq"))
         content = _json_body(body)
@@ -288,7 +285,8 @@ class ReceivePath:
         if event == "energy":
             check_energy(content)
             if self._fresh(agent, kind, seq):
-                self.inbox.put(("energy", agent, content, b"", 0))
+                self.inbox.put(EnergyReport(agent, content["run"], content["round"], content.get("phase", 0),
+                                            *(float(content[k]) for k in ENERGY_FIELDS)))
         elif self._fresh(agent, kind, seq):
             log.info("telemetry from %s: %s", agent, str(content)[:300])
 
@@ -301,7 +299,7 @@ class ReceivePath:
                 self.duplicates += 1
                 return False
             if last is not None and seq < last:
-                raise ProtocolError("replayed", f"{kind} seq {list(seq)} is older than the last seen {list(last)}")
+                raise ProtocolError(Refusal.REPLAYED, f"{kind} seq {list(seq)} is older than the last seen {list(last)}")
             self._last_seq[(agent, kind)] = seq
             return True
 

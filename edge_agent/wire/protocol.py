@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedfleet.edge_agent.errors import ProtocolError
+from fedfleet.edge_agent.errors import ProtocolError, Refusal
 
 MAGIC = b"FFLT"
 VERSION = 2
@@ -106,30 +106,30 @@ def digest(payload: bytes) -> str:
 def _pack_header(header: dict[str, Any]) -> bytes:
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError("oversized", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+        raise ProtocolError(Refusal.OVERSIZED, f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     packed = zlib.compress(raw, 9)
     return packed if len(packed) < len(raw) else raw
 
 
 def _bad_constant(name: str) -> Any:
-    raise ProtocolError("malformed", f"header holds {name}, which is not a number")
+    raise ProtocolError(Refusal.MALFORMED, f"header holds {name}, which is not a number")
 
 
 def _finite_float(text: str) -> float:
     if len(text) > 64:
-        raise ProtocolError("malformed", "header holds a number of more than 64 characters")
+        raise ProtocolError(Refusal.MALFORMED, "header holds a number of more than 64 characters")
     value = float(text)
     if not math.isfinite(value):
-        raise ProtocolError("malformed", f"header number {text[:32]} overflows a float")
+        raise ProtocolError(Refusal.MALFORMED, f"header number {text[:32]} overflows a float")
     return value
 
 
 def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ProtocolError("malformed", f"header integer of {len(text)} digits does not fit 64 bits")
+        raise ProtocolError(Refusal.MALFORMED, f"header integer of {len(text)} digits does not fit 64 bits")
     value = int(text)
     if not -(1 << 63) <= value < 1 << 63:
-        raise ProtocolError("malformed", "header integer does not fit 64 bits")
+        raise ProtocolError(Refusal.MALFORMED, "header integer does not fit 64 bits")
     return value
 
 
@@ -151,23 +151,23 @@ def parse_header(blob: bytes) -> dict[str, Any]:
         try:
             blob = d.decompress(blob, MAX_HEADER_BYTES + 1)
         except zlib.error as exc:
-            raise ProtocolError("malformed", f"header is neither JSON nor zlib: {exc}") from None
+            raise ProtocolError(Refusal.MALFORMED, f"header is neither JSON nor zlib: {exc}") from None
         if len(blob) > MAX_HEADER_BYTES or d.unconsumed_tail:
-            raise ProtocolError("oversized", f"header inflates past {MAX_HEADER_BYTES} bytes")
+            raise ProtocolError(Refusal.OVERSIZED, f"header inflates past {MAX_HEADER_BYTES} bytes")
         if not d.eof or d.unused_data:
-            raise ProtocolError("malformed", "compressed header is truncated or has trailing bytes")
+            raise ProtocolError(Refusal.MALFORMED, "compressed header is truncated or has trailing bytes")
     if blob.count(b"[") + blob.count(b"{") > MAX_HEADER_BYTES // 8:
-        raise ProtocolError("malformed", "header has too many nested or listed values")
+        raise ProtocolError(Refusal.MALFORMED, "header has too many nested or listed values")
     try:
         header = json.loads(blob, parse_constant=_bad_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError("malformed", f"header is not JSON: {str(exc)[:200]}") from None
+        raise ProtocolError(Refusal.MALFORMED, f"header is not JSON: {str(exc)[:200]}") from None
     except RecursionError:
-        raise ProtocolError("malformed", f"header nests deeper than {MAX_HEADER_DEPTH}") from None
+        raise ProtocolError(Refusal.MALFORMED, f"header nests deeper than {MAX_HEADER_DEPTH}") from None
     if not isinstance(header, dict):
-        raise ProtocolError("malformed", "header is not a JSON object")
+        raise ProtocolError(Refusal.MALFORMED, "header is not a JSON object")
     if not _depth_ok(header):
-        raise ProtocolError("malformed", f"header nests deeper than {MAX_HEADER_DEPTH}")
+        raise ProtocolError(Refusal.MALFORMED, f"header nests deeper than {MAX_HEADER_DEPTH}")
     return header
 
 
@@ -176,7 +176,7 @@ def _body(header: dict[str, Any], payload: bytes, auth: int, tag_bytes: int) -> 
     head = _pack_header(header)
     body = b"".join([_PREFIX.pack(MAGIC, VERSION, auth, len(head)), head, _LEN.pack(len(payload)), payload])
     if len(body) + tag_bytes > MAX_MESSAGE_BYTES:
-        raise ProtocolError("oversized", f"envelope of {len(body) + tag_bytes} bytes; chunk the payload")
+        raise ProtocolError(Refusal.OVERSIZED, f"envelope of {len(body) + tag_bytes} bytes; chunk the payload")
     return body
 
 
@@ -197,26 +197,26 @@ def seal_signed(header: dict[str, Any], payload: bytes, seed: bytes) -> bytes:
 def _frame(data: bytes, auth: int, tag_bytes: int, max_bytes: int) -> None:
     """Checks on the fixed-size prefix only (no header byte is read): size, magic, version, auth."""
     if len(data) > max_bytes:
-        raise ProtocolError("oversized", f"message of {len(data)} bytes exceeds {max_bytes}")
+        raise ProtocolError(Refusal.OVERSIZED, f"message of {len(data)} bytes exceeds {max_bytes}")
     if len(data) < _PREFIX.size + _LEN.size + tag_bytes:
-        raise ProtocolError("malformed", f"message of {len(data)} bytes is too short for an envelope")
+        raise ProtocolError(Refusal.MALFORMED, f"message of {len(data)} bytes is too short for an envelope")
     magic, version, got, _ = _PREFIX.unpack_from(data)
     if magic != MAGIC:
-        raise ProtocolError("malformed", "bad magic: not a fedfleet envelope")
+        raise ProtocolError(Refusal.MALFORMED, "bad magic: not a fedfleet envelope")
     if version != VERSION:
-        raise ProtocolError("version", f"envelope version {version}, this build speaks {VERSION}")
+        raise ProtocolError(Refusal.VERSION, f"envelope version {version}, this build speaks {VERSION}")
     if got != auth:
-        raise ProtocolError("bad_auth", f"envelope authenticated by scheme {got}, this topic needs {auth}")
+        raise ProtocolError(Refusal.BAD_AUTH, f"envelope authenticated by scheme {got}, this topic needs {auth}")
 
 
 def unpack_verified(data: bytes, tag_bytes: int = MAC_BYTES) -> tuple[dict[str, Any], bytes]:
     """Header and payload of an envelope whose frame and tag were already verified."""
     head_len = _PREFIX.unpack_from(data)[3]
     if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len + _LEN.size + tag_bytes > len(data):
-        raise ProtocolError("malformed", f"header length {head_len} does not fit the message")
+        raise ProtocolError(Refusal.MALFORMED, f"header length {head_len} does not fit the message")
     (pay_len,) = _LEN.unpack_from(data, _PREFIX.size + head_len)
     if _PREFIX.size + head_len + _LEN.size + pay_len + tag_bytes != len(data):
-        raise ProtocolError("malformed", f"payload length {pay_len} does not match the message size")
+        raise ProtocolError(Refusal.MALFORMED, f"payload length {pay_len} does not match the message size")
     header = parse_header(bytes(data[_PREFIX.size : _PREFIX.size + head_len]))
     start = _PREFIX.size + head_len + _LEN.size
     return header, bytes(data[start:-tag_bytes])
@@ -227,7 +227,7 @@ def verify_hmac(data: bytes, key: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) 
     _frame(data, AUTH_HMAC, MAC_BYTES, max_bytes)
     body, mac = data[:-MAC_BYTES], data[-MAC_BYTES:]
     if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
-        raise ProtocolError("bad_hmac", "HMAC does not verify under the sender's key")
+        raise ProtocolError(Refusal.BAD_HMAC, "HMAC does not verify under the sender's key")
 
 
 def open_envelope(data: bytes, key: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[str, Any], bytes]:
@@ -310,12 +310,12 @@ class Reassembler:
             not isinstance(chunk, list) or len(chunk) != 2 or not all(type(c) is int for c in chunk)
             or type(total) is not int or not isinstance(msg, str) or not isinstance(want, str) or len(msg) > 64
         ):
-            raise ProtocolError("malformed", "chunk header needs chunk [i, n], total, msg and digest")
+            raise ProtocolError(Refusal.MALFORMED, "chunk header needs chunk [i, n], total, msg and digest")
         i, n = chunk
         if total < 0 or total > self.max_total:
-            raise ProtocolError("oversized", f"message declares {total} bytes, cap is {self.max_total}")
+            raise ProtocolError(Refusal.OVERSIZED, f"message declares {total} bytes, cap is {self.max_total}")
         if not (0 <= i < n) or n > min(65536, total + 1):
-            raise ProtocolError("malformed", f"chunk {i}/{n} is out of range")
+            raise ProtocolError(Refusal.MALFORMED, f"chunk {i}/{n} is out of range")
         if n == 1:
             return self._finish(header, payload, total, want)
         self._expire()
@@ -324,24 +324,24 @@ class Reassembler:
         part = self._pending.get(key)
         if part is None:
             if len(self._pending) >= self.max_pending:
-                raise ProtocolError("oversized", "too many partial messages in flight")
+                raise ProtocolError(Refusal.OVERSIZED, "too many partial messages in flight")
             mine = [k for k in self._pending if k[0] == who]
             while mine and len(mine) >= self.per_sender_pending:
                 self._drop(mine.pop(0))
             part = self._pending[key] = _Partial(header)
         if part.header.get("total") != total or part.header.get("chunk", [0, 0])[1] != n:
             self._drop(key)
-            raise ProtocolError("malformed", "chunks of one message disagree on their size")
+            raise ProtocolError(Refusal.MALFORMED, "chunks of one message disagree on their size")
         if i in part.parts:
-            raise ProtocolError("duplicate", f"chunk {i}/{n} received twice")
+            raise ProtocolError(Refusal.DUPLICATE, f"chunk {i}/{n} received twice")
         if part.size + len(payload) > total:
             self._drop(key)
-            raise ProtocolError("oversized", "chunks exceed the declared total")
+            raise ProtocolError(Refusal.OVERSIZED, "chunks exceed the declared total")
         while self._held.get(who, 0) + len(payload) > self.per_sender_bytes:
             older = next((k for k in self._pending if k[0] == who and k != key), None)
             if older is None:
                 self._drop(key)
-                raise ProtocolError("oversized", f"{who} holds more than {self.per_sender_bytes} pending bytes")
+                raise ProtocolError(Refusal.OVERSIZED, f"{who} holds more than {self.per_sender_bytes} pending bytes")
             self._drop(older)
         part.size += len(payload)
         self._held[who] = self._held.get(who, 0) + len(payload)
@@ -365,9 +365,9 @@ class Reassembler:
     @staticmethod
     def _finish(header: dict[str, Any], payload: bytes, total: int, want: str) -> tuple[dict[str, Any], bytes]:
         if len(payload) != total:
-            raise ProtocolError("malformed", f"payload is {len(payload)} bytes, header says {total}")
+            raise ProtocolError(Refusal.MALFORMED, f"payload is {len(payload)} bytes, header says {total}")
         if digest(payload) != want:
-            raise ProtocolError("digest", "payload digest does not match the header")
+            raise ProtocolError(Refusal.DIGEST, "payload digest does not match the header")
         return header, payload
 
     def _expire(self) -> None:

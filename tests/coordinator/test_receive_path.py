@@ -1,5 +1,6 @@
 """Hostile result payloads through the coordinator's real receive path (envelope, reassembly, validation,
-codec decoding), without a broker: every one is refused with a reason, recorded, and nothing crashes."""
+codec decoding) and a real `Phase` (offer, close), without a broker: every one is refused with a reason,
+recorded, and nothing crashes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedfleet.coordinator.engine.phase import Accepted, Noted, Phase, Rejected
 from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig
 from fedfleet.coordinator.records.ledger import Ledger
 from fedfleet.coordinator.strategies import TaskSpec, create
@@ -29,8 +31,6 @@ def coord(tmp_path):
     c = Coordinator(broker_url="mqtt://127.0.0.1:1", secret=SECRET, roster=["a1"], strategy=create("fedavg", state),
                     package=b"pkg", evaluate=lambda ctx, s: (0.0, 0.0), run_dir=tmp_path,
                     config=EngineConfig(fleet="f", run="run"), signing_key=bytes(32))
-    c.round, c.phase = 3, 0
-    c._open = {"a1": TaskSpec(config={}, tensors={}, expect=LAYOUT, uplink_codec=FEDZIP)}
     yield c
     c.ledger.close()
 
@@ -42,16 +42,31 @@ def _envelopes(payload: bytes, *, codec: dict | None = None, layout=LAYOUT) -> l
     return protocol.split(header, payload, protocol.derive_key(SECRET, "a1"))
 
 
-def _deliver(coord: Coordinator, messages: list[bytes]) -> list[str]:
+TASK = TaskSpec(config={}, tensors={}, expect=LAYOUT, uplink_codec=FEDZIP)
+
+
+def _phase(coord: Coordinator, r: int = 3, tasks: dict | None = None) -> Phase:
+    return coord.open_phase(r, 0, {"a1": TASK} if tasks is None else tasks)
+
+
+def _offer(coord: Coordinator, phase: Phase, messages: list[bytes]) -> list[str]:
+    """Deliver `messages` on a1's result topic and offer what the receive path queued: the verdicts."""
     for m in messages:
         coord.receive.on_message("fedfleet/v1/f/agents/a1/result", m)
     outcomes = []
-    up, down = {"a1": 0}, {"a1": 0}
-    while not coord._inbox.empty():
-        out = coord._handle(coord._inbox.get_nowait(), 3, 0, up, down)
-        if out is not None:
-            outcomes.append("ok" if not isinstance(out, str) else out)
-    coord._book_pending(3, 0, up, down)
+    while not coord.inbox.empty():
+        out = phase.offer(coord.inbox.get_nowait())
+        assert isinstance(out, (Accepted, Rejected, Noted))
+        if not isinstance(out, Noted):
+            outcomes.append("ok" if isinstance(out, Accepted) else "rejected")
+    return outcomes
+
+
+def _deliver(coord: Coordinator, messages: list[bytes]) -> list[str]:
+    """`messages` in a phase of their own, closed after them."""
+    phase = _phase(coord)
+    outcomes = _offer(coord, phase, messages)
+    phase.close()
     return outcomes
 
 
@@ -95,6 +110,41 @@ def test_good_fedzip_payload_is_accepted_and_decodes_to_quantized(coord):
     assert rows == [{"status": "ok", "codec": "fedzip"}]
 
 
+def test_a_closed_phase_returns_its_outcome_and_books_the_silent_agent_late(coord):
+    phase = _phase(coord, tasks={"a1": TASK, "a2": TASK})
+    phase.dispatched("a1", 100)
+    phase.dispatched("a2", 200)
+    assert _offer(coord, phase, _envelopes(_good())) == ["ok"]
+    assert phase.waiting == ["a2"] and not phase.answered
+    outcome = phase.close()
+    assert (outcome.selected, [r.agent for r in outcome.results], outcome.rejected, outcome.late) == (
+        ["a1", "a2"], ["a1"], 0, ["a2"])
+    rows = [dict(r) for r in coord.ledger.query("SELECT agent, status, bytes_down FROM agent_rounds ORDER BY agent")]
+    assert rows == [{"agent": "a1", "status": "ok", "bytes_down": 100},
+                    {"agent": "a2", "status": "late", "bytes_down": 200}]
+    with pytest.raises(RuntimeError):
+        phase.close()
+
+
+def test_a_result_queued_when_the_phase_closes_still_counts(coord):
+    phase = _phase(coord)
+    for m in _envelopes(_good()):
+        coord.receive.on_message("fedfleet/v1/f/agents/a1/result", m)
+    outcome = phase.close()  # nothing offered yet: close drains the inbox
+    assert [r.agent for r in outcome.results] == ["a1"] and outcome.late == []
+    assert [r["status"] for r in coord.ledger.query("SELECT status FROM agent_rounds")] == ["ok"]
+
+
+def test_a_late_result_adds_its_bytes_to_the_late_row(coord):
+    first = _phase(coord)
+    first.dispatched("a1", 10)
+    assert first.close().late == ["a1"]
+    later = _phase(coord, r=4, tasks={})  # a1 has no task now: its chunks' bytes are held for its late row
+    assert _offer(coord, later, _envelopes(_good())) == []  # neither accepted nor refused: noted on its late row
+    rows = [dict(r) for r in coord.ledger.query("SELECT round, status, bytes_up FROM agent_rounds")]
+    assert len(rows) == 1 and rows[0]["round"] == 3 and rows[0]["status"] == "late" and rows[0]["bytes_up"] > 0
+
+
 def test_codec_and_layout_mismatches_are_refused(coord):
     assert _deliver(coord, _envelopes(_good(), codec={"name": "zstd"})) == ["rejected"]
     assert _deliver(coord, _envelopes(_good(), layout=LAYOUT[:2])) == ["rejected"]
@@ -113,22 +163,15 @@ def test_a_reader_can_open_the_ledger_while_the_coordinator_writes(coord, tmp_pa
 
 def test_replayed_result_is_refused_in_the_same_and_in_a_later_round(coord):
     messages = _envelopes(_good())
-    assert _deliver(coord, messages) == ["ok"]
-    assert _deliver(coord, messages) == ["rejected"]  # same round: a duplicate
-    coord._received = set()
-    coord.round = 4
-    up, down = {"a1": 0}, {"a1": 0}
-    for m in messages:
-        coord.receive.on_message("fedfleet/v1/f/agents/a1/result", m)
-    outcomes = []
-    while not coord._inbox.empty():
-        out = coord._handle(coord._inbox.get_nowait(), 4, 0, up, down)
-        if out is not None:
-            outcomes.append(out)
-    assert outcomes == ["rejected"]
-    assert "a1" not in coord._refused  # a replayed old result does not close the agent's slot
+    phase = _phase(coord)
+    assert _offer(coord, phase, messages) == ["ok"]
+    assert _offer(coord, phase, messages) == ["rejected"]  # same round: a duplicate
+    phase.close()
+    later = _phase(coord, r=4)
+    assert _offer(coord, later, messages) == ["rejected"]
+    assert later.waiting == ["a1"]  # a replayed old result does not close the agent's slot
     statuses = [r["status"] for r in coord.ledger.query("SELECT status FROM agent_rounds")]
-    assert statuses == ["ok", "rejected:duplicate", "rejected:stale_round"]
+    assert statuses == ["rejected:duplicate", "ok", "rejected:stale_round"]
 
 
 def test_bad_fedzip_parameters_are_typed_codec_errors_not_crashes():
@@ -161,15 +204,17 @@ def test_schema_of_every_meta_field(coord, meta, reason):
               "method": "fedavg", "codec": FEDZIP, "layout": [[n, list(s)] for n, s in LAYOUT], "meta": meta}
     msgs = protocol.split(header, _good(), protocol.derive_key(SECRET, "a1"))
     assert _deliver(coord, msgs) == ["rejected"]
-    assert [r["status"] for r in coord.ledger.query("SELECT status FROM agent_rounds")] == [f"rejected:{reason}"]
+    # a header that does not parse names no round: its refusal does not answer a1's task, which ends late
+    late = ["late"] if reason == "malformed" else []
+    assert [r["status"] for r in coord.ledger.query("SELECT status FROM agent_rounds")] == [f"rejected:{reason}", *late]
 
 
 def test_unauthenticated_messages_are_counted_not_queued(coord):
     for i in range(500):
         coord.receive.on_message(f"fedfleet/v1/f/agents/ghost{i}/result", b"\x00junk")
         coord.receive.on_message("fedfleet/v1/f/agents/a1/result", b"FFLT\x02\x01" + bytes(80))
-    assert coord._inbox.empty()  # nothing reaches the engine, nothing can close a phase
-    coord._summarise_refusals(3, 0)
+    assert coord.inbox.empty()  # nothing reaches the engine, nothing can close a phase
+    _phase(coord, tasks={}).close()
     rows = [dict(r) for r in coord.ledger.query("SELECT agent, status, detail FROM agent_rounds")]
     assert [(r["agent"], r["status"]) for r in rows] == [("(unauthenticated)", "rejected:bad_hmac"),
                                                           ("(unauthenticated)", "rejected:unknown_agent")]
@@ -205,10 +250,9 @@ def test_fuzz_receive_path_never_raises_untyped(coord, data):
         body = _good() if kind == "result" else json.dumps(data.draw(_json), allow_nan=True).encode()
         head = json.dumps(header, allow_nan=True).encode()
         coord.receive.on_message(topic, _raw_sealed(head, body))
-    up, down = {"a1": 0}, {"a1": 0}
-    while not coord._inbox.empty():
-        coord._handle(coord._inbox.get_nowait(), 3, 0, up, down)  # raises only on an untyped error
-    coord._received, coord._refused, coord._pending_ok = set(), set(), {}
+    phase = _phase(coord)
+    while not coord.inbox.empty():
+        phase.offer(coord.inbox.get_nowait())  # raises only on an untyped error
 
 
 def _raw_sealed(head: bytes, payload: bytes) -> bytes:

@@ -1,0 +1,92 @@
+"""A phase's ledger rows: `ok` rows (held until the phase closes, so the norm bound and a late energy report can
+still change them), `late` rows, refusals (itemised up to `reject_rows` per agent, the rest summed in one
+`rejected:rate_limited` row), one summary row per reason for unauthenticated messages and for refused status and
+telemetry, and energy reports (on the result's row while it is held, else added to the row already written).
+
+Statuses are `ok`, `late` and `rejected:<Refusal value>`; the engine writes a phase's rows in one transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedfleet.coordinator.engine.inbox import EnergyReport
+from fedfleet.coordinator.records.ledger import Ledger
+from fedfleet.coordinator.strategies import ClientResult
+from fedfleet.edge_agent.errors import Refusal
+
+UNAUTHENTICATED = "(unauthenticated)"  # the agent column of summary rows for messages that failed authentication
+
+
+class PhaseBooks:
+    def __init__(self, ledger: Ledger, *, run: str, r: int, phase: int, reject_rows: int) -> None:
+        self.ledger = ledger
+        self.run, self.round, self.phase = run, r, phase
+        self.reject_rows = reject_rows
+        self.held: dict[str, tuple[ClientResult, dict[str, Any]]] = {}  # validated results, their rows not written
+        self._reject_count: dict[str, int] = {}
+
+    def hold(self, result: ClientResult, row: dict[str, Any]) -> None:
+        """Keep a valid result's `ok` row until the phase closes."""
+        self.held[result.agent] = (result, row)
+
+    def refuse(self, agent: str, reason: Refusal, detail: str, *, bytes_up: int, bytes_down: int) -> None:
+        """A refusal of an authenticated message. Past `reject_rows` in the phase an agent's refusals are only
+        counted (`summarise` writes one row for them), except the one that carries its task's bytes."""
+        n = self._reject_count[agent] = self._reject_count.get(agent, 0) + 1
+        if n > self.reject_rows and not bytes_down:
+            return
+        self.ledger.record(self.run, self.round, agent[:64], reason.status, phase=self.phase, bytes_up=bytes_up,
+                           bytes_down=bytes_down, detail=detail[:500])
+
+    def refuse_norm(self, agent: str, norm: float, bound: float, norm_bound: float) -> None:
+        """A held result refused by the update-norm bound: its row is written as `rejected:norm_bound`."""
+        _, row = self.held.pop(agent)
+        self.ledger.record(self.run, self.round, agent, Refusal.NORM_BOUND.status, phase=self.phase,
+                           bytes_up=row["bytes_up"], bytes_down=row["bytes_down"],
+                           detail=f"update norm {norm:.4g} exceeds the bound {bound:.4g} "
+                                  f"({norm_bound:g} x the running median)")
+
+    def book_held(self, up: dict[str, int]) -> None:
+        """Write the held `ok` rows (by agent), with the result bytes counted since."""
+        for agent, (_, row) in sorted(self.held.items()):
+            row["bytes_up"] = max(row["bytes_up"], up.get(agent, 0))
+            self.ledger.record(self.run, self.round, agent, "ok", phase=self.phase, **row)
+        self.held = {}
+
+    def late(self, agent: str, *, bytes_up: int, bytes_down: int) -> None:
+        self.ledger.record(self.run, self.round, agent, "late", phase=self.phase, bytes_up=bytes_up,
+                           bytes_down=bytes_down, detail="no valid result by the deadline")
+
+    def late_bytes(self, agent: str, r: int, phase: int, nbytes: int) -> None:
+        """A late result arrived: the bytes it cost go on its `late` row (round `r`, phase `phase`)."""
+        self.ledger.add_bytes(self.run, r, phase, agent, nbytes)
+
+    def energy(self, report: EnergyReport) -> None:
+        """An energy report: on its result's row while that is held, else added to the row already written."""
+        energy = {"energy_compute_j": report.compute_j, "energy_radio_j": report.radio_j,
+                  "energy_idle_j": report.idle_j}
+        held = self.held.get(report.agent)
+        if held is not None and (report.round, report.phase) == (self.round, self.phase):
+            held[1].update(energy)
+            return
+        self.ledger.add_energy(self.run, report.round, report.phase, report.agent, compute_j=report.compute_j,
+                               radio_j=report.radio_j, idle_j=report.idle_j)
+
+    def summarise(self, dropped: dict[Refusal, tuple[int, int, list[str]]],
+                  refused: dict[tuple[str, Refusal], tuple[int, list[str]]]) -> None:
+        """One row per reason for unauthenticated messages (`dropped`: reason -> (count, bytes, claimed ids)), one per
+        agent and reason for refused status and telemetry (`refused`), and one per agent for refusals past its row
+        cap; then the cap starts again."""
+        for reason, (count, nbytes, ids) in sorted(dropped.items()):
+            self.ledger.record(self.run, self.round, UNAUTHENTICATED, reason.status, phase=self.phase,
+                               bytes_up=nbytes, detail=f"{count} unauthenticated messages dropped; "
+                                                       f"claimed ids: {', '.join(ids)}"[:500])
+        for (agent, reason), (count, kinds) in sorted(refused.items()):
+            self.ledger.record(self.run, self.round, agent, reason.status, phase=self.phase,
+                               detail=f"{count} {' and '.join(kinds)} messages refused")
+        for agent, count in sorted(self._reject_count.items()):
+            if count > self.reject_rows:
+                self.ledger.record(self.run, self.round, agent, Refusal.RATE_LIMITED.status, phase=self.phase,
+                                   detail=f"{count - self.reject_rows} more refusals in this phase not itemised")
+        self._reject_count = {}
