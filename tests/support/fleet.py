@@ -13,7 +13,7 @@ import numpy as np
 from fedfleet.coordinator.engine.rounds import Coordinator, RoundSummary
 from fedfleet.coordinator.job.assemble import agent_ids, build_run
 from fedfleet.coordinator.job.config import JobConfig
-from fedfleet.coordinator.job.run import build, shards
+from fedfleet.coordinator.job.run import build, shards  # noqa: F401 - re-exported for the tests
 from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.wire import codecs, protocol, signing
 from fedfleet.edge_agent.wire.mqtt import MqttLink

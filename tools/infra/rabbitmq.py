@@ -16,7 +16,7 @@ anonymous on loopback (the `guest` user; `loopback_users = none` is safe because
 Differences from Mosquitto that fedfleet must live with: retained messages are kept per node (the
 default DETS store), so an agent on another node than the publisher does not see a retained model
 package; the coordinator therefore delivers the package live, and again to agents that come online
-without it (coordinator/engine/rounds.py), never by a retained copy alone.
+without it (coordinator/engine/presence.py), never by a retained copy alone.
 """
 
 from __future__ import annotations
