@@ -179,7 +179,7 @@ def test_fedzo_query_count_and_estimator() -> None:
 
 @pytest.mark.parametrize("method", ["fedzo", "fzoos"])
 def test_inprocess_federated_run_improves(method: str) -> None:
-    from fedfleet.tools.bench.zo import QUAD_FZOOS_GD, quadratic_run
+    from fedfleet.tools.bench._zo_quadratic import QUAD_FZOOS_GD, quadratic_run
 
     # FZooS with plain GD at lr 0.1: the spec's Adam at lr 0.01 moves too little in 3 rounds for this check
     out = quadratic_run(method, d=10, agents=3, div=0.5, rounds=3, seed=0,

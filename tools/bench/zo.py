@@ -26,214 +26,23 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedfleet.coordinator.strategies import create as create_strategy
-from fedfleet.coordinator.strategies._zo_rff import rff_tensors, surrogate_grad
-from fedfleet.coordinator.strategies.base import ClientResult, Strategy
+from fedfleet.coordinator.strategies.base import Strategy
 from fedfleet.edge_agent.learners import create as create_learner
-from fedfleet.edge_agent.learners.base import Learner, LocalData, Task
+from fedfleet.edge_agent.learners.base import LocalData
 from fedfleet.edge_agent.zo.objectives import (
-    global_quadratic,
     macro_f1,
     quadratic_coeffs,
     quadratic_configs,
-    quadratic_optimum,
 )
+from fedfleet.tools.bench._zo_loop import EMPTY, Trace, _mean, _pool_map, run
+from fedfleet.tools.bench._zo_quadratic import QUAD_FZOOS, bench_quadratic
 from fedfleet.tools.bench.output import emit
-
-EMPTY = LocalData(np.zeros((0, 1), np.float32), np.zeros(0, np.int64))
-
-
-@dataclass
-class Trace:
-    """Per round (index 0 = start): cumulative queries over all agents and the caller's score."""
-
-    queries: list[int] = field(default_factory=list)
-    score: list[float] = field(default_factory=list)
-    metrics: list[dict[str, dict[str, float]]] = field(default_factory=list)  # per round: "agent/phase" -> metrics
-    extra: list[float] = field(default_factory=list)
-
-
-def run(strategy: Strategy, learners: dict[str, Learner], data: dict[str, LocalData], rounds: int, *,
-        model: Any = None, score: Callable[[Strategy], float] | None = None,
-        extra: Callable[[Strategy], float] | None = None, budget: int | None = None) -> Trace:
-    """Run `rounds` rounds (or until the next round would pass `budget` total queries)."""
-    agents = sorted(learners)
-    trace = Trace()
-    total = 0
-    trace.queries.append(0)
-    trace.score.append(float(score(strategy)) if score else float("nan"))
-    for r in range(1, rounds + 1):
-        per: dict[str, dict[str, float]] = {}
-        for phase in range(strategy.phases):
-            tasks = strategy.configure(r, phase, agents)
-            results: list[ClientResult] = []
-            for agent, spec in tasks.items():
-                config = json.loads(json.dumps(spec.config))  # only what survives the wire
-                tensors = {k: np.array(v, np.float32) for k, v in spec.tensors.items()}
-                res = learners[agent].learn(Task("bench", r, strategy.name, config, tensors, phase=phase),
-                                            data[agent], model)
-                got = sorted((k, tuple(v.shape)) for k, v in res.tensors.items())
-                if got != sorted((k, tuple(s)) for k, s in spec.expect):
-                    raise ValueError(f"{agent} returned {got}, the task expects {spec.expect}")
-                if not all(np.isfinite(v).all() for v in res.tensors.values()):
-                    raise ValueError(f"{agent} returned non-finite tensors in round {r}.{phase}")
-                total += int(res.metrics["queries"])
-                per[f"{agent}/{phase}"] = dict(res.metrics)
-                results.append(ClientResult(agent, {k: np.asarray(v, np.float32) for k, v in res.tensors.items()},
-                                            res.samples, dict(res.metrics)))
-            strategy.aggregate(r, phase, results)
-        trace.metrics.append(per)
-        trace.queries.append(total)
-        trace.score.append(float(score(strategy)) if score else float("nan"))
-        if extra is not None:
-            trace.extra.append(float(extra(strategy)))
-        if budget is not None and total + (total / r) > budget:
-            break
-    return trace
-
-
-def queries_to_reach(trace: Trace, target: float) -> int | None:
-    """Cumulative queries at the first recorded round whose score is <= target (None if never)."""
-    for q, s in zip(trace.queries, trace.score):
-        if s <= target:
-            return q
-    return None
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
-
-
-# ---- the quadratic ---------------------------------------------------------------------------------
-
-QUAD_FEDZO = {"lr": 0.1, "mu": 0.005, "directions": 20, "local_steps": 10}
-# the spec's FZooS: Adam at lr 0.01, 20 GP restarts (the learner's defaults: M = 10000, radius 0.01, no ρ floor)
-QUAD_FZOOS = {"lr": 0.01, "optimizer": "adam", "local_steps": 10, "gp_restarts": 20}
-QUAD_FZOOS_GD = {"lr": 0.1, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2}  # the earlier headline
-QUAD_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fedzo": ("fedzo", QUAD_FEDZO),
-    "fzoos": ("fzoos", QUAD_FZOOS),
-    "fzoos_gd": ("fzoos", QUAD_FZOOS_GD),
-    "fzoos_rho_floor": ("fzoos", {**QUAD_FZOOS, "rho_floor": True}),
-}
-
-
-def quadratic_run(method: str, *, d: int, agents: int, div: float, rounds: int, seed: int,
-                  overrides: dict[str, Any] | None = None) -> Trace:
-    """One federated run on the FZooS quadratic; score = F(x_r) − F*."""
-    c1, c2 = quadratic_coeffs(d, agents, div, seed)
-    big = global_quadratic(c1, c2, np.ones(agents))
-    _, f_star = quadratic_optimum(big)
-    names = [f"agent-{i}" for i in range(agents)]
-    x0 = np.random.Generator(np.random.PCG64(seed + 1)).uniform(0.0, 1.0, d)
-    base = dict(QUAD_FEDZO if method == "fedzo" else QUAD_FZOOS)
-    base.update(overrides or {})
-    strategy = create_strategy(method, {"x": torch.from_numpy(x0)}, objective="quadratic", seed=seed,
-                               agent_config=dict(zip(names, quadratic_configs(d, agents, div, seed))), **base)
-    learners = {a: create_learner(method) for a in names}
-
-    def gap(s: Strategy) -> float:
-        return big(s.state["x"].double().numpy()) - f_star
-
-    extra = None
-    if method == "fzoos":  # cosine of the coordinator-side global surrogate ∇F̂ with ∇F at x_r
-        m = int(base.get("rff_features", 10000))
-        omega, b = rff_tensors(d, m, float(base.get("rff_lengthscale", 1.0)), int(base.get("rff_seed", 0)))
-
-        def extra(s: Strategy) -> float:
-            if s.nu_bar is None:
-                return float("nan")
-            x = s.state["x"].double()
-            return _cos(surrogate_grad(x, s.nu_bar, omega, b).numpy(), big.grad(x.numpy()))
-
-    return run(strategy, learners, {a: EMPTY for a in names}, rounds, score=gap, extra=extra)
-
-
-def _quad_job(job: tuple[str, str, dict[str, Any], dict[str, Any]]) -> tuple[str, Trace, float]:
-    name, method, overrides, kw = job
-    t0 = time.perf_counter()
-    trace = quadratic_run(method, overrides=overrides, **kw)
-    return name, trace, time.perf_counter() - t0
-
-
-def _one_thread() -> None:
-    import torch as _torch
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
-    _torch.set_num_threads(1)
-
-
-def _pool_map(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[Any]:
-    if workers <= 1:
-        return [fn(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
-        return list(pool.map(fn, jobs))
-
-
-def _fzoos_stats(tr: Trace, target: float, q_fedzo: int | None) -> dict[str, Any]:
-    q = queries_to_reach(tr, target)
-    per = [m for r in tr.metrics for m in r.values()]
-    gp_cos = [m["gp_cosine"] for m in per if "gp_cosine" in m]
-    rho = [m["rho_given"] for m in per if "rho_given" in m]
-    glob = [c for c in tr.extra if np.isfinite(c)]
-    return {
-        "queries": tr.queries[-1], "gap": tr.score[-1], "queries_to_fedzo_final_gap": q,
-        "query_ratio": (q_fedzo / q) if q_fedzo and q else None,
-        "surrogate_cosine": float(np.mean(gp_cos)) if gp_cos else None,
-        "surrogate_cosine_min": float(np.min(gp_cos)) if gp_cos else None,
-        "rff_local_cosine": _mean([m["rff_cosine"] for m in per if "rff_cosine" in m]),
-        "rff_global_cosine": _mean(glob),
-        "rho_mean": _mean(rho),
-        "rho_below_explore_radius": _mean([float(r < 0.01) for r in rho]),
-        "gp_lengthscale": _mean([m["gp_lengthscale"] for m in per if "gp_lengthscale" in m]),
-    }
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def bench_quadratic(*, d: int, agents: int, div: float, rounds: int, seed: int,
-                    fzoos_overrides: dict[str, Any] | None = None, jobs: int = 1,
-                    variants: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Trace]]:
-    kw = {"d": d, "agents": agents, "div": div, "rounds": rounds, "seed": seed}
-    names = variants or list(QUAD_VARIANTS)
-    work = [(n, QUAD_VARIANTS[n][0], {**QUAD_VARIANTS[n][1], **((fzoos_overrides or {}) if n != "fedzo" else {})},
-             kw) for n in names]
-    done = _pool_map(_quad_job, work, jobs)
-    traces = {n: tr for n, tr, _ in done}
-    times = {n: sec for n, _, sec in done}
-    fz = traces["fedzo"]
-    target = fz.score[-1]
-    q_fedzo = queries_to_reach(fz, target)
-    stats = {n: _fzoos_stats(tr, target, q_fedzo) for n, tr in traces.items() if n != "fedzo"}
-    head = stats["fzoos"]
-    out = {
-        "d": d, "agents": agents, "div": div, "rounds": rounds,
-        "queries_fedzo": fz.queries[-1], "queries_fzoos": head["queries"],
-        "gap_fedzo": fz.score[-1], "gap_fzoos": head["gap"],
-        "query_ratio": head["query_ratio"],
-        "surrogate_cosine": head["surrogate_cosine"],
-        "configs": {n: QUAD_VARIANTS[n][1] for n in names},
-        "queries_to_fedzo_final_gap": {"fedzo": q_fedzo, **{n: v["queries_to_fedzo_final_gap"] for n, v in stats.items()}},
-        "queries_to_gap": {f"{g:g}": {m: queries_to_reach(t, g) for m, t in traces.items()}
-                           for g in (1e-1, 1e-2, 1e-3, 1e-4)},
-        "variants": stats,
-        "curves": {m: {"queries": t.queries, "gap": t.score} for m, t in traces.items()},
-        "seconds": times,
-    }
-    return out, traces
-
 
 # ---- digits, macro-F1 through the int8 runtime ------------------------------------------------------
 
