@@ -74,6 +74,17 @@ AGENT_FIELDS = (
 )
 
 
+def accuracy_matrix_of(rows: list[tuple[Any, ...]]) -> tuple[list[str], list[list[float | None]]]:
+    """(task names, a) from (task, task name, eval task, accuracy) rows at task ends: a[t][tau] is the accuracy
+    on task tau after the last round of task t (None for tau > t, or for a task whose last round has not run)."""
+    names: dict[int, str] = {int(t): str(name) for t, name, _, _ in rows}
+    n = max(names, default=-1) + 1
+    matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
+    for t, _, tau, acc in rows:
+        matrix[int(t)][int(tau)] = acc
+    return [names.get(i, "?") for i in range(n)], matrix
+
+
 class Ledger:
     """Append-only records of a run. Safe to call from several threads."""
 
@@ -160,6 +171,14 @@ class Ledger:
         rows = self.query("SELECT config FROM runs WHERE run = ?", (run,))
         return json.loads(rows[0]["config"]) if rows else None
 
+    def has_round(self, run: str, round: int) -> bool:
+        """Whether the run's round `round` has its evaluation row."""
+        return bool(self.query("SELECT 1 FROM rounds WHERE run = ? AND round = ?", (run, round)))
+
+    def last_round(self, run: str) -> list[sqlite3.Row]:
+        """The run's newest evaluation row (empty: none yet)."""
+        return self.query("SELECT * FROM rounds WHERE run = ? ORDER BY round DESC LIMIT 1", (run,))
+
     def run_joules(self, run: str) -> float:
         """Joules the run's agents booked (compute, radio and idle), over every round so far."""
         rows = self.query(
@@ -187,16 +206,10 @@ class Ledger:
             self._db.executemany("INSERT OR REPLACE INTO task_accuracy VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def accuracy_matrix(self, run: str) -> tuple[list[str], list[list[float | None]]]:
-        """(task names, a) with a[t][tau] the accuracy on task tau after the last round of task t (None for
-        tau > t, or for a task whose last round has not run)."""
+        """(task names, a[t][tau]) of a continual run: see `accuracy_matrix_of`."""
         rows = self.query("SELECT task, task_name, eval_task, accuracy FROM task_accuracy WHERE run = ? AND task_end = 1"
                           " ORDER BY task, eval_task", (run,))
-        names: dict[int, str] = {r["task"]: r["task_name"] for r in rows}
-        n = max(names, default=-1) + 1
-        matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
-        for r in rows:
-            matrix[r["task"]][r["eval_task"]] = r["accuracy"]
-        return [names.get(i, "?") for i in range(n)], matrix
+        return accuracy_matrix_of([tuple(r) for r in rows])
 
     def record_basis(self, run: str, task: int, task_name: str, sizes: dict[str, tuple[int, int]]) -> None:
         """FOT's basis sizes after a task: layer -> (k, d)."""
@@ -288,6 +301,16 @@ class LedgerView:
         return [tuple(r) for r in self._rows(  # type: ignore[misc]
             "SELECT task, task_name, eval_task, accuracy FROM task_accuracy WHERE run = ? AND task_end = 1"
             " ORDER BY task, eval_task", (run,))]
+
+    def accuracy_matrix(self, run: str) -> tuple[list[str], list[list[float | None]]]:
+        return accuracy_matrix_of(self.task_ends(run))
+
+    def task_end_rounds(self, run: str) -> set[int]:
+        """The rounds that ended a task of a continual run."""
+        if "task_accuracy" not in self.tables():
+            return set()
+        return {int(r[0]) for r in self._rows(
+            "SELECT DISTINCT round FROM task_accuracy WHERE run = ? AND task_end = 1", (run,))}
 
     def basis(self, run: str) -> list[tuple[int, str, str, int, int]]:
         """FOT's (task, task name, layer, k, d) rows (empty: none)."""

@@ -25,16 +25,11 @@ from fedfleet.coordinator.tasks.continual import acc_fgt  # noqa: E402
 def read(db_path: Path, run: str) -> dict[str, Any] | None:
     """Task names, the matrix (None where tau > t) and the basis rows of `run`; None if it has none."""
     with LedgerView(db_path) as view:
-        rows = view.task_ends(run)
-        basis = view.basis(run) if rows else []
-    if not rows:
-        return None
-    names = {t: name for t, name, _, _ in rows}
-    n = max(names) + 1
-    matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
-    for t, _, tau, acc in rows:
-        matrix[t][tau] = acc
-    return {"names": [names.get(i, "?") for i in range(n)], "matrix": matrix, "basis": basis}
+        if not view.task_ends(run):
+            return None
+        names, matrix = view.accuracy_matrix(run)
+        basis = view.basis(run)
+    return {"names": names, "matrix": matrix, "basis": basis}
 
 
 def plot(info: dict[str, Any], path: Path) -> Path:

@@ -163,7 +163,7 @@ class RunStore:
                             "state": {k: v.numpy() for k, v in ckpt["downlink"]["state"].items()}}
             up, down = int(ckpt.get("bytes_up", 0)), int(ckpt.get("bytes_down", 0))
             summary = ckpt.get("summary") or {}
-            if summary and not self.ledger.query("SELECT 1 FROM rounds WHERE run = ? AND round = ?", (run, done)):
+            if summary and not self.ledger.has_round(run, done):
                 self.ledger.record_round(run, done, **summary)  # killed between its checkpoint and its row
         marked = self.ledger.mark_interrupted(run, done)
         return Resumed(done, rng, up, down, marked, downlink)
@@ -202,5 +202,5 @@ class RunStore:
         return ckpt
 
     def last_accuracy(self, run: str) -> float:
-        rows = self.ledger.query("SELECT accuracy FROM rounds WHERE run = ? ORDER BY round DESC LIMIT 1", (run,))
+        rows = self.ledger.last_round(run)
         return float(rows[0]["accuracy"]) if rows else float("nan")

@@ -62,27 +62,23 @@ def run_one(method: str, schedule: Schedule, *, seed: int, agents: int, per_roun
             work: Path, extra: dict[str, Any] | None = None, tag: str = "") -> dict[str, Any]:
     """One continual job over the broker; ACC/FGT (points), the matrix, FOT's basis and bytes per agent."""
     from fedfleet.coordinator.job.run import run_demo
-    from fedfleet.coordinator.records.ledger import Ledger
+    from fedfleet.coordinator.records.ledger import LedgerView
 
     run_dir = work / f"{method}{tag}-{seed}-{schedule.head}"
     t0 = time.perf_counter()
     result = run_demo(job(method, schedule, seed=seed, agents=agents, per_round=per_round, extra=extra),
                       broker=broker, run_dir=run_dir, quiet=True)
     wall = time.perf_counter() - t0
-    ledger = Ledger(run_dir / "ledger.sqlite")
-    try:
-        run = ledger.query("SELECT run FROM runs")[0]["run"]
-        _, matrix = ledger.accuracy_matrix(run)
-        basis = ledger.query("SELECT task, layer, k, d FROM layer_basis WHERE run = ? ORDER BY task, layer", (run,))
-        ends = {r["round"] for r in ledger.query("SELECT DISTINCT round FROM task_accuracy WHERE run = ? AND "
-                                                 "task_end = 1", (run,))}
-        ups = ledger.query("SELECT round, bytes_up FROM agent_rounds WHERE run = ? AND status = 'ok'", (run,))
-    finally:
-        ledger.close()
+    with LedgerView(run_dir / "ledger.sqlite") as view:
+        run = view.runs()[-1]
+        _, matrix = view.accuracy_matrix(run)
+        basis = view.basis(run)
+        ends = view.task_end_rounds(run)
+        ups = [r for r in view.agent_rows(run) if r["status"] == "ok"]
     acc, fgt = acc_fgt(matrix)
     fill: dict[str, list[float]] = {}
-    for r in basis:
-        fill.setdefault(r["layer"], []).append(r["k"] / r["d"])
+    for _, _, layer, k, d in basis:
+        fill.setdefault(layer, []).append(k / d)
     up_end = [r["bytes_up"] for r in ups if r["round"] in ends]
     up_mid = [r["bytes_up"] for r in ups if r["round"] not in ends]
     return {"acc": 100 * acc, "fgt": 100 * fgt, "matrix": matrix, "basis_fill": fill, "wall_s": wall,

@@ -224,6 +224,7 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
     from fedfleet.coordinator.job.assemble import agent_ids, build_run
     from fedfleet.coordinator.job.config import JobConfig
     from fedfleet.coordinator.job.run import small_model_threads
+    from fedfleet.coordinator.records.ledger import LedgerView
     from fedfleet.edge_agent.agent import Agent, AgentConfig
     from fedfleet.edge_agent.wire import protocol, signing
 
@@ -314,7 +315,8 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
         if engine.is_alive() or not coord.link._thread.is_alive():
             out["crashes"] += 1
         rss1 = rss_mb()
-        ledger_rows = coord.ledger.query("SELECT agent, status, round, detail FROM agent_rounds")
+        with LedgerView(Path(tmp) / "ledger.sqlite") as view:
+            ledger_rows = view.agent_rows("fuzz")
         for a in clients:
             a.stop()
         fuzz.link.stop()

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fedfleet.coordinator.job.config import METHOD_DEFAULTS
-from fedfleet.coordinator.records.ledger import Ledger
+from fedfleet.coordinator.records.ledger import LedgerView
 from fedfleet.coordinator.strategies import create as create_strategy
 from fedfleet.coordinator.strategies.base import ClientResult, Strategy, TaskSpec, to_numpy
 from fedfleet.coordinator.strategies.ggeur import GGEURStrategy
@@ -128,9 +128,8 @@ def run_fleet(broker_url: str, blob: bytes, cmodel: CoordinatorModel, method: st
                 agent.stop()
             coord.stop()
         mix = augmented_mix(agents)
-        ledger = Ledger(f"{tmp}/ledger.sqlite")
-        rows = [dict(r) for r in ledger.query("SELECT round, phase, status, bytes_up, bytes_down FROM agent_rounds")]
-        ledger.close()
+        with LedgerView(f"{tmp}/ledger.sqlite") as view:
+            rows = view.agent_rows("bench")
     stages = {(r, p): s for r, p, s in getattr(strategy, "exchange_log", [])}
     by_stage: dict[str, dict[str, int]] = {}
     for row in rows:

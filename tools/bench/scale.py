@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -151,9 +150,14 @@ def demo_run(agents: int, rounds: int, broker: str, seed: int = 0,
         if proc.returncode != 0:
             raise RuntimeError(f"demo with {agents} agents on {broker} failed: {err.strip()[-2000:]}")
         summary = json.loads((run_dir / "summary.json").read_text())
-        with sqlite3.connect(run_dir / "ledger.sqlite") as db:
-            walls = [w for (w,) in db.execute("SELECT wall_s FROM rounds ORDER BY round")]
-            up, down = db.execute("SELECT AVG(bytes_up), AVG(bytes_down) FROM agent_rounds").fetchone()
+        from fedfleet.coordinator.records.ledger import LedgerView
+
+        with LedgerView(run_dir / "ledger.sqlite") as view:
+            run = view.runs()[-1]
+            walls = [r["wall_s"] for r in view.rounds(run)]
+            rows = view.agent_rows(run)
+        up = sum(int(r["bytes_up"] or 0) for r in rows) / max(1, len(rows))
+        down = sum(int(r["bytes_down"] or 0) for r in rows) / max(1, len(rows))
     timeline = summary["timeline"]
     return {"agents": agents, "broker": broker, "round_s": statistics.median(walls[1:] or walls),
             "startup_s": timeline["first_dispatch_at"] - start, "tail_s": exited - timeline["last_round_at"],

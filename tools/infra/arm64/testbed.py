@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -215,9 +214,11 @@ def run_job(arch: str, runtime: str, args: argparse.Namespace, guest: Guest, sha
         tails = "\n".join(f"--- {f.name}:\n{f.read_text(errors='replace')[-1500:]}"
                           for f in sorted(logdir.glob(f"*-{tag}*.log")))
         raise BedError(f"the {tag} run failed (serve exit {p.returncode}):\n{tails}")
-    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
-        acc = [r[0] for r in db.execute("SELECT accuracy FROM rounds ORDER BY round")]
-        ok = [r[0] for r in db.execute("SELECT ok FROM rounds ORDER BY round")]
+    from fedfleet.coordinator.records.ledger import LedgerView
+
+    with LedgerView(run_dir / "ledger.sqlite") as view:
+        rounds = view.rounds(view.runs()[-1])
+    acc, ok = [r["accuracy"] for r in rounds], [r["ok"] for r in rounds]
     if len(acc) != args.rounds or any(n != len(IDS) for n in ok):
         raise BedError(f"the {tag} run booked rounds {acc} with ok counts {ok}; expected {args.rounds} rounds of "
                        f"{len(IDS)} results")
