@@ -29,12 +29,14 @@ set), chunk (256), divided (False), seed (2022).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from fedfleet.coordinator.strategies import _robust as robust
 from fedfleet.coordinator.strategies import _sampling as sampling
+from fedfleet.coordinator.strategies._config import FRACTION, own
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -49,9 +51,28 @@ from fedfleet.edge_agent.errors import ConfigError
 log = logging.getLogger("fedfleet.fedamd")
 
 
+@dataclass(frozen=True)
+class Config:
+    """FedAMD's [method] fields (the defaults are the strategy's; a job sends only the fields it sets)."""
+
+    participants: int = own(10)  # A, agents sampled per round
+    mode: Literal["constant", "periodic"] = own("constant")  # how roles are assigned
+    p: float | Literal["auto"] = own("auto", check=FRACTION)  # anchor probability ("auto": the paper's p*)
+    period: int | None = own(None, check=(lambda v: v >= 2, "an integer >= 2"))  # periodic mode's P
+    lr: float = own(0.01)  # local learning rate
+    server_lr: float = own(1.0)  # scale of the miners' mean delta
+    local_steps: int = own(10)  # K, local steps of a miner
+    batch: int = own(64)  # local minibatch size
+    large_batch: int = own(0)  # an anchor's gradient batch (0: the whole local set)
+    chunk: int = own(256)  # rows per chunk of the large-batch gradient
+    divided: bool = own(False)  # a miner uploads its delta divided by K
+
+
 @register
 class FedAMDStrategy(Strategy):
     name = "fedamd"
+    Config = Config
+    learner = "fedamd"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)

@@ -25,11 +25,13 @@ moving after the first task, to measure how much of the forgetting the free bias
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from fedfleet.coordinator.strategies._config import NON_NEGATIVE, POSITIVE, own, ranged
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -90,9 +92,30 @@ def subspace_update(basis: torch.Tensor, sketch: torch.Tensor, rho_bar: float, e
     return q[:, : old.shape[1] + k].float(), k
 
 
+@dataclass(frozen=True)
+class Config:
+    """FOT's [method] fields; on the spec's permuted digits: 1 local epoch, batch 16, lr 0.05, eps 0.95, no
+    threshold increment."""
+
+    lr: float = 0.05  # local SGD learning rate
+    epochs: int = 1  # local epochs per round
+    batch: int = 16  # local minibatch size
+    weight_decay: float = 1e-5  # the learner's L2 weight decay
+    eps: float = ranged(0.95, check=(lambda v: 0 < v <= 1, "a number in (0, 1]"))  # energy threshold
+    eps_inc: float = ranged(0.0, check=NON_NEGATIVE)  # added to eps after each task
+    sketch_width: float = own(1.0, check=POSITIVE)  # m_l = round(sketch_width * d_l)
+    sketch_distribution: Literal["uniform", "gaussian"] = own("uniform")
+    threshold: Literal["norm", "energy"] = own("norm")  # eps' from rho (the paper's code) or rho^2 (GPM)
+    biases: Literal["free", "frozen"] = own("free")  # "frozen": a diagnostic (see the module docstring)
+    protect: list[str] | None = own(None)  # weight names (None: every weight matrix but a per-task head's)
+
+
 @register
 class FOTStrategy(Strategy):
     name = "fot"
+    Config = Config
+    learner = "fot"
+    continual = "required"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)

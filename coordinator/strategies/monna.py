@@ -26,6 +26,7 @@ the mean and the minimum (`global_state()`, honest node 0, is what the reference
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ import torch
 from fedfleet.coordinator.strategies import _attacks as attacks
 from fedfleet.coordinator.strategies import _robust as robust
 from fedfleet.coordinator.strategies._byzantine import attack_tasks, flip_layout, needs_flip_grad, split_flip
+from fedfleet.coordinator.strategies._config import AT_LEAST_1, own
 from fedfleet.coordinator.strategies._sampling import round_rng
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
@@ -46,9 +48,30 @@ from fedfleet.coordinator.strategies.base import (
 from fedfleet.edge_agent.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class Config:
+    """MoNNA's [method] fields (the defaults are the strategy's; a job sends only the fields it sets)."""
+
+    f: int = own(0)  # Byzantine agents tolerated
+    n: int | None = own(None, check=AT_LEAST_1)  # declared total (None: honest + byzantine)
+    byzantine: dict[str, str] = own(factory=dict)  # {agent: attack} (the fleet config's)
+    omniscient: bool = own(False)  # attacks may read the honest vectors
+    beta: float = own(0.9)  # momentum of the local half step (0: plain NNA)
+    lr: float = own(0.5)  # step size
+    lr_decay: float = own(50.0)  # lr / (1 + t / lr_decay)
+    lr_reset: int | None = own(None, check=AT_LEAST_1)  # restart the decay every lr_reset rounds
+    norm_penalty: float = own(1e-4, check=(lambda v: v >= 0, "a number >= 0"))  # lambda of the unsquared |theta|_2
+    batch: int = own(16)  # local minibatch size
+    mixing: str = own("nna")  # any rule of fedfleet.coordinator.strategies._robust
+    mixing_kw: dict[str, Any] = own(factory=dict)  # keywords of the mixing rule
+    attack_evals: int = own(16, check=AT_LEAST_1)  # loss evaluations of the attacks' line search
+
+
 @register
 class MonnaStrategy(Strategy):
     name = "monna"
+    Config = Config
+    learner = "monna"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)

@@ -2,7 +2,7 @@
 
 A round: sample honest participants (uniform, or availability-aware when `availability` is given),
 send them the global model x; each runs `local_steps` plain SGD steps on fresh minibatches (the one SGD
-learner, `fedfleet.edge_agent.learners.sgd`, FedAvg's) and uploads its update delta_i = theta_i - x. The
+learner, `fedfleet.edge_agent.learners.fedavg`, FedAvg's) and uploads its update delta_i = theta_i - x. The
 coordinator aggregates the updates with the named rule and sets x <- x + server_lr * agg(deltas, f).
 Working on updates keeps centered clipping centred on the current model and the geometric median's start
 sane.
@@ -20,6 +20,7 @@ seed, availability, attack_evals.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from fedfleet.coordinator.strategies import _attacks as attacks
 from fedfleet.coordinator.strategies import _robust as robust
 from fedfleet.coordinator.strategies import _sampling as sampling
 from fedfleet.coordinator.strategies._byzantine import attack_tasks, flip_layout, needs_flip_grad, split_flip
+from fedfleet.coordinator.strategies._config import AT_LEAST_1, own
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -40,9 +42,31 @@ from fedfleet.coordinator.strategies.base import (
 from fedfleet.edge_agent.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class Config:
+    """Robust FedAvg's [method] fields (the defaults are the strategy's; a job sends only the fields it sets)."""
+
+    aggregator: str = own("mean")  # any rule of fedfleet.coordinator.strategies._robust
+    aggregator_kw: dict[str, Any] = own(factory=dict)  # keywords of the rule
+    f: int = own(0)  # Byzantine agents tolerated
+    byzantine: dict[str, str] = own(factory=dict)  # {agent: attack} (the fleet config's)
+    omniscient: bool = own(False)  # attacks may read the honest vectors
+    participants: int | None = own(None)  # honest agents sampled per round (None: all)
+    availability: dict[str, float] | None = own(None)  # {agent: score}: availability-aware sampling
+    lr: float = own(0.1)  # local SGD learning rate
+    local_steps: int = own(1)  # local SGD steps per round
+    batch: int = own(16)  # local minibatch size
+    beta: float = own(0.0, check=(lambda v: v == 0, "0 (local momentum is not supported; its learner is plain SGD)"))
+    weight_decay: float = own(0.0)  # real weight decay, the squared L2 penalty
+    server_lr: float = own(1.0)  # scale of the aggregated update
+    attack_evals: int = own(16, check=AT_LEAST_1)  # loss evaluations of the attacks' line search
+
+
 @register
 class RobustFedAvg(Strategy):
     name = "robust_fedavg"
+    Config = Config
+    learner = "fedavg"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
@@ -99,7 +123,7 @@ class RobustFedAvg(Strategy):
                 else:
                     honest = sampling.uniform(honest, k, rng)
             model = to_wire(self.x, self.layout)
-            cfg = {"learner": "fedavg", **({"flip_grad": True} if self.flip else {})}
+            cfg = {"learner": self.learner, **({"flip_grad": True} if self.flip else {})}
             expect = self.layout + (flip_layout(self.layout) if self.flip else [])
             return {a: TaskSpec(config={**self._task_config(a), **cfg}, tensors=model, expect=expect) for a in honest}
         byz = [a for a in agents if a in self.byzantine]

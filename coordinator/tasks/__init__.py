@@ -13,9 +13,9 @@ __all__ = ["NOT_SCORED", "RoundContext", "Score", "Task", "task_for"]
 
 def task_for(job: Any) -> Task:
     """The task a job runs (`job.task`, with its [model]/[data]/[eval] tables for a custom one)."""
-    from fedfleet.coordinator.job.config import CUSTOM_TASK
+    from fedfleet.coordinator.tasks.names import CUSTOM
 
-    if job.task == CUSTOM_TASK:
+    if job.task == CUSTOM:
         from fedfleet.coordinator.tasks.custom import CustomTask
 
         task = getattr(job, "_custom_task", None)  # one per job object: its data are loaded once

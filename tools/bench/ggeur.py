@@ -163,7 +163,7 @@ def augmented_mix(agents: list[Any]) -> dict[str, Any]:
 def central_head(seed: int, cmodel: CoordinatorModel, epochs: int) -> float:
     """Reference, not federated: the linear head trained on the whole training split with the same
     local SGD (lr 0.1, batch 16) for the fleet's total epoch budget (rounds x local epochs)."""
-    from fedfleet.edge_agent.learners.sgd import local_sgd
+    from fedfleet.edge_agent.learners.fedavg import local_sgd
 
     train, test = datasets.split(datasets.digits(), 0.2, seed=seed)
     head, _ = local_sgd(cmodel.edge.head_init, cmodel.edge.features(train.x), train.y,
