@@ -19,16 +19,11 @@ from typing import Any
 import numpy as np
 
 from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig, RoundSummary
-from fedfleet.coordinator.job.config import (
-    DOWNLINK_PRESETS,
-    METHOD_HEADS,
-    JobConfig,
-    method_config,
-    package_mode,
-)
+from fedfleet.coordinator.job.config import DOWNLINK_PRESETS, JobConfig
 from fedfleet.coordinator.job.progress import Progress
 from fedfleet.coordinator.records.store import new_run_id, open_job
 from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.strategies import head_hidden, method_config, package_mode
 from fedfleet.coordinator.tasks import continual
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners import LocalData
@@ -192,7 +187,7 @@ def build(cfg: JobConfig) -> tuple[bytes, Any]:
 
         blob = build_lora_package(cfg.dataset, seed=cfg.seed)
         return blob, LoraCoordinatorModel(blob)
-    hidden = cfg.hidden or METHOD_HEADS.get(cfg.method, 32 if cfg.dataset == "digits" else 128)
+    hidden = head_hidden(cfg)
     spec = {"seed": cfg.seed, "head_hidden": hidden, "dataset": cfg.dataset, "head_layers": cfg.hidden_layers}
     blob = package_cache.package(cfg.mode, **spec)
     try:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fedfleet.coordinator.engine.rounds import Coordinator
-from fedfleet.coordinator.job.config import method_config
 from fedfleet.coordinator.job.run import engine_config, shards
 from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.strategies import method_config
 from fedfleet.edge_agent.run_state import RunState
 from tests.support.fleet import SECRET, SIGNING_KEY, package, start_fleet
 

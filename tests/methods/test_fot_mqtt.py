@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from fedfleet.coordinator.engine.rounds import Coordinator
-from fedfleet.coordinator.job.config import JobConfig, load, method_config
+from fedfleet.coordinator.job.config import JobConfig, load
 from fedfleet.coordinator.job.run import agent_ids, build, engine_config, run_demo, shards
 from fedfleet.coordinator.records.ledger import Ledger
-from fedfleet.coordinator.strategies import create
+from fedfleet.coordinator.strategies import create, method_config
 from fedfleet.coordinator.tasks import continual
 from fedfleet.coordinator.tasks.schedule import parse
 from fedfleet.edge_agent.agent import Agent, AgentConfig

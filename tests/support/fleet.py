@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 from fedfleet.coordinator.engine.rounds import Coordinator, RoundSummary
-from fedfleet.coordinator.job.config import JobConfig, method_config
+from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards
 from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.strategies import method_config
 from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.wire import codecs, protocol, signing
 from fedfleet.edge_agent.wire.mqtt import MqttLink

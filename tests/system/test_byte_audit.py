@@ -9,9 +9,10 @@ import time
 
 from fedfleet.coordinator.broker import MosquittoBroker
 from fedfleet.coordinator.engine.rounds import Coordinator
-from fedfleet.coordinator.job.config import JobConfig, method_config
+from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.run import DEMO_PROFILE, build, engine_config, shards, small_model_threads
 from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.strategies import method_config
 from fedfleet.coordinator.tls import make_local_ca
 from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.wire import protocol

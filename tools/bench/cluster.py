@@ -65,9 +65,9 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
     """One side of the comparison; `broker`: an already running broker or cluster to use (not stopped here)."""
     from fedfleet.coordinator.broker import MosquittoBroker
     from fedfleet.coordinator.engine.rounds import Coordinator
-    from fedfleet.coordinator.job.config import JobConfig, method_config
+    from fedfleet.coordinator.job.config import JobConfig
     from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards, small_model_threads
-    from fedfleet.coordinator.strategies import create
+    from fedfleet.coordinator.strategies import create, method_config
     from fedfleet.tools.emulate.agent_pool import AgentPool
     from fedfleet.tools.emulate.run import raise_nofile
     from fedfleet.tools.infra.rabbitmq import RabbitCluster

@@ -70,9 +70,9 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
         deadline_s: float = 120.0) -> dict[str, Any]:
     from fedfleet.coordinator.broker import MosquittoBroker
     from fedfleet.coordinator.engine.rounds import Coordinator
-    from fedfleet.coordinator.job.config import JobConfig, method_config
+    from fedfleet.coordinator.job.config import JobConfig
     from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards, small_model_threads
-    from fedfleet.coordinator.strategies import create
+    from fedfleet.coordinator.strategies import create, method_config
     from fedfleet.tools.emulate.agent_pool import AgentPool
     from fedfleet.tools.emulate.run import raise_nofile
 

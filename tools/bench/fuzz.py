@@ -222,9 +222,9 @@ class Fuzzer:
 def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
     from fedfleet.coordinator.broker import MosquittoBroker
     from fedfleet.coordinator.engine.rounds import Coordinator
-    from fedfleet.coordinator.job.config import JobConfig, method_config
+    from fedfleet.coordinator.job.config import JobConfig
     from fedfleet.coordinator.job.run import agent_ids, build, engine_config, shards, small_model_threads
-    from fedfleet.coordinator.strategies import create
+    from fedfleet.coordinator.strategies import create, method_config
     from fedfleet.edge_agent.agent import Agent, AgentConfig
     from fedfleet.edge_agent.wire import protocol, signing
 

@@ -15,7 +15,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from fedfleet.coordinator.job.config import JobConfig, method_config
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.strategies import method_config
 from fedfleet.tools.bench.output import emit
 
 

@@ -250,10 +250,10 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
 def _coordinator(fleet: FleetConfig, url: str, secret: bytes, signing_key: bytes, run_dir: Path, run_id: str, test: Any, quiet: bool,
                  live: bool | None, console: Any) -> tuple[Any, Any]:
     from fedfleet.coordinator.engine.rounds import Coordinator
-    from fedfleet.coordinator.job.config import method_config
     from fedfleet.coordinator.job.progress import Progress
     from fedfleet.coordinator.job.run import build, engine_config, small_model_threads
     from fedfleet.coordinator.strategies import create as create_strategy
+    from fedfleet.coordinator.strategies import method_config
 
     small_model_threads()
     job = fleet.job
