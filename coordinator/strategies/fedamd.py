@@ -77,17 +77,17 @@ class FedAMDStrategy(Strategy):
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
         self.layout = layout_of(self.state)
-        self.participants = int(config.get("participants", 10))
-        self.mode = str(config.get("mode", "constant"))
-        self.p = config.get("p", "auto")
-        self.period = config.get("period")
-        self.lr = float(config.get("lr", 0.01))
-        self.server_lr = float(config.get("server_lr", 1.0))
-        self.local_steps = int(config.get("local_steps", 10))
-        self.batch = int(config.get("batch", 64))
-        self.large_batch = int(config.get("large_batch", 0))
-        self.chunk = int(config.get("chunk", 256))
-        self.divided = bool(config.get("divided", False))
+        self.participants = int(self.settings.participants)
+        self.mode = str(self.settings.mode)
+        self.p = self.settings.p
+        self.period = self.settings.period
+        self.lr = float(self.settings.lr)
+        self.server_lr = float(self.settings.server_lr)
+        self.local_steps = int(self.settings.local_steps)
+        self.batch = int(self.settings.batch)
+        self.large_batch = int(self.settings.large_batch)
+        self.chunk = int(self.settings.chunk)
+        self.divided = bool(self.settings.divided)
         self.seed = int(config.get("seed", 2022))
         auto_p = self.p == "auto"
         if isinstance(self.p, bool) or (isinstance(self.p, str) and not auto_p):

@@ -96,8 +96,8 @@ class Ferret(Strategy):
         for key in ("lr", "basis_cache_mb", "coordinator_cache_mb"):
             if key in config and _number(config, key, 0.0) < 0:
                 raise ConfigError(f"ferret field '{key}' must be a number >= 0, got {config[key]!r}")
-        self.weighting = str(config.get("weighting", "samples"))
-        self.catch_up = str(config.get("catch_up", "auto"))
+        self.weighting = str(self.settings.weighting)
+        self.catch_up = str(self.settings.catch_up)
         if self.server_lr <= 0 or self.clip < 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"ferret needs server_lr > 0, clip >= 0 and momentum in [0, 1); got {config}")
         if self.momentum and self.pool.fresh:

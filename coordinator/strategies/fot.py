@@ -119,12 +119,12 @@ class FOTStrategy(Strategy):
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
-        self.eps = float(config.get("eps", 0.95))
-        self.eps_inc = float(config.get("eps_inc", 0.0))
-        self.width = float(config.get("sketch_width", 1.0))
-        self.distribution = str(config.get("sketch_distribution", "uniform"))
-        self.mode = str(config.get("threshold", "norm"))
-        self.biases = str(config.get("biases", "free"))
+        self.eps = float(self.settings.eps)
+        self.eps_inc = float(self.settings.eps_inc)
+        self.width = float(self.settings.sketch_width)
+        self.distribution = str(self.settings.sketch_distribution)
+        self.mode = str(self.settings.threshold)
+        self.biases = str(self.settings.biases)
         if not 0 < self.eps <= 1 or self.eps_inc < 0 or self.width <= 0:
             raise ConfigError(f"fot: need 0 < eps <= 1, eps_inc >= 0, sketch_width > 0; got {self.eps}, "
                               f"{self.eps_inc}, {self.width}")

@@ -97,17 +97,17 @@ class GGEURStrategy(Strategy):
         layers = sum(1 for k in self.state if k.endswith(".weight"))
         self.n_classes = int(self.state[f"fc{layers - 1}.bias"].shape[0])
         self.dim = int(self.state["fc0.weight"].shape[1])
-        self.variant = str(config.get("variant", "single"))
+        self.variant = str(self.settings.variant)
         if self.variant not in VARIANTS:
             raise ConfigError(f"ggeur: field 'variant' must be one of {VARIANTS}, got {self.variant!r}")
-        guide = config.get("guide", 0.8)
+        guide = self.settings.guide
         if guide != "all" and (isinstance(guide, bool) or not isinstance(guide, (int, float)) or not 0 < guide <= 1):
             raise ConfigError(f"ggeur: field 'guide' must be a fraction in (0, 1] or 'all', got {guide!r}")
         self.guide = 1.0 if guide == "all" or self.variant == "multi_domain" else float(guide)
-        self.shrinkage = float(config.get("shrinkage", 0.1))
+        self.shrinkage = float(self.settings.shrinkage)
         if not 0 <= self.shrinkage <= 1:
             raise ConfigError(f"ggeur: field 'shrinkage' must be in [0, 1], got {self.shrinkage}")
-        self.target = config.get("target", "global")
+        self.target = self.settings.target
         if self.target != "global" and (isinstance(self.target, bool) or not isinstance(self.target, int)
                                         or self.target < 1):
             raise ConfigError(f"ggeur: field 'target' must be 'global' or a positive integer, got {self.target!r}")
@@ -115,7 +115,7 @@ class GGEURStrategy(Strategy):
             v = config.get(key, 1)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"ggeur: field '{key}' must be a positive integer, got {v!r}")
-        self.psd_tol = float(config.get("psd_tol", class_stats.PSD_TOL))
+        self.psd_tol = float(self.settings.psd_tol)
         self.seed = int(config.get("seed", 0))
         self.exchange_done = False
         self.counts: dict[str, np.ndarray] = {}  # census: agent -> n_{i,c}

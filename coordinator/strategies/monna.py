@@ -76,22 +76,22 @@ class MonnaStrategy(Strategy):
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
         self.layout = layout_of(self.state)
-        self.f = int(config.get("f", 0))
-        self.omniscient = bool(config.get("omniscient", False))
-        self.byzantine = attacks.parse_byzantine(config.get("byzantine"), self.omniscient)
-        self.beta = float(config.get("beta", 0.9))
-        self.lr = float(config.get("lr", 0.5))
-        self.lr_decay = float(config.get("lr_decay", 50.0))
-        self.lr_reset = config.get("lr_reset")
+        self.f = int(self.settings.f)
+        self.omniscient = bool(self.settings.omniscient)
+        self.byzantine = attacks.parse_byzantine(self.settings.byzantine, self.omniscient)
+        self.beta = float(self.settings.beta)
+        self.lr = float(self.settings.lr)
+        self.lr_decay = float(self.settings.lr_decay)
+        self.lr_reset = self.settings.lr_reset
         if "weight_decay" in config:
             raise ConfigError("monna: 'weight_decay' is now 'norm_penalty' (lambda of the unsquared |theta|_2 term)")
-        self.norm_penalty = float(config.get("norm_penalty", 1e-4))
-        self.batch = int(config.get("batch", 16))
+        self.norm_penalty = float(self.settings.norm_penalty)
+        self.batch = int(self.settings.batch)
         self.seed = int(config.get("seed", 0))
-        self.mixing = robust.canonical(str(config.get("mixing", "nna")))
-        self.mixing_kw = dict(config.get("mixing_kw", {}))
-        self.attack_evals = int(config.get("attack_evals", 16))
-        self.n_declared = config.get("n")
+        self.mixing = robust.canonical(str(self.settings.mixing))
+        self.mixing_kw = dict(self.settings.mixing_kw)
+        self.attack_evals = int(self.settings.attack_evals)
+        self.n_declared = self.settings.n
         self.phases = 2 if self.byzantine else 1
         self.flip = needs_flip_grad(self.byzantine, self.omniscient)
         if not 0.0 <= self.beta < 1.0:

@@ -71,22 +71,22 @@ class RobustFedAvg(Strategy):
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
         self.layout = layout_of(self.state)
-        self.aggregator = robust.canonical(str(config.get("aggregator", "mean")))
-        self.aggregator_kw = dict(config.get("aggregator_kw", {}))
-        self.f = int(config.get("f", 0))
-        self.omniscient = bool(config.get("omniscient", False))
-        self.byzantine = attacks.parse_byzantine(config.get("byzantine"), self.omniscient)
-        self.participants = config.get("participants")
-        self.lr = float(config.get("lr", 0.1))
-        self.local_steps = int(config.get("local_steps", 1))
-        self.batch = int(config.get("batch", 16))
-        if float(config.get("beta", 0.0)) != 0.0:
+        self.aggregator = robust.canonical(str(self.settings.aggregator))
+        self.aggregator_kw = dict(self.settings.aggregator_kw)
+        self.f = int(self.settings.f)
+        self.omniscient = bool(self.settings.omniscient)
+        self.byzantine = attacks.parse_byzantine(self.settings.byzantine, self.omniscient)
+        self.participants = self.settings.participants
+        self.lr = float(self.settings.lr)
+        self.local_steps = int(self.settings.local_steps)
+        self.batch = int(self.settings.batch)
+        if float(self.settings.beta) != 0.0:
             raise ConfigError("robust_fedavg: beta (local momentum) is not supported; its learner is plain SGD")
-        self.weight_decay = float(config.get("weight_decay", 0.0))
-        self.server_lr = float(config.get("server_lr", 1.0))
+        self.weight_decay = float(self.settings.weight_decay)
+        self.server_lr = float(self.settings.server_lr)
         self.seed = int(config.get("seed", 0))
-        self.availability = config.get("availability")
-        self.attack_evals = int(config.get("attack_evals", 16))
+        self.availability = self.settings.availability
+        self.attack_evals = int(self.settings.attack_evals)
         self.phases = 2 if self.byzantine else 1
         self.flip = needs_flip_grad(self.byzantine, self.omniscient)
         self.x = robust.flatten(self.state, self.layout)
