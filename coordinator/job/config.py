@@ -1,9 +1,12 @@
-"""Job configuration: defaults, validation of TOML files and CLI overrides, with errors that name the field.
+"""The job schema: JobConfig, its defaults, TOML loading and CLI overrides, the checks of each field and the
+task/continual cross-field checks, with errors that name the field. What a method needs (its [method] fields
+and their defaults, its learner, package, head and uplink) is its strategy's
+(`fedfleet.coordinator.strategies`); the job-level codec presets (`--uplink NAME`, `downlink`) are here.
 
 A job file is TOML; every key is optional:
 
     [job]
-    method = "fedavg"        # a coordinator strategy / edge learner pair
+    method = "fedavg"        # a public coordinator strategy (coordinator/strategies/<method>.py)
     rounds = 20
     agents = 10              # in-process agents for `demo`; for `serve`, the roster size if `roster` is absent
     per_round = 0            # agents selected per round (0 = all online)
@@ -28,11 +31,12 @@ A job file is TOML; every key is optional:
     eval_every = 0           # the diffusion task: evaluate every N rounds and the last (0: its default, 5);
                              # classification evaluates every round
 
-    [method]                 # passed to the strategy (and on to the learner): lr, epochs, batch, ...
+    [method]                 # the fields of the method's Config (its strategy module), over their defaults;
+                             # passed to the strategy (and on to the learner); an unknown key is an error
     lr = 0.1
 
     [uplink]                 # the codec agents upload with: name = "none" | "zstd" | "fedzip"
-    name = "fedzip"          # default for fedavg: z = 0.03, k = 3, e4, error feedback
+    name = "fedzip"          # default: the method's (fedavg: z = 0.03, k = 3, e4, error feedback; others none)
     z = 0.03
 
     [continual]              # a continual job: a task schedule (coordinator/tasks/schedule.py); the job runs the
