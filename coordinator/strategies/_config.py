@@ -1,4 +1,4 @@
-"""The typed [method] configuration of the strategies: the field helper, the checks of a job's [method] table
+"""The typed [method] configuration of the strategies: the field constructors, the checks of a job's [method] table
 against a strategy's `Config` dataclass, and the defaults a job's method configuration carries.
 
 Every strategy module defines a frozen `Config` dataclass: one documented field per setting the strategy or its
