@@ -59,8 +59,8 @@ class Strategy(ABC):
     phases: int = 1
     # the method's [method] fields: a frozen dataclass (fedfleet.coordinator.strategies._config)
     Config: ClassVar[type] = NoConfig
-    # the edge learner its tasks run (fedfleet.edge_agent.learners); a task whose learner differs from the
-    # method's name says so in its config ("learner")
+    # the edge learner its tasks run (fedfleet.edge_agent.learners; "": the method's name, set by `register`);
+    # a task whose learner differs from the method's name says so in its config ("learner")
     learner: ClassVar[str] = ""
     # the model package it trains: None for any (the job's mode), "lora" for the LoRA methods
     package_mode: ClassVar[str | None] = None
@@ -169,6 +169,8 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 def register(cls: type[Strategy]) -> type[Strategy]:
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} needs a non-empty `name`")
+    if not cls.learner:
+        cls.learner = cls.name  # its tasks run the learner of its own name
     _REGISTRY[cls.name] = cls
     return cls
 
