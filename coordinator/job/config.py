@@ -1,9 +1,12 @@
-"""Job configuration: defaults, validation of TOML files and CLI overrides, with errors that name the field.
+"""The job schema: JobConfig, its defaults, TOML loading and CLI overrides, the checks of each field and the
+task/continual cross-field checks, with errors that name the field. What a method needs (its [method] fields
+and their defaults, its learner, package, head and uplink) is its strategy's
+(`fedfleet.coordinator.strategies`); the job-level codec presets (`--uplink NAME`, `downlink`) are here.
 
 A job file is TOML; every key is optional:
 
     [job]
-    method = "fedavg"        # a coordinator strategy / edge learner pair
+    method = "fedavg"        # a public coordinator strategy (coordinator/strategies/<method>.py)
     rounds = 20
     agents = 10              # in-process agents for `demo`; for `serve`, the roster size if `roster` is absent
     per_round = 0            # agents selected per round (0 = all online)
@@ -28,11 +31,12 @@ A job file is TOML; every key is optional:
     eval_every = 0           # the diffusion task: evaluate every N rounds and the last (0: its default, 5);
                              # classification evaluates every round
 
-    [method]                 # passed to the strategy (and on to the learner): lr, epochs, batch, ...
+    [method]                 # the fields of the method's Config (its strategy module), over their defaults;
+                             # passed to the strategy (and on to the learner); an unknown key is an error
     lr = 0.1
 
     [uplink]                 # the codec agents upload with: name = "none" | "zstd" | "fedzip"
-    name = "fedzip"          # default for fedavg: z = 0.03, k = 3, e4, error feedback
+    name = "fedzip"          # default: the method's (fedavg: z = 0.03, k = 3, e4, error feedback; others none)
     z = 0.03
 
     [continual]              # a continual job: a task schedule (coordinator/tasks/schedule.py); the job runs the
@@ -47,6 +51,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedfleet.coordinator.strategies._config import FEDZIP_UPLINK
+from fedfleet.coordinator.tasks.names import CUSTOM as CUSTOM_TASK
+from fedfleet.coordinator.tasks.names import DIFFUSION as DIFFUSION_TASK
+from fedfleet.coordinator.tasks.names import TASKS
 from fedfleet.edge_agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -73,7 +81,7 @@ class JobConfig:
     quorum: float = 0.5
     fleet: str = "demo"
     roster: list[str] = field(default_factory=list)
-    method_config: dict[str, Any] = field(default_factory=dict)  # over METHOD_DEFAULTS[method]
+    method_config: dict[str, Any] = field(default_factory=dict)  # [method]: over the strategy's Config defaults
     uplink: dict[str, Any] | None = None  # None: the method's default (FedZip for update-uploading methods)
     downlink: str = "fedzip"  # "fedzip" (compressed sync, see DOWNLINK_PRESETS) | "none" | "zstd" (lossless)
     continual: dict[str, Any] | None = None  # a checked [continual] table (fedfleet.coordinator.tasks.schedule), or None
@@ -90,49 +98,10 @@ class JobConfig:
         return asdict(self)
 
 
-# per-method defaults for the demo's digits head; a job file's [method] table overrides them key by key
-_ZO_HEAD = {"objective": "macro_f1", "zo_tensors": ["fc1.weight", "fc1.bias"], "zo_path": "runtime"}
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fedavg": {"lr": 0.1, "epochs": 2, "batch": 16},
-    # the zeroth-order methods tune the head's last layer (330 numbers) against 1 - macro-F1 on each shard,
-    # each query one call of the head graph (head tensors as graph inputs) in the agent's runtime on the int8
-    # backbone's cached features;
-    # step sizes from the zeroth-order benchmark's sweeps
-    "fedzo": {**_ZO_HEAD, "lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10},
-    # FOT on the spec's permuted digits: 1 local epoch, batch 16, lr 0.05, eps 0.95, no threshold increment
-    "fot": {"lr": 0.05, "epochs": 1, "batch": 16, "weight_decay": 1e-5, "eps": 0.95, "eps_inc": 0.0},
-    # FZooS's GD variant (the paper's plain-GD step, tuned for this head), not the spec's configuration (Adam at
-    # lr 0.01, 20 GP restarts, M = 10000, radius 0.01: the learner's defaults), which costs about 4x the CPU per
-    # round and scored the same on digits (`fedfleet bench zo`: 0.299 against 0.296); set [method]
-    # optimizer = "adam", lr = 0.01, gp_restarts = 20, explore_radius = 0.01, ... for it
-    "fzoos": {**_ZO_HEAD, "lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2,
-              "explore_radius": 0.05, "init_radius": 0.05, "rff_features": 2000},
-    # GGEUR (spec 4): the one-shot class-statistics exchange, then FedAvg of a linear head on the originals
-    # plus the synthetic embeddings; 5 local epochs as the spec's small-scale setup; lr and batch as fedavg's
-    "ggeur": {"lr": 0.1, "epochs": 5, "batch": 16, "guide": 0.8, "shrinkage": 0.1, "target": "global"},
-    # Ferret: T = 10 local SGD steps, K = 100 bases per block drawn fresh each round, the paper's unbiased
-    # scaling with server lr 1; uploads (index, gamma) pairs with its own codec, downlink coefficients
-    "ferret": {"k": 100, "pool": "round", "local_steps": 10, "lr": 0.1, "batch": 32, "server_lr": 1.0},
-    # federated LoRA (mode "lora": frozen pre-trained MLP, LoRA r = 4 on every hidden layer, trainable head),
-    # local SGD on A, B and the head (lr/epochs/batch set once, before any comparison; the spec's lr 0.01 and
-    # batch 128 are for ViT-sized shards); LoRA-FAIR's server solve uses the spec's lambda, lr and iterations
-    "fedit": {"lr": 0.05, "epochs": 2, "batch": 32},
-    "flora": {"lr": 0.05, "epochs": 2, "batch": 32},
-    "lora_fair": {"lr": 0.05, "epochs": 2, "batch": 32, "lam": 0.01, "refine_lr": 0.01,
-                  "refine_iterations": 1000, "refine_early_stop": False},
-}
-LORA_METHODS = ("fedit", "flora", "lora_fair")
+__all__ = ["CUSTOM_TASK", "DIFFUSION_TASK", "TASKS", "UPLINK_PRESETS", "DOWNLINK_PRESETS", "JobConfig", "apply", "load",
+           "check_task", "check_codec", "uplink_preset", "read_toml", "apply_continual"]
 
-
-DIFFUSION_TASK = "moving-digits-diffusion"
-CUSTOM_TASK = "custom"  # a model and data of your own: [model], [data], [eval] (fedfleet.coordinator.tasks.custom)
-TASKS = ("classification", DIFFUSION_TASK, CUSTOM_TASK)
 DIFFUSION_EVAL_EVERY = 5
-# the diffusion task's [method] defaults over fedavg's: plain SGD barely moves this denoiser (300 steps at
-# lr 2 took the held-out loss from 0.169 to 0.165), local Adam at lr 1e-3, batch 64 trains it
-TASK_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    DIFFUSION_TASK: {"optimizer": "adam", "lr": 1e-3, "epochs": 2, "batch": 64},
-}
 
 
 CUSTOM_SECTIONS = ("model", "data", "eval")
@@ -168,39 +137,9 @@ def check_task(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
-def package_mode(cfg: JobConfig) -> str:
-    """The package mode a job runs: "lora" for the LoRA methods (and only for them), "diffusion" for the
-    diffusion task, "custom" for a model of your own (its task builds the package), else `cfg.mode`."""
-    if cfg.task == CUSTOM_TASK:
-        return CUSTOM_TASK
-    if cfg.task == DIFFUSION_TASK or cfg.mode == "diffusion":
-        check_task(cfg)
-        return "diffusion"
-    if cfg.method in LORA_METHODS:
-        if cfg.mode == "full":
-            raise ConfigError(f"field 'mode': method {cfg.method!r} fine-tunes LoRA adapters on a frozen "
-                              "pre-trained MLP; use mode 'lora' (or leave the default)")
-        return "lora"
-    if cfg.mode == "lora":
-        raise ConfigError(f"field 'mode': 'lora' packages train with {', '.join(LORA_METHODS)}, not "
-                          f"{cfg.method!r}")
-    return cfg.mode
-
-# the hidden width of the head a method trains when the job leaves `hidden` at 0 (0 here: a linear head)
-METHOD_HEADS: dict[str, int] = {"ggeur": 0}
-
-
-# FedZip is the default uplink of methods that upload updates (deltas): at z = 0.03 with error feedback it
-# kept MNIST accuracy within 1 point of dense float32 (0.916 against 0.921) at 130x less uplink
-# (`fedfleet bench fedzip`, 40 rounds).
-# Methods that upload models, iterates or surrogate weights (MoNNA, FZooS, FedAMD) and the robust
-# aggregators (which compare raw updates) send dense. FedZO sends its d floats dense too, as the spec's
-# FedZO does (and as `fedfleet bench zo` measures it); FedZO with a FedZip uplink is `[uplink] name = "fedzip"`.
-FEDZIP_DEFAULT: dict[str, Any] = {"name": "fedzip", "z": 0.03, "k": 3, "encoding": "e4", "error_feedback": True}
-UPDATE_METHODS = ("fedavg",)
-# `--uplink NAME`: "fedzip" is the default FedZip configuration above, not the codec's bare defaults
+# `--uplink NAME`: "fedzip" is FedAvg's default FedZip configuration, not the codec's bare defaults
 UPLINK_PRESETS: dict[str, dict[str, Any]] = {"none": {"name": "none"}, "zstd": {"name": "zstd"},
-                                             "fedzip": FEDZIP_DEFAULT}
+                                             "fedzip": FEDZIP_UPLINK}
 
 
 # `downlink = "fedzip"`: FedZip codes of the change of the global state (error feedback is implicit: the
@@ -216,40 +155,15 @@ def uplink_preset(name: str) -> dict[str, Any]:
     return dict(UPLINK_PRESETS[name])
 
 
-def method_config(cfg: JobConfig) -> dict[str, Any]:
-    """The strategy's config: the method's defaults, overridden by the job's [method] table, and the uplink."""
-    return {**METHOD_DEFAULTS.get(cfg.method, {}), **TASK_METHOD_DEFAULTS.get(cfg.task, {}), **cfg.method_config,
-            "uplink": uplink(cfg)}
-
-
-def uplink(cfg: JobConfig) -> dict[str, Any]:
-    """The uplink codec spec: the job's, else FedZip for update-uploading methods, else none."""
-    if cfg.uplink is not None:
-        return dict(cfg.uplink)
-    return dict(FEDZIP_DEFAULT) if cfg.method in UPDATE_METHODS else {"name": "none"}
-
-
 def _finite(v: Any) -> bool:
     return math.isfinite(float(v))
 
 
-def strategy_modules() -> list[str]:
-    """The coordinator strategies on disk (one module per method), found without importing them (or torch)."""
-    import importlib.util
-    import pkgutil
-
-    spec = importlib.util.find_spec("fedfleet.coordinator.strategies")
-    paths = list(spec.submodule_search_locations or []) if spec else []
-    return sorted(m.name for m in pkgutil.iter_modules(paths) if m.name != "base")
-
-
 def _known_method(name: str) -> bool:
-    """A coordinator strategy module (each names the edge learners its tasks use), or one registered at run
-    time by code that imported the strategies."""
-    if name in strategy_modules():
-        return True
-    strategies = sys.modules.get("fedfleet.coordinator.strategies")
-    return strategies is not None and name in strategies.registered()
+    """A public coordinator strategy (listed without importing any strategy, or torch)."""
+    from fedfleet.coordinator import strategies
+
+    return strategies.known(name)
 
 
 def _valid_roster(ids: list[Any]) -> bool:
@@ -307,7 +221,9 @@ def _check(source: str, key: str, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
         hint = _HINTS.get(key, f"a valid {key}")
         if key == "method":
-            hint = f"one of {', '.join(strategy_modules())}"
+            from fedfleet.coordinator import strategies
+
+            hint = f"one of {', '.join(strategies.available())}"
         raise ConfigError(f"{source}: field '{key}' must be {hint}, got {value!r}")
     return value
 
@@ -350,8 +266,10 @@ def load(path: str | Path, cfg: JobConfig | None = None) -> JobConfig:
             raise ConfigError(f"{p}: '{section}' must be a table ([{section}])")
     apply(cfg, data.get("job", {}), str(p))
     if "method" in data:
-        check_method_table(data["method"], f"{p}: [method]")
-        cfg.method_config = {**cfg.method_config, **data["method"]}  # merged over METHOD_DEFAULTS at run time
+        from fedfleet.coordinator import strategies
+
+        strategies.check_method(cfg.method, data["method"], f"{p}: [method]")
+        cfg.method_config = {**cfg.method_config, **data["method"]}  # over the method's Config defaults at run time
     if "uplink" in data:
         cfg.uplink = check_codec(data["uplink"], f"{p}: [uplink]")
     if "continual" in data:
@@ -380,43 +298,6 @@ def apply_continual(cfg: JobConfig, raw: Any, source: str, *, rounds_set: bool =
     cfg.continual = schedule.to_dict()
     cfg.rounds = schedule.total_rounds
     return cfg
-
-
-# the [method] fields several methods share: (kind, test, hint); method-specific keys pass through to the strategy
-_NUMBER = (int, float)
-_METHOD_CHECKS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
-    "lr": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "server_lr": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "mu": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "weight_decay": (_NUMBER, lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "beta": (_NUMBER, lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "lr_decay": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "explore_radius": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "init_radius": (_NUMBER, lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "epochs": (int, lambda v: v >= 1, "an integer >= 1"),
-    "batch": (int, lambda v: v >= 1, "an integer >= 1"),
-    "local_steps": (int, lambda v: v >= 1, "an integer >= 1"),
-    "directions": (int, lambda v: v >= 1, "an integer >= 1"),
-    "participants": (int, lambda v: v >= 1, "an integer >= 1"),
-    "large_batch": (int, lambda v: v >= 0, "an integer >= 0 (0: the whole local set)"),
-    "chunk": (int, lambda v: v >= 1, "an integer >= 1"),
-    "rff_features": (int, lambda v: v >= 1, "an integer >= 1"),
-    "gp_restarts": (int, lambda v: v >= 0, "an integer >= 0"),
-    "f": (int, lambda v: v >= 0, "an integer >= 0"),
-    "seed": (int, lambda v: True, "an integer"),
-    "optimizer": (str, lambda v: v in ("sgd", "adam"), "'sgd' or 'adam'"),
-}
-
-
-def check_method_table(table: dict[str, Any], source: str) -> dict[str, Any]:
-    """Check the [method] fields several methods share (type, range, finiteness); others pass through."""
-    for key, value in table.items():
-        if key not in _METHOD_CHECKS:
-            continue
-        kinds, ok, hint = _METHOD_CHECKS[key]
-        if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
-            raise ConfigError(f"{source}: field '{key}' must be {hint}, got {value!r}")
-    return table
 
 
 def check_codec(spec: Any, source: str) -> dict[str, Any]:

@@ -10,10 +10,12 @@ engine refuses an upload whose layout (names, ranks, shapes) differs from `expec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from fedfleet.coordinator.strategies._config import own
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -27,8 +29,23 @@ from fedfleet.models.mirrors import lora
 TASK_KEYS = ("lr", "epochs", "batch", "weight_decay")
 
 
+@dataclass(frozen=True)
+class LoraConfig:
+    """The [method] fields of the federated LoRA methods (mode "lora": frozen pre-trained MLP, LoRA r = 4 on
+    every hidden layer, trainable head): local SGD on A, B and the head, lr/epochs/batch set once, before any
+    comparison (the spec's lr 0.01 and batch 128 are for ViT-sized shards)."""
+
+    lr: float = 0.05  # local SGD learning rate
+    epochs: int = 2  # local epochs per round
+    batch: int = 32  # local minibatch size
+    weight_decay: float = own(0.0)  # the learner's L2 weight decay
+
+
 class LoraStrategy(Strategy):
     """Base for the LoRA strategies: `configure` and the head average; subclasses fold A and B."""
+
+    Config = LoraConfig
+    package_mode = "lora"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+
+from fedfleet.coordinator.strategies import _config
 
 Layout = list[tuple[str, tuple[int, ...]]]
 
@@ -39,11 +41,35 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class NoConfig:
+    """A method without [method] fields."""
+
+
 class Strategy(ABC):
-    """One coordinator-side method. `state` is the global trainable state as torch tensors."""
+    """One coordinator-side method. `state` is the global trainable state as torch tensors.
+
+    A strategy is built with its method configuration as keywords (`fedfleet.coordinator.strategies.build`):
+    the fields of its `Config` (defaults, a task's defaults and the job's [method] table), `seed` and `uplink`.
+    `self.config` keeps that dict as given (checkpoints store it, resume compares it); `self.settings` is the
+    same as a typed `Config`, defaults filled in.
+    """
 
     name: str = ""
     phases: int = 1
+    # the method's [method] fields: a frozen dataclass (fedfleet.coordinator.strategies._config)
+    Config: ClassVar[type] = NoConfig
+    # the edge learner its tasks run (fedfleet.edge_agent.learners; "": the method's name, set by `register`);
+    # a task whose learner differs from the method's name says so in its config ("learner")
+    learner: ClassVar[str] = ""
+    # the model package it trains: None for any (the job's mode), "lora" for the LoRA methods
+    package_mode: ClassVar[str | None] = None
+    # True when its default head (the job's hidden = 0) has no hidden layer
+    linear_head: ClassVar[bool] = False
+    # the uplink codec agents upload with when the job sets none
+    default_uplink: ClassVar[dict[str, Any]] = _config.NO_UPLINK
+    # whether it can run a continual job's task schedule: False, True, or "required"
+    continual: ClassVar[bool | Literal["required"]] = False
     # True when every task's tensors are the global state (`self.state`), the same for every agent: the
     # engine may then send them as a compressed sync against each agent's replica (fedfleet.coordinator.engine.downlink)
     tasks_carry_state: bool = False
@@ -51,6 +77,7 @@ class Strategy(ABC):
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         self.state = {k: v.detach().clone().float() for k, v in state.items()}
         self.config = config
+        self.settings: Any = _config.settings(self.Config, config)
 
     @abstractmethod
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
@@ -142,6 +169,8 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 def register(cls: type[Strategy]) -> type[Strategy]:
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} needs a non-empty `name`")
+    if not cls.learner:
+        cls.learner = cls.name  # its tasks run the learner of its own name
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -29,12 +29,14 @@ set), chunk (256), divided (False), seed (2022).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from fedfleet.coordinator.strategies import _robust as robust
 from fedfleet.coordinator.strategies import _sampling as sampling
+from fedfleet.coordinator.strategies._config import FRACTION, own
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -49,24 +51,43 @@ from fedfleet.edge_agent.errors import ConfigError
 log = logging.getLogger("fedfleet.fedamd")
 
 
+@dataclass(frozen=True)
+class Config:
+    """FedAMD's [method] fields (the defaults are the strategy's; a job sends only the fields it sets)."""
+
+    participants: int = own(10)  # A, agents sampled per round
+    mode: Literal["constant", "periodic"] = own("constant")  # how roles are assigned
+    p: float | Literal["auto"] = own("auto", check=FRACTION)  # anchor probability ("auto": the paper's p*)
+    period: int | None = own(None, check=(lambda v: v >= 2, "an integer >= 2"))  # periodic mode's P
+    lr: float = own(0.01)  # local learning rate
+    server_lr: float = own(1.0)  # scale of the miners' mean delta
+    local_steps: int = own(10)  # K, local steps of a miner
+    batch: int = own(64)  # local minibatch size
+    large_batch: int = own(0)  # an anchor's gradient batch (0: the whole local set)
+    chunk: int = own(256)  # rows per chunk of the large-batch gradient
+    divided: bool = own(False)  # a miner uploads its delta divided by K
+
+
 @register
 class FedAMDStrategy(Strategy):
     name = "fedamd"
+    Config = Config
+    learner = "fedamd"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
         self.layout = layout_of(self.state)
-        self.participants = int(config.get("participants", 10))
-        self.mode = str(config.get("mode", "constant"))
-        self.p = config.get("p", "auto")
-        self.period = config.get("period")
-        self.lr = float(config.get("lr", 0.01))
-        self.server_lr = float(config.get("server_lr", 1.0))
-        self.local_steps = int(config.get("local_steps", 10))
-        self.batch = int(config.get("batch", 64))
-        self.large_batch = int(config.get("large_batch", 0))
-        self.chunk = int(config.get("chunk", 256))
-        self.divided = bool(config.get("divided", False))
+        self.participants = int(self.settings.participants)
+        self.mode = str(self.settings.mode)
+        self.p = self.settings.p
+        self.period = self.settings.period
+        self.lr = float(self.settings.lr)
+        self.server_lr = float(self.settings.server_lr)
+        self.local_steps = int(self.settings.local_steps)
+        self.batch = int(self.settings.batch)
+        self.large_batch = int(self.settings.large_batch)
+        self.chunk = int(self.settings.chunk)
+        self.divided = bool(self.settings.divided)
         self.seed = int(config.get("seed", 2022))
         auto_p = self.p == "auto"
         if isinstance(self.p, bool) or (isinstance(self.p, str) and not auto_p):

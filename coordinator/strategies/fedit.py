@@ -5,16 +5,25 @@ records that gap as cos(ΔW, B̄Ā) per layer and round."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from fedfleet.coordinator.strategies._lora import LoraStrategy
+from fedfleet.coordinator.strategies._lora import LoraConfig, LoraStrategy
 from fedfleet.coordinator.strategies.base import ClientResult, register
 from fedfleet.models.mirrors import lora
+
+
+@dataclass(frozen=True)
+class Config(LoraConfig):
+    """FedIT's [method] fields: the federated LoRA methods' local training."""
 
 
 @register
 class FedIT(LoraStrategy):
     name = "fedit"
+    Config = Config
+    learner = "fedit"
 
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         self.average_factors(round, results)

@@ -8,11 +8,13 @@ The coordinator never evaluates the objective: there is no accept/reject oracle.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from fedfleet.coordinator.strategies._config import own
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -24,6 +26,26 @@ from fedfleet.coordinator.strategies.base import (
 )
 
 LEARNER_KEYS = ("objective", "zo_path", "local_steps", "lr", "mu", "directions")
+
+# the zeroth-order methods tune the head's last layer (330 numbers) against 1 - macro-F1 on each shard, each
+# query one call of the head graph (head tensors as graph inputs) in the agent's runtime on the int8
+# backbone's cached features
+ZO_TENSORS = ("fc1.weight", "fc1.bias")
+
+
+@dataclass(frozen=True)
+class Config:
+    """FedZO's [method] fields (step sizes from the zeroth-order benchmark's sweeps)."""
+
+    objective: Literal["macro_f1", "quadratic"] = "macro_f1"  # what the agents minimise (1 - macro-F1)
+    zo_tensors: list[str] = field(default_factory=lambda: list(ZO_TENSORS))  # tensors tuned ([]: all)
+    zo_path: Literal["numpy", "runtime"] = "runtime"  # queries in numpy or in the agent's runtime
+    lr: float = 0.3  # local ZO step size
+    mu: float = 3.0  # smoothing radius of the two-point estimates
+    directions: int = 20  # random directions per estimate
+    local_steps: int = 10  # local ZO steps per round
+    server_lr: float = own(1.0)  # eta_g: scale of the averaged delta
+    agent_config: dict[str, dict[str, Any]] = own(factory=dict)  # {agent id: extra task config}
 
 
 def zo_names(strategy: Strategy) -> list[str]:
@@ -53,6 +75,8 @@ def weights_of(results: list[ClientResult]) -> torch.Tensor:
 class FedZO(Strategy):
     name = "fedzo"
     phases = 1
+    Config = Config
+    learner = "fedzo"
 
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
         down = to_numpy(self.state)
@@ -65,7 +89,7 @@ class FedZO(Strategy):
         if not results:
             return
         w = weights_of(results)
-        lr = float(self.config.get("server_lr", 1.0))
+        lr = float(self.settings.server_lr)
         for name in zo_names(self):
             stack = torch.stack([torch.from_numpy(np.asarray(r.tensors[name], np.float64)) for r in results])
             self.state[name] += (lr * torch.tensordot(w, stack, dims=1)).float()

@@ -28,11 +28,13 @@ weighting ("samples" | "equal"), catch_up ("auto" | "full" | "history"), local_s
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from fedfleet.coordinator.strategies._config import NON_NEGATIVE, own
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -54,9 +56,32 @@ def _number(config: dict[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+@dataclass(frozen=True)
+class Config:
+    """Ferret's [method] fields: T = 10 local SGD steps, K = 100 bases per block drawn fresh each round, the
+    paper's unbiased scaling with server lr 1; uploads (index, gamma) pairs with its own codec, downlink
+    coefficients."""
+
+    k: int = 100  # bases per block
+    pool: Literal["round", "run"] = "round"  # fresh bases every round, or one pool for the run
+    local_steps: int = 10  # T, local SGD steps
+    lr: float = 0.1  # local learning rate
+    batch: int = 32  # local minibatch size
+    server_lr: float = 1.0  # eta_s
+    pool_seed: int | None = own(None)  # seed of the bases (None: the job seed)
+    clip: float = own(0.0, check=NON_NEGATIVE)  # norm each seed's step is clipped to (0: off)
+    momentum: float = own(0.0, check=(lambda v: 0 <= v < 1, "a number in [0, 1)"))  # needs pool = "run"
+    weighting: Literal["samples", "equal"] = own("samples")
+    catch_up: Literal["auto", "full", "history"] = own("auto")
+    basis_cache_mb: float = own(64, check=NON_NEGATIVE)  # the agents' basis cache budget
+    coordinator_cache_mb: float = own(256, check=NON_NEGATIVE)
+
+
 @register
 class Ferret(Strategy):
     name = "ferret"
+    Config = Config
+    learner = "ferret"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
@@ -71,8 +96,8 @@ class Ferret(Strategy):
         for key in ("lr", "basis_cache_mb", "coordinator_cache_mb"):
             if key in config and _number(config, key, 0.0) < 0:
                 raise ConfigError(f"ferret field '{key}' must be a number >= 0, got {config[key]!r}")
-        self.weighting = str(config.get("weighting", "samples"))
-        self.catch_up = str(config.get("catch_up", "auto"))
+        self.weighting = str(self.settings.weighting)
+        self.catch_up = str(self.settings.catch_up)
         if self.server_lr <= 0 or self.clip < 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"ferret needs server_lr > 0, clip >= 0 and momentum in [0, 1); got {config}")
         if self.momentum and self.pool.fresh:

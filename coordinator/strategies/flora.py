@@ -13,20 +13,28 @@ merge them into their own copy of the weights. The history records ‖ΔW‖ and
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedfleet.coordinator.strategies._lora import LoraStrategy
+from fedfleet.coordinator.strategies._lora import LoraConfig, LoraStrategy
 from fedfleet.coordinator.strategies.base import ClientResult, register
 from fedfleet.edge_agent.nn import lora as lora_mlp
 from fedfleet.models.mirrors import lora
 
 
+@dataclass(frozen=True)
+class Config(LoraConfig):
+    """FLoRA's [method] fields: the federated LoRA methods' local training."""
+
+
 @register
 class FLoRA(LoraStrategy):
     name = "flora"
+    Config = Config
+    learner = "flora"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)

@@ -25,11 +25,13 @@ moving after the first task, to measure how much of the forgetting the free bias
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from fedfleet.coordinator.strategies._config import NON_NEGATIVE, POSITIVE, own, ranged
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -90,18 +92,39 @@ def subspace_update(basis: torch.Tensor, sketch: torch.Tensor, rho_bar: float, e
     return q[:, : old.shape[1] + k].float(), k
 
 
+@dataclass(frozen=True)
+class Config:
+    """FOT's [method] fields; on the spec's permuted digits: 1 local epoch, batch 16, lr 0.05, eps 0.95, no
+    threshold increment."""
+
+    lr: float = 0.05  # local SGD learning rate
+    epochs: int = 1  # local epochs per round
+    batch: int = 16  # local minibatch size
+    weight_decay: float = 1e-5  # the learner's L2 weight decay
+    eps: float = ranged(0.95, check=(lambda v: 0 < v <= 1, "a number in (0, 1]"))  # energy threshold
+    eps_inc: float = ranged(0.0, check=NON_NEGATIVE)  # added to eps after each task
+    sketch_width: float = own(1.0, check=POSITIVE)  # m_l = round(sketch_width * d_l)
+    sketch_distribution: Literal["uniform", "gaussian"] = own("uniform")
+    threshold: Literal["norm", "energy"] = own("norm")  # eps' from rho (the paper's code) or rho^2 (GPM)
+    biases: Literal["free", "frozen"] = own("free")  # "frozen": a diagnostic (see the module docstring)
+    protect: list[str] | None = own(None)  # weight names (None: every weight matrix but a per-task head's)
+
+
 @register
 class FOTStrategy(Strategy):
     name = "fot"
+    Config = Config
+    learner = "fot"
+    continual = "required"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
-        self.eps = float(config.get("eps", 0.95))
-        self.eps_inc = float(config.get("eps_inc", 0.0))
-        self.width = float(config.get("sketch_width", 1.0))
-        self.distribution = str(config.get("sketch_distribution", "uniform"))
-        self.mode = str(config.get("threshold", "norm"))
-        self.biases = str(config.get("biases", "free"))
+        self.eps = float(self.settings.eps)
+        self.eps_inc = float(self.settings.eps_inc)
+        self.width = float(self.settings.sketch_width)
+        self.distribution = str(self.settings.sketch_distribution)
+        self.mode = str(self.settings.threshold)
+        self.biases = str(self.settings.biases)
         if not 0 < self.eps <= 1 or self.eps_inc < 0 or self.width <= 0:
             raise ConfigError(f"fot: need 0 < eps <= 1, eps_inc >= 0, sketch_width > 0; got {self.eps}, "
                               f"{self.eps_inc}, {self.width}")

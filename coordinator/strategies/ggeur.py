@@ -33,11 +33,13 @@ FedAvg's lr (0.1), epochs (5), batch (16), weight_decay (0), server_lr (1.0), se
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from fedfleet.coordinator.strategies._config import AT_LEAST_1, FRACTION, own, ranged
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -61,9 +63,33 @@ def _whole(values: np.ndarray) -> np.ndarray | None:
     return out.astype(np.int64) if np.allclose(out, values, atol=1e-6) else None
 
 
+@dataclass(frozen=True)
+class Config:
+    """GGEUR's [method] fields (spec 4): the one-shot class-statistics exchange, then FedAvg of a linear head
+    on the originals plus the synthetic embeddings; 5 local epochs as the spec's small-scale setup; lr and
+    batch as fedavg's."""
+
+    lr: float = 0.1  # local SGD learning rate
+    epochs: int = 5  # local epochs per round
+    batch: int = 16  # local minibatch size
+    guide: float | Literal["all"] = ranged(0.8, check=(lambda v: 0 < v <= 1, "a fraction in (0, 1] or 'all'"))
+    shrinkage: float = ranged(0.1, check=FRACTION)  # of the eigenvalues towards their mean
+    target: int | Literal["global"] = ranged("global", check=(lambda v: v >= 1, "'global' or a positive integer"))
+    variant: Literal["single", "multi_domain"] = own("single")
+    per_sample: int = own(12, check=AT_LEAST_1)  # synthetic points per original
+    local_pool: int = own(500, check=AT_LEAST_1)  # multi-domain variant
+    proto_pool: int = own(500, check=AT_LEAST_1)  # multi-domain variant
+    psd_tol: float = own(class_stats.PSD_TOL)  # round-off allowed below 0 in an uploaded covariance
+    weight_decay: float = own(0.0)  # the learner's L2 weight decay
+    server_lr: float = own(1.0)  # scale of the averaged delta
+
+
 @register
 class GGEURStrategy(Strategy):
     name = "ggeur"
+    Config = Config
+    learner = "ggeur"
+    linear_head = True
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
@@ -71,17 +97,17 @@ class GGEURStrategy(Strategy):
         layers = sum(1 for k in self.state if k.endswith(".weight"))
         self.n_classes = int(self.state[f"fc{layers - 1}.bias"].shape[0])
         self.dim = int(self.state["fc0.weight"].shape[1])
-        self.variant = str(config.get("variant", "single"))
+        self.variant = str(self.settings.variant)
         if self.variant not in VARIANTS:
             raise ConfigError(f"ggeur: field 'variant' must be one of {VARIANTS}, got {self.variant!r}")
-        guide = config.get("guide", 0.8)
+        guide = self.settings.guide
         if guide != "all" and (isinstance(guide, bool) or not isinstance(guide, (int, float)) or not 0 < guide <= 1):
             raise ConfigError(f"ggeur: field 'guide' must be a fraction in (0, 1] or 'all', got {guide!r}")
         self.guide = 1.0 if guide == "all" or self.variant == "multi_domain" else float(guide)
-        self.shrinkage = float(config.get("shrinkage", 0.1))
+        self.shrinkage = float(self.settings.shrinkage)
         if not 0 <= self.shrinkage <= 1:
             raise ConfigError(f"ggeur: field 'shrinkage' must be in [0, 1], got {self.shrinkage}")
-        self.target = config.get("target", "global")
+        self.target = self.settings.target
         if self.target != "global" and (isinstance(self.target, bool) or not isinstance(self.target, int)
                                         or self.target < 1):
             raise ConfigError(f"ggeur: field 'target' must be 'global' or a positive integer, got {self.target!r}")
@@ -89,7 +115,7 @@ class GGEURStrategy(Strategy):
             v = config.get(key, 1)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"ggeur: field '{key}' must be a positive integer, got {v!r}")
-        self.psd_tol = float(config.get("psd_tol", class_stats.PSD_TOL))
+        self.psd_tol = float(self.settings.psd_tol)
         self.seed = int(config.get("seed", 0))
         self.exchange_done = False
         self.counts: dict[str, np.ndarray] = {}  # census: agent -> n_{i,c}
@@ -281,7 +307,7 @@ class GGEURStrategy(Strategy):
         # originals (the engine's capped count, coordinator-known) plus the synthetic points the agent holds
         weights = torch.tensor([float(r.samples + self.delivered.get(r.agent, 0)) for r in results])
         weights /= weights.sum()
-        lr = float(self.config.get("server_lr", 1.0))
+        lr = float(self.settings.server_lr)
         for name in self.state:
             stack = torch.stack([torch.from_numpy(r.tensors[name]) for r in results])
             self.state[name] += lr * torch.tensordot(weights, stack, dims=1)

@@ -13,16 +13,32 @@ iterations in a row with |Δloss| < 1e-6 end the solve). The history holds, per 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from fedfleet.coordinator.strategies._lora import LoraStrategy
+from fedfleet.coordinator.strategies._config import POSITIVE, ranged
+from fedfleet.coordinator.strategies._lora import LoraConfig, LoraStrategy
 from fedfleet.coordinator.strategies.base import ClientResult, register
 from fedfleet.models.mirrors import lora
+
+
+@dataclass(frozen=True)
+class Config(LoraConfig):
+    """LoRA-FAIR's [method] fields: the federated LoRA methods' local training and the server solve, with the
+    spec's lambda, lr and iterations."""
+
+    lam: float = ranged(0.01, check=(lambda v: v >= 0, "a number >= 0"))  # lambda of the ||Delta B||^2 term
+    refine_lr: float = ranged(0.01, check=POSITIVE)  # SGD step of the solve
+    refine_iterations: int = ranged(1000, check=(lambda v: v >= 1, "an integer >= 1"))  # iterations of the solve
+    refine_early_stop: bool = False  # stop after 5 iterations in a row with |Delta loss| < 1e-6
 
 
 @register
 class LoraFair(LoraStrategy):
     name = "lora_fair"
+    Config = Config
+    learner = "lora_fair"
 
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         self.average_factors(round, results)

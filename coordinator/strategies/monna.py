@@ -26,6 +26,7 @@ the mean and the minimum (`global_state()`, honest node 0, is what the reference
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ import torch
 from fedfleet.coordinator.strategies import _attacks as attacks
 from fedfleet.coordinator.strategies import _robust as robust
 from fedfleet.coordinator.strategies._byzantine import attack_tasks, flip_layout, needs_flip_grad, split_flip
+from fedfleet.coordinator.strategies._config import AT_LEAST_1, own
 from fedfleet.coordinator.strategies._sampling import round_rng
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
@@ -46,29 +48,50 @@ from fedfleet.coordinator.strategies.base import (
 from fedfleet.edge_agent.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class Config:
+    """MoNNA's [method] fields (the defaults are the strategy's; a job sends only the fields it sets)."""
+
+    f: int = own(0)  # Byzantine agents tolerated
+    n: int | None = own(None, check=AT_LEAST_1)  # declared total (None: honest + byzantine)
+    byzantine: dict[str, str] = own(factory=dict)  # {agent: attack} (the fleet config's)
+    omniscient: bool = own(False)  # attacks may read the honest vectors
+    beta: float = own(0.9)  # momentum of the local half step (0: plain NNA)
+    lr: float = own(0.5)  # step size
+    lr_decay: float = own(50.0)  # lr / (1 + t / lr_decay)
+    lr_reset: int | None = own(None, check=AT_LEAST_1)  # restart the decay every lr_reset rounds
+    norm_penalty: float = own(1e-4, check=(lambda v: v >= 0, "a number >= 0"))  # lambda of the unsquared |theta|_2
+    batch: int = own(16)  # local minibatch size
+    mixing: str = own("nna")  # any rule of fedfleet.coordinator.strategies._robust
+    mixing_kw: dict[str, Any] = own(factory=dict)  # keywords of the mixing rule
+    attack_evals: int = own(16, check=AT_LEAST_1)  # loss evaluations of the attacks' line search
+
+
 @register
 class MonnaStrategy(Strategy):
     name = "monna"
+    Config = Config
+    learner = "monna"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
         self.layout = layout_of(self.state)
-        self.f = int(config.get("f", 0))
-        self.omniscient = bool(config.get("omniscient", False))
-        self.byzantine = attacks.parse_byzantine(config.get("byzantine"), self.omniscient)
-        self.beta = float(config.get("beta", 0.9))
-        self.lr = float(config.get("lr", 0.5))
-        self.lr_decay = float(config.get("lr_decay", 50.0))
-        self.lr_reset = config.get("lr_reset")
+        self.f = int(self.settings.f)
+        self.omniscient = bool(self.settings.omniscient)
+        self.byzantine = attacks.parse_byzantine(self.settings.byzantine, self.omniscient)
+        self.beta = float(self.settings.beta)
+        self.lr = float(self.settings.lr)
+        self.lr_decay = float(self.settings.lr_decay)
+        self.lr_reset = self.settings.lr_reset
         if "weight_decay" in config:
             raise ConfigError("monna: 'weight_decay' is now 'norm_penalty' (lambda of the unsquared |theta|_2 term)")
-        self.norm_penalty = float(config.get("norm_penalty", 1e-4))
-        self.batch = int(config.get("batch", 16))
+        self.norm_penalty = float(self.settings.norm_penalty)
+        self.batch = int(self.settings.batch)
         self.seed = int(config.get("seed", 0))
-        self.mixing = robust.canonical(str(config.get("mixing", "nna")))
-        self.mixing_kw = dict(config.get("mixing_kw", {}))
-        self.attack_evals = int(config.get("attack_evals", 16))
-        self.n_declared = config.get("n")
+        self.mixing = robust.canonical(str(self.settings.mixing))
+        self.mixing_kw = dict(self.settings.mixing_kw)
+        self.attack_evals = int(self.settings.attack_evals)
+        self.n_declared = self.settings.n
         self.phases = 2 if self.byzantine else 1
         self.flip = needs_flip_grad(self.byzantine, self.omniscient)
         if not 0.0 <= self.beta < 1.0:

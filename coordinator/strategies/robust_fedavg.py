@@ -2,7 +2,7 @@
 
 A round: sample honest participants (uniform, or availability-aware when `availability` is given),
 send them the global model x; each runs `local_steps` plain SGD steps on fresh minibatches (the one SGD
-learner, `fedfleet.edge_agent.learners.sgd`, FedAvg's) and uploads its update delta_i = theta_i - x. The
+learner, `fedfleet.edge_agent.learners.fedavg`, FedAvg's) and uploads its update delta_i = theta_i - x. The
 coordinator aggregates the updates with the named rule and sets x <- x + server_lr * agg(deltas, f).
 Working on updates keeps centered clipping centred on the current model and the geometric median's start
 sane.
@@ -20,6 +20,7 @@ seed, availability, attack_evals.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from fedfleet.coordinator.strategies import _attacks as attacks
 from fedfleet.coordinator.strategies import _robust as robust
 from fedfleet.coordinator.strategies import _sampling as sampling
 from fedfleet.coordinator.strategies._byzantine import attack_tasks, flip_layout, needs_flip_grad, split_flip
+from fedfleet.coordinator.strategies._config import AT_LEAST_1, own
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -40,29 +42,51 @@ from fedfleet.coordinator.strategies.base import (
 from fedfleet.edge_agent.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class Config:
+    """Robust FedAvg's [method] fields (the defaults are the strategy's; a job sends only the fields it sets)."""
+
+    aggregator: str = own("mean")  # any rule of fedfleet.coordinator.strategies._robust
+    aggregator_kw: dict[str, Any] = own(factory=dict)  # keywords of the rule
+    f: int = own(0)  # Byzantine agents tolerated
+    byzantine: dict[str, str] = own(factory=dict)  # {agent: attack} (the fleet config's)
+    omniscient: bool = own(False)  # attacks may read the honest vectors
+    participants: int | None = own(None)  # honest agents sampled per round (None: all)
+    availability: dict[str, float] | None = own(None)  # {agent: score}: availability-aware sampling
+    lr: float = own(0.1)  # local SGD learning rate
+    local_steps: int = own(1)  # local SGD steps per round
+    batch: int = own(16)  # local minibatch size
+    beta: float = own(0.0, check=(lambda v: v == 0, "0 (local momentum is not supported; its learner is plain SGD)"))
+    weight_decay: float = own(0.0)  # real weight decay, the squared L2 penalty
+    server_lr: float = own(1.0)  # scale of the aggregated update
+    attack_evals: int = own(16, check=AT_LEAST_1)  # loss evaluations of the attacks' line search
+
+
 @register
 class RobustFedAvg(Strategy):
     name = "robust_fedavg"
+    Config = Config
+    learner = "fedavg"
 
     def __init__(self, state: dict[str, torch.Tensor], **config: Any) -> None:
         super().__init__(state, **config)
         self.layout = layout_of(self.state)
-        self.aggregator = robust.canonical(str(config.get("aggregator", "mean")))
-        self.aggregator_kw = dict(config.get("aggregator_kw", {}))
-        self.f = int(config.get("f", 0))
-        self.omniscient = bool(config.get("omniscient", False))
-        self.byzantine = attacks.parse_byzantine(config.get("byzantine"), self.omniscient)
-        self.participants = config.get("participants")
-        self.lr = float(config.get("lr", 0.1))
-        self.local_steps = int(config.get("local_steps", 1))
-        self.batch = int(config.get("batch", 16))
-        if float(config.get("beta", 0.0)) != 0.0:
+        self.aggregator = robust.canonical(str(self.settings.aggregator))
+        self.aggregator_kw = dict(self.settings.aggregator_kw)
+        self.f = int(self.settings.f)
+        self.omniscient = bool(self.settings.omniscient)
+        self.byzantine = attacks.parse_byzantine(self.settings.byzantine, self.omniscient)
+        self.participants = self.settings.participants
+        self.lr = float(self.settings.lr)
+        self.local_steps = int(self.settings.local_steps)
+        self.batch = int(self.settings.batch)
+        if float(self.settings.beta) != 0.0:
             raise ConfigError("robust_fedavg: beta (local momentum) is not supported; its learner is plain SGD")
-        self.weight_decay = float(config.get("weight_decay", 0.0))
-        self.server_lr = float(config.get("server_lr", 1.0))
+        self.weight_decay = float(self.settings.weight_decay)
+        self.server_lr = float(self.settings.server_lr)
         self.seed = int(config.get("seed", 0))
-        self.availability = config.get("availability")
-        self.attack_evals = int(config.get("attack_evals", 16))
+        self.availability = self.settings.availability
+        self.attack_evals = int(self.settings.attack_evals)
         self.phases = 2 if self.byzantine else 1
         self.flip = needs_flip_grad(self.byzantine, self.omniscient)
         self.x = robust.flatten(self.state, self.layout)
@@ -99,7 +123,7 @@ class RobustFedAvg(Strategy):
                 else:
                     honest = sampling.uniform(honest, k, rng)
             model = to_wire(self.x, self.layout)
-            cfg = {"learner": "fedavg", **({"flip_grad": True} if self.flip else {})}
+            cfg = {"learner": self.learner, **({"flip_grad": True} if self.flip else {})}
             expect = self.layout + (flip_layout(self.layout) if self.flip else [])
             return {a: TaskSpec(config={**self._task_config(a), **cfg}, tensors=model, expect=expect) for a in honest}
         byz = [a for a in agents if a in self.byzantine]

@@ -29,9 +29,6 @@ from fedfleet.edge_agent import continual as edge_continual
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.models import data as datasets
 
-# methods whose learners train on the task's data and honour per-task heads (fedfleet.edge_agent.continual)
-METHODS = ("fedavg", "fot")
-
 
 class ContinualStrategy(Strategy):
     """A strategy run through a task schedule. Rounds are counted in the order they run (numbering-free)."""
@@ -157,11 +154,16 @@ def acc_fgt(matrix: list[list[float | None]]) -> tuple[float, float]:
 
 def schedule_of(cfg: Any) -> Schedule | None:
     """The job's schedule (None for an ordinary job); ConfigError for a method that cannot run one."""
+    # a strategy's `continual` says whether its learner trains on the task's data and honours per-task heads
+    # (fedfleet.edge_agent.continual)
+    from fedfleet.coordinator import strategies
+
     if not getattr(cfg, "continual", None):
-        if cfg.method == "fot":
-            raise ConfigError("method 'fot' needs a task schedule: add a [continual] table to the job file "
-                              "(see examples/permuted-digits.toml)")
+        if strategies.spec(cfg.method).continual == "required":
+            raise ConfigError(f"method {cfg.method!r} needs a task schedule: add a [continual] table to the job "
+                              "file (see examples/permuted-digits.toml)")
         return None
-    if cfg.method not in METHODS:
-        raise ConfigError(f"field 'job.method': a continual job runs {', '.join(METHODS)}, not {cfg.method!r}")
+    if not strategies.spec(cfg.method).continual:
+        able = [m for m in strategies.available() if strategies.spec(m).continual]
+        raise ConfigError(f"field 'job.method': a continual job runs {', '.join(able)}, not {cfg.method!r}")
     return parse_schedule(cfg.continual, "job")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedfleet.edge_agent.learners.base import LearnResult, LocalData, Task, register
-from fedfleet.edge_agent.learners.sgd import SGDLearner
+from fedfleet.edge_agent.learners.fedavg import SGDLearner
 
 BASIS = "basis:"
 SKETCH = "sketch:"

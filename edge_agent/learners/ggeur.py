@@ -11,7 +11,7 @@ The task's `stage` says what to do:
   `g.proto_classes` (m,) and the other domains' prototypes `g.protos` (m, d)). The learner draws the
   synthetic embeddings once, keeps them for the training rounds, and uploads `synthetic` (C,), how many
   points it made per class. A training task may carry the same tensors (an agent that missed this stage).
-- `train`: FedAvg's local SGD (`fedfleet.edge_agent.learners.sgd.local_sgd`, softmax cross-entropy on the logits)
+- `train`: FedAvg's local SGD (`fedfleet.edge_agent.learners.fedavg.local_sgd`, softmax cross-entropy on the logits)
   from the broadcast head over the originals plus the synthetic points; uploads the head delta.
 
 Single-domain generation (spec 4a.5), for each class c present locally with n_cur originals and target T:
@@ -35,7 +35,7 @@ import numpy as np
 from fedfleet.edge_agent import class_stats
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
-from fedfleet.edge_agent.learners.sgd import local_sgd
+from fedfleet.edge_agent.learners.fedavg import local_sgd
 
 GEOMETRY_PREFIX = "g."
 

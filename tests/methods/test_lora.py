@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedfleet.coordinator.job.config import JobConfig, package_mode
-from fedfleet.coordinator.strategies import ClientResult, create
+from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.coordinator.strategies import ClientResult, create, package_mode
 from fedfleet.edge_agent.errors import ConfigError, ModelError
 from fedfleet.edge_agent.learners import LocalData, Task
 from fedfleet.edge_agent.learners import create as create_learner

@@ -58,9 +58,11 @@ def test_demo_with_too_many_agents_is_one_line_not_a_traceback():
 
 
 def test_uplink_fedzip_preset_is_the_default_fedzip_configuration():
-    from fedfleet.coordinator.job.config import FEDZIP_DEFAULT, uplink_preset
+    from fedfleet.coordinator.job.config import uplink_preset
+    from fedfleet.coordinator.strategies import spec
 
-    assert uplink_preset("fedzip") == FEDZIP_DEFAULT
-    assert FEDZIP_DEFAULT["error_feedback"] is True and FEDZIP_DEFAULT["z"] == 0.03
+    fedzip = spec("fedavg").default_uplink
+    assert uplink_preset("fedzip") == fedzip
+    assert fedzip == {"name": "fedzip", "z": 0.03, "k": 3, "encoding": "e4", "error_feedback": True}
     with pytest.raises(ConfigError, match="preset"):
         uplink_preset("fedzap")

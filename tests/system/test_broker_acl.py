@@ -82,8 +82,8 @@ def test_tls_listener_carries_mqtts_and_refuses_plain_mqtt(tmp_path):
 # ---------------------------------------------------------------- client ids, take-over, broadcast writes
 def _coordinator(url: str, tmp_path, fleet: str, **auth: str):
     from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig
-    from fedfleet.coordinator.job.config import JobConfig, method_config
-    from fedfleet.coordinator.strategies import create
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.strategies import create, method_config
     from tests.support.fleet import SECRET, SIGNING_KEY, package
 
     cfg = JobConfig(mode="full", fleet=fleet)

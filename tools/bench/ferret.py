@@ -32,7 +32,7 @@ from fedfleet.tools.bench.output import emit
 
 KEYS = ("d", "k", "rounds", "fedavg_accuracy", "ferret_accuracy", "fedavg_bytes_up", "ferret_bytes_up",
         "fedavg_bytes_down", "ferret_bytes_down", "uplink_ratio", "downlink_ratio")
-FEDAVG_EPOCHS, FEDAVG_BATCH = 2, 16  # the project's FedAvg defaults (METHOD_DEFAULTS["fedavg"])
+FEDAVG_EPOCHS, FEDAVG_BATCH = 2, 16  # the project's FedAvg defaults (fedfleet.coordinator.strategies.fedavg.Config)
 
 
 def job(method: str, *, dataset: str, rounds: int, agents: int, seed: int, broker: str,

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedfleet.coordinator.job.config import FEDZIP_DEFAULT
+from fedfleet.coordinator.strategies import spec
 from fedfleet.tools.bench.ferret import job
 
 POINT_KEYS = ("method", "accuracy", "bytes_total")
@@ -28,7 +28,7 @@ def methods(ks: list[int]) -> list[tuple[str, str, dict[str, Any], dict[str, Any
     """(label, method, method config, uplink) for every point."""
     out: list[tuple[str, str, dict[str, Any], dict[str, Any] | None]] = [
         ("FedAvg dense", "fedavg", {}, {"name": "none"}),
-        ("FedAvg + FedZip", "fedavg", {}, dict(FEDZIP_DEFAULT)),
+        ("FedAvg + FedZip", "fedavg", {}, dict(spec("fedavg").default_uplink)),
         ("FedZO", "fedzo", {}, None),
     ]
     return out + [(f"Ferret K={k}", "ferret", {"k": k}, None) for k in ks]

@@ -38,6 +38,7 @@ import torch
 from fedfleet.coordinator.job.config import METHOD_DEFAULTS
 from fedfleet.coordinator.records.ledger import LedgerView
 from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.strategies._config import carried_defaults
 from fedfleet.coordinator.strategies.base import ClientResult, Strategy, TaskSpec, to_numpy
 from fedfleet.coordinator.strategies.ggeur import GGEURStrategy
 from fedfleet.edge_agent.learners import LocalData
@@ -46,6 +47,7 @@ from fedfleet.models import data as datasets
 from fedfleet.models.mirrors.head import CoordinatorModel
 from fedfleet.tools.bench.output import emit
 
+GGEUR_DEFAULTS = carried_defaults(GGEURStrategy.Config)  # a job's ggeur [method] defaults
 BENCH_SIGNING_KEY = signing.new_signing_seed()  # the coordinator's key for this run; its agents pin it
 
 KEYS = ("beta", "plain_accuracy", "ggeur_accuracy", "gain_points", "stats_bytes_up", "seeds")
@@ -165,7 +167,7 @@ def augmented_mix(agents: list[Any]) -> dict[str, Any]:
 def central_head(seed: int, cmodel: CoordinatorModel, epochs: int) -> float:
     """Reference, not federated: the linear head trained on the whole training split with the same
     local SGD (lr 0.1, batch 16) for the fleet's total epoch budget (rounds x local epochs)."""
-    from fedfleet.edge_agent.learners.sgd import local_sgd
+    from fedfleet.edge_agent.learners.fedavg import local_sgd
 
     train, test = datasets.split(datasets.digits(), 0.2, seed=seed)
     head, _ = local_sgd(cmodel.edge.head_init, cmodel.edge.features(train.x), train.y,
@@ -180,7 +182,7 @@ def label_skew(broker_url: str, blob: bytes, cmodel: CoordinatorModel, *, seed: 
     shards = {f"agent-{i:02d}": LocalData(train.x[p], train.y[p]) for i, p in enumerate(parts)}
     common = {"lr": 0.1, "epochs": epochs, "batch": 16}
     out: dict[str, Any] = {"classes_per_agent": [int(len(np.unique(s.y))) for s in shards.values()]}
-    ggeur = {**METHOD_DEFAULTS["ggeur"], **common}
+    ggeur = {**GGEUR_DEFAULTS, **common}
     arms = [("fedavg", common), ("ggeur", ggeur)]
     if diagnostic:
         arms += [("unsynchronised_plain", ggeur), ("unsynchronised_ggeur", ggeur)]
@@ -214,7 +216,7 @@ def domain_toy(broker_url: str, blob: bytes, cmodel: CoordinatorModel, *, seed: 
     pooled = datasets.Dataset(np.concatenate([t.x for t in tests]), np.concatenate([t.y for t in tests]))
     common = {"lr": 0.1, "epochs": epochs, "batch": 16}
     out: dict[str, Any] = {}
-    for method, cfg in (("fedavg", common), ("ggeur", {**METHOD_DEFAULTS["ggeur"], **common, **TOY})):
+    for method, cfg in (("fedavg", common), ("ggeur", {**GGEUR_DEFAULTS, **common, **TOY})):
         run = run_fleet(broker_url, blob, cmodel, method, cfg, shards, rounds, pooled, seed)
         out[method] = [cmodel.evaluate(run["state"], t.x, t.y, cache_key=None)[0] for t in tests]
     return out
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "augmented_class_ratio": {v: [m["max_min_ratio"] for m in ms] for v, ms in mixes.items()},
         "synthetic_share_around_3_or_fewer": {v: [m["share_around_3_or_fewer"] for m in ms] for v, ms in mixes.items()},
         "setup": {"agents": args.agents, "rounds": args.rounds, "epochs": args.epochs, "batch": 16, "lr": 0.1,
-                  "head": "linear 64-10", "ggeur": METHOD_DEFAULTS["ggeur"], "broker": args.broker},
+                  "head": "linear 64-10", "ggeur": GGEUR_DEFAULTS, "broker": args.broker},
         "per_seed": runs,
     }
     if not args.no_diagnostic:

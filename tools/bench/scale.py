@@ -167,8 +167,9 @@ def demo_run(agents: int, rounds: int, broker: str, seed: int = 0,
 def floor_run(agents: int, rounds: int, seed: int = 0) -> float:
     """Median round time of the same training as a plain numpy loop: the agents' learner on their shards
     (features cached as the agents cache them), then the sample-weighted mean of the deltas."""
-    from fedfleet.coordinator.job.config import JobConfig, method_config
+    from fedfleet.coordinator.job.config import JobConfig
     from fedfleet.coordinator.job.run import build, shards, small_model_threads
+    from fedfleet.coordinator.strategies import method_config
     from fedfleet.edge_agent.learners import Task, create
     from fedfleet.edge_agent.model import EdgeModel
 

@@ -43,9 +43,9 @@ from fedfleet.coordinator.job.config import (
     apply,
     apply_continual,
     check_codec,
-    check_method_table,
     read_toml,
 )
+from fedfleet.coordinator.strategies import check_method
 from fedfleet.edge_agent.errors import ConfigError
 
 AGENT_SIDE = ("nan", "noise")
@@ -208,7 +208,7 @@ def parse(data: dict[str, Any], source: str) -> FleetConfig:
             raise _err(source, f"job.{key}", "is set by the [[group]] tables in a fleet file; remove it")
     job = apply(JobConfig(mode="full"), job_values, source)
     if "method" in data:
-        check_method_table(data["method"], f"{source}: [method]")
+        check_method(job.method, data["method"], f"{source}: [method]")
         job.method_config = {**job.method_config, **data["method"]}
     if "uplink" in data:
         job.uplink = check_codec(data["uplink"], f"{source}: [uplink]")

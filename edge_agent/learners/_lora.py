@@ -1,7 +1,8 @@
 """The edge learner of the federated LoRA methods (FedIT, FLoRA, LoRA-FAIR): local SGD on the adapters and
 the head of a `lora` model package, the frozen base untouched.
 
-The three methods differ only on the coordinator, so they share this learner (registered under each name).
+The three methods differ only on the coordinator, so they share this learner; each method's module
+(`fedit`, `flora`, `lora_fair`) registers it under the method's name. The "_" keeps this module off the list.
 Task tensors: the trainable layout (`fc{i}.lora_A`, `fc{i}.lora_B`, the head) and, for FLoRA, the merged
 residuals `fc{i}.merged` (held fixed). Task config: `lr` (0.01), `epochs` (1), `batch` (128), `seed`,
 optional `weight_decay` (0). Result tensors: the locally trained A_k, B_k and head (values, not deltas).
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedfleet.edge_agent.errors import ModelError
-from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task, register
+from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, Task
 from fedfleet.edge_agent.nn import lora
 
 
@@ -44,18 +45,3 @@ class LoraLearner(Learner):
                     params[k] -= lr * (grads[k] + wd * params[k])
         return LearnResult({k: params[k] for k in trained}, len(data),
                            {"loss": float(np.mean(losses)) if losses else 0.0})
-
-
-@register
-class FedITLearner(LoraLearner):
-    name = "fedit"
-
-
-@register
-class FLoRALearner(LoraLearner):
-    name = "flora"
-
-
-@register
-class LoraFairLearner(LoraLearner):
-    name = "lora_fair"
