@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfleet.coordinator.job.config import METHOD_DEFAULTS
 from fedfleet.coordinator.records.ledger import LedgerView
 from fedfleet.coordinator.strategies import create as create_strategy
 from fedfleet.coordinator.strategies._config import carried_defaults
