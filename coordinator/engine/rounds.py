@@ -37,7 +37,7 @@ from fedfleet.coordinator.strategies.base import to_numpy
 from fedfleet.coordinator.tasks.base import RoundContext
 from fedfleet.edge_agent.errors import ConfigError, ProtocolError
 from fedfleet.edge_agent.wire import codecs, protocol, signing
-from fedfleet.edge_agent.wire.mqtt import MqttLink
+from fedfleet.edge_agent.wire.link import open_link
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class Coordinator:
         self._sync = DownlinkSync(config.downlink) if strategy.tasks_carry_state else None
         self._broadcast_sync: dict[str, Any] = {}
         fleet = config.fleet
-        self.link = MqttLink(
+        self.link = open_link(
             broker_url,
             client_id=f"fedfleet-coordinator-{fleet}-{secrets.token_hex(8)}",  # unguessable: no take-over by id
             on_message=self.receive.on_message,
