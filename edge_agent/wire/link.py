@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.wire.link_types import ConnectHandler, MessageHandler, Will, WillMessage
 
-__all__ = ["Link", "MessageHandler", "Will", "open_link"]
-
-MessageHandler = Callable[[str, bytes], None]
-# (topic, payload, retain), or a callable asked for a fresh one before every (re)connection
-Will = tuple[str, bytes, bool] | Callable[[], tuple[str, bytes, bool]]
+__all__ = ["ConnectHandler", "Link", "MessageHandler", "Will", "WillMessage", "open_link"]
 
 
 @runtime_checkable
@@ -39,7 +35,7 @@ class Link(Protocol):
     bytes_received: int
     bytes_by_topic: Counter[str]  # formula bytes per topic, both directions
     connects: int  # accepted connections (the first and every reconnect)
-    will_set: tuple[str, bytes, bool] | None  # the will of the current connection
+    will_set: WillMessage | None  # the will of the current connection
 
     def start(self, wait_s: float = 10.0) -> None:
         """Connect and subscribe; wait up to `wait_s` until messages published after return are delivered."""
@@ -67,7 +63,7 @@ def open_link(
     subscriptions: list[str],
     clean_session: bool = False,
     will: Will | None = None,
-    on_connect: Callable[[], None] | None = None,
+    on_connect: ConnectHandler | None = None,
     username: str | None = None,
     password: str | None = None,
     ca_certs: str | None = None,

@@ -26,11 +26,10 @@ import queue
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedfleet.edge_agent.errors import ConfigError
-from fedfleet.edge_agent.wire.link import MessageHandler, Will
+from fedfleet.edge_agent.wire.link_types import ConnectHandler, MessageHandler, Will, WillMessage
 from fedfleet.edge_agent.wire.protocol import mqtt_publish_bytes
 
 log = logging.getLogger(__name__)
@@ -215,7 +214,7 @@ class MemoryLink:
         subscriptions: list[str],
         clean_session: bool = False,
         will: Will | None = None,
-        on_connect: Callable[[], None] | None = None,
+        on_connect: ConnectHandler | None = None,
     ) -> None:
         self.url = MemoryURL.parse(url)
         for f in subscriptions:
@@ -226,7 +225,7 @@ class MemoryLink:
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
         self._will = will
-        self.will_set: tuple[str, bytes, bool] | None = None
+        self.will_set: WillMessage | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self.bytes_by_topic: Counter[str] = Counter()

@@ -22,7 +22,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedfleet.edge_agent.errors import ConfigError
-from fedfleet.edge_agent.wire.link import MessageHandler, Will
+from fedfleet.edge_agent.wire.link_types import MessageHandler, Will
 from fedfleet.edge_agent.wire.protocol import mqtt_publish_bytes
 from fedfleet.edge_agent.wire.socket_bytes import WireCounter
 

@@ -225,3 +225,11 @@ def test_urls_registry_and_errors(broker: MemoryBroker) -> None:
     with pytest.raises(ConnectionError, match="not connected"):
         a.publish("f/x", b"")
     a.stop()
+
+
+def test_open_link_picks_the_implementation_by_scheme() -> None:
+    from fedfleet.edge_agent.wire.mqtt import MqttLink
+
+    for url in ("mqtt://127.0.0.1:1", "mqtts://example.org"):
+        real = open_link(url, client_id="x", on_message=lambda t, p: None, subscriptions=["a/#"])
+        assert isinstance(real, MqttLink) and isinstance(real, Link)  # not started: no connection attempted
