@@ -3,6 +3,8 @@ with ledger bytes by the MQTT formula; `start_broker("memory")`; the bench runne
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,12 @@ def test_run_strategy_numbers_rounds_from_one_and_refuses_bad_input() -> None:
     assert all(x.ok == 3 and x.rejected == 0 and x.bytes_up > 0 for x in out)
     with pytest.raises(ConfigError, match="at least one agent"):
         run_strategy(s, {}, 1)
+    odd = _shards(2)
+    odd["agent-01"] = LocalData(odd["agent-01"].x[:, :5], odd["agent-01"].y)  # 5 features: the package has 6
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"cannot use the package: \{'agent-01': 'model_error: model input shape"):
+        run_strategy(s, odd, 1)
+    assert time.monotonic() - t0 < 30  # said at once, not after the 120 s wait
 
 
 def test_demo_agents_get_a_memory_link(tmp_path) -> None:

@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,21 @@ def full_package(sizes: list[int]) -> bytes:
     return _PACKAGES[key]
 
 
+def _wait_ready(coord: Coordinator, clients: list[Agent], timeout_s: float) -> None:
+    """Wait until every agent holds the package; fail at once, with its reason, if an agent cannot use it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            coord.wait_for_agents(len(clients), min(1.0, max(0.1, deadline - time.monotonic())))
+            return
+        except TimeoutError:
+            broken = {a.cfg.agent_id: a.model_error for a in clients if a.model_error}
+            if broken or time.monotonic() >= deadline:
+                detail = f"; agents that cannot use the package: {dict(list(broken.items())[:3])}" if broken else ""
+                raise TimeoutError(f"the agents did not all load the bench model package within {timeout_s:.0f} s"
+                                   f"{detail}") from None
+
+
 def run_strategy(
     strategy: Strategy,
     agents: dict[str, LocalData],
@@ -119,7 +135,7 @@ def run_strategy(
                           model_cache=shared_models, learn_lock=learn_lock)
                 a.start()
                 clients.append(a)
-            coord.wait_for_agents(len(agents), 120)
+            _wait_ready(coord, clients, 120.0)
             for r in range(1, rounds + 1):
                 summaries.append(coord.run_round(r))
                 if on_round is not None:
