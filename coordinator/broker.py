@@ -1,7 +1,9 @@
-"""Broker launchers: Mosquitto from a generated config, the embedded amqtt broker, or an external URL.
+"""Broker launchers: Mosquitto from a generated config, the embedded amqtt broker, the in-process memory broker,
+or an external URL.
 
-`start_broker("embedded" | "mosquitto" | "mqtt://host:port")` returns a `Broker` with `.url` and `.stop()`
-(also a context manager). Mosquitto listens on a free loopback port with `set_tcp_nodelay true`; its
+`start_broker("embedded" | "mosquitto" | "memory" | "mqtt://host:port")` returns a `Broker` with `.url`, `.kind`
+and `.stop()` (also a context manager). "memory" is `fedfleet.edge_agent.wire.memory.MemoryBroker`: no sockets,
+URL `memory://<name>`, reachable only from this process (agents and coordinator in one process). Mosquitto listens on a free loopback port with `set_tcp_nodelay true`; its
 config can add password and ACL files so each agent may publish only under its own id, and TLS
 (`tls=TLSFiles(...)`, e.g. from `fedfleet.coordinator.tls.make_local_ca`), which makes the URL `mqtts://`.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from fedfleet.coordinator.tls import TLSFiles
 from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.wire.memory import MemoryBroker
 
 
 def free_port() -> int:
@@ -241,12 +244,28 @@ class EmbeddedBroker(Broker):
         self._thread.join(timeout=10)
 
 
+class InMemoryBroker(Broker):
+    """The in-process broker (fedfleet.edge_agent.wire.memory): MQTT semantics without sockets, for one process."""
+
+    kind = "memory"
+
+    def __init__(self, name: str | None = None) -> None:
+        self.broker = MemoryBroker(name)
+        super().__init__(self.broker.url)
+
+    def stop(self) -> None:
+        self.broker.close()
+
+
 def start_broker(spec: str) -> Broker:
-    """`embedded` (default for demos), `mosquitto`, or an external `mqtt://host:port` URL."""
+    """`embedded` (default for demos), `mosquitto`, `memory` (in-process, no sockets), or an external
+    `mqtt://host:port` URL."""
     if spec == "embedded":
         return EmbeddedBroker()
+    if spec == "memory":
+        return InMemoryBroker()
     if spec == "mosquitto":
         return MosquittoBroker()
     if spec.startswith(("mqtt://", "mqtts://")):
         return Broker(spec)
-    raise ConfigError(f"--broker must be 'embedded', 'mosquitto' or a mqtt:// URL, got {spec!r}")
+    raise ConfigError(f"--broker must be 'embedded', 'mosquitto', 'memory' or a mqtt:// URL, got {spec!r}")

@@ -1,6 +1,6 @@
 """`fedfleet`: the coordinator and tools command line.
 
-    fedfleet demo [--broker embedded|mosquitto|URL] [--config job.toml] [--json PATH] ...
+    fedfleet demo [--broker embedded|mosquitto|memory|URL] [--config job.toml] [--json PATH] ...
     fedfleet serve --broker URL --secret-file F --signing-key-file K --roster pi-01,pi-02 [--config job.toml]
     fedfleet serve|demo ... --resume RUN_DIR        continue a run killed mid-way (the same job's options)
     fedfleet keys --secret-file F ID [ID ...]        per-agent keys for devices
@@ -103,7 +103,7 @@ def _write_json(path: str | None, data: dict) -> None:
 
 def cmd_demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fedfleet demo", description="broker + coordinator + agents, one command")
-    p.add_argument("--broker", default="embedded", help="embedded (default), mosquitto, or mqtt://host:port")
+    p.add_argument("--broker", default="embedded", help="embedded (default), mosquitto, memory (in-process, no sockets) or mqtt://host:port")
     p.add_argument("--quiet", action="store_true")
     _job_args(p)
     _resume_args(p)

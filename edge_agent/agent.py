@@ -32,7 +32,7 @@ from fedfleet.edge_agent.learners import LearnResult, LocalData, Task, create
 from fedfleet.edge_agent.run_state import RunState
 from fedfleet.edge_agent.state import AgentState
 from fedfleet.edge_agent.wire import codecs, protocol, shared_bytes
-from fedfleet.edge_agent.wire.mqtt import MqttLink
+from fedfleet.edge_agent.wire.link import open_link
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Agent:
         self._state_topic = protocol.broadcast_topic(config.fleet, "state")
         self._states = protocol.Reassembler(max_total=MAX_TASK_BYTES, max_pending=4)
         self._state_msgs: dict[tuple[str, int], list[tuple[dict[str, Any], bytes]]] = {}  # (run, version) -> candidates
-        self.link = MqttLink(
+        self.link = open_link(
             config.broker,
             client_id=config.username or f"fedfleet-{config.fleet}-{config.agent_id}",  # the ACL's user name
             on_message=self._on_message,

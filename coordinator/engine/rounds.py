@@ -47,7 +47,7 @@ from fedfleet.coordinator.strategies.base import to_numpy
 from fedfleet.coordinator.tasks.base import RoundContext
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.wire import protocol, signing
-from fedfleet.edge_agent.wire.mqtt import MqttLink
+from fedfleet.edge_agent.wire.link import Link, open_link
 
 __all__ = ["Coordinator", "Engine", "EngineConfig", "PhaseOutcome", "RoundSummary"]
 
@@ -130,10 +130,10 @@ class Coordinator:
             self.store.start_run(config.run, meta)
 
     def _open_link(self, broker_url: str, *, username: str | None, password: str | None,
-                   ca_certs: str | None) -> MqttLink:
+                   ca_certs: str | None) -> Link:
         """The coordinator's one connection to the broker (the only place it is made)."""
         fleet = self.cfg.fleet
-        return MqttLink(
+        return open_link(
             broker_url,
             client_id=f"fedfleet-coordinator-{fleet}-{secrets.token_hex(8)}",  # unguessable: no take-over by id
             on_message=self.receive.on_message,

@@ -1,7 +1,8 @@
 """One MQTT connection: paho-mqtt 2 with TCP_NODELAY, jittered exponential reconnect and byte counters.
 
 Broker URLs: `mqtt://host:port` (default port 1883) or `mqtts://host:port` (TLS, default 8883; the CA file
-comes from `ca_certs`). MQTT 3.1.1 semantics so any broker works. Publishes are QoS 1 by default.
+comes from `ca_certs`). MQTT 3.1.1 semantics so any broker works; `open_link` (wire/link.py) picks this class for
+those URLs. Publishes are QoS 1 by default.
 Byte counters hold PUBLISH packet bytes plus PUBACKs (`protocol.mqtt_publish_bytes`), per direction and
 per topic; `wire_bytes()` is what the socket really moved (fedfleet.edge_agent.wire.socket_bytes: TCP counters, TLS included).
 """
@@ -21,6 +22,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.wire.link_types import MessageHandler, Will
 from fedfleet.edge_agent.wire.protocol import mqtt_publish_bytes
 from fedfleet.edge_agent.wire.socket_bytes import WireCounter
 
@@ -55,11 +57,9 @@ def _nodelay(client: paho.Client, userdata: object, sock: object) -> None:
         pass
 
 
-MessageHandler = Callable[[str, bytes], None]
-
-
 class MqttLink:
-    """A client with its own network thread. Handlers run on that thread: keep them short."""
+    """A client with its own network thread (the `Link` protocol of fedfleet.edge_agent.wire.link). Handlers
+    run on that thread: keep them short."""
 
     def __init__(
         self,
@@ -69,7 +69,7 @@ class MqttLink:
         on_message: MessageHandler,
         subscriptions: list[str],
         clean_session: bool = False,
-        will: tuple[str, bytes, bool] | Callable[[], tuple[str, bytes, bool]] | None = None,
+        will: Will | None = None,
         on_connect: Callable[[], None] | None = None,
         username: str | None = None,
         password: str | None = None,

@@ -16,6 +16,7 @@ from fedfleet.edge_agent.learners import LocalData, Task
 from fedfleet.edge_agent.learners import create as create_learner
 from fedfleet.edge_agent.learners.fedamd import chunked_gradient, miner_steps, shuffled_batches
 from fedfleet.edge_agent.nn import mlp
+from fedfleet.tools.bench.runner import run_strategy
 
 
 def _data(n: int = 50, d: int = 6, c: int = 3, seed: int = 0) -> LocalData:
@@ -228,12 +229,10 @@ def test_strategy_config_errors() -> None:
 
 
 def test_fedamd_reduces_loss_end_to_end() -> None:
-    from fedfleet.tools.bench.inprocess_runner import inprocess_runner
-
     shards = {f"a{i}": _data(n=30, seed=i) for i in range(8)}
     state = _state()
     s = create_strategy("fedamd", state, participants=4, p=0.25, lr=0.5, local_steps=5, batch=8, seed=0)
-    inprocess_runner(s, shards, 15)
+    run_strategy(s, shards, 15)
     params0 = {k: v.numpy() for k, v in state.items()}
     params = {k: v.numpy() for k, v in s.global_state().items()}
     before = np.mean([mlp.loss(params0, d.x, d.y) for d in shards.values()])

@@ -17,6 +17,7 @@ from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners import LocalData, Task
 from fedfleet.edge_agent.learners import create as create_learner
 from fedfleet.edge_agent.nn import mlp
+from fedfleet.tools.bench.runner import run_strategy
 
 T = torch.tensor
 
@@ -239,12 +240,10 @@ def _shards(n: int, seed: int = 0) -> dict[str, LocalData]:
 
 
 def test_monna_keeps_separate_copies_and_first_step_is_not_multiplied() -> None:
-    from fedfleet.tools.bench.inprocess_runner import inprocess_runner
-
     agents = _shards(4)
     state = _state([6, 3])
     s = create_strategy("monna", state, f=0, beta=0.0, lr=0.3, norm_penalty=0.0, batch=40, mixing="mean")
-    inprocess_runner(s, agents, 1)
+    run_strategy(s, agents, 1)
     models = list(s.models.values())
     assert len({id(m) for m in models}) == 4 and len({m.data_ptr() for m in models}) == 4
     init = robust.flatten(state, robust_layout := [(k, tuple(v.shape)) for k, v in state.items()])
@@ -252,23 +251,23 @@ def test_monna_keeps_separate_copies_and_first_step_is_not_multiplied() -> None:
     for d in agents.values():
         _, g = mlp.loss_and_grad({k: v.numpy() for k, v in state.items()}, d.x, d.y)
         grads.append(robust.flatten(g, robust_layout))
-    expected = init - 0.3 * torch.stack(grads).mean(0)
-    for m in models:  # one step of size lr, not n_h * lr
+    step = 0.3 / (1 + 1 / 50)  # the engine's first round is round 1: gamma_1 = lr / (1 + 1 / lr_decay)
+    assert s.step_size(1) == pytest.approx(step)
+    expected = init - step * torch.stack(grads).mean(0)
+    for m in models:  # one step of size gamma_1, not n_h * gamma_1
         assert torch.allclose(m, expected, atol=1e-5)
     models[0].add_(1.0)
     assert not torch.allclose(models[0], models[1])
 
 
 def test_monna_under_sign_flip_keeps_honest_models_close_to_honest() -> None:
-    from fedfleet.tools.bench.inprocess_runner import inprocess_runner
-
     agents = _shards(10)
     byz = ["agent-07", "agent-08", "agent-09"]
     s = create_strategy(
         "monna", _state([6, 3]), f=3, n=10, lr=0.5, batch=8, byzantine=dict.fromkeys(byz, "sign_flip"), omniscient=True
     )
     assert s.phases == 2
-    inprocess_runner(s, agents, 4)
+    run_strategy(s, agents, 4)
     honest = torch.stack([v for a, v in s.models.items() if a not in byz])
     assert set(s.node_states()) == {f"agent-{i:02d}" for i in range(7)}
     spread = torch.linalg.vector_norm(honest - honest.mean(0), dim=1).max()
@@ -303,8 +302,6 @@ def _flip_mean(state: dict, agents: dict, batch: int, seed: int, round: int, nam
 
 @pytest.mark.parametrize("method", ["monna", "robust_fedavg"])
 def test_label_flip_uses_the_mean_flipped_gradient_over_honest_nodes(method: str) -> None:
-    from fedfleet.tools.bench.inprocess_runner import inprocess_runner
-
     agents = _shards(8)
     byz = {"agent-06": "label_flip", "agent-07": "label_flip"}
     honest = [a for a in agents if a not in byz]
@@ -326,8 +323,8 @@ def test_label_flip_uses_the_mean_flipped_gradient_over_honest_nodes(method: str
         return out
 
     s.configure = spy  # type: ignore[method-assign]
-    inprocess_runner(s, agents, 1)
-    expected = _flip_mean(state, agents, 8, 3, 0, honest)
+    run_strategy(s, agents, 1)
+    expected = _flip_mean(state, agents, 8, 3, 1, honest)  # the engine's first round is round 1
     assert set(seen) == set(byz)
     for vec in seen.values():  # one shared vector: the mean over the honest nodes, not a Byzantine's own data
         assert torch.allclose(vec, expected, atol=1e-6)
@@ -337,12 +334,10 @@ def test_label_flip_uses_the_mean_flipped_gradient_over_honest_nodes(method: str
 
 
 def test_robust_fedavg_mean_is_fedavg_and_median_resists_sign_flip() -> None:
-    from fedfleet.tools.bench.inprocess_runner import inprocess_runner
-
     agents = _shards(7)
     state = _state([6, 3])
     s = create_strategy("robust_fedavg", state, aggregator="mean", lr=0.2, batch=40, local_steps=1)
-    inprocess_runner(s, agents, 1)
+    run_strategy(s, agents, 1)
     layout = [(k, tuple(v.shape)) for k, v in state.items()]
     x0 = robust.flatten(state, layout)
     gs = [robust.flatten(mlp.loss_and_grad({k: v.numpy() for k, v in state.items()}, d.x, d.y)[1], layout) for d in agents.values()]
@@ -351,7 +346,7 @@ def test_robust_fedavg_mean_is_fedavg_and_median_resists_sign_flip() -> None:
     byz = {"agent-05": "sign_flip", "agent-06": "sign_flip"}
     for agg, far in (("median", False), ("mean", True)):
         s = create_strategy("robust_fedavg", state, aggregator=agg, f=2, byzantine=byz, omniscient=True, lr=0.1)
-        inprocess_runner(s, agents, 1)
+        run_strategy(s, agents, 1)
         moved = torch.linalg.vector_norm(robust.flatten(s.global_state(), layout) - x0).item()
         assert (moved > 0.3 * torch.linalg.vector_norm(x0).item()) is far
     # too few results for the rule: the round keeps the model and says why

@@ -7,7 +7,7 @@ import importlib
 from fedfleet.edge_agent.errors import FedfleetError
 
 # modules of fedfleet.tools.bench that are not benchmarks themselves
-NOT_BENCHMARKS = ("output", "inprocess_runner", "mqtt_runner")
+NOT_BENCHMARKS = ("output", "runner")
 
 
 def main(argv: list[str]) -> int:

@@ -23,12 +23,17 @@ Printed to stderr as details, side by side from the same run:
 - `lr_grid`: the round ratio of each FedAMD variant at other common learning rates;
 - `tuned_lr_comparison`: each method at its own best learning rate from a grid.
 
-    fedfleet bench fedamd [--quick] [--rounds N] [--seeds S] [--lr LR] [--no-sweep] [--json PATH] [--plot PNG]
+Every run goes through the round engine and real agents (`fedfleet.tools.bench.runner.run_strategy`) over
+`--broker`: Mosquitto by default, or `memory` (the in-process broker: the same engine, no sockets).
+
+    fedfleet bench fedamd [--quick] [--rounds N] [--seeds S] [--lr LR] [--no-sweep] [--broker B] [--json PATH]
+                          [--plot PNG]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import Any
 
@@ -42,8 +47,8 @@ from fedfleet.coordinator.strategies.fedamd import FedAMDStrategy
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.nn import mlp
 from fedfleet.models import data as datasets
-from fedfleet.tools.bench.inprocess_runner import Runner, inprocess_runner
 from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.runner import Runner, run_strategy
 
 
 def global_loss(params: dict[str, np.ndarray], shards: dict[str, LocalData]) -> float:
@@ -86,7 +91,7 @@ def run_method(
     rounds: int,
     seed: int,
     lr: float,
-    runner: Runner = inprocess_runner,
+    runner: Runner = run_strategy,
     m: int = 20,
     per_round: int = 5,
     local_steps: int = 10,
@@ -183,7 +188,7 @@ def compare(names: list[str], rounds: int, seeds: int, lr: float, runner: Runner
     return {"target": target, "runs": runs, "curves": curves, "rounds_to_target": rt}
 
 
-def tuned(rounds: int, seeds: int, grid: list[float], runner: Runner = inprocess_runner) -> dict[str, Any]:
+def tuned(rounds: int, seeds: int, grid: list[float], runner: Runner = run_strategy) -> dict[str, Any]:
     """Each method at its own best learning rate (lowest mean loss at the last round) from `grid`;
     target = tuned FedAvg's loss at rounds/2."""
     best: dict[str, tuple[float, np.ndarray]] = {}
@@ -249,7 +254,7 @@ def experiment(
     rounds: int = 200,
     seeds: int = 3,
     lr: float = 0.1,
-    runner: Runner = inprocess_runner,
+    runner: Runner = run_strategy,
     lr_grid: list[float] | None = None,
     plot_path: str | None = None,
 ) -> dict[str, Any]:
@@ -308,12 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sweep", action="store_true", help="skip the learning-rate grid and the per-method tuning")
     ap.add_argument("--json", type=str, default=None, help="also write the JSON result to this path")
     ap.add_argument("--plot", type=str, default=None, help="PNG of the loss against rounds and gradient evaluations")
-    ap.add_argument("--broker", default="mosquitto", help="broker for the runs: mosquitto (default), embedded, URL")
-    ap.add_argument("--in-process", action="store_true", help="skip MQTT: drive learners directly (fast check)")
+    ap.add_argument("--broker", default="mosquitto",
+                    help="broker for the runs: mosquitto (default), embedded, memory (in-process, no sockets), URL")
+    ap.add_argument("--in-process", action="store_true", help="the same as --broker memory")
     args = ap.parse_args(argv)
-    from fedfleet.tools.bench.mqtt_runner import make_mqtt_runner
-
-    runner = inprocess_runner if args.in_process else make_mqtt_runner(args.broker)
+    broker = "memory" if args.in_process else args.broker
+    runner = functools.partial(run_strategy, broker=broker)
     rounds = args.rounds or (6 if args.quick else 200)
     seeds = args.seeds or (1 if args.quick else 3)
     threads = torch.get_num_threads()
@@ -324,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                          lr_grid=[0.03, 0.05, 0.2] if sweep else None, plot_path=args.plot)
         if sweep:
             out["tuned_lr_comparison"] = tuned(rounds, seeds, TUNING_GRID, runner=runner)
-        out["transport"] = "in-process" if args.in_process else f"mqtt ({args.broker})"
+        out["transport"] = broker if broker == "memory" else f"mqtt ({broker})"
     finally:
         torch.set_num_threads(threads)
     emit(out, ("target_loss", "rounds_to_target_fedavg", "rounds_to_target_fedamd", "round_ratio"), args.json)

@@ -9,16 +9,18 @@ attack: mu - gamma_t * mean over the honest nodes of their flipped-label gradien
 has `accuracy`, the mean test accuracy over the honest nodes' own models after the last step, and
 `worst_node`, the minimum over them.
 
-`run_matrix(runner=...)` takes the runner that drives Strategy and Learner objects: the MQTT runner
-(`fedfleet.tools.bench.mqtt_runner`, the default) or `fedfleet.tools.bench.inprocess_runner`, which exchanges tensors directly.
+Every run goes through the round engine and real agents (`fedfleet.tools.bench.runner.run_strategy`) over
+`--broker`: Mosquitto by default, or `memory` (the in-process broker: the same engine, no sockets). Steps are
+the engine's rounds, numbered from 1, so the first step size is gamma_1.
 `nna_seconds` times one full NNA mixing (every row a pivot) of 100 vectors of 1M floats.
 
-    fedfleet bench robust [--quick] [--steps N] [--json PATH]
+    fedfleet bench robust [--quick] [--steps N] [--broker mosquitto|embedded|memory|URL] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from typing import Any
@@ -31,8 +33,8 @@ from fedfleet.coordinator.strategies import create as create_strategy
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.nn import mlp
 from fedfleet.models import data as datasets
-from fedfleet.tools.bench.inprocess_runner import Runner, inprocess_runner
 from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.runner import Runner, run_strategy
 
 AGGREGATORS: dict[str, dict[str, Any]] = {
     "monna": {"mixing": "nna", "beta": 0.9},
@@ -69,7 +71,7 @@ def run_one(
     seed: int = 0,
     n: int = 13,
     f: int = 3,
-    runner: Runner = inprocess_runner,
+    runner: Runner = run_strategy,
 ) -> dict[str, float]:
     """One cell of the matrix: mean and worst honest-node test accuracy after `steps` steps."""
     agents, byz, test = _setup(seed, n - f, f, alpha=1.0)
@@ -99,7 +101,7 @@ def run_one(
 
 def run_matrix(
     *,
-    runner: Runner = inprocess_runner,
+    runner: Runner = run_strategy,
     steps: int = 300,
     seed: int = 0,
     aggregators: list[str] | None = None,
@@ -146,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default 300, quick 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=str, default=None, help="also write the JSON result to this path")
-    ap.add_argument("--broker", default="mosquitto", help="broker for the runs: mosquitto (default), embedded, URL")
-    ap.add_argument("--in-process", action="store_true", help="skip MQTT: drive learners directly (fast check)")
+    ap.add_argument("--broker", default="mosquitto",
+                    help="broker for the runs: mosquitto (default), embedded, memory (in-process, no sockets), URL")
+    ap.add_argument("--in-process", action="store_true", help="the same as --broker memory")
     args = ap.parse_args(argv)
-    from fedfleet.tools.bench.mqtt_runner import make_mqtt_runner
-
-    runner = inprocess_runner if args.in_process else make_mqtt_runner(args.broker)
+    broker = "memory" if args.in_process else args.broker
+    runner = functools.partial(run_strategy, broker=broker)
     if args.quick:
         steps = args.steps or 5
         res = run_matrix(steps=steps, seed=args.seed, aggregators=["monna", "mean"], attacks=["none", "alie"],
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_matrix(steps=steps, seed=args.seed, runner=runner)
         nna_s = nna_seconds()
     out = {"n": 13, "f": 3, **res, "nna_s_n100_d1m": round(nna_s, 4),
-           "transport": "in-process" if args.in_process else f"mqtt ({args.broker})"}
+           "transport": broker if broker == "memory" else f"mqtt ({broker})"}
     emit(out, ("n", "f", "clean_accuracy", "matrix", "monna_worst_gap", "nna_s_n100_d1m"), args.json)
     return 0
 
