@@ -54,11 +54,13 @@ class Admission:
         return waiting
 
     def remaining(self, header: dict[str, Any]) -> float:
-        """Seconds left on the task: its ttl from this agent's own receive time (monotonic)."""
+        """Seconds left on the task: its ttl from this agent's own receive time (monotonic; a header that
+        does not say when it was received, see `inbox.Received`, counts from now)."""
         ttl = header.get("ttl")
         if not isinstance(ttl, (int, float)) or not 0 < ttl <= 86400:
             return 0.0
-        return float(header.get("_received", time.monotonic())) + float(ttl) - time.monotonic()
+        now = time.monotonic()
+        return float(getattr(header, "at", now)) + float(ttl) - now
 
     def expired(self, header: dict[str, Any]) -> str:
         """Why the task is too late to run ("" when it is not): its ttl ran out since it was received, or the

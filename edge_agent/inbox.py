@@ -4,8 +4,8 @@ Runs on the MQTT network thread, so it only checks and enqueues. A message count
 coordinator's signature under the pinned key, is signed for this fleet, and its kind fits its topic (a task
 also names this agent); anything else is refused with a typed `ProtocolError` and counted by reason in
 `refused`. Complete messages go to the worker as (kind, header, body): "task", "model" (only a package
-other than the current one) or "state". A task's header carries the monotonic time it was received under
-`_received` (its deadline counts from there).
+other than the current one) or "state". A task's header is a `Received`: the signed header as it came,
+plus the monotonic time this agent received it (its deadline counts from there).
 """
 
 from __future__ import annotations
@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 64 << 20
 MAX_TASK_BYTES = 256 << 20
+
+
+class Received(dict[str, Any]):
+    """A verified downlink header, exactly as signed, and `at`: when this agent received it (monotonic)."""
+
+    def __init__(self, header: dict[str, Any], at: float) -> None:
+        super().__init__(header)
+        self.at = at
 
 
 class Inbox:
@@ -84,4 +92,4 @@ class Inbox:
                 raise ProtocolError("spoofed", "task addressed to another agent")
             done = self._tasks.add(header, body, sender="coordinator")
             if done is not None:
-                self.deliver("task", {**done[0], "_received": time.monotonic()}, done[1])
+                self.deliver("task", Received(done[0], time.monotonic()), done[1])

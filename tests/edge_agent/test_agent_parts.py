@@ -13,7 +13,7 @@ from fedfleet.edge_agent.admission import Admission, task_key
 from fedfleet.edge_agent.agent import Agent, AgentConfig, learner_name
 from fedfleet.edge_agent.errors import ProtocolError
 from fedfleet.edge_agent.host import Host
-from fedfleet.edge_agent.inbox import Inbox
+from fedfleet.edge_agent.inbox import Inbox, Received
 from fedfleet.edge_agent.learners import LearnResult, LocalData, Task
 from fedfleet.edge_agent.model import LOAD_LOCK
 from fedfleet.edge_agent.replica import LocalReplica
@@ -92,7 +92,8 @@ def test_the_inbox_routes_signed_messages_by_topic_and_counts_what_it_refuses() 
     model_topic = protocol.broadcast_topic("fleet", "model/x")
     before = time.monotonic()
     inbox.on_message(task_topic, _signed({"kind": "task", "agent": "pi-01", "run": "r"}))
-    assert got[-1][0] == "task" and got[-1][2] == b"payload" and got[-1][1]["_received"] >= before
+    assert got[-1][0] == "task" and got[-1][2] == b"payload" and got[-1][1].at >= before
+    assert "at" not in got[-1][1] and "_received" not in got[-1][1]  # the header stays as it was signed
     inbox.on_message(model_topic, _signed({"kind": "model"}, b"pkg"))
     assert got[-1][0] == "model"
     current["digest"] = protocol.digest(b"pkg")
@@ -116,8 +117,8 @@ def test_the_inbox_routes_signed_messages_by_topic_and_counts_what_it_refuses() 
 def test_admission_dedupes_by_dispatch_and_says_why_a_task_is_late() -> None:
     clock = {"now": 1000.0}
     adm = Admission(max_skew_s=60.0, now=lambda: clock["now"], done=[("r", 0, 0)])
-    header = {"run": "r", "round": 1, "phase": 0, "msg": "m1", "ttl": 30, "sent": 1000.0,
-              "_received": time.monotonic()}
+    signed = {"run": "r", "round": 1, "phase": 0, "msg": "m1", "ttl": 30, "sent": 1000.0}
+    header = Received(signed, time.monotonic())
     key = task_key(header)
     assert key == ("r", 1, 0) and not adm.seen(key, "m1") and adm.seen(("r", 0, 0), "any")
     adm.take(key, "m1")
@@ -127,7 +128,7 @@ def test_admission_dedupes_by_dispatch_and_says_why_a_task_is_late() -> None:
     assert adm.expired(header) == "" and 0 < adm.remaining(header) <= 30
     clock["now"] = 1000.0 + 30 + 61
     assert adm.expired(header).startswith("task sent 91 s ago")
-    assert adm.expired({**header, "_received": time.monotonic() - 31}) == "deadline passed"
+    assert adm.expired(Received(signed, time.monotonic() - 31)) == "deadline passed"
     assert adm.expired({"ttl": 30}) == "task has no ttl or send time"
     adm.wait(header, b"x")
     assert adm.take_waiting() == [(header, b"x")] and adm.take_waiting() == []
