@@ -85,7 +85,8 @@ class Agent:
         self.admission = Admission(max_skew_s=config.max_skew_s, now=lambda: self._now(),
                                    done=self.kept.done if self.kept is not None else ())
         self.local = LocalReplica(runtime=config.runtime, threads=config.threads, load_lock=self.host.load_lock,
-                                  payloads=self.host.payloads, shared_models=self.model_cache)
+                                  payloads=self.host.payloads, shared_models=self.model_cache,
+                                  transitions=self.host.transitions)
         self.uplink = Uplink(config, link=lambda: self.link, now=lambda: self._now(), meter=meter)
         self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self.inbox = Inbox(fleet=config.fleet, agent_id=config.agent_id, coordinator_key=config.coordinator_key,

@@ -7,6 +7,8 @@ An in-process fleet (the demo, an emulation, the tests) runs many agents in one 
   None on a solo Host (one agent keeps no dict of every package it ever loaded);
 - `payloads`: one copy of equal broadcast bytes the agents keep (`wire.shared_bytes.SharedBytes`);
 - `signatures`: downlink messages that verified once under a key (`wire.signing.VerifiedSignatures`);
+- `transitions`: the newest decodes of a sync onto a replica state (`downlink.Transitions`), so the agents
+  holding the same state decode the round's sync once;
 - `load_lock`: the lock package loads take turns under, for a CPython bug in the interpreter-wide AST
   constructor (`fedfleet.edge_agent.model.LOAD_LOCK`); being the interpreter's, it is the same for every Host.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import threading
 from typing import Any, ClassVar
 
+from fedfleet.edge_agent.downlink import Transitions
 from fedfleet.edge_agent.model import LOAD_LOCK
 from fedfleet.edge_agent.wire.shared_bytes import SharedBytes
 from fedfleet.edge_agent.wire.signing import VerifiedSignatures
@@ -32,10 +35,11 @@ class Host:
     _process_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, *, share_models: bool = True, payloads: SharedBytes | None = None,
-                 signatures: VerifiedSignatures | None = None) -> None:
+                 signatures: VerifiedSignatures | None = None, transitions: Transitions | None = None) -> None:
         self.models: dict[str, Any] | None = {} if share_models else None
         self.payloads = SharedBytes() if payloads is None else payloads
         self.signatures = VerifiedSignatures() if signatures is None else signatures
+        self.transitions = Transitions() if transitions is None else transitions
         self.load_lock: Any = LOAD_LOCK
 
     @classmethod
@@ -49,7 +53,7 @@ class Host:
     @classmethod
     def solo(cls) -> Host:
         """A Host for one agent alone (a device): its own caches, nothing kept for other agents' sake."""
-        return cls(share_models=False, payloads=SharedBytes(max_kept=0))
+        return cls(share_models=False, payloads=SharedBytes(max_kept=0), transitions=Transitions(keep=0))
 
     def __repr__(self) -> str:
         return (f"Host(models={len(self.models or {})}, payloads={len(self.payloads)}, "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fedfleet.edge_agent.downlink import Replica, check_sync_meta
+from fedfleet.edge_agent.downlink import Replica, Transitions, check_sync_meta
 from fedfleet.edge_agent.errors import ModelError, ProtocolError
 from fedfleet.edge_agent.wire import codecs, protocol
 from fedfleet.edge_agent.wire.shared_bytes import SharedBytes
@@ -25,7 +25,7 @@ class LocalReplica:
     """The package and the global state one agent holds."""
 
     def __init__(self, *, runtime: str, threads: int, load_lock: Any, payloads: SharedBytes,
-                 shared_models: dict[str, Any] | None = None) -> None:
+                 shared_models: dict[str, Any] | None = None, transitions: Transitions | None = None) -> None:
         self.runtime, self.threads = runtime, threads
         self.load_lock = load_lock
         self.payloads = payloads
@@ -33,7 +33,7 @@ class LocalReplica:
         self.model: Any = None
         self.digest: str | None = None
         self.error: str | None = None
-        self.sync = Replica()  # the global state as the compressed downlink rebuilt it
+        self.sync = Replica(transitions=transitions)  # the global state as the compressed downlink rebuilt it
         self.states: dict[tuple[str, int], list[tuple[dict[str, Any], bytes]]] = {}  # (run, version) -> candidates
 
     # -------------------------------------------------------------- the package

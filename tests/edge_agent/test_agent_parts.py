@@ -44,6 +44,8 @@ def test_agents_share_the_process_host_unless_given_one_and_a_device_host_shares
     assert c.local.shared_models is d.local.shared_models is host.models
     assert c.local.payloads is d.local.payloads is host.payloads
     assert c.inbox.signatures is host.signatures and c.host is not Host.process()
+    assert c.replica.transitions is d.replica.transitions is host.transitions
+    assert a.replica.transitions is Host.process().transitions
     own: dict = {}
     assert Agent(_config(), _data(), model_cache=own).local.shared_models is own
     solo = Host.solo()
