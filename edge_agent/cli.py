@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     _logging(args)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # numpy is not imported yet
         os.environ.setdefault(var, str(max(1, args.threads)))
-    from fedfleet.edge_agent.agent import Agent, AgentConfig
+    from fedfleet.edge_agent.agent import Agent, AgentConfig, Host
     from fedfleet.edge_agent.data import load_npz
 
     try:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         from fedfleet.edge_agent.continual import load_task_dir
 
         data = load_task_dir(args.data) if os.path.isdir(args.data) else load_npz(args.data)
-        agent = Agent(cfg, data, meter=meter)
+        agent = Agent(cfg, data, meter=meter, host=Host.solo())  # alone on its device: shares nothing
     except (FedfleetError, ValueError) as exc:
         print(f"fedfleet-agent: error: {exc}", file=sys.stderr)
         return 2

@@ -20,10 +20,10 @@ of the state, so a state message is used only when it leads to exactly that stat
 `{"mode": "full"|"chain", "version": v, "base": b|None, "digest": hex, "lens": [bytes of each code]}`.
 
 Agents of one process (an emulated or demo fleet) that apply the same sync bytes to the same replica object
-get the same result: `Replica.apply` remembers the last few transitions (base tensors object, SHA-256 of the
-payload, layout, codec, sync metadata) and hands the resulting tensors to the next agent instead of decoding
-again. Replica tensors are never changed in place, so sharing them is safe; an agent alone on a device
-decodes as before.
+get the same result: replicas given one `Transitions` (the agents of one `fedfleet.edge_agent.host.Host`)
+remember the last few transitions (base tensors object, SHA-256 of the payload, layout, codec, sync metadata)
+and hand the resulting tensors to the next agent instead of decoding again. Replica tensors are never changed
+in place, so sharing them is safe; a replica without one (an agent alone on a device) decodes for itself.
 """
 
 from __future__ import annotations
@@ -85,9 +85,24 @@ def check_sync_meta(raw: Any, modes: tuple[str, ...] = ("full", "chain")) -> dic
     return raw
 
 
-_MEMO_KEPT = 4
-_memo: OrderedDict[tuple[Any, ...], tuple[Tensors | None, Tensors]] = OrderedDict()
-_memo_lock = threading.Lock()
+class Transitions:
+    """The newest `keep` replica transitions (sync applied to a base state -> resulting state) of the replicas
+    that share this object."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = int(keep)
+        self._kept: OrderedDict[tuple[Any, ...], tuple[Tensors | None, Tensors]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> tuple[Tensors | None, Tensors] | None:
+        with self._lock:
+            return self._kept.get(key)
+
+    def put(self, key: tuple[Any, ...], base: Tensors | None, tensors: Tensors) -> None:
+        with self._lock:
+            self._kept[key] = (base, tensors)
+            while len(self._kept) > self.keep:
+                self._kept.popitem(last=False)
 
 
 def _memo_key(run: str, sync: Mapping[str, Any], payload: bytes, layout: codecs.Layout,
@@ -103,6 +118,7 @@ class Replica:
     run: str = ""
     version: int = 0
     tensors: Tensors = field(default_factory=dict)
+    transitions: Transitions | None = field(default=None, repr=False, compare=False)  # shared with other replicas
 
     def digest(self, layout: codecs.Layout) -> str:
         return state_digest(self.tensors, layout)
@@ -115,8 +131,7 @@ class Replica:
         sync = check_sync_meta(sync)
         key = _memo_key(run, sync, payload, layout, spec)
         base = None if sync["mode"] == "full" else self.tensors
-        with _memo_lock:
-            hit = _memo.get(key)
+        hit = self.transitions.get(key) if self.transitions is not None else None
         if hit is not None and hit[0] is base and (base is None or (run == self.run and sync["base"] == self.version)):
             self.run, self.version, self.tensors = run, int(sync["version"]), hit[1]
             return {k: v.copy() for k, v in hit[1].items()}
@@ -137,8 +152,6 @@ class Replica:
         if state_digest(tensors, layout) != sync["digest"]:
             raise ProtocolError("replica", f"state after sync to version {sync['version']} has the wrong digest")
         self.run, self.version, self.tensors = run, int(sync["version"]), tensors
-        with _memo_lock:
-            _memo[key] = (base, tensors)
-            while len(_memo) > _MEMO_KEPT:
-                _memo.popitem(last=False)
+        if self.transitions is not None:
+            self.transitions.put(key, base, tensors)
         return {k: v.copy() for k, v in tensors.items()}

@@ -109,13 +109,15 @@ def _int_list(value: list[Any], key: str) -> list[int]:
 # numpy parses a .npy header with ast.literal_eval, and CPython 3.11's AST constructor keeps its recursion
 # depth in interpreter-wide state: two threads parsing at once can fail with "AST constructor recursion depth
 # mismatch" (CPython gh-106905). Seen here when 20 in-process agents loaded one package together; one lock
-# makes the loads take turns (they are small).
-_NPY_LOCK = threading.Lock()
+# makes the loads take turns (they are small). It is the interpreter's, so it is the only one: every
+# `fedfleet.edge_agent.host.Host` hands out this lock as its `load_lock`, and an agent holds it (reentrant)
+# while it loads a whole package.
+LOAD_LOCK = threading.RLock()
 
 
 def load_npy(data: bytes) -> np.ndarray:
     """One .npy array from bytes (no pickles), safe to call from many threads at once."""
-    with _NPY_LOCK:
+    with LOAD_LOCK:
         return np.load(io.BytesIO(data), allow_pickle=False)
 
 

@@ -236,12 +236,14 @@ def open_envelope(data: bytes, key: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES
     return unpack_verified(data, MAC_BYTES)
 
 
-def open_signed(data: bytes, public: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[str, Any], bytes]:
-    """Verify a downlink envelope's Ed25519 signature under the pinned coordinator key, then parse it."""
+def open_signed(data: bytes, public: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES,
+                verified: Any = None) -> tuple[dict[str, Any], bytes]:
+    """Verify a downlink envelope's Ed25519 signature under the pinned coordinator key, then parse it.
+    `verified`: a `signing.VerifiedSignatures` shared by the agents of one Host (None: verify every time)."""
     from fedfleet.edge_agent.wire import signing
 
     _frame(data, AUTH_ED25519, SIGNATURE_BYTES, max_bytes)
-    signing.verify(public, SIGN_CONTEXT + bytes(data[:-SIGNATURE_BYTES]), data[-SIGNATURE_BYTES:])
+    signing.verify(public, SIGN_CONTEXT + bytes(data[:-SIGNATURE_BYTES]), data[-SIGNATURE_BYTES:], cache=verified)
     return unpack_verified(data, SIGNATURE_BYTES)
 
 

@@ -6,8 +6,10 @@ broadcasts carry a signature under the seed (see `protocol.seal_signed`); agents
 public key and refuse everything else. A fleet's name is never a key.
 
 Agents that share a process (an emulated fleet, the demo) all receive the same broadcast bytes: a signature
-that verified once is remembered by the SHA-256 of (key, message, signature), so the same bytes are not
-verified again by every agent (a hash costs a tenth of a verification). Different bytes always verify.
+that verified once is remembered in a `VerifiedSignatures` by the SHA-256 of (key, message, signature), so
+the same bytes are not verified again by every agent (a hash costs a tenth of a verification). Different
+bytes always verify. The agents of one `fedfleet.edge_agent.host.Host` share one `VerifiedSignatures`;
+`verify` without one checks every signature.
 """
 
 from __future__ import annotations
@@ -29,10 +31,40 @@ PUBLIC_BYTES = 32
 SIGNATURE_BYTES = 64
 
 _private_cache: dict[bytes, Ed25519PrivateKey] = {}
-_public_cache: dict[bytes, Ed25519PublicKey] = {}
-_VERIFIED_KEEP = 16  # messages remembered as verified (the current broadcasts, not a history)
-_verified: OrderedDict[bytes, None] = OrderedDict()
-_verified_lock = threading.Lock()
+VERIFIED_KEEP = 16  # messages remembered as verified (the current broadcasts, not a history)
+
+
+class VerifiedSignatures:
+    """The public keys parsed and the newest `keep` messages verified for the agents of one Host."""
+
+    def __init__(self, keep: int = VERIFIED_KEEP) -> None:
+        self.keep = int(keep)
+        self._keys: dict[bytes, Ed25519PublicKey] = {}
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def key(self, public: bytes) -> Ed25519PublicKey:
+        """`public` parsed (once per Host); ProtocolError("bad_signature") if it is not a 32-byte key."""
+        key = self._keys.get(public)
+        if key is None:
+            key = _public(public)
+            with self._lock:
+                self._keys[public] = key
+        return key
+
+    def seen(self, fingerprint: bytes) -> bool:
+        """True if a message with this fingerprint verified before (and keep it among the newest)."""
+        with self._lock:
+            if fingerprint in self._seen:
+                self._seen.move_to_end(fingerprint)
+                return True
+            return False
+
+    def remember(self, fingerprint: bytes) -> None:
+        with self._lock:
+            self._seen[fingerprint] = None
+            while len(self._seen) > self.keep:
+                self._seen.popitem(last=False)
 
 
 def new_signing_seed() -> bytes:
@@ -59,27 +91,26 @@ def sign(seed: bytes, data: bytes) -> bytes:
     return _private(seed).sign(data)
 
 
-def verify(public: bytes, data: bytes, signature: bytes) -> None:
-    """Raise ProtocolError("bad_signature") unless `signature` is `public`'s signature of `data`."""
-    key = _public_cache.get(public)
-    if key is None:
-        if not isinstance(public, bytes) or len(public) != PUBLIC_BYTES:
-            raise ProtocolError("bad_signature", f"the pinned coordinator key must be {PUBLIC_BYTES} bytes")
-        key = _public_cache[public] = Ed25519PublicKey.from_public_bytes(public)
+def _public(public: bytes) -> Ed25519PublicKey:
+    if not isinstance(public, bytes) or len(public) != PUBLIC_BYTES:
+        raise ProtocolError("bad_signature", f"the pinned coordinator key must be {PUBLIC_BYTES} bytes")
+    return Ed25519PublicKey.from_public_bytes(public)
+
+
+def verify(public: bytes, data: bytes, signature: bytes, *, cache: VerifiedSignatures | None = None) -> None:
+    """Raise ProtocolError("bad_signature") unless `signature` is `public`'s signature of `data`. With a
+    `cache`, bytes that verified there before are accepted without verifying again."""
+    key = cache.key(public) if cache is not None else _public(public)
     signature, data = bytes(signature), bytes(data)
     seen = hashlib.sha256(b"%d:" % len(data) + public + signature + data).digest()
-    with _verified_lock:
-        if seen in _verified:
-            _verified.move_to_end(seen)
-            return
+    if cache is not None and cache.seen(seen):
+        return
     try:
         key.verify(signature, data)
     except InvalidSignature:
         raise ProtocolError("bad_signature", "the signature does not verify under the coordinator's key") from None
-    with _verified_lock:
-        _verified[seen] = None
-        while len(_verified) > _VERIFIED_KEEP:
-            _verified.popitem(last=False)
+    if cache is not None:
+        cache.remember(seen)
 
 
 def read_key_file(path: str | os.PathLike[str], what: str) -> bytes:

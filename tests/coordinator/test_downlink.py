@@ -10,7 +10,7 @@ import pytest
 
 from fedfleet.coordinator.engine.downlink import DownlinkSync
 from fedfleet.edge_agent.agent import Agent, AgentConfig
-from fedfleet.edge_agent.downlink import Replica, state_digest
+from fedfleet.edge_agent.downlink import Replica, Transitions, state_digest
 from fedfleet.edge_agent.errors import ProtocolError
 from fedfleet.edge_agent.wire import codecs, protocol
 from tests.support.fleet import COORDINATOR_KEY, SECRET, shards, start_fleet
@@ -151,7 +151,8 @@ def test_replicas_of_one_process_share_a_transition_and_get_the_same_state():
     """Two agents' replicas applying the same sync bytes to the same state: the second reuses the first's
     result (one decode per process, the same tensors object kept), and both equal the coordinator's R."""
     sync, layout = DownlinkSync(SPEC), [("w", (30, 20)), ("b", (20,))]
-    first, second = Replica(), Replica()
+    shared = Transitions()
+    first, second = Replica(transitions=shared), Replica(transitions=shared)
     for i, g in enumerate(_walk(np.random.default_rng(2), 4)):
         sync.advance(g)
         meta, payload = sync.round_sync()
@@ -163,8 +164,8 @@ def test_replicas_of_one_process_share_a_transition_and_get_the_same_state():
                    for k in b), i
     # replicas whose state is another object decode for themselves: equal content gives the same state,
     # a replica that drifted is still caught by the digest
-    own = Replica("run", first.version, {k: v.copy() for k, v in first.tensors.items()})
-    drifted = Replica("run", first.version, {k: v + 1e-3 for k, v in first.tensors.items()})
+    own = Replica("run", first.version, {k: v.copy() for k, v in first.tensors.items()}, shared)
+    drifted = Replica("run", first.version, {k: v + 1e-3 for k, v in first.tensors.items()}, shared)
     sync.advance(_walk(np.random.default_rng(3), 1)[0])
     meta, payload = sync.round_sync()
     first.apply("run", meta, payload, layout, SPEC, max_bytes=1 << 20)

@@ -230,17 +230,18 @@ def test_demo_agents_that_cannot_connect_are_a_connection_error_and_stay_stoppab
 def test_shared_bytes_keeps_one_copy_of_equal_payloads_and_forgets_old_ones():
     from fedfleet.edge_agent.wire import shared_bytes
 
+    kept = shared_bytes.SharedBytes()
     first = bytes(bytearray(b"state" * 100))
     again = bytes(bytearray(b"state" * 100))
     assert first is not again
-    assert shared_bytes.shared(first) is first
-    assert shared_bytes.shared(again) is first
-    other = shared_bytes.shared(b"other")
-    assert other == b"other" and shared_bytes.shared(bytes(bytearray(b"other"))) is other
+    assert kept.shared(first) is first
+    assert kept.shared(again) is first
+    other = kept.shared(b"other")
+    assert other == b"other" and kept.shared(bytes(bytearray(b"other"))) is other
     for i in range(shared_bytes.MAX_KEPT):
-        shared_bytes.shared(f"filler {i}".encode())
+        kept.shared(f"filler {i}".encode())
     late = bytes(bytearray(b"state" * 100))
-    assert shared_bytes.shared(late) is late  # the first copy was forgotten: not kept forever
+    assert kept.shared(late) is late  # the first copy was forgotten: not kept forever
 
 
 def test_package_cache_keeps_only_the_newest_builds(tmp_path, monkeypatch):
