@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedfleet.edge_agent.data import check, load_csv, load_images, load_npz, load_path, load_python, load_source
+from fedfleet.edge_agent.data import (
+    check,
+    load_csv,
+    load_images,
+    load_npz,
+    load_path,
+    load_python,
+    load_source,
+)
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners.base import LocalData
 
