@@ -113,3 +113,17 @@ def test_check_reshapes_and_refuses_nan_shapes_and_labels():
     bad = LocalData(np.array([[0.0, np.nan], [1.0, 2.0]], np.float32), np.array([0, 1]))
     with pytest.raises(ConfigError, match="1 sample"):
         check(bad, "[data]", None, 2)
+
+
+def test_agent_cli_reads_a_csv_and_reshapes_it_to_the_input_shape(tmp_path):
+    import argparse
+
+    from fedfleet.edge_agent.cli import _local_data
+
+    (tmp_path / "plug.csv").write_text("label,i0,i1,i2,i3\n2,0.1,0.2,0.3,0.4\n0,1,2,3,4\n")
+    args = argparse.Namespace(data=str(tmp_path / "plug.csv"), label_column=None, input_shape="1,4")
+    d = _local_data(args)
+    assert d.x.shape == (2, 1, 4) and d.y.tolist() == [2, 0]
+    args.input_shape = "1,5"
+    with pytest.raises(ConfigError, match=r"--data .*plug.csv: samples have shape \(4,\)"):
+        _local_data(args)

@@ -66,6 +66,7 @@ def test_forward_only_fedzo_through_the_int8_runtime(tmp_path, mosquitto):
     ({"method": '"fedit"'}, r"field 'method': 'fedit' needs a LoRA package"),
     ({"method": '"fot"'}, r"field 'method': 'fot' needs a \[continual\] task schedule"),
     ({"head_hidden": "16", "method": '"ggeur"'}, r"field 'method': 'ggeur' trains a linear head"),
+    ({"method": '"fedzo"'}, r"\[method\] field 'zo_tensors': \['fc1.weight', 'fc1.bias'\] are not in this head"),
     ({"loader": '"missing.py:load_train"'}, r"\[data\] loader: no such file .*missing.py"),
     ({"input_shape": "[1, 128]"}, r"\[data\]: samples have shape \(1, 256\), the model's input_shape is \[1, 128\]"),
     ({"classes": "5"}, r"\[data\]: labels span 0..10, outside 0..4"),
@@ -76,3 +77,39 @@ def test_refused_at_job_load_before_any_agent_starts(tmp_path, mosquitto, edits,
     with pytest.raises(ConfigError, match=match):
         run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path / "run", quiet=True, report="none")
     assert not (tmp_path / "run" / "ledger.sqlite").exists()
+
+
+def test_macro_f1_holdout_and_per_agent_shard_files(tmp_path):
+    """[eval] metric macro_f1 scores like scikit-learn's; without an [eval] source a seeded fraction of [data] is
+    held out; [data] shards gives agent i the i-th file of a pattern (CSV files here, as prepare.py writes)."""
+    from sklearn.metrics import f1_score
+
+    job = _job(tmp_path, "job.toml", metric='"macro_f1"')
+    task = task_for(load(job))
+    _, cmodel = task.package()
+    state = cmodel.initial_state()
+    feats = cmodel.edge.features(task.test.x)
+    pred = cmodel.load_head(state)(__import__("torch").from_numpy(feats)).argmax(1).numpy()
+    score, _ = task.evaluate(None, state)
+    assert score == pytest.approx(f1_score(task.test.y, pred, average="macro"))
+
+    text = job.read_text().replace('loader = "plaid.py:load_test"\n', "holdout = 0.25\n")
+    job.write_text(text)
+    task = task_for(load(job))
+    assert (len(task.train), len(task.test)) == (403, 134)
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare", EXAMPLE / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    (tmp_path / "plugs").mkdir()
+    for i, part in enumerate(task.shards(3)):
+        prepare.write_csv(tmp_path / "plugs" / f"plug-{i}.csv", part.x, part.y)
+    job.write_text(text.replace('loader = "plaid.py:load_train"', 'shards = "plugs/plug-*.csv"')
+                   .replace("holdout = 0.25\n", 'loader = "plaid.py:load_test"\n').replace("agents = 6", "agents = 3"))
+    shards = task_for(load(job)).shards(3)
+    assert [len(s) for s in shards] == [len(p) for p in task.shards(3)]
+    assert shards[0].x.shape[1:] == (1, 256)
+    with pytest.raises(ConfigError, match=r"\[data\] shards: 3 files for 4 agents"):
+        task_for(load(job)).shards(4)
