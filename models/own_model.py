@@ -225,9 +225,26 @@ def _from_torch(spec: ModelSpec, calibration: np.ndarray, runtime: str) -> tuple
     try:
         tfl = export_backbone(module, tuple(spec.input_shape), calibration, input_name=INPUT, output_name=OUTPUT)
     except ModelError as exc:
-        raise ConfigError(f"{where}: no int8 TFLite twin for runtime 'litert': {exc}; use runtime "
-                          "'onnxruntime' or give a ready tflite file") from None
+        raise ConfigError(f"{where}: no int8 TFLite twin for runtime 'litert': {_tflite_blocker(module) or exc}; "
+                          "use runtime 'onnxruntime' or give a ready tflite file") from None
     return main, [BackboneFile("tflite", tfl, INPUT, OUTPUT, "int8")]
+
+
+TFLITE_LAYERS = ("Linear", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Softmax")
+
+
+def _tflite_blocker(module: Any) -> str | None:
+    """Which layer keeps `module` from fedfleet's TFLite writer (an nn.Sequential of TFLITE_LAYERS), or None."""
+    from torch import nn
+
+    leaves = [(name, m) for name, m in module.named_modules() if not list(m.children())]
+    for name, m in leaves:
+        if type(m).__name__ not in TFLITE_LAYERS:
+            return f"layer {name or 'the module'} ({type(m).__name__}) has no TFLite mapping"
+    if not isinstance(module, nn.Sequential):
+        return (f"{type(module).__name__} computes in its own forward(); the TFLite writer takes an nn.Sequential "
+                f"of {', '.join(TFLITE_LAYERS)}")
+    return None
 
 
 def _from_files(spec: ModelSpec) -> tuple[BackboneFile, list[BackboneFile]]:

@@ -103,9 +103,8 @@ class CustomTask:
         if self.metric not in METRICS:
             raise ConfigError(f"[eval]: field 'metric' must be one of {', '.join(METRICS)}, got {self.metric!r}")
         self.score_name = "macro-F1" if self.metric == "macro_f1" else "accuracy"
-        hidden = self.spec.head_hidden
-        self.head_sizes_wo_dim = [hidden] if hidden else []
-        check_method(job, [1, *self.head_sizes_wo_dim, self.spec.classes])
+        hidden = [self.spec.head_hidden] if self.spec.head_hidden else []
+        check_method(job, [1, *hidden, self.spec.classes])  # the feature width is known once the package is built
         self.alpha = self._alpha()
         self.train, self.test = self._load()
         self._package: tuple[bytes, Any] | None = None

@@ -115,7 +115,7 @@ def test_model_table_errors(job_dir, table, match):
 
 def test_build_errors_name_the_layer_or_the_shape(job_dir):
     x = _calibration()
-    with pytest.raises(ConfigError, match=r"\[model\] torch: no int8 TFLite twin .*Conv1d"):
+    with pytest.raises(ConfigError, match=r"\[model\] torch: no int8 TFLite twin .*\(Conv1d\) has no TFLite mapping"):
         own_model.build(own_model.parse({"torch": "model.py:make", "input_shape": [1, 32], "classes": 3}, job_dir),
                         x, runtime="litert")
     with pytest.raises(ConfigError, match=r"does not run or export on input_shape \[1, 40\]"):
