@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from fedfleet.edge_agent.nn import mlp
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=__file__.rsplit("/", 1)[0] + "/job.toml")
+    p.add_argument("--config", default=str(Path(__file__).with_name("job.toml")))
     p.add_argument("--epochs", type=int, help="default: the job's rounds")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
