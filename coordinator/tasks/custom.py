@@ -102,7 +102,7 @@ class CustomTask:
         self.metric = self.eval_table.get("metric", "accuracy")
         if self.metric not in METRICS:
             raise ConfigError(f"[eval]: field 'metric' must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        self.score_name = "macro-F1" if self.metric == "macro_f1" else "accuracy"
+        self.score_name = "macro-F1" if self.metric == "macro_f1" else "acc"  # progress lines' label
         hidden = [self.spec.head_hidden] if self.spec.head_hidden else []
         check_method(job, [1, *hidden, self.spec.classes])  # the feature width is known once the package is built
         self.alpha = self._alpha()
@@ -186,6 +186,7 @@ class CustomTask:
             except ModelError:  # a damaged cached copy: build it again (a fresh build that fails raises)
                 blob = own_model.build(self.spec, self.train.x, runtime=runtime, seed=self.job.seed, refresh=True)
                 cmodel = CoordinatorModel(blob, runtime=mirror_runtime)
+            cmodel.score_name = self.score_name  # progress lines name the score from the model (run.bind_model)
             self._package = (blob, cmodel)
         return self._package
 
