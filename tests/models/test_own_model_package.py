@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.errors import ConfigError, ModelError
 from fedfleet.edge_agent.model import EdgeModel
 from fedfleet.edge_agent.nn import mlp
 from fedfleet.models import own_model
@@ -90,6 +90,15 @@ def test_ready_onnx_backbone_and_litert_twin(job_dir):
     assert edge.input_shape == (32,) and edge.feature_dim == 16 and edge.backbone_spec["input"] == "signal"
     with torch.no_grad():
         np.testing.assert_allclose(edge.features(x), mod(torch.from_numpy(x)).numpy(), atol=1e-5)
+    # a ready TFLite file alone: a LiteRT-only package
+    from fedfleet.models.export_tflite import export_backbone
+
+    (job_dir / "bb.tflite").write_bytes(export_backbone(mod, (32,), x, input_name="signal", output_name="emb"))
+    blob = own_model.build(own_model.parse({"tflite": "bb.tflite", "classes": 4, "head_hidden": 0}, job_dir), x)
+    lite = EdgeModel.from_bytes(blob, runtime="litert")
+    assert lite.backbone_spec["file"] == "backbone.tflite" and lite.head_sizes == [16, 4]
+    with pytest.raises(ModelError, match="none runs on runtime 'onnxruntime'"):
+        EdgeModel.from_bytes(blob)
     # a Linear backbone has an int8 TFLite twin: one package for both runtimes
     spec = own_model.parse({"torch": "model.py:dense", "input_shape": [32], "classes": 4}, job_dir)
     blob = own_model.build(spec, x, runtime="litert")
