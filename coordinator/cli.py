@@ -233,11 +233,16 @@ def cmd_broker(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fedfleet broker", description="run Mosquitto on loopback until Ctrl-C")
     p.add_argument("--port", type=int, default=0)
     args = p.parse_args(argv)
+    import signal
     import time
 
     from fedfleet.coordinator.broker import MosquittoBroker
 
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
     b = MosquittoBroker(args.port or None)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops Mosquitto too, not only Ctrl-C
     print(b.url, flush=True)
     try:
         while True:

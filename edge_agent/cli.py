@@ -13,7 +13,11 @@ The key is the agent's own key (`fedfleet keys` prints it on the coordinator hos
 the public half of the coordinator's signing key (`fedfleet keys --signing-key-file K --public`), which the
 agent pins: it takes tasks and model packages signed with it and nothing else. Secrets come from files (or
 the environment), never from the command line: `--key-file` (or FEDFLEET_AGENT_KEY), `--password-file`.
-The data file is a .npz with `x` and `y`, or for a continual job a directory with one `<task>.npz` per task.
+`--data` is the device's own data (`fedfleet.edge_agent.data`): a .npz with `x` and `y`; a .csv with a header, a
+label column (`--label-column`, default `label`) and numeric feature columns; a folder of images with one
+subfolder per class named by its index (`0/`, `1_kettle/`), resized to `--input-shape` (e.g. 1,28,28); a
+Python loader `loader.py:load` returning (x, y); or for a continual job a directory with one `<task>.npz`
+per task. `--input-shape` also reshapes flat rows (a CSV row of 256 numbers for a 1,256 model input).
 Errors in options print one clear line and exit 2.
 """
 
@@ -24,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 from fedfleet.edge_agent.errors import FedfleetError
 
@@ -115,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-file", help="the agent's key (hex, from `fedfleet keys`); or FEDFLEET_AGENT_KEY")
     p.add_argument("--max-skew", type=float, default=300.0, dest="max_skew_s",
                    help="seconds this device's clock may differ from the coordinator's (default 300)")
-    p.add_argument("--data", help=".npz with x and y (a continual job: a directory of <task>.npz)")
+    p.add_argument("--data", help=".npz with x and y, .csv, an image folder, or loader.py:load "
+                   "(a continual job: a directory of <task>.npz)")
+    p.add_argument("--label-column", help="the label column of a --data .csv (default: label)")
+    p.add_argument("--input-shape", help="the model's input shape, e.g. 1,28,28: images are resized to it, "
+                   "flat rows reshaped")
     p.add_argument("--runtime", choices=("onnxruntime", "litert"))
     p.add_argument("--threads", type=int)
     p.add_argument("--profile", help="firmware profile name (its preferred runtime is used if --runtime is absent)")
@@ -139,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # numpy is not imported yet
         os.environ.setdefault(var, str(max(1, args.threads)))
     from fedfleet.edge_agent.agent import Agent, AgentConfig, Host
-    from fedfleet.edge_agent.data import load_npz
 
     try:
         if not 0 <= args.max_skew_s < 86400:
@@ -166,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.meter != "auto":
                     raise
                 logging.getLogger("fedfleet-agent").warning("no energy meter (%s); energy is not recorded", exc)
-        from fedfleet.edge_agent.continual import load_task_dir
-
-        data = load_task_dir(args.data) if os.path.isdir(args.data) else load_npz(args.data)
+        data = _local_data(args)
         agent = Agent(cfg, data, meter=meter, host=Host.solo())  # alone on its device: shares nothing
     except (FedfleetError, ValueError) as exc:
         print(f"fedfleet-agent: error: {exc}", file=sys.stderr)
@@ -180,6 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     agent.run_forever()
     log.info("agent %s stopped", cfg.agent_id)
     return 0
+
+
+def _local_data(args: argparse.Namespace) -> Any:
+    """The device's data from --data (see the module docstring); FedfleetError saying what is wrong."""
+    from fedfleet.edge_agent.data import check, load_path, parse_shape
+
+    path = str(args.data)
+    if os.path.isdir(path) and any(f.endswith(".npz") for f in os.listdir(path)):  # a continual job's tasks
+        from fedfleet.edge_agent.continual import load_task_dir
+
+        return load_task_dir(path)
+    shape = parse_shape(args.input_shape, "--input-shape") if args.input_shape else None
+    data = load_path(path, label=args.label_column or "label", shape=shape)
+    return check(data, f"--data {path}", shape)
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:

@@ -31,7 +31,7 @@ from fedfleet.models import backbone, head_graph
 from fedfleet.models._zip import npz as _npz
 from fedfleet.models._zip import write_zip
 
-__all__ = ["BackboneFile", "build_package", "write_zip", "central_head_accuracy"]
+__all__ = ["BackboneFile", "assemble", "build_package", "write_zip", "central_head_accuracy"]
 
 BACKBONE_FILE = "backbone.onnx"
 INPUT_SHAPE = [64]
@@ -49,7 +49,8 @@ class BackboneFile:
     precision: str = "int8"
 
 
-def _entry(file: str, data: bytes, fmt: str, inp: str, out: str, precision: str) -> dict[str, str]:
+def _entry(file: str, data: bytes, fmt: str, inp: str, out: str, precision: str,
+           pretrained_on: str = "mnist5k 8x8 (UCI-style preprocessing)") -> dict[str, str]:
     return {
         "file": file,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -57,7 +58,7 @@ def _entry(file: str, data: bytes, fmt: str, inp: str, out: str, precision: str)
         "precision": precision,
         "input": inp,
         "output": out,
-        "pretrained_on": "mnist5k 8x8 (UCI-style preprocessing)",
+        "pretrained_on": pretrained_on,
     }
 
 
@@ -126,12 +127,21 @@ def build_package(
     if alternates is None:  # by default ship the TFLite twin so LiteRT agents run the same package
         alternates = (BackboneFile("tflite", backbone.load_tflite()),) if mode == "transfer" else ()
     manifest = manifest_for(mode, head_hidden, backbone_bytes, alternates, dataset, head_layers)
+    return assemble(manifest, backbone_bytes, alternates, seed)
+
+
+def assemble(manifest: dict[str, Any], backbone_bytes: bytes | None, alternates: Sequence[BackboneFile],
+             seed: int) -> bytes:
+    """The package zip of `manifest` (its `head_sizes`, and `backbone` / `backbone_alternates` entries for
+    `backbone_bytes` and `alternates`): the head's initial tensors (`mlp.init(head_sizes, seed)`), the
+    backbone files and the head graphs. Every package with an MLP head is written here, built in or your
+    own (`fedfleet.models.own_model`)."""
     members = {
         MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode(),
         HEAD_INIT: _npz(mlp.init(manifest["head_sizes"], seed)),
     }
     if backbone_bytes is not None:
-        members[BACKBONE_FILE] = backbone_bytes
+        members[manifest["backbone"]["file"]] = backbone_bytes
     for spec, alt in zip(manifest.get("backbone_alternates", []), alternates, strict=True):
         members[spec["file"]] = alt.data
     # the head with its tensors as graph inputs, for zeroth-order queries in the agent's runtime

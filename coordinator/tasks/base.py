@@ -49,7 +49,8 @@ class RoundContext:
 @runtime_checkable
 class Task(Protocol):
     """See the module docstring. Implementations: `fedfleet.coordinator.tasks.classification`, `.lora`,
-    `.diffusion`, `.continual` and `.own` (a model and data of your own)."""
+    `.diffusion`, `.continual` (a schedule around classification), `.packaged` (parts in hand) and `.custom`
+    (a model and data of your own)."""
 
     name: str
     score_name: str
