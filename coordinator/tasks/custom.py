@@ -57,7 +57,7 @@ def check_method(job: Any, head_sizes: list[int]) -> None:
     if job.method == "ggeur" and len(head_sizes) != 2:
         raise ConfigError("field 'method': 'ggeur' trains a linear head; set [model] head_hidden = 0")
     if job.method in ZO_METHODS:
-        from fedfleet.coordinator.job.config import method_config
+        from fedfleet.coordinator.strategies import method_config
 
         names = method_config(job).get("zo_tensors") or []
         layout = [n for n, _ in mlp.layout(head_sizes)]

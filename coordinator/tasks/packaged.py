@@ -2,7 +2,8 @@
 
 For Python callers that build their own package (a benchmark's linear head, a notebook's experiment):
 `build_run(job, ..., task=PackagedTask(blob, mirror, shards, test))`. The mirror scores the global state
-with `mirror.evaluate(state, x, y) -> (score, loss)`, as `fedfleet.models.mirrors.head.CoordinatorModel` does.
+with `mirror.evaluate(state, x, y) -> (score, loss)`, as `fedfleet.models.mirrors.head.CoordinatorModel` does;
+without a mirror or a held-out set (`None`), rounds are not scored (NaN).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet.coordinator.strategies import Strategy
-from fedfleet.coordinator.tasks.base import RoundContext, Score
+from fedfleet.coordinator.tasks.base import NOT_SCORED, RoundContext, Score
 from fedfleet.edge_agent.learners import LocalData
 
 
@@ -32,6 +33,8 @@ class PackagedTask:
         return self._shards
 
     def evaluate(self, ctx: RoundContext, state: dict[str, Any]) -> Score:
+        if self.model is None or self.test is None:
+            return NOT_SCORED
         return self.model.evaluate(state, self.test.x, self.test.y)
 
     def summary(self, run_dir: Path, state: dict[str, Any]) -> dict[str, Any] | None:

@@ -68,15 +68,21 @@ def test_forward_only_fedzo_through_the_int8_runtime(tmp_path, mosquitto):
     ({"method": '"fedit"'}, r"field 'method': 'fedit' needs a LoRA package"),
     ({"method": '"fot"'}, r"field 'method': 'fot' needs a \[continual\] task schedule"),
     ({"head_hidden": "16", "method": '"ggeur"'}, r"field 'method': 'ggeur' trains a linear head"),
-    ({"method": '"fedzo"'}, r"\[method\] field 'zo_tensors': \['fc1.weight', 'fc1.bias'\] are not in this head"),
+    ({"method": '"fedzo"'}, r"\[method\]: unknown field 'epochs' for method 'fedzo'"),
     ({"loader": '"missing.py:load_train"'}, r"\[data\] loader: no such file .*missing.py"),
     ({"input_shape": "[1, 128]"}, r"\[data\]: samples have shape \(1, 256\), the model's input_shape is \[1, 128\]"),
     ({"classes": "5"}, r"\[data\]: labels span 0..10, outside 0..4"),
     ({"metric": '"auc"'}, r"\[eval\]: field 'metric' must be one of accuracy, macro_f1"),
 ])
 def test_refused_at_job_load_before_any_agent_starts(tmp_path, mosquitto, edits, match):
-    cfg = load(_job(tmp_path, "job.toml", **edits))
     with pytest.raises(ConfigError, match=match):
+        cfg = load(_job(tmp_path, "job.toml", **edits))
+        run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path / "run", quiet=True, report="none")
+
+
+def test_zo_tensors_outside_the_head_are_refused(tmp_path, mosquitto):
+    cfg = load(_job(tmp_path, "job-fedzo.toml", zo_tensors='["fc1.weight", "fc1.bias"]'))
+    with pytest.raises(ConfigError, match=r"\[method\] field 'zo_tensors': \['fc1.weight', 'fc1.bias'\] are not in this head"):
         run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path / "run", quiet=True, report="none")
     assert not (tmp_path / "run" / "ledger.sqlite").exists()
 

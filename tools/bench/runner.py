@@ -3,7 +3,8 @@
 `run_strategy(strategy, agents, rounds, *, broker="memory", on_round=None, deadline_s=20)` starts a broker
 (`fedfleet.coordinator.broker.start_broker`: "memory" by default, in this process and without sockets;
 "mosquitto", "embedded" or a URL for MQTT), the engine (`fedfleet.coordinator.engine.rounds.Coordinator`) and
-one real `fedfleet.edge_agent.agent.Agent` per entry of `agents`. Every task and result crosses the broker as
+one real `fedfleet.edge_agent.agent.Agent` per entry of `agents`; the run is assembled like every other
+(`fedfleet.coordinator.job.assemble.build_run`, with the caller's strategy and a `PackagedTask`). Every task and result crosses the broker as
 a signed envelope and goes through the engine's receive path, phases and validation, whatever the transport.
 Rounds are numbered from 1, as the engine numbers them; `on_round(round, strategy)` runs after each.
 
@@ -13,7 +14,6 @@ widths of the strategy's state (`fc0.weight`, `fc1.weight`, ...); the engine sco
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import threading
@@ -22,8 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 from fedfleet.coordinator.broker import start_broker
-from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig, RoundSummary
+from fedfleet.coordinator.engine.rounds import Coordinator, RoundSummary
+from fedfleet.coordinator.job.assemble import build_run
+from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.strategies import Strategy
+from fedfleet.coordinator.tasks.packaged import PackagedTask
 from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners import LocalData
@@ -118,13 +121,11 @@ def run_strategy(
     shared_models: dict[str, Any] = {}
     learn_lock = threading.Lock()  # agents take turns learning, as the emulator's do
     with start_broker(broker) as b, tempfile.TemporaryDirectory(prefix="fedfleet-bench-") as tmp:
-        coord = Coordinator(
-            broker_url=b.url, secret=secret, roster=list(agents), strategy=strategy, package=package,
-            evaluate=lambda ctx, state: (math.nan, math.nan), run_dir=tmp,
-            config=EngineConfig(fleet=fleet, run="bench", rounds=rounds, deadline_s=deadline_s, quorum=1.0,
-                                grace_s=0.0),
-            signing_key=seed,
-        )
+        job = JobConfig(fleet=fleet, rounds=rounds, agents=len(agents), roster=list(agents), deadline_s=deadline_s,
+                        quorum=1.0, grace_s=0.0, downlink="none")
+        coord = build_run(job, broker_url=b.url, secret=secret, signing_key=seed, run_dir=tmp, run_id="bench",
+                          strategy=strategy, task=PackagedTask(package, None, list(agents.values()), None,
+                                                               name="bench")).coordinator
         clients: list[Agent] = []
         summaries: list[RoundSummary] = []
         try:
