@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfleet.coordinator.job.config import load, method_config
+from fedfleet.coordinator.job.config import load
+from fedfleet.coordinator.strategies import method_config
 from fedfleet.coordinator.tasks import task_for
 from fedfleet.edge_agent.nn import mlp
 
