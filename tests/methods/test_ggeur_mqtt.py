@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig
+from fedfleet.coordinator.job.assemble import build_run
 from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.run import run_demo
 from fedfleet.coordinator.records.ledger import Ledger
 from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.coordinator.tasks.packaged import PackagedTask
 from fedfleet.edge_agent import class_stats
 from fedfleet.edge_agent.agent import Agent, AgentConfig
 from fedfleet.edge_agent.learners import LearnResult, LocalData, Task
@@ -92,9 +93,11 @@ def test_statistics_exchange_refuses_bad_uploads_and_the_fleet_learns(mosquitto,
     shards = {a: LocalData(train.x[p], train.y[p]) for a, p in zip(ids, parts)}
     strategy = create_strategy("ggeur", cmodel.initial_state(), lr=0.1, epochs=2, batch=16, guide="all", seed=0)
     fleet = f"gg{time.time_ns() % 10**9}"
-    coord = Coordinator(broker_url=mosquitto.url, secret=SECRET, roster=ids, strategy=strategy, package=blob,
-                        evaluate=lambda ctx, s: cmodel.evaluate(s, test.x, test.y), run_dir=tmp_path,
-                        config=EngineConfig(fleet=fleet, run="gg", deadline_s=30.0, quorum=0.5, grace_s=0.0), signing_key=SIGNING_KEY)
+    job = JobConfig(method="ggeur", fleet=fleet, agents=len(ids), roster=ids, deadline_s=30.0, quorum=0.5,
+                    grace_s=0.0, downlink="none")
+    coord = build_run(job, broker_url=mosquitto.url, secret=SECRET, signing_key=SIGNING_KEY, run_dir=tmp_path,
+                      run_id="gg", strategy=strategy,
+                      task=PackagedTask(blob, cmodel, list(shards.values()), test)).coordinator
     agents = []
     try:
         coord.start()

@@ -81,17 +81,13 @@ def test_tls_listener_carries_mqtts_and_refuses_plain_mqtt(tmp_path):
 
 # ---------------------------------------------------------------- client ids, take-over, broadcast writes
 def _coordinator(url: str, tmp_path, fleet: str, **auth: str):
-    from fedfleet.coordinator.engine.rounds import Coordinator, EngineConfig
+    from fedfleet.coordinator.job.assemble import build_run
     from fedfleet.coordinator.job.config import JobConfig
-    from fedfleet.coordinator.strategies import create, method_config
-    from tests.support.fleet import SECRET, SIGNING_KEY, package
+    from tests.support.fleet import SECRET, SIGNING_KEY
 
-    cfg = JobConfig(mode="full", fleet=fleet)
-    blob, cmodel = package(cfg)
-    strategy = create("fedavg", cmodel.initial_state(), **method_config(cfg))
-    return Coordinator(broker_url=url, secret=SECRET, roster=["pi-01", "pi-02"], strategy=strategy, package=blob,
-                       evaluate=lambda ctx, s: (0.0, 0.0), run_dir=tmp_path, config=EngineConfig(fleet=fleet, run="acl"),
-                       signing_key=SIGNING_KEY, **auth)
+    cfg = JobConfig(mode="full", fleet=fleet, agents=2, roster=["pi-01", "pi-02"], downlink="none")
+    return build_run(cfg, broker_url=url, secret=SECRET, signing_key=SIGNING_KEY, run_dir=tmp_path, run_id="acl",
+                     **auth).coordinator
 
 
 def _still_connected_once(coord, seconds: float = 2.0) -> None:
