@@ -200,6 +200,9 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
                     summaries = coord.run(job.rounds)
                 _settle(coord)
                 summary.update(round_numbers(summaries))
+                if not summaries:  # a resumed run with no rounds left: its result is the last one booked
+                    summary["final_accuracy"] = coord.store.last_accuracy(run_id)
+                    console.print(f"run {run_id} in {run_dir} had no rounds left to run")
             else:
                 _hold(duration_s, console)
         finally:
