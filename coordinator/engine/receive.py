@@ -258,7 +258,10 @@ class ReceivePath:
                 entry[1].append(kind)
             first = entry[0] == 1
         if first:
-            log.warning("refused %s message from %s: %s", kind, agent, str(exc)[:300])
+            # an authenticated agent's stale status or telemetry is routine (paho re-sends what it queued during a
+            # reconnection after the new connection's own status): refused and counted, but not a warning
+            routine = exc.reason == Refusal.REPLAYED and kind in ("status", "telemetry")
+            (log.info if routine else log.warning)("refused %s message from %s: %s", kind, agent, str(exc)[:300])
 
     def _accept(self, kind: str, agent: str, header: dict[str, Any], body: bytes, nbytes: int) -> None:
         if header.get("kind") != kind:
