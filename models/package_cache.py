@@ -29,7 +29,8 @@ from pathlib import Path
 
 # the modules whose code decides a package's bytes (relative to the repository root)
 SOURCES = ("models/package.py", "models/head_graph.py", "models/tflite_writer.py", "models/tflite_graph.py",
-           "models/tflite_schema.py", "models/backbone.py", "edge_agent/nn/mlp.py", "edge_agent/model.py", "models/package_cache.py")
+           "models/tflite_schema.py", "models/backbone.py", "edge_agent/nn/mlp.py", "edge_agent/model.py",
+           "edge_agent/package_reader.py", "models/package_cache.py")
 LIBRARIES = ("onnx", "flatbuffers", "ai_edge_litert", "numpy")
 KEEP = 32  # newest cached packages kept; older ones are removed when a new one is stored
 _ROOT = Path(__file__).resolve().parent.parent
