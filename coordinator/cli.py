@@ -204,7 +204,7 @@ def cli() -> None:
     pass
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="A broker, the coordinator and its agents in one command")
 @click.option("--broker", default="embedded", show_default=True,
               help="embedded, mosquitto, memory (in-process, no sockets) or mqtt://host:port")
 @click.option("--quiet", is_flag=True, help="no progress view, only the summary JSON")
@@ -224,7 +224,7 @@ def demo(**opts: Any) -> int:
     return 0
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Run the coordinator for agents on devices")
 @click.option("--broker", required=True, help="the broker: mqtt://host:port or mqtts://host:port")
 @click.option("--secret-file", "secret_file", required=True, metavar="FILE",
               help="the fleet secret (agents' keys derive from it; keep it off the devices)")
@@ -265,7 +265,7 @@ def serve(**opts: Any) -> int:
     return 0
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Print agents' keys, or make the coordinator's signing key")
 @click.option("--secret-file", "secret_file", metavar="FILE", help="the fleet secret: print the key of each agent ID")
 @click.option("--signing-key-file", "signing_key_file", metavar="FILE",
               help="the coordinator's signing key file (coordinator.key), with --new or --public")
@@ -298,7 +298,7 @@ def keys(secret_file: str | None, signing_key_file: str | None, new: bool, publi
     return 0
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Write the job's agent shards as .npz files for devices")
 @click.option("--out", required=True, metavar="DIR", help="where the .npz files go (created if absent)")
 @SHARD_OPTIONS
 def shards(out: str, **opts: Any) -> int:
@@ -330,7 +330,7 @@ def shards(out: str, **opts: Any) -> int:
     return 0
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Run Mosquitto on loopback in the foreground")
 @click.option("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one, printed)")
 def broker(port: int) -> int:
     """Run Mosquitto on loopback in the foreground until Ctrl-C or SIGTERM; prints its URL."""
