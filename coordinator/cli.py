@@ -23,13 +23,14 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from fedfleet.edge_agent.errors import FedfleetError
 
 PLUGINS = ("bench", "emulate")  # commands of fedfleet.tools, found through entry points
-COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate", "provision", "generate")
+COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate", "provision", "generate", "tls")
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -126,6 +127,10 @@ def _read_secret(path: str) -> bytes:
         raise FedfleetError(f"--secret-file {path}: {exc.strerror}") from None
     if len(secret) < 16:
         raise FedfleetError(f"--secret-file {path}: the fleet secret must be at least 16 bytes")
+    mode = Path(path).stat().st_mode
+    if mode & 0o077:
+        print(f"fedfleet: warning: --secret-file {path} is readable by others (mode {mode & 0o777:04o}); "
+              f"chmod 600 {path}", file=sys.stderr)
     return secret
 
 
@@ -173,16 +178,23 @@ def cmd_keys(argv: list[str]) -> int:
     p.add_argument("--secret-file")
     p.add_argument("--signing-key-file", help="the coordinator's signing key file (coordinator.key)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--new", action="store_true", help="create the signing key file (never overwrites)")
+    mode.add_argument("--new", action="store_true", help="create the fleet secret (--secret-file) and/or the "
+                      "signing key (--signing-key-file), 0600, never overwriting; prints the public key")
     mode.add_argument("--public", action="store_true", help="print the public key (hex) for agents to pin")
     p.add_argument("ids", nargs="*")
     args = p.parse_args(argv)
     from fedfleet.edge_agent.wire import signing
     from fedfleet.edge_agent.wire.protocol import derive_key, valid_id
 
+    if args.new and args.secret_file and not args.ids:
+        from fedfleet.coordinator.safe_files import write_file
+
+        write_file(args.secret_file, os.urandom(32).hex() + "\n", secret=True)  # never overwrites
+        if not args.signing_key_file:
+            return 0
     if args.new or args.public:
         if not args.signing_key_file:
-            raise FedfleetError("--new and --public need --signing-key-file")
+            raise FedfleetError("--public needs --signing-key-file; --new needs --secret-file or --signing-key-file")
         if args.new:
             signing.write_private_key_file(args.signing_key_file, signing.new_signing_seed())
         print(signing.public_key(signing.read_key_file(args.signing_key_file, "--signing-key-file")).hex())
@@ -201,6 +213,7 @@ def cmd_keys(argv: list[str]) -> int:
 def cmd_shards(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fedfleet shards", description="write digits shards as .npz for devices")
     p.add_argument("--out", required=True)
+    p.add_argument("--roster", help="comma-separated agent ids: OUT/<id>.npz for each (default agent-00 .. agent-NN)")
     _job_args(p)
     args = p.parse_args(argv)
     import numpy as np
@@ -208,6 +221,13 @@ def cmd_shards(argv: list[str]) -> int:
     from fedfleet.coordinator.job.run import agent_ids, shards
 
     cfg = _job_config(args)
+    if args.roster:
+        from fedfleet.coordinator.job.config import apply
+
+        roster = [a.strip() for a in args.roster.split(",") if a.strip()]
+        apply(cfg, {"roster": roster}, "--roster")
+        if args.agents is None:
+            apply(cfg, {"agents": len(roster)}, "--roster")
     local, _ = shards(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,28 +250,22 @@ def cmd_shards(argv: list[str]) -> int:
 
 
 def cmd_broker(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet broker", description="run Mosquitto on loopback until Ctrl-C")
-    p.add_argument("--port", type=int, default=0)
+    p = argparse.ArgumentParser(prog="fedfleet broker", description="run Mosquitto in the foreground until "
+                                "Ctrl-C or SIGTERM (which stop it too)")
+    p.add_argument("--dir", help="a broker directory from `fedfleet provision` (OUT/broker): runs its mosquitto.conf")
+    p.add_argument("--port", type=int, default=0, help="without --dir: a throwaway broker on 127.0.0.1:PORT")
     args = p.parse_args(argv)
-    import signal
-    import time
+    from fedfleet.coordinator import broker
 
-    from fedfleet.coordinator.broker import MosquittoBroker
+    if args.dir:
+        return broker.run_broker_dir(args.dir)
+    import tempfile
 
-    def _interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    b = MosquittoBroker(args.port or None)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops Mosquitto too, not only Ctrl-C
-    print(b.url, flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        b.stop()
-    return 0
+    with tempfile.TemporaryDirectory(prefix="fedfleet-broker-") as tmp:
+        port = args.port or broker.free_port()
+        broker.write_broker_dir(tmp, port=port, bind="127.0.0.1")
+        return broker.run_foreground([broker.mosquitto_executable(), "-c", f"{tmp}/mosquitto.conf"],
+                                     on_start=lambda proc: print(f"mqtt://127.0.0.1:{port}", flush=True))
 
 
 def _delegate(module: str, argv: list[str]) -> int:
@@ -295,6 +309,8 @@ def _main(argv: list[str]) -> int:
             return _plugin(cmd, rest)
         if cmd == "provision":
             return _delegate("fedfleet.coordinator.job.provision", rest)
+        if cmd == "tls":
+            return _delegate("fedfleet.coordinator.tls", rest)
         if cmd == "generate":
             return _delegate("fedfleet.coordinator.mtvg.generate", rest)
         return {"demo": cmd_demo, "serve": cmd_serve, "keys": cmd_keys, "shards": cmd_shards,
