@@ -71,7 +71,8 @@ def _merge_config(args: argparse.Namespace) -> argparse.Namespace:
                        ("coordinator_key_file", "--coordinator-key-file (or coordinator_key_file)")):
         if not getattr(args, dest):
             raise FedfleetError(f"{what} is required, on the command line or in --config")
-    args.log_file = fields.get("log_file")
+    if args.log_file is None:
+        args.log_file = fields.get("log_file")
     args.log_max_bytes = fields.get("log_max_bytes", 1 << 20)
     args.log_backups = fields.get("log_backups", 3)
     return args
@@ -133,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--password-file", help="the broker password, in a file (never on the command line)")
     p.add_argument("--ca-certs")
     p.add_argument("--coordinator-key-file", help="the coordinator's public key (64 hex digits)")
-    p.add_argument("--state-dir", help="kept across restarts (answered tasks, the package, error feedback)")
+    p.add_argument("--state-dir", help="kept across restarts (answered tasks, the package, error feedback); "
+                   "overrides agent.toml's state_dir")
+    p.add_argument("--log-file", help="a rotating local log (its directory is made); overrides agent.toml's log_file")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     try:
