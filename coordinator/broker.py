@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import grp
 import hashlib
 import logging
 import os
@@ -191,13 +192,59 @@ def write_broker_dir(directory: str | Path, *, port: int, users: dict[str, str] 
     return conf
 
 
+FILE_KEYS = ("cafile", "certfile", "keyfile", "password_file", "acl_file")  # mosquitto.conf lines naming files
+
+
+def _reachable_by(path: Path, user: str) -> bool:
+    """Whether `user` may open `path`: every directory above it searchable and the file readable by that user."""
+    entry = pwd.getpwnam(user)
+    groups = {entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+
+    def allows(st: os.stat_result, bits: int) -> bool:
+        if st.st_uid == entry.pw_uid:
+            return bool(st.st_mode & (bits << 6))
+        if st.st_gid in groups:
+            return bool(st.st_mode & (bits << 3))
+        return bool(st.st_mode & bits)
+
+    path = path.resolve()
+    try:
+        return all(allows(os.stat(d), 1) for d in path.parents) and allows(os.stat(path), 4)
+    except OSError:
+        return False
+
+
 def run_broker_dir(directory: str | Path) -> int:
     """Run Mosquitto on DIR/mosquitto.conf in the foreground until SIGTERM, SIGINT or SIGHUP, which are passed on
-    to it; returns once it has exited (its exit code; 0 after a clean stop)."""
+    to it; returns once it has exited (its exit code; 0 after a clean stop). Started as root, Mosquitto drops
+    to its own user: if that user cannot reach the files (a directory under /root, say), it runs from a
+    private copy of them (mode 0700, owned by that user, removed afterwards)."""
     conf = Path(directory) / "mosquitto.conf"
     if not conf.is_file():
         raise ConfigError(f"--dir {directory}: no mosquitto.conf (write one with `fedfleet provision ... --out DIR`)")
-    return run_foreground([mosquitto_executable(), "-c", str(conf.resolve())])
+    conf = conf.resolve()
+    exe = mosquitto_executable()
+    user = broker_user()
+    lines = conf.read_text().splitlines()
+    files = [Path(line.split(None, 1)[1]) for line in lines if line.split(None, 1)[0:1] and
+             line.split(None, 1)[0] in FILE_KEYS and len(line.split(None, 1)) == 2]
+    if os.geteuid() != 0 or all(_reachable_by(f, user) for f in [conf, *files]):
+        return run_foreground([exe, "-c", str(conf)])
+    stage = Path(tempfile.mkdtemp(prefix="fedfleet-broker-"))
+    try:
+        out = []
+        for line in lines:
+            parts = line.split(None, 1)
+            if len(parts) == 2 and parts[0] in FILE_KEYS:
+                copy = stage / Path(parts[1]).name
+                shutil.copy2(parts[1], copy)
+                line = f"{parts[0]} {copy}"
+            out.append(line)
+        (stage / "mosquitto.conf").write_text("\n".join(out) + "\n")
+        _give_to(stage, user)
+        return run_foreground([exe, "-c", str(stage / "mosquitto.conf")])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def run_foreground(cmd: list[str], on_start: object = None) -> int:

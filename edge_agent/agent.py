@@ -196,7 +196,7 @@ class Agent:
         most often): say so in the retained status, once, so `serve` shows it while it waits."""
         reason = getattr(exc, "reason", "")
         if reason == "bad_signature" and topic.startswith(self.inbox.model_prefix) and self.model_digest is None:
-            error = f"bad_signature: the model package does not verify under the pinned coordinator key ({exc})"
+            error = f"{exc} (the model package; is coordinator.pub this coordinator's public key?)"
             if error != self.downlink_error:
                 self.downlink_error = error
                 if self.link.connected.is_set():
