@@ -181,6 +181,7 @@ def cmd_keys(argv: list[str]) -> int:
     mode.add_argument("--new", action="store_true", help="create the fleet secret (--secret-file) and/or the "
                       "signing key (--signing-key-file), 0600, never overwriting; prints the public key")
     mode.add_argument("--public", action="store_true", help="print the public key (hex) for agents to pin")
+    p.add_argument("--out", help="with agent ids: write OUT/<id>.key (0600) for each instead of printing the keys")
     p.add_argument("ids", nargs="*")
     args = p.parse_args(argv)
     from fedfleet.edge_agent.wire import signing
@@ -206,7 +207,15 @@ def cmd_keys(argv: list[str]) -> int:
     for agent in args.ids:
         if not valid_id(agent):
             raise FedfleetError(f"agent id {agent!r}: use 1-64 characters of letters, digits, '-', '_' or '.'")
-        print(f"{agent} {derive_key(secret, agent).hex()}")
+    for agent in args.ids:
+        if args.out:
+            from fedfleet.coordinator.safe_files import make_dir, write_file
+
+            path = write_file(make_dir(args.out, "--out") / f"{agent}.key", derive_key(secret, agent).hex() + "\n",
+                              secret=True, replace=True)
+            print(f"{agent} {path}")
+        else:
+            print(f"{agent} {derive_key(secret, agent).hex()}")
     return 0
 
 

@@ -74,6 +74,10 @@ def test_keys_new_makes_a_private_fleet_secret_and_never_overwrites(tmp_path):
     assert again.returncode == 2 and "refused to overwrite" in again.stderr
     keys = _cli("keys", "--secret-file", "fleet.secret", "pi-07", cwd=tmp_path)
     assert keys.returncode == 0 and "readable by others" not in keys.stderr
+    files = _cli("keys", "--secret-file", "fleet.secret", "--out", "keys", "pi-07", "pi-08", cwd=tmp_path)
+    assert files.returncode == 0 and sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["pi-07.key", "pi-08.key"]
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in (tmp_path / "keys").iterdir())
+    assert (tmp_path / "keys" / "pi-08.key").read_text().strip() not in files.stdout
     secret.chmod(0o644)
     loose = _cli("keys", "--secret-file", "fleet.secret", "pi-07", cwd=tmp_path)
     assert loose.returncode == 0 and "readable by others" in loose.stderr
