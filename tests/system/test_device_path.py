@@ -107,9 +107,19 @@ def test_acl_patterns_all_name_the_user():
     assert "user pi-07\ntopic read fedfleet/v1/+/broadcast/#" in text and text.count("user coordinator") == 1
 
 
-def test_serve_that_never_connected_leaves_no_run_directory(tmp_path):
+def _fleet_keys(tmp_path: Path) -> tuple[Path, Path]:
+    from fedfleet.coordinator.safe_files import write_file
+    from fedfleet.edge_agent.wire import signing
+
     secret, key = tmp_path / "fleet.secret", tmp_path / "coordinator.key"
-    assert _cli("keys", "--new", "--secret-file", str(secret), "--signing-key-file", str(key)).returncode == 0
+    write_file(secret, SECRET, secret=True)
+    signing.write_private_key_file(key, signing.new_signing_seed())
+    return secret, key
+
+
+@pytest.mark.slow  # the coordinator gives the broker 10 s to answer
+def test_serve_that_never_connected_leaves_no_run_directory(tmp_path):
+    secret, key = _fleet_keys(tmp_path)
     run_dir = tmp_path / "run"
     args = ("serve", "--broker", "mqtt://127.0.0.1:1", "--secret-file", str(secret), "--signing-key-file", str(key),
             "--roster", "pi-07", "--rounds", "1", "--run-dir", str(run_dir))
@@ -118,12 +128,20 @@ def test_serve_that_never_connected_leaves_no_run_directory(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # serve waits 12 s for an agent that never becomes ready
 def test_serve_shows_an_agents_reported_error_while_it_waits(tmp_path, mosquitto):
-    secret, key = tmp_path / "fleet.secret", tmp_path / "coordinator.key"
-    assert _cli("keys", "--new", "--secret-file", str(secret), "--signing-key-file", str(key)).returncode == 0
+    import numpy as np
+
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.job.run import shards
+
+    secret, key = _fleet_keys(tmp_path)
     (tmp_path / "wrong.pub").write_text(os.urandom(32).hex() + "\n")  # not this coordinator's key
-    (tmp_path / "pi-07.key").write_text(derive_key(secret.read_text().strip().encode(), "pi-07").hex())
-    assert _cli("shards", "--roster", "pi-07", "--out", str(tmp_path)).returncode == 0
+    (tmp_path / "pi-07.key").write_text(derive_key(SECRET, "pi-07").hex())
+    cfg = JobConfig()
+    cfg.agents = 2
+    local, _ = shards(cfg)  # what `fedfleet shards` writes for a device
+    np.savez(tmp_path / "pi-07.npz", x=local[0].x, y=local[0].y)
     agent = subprocess.Popen(
         [sys.executable, "-m", "fedfleet.edge_agent.cli", "--broker", mosquitto.url, "--fleet", "bad-pub",
          "--id", "pi-07", "--key-file", str(tmp_path / "pi-07.key"), "--data", str(tmp_path / "pi-07.npz"),
