@@ -127,11 +127,19 @@ def _read_secret(path: str) -> bytes:
         raise FedfleetError(f"--secret-file {path}: {exc.strerror}") from None
     if len(secret) < 16:
         raise FedfleetError(f"--secret-file {path}: the fleet secret must be at least 16 bytes")
-    mode = Path(path).stat().st_mode
-    if mode & 0o077:
-        print(f"fedfleet: warning: --secret-file {path} is readable by others (mode {mode & 0o777:04o}); "
-              f"chmod 600 {path}", file=sys.stderr)
+    warn_if_readable(path, "--secret-file")
     return secret
+
+
+def warn_if_readable(path: str, option: str) -> None:
+    """A warning on stderr when a secret file may be read by its group or others (it should be 0600)."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        print(f"fedfleet: warning: {option} {path} is readable by others (mode {mode & 0o777:04o}); "
+              f"chmod 600 {path}", file=sys.stderr)
 
 
 def cmd_serve(argv: list[str]) -> int:
@@ -152,6 +160,9 @@ def cmd_serve(argv: list[str]) -> int:
 
     cfg = _job_config(args)
     args.password = None
+    for path, option in ((args.password_file, "--password-file"), (args.signing_key_file, "--signing-key-file")):
+        if path:
+            warn_if_readable(path, option)
     if args.password_file:
         try:
             args.password = Path(args.password_file).read_text().strip()
