@@ -1,4 +1,4 @@
-"""TLS material for a fleet's broker, made with `cryptography` (no `openssl` command):
+"""`fedfleet tls`: a CA and server certificates for the broker, made with `cryptography` (no `openssl` command).
 
     fedfleet tls ca --out ca                                   ca/ca.crt, ca/ca.key (0600)
     fedfleet tls cert --ca ca --host coordinator.lan --out ca  ca/server.crt, ca/server.key (0600)
@@ -11,7 +11,6 @@ Private keys are written 0600 with `fedfleet.coordinator.safe_files`, never thro
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 from dataclasses import dataclass
@@ -140,7 +139,9 @@ def make_local_ca(directory: str | Path, *, days: int = 2) -> TLSFiles:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet tls", description="a CA and server certificates for the broker")
+    from fedfleet.edge_agent.cli_run import ArgParser
+
+    p = ArgParser(prog="fedfleet tls", description="a CA and server certificates for the broker")
     sub = p.add_subparsers(dest="what", required=True)
     ca = sub.add_parser("ca", help="make a CA: OUT/ca.crt and OUT/ca.key (0600)")
     ca.add_argument("--out", required=True, help="directory for ca.crt and ca.key")

@@ -25,13 +25,13 @@ ids and paths with control characters are refused. Nothing secret is ever printe
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 from pathlib import Path
 
 from fedfleet.coordinator.broker import mosquitto_password_line, write_broker_dir  # noqa: F401 - re-exported
 from fedfleet.coordinator.safe_files import check_text, make_dir, write_file
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.errors import ConfigError, FedfleetError
 from fedfleet.edge_agent.wire.mqtt import BrokerURL
 from fedfleet.edge_agent.wire.protocol import derive_key, valid_id
@@ -224,12 +224,12 @@ def provision(ids: list[str], *, broker: str, secret: bytes, out: Path, fleet: s
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet provision", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgParser(prog="fedfleet provision", description=__doc__.splitlines()[0])
     p.add_argument("--id", required=True, dest="ids", help="an agent id, or a comma-separated roster")
     p.add_argument("--broker", required=True, help="the URL devices connect to (mqtt:// or mqtts://)")
     p.add_argument("--secret-file", required=True, help="the fleet secret (stays on the coordinator host)")
     p.add_argument("--out", required=True, help="one directory per device, and broker/, are written under it")
-    p.add_argument("--fleet", default="demo", help="the fleet's name (default demo)")
+    p.add_argument("--fleet", default="demo", help="fleet name, the coordinator's (default %(default)s)")
     p.add_argument("--coordinator-key-file", help="coordinator.pub (64 hex digits), copied to each device")
     p.add_argument("--tls-ca", metavar="DIR", help="the CA directory of `fedfleet tls ca` (made if missing): "
                    "signs OUT/broker/server.crt for the broker URL's host; its ca.crt goes to each device")
@@ -237,7 +237,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--broker-users", action="store_true",
                    help="per-device broker passwords, and OUT/broker/{passwd,acl,coordinator.password}")
     p.add_argument("--profile", help="firmware profile name, e.g. rpi4b")
-    p.add_argument("--runtime", choices=("onnxruntime", "litert"), help="the devices' runtime")
+    p.add_argument("--runtime", choices=("onnxruntime", "litert"), help="the device's inference runtime (default: the profile's, else onnxruntime)")
     p.add_argument("--data", default=f"{STATE_DIR}/data.npz", help="the local data file's path on the device")
     p.add_argument("--state-dir", default=STATE_DIR, help=f"the agent's state directory (default {STATE_DIR})")
     p.add_argument("--log-file", default=LOG_FILE, help=f"the agent's log file (default {LOG_FILE})")

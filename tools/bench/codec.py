@@ -14,7 +14,6 @@ the dense tensors; each is the median of --repeat runs. `zstd_only_ratio` is pla
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.fedzip import ENCODINGS, FedZipParams, bound_bits, decode, encode, quantize
 from fedfleet.edge_agent.nn import mlp
 from fedfleet.tools.bench.output import emit
@@ -129,14 +129,14 @@ def run(d: int, z: float, encoding: str, k: int, zstd_level: int, steps: int, se
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet bench codec", description=__doc__.splitlines()[0])
+    ap = ArgParser(prog="fedfleet bench codec", description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=1_000_000, help="entries in the update (default 1e6)")
     ap.add_argument("--z", type=float, default=0.01, help="fraction kept by top-z (default 0.01)")
     ap.add_argument("--k", type=int, default=3, help="clusters (default 3)")
-    ap.add_argument("--encoding", choices=ENCODINGS, default="e4")
-    ap.add_argument("--zstd-level", type=int, default=3)
+    ap.add_argument("--encoding", choices=ENCODINGS, default="e4", help="FedZip encoding of the kept values (default %(default)s)")
+    ap.add_argument("--zstd-level", type=int, default=3, help="zstd level of the lossless stage (default %(default)s)")
     ap.add_argument("--steps", type=int, default=20, help="SGD steps that make the update (default 20)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model update (default %(default)s)")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the median is kept")
     ap.add_argument("--no-others", action="store_true", help="skip the other encodings and the noise baseline")
     ap.add_argument("--json", metavar="PATH", help="also write the JSON here")

@@ -13,13 +13,13 @@ before the round. Targets at 1000 agents on 2 cores: connected = 1000, round_s <
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.output import emit
 
 
@@ -125,11 +125,11 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench fleet", description=__doc__.splitlines()[0])
-    p.add_argument("--agents", type=int, default=1000)
+    p = ArgParser(prog="fedfleet bench fleet", description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, default=1000, help="agents, each with its own MQTT connection (default %(default)s)")
     p.add_argument("--processes", type=int, default=4, help="agent worker processes")
     p.add_argument("--idle-window", type=float, default=5.0, help="seconds to measure the idle fleet's CPU")
-    p.add_argument("--json")
+    p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     out = run(args.agents, args.processes, idle_window_s=args.idle_window)
     emit(out, ("agents", "connected", "round_s", "rss_mb_total", "bytes_up"), args.json)

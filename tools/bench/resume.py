@@ -15,7 +15,6 @@ what the kill left in the ledger, whether any earlier checkpoint or ledger row c
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.output import emit
 
 KEYS = ("rounds", "killed_at", "rounds_lost", "final_accuracy", "uninterrupted_accuracy")
@@ -185,13 +185,13 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench resume", description=__doc__.splitlines()[0])
-    p.add_argument("--agents", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=12)
+    p = ArgParser(prog="fedfleet bench resume", description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, default=4, help="agents (each its own process) (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=12, help="rounds of the job (default %(default)s)")
     p.add_argument("--kill-round", type=int, default=7, help="SIGKILL serve once this round has a result")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="fedavg")
-    p.add_argument("--json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the job (default %(default)s)")
+    p.add_argument("--method", default="fedavg", help="the job's method (default %(default)s)")
+    p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     out = run(agents=args.agents, rounds=args.rounds, kill_round=args.kill_round, seed=args.seed, method=args.method)
     emit(out, KEYS, args.json)
