@@ -317,10 +317,10 @@ def keys(secret_file: str | None, signing_key_file: str | None, new: bool, publi
     if not secret_file or not ids:
         raise FedfleetError("give --secret-file F and agent ids, or --signing-key-file K with --new or --public")
 
-    secret = _read_secret(secret_file)
-    for agent in ids:
+    for agent in ids:  # the ids are checked before the secret is read
         if not valid_id(agent):
             raise FedfleetError(f"agent id {agent!r}: use 1-64 characters of letters, digits, '-', '_' or '.'")
+    secret = _read_secret(secret_file)
     for agent in ids:
         if out:
             path = write_file(make_dir(out, "--out") / f"{agent}.key", derive_key(secret, agent).hex() + "\n",

@@ -142,7 +142,8 @@ def main(argv: list[str]) -> int:
     from fedfleet.edge_agent.cli_run import ArgParser
 
     p = ArgParser(prog="fedfleet tls", description="a CA and server certificates for the broker")
-    sub = p.add_subparsers(dest="what", required=True)
+    sub = p.add_subparsers(dest="what", required=True, metavar="{ca,cert}", help="ca: make a CA; cert: a server "
+                           "certificate signed by it")
     ca = sub.add_parser("ca", help="make a CA: OUT/ca.crt and OUT/ca.key (0600)")
     ca.add_argument("--out", required=True, help="directory for ca.crt and ca.key")
     ca.add_argument("--name", default="fedfleet CA", help="the CA's common name")
