@@ -27,7 +27,7 @@ import zstandard
 from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.fedzip import ENCODINGS, FedZipParams, bound_bits, decode, encode, quantize
 from fedfleet.edge_agent.nn import mlp
-from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.output import emit, progress
 
 
 def model_update(d: int, steps: int, seed: int, lr: float = 0.05) -> tuple[dict[str, np.ndarray], str]:
@@ -98,8 +98,10 @@ def measure(update: dict[str, np.ndarray], p: FedZipParams, repeat: int) -> dict
 
 def run(d: int, z: float, encoding: str, k: int, zstd_level: int, steps: int, seed: int, repeat: int,
         others: bool) -> dict[str, Any]:
+    progress("codec", f"making the update: {d} entries from {steps} SGD steps on MNIST 5k")
     update, source = model_update(d, steps, seed)
     p = FedZipParams(z=z, k=k, encoding=encoding, zstd_level=zstd_level)
+    progress("codec", f"encoding {encoding}: {repeat} timed encode/decode runs")
     main = measure(update, p, repeat)
     flat = np.concatenate([v.ravel() for v in update.values()]).astype(np.float32)
     zstd_bytes = len(zstandard.ZstdCompressor(level=zstd_level or 3).compress(flat.tobytes()))
@@ -116,11 +118,14 @@ def run(d: int, z: float, encoding: str, k: int, zstd_level: int, steps: int, se
     if others:
         table = {}
         for enc in ENCODINGS:
+            if enc != encoding:
+                progress("codec", f"encoding {enc}: {repeat} timed encode/decode runs")
             m = main if enc == encoding else measure(update, FedZipParams(z=z, k=k, encoding=enc,
                                                                           zstd_level=zstd_level), repeat)
             table[enc] = {key: round(val, 4) for key, val in m.items()}
         result["encodings"] = table
         noise = {"w": np.random.Generator(np.random.PCG64(seed)).standard_normal(d).astype(np.float32)}
+        progress("codec", "the Gaussian-noise baseline")
         m = measure(noise, p, 1)
         result["gaussian_noise"] = {key: round(m[key], 4) for key in ("ratio_vs_float32", "bound_ratio")}
     result["update"] = source

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet.edge_agent.cli_run import ArgParser
-from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.output import emit, progress
 
 
 def _children(pid: int) -> list[int]:
@@ -92,6 +92,7 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes, share_model=True,
                          blas_threads=1, serialize_learning=True, coordinator_key=public_key(seed))
         try:
+            progress("fleet", f"{agents} agents connecting from {processes} processes")
             pool.start(timeout_s=connect_timeout_s)
             out["start_s"] = time.perf_counter() - t_start
             try:
@@ -102,8 +103,10 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
             out["ready_s"] = time.perf_counter() - t_start
             pids = process_tree(os.getpid())
             c0, t0 = cpu_seconds(pids), time.perf_counter()
+            progress("fleet", f"{out['connected']} agents connected; {idle_window_s:g} s idle window")
             time.sleep(idle_window_s)
             out["idle_cpu_pct"] = 100.0 * (cpu_seconds(pids) - c0) / (time.perf_counter() - t0)
+            progress("fleet", "one round with every agent")
             summary = coord.run_round(1)
             pids = process_tree(os.getpid())
             out["rss_mb_total"] = sum(status_kb(p, "VmRSS") for p in pids) / 1024

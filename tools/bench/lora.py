@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fedfleet.edge_agent.cli_run import ArgParser
-from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.output import emit, progress
 
 KEYS = ("seeds", "fedit_accuracy", "flora_accuracy", "lora_fair_accuracy", "gain_points", "synthetic_cos_fedit",
         "synthetic_cos_fair", "delta_b_rel_norm")
@@ -102,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp, start_broker(args.broker) as b:
         for seed in seeds:  # the three methods side by side within each seed
             for method in methods:
+                progress("lora", f"{method}, seed {seed}: {args.rounds} rounds, {args.agents} agents")
                 per_seed[method].append(run_one(method, seed, args.rounds, args.agents, "digits", b.url, Path(tmp),
                                                 overrides))
         mnist = {}
         if args.mnist_rounds:
             for method in methods:
+                progress("lora", f"{method} on MNIST: {args.mnist_rounds} rounds")
                 mnist[method] = run_one(method, 0, args.mnist_rounds, 10, "mnist", b.url, Path(tmp), overrides)
         broker_kind = b.kind
     for method in METHODS:

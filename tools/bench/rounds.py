@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.edge_agent.cli_run import ArgParser
-from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.output import emit, progress
 
 
 def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "transfer") -> dict:
@@ -37,10 +37,16 @@ def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes,
                          coordinator_key=public_key(seed))
         try:
+            progress("rounds", f"{agents} agents connecting to {broker} from {processes} processes")
             pool.start()
             coord.wait_for_agents(agents, 120)
+            progress("rounds", "warm-up round (not counted)")
             coord.run_round(0)  # warm-up: caches, first features; not counted
-            summaries = [coord.run_round(r) for r in range(1, rounds + 1)]
+            summaries = []
+            for r in range(1, rounds + 1):
+                summaries.append(coord.run_round(r))
+                s = summaries[-1]
+                progress("rounds", f"round {r}/{rounds}: {s.wall_s:.2f} s, {s.ok}/{agents} answered")
         finally:
             pool.stop()
             coord.stop()

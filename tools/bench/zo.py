@@ -42,7 +42,7 @@ from fedfleet.edge_agent.zo.objectives import (
 )
 from fedfleet.tools.bench._zo_loop import EMPTY, Trace, _mean, _pool_map, run
 from fedfleet.tools.bench._zo_quadratic import QUAD_FZOOS, bench_quadratic
-from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.output import emit, progress
 
 # ---- digits, macro-F1 through the int8 runtime ------------------------------------------------------
 
@@ -259,11 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             kw: dict[str, Any] = {"agents": 3, "budget": 600, "quick": True, "fzoos_overrides": small,
                                   "jobs": args.jobs}
         else:
+            progress("zo", f"the quadratic (d=50, 5 agents): FedZO and FZooS variants, {args.rounds} rounds")
             quad, traces = bench_quadratic(d=50, agents=5, div=0.5, rounds=args.rounds, seed=args.seed,
                                            jobs=args.jobs)
             kw = {"agents": 5, "budget": args.budget, "quick": False, "jobs": args.jobs}
         runtimes = ["onnxruntime", "litert"] if args.runtime == "both" else [args.runtime]
-        by_rt = {rt: bench_digits(seed=args.seed, runtime=rt, **kw) for rt in runtimes}
+        by_rt = {}
+        for rt in runtimes:
+            progress("zo", f"the digits head's macro-F1 on {rt}: FedZO and FZooS variants")
+            by_rt[rt] = bench_digits(seed=args.seed, runtime=rt, **kw)
         digits = dict(by_rt[runtimes[0]])
         if len(runtimes) > 1:
             digits["by_runtime"] = by_rt
