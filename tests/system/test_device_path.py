@@ -156,3 +156,38 @@ def test_serve_shows_an_agents_reported_error_while_it_waits(tmp_path, mosquitto
     waiting = [line for line in p.stdout.splitlines() if line.startswith("waiting: ")]
     assert any("pi-07 online, no model, error: bad_signature" in line for line in waiting), p.stdout + p.stderr
     assert p.returncode == 1 and "bad_signature" in p.stderr
+
+
+def test_provisioned_broker_directory_runs_without_warnings_and_stops_on_sigterm(tmp_path):
+    import signal
+    import socket
+
+    from fedfleet.coordinator.broker import free_port, wait_for_port
+
+    port = free_port()
+    provision(["pi-07", "pi-08"], broker=f"mqtts://127.0.0.1:{port}", secret=SECRET, out=tmp_path / "devices",
+              broker_users=True, tls_ca=str(tmp_path / "ca"))
+    conf = (tmp_path / "devices" / "broker" / "mosquitto.conf").read_text()
+    assert f"listener {port}\n" in conf and "acl_file" in conf and "password_file" in conf and "certfile" in conf
+    proc = subprocess.Popen([sys.executable, "-m", "fedfleet.coordinator.cli", "broker", "--dir",
+                             str(tmp_path / "devices" / "broker")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, 20, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=15)[0].decode()
+    assert proc.returncode == 0, out
+    assert "arning" not in out and "rror" not in out, out  # Mosquitto said nothing about the ACL or the files
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        pass  # SIGTERM to `fedfleet broker` stopped Mosquitto
+
+
+def test_waiting_line_names_each_agents_state_and_error():
+    from fedfleet.coordinator.engine.presence import Presence
+
+    p = Presence(["pi-07", "pi-08", "pi-09"])
+    p.on_status("pi-07", {"state": "online", "model": "abc"})
+    p.on_status("pi-08", {"state": "online", "model": None, "error": "bad_signature: does not verify"})
+    line = p.waiting_line("abc", 2)
+    assert line == ("1/2 ready; pi-07 ready; pi-08 online, no model, error: bad_signature: does not verify; "
+                    "pi-09 not seen")
