@@ -226,8 +226,8 @@ def run_broker_dir(directory: str | Path) -> int:
     exe = mosquitto_executable()
     user = broker_user()
     lines = conf.read_text().splitlines()
-    files = [Path(line.split(None, 1)[1]) for line in lines if line.split(None, 1)[0:1] and
-             line.split(None, 1)[0] in FILE_KEYS and len(line.split(None, 1)) == 2]
+    named = [parts for parts in (line.split(None, 1) for line in lines) if len(parts) == 2 and parts[0] in FILE_KEYS]
+    files = [Path(value) for _, value in named]
     if os.geteuid() != 0 or all(_reachable_by(f, user) for f in [conf, *files]):
         return run_foreground([exe, "-c", str(conf)])
     stage = Path(tempfile.mkdtemp(prefix="fedfleet-broker-"))
