@@ -264,7 +264,12 @@ def run_foreground(cmd: list[str], on_start: object = None) -> int:
         if state["stopping"]:
             proc.send_signal(signal.SIGTERM)
         if callable(on_start):
-            on_start(proc)
+            try:
+                on_start(proc)
+            except BaseException:
+                proc.terminate()
+                proc.wait(10)
+                raise
         while True:
             try:
                 rc = proc.wait(timeout=10 if state["stopping"] else None)

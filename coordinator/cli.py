@@ -388,8 +388,11 @@ def broker(directory: str | None, port: int) -> int:
     with tempfile.TemporaryDirectory(prefix="fedfleet-broker-") as tmp:
         port = port or brokers.free_port()
         brokers.write_broker_dir(tmp, port=port, bind="127.0.0.1")
-        return brokers.run_foreground([brokers.mosquitto_executable(), "-c", f"{tmp}/mosquitto.conf"],
-                                      on_start=lambda proc: print(f"mqtt://127.0.0.1:{port}", flush=True))
+        def ready(proc: Any) -> None:  # the URL once Mosquitto listens
+            brokers.wait_for_port(port, 10.0, proc)
+            print(f"mqtt://127.0.0.1:{port}", flush=True)
+
+        return brokers.run_foreground([brokers.mosquitto_executable(), "-c", f"{tmp}/mosquitto.conf"], on_start=ready)
 
 
 # ---------------------------------------------------------------- running it
