@@ -177,7 +177,8 @@ def test_provisioned_broker_directory_runs_without_warnings_and_stops_on_sigterm
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=15)[0].decode()
     assert proc.returncode == 0, out
-    assert "arning" not in out and "rror" not in out, out  # Mosquitto said nothing about the ACL or the files
+    said = [line for line in out.splitlines() if "unexpected eof while reading" not in line]  # the port probe's
+    assert not said, out  # Mosquitto said nothing about the config, the ACL or the files
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
         pass  # SIGTERM to `fedfleet broker` stopped Mosquitto
 

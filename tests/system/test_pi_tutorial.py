@@ -68,6 +68,7 @@ def test_the_pi_tutorial_runs_as_written(tmp_path):
     background: dict[str, subprocess.Popen] = {}
     agents: dict[str, subprocess.Popen] = {}
     wheel_name = None
+    startup_log = [None]  # what the broker said as it started
 
     def run(argv: list[str], *, stdout_to: Path | None = None, timeout: float = 300) -> None:
         out = open(stdout_to, "wb") if stdout_to else subprocess.PIPE  # noqa: SIM115
@@ -91,6 +92,8 @@ def test_the_pi_tutorial_runs_as_written(tmp_path):
                 assert background[words[1]].poll() is None and time.monotonic() < deadline, \
                     (tmp_path / f"{words[1]}.log").read_text()
                 time.sleep(0.05)
+            time.sleep(0.5)
+            startup_log[0] = (tmp_path / f"{words[1]}.log").read_text()
             return
         run(argv, stdout_to=redirect, timeout=400)
 
@@ -165,8 +168,10 @@ def test_the_pi_tutorial_runs_as_written(tmp_path):
             print(f"{seconds:7.2f} s  {cmd}")
     assert broker_rc == 0
     assert not _port_open(port)  # SIGTERM to `fedfleet broker` stopped Mosquitto
-    broker_log = (tmp_path / "broker.log").read_text()
-    assert "arning" not in broker_log and "rror" not in broker_log, broker_log
+    # Mosquitto loaded the config, passwords, ACL and certificates without a warning, and logged nothing later but
+    # clients that closed a TLS connection without close_notify (a process ended, or this test's port probe)
+    for text in (startup_log[0], (tmp_path / "broker.log").read_text()):
+        assert not [line for line in text.splitlines() if "unexpected eof while reading" not in line], text
 
     conf = (work / "devices" / "broker" / "mosquitto.conf").read_text()
     assert "acl_file" in conf and "certfile" in conf and "allow_anonymous false" in conf
