@@ -29,6 +29,7 @@ from typing import Any
 
 from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.fleet import cpu_seconds, process_tree, status_kb
+from fedfleet.tools.bench.output import progress
 
 KEYS = ("agents", "nodes", "connected", "round_s", "rss_mb_total", "broker")
 
@@ -105,6 +106,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                     pool = AgentPool(url, cfg.fleet, secret, data, processes=per_node, share_model=True,
                                      blas_threads=1, serialize_learning=True, **agent_sign)
                     pools.append(pool)
+                progress("cluster", f"{kind}: {agents} agents connecting over {len(agent_urls)} node(s)")
                 for pool in pools:
                     pool.start(timeout_s=connect_timeout_s)
                 online_at = time.perf_counter()
@@ -116,6 +118,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                 ready_at = time.perf_counter()
                 out["connected"] = len(coord.ready_agents())
                 out["ready_after_online_s"] = round(ready_at - online_at, 2)
+                progress("cluster", f"{kind}: {out['connected']} agents ready; one round")
                 pids = process_tree(os.getpid()) + [p for b in broker_pids for p in process_tree(b)]
                 pids = sorted(set(pids))
                 roles = {"coordinator": [os.getpid()], "broker": [p for b in broker_pids for p in process_tree(b)],

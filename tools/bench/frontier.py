@@ -20,6 +20,7 @@ from typing import Any
 from fedfleet.coordinator.strategies import spec
 from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.ferret import job
+from fedfleet.tools.bench.output import progress
 
 POINT_KEYS = ("method", "accuracy", "bytes_total")
 
@@ -37,6 +38,7 @@ def methods(ks: list[int]) -> list[tuple[str, str, dict[str, Any], dict[str, Any
 def run(*, rounds: int, agents: int, seed: int, broker: str, ks: list[int]) -> tuple[list[dict[str, Any]], dict]:
     points, details = [], {}
     for label, method, mc, uplink in methods(ks):
+        progress("frontier", f"{label}: {rounds} rounds, {agents} agents on MNIST")
         r = job(method, dataset="mnist", rounds=rounds, agents=agents, seed=seed, broker=broker, method_config=mc,
                 uplink=uplink)
         up, down = sum(r["bytes_up"]), sum(r["bytes_down"])

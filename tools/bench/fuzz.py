@@ -42,7 +42,7 @@ import numpy as np
 
 from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.errors import ProtocolError
-from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.output import emit, progress
 
 KEYS = ("cases", "crashes", "untyped_errors", "rss_growth_mb", "rounds_completed", "accepted_bad")
 VALID_TAG = 777_000  # claimed samples of the insider's structurally valid update (+ scale index)
@@ -293,6 +293,7 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
         halves = {"keyless": n // 2, "insider": n - n // 2}
         timing: dict[str, float] = {}
         for name, count in halves.items():
+            progress("fuzz", f"{count} mutated messages, {name} half")
             phase["name"] = name
             t0 = time.perf_counter()
             sent = 0

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet.edge_agent.cli_run import ArgParser
-from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.output import emit, progress
 
 KEYS = ("rounds", "killed_at", "rounds_lost", "final_accuracy", "uninterrupted_accuracy")
 
@@ -116,6 +116,7 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
                               work / out, list(extra))
 
         a_dir, b_dir = work / "uninterrupted", work / "interrupted"
+        progress("resume", f"the uninterrupted run: {rounds} rounds, {agents} agent processes")
         uninterrupted = _serve(cmd(a_dir, "a.json"), work / "a.log", timeout_s)
 
         # the interrupted run: SIGKILL inside round `kill_round`: once round kill_round - 1 is committed, after
@@ -124,6 +125,7 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
         walls = sorted(w for (w,) in _query(a_dir / "ledger.sqlite", "SELECT wall_s FROM rounds"))
         into_round = 0.3 * walls[len(walls) // 2] if walls else 0.0
         db = b_dir / "ledger.sqlite"
+        progress("resume", f"the interrupted run: SIGKILL inside round {kill_round}")
         with open(work / "b.log", "wb") as log:
             victim = subprocess.Popen(cmd(b_dir, "b.json"), stdout=log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + timeout_s
@@ -143,6 +145,7 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
                       (run_id, killed_at))
         before = _fingerprint(b_dir, run_id, killed_at)
 
+        progress("resume", f"killed in round {killed_at}; resuming")
         resumed = _serve(cmd(b_dir, "b.json", "--resume", str(b_dir)), work / "c.log", timeout_s)
         after = _fingerprint(b_dir, run_id, killed_at)
         first_rerun = _query(db, "SELECT round FROM resumes WHERE run = ? ORDER BY ts DESC LIMIT 1", (run_id,))
