@@ -34,7 +34,7 @@ from fedfleet.edge_agent.errors import FedfleetError
 
 PLUGINS = ("bench", "emulate")  # commands of fedfleet.tools, found through entry points
 PASS_THROUGH = {"report": "fedfleet.coordinator.records.report", "provision": "fedfleet.coordinator.job.provision",
-                "generate": "fedfleet.coordinator.mtvg.generate"}
+                "generate": "fedfleet.coordinator.mtvg.generate", "tls": "fedfleet.coordinator.tls"}
 
 
 def summary(module: str) -> str:
@@ -161,14 +161,26 @@ def _read_secret(path: str) -> bytes:
         raise FedfleetError(f"--secret-file {path}: {exc.strerror}") from None
     if len(secret) < 16:
         raise FedfleetError(f"--secret-file {path}: the fleet secret must be at least 16 bytes")
+    warn_if_readable(path, "--secret-file")
     return secret
+
+
+def warn_if_readable(path: str, option: str) -> None:
+    """A warning on stderr when a secret file may be read by its group or others (it should be 0600)."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        print(f"fedfleet: warning: {option} {path} is readable by others (mode {mode & 0o777:04o}); "
+              f"chmod 600 {path}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- the group: built-in, pass-through and plugin commands
 class Commands(click.Group):
     """The built-in commands, then the pass-through ones and the plugins, in the order of `ORDER`."""
 
-    ORDER = ("demo", "serve", "keys", "shards", "broker", "provision", "report", "generate", "emulate", "bench")
+    ORDER = ("demo", "serve", "keys", "tls", "provision", "shards", "broker", "report", "generate", "emulate", "bench")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         names = set(self.commands) | set(PASS_THROUGH) | {ep.name for ep in _plugins()}
@@ -245,6 +257,9 @@ def serve(**opts: Any) -> int:
     args = SimpleNamespace(**opts)
     cfg = _job_config(args)
     password = None
+    for path, option in ((args.password_file, "--password-file"), (args.signing_key_file, "--signing-key-file")):
+        if path:
+            warn_if_readable(path, option)
     if args.password_file:
         try:
             password = Path(args.password_file).read_text().strip()
@@ -265,24 +280,36 @@ def serve(**opts: Any) -> int:
     return 0
 
 
-@cli.command(context_settings=CONTEXT, short_help="Print agents' keys, or make the coordinator's signing key")
-@click.option("--secret-file", "secret_file", metavar="FILE", help="the fleet secret: print the key of each agent ID")
+@cli.command(context_settings=CONTEXT, short_help="Make the fleet secret and signing key, or agents' keys")
+@click.option("--secret-file", "secret_file", metavar="FILE",
+              help="the fleet secret: print (or with --out, write) the key of each agent ID; with --new, make it")
 @click.option("--signing-key-file", "signing_key_file", metavar="FILE",
               help="the coordinator's signing key file (coordinator.key), with --new or --public")
-@click.option("--new", is_flag=True, help="create the signing key file (0600; never overwrites) and print its "
-              "public key")
+@click.option("--new", is_flag=True, help="create the fleet secret (--secret-file) and/or the signing key "
+              "(--signing-key-file), each 0600 and never overwriting; prints the signing key's public key")
 @click.option("--public", is_flag=True, help="print the signing key's public key (hex) for agents to pin")
+@click.option("--out", metavar="DIR", help="with agent IDs: write DIR/<ID>.key (0600) for each instead of printing")
 @click.argument("ids", nargs=-1, metavar="[ID]...")
-def keys(secret_file: str | None, signing_key_file: str | None, new: bool, public: bool, ids: tuple[str, ...]) -> int:
-    """Print each agent's key (hex), or make the coordinator's signing key and print its public key."""
+def keys(secret_file: str | None, signing_key_file: str | None, new: bool, public: bool, out: str | None,
+         ids: tuple[str, ...]) -> int:
+    """Make the fleet secret and the coordinator's signing key, or print (write) each agent's key."""
+    import os
+
+    from fedfleet.coordinator.safe_files import make_dir, write_file
     from fedfleet.edge_agent.wire import signing
     from fedfleet.edge_agent.wire.protocol import derive_key, valid_id
 
     if new and public:
         raise click.UsageError("--new and --public cannot be used together")
+    if new and ids:
+        raise click.UsageError("--new makes keys; give agent IDs without it")
+    if new and secret_file:
+        write_file(secret_file, os.urandom(32).hex() + "\n", secret=True)  # never overwrites
+        if not signing_key_file:
+            return 0
     if new or public:
         if not signing_key_file:
-            raise FedfleetError("--new and --public need --signing-key-file")
+            raise FedfleetError("--public needs --signing-key-file; --new needs --secret-file or --signing-key-file")
         if new:
             signing.write_private_key_file(signing_key_file, signing.new_signing_seed())
         print(signing.public_key(signing.read_key_file(signing_key_file, "--signing-key-file")).hex())
@@ -290,18 +317,26 @@ def keys(secret_file: str | None, signing_key_file: str | None, new: bool, publi
     if not secret_file or not ids:
         raise FedfleetError("give --secret-file F and agent ids, or --signing-key-file K with --new or --public")
 
-    secret = _read_secret(secret_file)
-    for agent in ids:
+    for agent in ids:  # the ids are checked before the secret is read
         if not valid_id(agent):
             raise FedfleetError(f"agent id {agent!r}: use 1-64 characters of letters, digits, '-', '_' or '.'")
-        print(f"{agent} {derive_key(secret, agent).hex()}")
+    secret = _read_secret(secret_file)
+    for agent in ids:
+        if out:
+            path = write_file(make_dir(out, "--out") / f"{agent}.key", derive_key(secret, agent).hex() + "\n",
+                              secret=True, replace=True)
+            print(f"{agent} {path}")
+        else:
+            print(f"{agent} {derive_key(secret, agent).hex()}")
     return 0
 
 
 @cli.command(context_settings=CONTEXT, short_help="Write the job's agent shards as .npz files for devices")
 @click.option("--out", required=True, metavar="DIR", help="where the .npz files go (created if absent)")
+@click.option("--roster", help="comma-separated agent ids: DIR/<id>.npz for each, as `serve --roster` and "
+              "`provision --id` name them (default agent-00 .. agent-NN)")
 @SHARD_OPTIONS
-def shards(out: str, **opts: Any) -> int:
+def shards(out: str, roster: str | None, **opts: Any) -> int:
     """Write the job's agent shards as .npz files (x, y) for devices (a continual job: DIR/<agent>/<task>.npz)."""
     import numpy as np
 
@@ -309,6 +344,13 @@ def shards(out: str, **opts: Any) -> int:
     from fedfleet.coordinator.job.run import shards as job_shards
 
     cfg = _job_config(SimpleNamespace(**opts))
+    if roster:
+        from fedfleet.coordinator.job.config import apply
+
+        ids = [a.strip() for a in roster.split(",") if a.strip()]
+        apply(cfg, {"roster": ids}, "--roster")
+        if opts.get("agents") is None:
+            apply(cfg, {"agents": len(ids)}, "--roster")
     local, _ = job_shards(cfg)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,29 +372,27 @@ def shards(out: str, **opts: Any) -> int:
     return 0
 
 
-@cli.command(context_settings=CONTEXT, short_help="Run Mosquitto on loopback in the foreground")
-@click.option("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one, printed)")
-def broker(port: int) -> int:
-    """Run Mosquitto on loopback in the foreground until Ctrl-C or SIGTERM; prints its URL."""
-    import signal
-    import time
+@cli.command(context_settings=CONTEXT, short_help="Run Mosquitto in the foreground (a provisioned broker directory)")
+@click.option("--dir", "directory", metavar="DIR",
+              help="a broker directory from `fedfleet provision` (OUT/broker): run its mosquitto.conf")
+@click.option("--port", type=int, default=0, help="without --dir: a throwaway broker on 127.0.0.1:PORT "
+              "(default: a free port, printed)")
+def broker(directory: str | None, port: int) -> int:
+    """Run Mosquitto in the foreground until Ctrl-C or SIGTERM, which stop it too."""
+    import tempfile
 
-    from fedfleet.coordinator.broker import MosquittoBroker
+    from fedfleet.coordinator import broker as brokers
 
-    def _interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    if directory:
+        return brokers.run_broker_dir(directory)
+    with tempfile.TemporaryDirectory(prefix="fedfleet-broker-") as tmp:
+        port = port or brokers.free_port()
+        brokers.write_broker_dir(tmp, port=port, bind="127.0.0.1")
+        def ready(proc: Any) -> None:  # the URL once Mosquitto listens
+            brokers.wait_for_port(port, 10.0, proc)
+            print(f"mqtt://127.0.0.1:{port}", flush=True)
 
-    b = MosquittoBroker(port or None)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops Mosquitto too, not only Ctrl-C
-    print(b.url, flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        b.stop()
-    return 0
+        return brokers.run_foreground([brokers.mosquitto_executable(), "-c", f"{tmp}/mosquitto.conf"], on_start=ready)
 
 
 # ---------------------------------------------------------------- running it

@@ -91,7 +91,9 @@ class Agent:
         self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self.inbox = Inbox(fleet=config.fleet, agent_id=config.agent_id, coordinator_key=config.coordinator_key,
                            deliver=lambda kind, header, body: self._work.put((kind, header, body)),
-                           current_model=lambda: self.model_digest, signatures=self.host.signatures)
+                           current_model=lambda: self.model_digest, signatures=self.host.signatures,
+                           on_refused=self._on_refused)
+        self.downlink_error: str | None = None  # a model package refused before any was loaded (its status says so)
         self._status_topic = self.uplink.status_topic
         self._result_topic = self.uplink.result_topic
         self._telemetry_topic = self.uplink.telemetry_topic
@@ -189,6 +191,17 @@ class Agent:
                 "samples": len(self.data), "model": self.model_digest, **self.cfg.extra_status, **extra}
         return self.uplink.status(body, will=will)
 
+    def _on_refused(self, topic: str, exc: Exception) -> None:
+        """A model package whose signature does not verify while no model is loaded (the wrong coordinator.pub,
+        most often): say so in the retained status, once, so `serve` shows it while it waits."""
+        reason = getattr(exc, "reason", "")
+        if reason == "bad_signature" and topic.startswith(self.inbox.model_prefix) and self.model_digest is None:
+            error = f"{exc} (the model package; is coordinator.pub this coordinator's public key?)"
+            if error != self.downlink_error:
+                self.downlink_error = error
+                if self.link.connected.is_set():
+                    self._announce()
+
     def _on_connect(self) -> None:
         log.info("agent %s connected to %s (fleet %s)", self.cfg.agent_id, self.cfg.broker, self.cfg.fleet)
         if self.trust_error:
@@ -196,7 +209,7 @@ class Agent:
         self._announce()
 
     def _announce(self) -> None:
-        error = self.trust_error or self.model_error
+        error = self.trust_error or self.model_error or (None if self.model_digest else self.downlink_error)
         extra = {"error": error} if error else {}
         self.link.publish(self._status_topic, self._status_payload("online", **extra), retain=True)
 

@@ -80,7 +80,8 @@ def _merge_config(args: Any) -> Any:
                        ("coordinator_key_file", "--coordinator-key-file (or coordinator_key_file)")):
         if not getattr(args, dest):
             raise FedfleetError(f"{what} is required, on the command line or in --config")
-    args.log_file = fields.get("log_file")
+    if getattr(args, "log_file", None) is None:
+        args.log_file = fields.get("log_file")
     args.log_max_bytes = fields.get("log_max_bytes", 1 << 20)
     args.log_backups = fields.get("log_backups", 3)
     return args
@@ -169,7 +170,10 @@ class AgentCommand(click.Group):
 @click.option("--coordinator-key-file", "coordinator_key_file", metavar="FILE",
               help="the coordinator's public key (64 hex digits, from `fedfleet keys --public`)")
 @click.option("--state-dir", "state_dir", metavar="DIR",
-              help="kept across restarts (answered tasks, the package, error feedback)")
+              help="kept across restarts (answered tasks, the package, error feedback); overrides agent.toml's "
+              "state_dir")
+@click.option("--log-file", "log_file", metavar="FILE",
+              help="a rotating local log (its directory is made); overrides agent.toml's log_file")
 @click.option("-v", "--verbose", is_flag=True, help="log debugging detail too")
 @click.option("-q", "--quiet", is_flag=True, help="log only warnings and errors")
 @click.pass_context

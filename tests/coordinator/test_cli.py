@@ -57,7 +57,7 @@ def test_every_option_of_every_command_has_help_and_each_command_only_its_own():
     shards = _options(built_in["shards"])
     assert not shards & {"--quorum", "--metrics-port", "--report", "--rounds", "--deadline", "--resume", "--json"}
     assert {"--out", "--agents", "--alpha", "--config", "--seed"} <= shards
-    assert _options(built_in["broker"]) == {"--port", "-h", "--help"}
+    assert _options(built_in["broker"]) == {"--dir", "--port", "-h", "--help"}
     assert not _options(built_in["keys"]) & {"--rounds", "--config"}
     assert {"--secret-file", "--roster", "--wait", "--rounds", "--quorum"} <= _options(built_in["serve"])
     assert "--secret-file" not in _options(built_in["demo"])
