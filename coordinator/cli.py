@@ -216,7 +216,7 @@ def cli() -> None:
     pass
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="A broker, the coordinator and its agents in one command")
 @click.option("--broker", default="embedded", show_default=True,
               help="embedded, mosquitto, memory (in-process, no sockets) or mqtt://host:port")
 @click.option("--quiet", is_flag=True, help="no progress view, only the summary JSON")
@@ -236,7 +236,7 @@ def demo(**opts: Any) -> int:
     return 0
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Run the coordinator for agents on devices")
 @click.option("--broker", required=True, help="the broker: mqtt://host:port or mqtts://host:port")
 @click.option("--secret-file", "secret_file", required=True, metavar="FILE",
               help="the fleet secret (agents' keys derive from it; keep it off the devices)")
@@ -280,7 +280,7 @@ def serve(**opts: Any) -> int:
     return 0
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Make the fleet secret and signing key, or agents' keys")
 @click.option("--secret-file", "secret_file", metavar="FILE",
               help="the fleet secret: print (or with --out, write) the key of each agent ID; with --new, make it")
 @click.option("--signing-key-file", "signing_key_file", metavar="FILE",
@@ -331,7 +331,7 @@ def keys(secret_file: str | None, signing_key_file: str | None, new: bool, publi
     return 0
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Write the job's agent shards as .npz files for devices")
 @click.option("--out", required=True, metavar="DIR", help="where the .npz files go (created if absent)")
 @click.option("--roster", help="comma-separated agent ids: DIR/<id>.npz for each, as `serve --roster` and "
               "`provision --id` name them (default agent-00 .. agent-NN)")
@@ -372,7 +372,7 @@ def shards(out: str, roster: str | None, **opts: Any) -> int:
     return 0
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Run Mosquitto in the foreground (a provisioned broker directory)")
 @click.option("--dir", "directory", metavar="DIR",
               help="a broker directory from `fedfleet provision` (OUT/broker): run its mosquitto.conf")
 @click.option("--port", type=int, default=0, help="without --dir: a throwaway broker on 127.0.0.1:PORT "

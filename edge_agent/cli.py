@@ -22,8 +22,8 @@ The agent logs what it does at INFO (connecting, each model package received and
 and sent, every refusal and error), to stderr and to agent.toml's `log_file`; `-q` keeps only warnings and
 errors, `-v` adds debugging detail. Errors in options print one clear line and exit 2.
 
-The command line is click's (see `fedfleet.edge_agent.cli_run`): one small pure-Python package, shared with
-`fedfleet`, so a device installs no argument framework of its own.
+The command line is click's, as `fedfleet`'s is (see `fedfleet.edge_agent.cli_run`): one small pure-Python
+package with no dependencies of its own, about 1 MB on a device.
 """
 
 from __future__ import annotations

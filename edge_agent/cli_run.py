@@ -5,8 +5,8 @@
 - a module that an optional extra brings (torch on a bare install) names the extra to install, exit 1;
 - `--help` and `--version` exit 0; Ctrl-C exits 130.
 
-click itself never exits the process here (`standalone_mode=False`), so in-process callers, tests among them,
-get a return code.
+Nothing here exits the process (click runs with `standalone_mode=False`, and a pass-through module's
+`SystemExit` becomes its code), so in-process callers, tests among them, get a return code.
 """
 
 from __future__ import annotations
@@ -107,6 +107,11 @@ def run(command: click.Command, argv: list[str], program: str) -> int:
         return 2
     except (TimeoutError, ConnectionError) as exc:
         print(f"{where}: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:  # a pass-through parser's --help or usage error, or a module's sys.exit
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        print(f"{where}: error: {exc.code}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as exc:
         message = missing_package(exc, where)

@@ -165,3 +165,11 @@ def test_every_option_of_the_pass_through_commands_has_help_and_none_is_abbrevia
         assert isinstance(parser, ArgParser) and parser.allow_abbrev is False, module
         undocumented = [a.option_strings or a.dest for a in parser._actions if not a.help]
         assert not undocumented, (module, undocumented)
+
+
+def test_in_process_callers_get_a_return_code_from_pass_through_commands(capsys):
+    assert cli.main(["bench", "codec", "--help"]) == 0
+    assert "fedfleet bench codec" in capsys.readouterr().out
+    assert cli.main(["bench", "codec", "--d", "many"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--d" in err and "fedfleet bench codec --help" in err, err
