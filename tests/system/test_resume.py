@@ -161,6 +161,7 @@ def test_run_directory_refuses_another_job_or_a_fresh_start(tmp_path):
 def test_serve_resume_with_another_method_is_a_one_line_error(tmp_path):
     secret = tmp_path / "fleet.secret"
     secret.write_text("x" * 32)
+    secret.chmod(0o600)
     open_job(tmp_path / "run", {"method": "fedavg"}, resume=False)
     key = tmp_path / "coordinator.key"
     signing.write_private_key_file(key, signing.new_signing_seed())
