@@ -1,7 +1,9 @@
 """A phase's ledger rows: `ok` rows (held until the phase closes, so the norm bound and a late energy report can
 still change them), `late` rows, refusals (itemised up to `reject_rows` per agent, the rest summed in one
 `rejected:rate_limited` row), one summary row per reason for unauthenticated messages and for refused status and
-telemetry, and energy reports (on the result's row while it is held, else added to the row already written).
+telemetry, energy reports (on the result's row while it is held, else added to the row already written), and
+traffic reports (an agent's bytes by category and its socket's since its previous report, in `traffic` and
+`sockets`, on the round the report names).
 
 Statuses are `ok`, `late` and `rejected:<Refusal value>`; the engine writes a phase's rows in one transaction.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedfleet.coordinator.engine.inbox import EnergyReport
+from fedfleet.coordinator.engine.inbox import EnergyReport, TrafficReport
 from fedfleet.coordinator.records.ledger import Ledger
 from fedfleet.coordinator.strategies import ClientResult
 from fedfleet.edge_agent.errors import Refusal
@@ -72,6 +74,10 @@ class PhaseBooks:
             return
         self.ledger.add_energy(self.run, report.round, report.phase, report.agent, compute_j=report.compute_j,
                                radio_j=report.radio_j, idle_j=report.idle_j)
+
+    def traffic(self, report: TrafficReport) -> None:
+        """An agent's bytes by category (and its socket's) since its previous report, on the report's round."""
+        self.ledger.record_traffic(self.run, report.round, report.agent, report.traffic, report.wire)
 
     def summarise(self, dropped: dict[Refusal, tuple[int, int, list[str]]],
                   refused: dict[tuple[str, Refusal], tuple[int, list[str]]]) -> None:
