@@ -55,6 +55,7 @@ class ByteProxy:
         self.conns: list[Conn] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._drops = False
         self._sel = selectors.DefaultSelector()
         self._sel.register(self.listener, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name="byte-proxy", daemon=True)
@@ -62,7 +63,12 @@ class ByteProxy:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for key, _ in self._sel.select(timeout=0.2):
+            if self._drops:
+                self._drops = False
+                for key in list(self._sel.get_map().values()):
+                    if key.data is not None:
+                        self._close(key.fileobj)  # type: ignore[arg-type]
+            for key, _ in self._sel.select(timeout=0.05):
                 if key.data is None:
                     client, _ = self.listener.accept()
                     broker = socket.create_connection(self.upstream)
@@ -104,6 +110,10 @@ class ByteProxy:
                 s.close()
             except OSError:
                 pass
+
+    def drop_all(self) -> None:
+        """Cut every open connection (as a network outage would); new ones are still relayed."""
+        self._drops = True
 
     def by_client(self) -> dict[str, tuple[int, int]]:
         """client id -> (bytes up, bytes down) over all its connections."""
