@@ -10,6 +10,7 @@
     fedfleet broker [--port P]                       a Mosquitto broker on loopback, in the foreground
     fedfleet bench NAME [...]                         benchmarks (tools/bench/NAME.py)
     fedfleet report RUN_DIR                          HTML and PNG report of a run
+    fedfleet export RUN_DIR [--out DIR]              the ledger as CSV and Parquet, one file per table
     fedfleet emulate FLEET.toml                      an emulated fleet against a broker
     fedfleet provision --id pi-07 --broker URL --secret-file F --out DIR   files and a service for devices
     fedfleet generate --prompts "3 right; 3 down" --out DIR --run RUN_DIR|--weights F   MTVG clip sequence
@@ -29,7 +30,7 @@ from pathlib import Path
 from fedfleet.edge_agent.errors import FedfleetError
 
 PLUGINS = ("bench", "emulate")  # commands of fedfleet.tools, found through entry points
-COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "emulate", "provision", "generate")
+COMMANDS = ("demo", "serve", "keys", "shards", "broker", "bench", "report", "export", "emulate", "provision", "generate")
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -291,6 +292,8 @@ def _main(argv: list[str]) -> int:
     try:
         if cmd == "report":
             return _delegate("fedfleet.coordinator.records.report", rest)
+        if cmd == "export":
+            return _delegate("fedfleet.coordinator.records.export", rest)
         if cmd in PLUGINS:
             return _plugin(cmd, rest)
         if cmd == "provision":
