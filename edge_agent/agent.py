@@ -308,7 +308,7 @@ class Agent:
             self.meter.add("radio", 0.0, bytes_up=other[0], bytes_down=other[1])
         energy = self.meter.take().as_dict()
         self._safe_telemetry("energy", run=task.run, round=task.round, phase=task.phase, **energy,
-                             **self.byte_counts(), **traffic)
+                             meter=getattr(self.meter, "kind", None) or None, **self.byte_counts(), **traffic)
 
     def _last_report(self) -> None:
         """On leaving: the bytes since the last task's report (that report itself, the offline status), for the

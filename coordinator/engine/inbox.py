@@ -54,6 +54,7 @@ class EnergyReport:
     compute_j: float
     radio_j: float
     idle_j: float
+    meter: str | None = None  # the agent's meter kind: "model" (from its profile) or a hardware meter
 
 
 @dataclass(frozen=True)

@@ -330,7 +330,8 @@ class ReceivePath:
                     wire = None if wire is None else (wire[0] + nbytes, wire[1])
                 self.inbox.put(TrafficReport(agent, *where, counts, wire))
             if event == "energy":
-                self.inbox.put(EnergyReport(agent, *where, *(float(content[k]) for k in ENERGY_FIELDS)))
+                self.inbox.put(EnergyReport(agent, *where, *(float(content[k]) for k in ENERGY_FIELDS),
+                                            meter=check_str(content.get("meter"), "meter", 16, optional=True)))
         elif self._fresh(agent, kind, seq):
             log.info("telemetry from %s: %s", agent, str(content)[:300])
 

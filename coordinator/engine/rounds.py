@@ -300,7 +300,8 @@ class Coordinator:
         validator = Validator(run=self.cfg.run, r=r, phase=phase, tasks=tasks, strategy=self.strategy,
                               guard=self.guard, max_result_bytes=self.cfg.max_result_bytes,
                               announced=self.presence.announced(tasks), late=self._carry.late)
-        books = PhaseBooks(self.ledger, run=self.cfg.run, r=r, phase=phase, reject_rows=self.cfg.reject_rows)
+        books = PhaseBooks(self.ledger, run=self.cfg.run, r=r, phase=phase, reject_rows=self.cfg.reject_rows,
+                           profiles={a: str(s["profile"]) for a, s in dict(self.presence.online).items() if s.get("profile")})
         return Phase(run=self.cfg.run, r=r, phase=phase, tasks=tasks, validator=validator, books=books,
                      carry=self._carry, inbox=self.inbox, receive=self.receive, sync=self._sync)
 

@@ -53,6 +53,8 @@ COLUMNS: dict[str, dict[str, str]] = {
         "codec": "The uplink codec of the agent's result.",
         "detail": "Why, for a refusal or a late row (and how many messages a summary row stands for).",
         "ts": _TS,
+        "energy_meter": "What the energy is: `model` (modelled from the agent's firmware profile's power figures) "
+                        "or the hardware meter that measured it (`rapl`, `jetson`, `rpi5`); NULL: not reported.",
     },
     "rounds": {
         "run": _RUN,

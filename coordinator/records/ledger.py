@@ -81,11 +81,12 @@ CREATE TABLE IF NOT EXISTS layer_basis (
 );
 """
 # columns added after the first release: a ledger written before them gains them on open
-_ADDED_COLUMNS = {"rounds": (("accuracy_min", "REAL"), ("nodes", "INTEGER NOT NULL DEFAULT 0"))}
+_ADDED_COLUMNS = {"rounds": (("accuracy_min", "REAL"), ("nodes", "INTEGER NOT NULL DEFAULT 0")),
+                  "agent_rounds": (("energy_meter", "TEXT"),)}
 
 AGENT_FIELDS = (
     "status", "bytes_up", "bytes_down", "learn_s", "samples", "queries", "energy_compute_j",
-    "energy_radio_j", "energy_idle_j", "profile", "codec", "detail",
+    "energy_radio_j", "energy_idle_j", "profile", "codec", "detail", "energy_meter",
 )
 
 
@@ -167,12 +168,12 @@ class Ledger:
         )
 
     def add_energy(self, run: str, round: int, phase: int, agent: str, *, compute_j: float, radio_j: float,
-                   idle_j: float) -> None:
+                   idle_j: float, meter: str | None = None) -> None:
         """Set an agent's energy for a round (agents report it after their upload, so it comes last)."""
         self._write(
-            "UPDATE agent_rounds SET energy_compute_j = ?, energy_radio_j = ?, energy_idle_j = ? WHERE id ="
+            "UPDATE agent_rounds SET energy_compute_j = ?, energy_radio_j = ?, energy_idle_j = ?, energy_meter = ? WHERE id ="
             " (SELECT max(id) FROM agent_rounds WHERE run = ? AND round = ? AND phase = ? AND agent = ?)",
-            (compute_j, radio_j, idle_j, run, round, phase, agent),
+            (compute_j, radio_j, idle_j, meter, run, round, phase, agent),
         )
 
     def record_traffic(self, run: str, round: int, agent: str, traffic: dict[str, tuple[int, int]],
