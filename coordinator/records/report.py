@@ -166,11 +166,10 @@ def render(run_dir: str | Path, *, out_dir: str | Path | None = None, run: str |
         "stragglers": plot_stragglers(data, out / "stragglers.png"),
     }
     page = out / "report.html"
+    from fedfleet.coordinator.records.report_books import section as books
     from fedfleet.coordinator.records.report_continual import (
         section,  # a continual job's ACC, FGT and accuracy matrix
     )
-
-    from fedfleet.coordinator.records.report_books import section as books
 
     extra = section(Path(run_dir) / "ledger.sqlite", data.run, out)
     body = _html(data, images, books(Path(run_dir), data.run))
