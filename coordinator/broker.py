@@ -187,6 +187,16 @@ class MosquittoBroker(Broker):
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+class SnapshotDict(dict):
+    """A dict whose iteration (plain and `items()`) walks a snapshot, so it may change during the loop."""
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(list(super().keys()))
+
+    def items(self):  # noqa: ANN201
+        return list(super().items())
+
+
 class EmbeddedBroker(Broker):
     """amqtt, in-process on its own event-loop thread. MQTT 3.1.1 only; fine for demos."""
 
@@ -222,6 +232,12 @@ class EmbeddedBroker(Broker):
 
         async def boot() -> None:
             self._broker = AmqttBroker(config)
+            # amqtt 0.12 loops over its subscriptions dict while a connecting client's session starts, awaiting
+            # inside the loop; another client subscribing meanwhile raised "dictionary changed size during
+            # iteration" and dropped the connecting client, which reconnected: its statuses of the dropped
+            # connection then reached the coordinator after the new ones ("replayed" refusals at start-up).
+            # Iterating a snapshot keeps every connection.
+            self._broker._subscriptions = SnapshotDict(self._broker._subscriptions)
             await self._broker.start()
 
         try:

@@ -88,6 +88,7 @@ class MqttLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.bytes_by_topic: Counter[str] = Counter()  # formula bytes per topic, both directions
+        self.received_by_topic: Counter[str] = Counter()  # the received part of it
         self.connects = 0  # CONNACKs accepted (first connection and reconnects)
         self._control = [0, 0]  # CONNECT + SUBSCRIBE sent, CONNACK + SUBACK received (wire/traffic.py formulas)
         self._connected_cb_due = False  # a CONNACK was handled: run `on_connect` once paho has re-sent its queue
@@ -242,6 +243,7 @@ class MqttLink:
         with self._lock:
             self.bytes_received += n
             self.bytes_by_topic[msg.topic] += n
+            self.received_by_topic[msg.topic] += n
         try:
             self._on_message_cb(msg.topic, msg.payload)
         except Exception:  # a handler bug must never kill the network thread

@@ -65,14 +65,22 @@ def topic_category(topic: str) -> str:
     return "state" if topic.endswith("/broadcast/state") else "other"
 
 
-def by_category(bytes_by_topic: dict[str, int], control: tuple[int, int] = (0, 0)) -> dict[str, list[int]]:
-    """{category: [up, down]} of one device from its link's per-topic formula bytes and control bytes."""
+def by_category(bytes_by_topic: dict[str, int], control: tuple[int, int] = (0, 0),
+                received_by_topic: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """{category: [up, down]} of one device from its link's per-topic formula bytes (both directions, and the
+    received part where the link keeps it) and control bytes. A topic of an unknown kind counts as `control`."""
     out = {c: [0, 0] for c in CATEGORIES}
     for topic, n in bytes_by_topic.items():
         cat = topic_category(topic)
-        if cat in out:
+        cat = cat if cat in out else "control"
+        if received_by_topic is None:
             out[cat][0 if cat in UP else 1] += int(n)
-    out["control"] = [int(control[0]), int(control[1])]
+        else:
+            down = int(received_by_topic.get(topic, 0))
+            out[cat][0] += int(n) - down
+            out[cat][1] += down
+    out["control"][0] += int(control[0])
+    out["control"][1] += int(control[1])
     return out
 
 
@@ -92,7 +100,9 @@ class TrafficCounter:
         """(bytes by category, socket (sent, received)) since the link was made."""
         link = self._link()
         control = link.control_bytes() if hasattr(link, "control_bytes") else (0, 0)
-        return by_category(dict(link.bytes_by_topic), control), link.wire_bytes()
+        received = getattr(link, "received_by_topic", None)
+        return (by_category(dict(link.bytes_by_topic), control, None if received is None else dict(received)),
+                link.wire_bytes())
 
     def take(self) -> dict[str, Any]:
         """{"traffic": {category: [up, down]}, "wire": [up, down] or None} since the previous take."""
