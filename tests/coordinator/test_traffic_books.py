@@ -11,7 +11,13 @@ from fedfleet.coordinator.engine.inbox import TrafficReport
 from fedfleet.coordinator.engine.receive import check_traffic
 from fedfleet.edge_agent.errors import ProtocolError
 from fedfleet.edge_agent.wire.memory import MemoryBroker, MemoryLink
-from fedfleet.edge_agent.wire.traffic import CATEGORIES, TrafficCounter, by_category, connect_bytes, subscribe_bytes
+from fedfleet.edge_agent.wire.traffic import (
+    CATEGORIES,
+    TrafficCounter,
+    by_category,
+    connect_bytes,
+    subscribe_bytes,
+)
 
 
 def test_by_category_splits_directions_and_categories():

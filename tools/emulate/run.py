@@ -221,6 +221,13 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
             for k, v in a["outcomes"].items():
                 outcomes[k] = outcomes.get(k, 0) + v
         summary["outcomes"] = outcomes
+        from fedfleet.coordinator.job.run import read_books
+
+        books = read_books(run_dir, run_id)  # the ledger's numbers, as the demo's summary and every view show them
+        if books is not None:
+            summary["books"] = books
+            summary["bytes_up"], summary["bytes_down"] = books["model_updates"]["up"], books["model_updates"]["down"]
+            summary["bytes_counts"] = books["model_updates"]["counts"]
         summary["report"] = str(render(run_dir, run=run_id))
         name = "summary.json"
     else:
