@@ -57,8 +57,10 @@ def section(run_dir: str | Path, run: str) -> str:
     try:
         with LedgerView(run_dir / "ledger.sqlite") as view:
             acc = accounts(view.query, run)
+            has_meter = any(r[1] == "energy_meter" for r in view.query("PRAGMA table_info(agent_rounds)"))
+            meter_col = "energy_meter" if has_meter else "NULL"  # a ledger written before the column existed
             meters = [tuple(r) for r in view.query(
-                "SELECT COALESCE(profile, '-'), COALESCE(energy_meter, 'not reported'), COUNT(*) FROM agent_rounds"
+                f"SELECT COALESCE(profile, '-'), COALESCE({meter_col}, 'not reported'), COUNT(*) FROM agent_rounds"
                 " WHERE run = ? AND energy_compute_j IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2", (run,))]
             exchanged = view.query(
                 "SELECT COALESCE(SUM(bytes_down > 0), 0), COALESCE(SUM(bytes_up > 0), 0) FROM agent_rounds WHERE run = ?",

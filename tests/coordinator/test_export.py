@@ -18,7 +18,7 @@ def _ledger(tmp_path):
     ledger = Ledger(run_dir / "ledger.sqlite")
     ledger.start_run("r1", {"strategy": "fedavg"})
     ledger.record("r1", 1, "agent-00", "ok", bytes_up=1000, bytes_down=3000, energy_compute_j=1.5,
-                  energy_radio_j=0.25, energy_idle_j=4.0, profile="rpi4b")
+                  energy_radio_j=0.25, energy_idle_j=4.0, profile="rpi4b", energy_meter="model")
     ledger.record("r1", 1, "agent-01", "rejected:replayed", detail="2 status messages refused")
     ledger.record_traffic("r1", 1, "agent-00", {"model": (0, 50_000), "task": (0, 3000), "result": (1000, 0),
                                                  "control": (80, 9)}, (1100, 53_100))
@@ -66,3 +66,20 @@ def test_export_of_a_missing_run_dir_is_one_line(tmp_path, capsys):
     assert cli(["export", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ledger not found" in err
+
+
+def test_report_shows_the_books(tmp_path):
+    import html
+    import re
+
+    from fedfleet.coordinator.records.report import render
+
+    run_dir = _ledger(tmp_path)
+    page = render(run_dir).read_text()
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page)))
+    assert "What the devices paid for" in text
+    assert "All device traffic 0.001 0.053" in text and "Model updates only 0.001 0.003" in text
+    assert "model 0.000 0.050 92.4%" in text  # bytes by category, with their share
+    assert "learning (compute) 1.5 26.1%" in text  # the learning apart from radio and idle
+    # modelled, from the shipped profile's figures, with their sources
+    assert "modelled from the profile's power figures" in text and "pidramble.com" in text
