@@ -61,5 +61,9 @@ def test_ledger_matches_each_agents_tcp_stream(tmp_path):
     updates = books["model_updates"]
     assert 0 < updates["total"] < books["all_device_traffic"]["total"]
     assert (summary["bytes_up"], summary["bytes_down"]) == (updates["up"], updates["down"])
+    # ... and the agents' own count of those categories agrees with the coordinator's
+    cats = books["all_device_traffic"]["by_category"]
+    agents_view = cats["task"]["down"] + cats["state"]["down"] + cats["result"]["up"]
+    assert abs(agents_view - updates["total"]) <= 0.01 * updates["total"], (cats, updates)
     assert summary["bytes_counts"] == updates["counts"]
     assert books["refusals"]["rows"] == db.execute("SELECT COUNT(*) FROM agent_rounds WHERE status LIKE 'rejected:%'").fetchone()[0]

@@ -198,7 +198,7 @@ def test_expectations():
 def test_progress_plain_lines_when_not_a_terminal():
     out = io.StringIO()
     console = Console(file=out, force_terminal=False, width=200)
-    books = Accounts(traffic={"task": (0, 3000), "result": (1500, 0)}, updates=(1000, 2000),
+    books = Accounts(traffic={"task": (0, 3500), "result": (1500, 0)}, updates=(1000, 2000),
                      energy={"compute_j": 2.5, "radio_j": 1.0, "idle_j": 9.0}, refusals=2)
     p = Progress(2, online=lambda: (7, 9), books=lambda r=None: books, console=console)
     with p:
