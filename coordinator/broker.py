@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from fedfleet.coordinator.tls import TLSFiles
 from fedfleet.edge_agent.errors import ConfigError
@@ -230,8 +231,16 @@ class EmbeddedBroker(Broker):
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
 
+        class OwnRetained(AmqttBroker):  # type: ignore[misc]
+            async def _publish_retained_messages_for_subscription(self, subscription: Any, session: Any) -> None:
+                # amqtt 0.12 sends a connecting client the retained messages of every filter any client holds
+                # (other agents' statuses, the model package a second time): only the client's own filters
+                held = self._subscriptions.get(subscription[0], ())
+                if any(s.client_id == session.client_id for s, _ in held):
+                    await super()._publish_retained_messages_for_subscription(subscription, session)
+
         async def boot() -> None:
-            self._broker = AmqttBroker(config)
+            self._broker = OwnRetained(config)
             # amqtt 0.12 loops over its subscriptions dict while a connecting client's session starts, awaiting
             # inside the loop; another client subscribing meanwhile raised "dictionary changed size during
             # iteration" and dropped the connecting client, which reconnected: its statuses of the dropped
