@@ -1,7 +1,7 @@
 """What every column of every ledger table holds: one description each, next to the schema (`ledger.SCHEMA`).
 
-`tests/coordinator/test_ledger_columns.py` checks that each column of the SQLite schema has one here, and
-`tools/docs_ledger.py` writes the reference page (docs/ledger.md) from it.
+`tests/coordinator/test_ledger_columns.py` checks that each column of the SQLite schema has one here; the docs
+site's ledger reference is generated from `COLUMNS` (key "" of each table: the table's own description).
 """
 
 from __future__ import annotations
@@ -122,12 +122,5 @@ COLUMNS: dict[str, dict[str, str]] = {
 }
 
 
-def markdown() -> str:
-    """The ledger reference as Markdown: one section per table, one line per column."""
-    lines = ["# The run ledger", "", "Each run directory holds `ledger.sqlite`. Its tables and columns (generated "
-             "from `fedfleet.coordinator.records.columns`):", ""]
-    for table, columns in COLUMNS.items():
-        lines += [f"## `{table}`", "", TABLES[table], "", "| column | what it holds |", "|---|---|"]
-        lines += [f"| `{name}` | {text} |" for name, text in columns.items()]
-        lines.append("")
-    return "\n".join(lines)
+for _table, _about in TABLES.items():  # the table's description, as the docs site's generator reads it
+    COLUMNS[_table] = {"": _about, **COLUMNS[_table]}

@@ -1,7 +1,7 @@
 """`fedfleet export RUN_DIR`: the run ledger as CSV and Parquet, one file per table.
 
 Writes `RUN_DIR/export/<table>.csv` and `<table>.parquet` for every ledger table (`records.columns.COLUMNS`: the
-same columns, described in docs/ledger.md), plus `books.json`: the run's totals as every other view shows them
+same columns, described in the docs' ledger reference), plus `books.json`: the run's totals as every other view shows them
 (`records.accounts`, labelled), so a spreadsheet can be checked against summary.json, the report and the metrics.
 Parquet is written with pyarrow (the coordinator extra); a table's column types follow SQLite's declared types.
 Reading is read-only SQLite, so a run may still be writing. Errors are one-line `ReportError`s (exit 2).
@@ -9,7 +9,6 @@ Reading is read-only SQLite, so a run may still be writing. Errors are one-line 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sqlite3
@@ -21,6 +20,7 @@ from fedfleet.coordinator.records.accounts import accounts
 from fedfleet.coordinator.records.columns import COLUMNS
 from fedfleet.coordinator.records.ledger import LedgerView
 from fedfleet.coordinator.records.run_data import ReportError
+from fedfleet.edge_agent.cli_run import ArgParser
 
 _ARROW = {"INTEGER": "int64", "REAL": "float64", "TEXT": "string"}
 
@@ -41,7 +41,7 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None, *, parquet: b
     try:
         with LedgerView(db) as view:
             present = view.tables()
-            for table in COLUMNS:
+            for table in COLUMNS:  # every ledger table, in the order the reference lists them
                 if table not in present:
                     continue
                 types = _types(view, table)
@@ -76,7 +76,7 @@ def _parquet(path: Path, types: list[tuple[str, str]], rows: list[tuple[Any, ...
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet export", description="the run ledger as CSV and Parquet, one file per table")
+    ap = ArgParser(prog="fedfleet export", description="the run ledger as CSV and Parquet, one file per table")
     ap.add_argument("run_dir", help="run folder holding ledger.sqlite")
     ap.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
     ap.add_argument("--no-parquet", action="store_true", help="CSV only")

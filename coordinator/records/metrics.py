@@ -33,6 +33,29 @@ from fedfleet.coordinator.records.run_data import ACCURACY, OUTCOMES, ReportErro
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PER_AGENT_MAX = 64  # above this many agents, per-profile aggregates instead of per-agent series
 
+# every metric served, with what it counts (the docs site's metrics reference is generated from it)
+METRICS = {
+    "fedfleet_round": "Last round with an evaluation (gauge).",
+    "fedfleet_accuracy": "Test accuracy of the global model after the last evaluated round (gauge; `fedfleet_x0_mse` "
+                         "for the diffusion task).",
+    "fedfleet_agents": "Agents seen in the ledger (gauge).",
+    "fedfleet_bytes_total": "Bytes by what they count, `what` = all (" + LABELS["all"] + "), updates ("
+                            + LABELS["updates"] + "), socket (" + LABELS["socket"] + "); `direction` = up, down.",
+    "fedfleet_traffic_bytes_total": "All device traffic by `category` (model, state, task, result, status, telemetry, "
+                                    "control) and `direction`.",
+    "fedfleet_energy_joules_total": "Fleet energy by `phase` (compute = the learning, radio, idle while in the job); "
+                                    "no samples when no energy was recorded.",
+    "fedfleet_refusals_total": LABELS["refusals"] + ".",
+    "fedfleet_agent_rounds_total": "Agent-rounds (ledger rows) by `outcome` (ok, late, dropped, rejected, interrupted).",
+    "fedfleet_agent_bytes_total": f"Bytes per `agent` (up + down) by `what` (all, updates, socket), for runs of at most "
+                                  f"{PER_AGENT_MAX} agents.",
+    "fedfleet_agent_energy_joules_total": f"Energy per `agent` by `phase`, for runs of at most {PER_AGENT_MAX} agents.",
+    "fedfleet_profile_bytes_total": f"Bytes per firmware `profile` (up + down) by `what`, for runs of more than "
+                                    f"{PER_AGENT_MAX} agents.",
+    "fedfleet_profile_energy_joules_total": f"Energy per firmware `profile` by `phase`, for runs of more than "
+                                            f"{PER_AGENT_MAX} agents.",
+}
+
 
 class LedgerCollector:
     """A `prometheus_client` collector over one run directory's ledger (the latest run, or `run`)."""

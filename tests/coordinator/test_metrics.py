@@ -69,3 +69,15 @@ def test_large_fleets_get_per_profile_series(tmp_path: Path, monkeypatch) -> Non
     assert 1 < len(per_profile) <= 6 and sum(per_profile.values()) == totals["bytes"]
     joules = sum(v for k, v in values.items() if k.startswith("fedfleet_profile_energy_joules_total"))
     assert joules == pytest.approx(totals["joules"])
+
+
+def test_every_served_metric_is_documented(tmp_path: Path) -> None:
+    from fedfleet.coordinator.records.metrics import METRICS
+    from fedfleet.tools.docs.reference import metrics as reference
+
+    build_ledger(tmp_path, agents=3, rounds=2)
+    served = {ln.split()[2] for ln in exposition(tmp_path).splitlines() if ln.startswith("# TYPE")}
+    served = {n + "_total" if not n.endswith("_total") and f"{n}_total" in METRICS else n for n in served}
+    assert served <= set(METRICS), served - set(METRICS)
+    page = reference()
+    assert all(f"`{name}`" in page for name in METRICS)
