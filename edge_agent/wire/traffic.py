@@ -108,6 +108,10 @@ class TrafficCounter:
         """{"traffic": {category: [up, down]}, "wire": [up, down] or None} since the previous take."""
         with self._lock:
             now, wire = self.totals()
+            if any(now[c][i] < self._sent[c][i] for c in CATEGORIES for i in (0, 1)):
+                self._sent = {c: [0, 0] for c in CATEGORIES}  # a new link (an agent restarted): counts from zero
+            if wire is not None and (wire[0] < self._wire[0] or wire[1] < self._wire[1]):
+                self._wire = (0, 0)
             delta = {c: [now[c][0] - self._sent[c][0], now[c][1] - self._sent[c][1]] for c in CATEGORIES}
             self._sent = now
             wire_delta = None
