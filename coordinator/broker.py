@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from fedfleet.coordinator.safe_files import check_text, make_dir, write_file
 from fedfleet.coordinator.tls import TLSFiles
@@ -345,6 +346,16 @@ class MosquittoBroker(Broker):
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+class SnapshotDict(dict):
+    """A dict whose iteration (plain and `items()`) walks a snapshot, so it may change during the loop."""
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(list(super().keys()))
+
+    def items(self):  # noqa: ANN201
+        return list(super().items())
+
+
 class EmbeddedBroker(Broker):
     """amqtt, in-process on its own event-loop thread. MQTT 3.1.1 only; fine for demos."""
 
@@ -378,8 +389,22 @@ class EmbeddedBroker(Broker):
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
 
+        class OwnRetained(AmqttBroker):  # type: ignore[misc]
+            async def _publish_retained_messages_for_subscription(self, subscription: Any, session: Any) -> None:
+                # amqtt 0.12 sends a connecting client the retained messages of every filter any client holds
+                # (other agents' statuses, the model package a second time): only the client's own filters
+                held = self._subscriptions.get(subscription[0], ())
+                if any(s.client_id == session.client_id for s, _ in held):
+                    await super()._publish_retained_messages_for_subscription(subscription, session)
+
         async def boot() -> None:
-            self._broker = AmqttBroker(config)
+            self._broker = OwnRetained(config)
+            # amqtt 0.12 loops over its subscriptions dict while a connecting client's session starts, awaiting
+            # inside the loop; another client subscribing meanwhile raised "dictionary changed size during
+            # iteration" and dropped the connecting client, which reconnected: its statuses of the dropped
+            # connection then reached the coordinator after the new ones ("replayed" refusals at start-up).
+            # Iterating a snapshot keeps every connection.
+            self._broker._subscriptions = SnapshotDict(self._broker._subscriptions)
             await self._broker.start()
 
         try:

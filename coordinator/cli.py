@@ -6,7 +6,7 @@ declares only its own options, every option has a help line, options are never a
 `--version` and "no such command" come with it.
 
 Commands that live in other modules keep their own parsers and get their arguments as given ("pass-through"):
-`report`, `provision` and `generate` in the coordinator's layers, and the commands of the tools layer
+`report`, `export`, `provision` and `generate` in the coordinator's layers, and the commands of the tools layer
 (`bench`, `emulate`), which this module finds through the `fedfleet.commands` entry points without importing
 upward.
 
@@ -34,7 +34,8 @@ from fedfleet.edge_agent.errors import FedfleetError
 
 PLUGINS = ("bench", "emulate")  # commands of fedfleet.tools, found through entry points
 PASS_THROUGH = {"report": "fedfleet.coordinator.records.report", "provision": "fedfleet.coordinator.job.provision",
-                "generate": "fedfleet.coordinator.mtvg.generate", "tls": "fedfleet.coordinator.tls"}
+                "generate": "fedfleet.coordinator.mtvg.generate", "tls": "fedfleet.coordinator.tls",
+                "export": "fedfleet.coordinator.records.export"}
 
 
 def summary(module: str) -> str:
@@ -180,7 +181,8 @@ def warn_if_readable(path: str, option: str) -> None:
 class Commands(click.Group):
     """The built-in commands, then the pass-through ones and the plugins, in the order of `ORDER`."""
 
-    ORDER = ("demo", "serve", "keys", "tls", "provision", "shards", "broker", "report", "generate", "emulate", "bench")
+    ORDER = ("demo", "serve", "keys", "tls", "provision", "shards", "broker", "report", "export", "generate",
+             "emulate", "bench")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         names = set(self.commands) | set(PASS_THROUGH) | {ep.name for ep in _plugins()}

@@ -76,6 +76,7 @@ class Agent:
         self.state = RunState()  # learners and error feedback of the current run only
         self.rounds_done = 0
         self.tasks_dropped = 0
+        self._energy_run: str | None = None  # the run whose energy the meter is counting (see `_join_run`)
         self.trust_error = (None if config.coordinator_key else
                             "no coordinator key pinned (--coordinator-key-file): refusing every task and package")
         # what survives a restart (tasks answered, counters, the last package): fedfleet.edge_agent.state
@@ -162,6 +163,7 @@ class Agent:
         self._work.put(("stop", None, None))
         if graceful and self.link.connected.is_set():
             self.link.publish(self._status_topic, self._status_payload("offline"), retain=True)
+            self._last_report()
         self.link.stop(graceful=graceful)
         self._worker.join(timeout=10)
 
@@ -308,6 +310,7 @@ class Agent:
             tensors = codecs.decode(body, layout, codec, max_bytes=MAX_TASK_BYTES)
         task = Task(run=key[0], round=key[1], method=str(header.get("method")), config=meta.get("config", {}),
                     tensors=tensors, phase=key[2], deadline=deadline)
+        self._join_run(task.run)
         result, learn_s = self._learn(task)
         sent = self._upload(header, task, result, learn_s)
         log.info("agent %s: run %s round %d.%d: %s trained on %d samples in %.2f s, result sent%s",
@@ -315,14 +318,41 @@ class Agent:
                  learn_s, f" ({sent} bytes)" if isinstance(sent, int) else "")
         self.rounds_done += 1
         self._persist()
+        self._report(task, int(header.get("total", len(body))))
+
+    def _report(self, task: Task, task_bytes: int) -> None:
+        """After a task: the energy since the previous report (with a meter) and the bytes by category since the
+        previous report, in one telemetry event the coordinator books on the task's round."""
+        traffic = self.uplink.traffic.take()
+        if self.meter is None:
+            self._safe_telemetry("bytes", run=task.run, round=task.round, phase=task.phase, **self.byte_counts(),
+                                 **traffic)
+            return
+        with self.meter.measure("radio", bytes_down=task_bytes):
+            pass  # the task's download, booked by bytes
+        other = other_bytes(traffic["traffic"], task_bytes)  # what else the radio carried: package, state, status ...
+        if hasattr(self.meter, "add") and any(other):
+            self.meter.add("radio", 0.0, bytes_up=other[0], bytes_down=other[1])
+        energy = self.meter.take().as_dict()
+        self._safe_telemetry("energy", run=task.run, round=task.round, phase=task.phase, **energy,
+                             meter=getattr(self.meter, "kind", None) or None, **self.byte_counts(), **traffic)
+
+    def _last_report(self) -> None:
+        """On leaving: the bytes since the last task's report (that report itself, the offline status), for the
+        run-level row (round 0) of the run this agent worked for last. The coordinator adds this message's own
+        bytes; only DISCONNECT (2 bytes) is left uncounted."""
+        if self._energy_run is None:
+            return
+        self._safe_telemetry("bytes", run=self._energy_run, round=0, phase=0, final=True, **self.uplink.traffic.take())
+
+    def _join_run(self, run: str) -> None:
+        """The first task of a run: the energy the meter counted since the previous report (the time between jobs,
+        or before this agent's first job) is not this run's, so it is dropped, never booked into a round."""
+        if run == self._energy_run:
+            return
+        self._energy_run = run
         if self.meter is not None:
-            with self.meter.measure("radio", bytes_down=int(header.get("total", len(body)))):
-                pass  # the task's download, booked by bytes
-            energy = self.meter.take().as_dict()
-            self._safe_telemetry("energy", run=task.run, round=task.round, phase=task.phase, **energy,
-                                 **self.byte_counts())
-        else:
-            self._safe_telemetry("bytes", run=task.run, round=task.round, phase=task.phase, **self.byte_counts())
+            self.meter.take()
 
     def _learn(self, task: Task) -> tuple[LearnResult, float]:
         """Run the task's learner on this agent's data (metered as compute); the result and seconds taken."""
@@ -356,3 +386,11 @@ class Agent:
     def _with_feedback(self, method: str, tensors: dict[str, np.ndarray], spec: dict[str, Any]) -> bytes:
         """The FedZip payload of update + residual (see `uplink.with_feedback`)."""
         return with_feedback(self.state, self.kept, method, tensors, spec)
+
+
+def other_bytes(traffic: dict[str, list[int]], task_bytes: int) -> tuple[int, int]:
+    """(up, down) bytes of a report's traffic that no radio phase booked: every category but the result (booked
+    while uploading) and the task's own download (`task_bytes`, booked after learning)."""
+    up = sum(v[0] for c, v in traffic.items() if c != "result")
+    down = sum(v[1] for v in traffic.values())
+    return up, max(0, down - task_bytes)

@@ -24,6 +24,7 @@ from fedfleet.edge_agent.learners import LearnResult, Task
 from fedfleet.edge_agent.run_state import RunState
 from fedfleet.edge_agent.state import AgentState
 from fedfleet.edge_agent.wire import codecs, protocol
+from fedfleet.edge_agent.wire.traffic import TrafficCounter
 
 
 class Uplink:
@@ -40,6 +41,7 @@ class Uplink:
         self.result_topic = protocol.agent_topic(cfg.fleet, cfg.agent_id, "result")
         self.telemetry_topic = protocol.agent_topic(cfg.fleet, cfg.agent_id, "telemetry")
         self._epoch, self._n = 0, 0  # freshness of status and telemetry: seq = [epoch, n]
+        self.traffic = TrafficCounter(link)  # bytes by category, reported once each (wire/traffic.py)
         self._seq_lock = threading.Lock()
 
     # -------------------------------------------------------------- freshness, status, telemetry

@@ -103,6 +103,12 @@ FIELDS: dict[str, dict[str, _Spec]] = {
         "tx_j_per_mb": ("float", True, 0, 1000, True),
         "rx_j_per_mb": ("float", True, 0, 1000, True),
     },
+    # optional: independent published measurements of the whole board (not the figures above), to check the
+    # power model against (`fedfleet bench energy`)
+    "published": {
+        "idle_w": ("float", False, 0, 1000, False),
+        "load_w": ("float", False, 0, 1000, False),
+    },
     "link": {
         "uplink_mbps": ("float", True, 0, 1e6, False),
         "downlink_mbps": ("float", True, 0, 1e6, False),
@@ -111,6 +117,7 @@ FIELDS: dict[str, dict[str, _Spec]] = {
     },
 }
 _TOP = {"schema", "name", "title", *FIELDS}
+OPTIONAL_SECTIONS = ("published",)
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,8 @@ class Profile:
     rtt_ms: float
     loss: float
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    published_idle_w: float | None = None  # [published]: an independent measurement to check the model against
+    published_load_w: float | None = None
 
     def compute_seconds(self, reference_seconds: float, *, int8: bool = False) -> float:
         """Time this device needs for work that takes `reference_seconds` on the reference board."""
@@ -221,7 +230,7 @@ def validate(data: dict[str, Any], source: str) -> Profile:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for section, keys in FIELDS.items():
-        table = data.get(section)
+        table = data.get(section, {} if section in OPTIONAL_SECTIONS else None)
         if not isinstance(table, dict):
             raise ProfileError(f"{_where(source, section)}: missing section [{section}]")
         extra = set(table) - set(keys)
@@ -268,7 +277,7 @@ def validate(data: dict[str, Any], source: str) -> Profile:
         radio_tx_j_per_mb=values["radio.tx_j_per_mb"], radio_rx_j_per_mb=values["radio.rx_j_per_mb"],
         uplink_mbps=values["link.uplink_mbps"], downlink_mbps=values["link.downlink_mbps"],
         rtt_ms=values["link.rtt_ms"], loss=values["link.loss"],
-        sources=sources,
+        sources=sources, published_idle_w=values["published.idle_w"], published_load_w=values["published.load_w"],
     )
 
 

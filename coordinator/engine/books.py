@@ -1,7 +1,9 @@
 """A phase's ledger rows: `ok` rows (held until the phase closes, so the norm bound and a late energy report can
 still change them), `late` rows, refusals (itemised up to `reject_rows` per agent, the rest summed in one
 `rejected:rate_limited` row), one summary row per reason for unauthenticated messages and for refused status and
-telemetry, and energy reports (on the result's row while it is held, else added to the row already written).
+telemetry, energy reports (on the result's row while it is held, else added to the row already written), and
+traffic reports (an agent's bytes by category and its socket's since its previous report, in `traffic` and
+`sockets`, on the round the report names).
 
 Statuses are `ok`, `late` and `rejected:<Refusal value>`; the engine writes a phase's rows in one transaction.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedfleet.coordinator.engine.inbox import EnergyReport
+from fedfleet.coordinator.engine.inbox import EnergyReport, TrafficReport
 from fedfleet.coordinator.records.ledger import Ledger
 from fedfleet.coordinator.strategies import ClientResult
 from fedfleet.edge_agent.errors import Refusal
@@ -19,8 +21,10 @@ UNAUTHENTICATED = "(unauthenticated)"  # the agent column of summary rows for me
 
 
 class PhaseBooks:
-    def __init__(self, ledger: Ledger, *, run: str, r: int, phase: int, reject_rows: int) -> None:
+    def __init__(self, ledger: Ledger, *, run: str, r: int, phase: int, reject_rows: int,
+                 profiles: dict[str, str] | None = None) -> None:
         self.ledger = ledger
+        self.profiles = profiles or {}  # agent -> the profile its status announced: on rows without a result too
         self.run, self.round, self.phase = run, r, phase
         self.reject_rows = reject_rows
         self.held: dict[str, tuple[ClientResult, dict[str, Any]]] = {}  # validated results, their rows not written
@@ -37,7 +41,7 @@ class PhaseBooks:
         if n > self.reject_rows and not bytes_down:
             return
         self.ledger.record(self.run, self.round, agent[:64], reason.status, phase=self.phase, bytes_up=bytes_up,
-                           bytes_down=bytes_down, detail=detail[:500])
+                           bytes_down=bytes_down, detail=detail[:500], profile=self.profiles.get(agent))
 
     def refuse_norm(self, agent: str, norm: float, bound: float, norm_bound: float) -> None:
         """A held result refused by the update-norm bound: its row is written as `rejected:norm_bound`."""
@@ -56,7 +60,7 @@ class PhaseBooks:
 
     def late(self, agent: str, *, bytes_up: int, bytes_down: int) -> None:
         self.ledger.record(self.run, self.round, agent, "late", phase=self.phase, bytes_up=bytes_up,
-                           bytes_down=bytes_down, detail="no valid result by the deadline")
+                           bytes_down=bytes_down, detail="no valid result by the deadline", profile=self.profiles.get(agent))
 
     def late_bytes(self, agent: str, r: int, phase: int, nbytes: int) -> None:
         """A late result arrived: the bytes it cost go on its `late` row (round `r`, phase `phase`)."""
@@ -65,13 +69,17 @@ class PhaseBooks:
     def energy(self, report: EnergyReport) -> None:
         """An energy report: on its result's row while that is held, else added to the row already written."""
         energy = {"energy_compute_j": report.compute_j, "energy_radio_j": report.radio_j,
-                  "energy_idle_j": report.idle_j}
+                  "energy_idle_j": report.idle_j, "energy_meter": report.meter}
         held = self.held.get(report.agent)
         if held is not None and (report.round, report.phase) == (self.round, self.phase):
             held[1].update(energy)
             return
         self.ledger.add_energy(self.run, report.round, report.phase, report.agent, compute_j=report.compute_j,
-                               radio_j=report.radio_j, idle_j=report.idle_j)
+                               radio_j=report.radio_j, idle_j=report.idle_j, meter=report.meter)
+
+    def traffic(self, report: TrafficReport) -> None:
+        """An agent's bytes by category (and its socket's) since its previous report, on the report's round."""
+        self.ledger.record_traffic(self.run, report.round, report.agent, report.traffic, report.wire)
 
     def summarise(self, dropped: dict[Refusal, tuple[int, int, list[str]]],
                   refused: dict[tuple[str, Refusal], tuple[int, list[str]]]) -> None:

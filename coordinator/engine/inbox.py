@@ -6,6 +6,7 @@ per kind. Every item is authenticated (its sender's HMAC verified); unauthentica
 - `Refused`: an authenticated result message the receive path refused, with the run, round and phase its
   header named where those were well-typed (the engine decides whether it answers the agent's open task).
 - `EnergyReport`: a checked energy telemetry event, booked on the result row it belongs to.
+- `TrafficReport`: the bytes by category an agent reported with it, booked in the `traffic` table.
 """
 
 from __future__ import annotations
@@ -53,6 +54,20 @@ class EnergyReport:
     compute_j: float
     radio_j: float
     idle_j: float
+    meter: str | None = None  # the agent's meter kind: "model" (from its profile) or a hardware meter
 
 
-InboxItem = ChunkBytes | ResultMessage | Refused | EnergyReport
+@dataclass(frozen=True)
+class TrafficReport:
+    """An agent's bytes by category since its previous report (`fedfleet.edge_agent.wire.traffic`), and its
+    socket's TCP bytes over the same span (None: the platform cannot tell), booked on the report's round."""
+
+    agent: str
+    run: str
+    round: int
+    phase: int
+    traffic: dict[str, tuple[int, int]]
+    wire: tuple[int, int] | None
+
+
+InboxItem = ChunkBytes | ResultMessage | Refused | EnergyReport | TrafficReport

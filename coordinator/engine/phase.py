@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 
 from fedfleet.coordinator.engine.books import PhaseBooks
 from fedfleet.coordinator.engine.downlink import DownlinkSync
-from fedfleet.coordinator.engine.inbox import ChunkBytes, EnergyReport, InboxItem, Refused, ResultMessage
+from fedfleet.coordinator.engine.inbox import (
+    ChunkBytes,
+    EnergyReport,
+    InboxItem,
+    Refused,
+    ResultMessage,
+    TrafficReport,
+)
 from fedfleet.coordinator.engine.receive import ReceivePath
 from fedfleet.coordinator.engine.validate import Validator
 from fedfleet.coordinator.strategies import ClientResult, TaskSpec
@@ -116,6 +123,10 @@ class Phase:
             if item.run == self.run:
                 self.carry.energy_due.discard((item.agent, item.round, item.phase))
                 self.books.energy(item)
+            return Noted(item.agent)
+        if isinstance(item, TrafficReport):
+            if item.run == self.run:
+                self.books.traffic(item)
             return Noted(item.agent)
         if isinstance(item, ChunkBytes):
             if item.agent in self._up and item.agent not in self._received:

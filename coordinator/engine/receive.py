@@ -28,9 +28,17 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fedfleet.coordinator.engine.inbox import ChunkBytes, EnergyReport, InboxItem, Refused, ResultMessage
+from fedfleet.coordinator.engine.inbox import (
+    ChunkBytes,
+    EnergyReport,
+    InboxItem,
+    Refused,
+    ResultMessage,
+    TrafficReport,
+)
 from fedfleet.edge_agent.errors import ProtocolError, Refusal
 from fedfleet.edge_agent.wire import protocol
+from fedfleet.edge_agent.wire.traffic import CATEGORIES
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +144,24 @@ def check_energy(event: dict[str, Any]) -> dict[str, Any]:
     for name in ENERGY_FIELDS:
         check_number(event.get(name), name, 0.0, 1e9)
     return event
+
+
+def _pair(value: Any, field: str) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise _fail(field, "must be [up, down]")
+    return check_int(value[0], f"{field}[0]"), check_int(value[1], f"{field}[1]")
+
+
+def check_traffic(event: dict[str, Any]) -> tuple[dict[str, tuple[int, int]], tuple[int, int] | None] | None:
+    """A report's bytes by category and socket bytes (None: the report has none, an older agent's)."""
+    traffic = event.get("traffic")
+    if traffic is None:
+        return None
+    if not isinstance(traffic, dict) or any(k not in CATEGORIES for k in traffic):
+        raise _fail("traffic", f"must map categories ({', '.join(CATEGORIES)}) to [up, down]")
+    counts = {k: _pair(v, f"traffic.{k}") for k, v in traffic.items()}
+    wire = event.get("wire")
+    return counts, (None if wire is None else _pair(wire, "wire"))
 
 
 def _json_body(body: bytes) -> dict[str, Any]:
@@ -285,11 +311,27 @@ class ReceivePath:
                 self.on_status(agent, content)
             return
         event = content.get("event")
-        if event == "energy":
-            check_energy(content)
-            if self._fresh(agent, kind, seq):
-                self.inbox.put(EnergyReport(agent, content["run"], content["round"], content.get("phase", 0),
-                                            *(float(content[k]) for k in ENERGY_FIELDS)))
+        if event in ("energy", "bytes"):
+            if event == "energy":
+                check_energy(content)
+            traffic = check_traffic(content)
+            if traffic is not None:
+                check_str(content.get("run"), "run")
+                check_int(content.get("round"), "round", 0, (1 << 31) - 1)
+                check_int(content.get("phase", 0), "phase", 0, 63)
+            if not self._fresh(agent, kind, seq):
+                return
+            where = (content["run"], content["round"], content.get("phase", 0)) if traffic or event == "energy" else None
+            if traffic is not None:  # before the energy report: `settle` stops waiting once that is booked
+                counts, wire = traffic
+                if content.get("final") is True:  # an agent's last report: its own bytes (MQTT size, as received
+                    up, down = counts.get("telemetry", (0, 0))  # here) are added to its telemetry and its socket
+                    counts = {**counts, "telemetry": (up + nbytes, down)}
+                    wire = None if wire is None else (wire[0] + nbytes, wire[1])
+                self.inbox.put(TrafficReport(agent, *where, counts, wire))
+            if event == "energy":
+                self.inbox.put(EnergyReport(agent, *where, *(float(content[k]) for k in ENERGY_FIELDS),
+                                            meter=check_str(content.get("meter"), "meter", 16, optional=True)))
         elif self._fresh(agent, kind, seq):
             log.info("telemetry from %s: %s", agent, str(content)[:300])
 

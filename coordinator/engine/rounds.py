@@ -35,7 +35,7 @@ from fedfleet.coordinator.engine.books import PhaseBooks
 from fedfleet.coordinator.engine.config import EngineConfig, RoundSummary
 from fedfleet.coordinator.engine.dispatch import Dispatcher
 from fedfleet.coordinator.engine.downlink import DownlinkSync
-from fedfleet.coordinator.engine.inbox import InboxItem
+from fedfleet.coordinator.engine.inbox import InboxItem, TrafficReport
 from fedfleet.coordinator.engine.phase import Carry, Phase, PhaseOutcome
 from fedfleet.coordinator.engine.presence import Presence
 from fedfleet.coordinator.engine.receive import ReceivePath
@@ -184,7 +184,17 @@ class Coordinator:
             log.warning("reconnected to the broker; publishing the model package again")
         self.publish_package()
 
-    def stop(self) -> None:
+    def stop(self, *, quiet_s: float = 0.3, wait_s: float = 2.0) -> None:
+        """Book the agents' last traffic reports (an agent that leaves sends one), then disconnect: waits until
+        no report has arrived for `quiet_s`, or `wait_s` at most."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                item = self.inbox.get(timeout=min(quiet_s, max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+            if isinstance(item, TrafficReport):
+                self._current.offer(item)
         self.link.stop()
         self.store.close()
 
@@ -212,6 +222,12 @@ class Coordinator:
         while time.monotonic() < deadline and self._carry.energy_due:
             try:
                 item = self.inbox.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self._current.offer(item)
+        while True:  # and whatever else is already queued (traffic reports of agents without a meter)
+            try:
+                item = self.inbox.get_nowait()
             except queue.Empty:
                 break
             self._current.offer(item)
@@ -284,7 +300,8 @@ class Coordinator:
         validator = Validator(run=self.cfg.run, r=r, phase=phase, tasks=tasks, strategy=self.strategy,
                               guard=self.guard, max_result_bytes=self.cfg.max_result_bytes,
                               announced=self.presence.announced(tasks), late=self._carry.late)
-        books = PhaseBooks(self.ledger, run=self.cfg.run, r=r, phase=phase, reject_rows=self.cfg.reject_rows)
+        books = PhaseBooks(self.ledger, run=self.cfg.run, r=r, phase=phase, reject_rows=self.cfg.reject_rows,
+                           profiles={a: str(s["profile"]) for a, s in dict(self.presence.online).items() if s.get("profile")})
         return Phase(run=self.cfg.run, r=r, phase=phase, tasks=tasks, validator=validator, books=books,
                      carry=self._carry, inbox=self.inbox, receive=self.receive, sync=self._sync)
 

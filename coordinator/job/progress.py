@@ -1,9 +1,12 @@
 """Live progress of a long run: round, agents online, bytes and joules.
 
-`Progress(total_rounds, online=fn, joules=fn)` is an `on_round` callback for `Coordinator`. On a terminal it
+`Progress(total_rounds, online=fn, books=fn)` is an `on_round` callback for `Coordinator`. On a terminal it
 draws a `rich.live` panel that refreshes a few times a second (so "agents online" moves between rounds);
 otherwise (CI logs, pipes) it prints one plain line per round. `online()` returns (online, roster size) and
-`joules()` the run's energy so far; both are optional and must be cheap and thread-safe.
+`books(round=None)` the ledger's numbers (`fedfleet.coordinator.records.accounts`: the run's, or one round's),
+so the line and the panel show what summary.json, the report and the metrics show, each labelled: the
+round's model-update bytes and refusals, and the run's device traffic and energy so far ("not recorded"
+without a meter). Both are optional and must be cheap and thread-safe.
 Use it as a context manager (or `start()` / `stop()`) so the live panel is closed on errors.
 """
 
@@ -20,17 +23,18 @@ from rich.table import Table
 from rich.text import Text
 
 from fedfleet.coordinator.engine.rounds import RoundSummary
+from fedfleet.coordinator.records.accounts import Accounts
 
 
 class Progress:
     def __init__(self, total_rounds: int, *, title: str = "fedfleet", online: Callable[[], tuple[int, int]] | None = None,
-                 joules: Callable[[], float] | None = None, quiet: bool = False, console: Console | None = None,
+                 books: Callable[..., Accounts] | None = None, quiet: bool = False, console: Console | None = None,
                  live: bool | None = None) -> None:
         self.console = console or Console(highlight=False)
         self.total = total_rounds
         self.title = title
         self.online_fn = online
-        self.joules_fn = joules
+        self.books_fn = books
         self.quiet = quiet
         self.live = (self.console.is_terminal if live is None else live) and not quiet
         self.t0 = time.perf_counter()
@@ -65,10 +69,10 @@ class Progress:
         except Exception:  # noqa: BLE001 - a view must never break the run
             return None
 
-    def _joules(self) -> float | None:
+    def _books(self, round: int | None = None) -> Accounts | None:
         try:
-            return float(self.joules_fn()) if self.joules_fn is not None else None
-        except Exception:  # noqa: BLE001
+            return self.books_fn(round) if self.books_fn is not None else None
+        except Exception:  # noqa: BLE001 - a view must never break the run
             return None
 
     def __call__(self, s: RoundSummary) -> None:
@@ -83,17 +87,19 @@ class Progress:
 
     def line(self, s: RoundSummary) -> str:
         """The plain one-line form of a round (also what logs get)."""
-        online, joules = self._online(), self._joules()
+        online, run, rnd = self._online(), self._books(), self._books(s.round)
         score = "-" if s.accuracy != s.accuracy else f"{s.accuracy:.3f}"
         parts = [f"round {s.round:>3}/{self.total}", f"{self.score_name} {score}"]
         if s.accuracy_min is not None:  # per-node models (MoNNA): accuracy is the mean over the nodes
             parts.append(f"(mean of {s.nodes} nodes, worst {s.accuracy_min:.3f})")
         if online is not None:
             parts.append(f"online {online[0]}/{online[1]}")
-        parts += [f"ok {s.ok}/{s.selected}", f"late {s.late}", f"rejected {s.rejected}",
-                  f"up {s.bytes_up / 1e6:.3f} MB", f"down {s.bytes_down / 1e6:.3f} MB"]
-        if joules is not None:
-            parts.append(f"energy {joules:.1f} J")
+        rejected = rnd.refusals if rnd is not None else s.rejected
+        up, down = rnd.updates if rnd is not None else (s.bytes_up, s.bytes_down)
+        parts += [f"ok {s.ok}/{s.selected}", f"late {s.late}", f"rejected {rejected}",
+                  f"updates up {up / 1e6:.3f} MB down {down / 1e6:.3f} MB"]
+        if run is not None:
+            parts += [f"run: device traffic {sum(run.all) / 1e6:.3f} MB", energy_text(run)]
         parts.append(f"{s.wall_s:5.2f} s [{time.perf_counter() - self.t0:6.1f} s]")
         if s.note:
             parts.append(s.note)
@@ -102,7 +108,7 @@ class Progress:
     # -------------------------------------------------------------- live panel
     def __rich__(self) -> Any:
         last = self.summaries[-1] if self.summaries else None
-        online, joules = self._online(), self._joules()
+        online, run = self._online(), self._books()
         t = Table(title=f"{self.title}  [{time.perf_counter() - self.t0:6.1f} s]", show_header=False, box=None)
         t.add_column(style="bold")
         t.add_column()
@@ -115,10 +121,22 @@ class Progress:
                                     f"{last.wall_s:.2f} s")
             if last.note:
                 t.add_row("method", last.note)
-        t.add_row("bytes", f"up {self.bytes_up / 1e6:.3f} MB  down {self.bytes_down / 1e6:.3f} MB")
-        t.add_row("energy", f"{joules:.1f} J" if joules is not None else "-")
+        if run is not None:
+            up, down = run.updates
+            t.add_row("model updates", f"up {up / 1e6:.3f} MB  down {down / 1e6:.3f} MB (run)")
+            t.add_row("device traffic", f"{sum(run.all) / 1e6:.3f} MB (run, every category)")
+            t.add_row("energy", energy_text(run))
+        else:
+            t.add_row("model updates", f"up {self.bytes_up / 1e6:.3f} MB  down {self.bytes_down / 1e6:.3f} MB")
         bar = ProgressBar(total=max(1, self.total), completed=len(self.summaries), width=40)
         return Group(t, bar, Text(""))
+
+
+def energy_text(books: Accounts) -> str:
+    """The run's energy as the views show it: joules with compute (the learning) apart, or "not recorded"."""
+    if books.energy is None:
+        return "energy not recorded"
+    return f"energy {books.joules:.1f} J (compute {books.energy['compute_j']:.1f} J)"
 
 
 def summary_table(rows: dict[str, Any], title: str) -> Table:

@@ -25,10 +25,10 @@ from fedfleet.coordinator.job.assemble import (
     build_run,
     engine_config,
     job_identity,
-    ledger_joules,
 )
 from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.progress import Progress
+from fedfleet.coordinator.records.accounts import LABELS, accounts
 from fedfleet.coordinator.records.store import new_run_id
 from fedfleet.coordinator.tasks import task_for
 from fedfleet.edge_agent.learners import LocalData
@@ -55,9 +55,15 @@ class JobResult:
     timeline: dict[str, float] | None = None  # unix times: first task dispatched, last round done
     quality: dict[str, Any] | None = None  # a task without an accuracy: its own summary keys (fedfleet.coordinator.tasks.diffusion)
 
+    books: dict[str, Any] | None = None  # the ledger's numbers (`records.accounts.Accounts.to_json`), labelled
+
     def to_json(self) -> dict[str, Any]:
         keys = ("final_accuracy", "rounds", "agents", "wall_s", "bytes_up", "bytes_down", "broker")
-        return {**{k: getattr(self, k) for k in keys}, **(self.quality or {})}
+        out = {**{k: getattr(self, k) for k in keys}, **(self.quality or {})}
+        if self.books is not None:
+            out["bytes_counts"] = LABELS["updates"]  # bytes_up / bytes_down: model updates only
+            out["books"] = self.books
+        return out
 
 
 def shards(cfg: JobConfig) -> tuple[list[LocalData], Any]:
@@ -84,6 +90,27 @@ def summary_table(result: JobResult, console: Any) -> None:
     t.add_row(score, str(result.rounds), str(result.agents), f"{result.wall_s:.1f}",
               f"{result.bytes_up / 1e6:.3f}", f"{result.bytes_down / 1e6:.3f}", result.broker)
     console.print(t)
+    if result.books is not None:
+        console.print(books_table(result.books))
+
+
+def books_table(books: dict[str, Any]) -> Any:
+    """The run's books (`records.accounts`), each number with what it counts."""
+    from rich.table import Table
+
+    t = Table(title="what the devices paid for (from the ledger)")
+    for col in ("number", "up", "down", "what it counts"):
+        t.add_column(col)
+    for key in ("all_device_traffic", "model_updates", "socket"):
+        b = books.get(key)
+        if b:
+            t.add_row(key.replace("_", " "), f"{b['up'] / 1e6:.3f} MB", f"{b['down'] / 1e6:.3f} MB", b["counts"])
+    e = books.get("energy_j")
+    t.add_row("energy", "not recorded" if e is None else
+              f"{e['total_j']:.1f} J (compute {e['compute_j']:.1f}, radio {e['radio_j']:.1f}, idle {e['idle_j']:.1f})",
+              "", LABELS["energy"])
+    t.add_row("refusals", str(books["refusals"]["rows"]), "", LABELS["refusals"])
+    return t
 
 
 def run_rounds(coord: Coordinator, rounds: int, progress: Progress, run_dir: Path,
@@ -103,6 +130,10 @@ def run_rounds(coord: Coordinator, rounds: int, progress: Progress, run_dir: Pat
 def finish(result: JobResult, run_dir: Path, progress: Progress, quiet: bool, report: str = "now") -> JobResult:
     """Write summary.json, print the summary table unless quiet, and render the report: `now` (in this
     process), `background` (in its own short process, so the summary is not held up by plotting) or `none`."""
+    result.books = read_books(run_dir)
+    if result.books is not None:  # one definition: the ledger's model-update bytes, as every other view shows
+        result.bytes_up = result.books["model_updates"]["up"]
+        result.bytes_down = result.books["model_updates"]["down"]
     (run_dir / "summary.json").write_text(json.dumps({**result.to_json(), "timeline": result.timeline}, indent=2))
     if not quiet:
         summary_table(result, progress.console)
@@ -116,6 +147,20 @@ def finish(result: JobResult, run_dir: Path, progress: Progress, quiet: bool, re
     if not quiet:
         progress.console.print(f"report: {path}{note}", soft_wrap=True)
     return result
+
+
+def read_books(run_dir: Path, run: str | None = None) -> dict[str, Any] | None:
+    """The run's books from its ledger (`records.accounts`), None without a readable ledger."""
+    import sqlite3
+
+    from fedfleet.coordinator.records.ledger import LedgerView
+
+    try:
+        with LedgerView(run_dir / "ledger.sqlite") as view:
+            run = run or view.latest_run()
+            return None if run is None else accounts(view.query, run).to_json()
+    except sqlite3.DatabaseError:
+        return None
 
 
 def render_in_background(run_dir: Path) -> Path:
@@ -207,7 +252,7 @@ def _progress(run: Run, title: str, quiet: bool = False) -> Progress:
     coord = run.coordinator
     progress = Progress(run.job.rounds, title=title, quiet=quiet,
                         online=lambda: (len(coord.ready_agents()), len(run.roster)),
-                        joules=lambda: ledger_joules(coord))
+                        books=lambda r=None: accounts(coord.ledger.query, coord.cfg.run, r))
     progress.score_name = run.task.score_name
     coord.on_round = progress
     return progress

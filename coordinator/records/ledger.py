@@ -15,6 +15,12 @@ Rows of a round that was interrupted by a coordinator crash keep their numbers b
 - `task_accuracy` (continual jobs): run, round, task (index t of the task being learned), task_name, task_end
   (1 in its last round), eval_task (index tau), eval_name, accuracy, loss. The rows with task_end = 1 are the
   accuracy matrix a[t][tau] (`accuracy_matrix`).
+- `traffic`: run, round, agent, category, bytes_up, bytes_down, ts: every message a device sent or received, by
+  category (model, state, task, result, status, telemetry, control), as the agent counted it since its previous
+  report; booked on the round its report names (so traffic between two rounds goes to the round it precedes,
+  and the start-up's package and CONNECT to the first round). Column docs: `records/columns.py`.
+- `sockets`: run, round, agent, bytes_up, bytes_down, ts: the agent socket's own TCP payload bytes (TLS
+  included) over the same spans.
 - `layer_basis` (FOT): run, task, task_name, layer, k, d: the basis size k_l of d_l after each task.
 
 Writes are serialised through one connection guarded by a lock, so the MQTT thread and the round engine
@@ -29,7 +35,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +66,27 @@ CREATE TABLE IF NOT EXISTS task_accuracy (
   task_end INTEGER NOT NULL, eval_task INTEGER NOT NULL, eval_name TEXT NOT NULL, accuracy REAL, loss REAL,
   PRIMARY KEY (run, round, eval_task)
 );
+CREATE TABLE IF NOT EXISTS traffic (
+  run TEXT NOT NULL, round INTEGER NOT NULL, agent TEXT NOT NULL, category TEXT NOT NULL,
+  bytes_up INTEGER NOT NULL, bytes_down INTEGER NOT NULL, ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS traffic_run_round ON traffic(run, round);
+CREATE TABLE IF NOT EXISTS sockets (
+  run TEXT NOT NULL, round INTEGER NOT NULL, agent TEXT NOT NULL, bytes_up INTEGER NOT NULL,
+  bytes_down INTEGER NOT NULL, ts REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS layer_basis (
   run TEXT NOT NULL, task INTEGER NOT NULL, task_name TEXT NOT NULL, layer TEXT NOT NULL, k INTEGER NOT NULL,
   d INTEGER NOT NULL, PRIMARY KEY (run, task, layer)
 );
 """
 # columns added after the first release: a ledger written before them gains them on open
-_ADDED_COLUMNS = {"rounds": (("accuracy_min", "REAL"), ("nodes", "INTEGER NOT NULL DEFAULT 0"))}
+_ADDED_COLUMNS = {"rounds": (("accuracy_min", "REAL"), ("nodes", "INTEGER NOT NULL DEFAULT 0")),
+                  "agent_rounds": (("energy_meter", "TEXT"),)}
 
 AGENT_FIELDS = (
     "status", "bytes_up", "bytes_down", "learn_s", "samples", "queries", "energy_compute_j",
-    "energy_radio_j", "energy_idle_j", "profile", "codec", "detail",
+    "energy_radio_j", "energy_idle_j", "profile", "codec", "detail", "energy_meter",
 )
 
 
@@ -152,13 +168,27 @@ class Ledger:
         )
 
     def add_energy(self, run: str, round: int, phase: int, agent: str, *, compute_j: float, radio_j: float,
-                   idle_j: float) -> None:
+                   idle_j: float, meter: str | None = None) -> None:
         """Set an agent's energy for a round (agents report it after their upload, so it comes last)."""
         self._write(
-            "UPDATE agent_rounds SET energy_compute_j = ?, energy_radio_j = ?, energy_idle_j = ? WHERE id ="
+            "UPDATE agent_rounds SET energy_compute_j = ?, energy_radio_j = ?, energy_idle_j = ?, energy_meter = ? WHERE id ="
             " (SELECT max(id) FROM agent_rounds WHERE run = ? AND round = ? AND phase = ? AND agent = ?)",
-            (compute_j, radio_j, idle_j, run, round, phase, agent),
+            (compute_j, radio_j, idle_j, meter, run, round, phase, agent),
         )
+
+    def record_traffic(self, run: str, round: int, agent: str, traffic: dict[str, tuple[int, int]],
+                       wire: tuple[int, int] | None) -> None:
+        """An agent's report: bytes by category (`traffic` rows) and its socket's bytes (a `sockets` row, unless
+        None), both since its previous report, booked on `round`."""
+        now = time.time()
+        rows = [(run, round, agent[:64], cat, int(up), int(down), now) for cat, (up, down) in sorted(traffic.items())]
+        with self._lock:
+            ctx = nullcontext() if self._batching else self._db
+            with ctx:
+                self._db.executemany("INSERT INTO traffic VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                if wire is not None:
+                    self._db.execute("INSERT INTO sockets VALUES (?, ?, ?, ?, ?, ?)",
+                                     (run, round, agent[:64], int(wire[0]), int(wire[1]), now))
 
     def record_round(self, run: str, round: int, **fields: Any) -> None:
         cols = ["run", "round", "ts", *fields]
@@ -248,6 +278,10 @@ class LedgerView:
 
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         return self._db.execute(sql, params).fetchall()
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Any read-only query (the shared numbers of `fedfleet.coordinator.records.accounts`)."""
+        return self._rows(sql, params)
 
     def tables(self) -> set[str]:
         return {r[0] for r in self._rows("SELECT name FROM sqlite_master WHERE type='table'")}

@@ -83,7 +83,7 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
-def _html(data: RunData, images: dict[str, Path]) -> str:
+def _html(data: RunData, images: dict[str, Path], books: str = "") -> str:
     series = round_series(data)
     accs = [s["accuracy"] for s in series.values() if "accuracy" in s]
     agents = list(data.agents.values())
@@ -98,7 +98,7 @@ def _html(data: RunData, images: dict[str, Path]) -> str:
         [f"Final {data.score.name.lower()}", _num(accs[-1], 4) if accs else "-"],
         [f"Best {data.score.name.lower()}",
          _num(min(accs) if data.score.lower_is_better else max(accs), 4) if accs else "-"],
-        ["Traffic up / down (MB)", f"{tot_up / MB:,.3f} / {tot_down / MB:,.3f}"],
+        ["Model updates up / down (MB): tasks, state broadcasts, results", f"{tot_up / MB:,.3f} / {tot_down / MB:,.3f}"],
         ["Energy compute / radio / idle (J)",
          " / ".join(_num(e, 1) for e in energy) if data.has_energy else "not recorded"],
         ["Agent-rounds " + " / ".join(OUTCOMES), " / ".join(str(out_counts.get(k, 0)) for k in OUTCOMES)],
@@ -107,7 +107,7 @@ def _html(data: RunData, images: dict[str, Path]) -> str:
              f"<style>{_CSS}</style></head><body>", f"<h1>fedfleet run report: {html.escape(data.run)}</h1>",
              '<h2>Summary</h2><table class="kv"><tbody>',
              "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary),
-             "</tbody></table>"]
+             "</tbody></table>", books]
     if data.config:
         cfg = html.escape(json.dumps(data.config, indent=2, sort_keys=True, default=str))
         parts.append(f"<details><summary>Run configuration</summary><pre>{cfg}</pre></details>")
@@ -120,7 +120,8 @@ def _html(data: RunData, images: dict[str, Path]) -> str:
         round_rows.append([k, _num(s.get("accuracy"), 4), _num(rd.get("loss"), 4), _num(rd.get("wall_s"), 2),
                            int(s.get("ok", 0)), int(s.get("late", 0)), int(s.get("dropped", 0)),
                            int(s.get("rejected", 0)), _num(s.get("bytes", 0) / MB, 3), _num(s.get("joules", 0), 1)])
-    parts.append(_table(["Round", data.score.name, "Loss", "Wall (s)", "ok", "late", "dropped", "rejected", "MB", "J"],
+    parts.append(_table(["Round", data.score.name, "Loss", "Wall (s)", "ok", "late", "dropped", "rejected",
+                         "MB (model updates)", "J"],
                         round_rows))
     parts += ["<h2>Per-agent bytes and joules</h2>", _img(images["agents"], "per-agent bytes and joules")]
     agent_rows = [[a.agent, a.profile, a.outcomes.get("ok", 0), a.outcomes.get("late", 0), a.outcomes.get("dropped", 0),
@@ -165,12 +166,14 @@ def render(run_dir: str | Path, *, out_dir: str | Path | None = None, run: str |
         "stragglers": plot_stragglers(data, out / "stragglers.png"),
     }
     page = out / "report.html"
+    from fedfleet.coordinator.records.report_books import section as books
     from fedfleet.coordinator.records.report_continual import (
         section,  # a continual job's ACC, FGT and accuracy matrix
     )
 
     extra = section(Path(run_dir) / "ledger.sqlite", data.run, out)
-    page.write_text(_html(data, images).replace("</body></html>", f"{extra}\n</body></html>"), encoding="utf-8")
+    body = _html(data, images, books(Path(run_dir), data.run))
+    page.write_text(body.replace("</body></html>", f"{extra}\n</body></html>"), encoding="utf-8")
     return page
 
 

@@ -21,8 +21,10 @@ MB = 1e6
 MAX_BARS = 60  # agents drawn in the per-agent plot; the HTML table always lists all of them
 MAX_PROBLEM_ROWS = 500
 OUTCOMES = ("ok", "late", "dropped", "rejected", "interrupted")  # interrupted: a round rerun after resume
+# each name its own colour (no two alike, so a legend never pairs two series): outcomes, energy parts, directions
 COLORS = {"ok": "#4c9a2a", "late": "#e0a526", "dropped": "#8c8c8c", "rejected": "#c0392b",
-          "interrupted": "#9b59b6", "compute": "#3b6ea8", "radio": "#e07b39", "idle": "#b8b8b8", "up": "#3b6ea8", "down": "#7fb3e0"}
+          "interrupted": "#9b59b6", "compute": "#3b6ea8", "radio": "#e07b39", "idle": "#c7c7c7", "up": "#17becf",
+          "down": "#8c564b"}
 
 
 class ReportError(FedfleetError):

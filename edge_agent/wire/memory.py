@@ -229,6 +229,7 @@ class MemoryLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.bytes_by_topic: Counter[str] = Counter()
+        self.received_by_topic: Counter[str] = Counter()
         self.connects = 0
         self.connected = threading.Event()
         self.subscribed = threading.Event()
@@ -300,6 +301,7 @@ class MemoryLink:
             with self._lock:
                 self.bytes_received += n
                 self.bytes_by_topic[topic] += n
+                self.received_by_topic[topic] += n
             try:
                 self._on_message_cb(topic, payload)
             except Exception:

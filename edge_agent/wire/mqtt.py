@@ -25,6 +25,7 @@ from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.wire.link_types import MessageHandler, Will
 from fedfleet.edge_agent.wire.protocol import mqtt_publish_bytes
 from fedfleet.edge_agent.wire.socket_bytes import WireCounter
+from fedfleet.edge_agent.wire.traffic import connect_bytes, subscribe_bytes
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,10 @@ class MqttLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.bytes_by_topic: Counter[str] = Counter()  # formula bytes per topic, both directions
+        self.received_by_topic: Counter[str] = Counter()  # the received part of it
         self.connects = 0  # CONNACKs accepted (first connection and reconnects)
+        self._control = [0, 0]  # CONNECT + SUBSCRIBE sent, CONNACK + SUBACK received (wire/traffic.py formulas)
+        self._connected_cb_due = False  # a CONNACK was handled: run `on_connect` once paho has re-sent its queue
         self.wire = WireCounter()
         self.client_id, self.will, self.username, self.password = client_id, will, username, password
         self.connected = threading.Event()
@@ -172,6 +176,9 @@ class MqttLink:
                 rc = self._client.loop(timeout=1.0)
                 if self.connected.is_set():
                     delay = self._min_backoff
+                if self._connected_cb_due:
+                    self._connected_cb_due = False
+                    self._run_on_connect()
             self.connected.clear()
             if not self._stop.is_set():
                 wait = random.uniform(delay / 2, delay)
@@ -186,6 +193,19 @@ class MqttLink:
         """(sent, received) bytes on the socket(s) so far, TLS and MQTT control included; None if unknown."""
         return self.wire.totals()
 
+    def control_bytes(self) -> tuple[int, int]:
+        """(sent, received) MQTT control bytes so far: CONNECT and SUBSCRIBE, CONNACK and SUBACK per connection."""
+        with self._lock:
+            return self._control[0], self._control[1]
+
+    def _run_on_connect(self) -> None:
+        if self._on_connect_cb is None or not self.connected.is_set():
+            return
+        try:
+            self._on_connect_cb()
+        except Exception:  # a handler bug must never kill the network thread
+            log.exception("connect handler of %s failed", self.client_id)
+
     # -------------------------------------------------------------- callbacks
     def _socket_open(self, client: paho.Client, userdata: object, sock: object) -> None:
         _nodelay(client, userdata, sock)
@@ -197,10 +217,17 @@ class MqttLink:
             return
         if self._subscriptions:
             client.subscribe([(topic, 1) for topic in self._subscriptions])
+        up, down = connect_bytes(self.client_id, will=self.will_set, username=self.username, password=self.password)
+        sub_up, sub_down = subscribe_bytes(self._subscriptions)
+        with self._lock:
+            self._control[0] += up + sub_up
+            self._control[1] += down + sub_down
         self.connects += 1
         self.connected.set()
-        if self._on_connect_cb is not None:
-            self._on_connect_cb()
+        # `on_connect` runs after paho has handled this CONNACK, which re-sends the messages queued or unacked
+        # on the previous connection: what the handler publishes now (the new connection's status) goes out
+        # after them, so a receiver never sees an older status arrive after a newer one
+        self._connected_cb_due = True
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
         if any(rc.is_failure for rc in reason_codes):
@@ -218,6 +245,7 @@ class MqttLink:
         with self._lock:
             self.bytes_received += n
             self.bytes_by_topic[msg.topic] += n
+            self.received_by_topic[msg.topic] += n
         try:
             self._on_message_cb(msg.topic, msg.payload)
         except Exception:  # a handler bug must never kill the network thread

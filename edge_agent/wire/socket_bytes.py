@@ -2,8 +2,8 @@
 
 The ledger's byte counts are a formula over MQTT framing (`protocol.mqtt_publish_bytes`). What the radio
 carries is more: CONNECT and SUBSCRIBE, keep-alives, the TLS handshake and record overhead on mqtts://.
-`tcp_bytes(sock)` reads Linux's `TCP_INFO` (`tcpi_bytes_acked`, `tcpi_bytes_received`: TCP payload bytes
-sent and acknowledged, and received), which sees all of it, whatever wraps the socket. `WireCounter`
+`tcp_bytes(sock)` reads Linux's `TCP_INFO` (TCP payload bytes sent, retransmissions counted once, and
+received), which sees all of it, whatever wraps the socket. `WireCounter`
 adds them up over the reconnects of one link. Where `TCP_INFO` has no such fields (not Linux, or a kernel
 older than 4.2) the counts are None, never a guess.
 """
@@ -15,22 +15,30 @@ import struct
 import threading
 from typing import Any
 
-# struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received are the u64s at offsets 120 and 128
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received are the u64s at offsets 120 and 128;
+# tcpi_bytes_sent and tcpi_bytes_retrans (Linux 4.19+) the u64s at 200 and 208
 _BYTES_ACKED_AT = 120
 _INFO_LEN = 136
+_BYTES_SENT_AT = 200
+_FULL_LEN = 216
 
 
 def tcp_bytes(sock: Any) -> tuple[int, int] | None:
-    """(bytes sent and acked, bytes received) on this TCP socket so far, or None where unknown."""
+    """(bytes sent, bytes received) on this TCP socket so far, or None where unknown. Sent is the payload handed
+    to the network once (`tcpi_bytes_sent - tcpi_bytes_retrans`, so a message just written counts before its
+    ACK); on kernels without those fields, the bytes acknowledged."""
     if not hasattr(socket, "TCP_INFO"):
         return None
     try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _INFO_LEN)
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _FULL_LEN)
     except (AttributeError, OSError, ValueError):
         return None
     if len(raw) < _INFO_LEN:
         return None
     acked, received = struct.unpack_from("=QQ", raw, _BYTES_ACKED_AT)
+    if len(raw) >= _FULL_LEN:
+        sent, retrans = struct.unpack_from("=QQ", raw, _BYTES_SENT_AT)
+        return int(sent - retrans), int(received)
     return int(acked), int(received)
 
 

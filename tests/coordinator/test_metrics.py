@@ -22,15 +22,21 @@ def test_exposition_matches_ledger_totals(tmp_path: Path) -> None:
     samples = [ln for ln in text.splitlines() if not ln.startswith("#")]
     assert samples and all(LINE.match(ln) for ln in samples), text
     values = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in samples}
-    up = values['fedfleet_bytes_total{run="run-a",direction="up"}']
-    down = values['fedfleet_bytes_total{run="run-a",direction="down"}']
+    up = values['fedfleet_bytes_total{direction="up",run="run-a",what="updates"}']
+    down = values['fedfleet_bytes_total{direction="down",run="run-a",what="updates"}']
     assert up + down == totals["bytes"]
+    # per agent (a small fleet), the same definition: the agents' model-update bytes add up to the run's
+    per_agent = [v for k, v in values.items() if k.startswith("fedfleet_agent_bytes_total") and 'what="updates"' in k]
+    assert len(per_agent) == 6 and sum(per_agent) == totals["bytes"]
+    assert "model updates only" in text and values['fedfleet_refusals_total{run="run-a"}'] == 0
+    build_ledger(tmp_path / "eight", agents=8, rounds=4)  # agent-07's round 4 is refused
+    assert 'fedfleet_refusals_total{run="run-a"} 1.0' in exposition(tmp_path / "eight")
     joules = sum(v for k, v in values.items() if k.startswith("fedfleet_energy_joules_total"))
     assert joules == pytest.approx(totals["joules"])
     assert values['fedfleet_round{run="run-a"}'] == 4 and values['fedfleet_agents{run="run-a"}'] == 6
     assert values['fedfleet_accuracy{run="run-a"}'] == pytest.approx(0.7)
     assert sum(v for k, v in values.items() if k.startswith("fedfleet_agent_rounds_total")) == 24
-    assert values['fedfleet_agent_rounds_total{run="run-a",outcome="late"}'] == 1
+    assert values['fedfleet_agent_rounds_total{outcome="late",run="run-a"}'] == 1
     with pytest.raises(ReportError, match="ledger not found"):
         exposition(tmp_path / "nowhere")
 
@@ -49,3 +55,29 @@ def test_http_endpoint(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_large_fleets_get_per_profile_series(tmp_path: Path, monkeypatch) -> None:
+    from fedfleet.coordinator.records import metrics
+
+    totals = build_ledger(tmp_path, agents=6, rounds=2)
+    monkeypatch.setattr(metrics, "PER_AGENT_MAX", 3)
+    text = exposition(tmp_path)
+    assert "fedfleet_agent_bytes_total" not in text and "fedfleet_profile_bytes_total" in text
+    values = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if not ln.startswith("#")}
+    per_profile = {k: v for k, v in values.items() if k.startswith("fedfleet_profile_bytes_total") and 'what="updates"' in k}
+    assert 1 < len(per_profile) <= 6 and sum(per_profile.values()) == totals["bytes"]
+    joules = sum(v for k, v in values.items() if k.startswith("fedfleet_profile_energy_joules_total"))
+    assert joules == pytest.approx(totals["joules"])
+
+
+def test_every_served_metric_is_documented(tmp_path: Path) -> None:
+    from fedfleet.coordinator.records.metrics import METRICS
+    from fedfleet.tools.docs.reference import metrics as reference
+
+    build_ledger(tmp_path, agents=3, rounds=2)
+    served = {ln.split()[2] for ln in exposition(tmp_path).splitlines() if ln.startswith("# TYPE")}
+    served = {n + "_total" if not n.endswith("_total") and f"{n}_total" in METRICS else n for n in served}
+    assert served <= set(METRICS), served - set(METRICS)
+    page = reference()
+    assert all(f"`{name}`" in page for name in METRICS)

@@ -12,7 +12,7 @@ import pytest
 from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.run import run_demo
 
-DEMO_KEYS = {"final_accuracy", "rounds", "agents", "wall_s", "bytes_up", "bytes_down", "broker"}
+DEMO_KEYS = {"final_accuracy", "rounds", "agents", "wall_s", "bytes_up", "bytes_down", "broker", "bytes_counts", "books"}
 
 
 def test_default_demo_reaches_the_accuracy_target(tmp_path):
@@ -26,7 +26,14 @@ def test_default_demo_reaches_the_accuracy_target(tmp_path):
     assert result["final_accuracy"] >= 0.90, result
     # FedZip is the default uplink: every agent uploaded every round, far below a float32 head delta each time
     assert 20 * 10 * 200 < result["bytes_up"] < 20 * 10 * 2410 * 4
-    assert "round  20/20" in r.stdout
+    # one definition, labelled: bytes_up / bytes_down are the model updates, a part of all device traffic
+    books = result["books"]
+    assert result["bytes_up"] == books["model_updates"]["up"] and result["bytes_counts"] == books["model_updates"]["counts"]
+    assert books["all_device_traffic"]["total"] > books["model_updates"]["total"]
+    assert books["energy_j"]["compute_j"] > 0
+    # no agent's connection is dropped at start-up, so no stale status is refused
+    assert books["refusals"]["rows"] == 0, books
+    assert "round  20/20" in r.stdout and "device traffic" in r.stdout
     run = tmp_path / "run"
     assert (run / "ledger.sqlite").exists() and (run / "checkpoints" / "latest.pt").exists()
     # the report renders in its own process after the summary: it is there moments later

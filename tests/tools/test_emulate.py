@@ -12,6 +12,7 @@ from rich.console import Console
 
 from fedfleet.coordinator.engine.rounds import RoundSummary
 from fedfleet.coordinator.job.progress import Progress
+from fedfleet.coordinator.records.accounts import Accounts
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.firmware_profiles.schema import load_profile
 from fedfleet.tools.emulate import run as emulate
@@ -197,13 +198,20 @@ def test_expectations():
 def test_progress_plain_lines_when_not_a_terminal():
     out = io.StringIO()
     console = Console(file=out, force_terminal=False, width=200)
-    p = Progress(2, online=lambda: (7, 9), joules=lambda: 12.5, console=console)
+    books = Accounts(traffic={"task": (0, 3500), "result": (1500, 0)}, updates=(1000, 2000),
+                     energy={"compute_j": 2.5, "radio_j": 1.0, "idle_j": 9.0}, refusals=2)
+    p = Progress(2, online=lambda: (7, 9), books=lambda r=None: books, console=console)
     with p:
         for r in (1, 2):
             p(RoundSummary(r, 0.5 + r / 10, 1.0, 0.2, 9, 7, 1, 1, 1000, 2000, 0.1, note="table age 3.0" if r == 2 else ""))
     lines = out.getvalue().strip().splitlines()
     assert len(lines) == 2
-    assert "round   2/2" in lines[1] and "online 7/9" in lines[1] and "energy 12.5 J" in lines[1]
+    assert "round   2/2" in lines[1] and "online 7/9" in lines[1] and "energy 12.5 J (compute 2.5 J)" in lines[1]
+    # the ledger's numbers, labelled: refusals and model updates of the round, the run's device traffic
+    assert "rejected 2" in lines[1] and "updates up 0.001 MB down 0.002 MB" in lines[1]
+    assert "device traffic 0.005 MB" in lines[1]
+    no_meter = Progress(1, books=lambda r=None: Accounts(), console=console)
+    assert "energy not recorded" in no_meter.line(RoundSummary(1, 0.5, 1.0, 0.2, 1, 1, 0, 0, 10, 20, 0.1))
     assert lines[1].endswith("table age 3.0") and "table age" not in lines[0]  # the method's note, when it has one
     assert p.bytes_up == 2000
 
@@ -211,7 +219,7 @@ def test_progress_plain_lines_when_not_a_terminal():
 def test_progress_live_panel_renders():
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=120)
-    p = Progress(3, online=lambda: (4, 5), joules=lambda: 1.0, console=console)
+    p = Progress(3, online=lambda: (4, 5), books=lambda r=None: Accounts(), console=console)
     with p:
         p(RoundSummary(1, 0.9, 0.3, 0.2, 5, 4, 0, 1, 10, 20, 0.1, note="fedamd p 0.485"))
     text = out.getvalue()

@@ -164,7 +164,9 @@ def _column_docs() -> dict[str, dict[str, str]]:
         module = importlib.import_module("fedfleet.coordinator.records.columns")
     except ModuleNotFoundError:
         return {}
-    return getattr(module, "COLUMNS", {})
+    tables = getattr(module, "TABLES", {})
+    columns = getattr(module, "COLUMNS", {})
+    return {name: {"": tables.get(name, ""), **columns.get(name, {})} for name in set(tables) | set(columns)}
 
 
 def ledger() -> str:
@@ -192,7 +194,8 @@ def metrics() -> str:
     from fedfleet.coordinator.records import metrics as metrics_module
 
     source = inspect.getsource(metrics_module)
-    found = re.findall(r"# HELP (fedfleet_\{?\w+\}?)\s+([^\"]+?)[\"\n]", source)
+    found = list(getattr(metrics_module, "METRICS", {}).items()) or re.findall(
+        r"# HELP (fedfleet_\{?\w+\}?)\s+([^\"]+?)[\"\n]", source)
     lines = ["| metric | meaning |", "|---|---|"]
     for name, text in found:
         lines.append(f"| `{name}` | {_cell(text.strip().rstrip(','))} |")

@@ -221,6 +221,13 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
             for k, v in a["outcomes"].items():
                 outcomes[k] = outcomes.get(k, 0) + v
         summary["outcomes"] = outcomes
+        from fedfleet.coordinator.job.run import read_books
+
+        books = read_books(run_dir, run_id)  # the ledger's numbers, as the demo's summary and every view show them
+        if books is not None:
+            summary["books"] = books
+            summary["bytes_up"], summary["bytes_down"] = books["model_updates"]["up"], books["model_updates"]["down"]
+            summary["bytes_counts"] = books["model_updates"]["counts"]
         summary["report"] = str(render(run_dir, run=run_id))
         name = "summary.json"
     else:
@@ -240,9 +247,10 @@ def _coordinator(fleet: FleetConfig, url: str, secret: bytes, signing_key: bytes
                  quiet: bool, live: bool | None, console: Any) -> tuple[Any, Any]:
     """The fleet's run (`fedfleet.coordinator.job.assemble.build_run`: job.json, so it can be resumed) and its
     progress view."""
-    from fedfleet.coordinator.job.assemble import build_run, ledger_joules
+    from fedfleet.coordinator.job.assemble import build_run
     from fedfleet.coordinator.job.progress import Progress
     from fedfleet.coordinator.job.run import small_model_threads
+    from fedfleet.coordinator.records.accounts import accounts
 
     small_model_threads()
     job = fleet.job
@@ -256,7 +264,8 @@ def _coordinator(fleet: FleetConfig, url: str, secret: bytes, signing_key: bytes
     coord = run.coordinator
     progress = Progress(job.rounds, title=f"fedfleet emulate {fleet.source}",
                         online=lambda: (len(coord.ready_agents()), len(run.roster)),
-                        joules=lambda: ledger_joules(coord), quiet=quiet, console=console, live=live)
+                        books=lambda r=None: accounts(coord.ledger.query, coord.cfg.run, r), quiet=quiet,
+                        console=console, live=live)
     progress.score_name = run.task.score_name
     coord.on_round = progress
     return run, progress

@@ -26,57 +26,21 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fedfleet.edge_agent.wire import protocol
 from fedfleet.edge_agent.wire.mqtt import MqttLink
-from fedfleet.edge_agent.wire.protocol import _varint_len
+from fedfleet.edge_agent.wire.traffic import topic_category
 
 SYS_TOPICS = ("$SYS/broker/bytes/received", "$SYS/broker/bytes/sent")
 
 
-def _packet(remaining: int) -> int:
-    return 1 + _varint_len(remaining) + remaining
-
-
-def _s(text: str | bytes | None) -> int:
-    """A length-prefixed MQTT string or binary field."""
-    if text is None:
-        return 0
-    return 2 + len(text.encode() if isinstance(text, str) else text)
-
-
-def connect_bytes(client_id: str, *, will: tuple[str, bytes, bool] | None = None, username: str | None = None,
-                  password: str | None = None) -> int:
-    """CONNECT (MQTT 3.1.1: 10-byte variable header, then client id, will, user name, password) + CONNACK."""
-    remaining = 10 + _s(client_id)
-    if will is not None:
-        remaining += _s(will[0]) + _s(will[1])
-    if username is not None:
-        remaining += _s(username) + (_s(password) if password is not None else 0)
-    return _packet(remaining) + 4
-
-
-def subscribe_bytes(topics: list[str]) -> int:
-    """One SUBSCRIBE for all `topics` (packet id, then topic + QoS each) + its SUBACK."""
-    if not topics:
-        return 0
-    return _packet(2 + sum(_s(t) + 1 for t in topics)) + _packet(2 + len(topics))
-
-
 def control_bytes(link: MqttLink, *, graceful_stop: bool = True) -> int:
-    """The control packets of one link over its connections (keep-alives not included)."""
-    per_connect = connect_bytes(link.client_id, will=link.will_set, username=link.username, password=link.password)
-    per_connect += subscribe_bytes(link._subscriptions)
-    return link.connects * per_connect + (2 if graceful_stop else 0)
+    """The control packets of one link over its connections (keep-alives not included): CONNECT/CONNACK and
+    SUBSCRIBE/SUBACK as the link counted them (`fedfleet.edge_agent.wire.traffic`), plus DISCONNECT."""
+    return sum(link.control_bytes()) + (2 if graceful_stop else 0)
 
 
 def topic_kind(topic: str) -> str:
     """'result', 'task', 'status', 'telemetry' for agent topics, 'model' for the package, else 'other'."""
-    parsed = protocol.parse_agent_topic(topic)
-    if parsed is not None:
-        return parsed[2]
-    if "/broadcast/model/" in topic:
-        return "model"
-    return "state" if topic.endswith("/broadcast/state") else "other"
+    return topic_category(topic)
 
 
 @dataclass
