@@ -31,6 +31,7 @@ from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.progress import Progress
 from fedfleet.coordinator.records.store import new_run_id
 from fedfleet.coordinator.tasks import task_for
+from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.wire import protocol, signing
 
@@ -160,6 +161,18 @@ def small_model_threads() -> None:
     threadpoolctl.threadpool_limits(1)
 
 
+def refuse_finished(run: Run) -> None:
+    """A resumed run with no round left to run is refused before it starts: it says so and how to extend it."""
+    coord = run.coordinator
+    done = coord.first_round - 1
+    if done < run.job.rounds:
+        return
+    accuracy = coord.store.last_accuracy(run.run)
+    coord.stop()
+    raise ConfigError(f"--resume {run.run_dir}: run {run.run} already finished its {done} rounds (last accuracy "
+                      f"{accuracy:.4f}); to extend it, resume with --rounds {done + 10} (any number above {done})")
+
+
 def finished(coord: Coordinator, summaries: list[RoundSummary]) -> tuple[float, int]:
     """(final accuracy, rounds) of the whole run, also when resuming ran few rounds or none."""
     if summaries:
@@ -184,6 +197,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     with start_broker(broker) as b:
         run = build_run(cfg, broker_url=b.url, secret=secret, signing_key=_run_signing_key(run_dir),
                         run_dir=run_dir, roster=agent_ids(cfg)[: cfg.agents], resume=resume)
+        refuse_finished(run)
         coord = run.coordinator
         progress = _progress(run, "fedfleet demo", quiet)
         try:
@@ -280,6 +294,7 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
     small_model_threads()
     run = build_run(cfg, broker_url=broker, secret=secret, signing_key=signing_key, run_dir=run_dir,
                     resume=resume, username=username, password=password, ca_certs=ca_certs)
+    refuse_finished(run)
     coord = run.coordinator
     progress = _progress(run, "fedfleet serve")
     try:
