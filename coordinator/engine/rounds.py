@@ -92,8 +92,10 @@ class Coordinator:
         self.public_key = signing.public_key(signing_key)
         self.presence = Presence(roster)
         self.inbox: queue.Queue[InboxItem] = queue.Queue()
+        self.boot = secrets.token_hex(8)  # this process: agents echo it in the statuses it trusts (receive.py)
         self.receive = ReceivePath(
-            fleet=config.fleet, keys=self.keys, inbox=self.inbox, on_status=self.presence.on_status,
+            fleet=config.fleet, keys=self.keys, inbox=self.inbox, on_status=self.presence.on_status, boot=self.boot,
+            on_unconfirmed=self.presence.on_unconfirmed,
             max_result_bytes=config.max_result_bytes, per_sender_pending=config.per_sender_pending,
             reassembly_timeout_s=config.deadline_s + config.grace_s + 60.0)
         self.guard = UpdateGuard(norm_bound=config.norm_bound, weight_cap=config.weight_cap)
@@ -111,7 +113,7 @@ class Coordinator:
         self.link = self._open_link(broker_url, username=username, password=password, ca_certs=ca_certs)
         self.dispatcher = Dispatcher(link=self.link, fleet=config.fleet, run=config.run, method=strategy.name,
                                      signing_key=signing_key, package=package, ttl_s=config.deadline_s,
-                                     downlink=config.downlink, sync=self._sync)
+                                     downlink=config.downlink, sync=self._sync, boot=self.boot)
         self._current = self.open_phase(0, 0, {})  # takes items (`settle`) before the first round
         meta = {"engine": config.__dict__, "strategy": strategy.name, "strategy_config": strategy.config,
                 "roster": roster}
