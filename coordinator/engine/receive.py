@@ -183,11 +183,14 @@ class ReceivePath:
                  on_status: Callable[[str, dict[str, Any]], None], max_result_bytes: int,
                  reassembly_timeout_s: float = 600.0, per_sender_pending: int = 4,
                  per_sender_bytes: int | None = None, boot: str | None = None,
-                 on_unconfirmed: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 on_unconfirmed: Callable[[str, dict[str, Any]], None] | None = None,
+                 on_restart: Callable[[str], None] | None = None) -> None:
         """`boot`: this coordinator process's id (None: every agent process is taken at its word, as before
         there was one); `on_unconfirmed(agent, status)`: a status of an agent process not yet confirmed (shown,
-        never trusted: `fedfleet.coordinator.engine.presence`)."""
+        never trusted: `fedfleet.coordinator.engine.presence`); `on_restart(agent)`: the agent's process changed
+        (it restarted, and holds none of its earlier process's replica)."""
         self.fleet = fleet
+        self.on_restart = on_restart
         self.boot = boot
         self.on_unconfirmed = on_unconfirmed
         self.keys = keys
@@ -348,6 +351,8 @@ class ReceivePath:
                     self._inc[agent] = inc
                     for k in ("status", "telemetry"):
                         self._last_seq.pop((agent, k), None)
+                    if current is not None and self.on_restart is not None:
+                        self.on_restart(agent)
             last = self._last_seq.get((agent, kind))
             if last is not None and seq == last:
                 self.duplicates += 1

@@ -95,7 +95,7 @@ class Coordinator:
         self.boot = secrets.token_hex(8)  # this process: agents echo it in the statuses it trusts (receive.py)
         self.receive = ReceivePath(
             fleet=config.fleet, keys=self.keys, inbox=self.inbox, on_status=self.presence.on_status, boot=self.boot,
-            on_unconfirmed=self.presence.on_unconfirmed,
+            on_unconfirmed=self.presence.on_unconfirmed, on_restart=self._agent_restarted,
             max_result_bytes=config.max_result_bytes, per_sender_pending=config.per_sender_pending,
             reassembly_timeout_s=config.deadline_s + config.grace_s + 60.0)
         self.guard = UpdateGuard(norm_bound=config.norm_bound, weight_cap=config.weight_cap)
@@ -130,6 +130,11 @@ class Coordinator:
                         config.run, self.first_round, resumed.interrupted_rows)
         else:
             self.store.start_run(config.run, meta)
+
+    def _agent_restarted(self, agent: str) -> None:
+        """An agent came back as a new process: its replica of the global state is gone (it gets a full one)."""
+        if self._sync is not None:
+            self._sync.forget(agent)
 
     def _open_link(self, broker_url: str, *, username: str | None, password: str | None,
                    ca_certs: str | None) -> Link:
