@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from fedfleet.edge_agent.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MAX_DONE = 512  # answered task keys kept (a few hundred rounds is far beyond any redelivery window)
@@ -85,7 +87,12 @@ class AgentState:
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"--state-dir {self.dir}: not a directory (a file is in the way)")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"--state-dir {self.dir}: cannot create it ({exc.strerror or exc})") from None
         self.done: list[tuple[str, int, int]] = []
         self.rounds_done = 0
         self.tasks_dropped = 0
@@ -103,6 +110,9 @@ class AgentState:
             fields = _parse(json.loads(path.read_bytes()))
         except (OSError, ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            n = 1
+            while aside.exists():  # never over an earlier one
+                aside, n = path.with_name(f"{path.name}.corrupt-{int(time.time())}-{n}"), n + 1
             try:
                 os.replace(path, aside)
                 where = f"set aside as {aside.name}"
