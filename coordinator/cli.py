@@ -162,7 +162,9 @@ def cmd_serve(argv: list[str]) -> int:
                    signing_key=read_key_file(args.signing_key_file, "--signing-key-file"),
                    run_dir=run_dir, wait_s=args.wait, username=args.username, password=args.password,
                    ca_certs=args.ca_certs, metrics_port=args.metrics_port, resume=bool(args.resume),
-                   report=args.report)
+                   report=args.report, secret_files={"--secret-file": args.secret_file,
+                                                     "--signing-key-file": args.signing_key_file,
+                                                     "--password-file": args.password_file})
     _write_json(args.json, result.to_json())
     return 0
 

@@ -26,6 +26,7 @@ from fedfleet.coordinator.job.assemble import (
     engine_config,
     job_identity,
     ledger_joules,
+    removed_if_refused,
 )
 from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.progress import Progress
@@ -194,7 +195,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     cap_malloc_arenas(2)  # before the agents' threads start: fedfleet.coordinator.job.malloc_arenas
     secret = os.urandom(32)
     agents: list[Agent] = []
-    with start_broker(broker) as b:
+    with removed_if_refused(run_dir, resume=resume) as started, start_broker(broker) as b:
         run = build_run(cfg, broker_url=b.url, secret=secret, signing_key=_run_signing_key(run_dir),
                         run_dir=run_dir, roster=agent_ids(cfg)[: cfg.agents], resume=resume)
         refuse_finished(run)
@@ -208,6 +209,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
                                       f"model {run.task.name} on {cfg.runtime}; energy modelled from the "
                                       f"{DEMO_PROFILE} profile; run dir {run_dir}", soft_wrap=True)
             coord.wait_for_agents(len(run.roster), timeout_s=60)
+            started.keep()
             summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
         finally:
             for a in agents:
@@ -284,24 +286,49 @@ def _run_signing_key(run_dir: Path) -> bytes:
     return seed
 
 
+def exposed_secrets(files: dict[str, str | Path | None]) -> list[str]:
+    """A warning for each secret file (option name -> path) that users other than its owner may read."""
+    out = []
+    for option, path in files.items():
+        if not path:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # reading it says what is wrong
+        if mode & 0o077:
+            out.append(f"{option} {path} is readable by other users (mode {mode & 0o777:04o}); "
+                       f"make it private: chmod 600 {path}")
+    return out
+
+
 def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run_dir: str | Path | None = None,
           wait_s: float = 600.0,
           username: str | None = None, password: str | None = None, ca_certs: str | None = None,
-          metrics_port: int | None = None, resume: bool = False, report: str = "now") -> JobResult:
-    """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds (resume: the rest)."""
+          metrics_port: int | None = None, resume: bool = False, report: str = "now",
+          secret_files: dict[str, str | Path | None] | None = None) -> JobResult:
+    """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds (resume: the rest).
+    `secret_files` (option name -> path: the fleet secret, the signing key, the broker password) are
+    checked: each one other users can read gets a warning on stderr."""
+    import sys
+
+    for warning in exposed_secrets(secret_files or {}):
+        print(f"fedfleet serve: warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()
     run_dir = Path(run_dir or Path("runs") / new_run_id())
     small_model_threads()
-    run = build_run(cfg, broker_url=broker, secret=secret, signing_key=signing_key, run_dir=run_dir,
-                    resume=resume, username=username, password=password, ca_certs=ca_certs)
-    refuse_finished(run)
-    coord = run.coordinator
-    progress = _progress(run, "fedfleet serve")
-    try:
-        coord.start()
-        progress.console.print(f"waiting for {len(run.roster)} agents on {broker} (fleet {cfg.fleet}) ...")
-        coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(run.roster)))), timeout_s=wait_s)
-        summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
-    finally:
-        coord.stop()
+    with removed_if_refused(run_dir, resume=resume) as started:
+        run = build_run(cfg, broker_url=broker, secret=secret, signing_key=signing_key, run_dir=run_dir,
+                        resume=resume, username=username, password=password, ca_certs=ca_certs)
+        refuse_finished(run)
+        coord = run.coordinator
+        progress = _progress(run, "fedfleet serve")
+        try:
+            coord.start()
+            progress.console.print(f"waiting for {len(run.roster)} agents on {broker} (fleet {cfg.fleet}) ...")
+            coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(run.roster)))), timeout_s=wait_s)
+            started.keep()
+            summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
+        finally:
+            coord.stop()
     return finish(_result(run, summaries, t0, broker), run_dir, progress, quiet=False, report=report)
