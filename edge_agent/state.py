@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 
 from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.npz import read_npz
 
 log = logging.getLogger(__name__)
 
 MAX_DONE = 512  # answered task keys kept (a few hundred rounds is far beyond any redelivery window)
 MAX_COUNT = (1 << 53) - 1
+MAX_FEEDBACK_BYTES = 512 << 20  # error-feedback residuals of one method (the size of its update)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -173,9 +175,8 @@ class AgentState:
         path = self._feedback_path(method)
         if not path.exists():
             return {}
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return {name: f[name].astype(np.float32) for name in f.files}
+        try:  # sizes checked before anything is allocated (fedfleet.edge_agent.npz)
+            return {name: a.astype(np.float32) for name, a in read_npz(path, max_bytes=MAX_FEEDBACK_BYTES).items()}
         except (OSError, ValueError) as exc:
             log.warning("error feedback %s is unreadable (%s); starting from zero", path, exc)
             return {}
