@@ -36,6 +36,11 @@ class Presence:
             if self.online.get(agent, {"unconfirmed": True}).get("unconfirmed"):
                 self.online[agent] = {**status, "unconfirmed": True}
 
+    def unconfirmed(self) -> list[str]:
+        """Agents shown online by a status this coordinator has not confirmed (see the module docstring)."""
+        with self._lock:
+            return sorted(a for a, s in self.online.items() if s.get("unconfirmed") and s.get("state") == "online")
+
     def ready_agents(self, digest: str) -> list[str]:
         """Agents online (confirmed) that have loaded the model package whose digest is `digest`."""
         with self._lock:
@@ -54,7 +59,7 @@ class Presence:
         """Wait until n agents are online with the current model package (`digest()`); `publish()` sends it again.
 
         An agent online without the package, that has reported no error about it (a chunk was refused as
-        damaged), gets the package again, live, without relying on the retained copy: a clustered broker
+        damaged), or online by a status not yet confirmed (the package asks it for a fresh one), gets the package again, live, without relying on the retained copy: a clustered broker
         (RabbitMQ) keeps retained messages on the node that received them, so agents on other nodes never
         see it. The package goes out again once agents that came online since the last publication have
         stopped arriving for `settle_s` and still lack it (one publication per wave of joins, so round 1
@@ -73,8 +78,8 @@ class Presence:
                 return ready
             with self._lock:
                 missing = {a for a, s in self.online.items()  # an agent that refused it says why
-                           if s.get("state") == "online" and s.get("model") != current and not s.get("error")
-                           and not s.get("unconfirmed")}
+                           if s.get("state") == "online" and not s.get("error")
+                           and (s.get("model") != current or s.get("unconfirmed"))}  # publishing it asks them
             now = time.monotonic()
             if missing - covered != newcomers:
                 newcomers, changed = missing - covered, now

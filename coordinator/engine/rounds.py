@@ -110,6 +110,7 @@ class Coordinator:
         # downlink, as the coded change since each agent's replica): fedfleet.coordinator.engine.downlink
         self._sync = DownlinkSync(config.downlink) if strategy.tasks_carry_state else None
         self._connects = 0
+        self._asked_at = time.monotonic()  # the last time unconfirmed agents were asked (_ask_unconfirmed)
         self.link = self._open_link(broker_url, username=username, password=password, ca_certs=ca_certs)
         self.dispatcher = Dispatcher(link=self.link, fleet=config.fleet, run=config.run, method=strategy.name,
                                      signing_key=signing_key, package=package, ttl_s=config.deadline_s,
@@ -200,6 +201,14 @@ class Coordinator:
         MQTT bytes. Agents load it and announce its digest in their status."""
         return self.dispatcher.publish_package(package)
 
+    def _ask_unconfirmed(self, every_s: float = 15.0) -> None:
+        """Between rounds: agents shown online by a status this coordinator has not confirmed (one that joined
+        where the broker kept no package copy for it, or a replayed status) get the package again, at most
+        once per `every_s`; an agent that is there answers it with a fresh status."""
+        if self.presence.unconfirmed() and time.monotonic() - self._asked_at >= every_s:
+            self._asked_at = time.monotonic()
+            self.publish_package()
+
     def ready_agents(self) -> list[str]:
         """Agents online that have loaded the current model package."""
         return self.presence.ready_agents(self.package_digest)
@@ -226,6 +235,7 @@ class Coordinator:
 
     # -------------------------------------------------------------- rounds
     def select(self) -> list[str]:
+        self._ask_unconfirmed()
         ready = self.ready_agents()
         k = self.cfg.per_round
         if k and k < len(ready):
