@@ -195,8 +195,16 @@ class Ledger:
     def record_checkpoint(self, run: str, round: int, sha256: str) -> None:
         """The digest of round `round`'s checkpoint, as it commits (a rerun of an interrupted round, whose
         file never landed, books its own)."""
-        self._write("INSERT OR REPLACE INTO checkpoints(run, round, sha256, ts) VALUES (?, ?, ?, ?)",
-                    (run, round, sha256, time.time()))
+        with self._lock:
+            # durable before the checkpoint file lands: with WAL and synchronous=NORMAL a power cut could drop
+            # the row and leave a checkpoint resume would refuse as never committed
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                with self._db:
+                    self._db.execute("INSERT OR REPLACE INTO checkpoints(run, round, sha256, ts) VALUES (?, ?, ?, ?)",
+                                     (run, round, sha256, time.time()))
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
 
     def checkpoint_digests(self, run: str) -> dict[int, str]:
         """round -> SHA-256 of its committed checkpoint."""
