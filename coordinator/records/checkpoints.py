@@ -8,8 +8,8 @@ what the run's strategy and engine hold, so a damaged or hand-made checkpoint is
 naming the field, never a traceback or a silent start from a wrong state:
 
 - `round`: an int, the round in the file's own name (`round-NNNN.pt`), at least 1;
-- `strategy_state` and `state`: the strategy's tensors, each name present, of the same shape and dtype as
-  the run's initial model, and finite; `extra` (the method's own state): its tensors finite;
+- `strategy_state` and `state`: the strategy's tensors, each name present, of the same shape (and kind:
+  floating or not) as the run's initial model, and finite; `extra` (the method's own state): its tensors finite;
 - `rng`: a state the engine's selection generator accepts;
 - `bytes_up`, `bytes_down`: non-negative ints;
 - `summary`: the round's evaluation row, only the ledger's `rounds` columns, numbers or None;
@@ -43,7 +43,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _tensors(where: str, field: str, got: Any, like: Mapping[str, torch.Tensor]) -> None:
-    """`got` holds a finite tensor of the same shape and dtype as `like`'s for each of its names, and no other."""
+    """`got` holds a finite tensor of the same shape and kind as `like`'s for each of its names, and no other."""
     if not isinstance(got, dict):
         raise _fail(where, field, f"is a {type(got).__name__}, not a dict of tensors")
     missing, extra = sorted(set(like) - set(got)), sorted(set(got) - set(like))
@@ -55,7 +55,7 @@ def _tensors(where: str, field: str, got: Any, like: Mapping[str, torch.Tensor])
         t = got[name]
         if not isinstance(t, torch.Tensor):
             raise _fail(where, f"{field}.{name}", f"is a {type(t).__name__}, not a tensor")
-        if tuple(t.shape) != tuple(want.shape) or t.dtype != want.dtype:
+        if tuple(t.shape) != tuple(want.shape) or t.is_floating_point() != want.is_floating_point():
             raise _fail(where, f"{field}.{name}", f"is {t.dtype} {tuple(t.shape)}, the model's is "
                                                  f"{want.dtype} {tuple(want.shape)}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
