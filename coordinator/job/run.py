@@ -286,37 +286,15 @@ def _run_signing_key(run_dir: Path) -> bytes:
     return seed
 
 
-def exposed_secrets(files: dict[str, str | Path | None]) -> list[str]:
-    """A warning for each secret file (option name -> path) that users other than its owner may read."""
-    out = []
-    for option, path in files.items():
-        if not path:
-            continue
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            continue  # reading it says what is wrong
-        if mode & 0o077:
-            out.append(f"{option} {path} is readable by other users (mode {mode & 0o777:04o}); "
-                       f"make it private: chmod 600 {path}")
-    return out
-
-
 def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run_dir: str | Path | None = None,
           wait_s: float = 600.0,
           username: str | None = None, password: str | None = None, ca_certs: str | None = None,
-          metrics_port: int | None = None, resume: bool = False, report: str = "now",
-          secret_files: dict[str, str | Path | None] | None = None) -> JobResult:
-    """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds (resume: the rest).
-    `secret_files` (option name -> path: the fleet secret, the signing key, the broker password) are
-    checked: each one other users can read gets a warning on stderr."""
-    import sys
-
-    for warning in exposed_secrets(secret_files or {}):
-        print(f"fedfleet serve: warning: {warning}", file=sys.stderr)
+          metrics_port: int | None = None, resume: bool = False, report: str = "now") -> JobResult:
+    """Only the coordinator: waits for the roster's agents on `broker`, then runs the rounds (resume: the rest)."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir or Path("runs") / new_run_id())
     small_model_threads()
+    before = set(run_dir.iterdir()) if run_dir.is_dir() else None  # what was there before this serve
     with removed_if_refused(run_dir, resume=resume) as started:
         run = build_run(cfg, broker_url=broker, secret=secret, signing_key=signing_key, run_dir=run_dir,
                         resume=resume, username=username, password=password, ca_certs=ca_certs)
@@ -324,11 +302,32 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
         coord = run.coordinator
         progress = _progress(run, "fedfleet serve")
         try:
-            coord.start()
+            try:
+                coord.start()
+            except (ConnectionError, TimeoutError, OSError):
+                coord.stop()
+                if not resume:  # never connected: nothing happened, so the directory is not claimed (a retry works)
+                    _unclaim(run_dir, before)
+                raise
             progress.console.print(f"waiting for {len(run.roster)} agents on {broker} (fleet {cfg.fleet}) ...")
-            coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(run.roster)))), timeout_s=wait_s)
+            coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(run.roster)))), timeout_s=wait_s,
+                                  report=lambda line: progress.console.print(f"waiting: {line}", soft_wrap=True))
             started.keep()
             summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
         finally:
             coord.stop()
     return finish(_result(run, summaries, t0, broker), run_dir, progress, quiet=False, report=report)
+
+
+def _unclaim(run_dir: Path, before: set[Path] | None) -> None:
+    """Remove what a serve that never reached its broker wrote into `run_dir` (the directory itself if it made it)."""
+    import shutil
+
+    if before is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for p in set(run_dir.iterdir()) - before:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
