@@ -13,7 +13,11 @@ so the MQTT keep-alive never stalls behind a long learning step.
 Trust: tasks and model packages must carry the coordinator's Ed25519 signature under the public key pinned
 in `AgentConfig.coordinator_key`; anything else is refused (a typed `ProtocolError`, logged and counted in
 `refused`), and the current model stays until a correctly signed package arrives. An agent without a pinned
-key refuses every task and package and says so in its status. A task's deadline is the agent's own receive
+key refuses every task and package and says so in its status. A package is taken only if its publication
+is not older than the one in use (`sent` and `run` in its signed header; kept across restarts in the state
+directory), so a correctly signed package of an earlier run, replayed, is refused (`replayed`). A package
+publication from a coordinator process the agent has not answered yet (`boot`) gets a fresh status that
+echoes it: that is the status the coordinator takes as the truth. A task's deadline is the agent's own receive
 time plus the task's `ttl` (monotonic clock); wall clocks are compared only to refuse tasks older than
 `ttl + max_skew_s`, so an agent whose clock is off by less than `max_skew_s` loses nothing.
 """
@@ -21,6 +25,7 @@ time plus the task's `ttl` (monotonic clock); wall clocks are compared only to r
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -83,6 +88,10 @@ class Agent:
         self.kept = AgentState(config.state_dir) if config.state_dir else None
         if self.kept is not None:
             self.rounds_done, self.tasks_dropped = self.kept.rounds_done, self.kept.tasks_dropped
+        # the package publication in use (run, coordinator time) and the coordinator process it came from
+        self.package_run = self.kept.package_run if self.kept is not None else None
+        self.package_sent = self.kept.package_sent if self.kept is not None else None
+        self.boot: str | None = None
         self.admission = Admission(max_skew_s=config.max_skew_s, now=lambda: self._now(),
                                    done=self.kept.done if self.kept is not None else ())
         self.local = LocalReplica(runtime=config.runtime, threads=config.threads, load_lock=self.host.load_lock,
@@ -154,7 +163,8 @@ class Agent:
     def start(self, wait_s: float = 10.0) -> None:
         kept = self.kept.package() if self.kept is not None else None
         if kept is not None:  # the package this agent last used: ready before the coordinator resends it
-            self._work.put(("model", {"digest": kept[0], "verified": False}, kept[1]))
+            self._work.put(("model", {"digest": kept[0], "verified": False, "run": self.package_run,
+                                      "sent": self.package_sent}, kept[1]))
         self._worker.start()
         self.link.start(wait_s=wait_s)
 
@@ -190,7 +200,10 @@ class Agent:
 
     def _status_payload(self, state: str, *, will: bool = False, **extra: Any) -> bytes:
         body = {"state": state, "runtime": self.cfg.runtime, "profile": self.cfg.profile,
-                "samples": len(self.data), "model": self.model_digest, **self.cfg.extra_status, **extra}
+                "samples": len(self.data), "model": self.model_digest, "boot": self.boot, **self.cfg.extra_status,
+                **extra}
+        if self.kept is not None and self.kept.set_aside:
+            body["warning"] = self.kept.set_aside
         return self.uplink.status(body, will=will)
 
     def _on_refused(self, topic: str, exc: Exception) -> None:
@@ -243,6 +256,8 @@ class Agent:
             try:
                 if kind == "model":
                     self._load_model(header, body)
+                elif kind == "boot":
+                    self._package_again(header)
                 elif kind == "state":
                     self._keep_state(header, body)
                 elif kind == "task":
@@ -251,7 +266,49 @@ class Agent:
                 log.exception("agent %s failed on a %s message", self.cfg.agent_id, kind)
                 self._safe_telemetry("error", detail=f"{type(exc).__name__}: {exc}")
 
+    def _older(self, header: dict[str, Any]) -> str:
+        """Why a package publication is older than the one in use ("" when it is not)."""
+        sent = header.get("sent")
+        if self.package_sent is None:
+            return ""
+        if isinstance(sent, bool) or not isinstance(sent, (int, float)) or not math.isfinite(sent):
+            return "the package header has no publication time"
+        if sent < self.package_sent:
+            return (f"package of run {str(header.get('run'))[:64]!r} published at {sent:.3f}, before the one in use "
+                    f"(run {self.package_run!r}, {self.package_sent:.3f}): a replay")
+        return ""
+
+    def _refuse_older(self, header: dict[str, Any], why: str) -> None:
+        self.inbox.refused["replayed"] = self.inbox.refused.get("replayed", 0) + 1
+        log.warning("agent %s refused a model package: %s", self.cfg.agent_id, why)
+
+    def _stamp(self, header: dict[str, Any]) -> bool:
+        """Take the publication's run and time (never backwards), and answer a new coordinator process."""
+        sent = header.get("sent")
+        if isinstance(sent, (int, float)) and not isinstance(sent, bool) and math.isfinite(sent):
+            self.package_run, self.package_sent = str(header.get("run")), float(sent)
+            if self.kept is not None:
+                self.kept.save_stamp(self.package_run, self.package_sent)
+        boot = header.get("boot")
+        if isinstance(boot, str) and boot != self.boot:
+            self.boot = boot[:32]
+            return True
+        return False
+
+    def _package_again(self, header: dict[str, Any]) -> None:
+        """The package in use, published again: a new coordinator process gets a fresh status."""
+        why = self._older(header)
+        if why:
+            self._refuse_older(header, why)
+            return
+        if self._stamp(header):
+            self._announce()
+
     def _load_model(self, header: dict[str, Any], blob: bytes) -> None:
+        why = self._older(header)
+        if why:
+            self._refuse_older(header, why)
+            return
         try:
             model = self.local.load(blob, tuple(self.data.x.shape[1:]))
         except ModelError as exc:
@@ -265,6 +322,7 @@ class Agent:
                  len(blob), self.cfg.runtime)
         if self.kept is not None and self.kept.model_digest != self.model_digest:
             self.kept.save_package(header["digest"], blob)
+        self._stamp(header)
         self._announce()
         self._retry_waiting()
 

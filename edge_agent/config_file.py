@@ -41,7 +41,8 @@ else:  # Python 3.10 (JetPack 6)
 
 STRINGS = ("broker", "fleet", "id", "runtime", "profile", "meter", "username")
 PATHS = ("key_file", "coordinator_key_file", "data", "ca_certs", "password_file", "state_dir", "log_file")
-INTS = {"threads": 1, "log_max_bytes": 4096, "log_backups": 0}  # key -> smallest allowed value
+# key -> (smallest, largest) allowed value; threads: four per core (fedfleet.edge_agent.agent_config.max_threads)
+INTS = {"threads": (1, None), "log_max_bytes": (4096, 1 << 30), "log_backups": (0, 100)}
 SECRET_KEYS = ("key", "password", "coordinator_key")  # refused: secrets go in files
 
 
@@ -64,8 +65,13 @@ def load(path: str | Path) -> dict[str, Any]:
                 raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
             out[key] = str((base / value).resolve()) if key in PATHS else value
         elif key in INTS:
-            if not isinstance(value, int) or isinstance(value, bool) or value < INTS[key]:
-                raise ConfigError(f"{where} must be an integer >= {INTS[key]}, got {value!r}")
+            lo, hi = INTS[key]
+            if hi is None:
+                from fedfleet.edge_agent.agent_config import max_threads
+
+                hi = max_threads()
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ConfigError(f"{where} must be an integer from {lo} to {hi}, got {value!r}")
             out[key] = value
         else:
             known = sorted((*STRINGS, *PATHS, *INTS))

@@ -3,8 +3,9 @@
 Runs on the MQTT network thread, so it only checks and enqueues. A message counts only if it carries the
 coordinator's signature under the pinned key, is signed for this fleet, and its kind fits its topic (a task
 also names this agent); anything else is refused with a typed `ProtocolError` and counted by reason in
-`refused`. Complete messages go to the worker as (kind, header, body): "task", "model" (only a package
-other than the current one) or "state". A task's header is a `Received`: the signed header as it came,
+`refused`. Complete messages go to the worker as (kind, header, body): "task", "model" (a package other
+than the current one), "boot" (the current package published again, header only: it may come from a new
+coordinator process, which the agent answers with a fresh status) or "state". A task's header is a `Received`: the signed header as it came,
 plus the monotonic time this agent received it (its deadline counts from there).
 """
 
@@ -89,8 +90,9 @@ class Inbox:
             if header.get("kind") != "model":
                 raise ProtocolError("spoofed", f"a {str(header.get('kind'))[:16]!r} message on a model topic")
             done = self._models.add(header, body, sender="coordinator")
-            if done is not None and done[0].get("digest") != self.current_model():
-                self.deliver("model", done[0], done[1])
+            if done is not None:
+                same = done[0].get("digest") == self.current_model()
+                self.deliver("boot" if same else "model", done[0], b"" if same else done[1])
         else:
             if header.get("agent") != self.agent_id or header.get("kind") != "task":
                 raise ProtocolError("spoofed", "task addressed to another agent")

@@ -20,6 +20,7 @@ import numpy as np
 from fedfleet.edge_agent.errors import ModelError
 from fedfleet.edge_agent.nn import lora as lora_mlp
 from fedfleet.edge_agent.nn import mlp
+from fedfleet.edge_agent.runtime.onnx_scan import external_tensors
 
 FORMAT = "fedfleet-model"
 FORMAT_VERSION = 1
@@ -140,7 +141,21 @@ def head_graph_bytes(zf: zipfile.ZipFile, spec: Any, max_bytes: int) -> bytes:
     raw = read_member(zf, spec["file"], max_bytes)
     if hashlib.sha256(raw).hexdigest() != spec["sha256"]:
         raise ModelError(f"head graph {spec['file']} fails its sha256 check: the package is corrupt")
+    _self_contained(raw, spec)
     return raw
+
+
+def _self_contained(raw: bytes, spec: dict[str, Any]) -> None:
+    """An ONNX member must hold all its tensor data (no external data files: see `runtime.onnx_scan`)."""
+    if spec["format"] != "onnx":
+        return
+    try:
+        external = external_tensors(raw)
+    except ValueError:
+        return  # malformed: the runtime's load says so
+    if external:
+        raise ModelError(f"package member {spec['file']!r} keeps tensor data outside the package (external data: "
+                         f"{', '.join(external[:5])}); packages must be self-contained: rebuild it")
 
 
 def backbone_bytes(zf: zipfile.ZipFile, spec: Any, max_bytes: int) -> bytes:
@@ -161,6 +176,7 @@ def backbone_bytes(zf: zipfile.ZipFile, spec: Any, max_bytes: int) -> bytes:
         raise ModelError(
             f"backbone {spec['file']!r} does not match its sha256 in the manifest: corrupt package"
         )
+    _self_contained(raw, spec)
     return raw
 
 

@@ -2,7 +2,8 @@
 
 - `state.json`: the tasks already answered (run, round, phase), so a task the broker redelivers to the
   persistent session after a restart is not trained and uploaded twice; counters (rounds done, tasks
-  dropped); the digest of the model package in use.
+  dropped); the digest of the model package in use, and the run and publication time of the package
+  publication it came with (a package older than that is refused after a restart too).
 - `package.bin`: the last model package that loaded, so a restarted agent can take the next task at
   once instead of waiting for the coordinator to send the package again. It is checked against the
   digest in `state.json` before use, and is only ever a package this agent accepted before.
@@ -10,7 +11,11 @@
   restart would silently drop what earlier rounds held back.
 
 Every file is written to a temporary name and renamed, so a power cut leaves the old or the new file,
-never half of one. A missing or unreadable file means "nothing kept" (logged), never a crash.
+never half of one. A missing or unreadable file means "nothing kept" (logged), never a crash. A `state.json`
+that does not hold what this module writes (not JSON, not an object, a field of the wrong type or out of
+range, e.g. `[]` or `{"rounds_done": 1e400}`) is set aside, renamed `state.json.corrupt-<unix time>`, and
+the agent starts fresh; `set_aside` says so, and the agent puts it in its status (`warning`), so a damaged
+file never becomes a crash loop under `Restart=always`.
 """
 
 from __future__ import annotations
@@ -18,16 +23,56 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.npz import read_npz
+
 log = logging.getLogger(__name__)
 
 MAX_DONE = 512  # answered task keys kept (a few hundred rounds is far beyond any redelivery window)
+MAX_COUNT = (1 << 53) - 1
+MAX_FEEDBACK_BYTES = 512 << 20  # error-feedback residuals of one method (the size of its update)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _count(value: object, field: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{field} is {str(value)[:40]}, not a count")
+    return value
+
+
+def _parse(data: object) -> dict:
+    """The fields of a state.json, checked; ValueError naming the first one that is not what `save` writes."""
+    if not isinstance(data, dict):
+        raise ValueError(f"holds a {type(data).__name__}, not an object")
+    done = data.get("done", [])
+    if not isinstance(done, list):
+        raise ValueError("done is not a list")
+    keys = []
+    for k in done[-MAX_DONE:]:
+        if (not isinstance(k, list) or len(k) != 3 or not isinstance(k[0], str) or len(k[0]) > 128
+                or type(k[1]) is not int or type(k[2]) is not int or not -1 <= k[1] < 1 << 31 or not 0 <= k[2] < 64):
+            raise ValueError(f"done holds {str(k)[:60]}, not a [run, round, phase]")
+        keys.append((k[0], k[1], k[2]))
+    digest = data.get("model_digest")
+    if digest is not None and (not isinstance(digest, str) or not _HEX64.fullmatch(digest)):
+        raise ValueError("model_digest is not a SHA-256 hex digest")
+    run, sent = data.get("package_run"), data.get("package_sent")
+    if run is not None and (not isinstance(run, str) or len(run) > 128):
+        raise ValueError("package_run is not a run id")
+    if sent is not None and (type(sent) not in (int, float) or not math.isfinite(sent) or not 0 <= sent < 1e11):
+        raise ValueError("package_sent is not a time")
+    return {"done": keys, "rounds_done": _count(data.get("rounds_done", 0), "rounds_done"),
+            "tasks_dropped": _count(data.get("tasks_dropped", 0), "tasks_dropped"), "model_digest": digest,
+            "package_run": run, "package_sent": None if sent is None else float(sent)}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -44,11 +89,19 @@ class AgentState:
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"--state-dir {self.dir}: not a directory (a file is in the way)")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"--state-dir {self.dir}: cannot create it ({exc.strerror or exc})") from None
         self.done: list[tuple[str, int, int]] = []
         self.rounds_done = 0
         self.tasks_dropped = 0
         self.model_digest: str | None = None
+        self.package_run: str | None = None  # the run and publication time of the package in use
+        self.package_sent: float | None = None
+        self.set_aside: str | None = None  # why state.json was set aside at start (None: it was fine or absent)
         self._load()
 
     def _load(self) -> None:
@@ -56,14 +109,24 @@ class AgentState:
         if not path.exists():
             return
         try:
-            data = json.loads(path.read_text())
-            self.done = [(str(r), int(n), int(p)) for r, n, p in data.get("done", [])][-MAX_DONE:]
-            self.rounds_done = int(data.get("rounds_done", 0))
-            self.tasks_dropped = int(data.get("tasks_dropped", 0))
-            digest = data.get("model_digest")
-            self.model_digest = digest if isinstance(digest, str) else None
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("state %s is unreadable (%s); starting without it", path, exc)
+            fields = _parse(json.loads(path.read_bytes()))
+        except (OSError, ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            n = 1
+            while aside.exists():  # never over an earlier one
+                aside, n = path.with_name(f"{path.name}.corrupt-{int(time.time())}-{n}"), n + 1
+            try:
+                os.replace(path, aside)
+                where = f"set aside as {aside.name}"
+            except OSError as move:
+                where = f"could not be set aside ({move.strerror})"
+            self.set_aside = f"{path.name} was unreadable ({str(exc)[:200]}); {where}; started fresh"
+            log.warning("state %s: %s", self.dir, self.set_aside)
+            return
+        self.done = fields["done"]
+        self.rounds_done, self.tasks_dropped = fields["rounds_done"], fields["tasks_dropped"]
+        self.model_digest = fields["model_digest"]
+        self.package_run, self.package_sent = fields["package_run"], fields["package_sent"]
 
     def save(self, done: set[tuple[str, int, int]] | list[tuple[str, int, int]], rounds_done: int,
              tasks_dropped: int) -> None:
@@ -71,7 +134,7 @@ class AgentState:
         self.done = keys[-MAX_DONE:]
         self.rounds_done, self.tasks_dropped = rounds_done, tasks_dropped
         body = {"done": [list(k) for k in self.done], "rounds_done": rounds_done, "tasks_dropped": tasks_dropped,
-                "model_digest": self.model_digest}
+                "model_digest": self.model_digest, "package_run": self.package_run, "package_sent": self.package_sent}
         _atomic_write(self.dir / "state.json", json.dumps(body).encode())
 
     # -------------------------------------------------------------- the model package
@@ -79,6 +142,12 @@ class AgentState:
         _atomic_write(self.dir / "package.bin", blob)
         self.model_digest = digest
         self.save(self.done, self.rounds_done, self.tasks_dropped)
+
+    def save_stamp(self, run: str | None, sent: float | None) -> None:
+        """The run and publication time of the package in use (newer publications only move it forward)."""
+        if (run, sent) != (self.package_run, self.package_sent):
+            self.package_run, self.package_sent = run, sent
+            self.save(self.done, self.rounds_done, self.tasks_dropped)
 
     def package(self) -> tuple[str, bytes] | None:
         """(digest, blob) of the kept package if it is there and matches its digest, else None."""
@@ -106,9 +175,8 @@ class AgentState:
         path = self._feedback_path(method)
         if not path.exists():
             return {}
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return {name: f[name].astype(np.float32) for name in f.files}
+        try:  # sizes checked before anything is allocated (fedfleet.edge_agent.npz)
+            return {name: a.astype(np.float32) for name, a in read_npz(path, max_bytes=MAX_FEEDBACK_BYTES).items()}
         except (OSError, ValueError) as exc:
             log.warning("error feedback %s is unreadable (%s); starting from zero", path, exc)
             return {}

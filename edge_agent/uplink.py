@@ -5,6 +5,9 @@ epoch), telemetry (energy, bytes, dropped tasks, errors) and results (the tensor
 with the task's uplink codec, FedZip with error feedback when asked, split into signed chunks and booked on
 the meter's radio by MQTT bytes). Every message carries `seq` = [epoch, n]: a will opens a new epoch (one per
 connection, in ms, always above the last) and takes n = WILL_SEQ, above every n its connection will use.
+Status and telemetry also carry `inc`, a random id of this agent process: the coordinator orders messages
+within one process by seq, and takes a new process's messages only once its status echoes the coordinator's
+`boot` (so a clock set back, or a restart after running skewed, never makes an agent's statuses look old).
 The link and the clock are the agent's (callables), so a reconnect or a skewed test clock is seen here.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import threading
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -42,6 +46,7 @@ class Uplink:
         self.telemetry_topic = protocol.agent_topic(cfg.fleet, cfg.agent_id, "telemetry")
         self._epoch, self._n = 0, 0  # freshness of status and telemetry: seq = [epoch, n]
         self.traffic = TrafficCounter(link)  # bytes by category, reported once each (wire/traffic.py)
+        self.inc = secrets.token_hex(8)  # this process: the coordinator orders seqs within it
         self._seq_lock = threading.Lock()
 
     # -------------------------------------------------------------- freshness, status, telemetry
@@ -57,12 +62,12 @@ class Uplink:
     def status(self, body: dict[str, Any], *, will: bool = False) -> bytes:
         """A sealed status message with `body` (state, runtime, model, ...)."""
         header = {"kind": "status", "fleet": self.fleet, "agent": self.agent_id, "sent": self.now(),
-                  "seq": self.seq(will=will)}
+                  "seq": self.seq(will=will), "inc": self.inc}
         return protocol.seal(header, json.dumps(body).encode(), self.key)
 
     def telemetry(self, event: str, **fields: Any) -> None:
         header = {"kind": "telemetry", "fleet": self.fleet, "agent": self.agent_id, "sent": self.now(),
-                  "seq": self.seq()}
+                  "seq": self.seq(), "inc": self.inc}
         body = json.dumps({"event": event, **fields}, default=str).encode()
         self.link().publish(self.telemetry_topic, protocol.seal(header, body, self.key))
 

@@ -152,14 +152,10 @@ def build(spec: ModelSpec, calibration: np.ndarray, *, runtime: str = "onnxrunti
         key = cache_key(spec, calibration, runtime, seed)
     except OSError:  # fedfleet's sources are not on disk (an install without them): no cache
         return _build(spec, calibration, runtime, seed)
-    path = package_cache.cache_dir() / f"custom-{key}.zip"
-    if not refresh:
-        try:
-            return path.read_bytes()
-        except OSError:
-            pass
-    blob = _build(spec, calibration, runtime, seed)
-    package_cache._store(path, blob)
+    blob = None if refresh else package_cache.load(f"custom-{key}")  # checked: fedfleet.models.package_cache
+    if blob is None:
+        blob = _build(spec, calibration, runtime, seed)
+        package_cache.store(f"custom-{key}", blob)
     return blob
 
 

@@ -1,6 +1,11 @@
 """Downlink: building, signing and publishing what the coordinator sends, and counting its bytes.
 
-- the model package, retained and chunked on `broadcast/model/<i>` (agents load it and announce its digest);
+- the model package, retained and chunked on `broadcast/model/<i>` (agents load it and announce its digest).
+  Its header names the `run`, the time it was published (`sent`, this coordinator's clock) and `boot`, a
+  random id of this coordinator process: an agent takes a package only if it is not older than the one it
+  holds (a replayed package of an earlier run is refused), and answers a new `boot` with a fresh status
+  that echoes it, which is what the coordinator takes as the truth about the agent
+  (`fedfleet.coordinator.engine.receive`);
 - a round's state, once on `broadcast/state`, for strategies whose tasks all carry the global state
   (`fedfleet.coordinator.engine.downlink.DownlinkSync`: a FedZip-coded change or the full state);
 - each agent's task on its task topic.
@@ -30,10 +35,12 @@ class Publisher(Protocol):
 
 class Dispatcher:
     def __init__(self, *, link: Publisher, fleet: str, run: str, method: str, signing_key: bytes, package: bytes,
-                 ttl_s: float, downlink: dict[str, Any], sync: DownlinkSync | None) -> None:
+                 ttl_s: float, downlink: dict[str, Any], sync: DownlinkSync | None, boot: str = "") -> None:
         """`ttl_s`: the deadline each task gives its agent; `downlink`: the task codec (`EngineConfig.downlink`);
-        `sync`: the state sync of strategies whose tasks carry the global state, else None."""
+        `sync`: the state sync of strategies whose tasks carry the global state, else None; `boot`: this
+        coordinator process's id, in every package header."""
         self.link = link
+        self.boot = boot
         self.fleet, self.run, self.method = fleet, run, method
         self._key = signing_key
         self.package, self.package_digest = package, protocol.digest(package)
@@ -61,7 +68,9 @@ class Dispatcher:
         bytes. Agents load it and announce its digest in their status."""
         if package is not None:
             self.package, self.package_digest = package, protocol.digest(package)
-        header = self._header("model", "coordinator", msg=self.package_digest[:16])
+        sent = time.time()  # each publication is its own message: chunks of an older one never mix in
+        header = self._header("model", "coordinator", msg=f"{self.package_digest[:16]}-{int(sent * 1e6):x}",
+                              run=self.run, sent=sent, boot=self.boot)
         sent, n = self._send(lambda i: protocol.broadcast_topic(self.fleet, f"model/{i}"), header, self.package,
                              retain=True)
         for i in range(n, n + OLD_MODEL_CHUNKS):  # clear leftovers of a longer, older package (not counted)

@@ -1,6 +1,12 @@
 """Who is online: the agents' latest statuses (fresh, authenticated and schema-checked by the receive path), which
 of them hold the current model package, and waiting for enough of them (re-publishing the package to agents
-that lack it). Written on the network thread (`on_status`), read on the engine thread; one lock guards it."""
+that lack it). Written on the network thread (`on_status`), read on the engine thread; one lock guards it.
+
+Only a confirmed status (`on_status`: one that echoes this coordinator process's id, or a later one of the
+same agent process, see `fedfleet.coordinator.engine.receive`) is the truth. A status the coordinator cannot
+tell from a replay (`on_unconfirmed`: written before this coordinator started, e.g. an old retained one) is
+kept, marked `unconfirmed`, only while the agent has no confirmed one, to say what is known about it: it
+never makes an agent ready, never sets its announced sample count, and never keeps it out."""
 
 from __future__ import annotations
 
@@ -20,19 +26,32 @@ class Presence:
         self._lock = threading.Lock()
 
     def on_status(self, agent: str, status: dict[str, Any]) -> None:
-        """A fresh, authenticated, schema-checked status (from the receive path)."""
+        """A fresh, authenticated, schema-checked, confirmed status (from the receive path)."""
         with self._lock:
-            self.online[agent] = status
+            self.online[agent] = {k: v for k, v in status.items() if k != "unconfirmed"}
+
+    def on_unconfirmed(self, agent: str, status: dict[str, Any]) -> None:
+        """An authenticated status this coordinator cannot tell from a replay: shown until a confirmed one comes."""
+        with self._lock:
+            if self.online.get(agent, {"unconfirmed": True}).get("unconfirmed"):
+                self.online[agent] = {**status, "unconfirmed": True}
+
+    def unconfirmed(self) -> list[str]:
+        """Agents shown online by a status this coordinator has not confirmed (see the module docstring)."""
+        with self._lock:
+            return sorted(a for a, s in self.online.items() if s.get("unconfirmed") and s.get("state") == "online")
 
     def ready_agents(self, digest: str) -> list[str]:
-        """Agents online that have loaded the model package whose digest is `digest`."""
+        """Agents online (confirmed) that have loaded the model package whose digest is `digest`."""
         with self._lock:
-            return sorted(a for a, s in self.online.items() if s.get("state") == "online" and s.get("model") == digest)
+            return sorted(a for a, s in self.online.items()
+                          if s.get("state") == "online" and s.get("model") == digest and not s.get("unconfirmed"))
 
     def announced(self, agents: Iterable[str]) -> dict[str, int]:
-        """The sample counts `agents` announced in their statuses (positive integers only), as of now."""
+        """The sample counts `agents` announced in their confirmed statuses (positive integers only), as of now."""
         with self._lock:
-            counts = {a: self.online.get(a, {}).get("samples") for a in agents}
+            counts = {a: self.online.get(a, {}).get("samples") for a in agents
+                      if not self.online.get(a, {}).get("unconfirmed")}
         return {a: v for a, v in counts.items() if type(v) is int and v > 0}
 
     def waiting_line(self, digest: str, n: int) -> str:
@@ -63,7 +82,7 @@ class Presence:
         """Wait until n agents are online with the current model package (`digest()`); `publish()` sends it again.
 
         An agent online without the package, that has reported no error about it (a chunk was refused as
-        damaged), gets the package again, live, without relying on the retained copy: a clustered broker
+        damaged), or online by a status not yet confirmed (the package asks it for a fresh one), gets the package again, live, without relying on the retained copy: a clustered broker
         (RabbitMQ) keeps retained messages on the node that received them, so agents on other nodes never
         see it. The package goes out again once agents that came online since the last publication have
         stopped arriving for `settle_s` and still lack it (one publication per wave of joins, so round 1
@@ -89,7 +108,8 @@ class Presence:
                 return ready
             with self._lock:
                 missing = {a for a, s in self.online.items()  # an agent that refused it says why
-                           if s.get("state") == "online" and s.get("model") != current and not s.get("error")}
+                           if s.get("state") == "online" and not s.get("error")
+                           and (s.get("model") != current or s.get("unconfirmed"))}  # publishing it asks them
             now = time.monotonic()
             if missing - covered != newcomers:
                 newcomers, changed = missing - covered, now

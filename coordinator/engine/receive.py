@@ -10,9 +10,18 @@ For every message on `fedfleet/v1/<fleet>/agents/<id>/<kind>`:
 3. The header is parsed strictly (`protocol.parse_header`) and every field is schema-checked (types,
    ranges, finiteness, integers that fit a float64 exactly and SQLite's int64). An authenticated message
    that fails is refused: the engine gets a `Refused` item and records `rejected:<reason>`.
-4. Status and telemetry must be fresh: a `seq` [epoch, n] below the last one accepted from that agent for
-   that kind is refused (`replayed`: e.g. an old status re-retained); the same seq again is a duplicate
-   (QoS 1 redelivery, or a replay of the latest message) and is dropped without effect.
+4. Status and telemetry must be fresh, and freshness never rests on the agents' wall clocks. A fedfleet
+   agent stamps each with `inc` (a random id of its process, in the header) and `seq` [epoch, n] (strictly
+   increasing within the process), and its status echoes `boot`, the id of the coordinator process whose
+   package it last took (`fedfleet.coordinator.engine.dispatch`). A new `inc` is taken only from a status
+   that echoes this coordinator's `boot`: a status written before this coordinator started (an old
+   retained "online" of a dead agent, or a replayed "offline" of a live one) is never the truth about an
+   agent; the agent answers this coordinator's package with a fresh one. Once an `inc` is taken, the agent's
+   earlier processes are superseded: their messages are refused (`replayed`), whatever their clocks said.
+   Within one `inc`, a `seq` below the last one accepted for that kind is refused (`replayed`); the same seq
+   again is a duplicate (QoS 1 redelivery, or a replay of the latest message), dropped without effect. A
+   message of an `inc` not yet taken is dropped and counted (`unconfirmed`). A message without `inc` (no
+   fedfleet agent sends one; a hand-made client holding a device key may) is judged by its seq alone.
 5. Result chunks go through a `Reassembler` with per-sender caps on partial messages and bytes.
 
 Items on the inbox are the typed dataclasses of `coordinator/engine/inbox.py`. Checks that need the open round
@@ -127,10 +136,11 @@ def check_status(body: dict[str, Any]) -> dict[str, Any]:
         raise _fail("state", "must be online or offline")
     check_str(body.get("model"), "model", optional=True)
     check_int(body.get("samples", 0), "samples", 0, (1 << 31) - 1)
-    for name in ("runtime", "profile"):
+    for name in ("runtime", "profile", "boot"):
         check_str(body.get(name), name, optional=True)
-    if body.get("error") is not None:
-        check_str(body["error"], "error", 2000)
+    for name in ("error", "warning"):
+        if body.get(name) is not None:
+            check_str(body[name], name, 2000)
     return body
 
 
@@ -182,6 +192,10 @@ def _named(header: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _Unconfirmed(Exception):
+    """A message of an agent process this coordinator has not confirmed yet (module docstring, 4)."""
+
+
 # ---------------------------------------------------------------- the receive path
 class ReceivePath:
     """Turns raw MQTT messages from agents into authenticated, schema-checked items on `inbox`.
@@ -194,8 +208,17 @@ class ReceivePath:
     def __init__(self, *, fleet: str, keys: dict[str, bytes], inbox: queue.Queue[InboxItem],
                  on_status: Callable[[str, dict[str, Any]], None], max_result_bytes: int,
                  reassembly_timeout_s: float = 600.0, per_sender_pending: int = 4,
-                 per_sender_bytes: int | None = None) -> None:
+                 per_sender_bytes: int | None = None, boot: str | None = None,
+                 on_unconfirmed: Callable[[str, dict[str, Any]], None] | None = None,
+                 on_restart: Callable[[str], None] | None = None) -> None:
+        """`boot`: this coordinator process's id (None: every agent process is taken at its word, as before
+        there was one); `on_unconfirmed(agent, status)`: a status of an agent process not yet confirmed (shown,
+        never trusted: `fedfleet.coordinator.engine.presence`); `on_restart(agent)`: the agent's process changed
+        (it restarted, and holds none of its earlier process's replica)."""
         self.fleet = fleet
+        self.on_restart = on_restart
+        self.boot = boot
+        self.on_unconfirmed = on_unconfirmed
         self.keys = keys
         self.inbox = inbox
         self.on_status = on_status
@@ -211,6 +234,9 @@ class ReceivePath:
         self._refused: dict[tuple[str, Refusal], list[Any]] = {}  # (agent, reason) -> [count, kinds] (status, telemetry)
         self._lock = threading.Lock()
         self._last_seq: dict[tuple[str, str], tuple[int, int]] = {}  # (agent, kind) -> last accepted seq
+        self._inc: dict[str, str] = {}  # agent -> the process (inc) whose messages count
+        self._superseded: dict[str, list[str]] = {}  # agent -> its earlier processes (newest last, bounded)
+        self.unconfirmed = 0  # messages of an agent process not yet confirmed by a status echoing `boot`
 
     # -------------------------------------------------------------- unauthenticated messages
     def _drop(self, reason: Refusal, agent: str, nbytes: int, kind: str) -> None:
@@ -304,41 +330,71 @@ class ReceivePath:
                 self.inbox.put(ResultMessage(agent, done[0], done[1]))
             return
         seq = check_seq(header.get("seq"))
+        inc = check_str(header.get("inc"), "inc", 32, optional=True)
         content = _json_body(body)
         if kind == "status":
             check_status(content)
-            if self._fresh(agent, kind, seq):
+            try:
+                fresh = self._fresh(agent, kind, seq, inc, content.get("boot"))
+            except _Unconfirmed:
+                if self.on_unconfirmed is not None:
+                    self.on_unconfirmed(agent, content)
+                return
+            if fresh:
                 self.on_status(agent, content)
             return
         event = content.get("event")
-        if event in ("energy", "bytes"):
-            if event == "energy":
-                check_energy(content)
-            traffic = check_traffic(content)
-            if traffic is not None:
-                check_str(content.get("run"), "run")
-                check_int(content.get("round"), "round", 0, (1 << 31) - 1)
-                check_int(content.get("phase", 0), "phase", 0, 63)
-            if not self._fresh(agent, kind, seq):
-                return
-            where = (content["run"], content["round"], content.get("phase", 0)) if traffic or event == "energy" else None
-            if traffic is not None:  # before the energy report: `settle` stops waiting once that is booked
-                counts, wire = traffic
-                if content.get("final") is True:  # an agent's last report: its own bytes (MQTT size, as received
-                    up, down = counts.get("telemetry", (0, 0))  # here) are added to its telemetry and its socket
-                    counts = {**counts, "telemetry": (up + nbytes, down)}
-                    wire = None if wire is None else (wire[0] + nbytes, wire[1])
-                self.inbox.put(TrafficReport(agent, *where, counts, wire))
-            if event == "energy":
-                self.inbox.put(EnergyReport(agent, *where, *(float(content[k]) for k in ENERGY_FIELDS),
-                                            meter=check_str(content.get("meter"), "meter", 16, optional=True)))
-        elif self._fresh(agent, kind, seq):
-            log.info("telemetry from %s: %s", agent, str(content)[:300])
+        try:
+            if event in ("energy", "bytes"):
+                if event == "energy":
+                    check_energy(content)
+                traffic = check_traffic(content)
+                if traffic is not None:
+                    check_str(content.get("run"), "run")
+                    check_int(content.get("round"), "round", 0, (1 << 31) - 1)
+                    check_int(content.get("phase", 0), "phase", 0, 63)
+                if not self._fresh(agent, kind, seq, inc):
+                    return
+                where = (content["run"], content["round"], content.get("phase", 0)) if traffic or event == "energy" else None
+                if traffic is not None:  # before the energy report: `settle` stops waiting once that is booked
+                    counts, wire = traffic
+                    if content.get("final") is True:  # an agent's last report: its own bytes (MQTT size, as received
+                        up, down = counts.get("telemetry", (0, 0))  # here) are added to its telemetry and its socket
+                        counts = {**counts, "telemetry": (up + nbytes, down)}
+                        wire = None if wire is None else (wire[0] + nbytes, wire[1])
+                    self.inbox.put(TrafficReport(agent, *where, counts, wire))
+                if event == "energy":
+                    self.inbox.put(EnergyReport(agent, *where, *(float(content[k]) for k in ENERGY_FIELDS),
+                                                meter=check_str(content.get("meter"), "meter", 16, optional=True)))
+            elif self._fresh(agent, kind, seq, inc):
+                log.info("telemetry from %s: %s", agent, str(content)[:300])
+        except _Unconfirmed:
+            pass
 
-    def _fresh(self, agent: str, kind: str, seq: tuple[int, int]) -> bool:
-        """Whether the message is new. An older seq is refused as replayed; the same seq again (QoS 1 may
-        deliver twice, and a replay of the latest message changes nothing) is only counted in `duplicates`."""
+    def _fresh(self, agent: str, kind: str, seq: tuple[int, int], inc: str | None = None,
+               boot: Any = None) -> bool:
+        """Whether the message is new (see the module docstring, 4). A message of a superseded process of the
+        agent, or an older seq of its current one, is refused as replayed; the same seq again (QoS 1 may
+        deliver twice, and a replay of the latest message changes nothing) is only counted in `duplicates`;
+        a message of a process not yet confirmed raises `_Unconfirmed` (counted in `unconfirmed`)."""
         with self._lock:
+            if inc is not None:
+                if inc in self._superseded.get(agent, ()):
+                    raise ProtocolError(Refusal.REPLAYED, f"{kind} of an earlier process of the agent ({inc[:16]})")
+                current = self._inc.get(agent)
+                if inc != current:
+                    if self.boot is not None and (kind != "status" or boot != self.boot):
+                        self.unconfirmed += 1
+                        raise _Unconfirmed
+                    if current is not None:  # the agent restarted: its earlier process is done with
+                        old = self._superseded.setdefault(agent, [])
+                        old.append(current)
+                        del old[:-64]
+                    self._inc[agent] = inc
+                    for k in ("status", "telemetry"):
+                        self._last_seq.pop((agent, k), None)
+                    if current is not None and self.on_restart is not None:
+                        self.on_restart(agent)
             last = self._last_seq.get((agent, kind))
             if last is not None and seq == last:
                 self.duplicates += 1

@@ -92,8 +92,10 @@ class Coordinator:
         self.public_key = signing.public_key(signing_key)
         self.presence = Presence(roster)
         self.inbox: queue.Queue[InboxItem] = queue.Queue()
+        self.boot = secrets.token_hex(8)  # this process: agents echo it in the statuses it trusts (receive.py)
         self.receive = ReceivePath(
-            fleet=config.fleet, keys=self.keys, inbox=self.inbox, on_status=self.presence.on_status,
+            fleet=config.fleet, keys=self.keys, inbox=self.inbox, on_status=self.presence.on_status, boot=self.boot,
+            on_unconfirmed=self.presence.on_unconfirmed, on_restart=self._agent_restarted,
             max_result_bytes=config.max_result_bytes, per_sender_pending=config.per_sender_pending,
             reassembly_timeout_s=config.deadline_s + config.grace_s + 60.0)
         self.guard = UpdateGuard(norm_bound=config.norm_bound, weight_cap=config.weight_cap)
@@ -108,10 +110,11 @@ class Coordinator:
         # downlink, as the coded change since each agent's replica): fedfleet.coordinator.engine.downlink
         self._sync = DownlinkSync(config.downlink) if strategy.tasks_carry_state else None
         self._connects = 0
+        self._asked_at = time.monotonic()  # the last time unconfirmed agents were asked (_ask_unconfirmed)
         self.link = self._open_link(broker_url, username=username, password=password, ca_certs=ca_certs)
         self.dispatcher = Dispatcher(link=self.link, fleet=config.fleet, run=config.run, method=strategy.name,
                                      signing_key=signing_key, package=package, ttl_s=config.deadline_s,
-                                     downlink=config.downlink, sync=self._sync)
+                                     downlink=config.downlink, sync=self._sync, boot=self.boot)
         self._current = self.open_phase(0, 0, {})  # takes items (`settle`) before the first round
         meta = {"engine": config.__dict__, "strategy": strategy.name, "strategy_config": strategy.config,
                 "roster": roster}
@@ -128,6 +131,11 @@ class Coordinator:
                         config.run, self.first_round, resumed.interrupted_rows)
         else:
             self.store.start_run(config.run, meta)
+
+    def _agent_restarted(self, agent: str) -> None:
+        """An agent came back as a new process: its replica of the global state is gone (it gets a full one)."""
+        if self._sync is not None:
+            self._sync.forget(agent)
 
     def _open_link(self, broker_url: str, *, username: str | None, password: str | None,
                    ca_certs: str | None) -> Link:
@@ -203,6 +211,14 @@ class Coordinator:
         MQTT bytes. Agents load it and announce its digest in their status."""
         return self.dispatcher.publish_package(package)
 
+    def _ask_unconfirmed(self, every_s: float = 15.0) -> None:
+        """Between rounds: agents shown online by a status this coordinator has not confirmed (one that joined
+        where the broker kept no package copy for it, or a replayed status) get the package again, at most
+        once per `every_s`; an agent that is there answers it with a fresh status."""
+        if self.presence.unconfirmed() and time.monotonic() - self._asked_at >= every_s:
+            self._asked_at = time.monotonic()
+            self.publish_package()
+
     def ready_agents(self) -> list[str]:
         """Agents online that have loaded the current model package."""
         return self.presence.ready_agents(self.package_digest)
@@ -235,6 +251,7 @@ class Coordinator:
 
     # -------------------------------------------------------------- rounds
     def select(self) -> list[str]:
+        self._ask_unconfirmed()
         ready = self.ready_agents()
         k = self.cfg.per_round
         if k and k < len(ready):

@@ -16,6 +16,9 @@ process pools, devices), each with `run.shards()` when the job holds its agents'
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,9 @@ from fedfleet.coordinator.strategies import Strategy
 from fedfleet.coordinator.strategies import build as build_strategy
 from fedfleet.coordinator.tasks import Task, task_for
 from fedfleet.edge_agent.learners import LocalData
+from fedfleet.edge_agent.wire.link import check_url
 
-__all__ = ["Run", "build_run", "agent_ids", "engine_config", "job_identity", "ledger_joules"]
+__all__ = ["Run", "build_run", "agent_ids", "engine_config", "job_identity", "removed_if_refused"]
 
 
 @dataclass
@@ -79,6 +83,31 @@ def job_identity(job: JobConfig, roster: list[str]) -> dict[str, Any]:
     return identity
 
 
+class _Started:
+    def __init__(self) -> None:
+        self.started = False
+
+    def keep(self) -> None:
+        """The run has started (its first round is about to run): from now on its directory stays."""
+        self.started = True
+
+
+@contextmanager
+def removed_if_refused(run_dir: str | Path, *, resume: bool) -> Iterator[_Started]:
+    """A fresh run's directory that did not exist before is removed if the block fails before `keep()` is
+    called on what it yields: a refused command (a bad broker URL, a job its task refuses, a broker that
+    cannot be reached) leaves nothing on disk. A resumed run's directory is never touched."""
+    run_dir = Path(run_dir)
+    existed = run_dir.exists()
+    state = _Started()
+    try:
+        yield state
+    except BaseException:
+        if not resume and not existed and not state.started:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def build_run(job: JobConfig, *, broker_url: str, secret: bytes, signing_key: bytes, run_dir: str | Path,
               roster: list[str] | None = None, resume: bool = False, strategy: Strategy | None = None,
               on_round: Any = None, username: str | None = None, password: str | None = None,
@@ -89,17 +118,15 @@ def build_run(job: JobConfig, *, broker_url: str, secret: bytes, signing_key: by
     caller's `fedfleet.coordinator.tasks.packaged.PackagedTask`, say)."""
     ids = list(roster) if roster is not None else agent_ids(job)
     run_dir = Path(run_dir)
-    run = open_job(run_dir, job_identity(job, ids), resume=resume, run=run_id or new_run_id())
+    check_url(broker_url)  # everything a command can be refused for is checked before the run directory exists
     task = task if task is not None else task_for(job)
     blob, model = task.package()
-    strategy = task.wrap_strategy(strategy if strategy is not None else build_strategy(job, model.initial_state()))
-    coord = Coordinator(broker_url=broker_url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                        evaluate=task.evaluate, run_dir=run_dir, config=engine_config(job, run),
-                        signing_key=signing_key, username=username, password=password, ca_certs=ca_certs,
-                        resume=resume, on_round=on_round)
+    with removed_if_refused(run_dir, resume=resume):
+        run = open_job(run_dir, job_identity(job, ids), resume=resume, run=run_id or new_run_id())
+        strategy = task.wrap_strategy(strategy if strategy is not None else build_strategy(job, model.initial_state()))
+        coord = Coordinator(broker_url=broker_url, secret=secret, roster=ids, strategy=strategy, package=blob,
+                            evaluate=task.evaluate, run_dir=run_dir, config=engine_config(job, run),
+                            signing_key=signing_key, username=username, password=password, ca_certs=ca_certs,
+                            resume=resume, on_round=on_round)
     return Run(job, task, blob, model, strategy, coord, ids, run_dir, run)
 
-
-def ledger_joules(coord: Coordinator) -> float:
-    """Joules the run's agents booked so far (compute, radio and idle)."""
-    return coord.ledger.run_joules(coord.cfg.run)

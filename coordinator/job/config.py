@@ -169,7 +169,7 @@ def _known_method(name: str) -> bool:
 def _valid_roster(ids: list[Any]) -> bool:
     from fedfleet.edge_agent.wire.protocol import valid_id
 
-    return all(isinstance(a, str) and valid_id(a) for a in ids) and len(set(ids)) == len(ids)
+    return bool(ids) and all(isinstance(a, str) and valid_id(a) for a in ids) and len(set(ids)) == len(ids)
 
 
 _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
@@ -201,7 +201,7 @@ _HINTS = {
     "seed": "an integer",
     "deadline_s": "a finite positive number of seconds",
     "grace_s": "a finite number of seconds >= 0",
-    "roster": "a list of distinct agent ids of 1-64 letters, digits, '-', '_' or '.' (no '/', '+' or '#')",
+    "roster": "a non-empty list of distinct agent ids of 1-64 letters, digits, '-', '_' or '.' (no '/', '+' or '#')",
     "downlink": "'none', 'zstd' or 'fedzip' (a compressed sync of the global state against each agent's replica)",
     "mode": "'transfer', 'full', 'lora' or 'diffusion' (with task 'moving-digits-diffusion')",
     "dataset": "'digits' or 'mnist' (mnist needs mode 'full')",

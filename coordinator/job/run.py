@@ -25,12 +25,14 @@ from fedfleet.coordinator.job.assemble import (
     build_run,
     engine_config,
     job_identity,
+    removed_if_refused,
 )
 from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.progress import Progress
 from fedfleet.coordinator.records.accounts import LABELS, accounts
 from fedfleet.coordinator.records.store import new_run_id
 from fedfleet.coordinator.tasks import task_for
+from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.wire import protocol, signing
 
@@ -205,6 +207,18 @@ def small_model_threads() -> None:
     threadpoolctl.threadpool_limits(1)
 
 
+def refuse_finished(run: Run) -> None:
+    """A resumed run with no round left to run is refused before it starts: it says so and how to extend it."""
+    coord = run.coordinator
+    done = coord.first_round - 1
+    if done < run.job.rounds:
+        return
+    accuracy = coord.store.last_accuracy(run.run)
+    coord.stop()
+    raise ConfigError(f"--resume {run.run_dir}: run {run.run} already finished its {done} rounds (last accuracy "
+                      f"{accuracy:.4f}); to extend it, resume with --rounds {done + 10} (any number above {done})")
+
+
 def finished(coord: Coordinator, summaries: list[RoundSummary]) -> tuple[float, int]:
     """(final accuracy, rounds) of the whole run, also when resuming ran few rounds or none."""
     if summaries:
@@ -226,9 +240,10 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
     cap_malloc_arenas(2)  # before the agents' threads start: fedfleet.coordinator.job.malloc_arenas
     secret = os.urandom(32)
     agents: list[Agent] = []
-    with start_broker(broker) as b:
+    with removed_if_refused(run_dir, resume=resume) as started, start_broker(broker) as b:
         run = build_run(cfg, broker_url=b.url, secret=secret, signing_key=_run_signing_key(run_dir),
                         run_dir=run_dir, roster=agent_ids(cfg)[: cfg.agents], resume=resume)
+        refuse_finished(run)
         coord = run.coordinator
         progress = _progress(run, "fedfleet demo", quiet)
         try:
@@ -239,6 +254,7 @@ def run_demo(cfg: JobConfig, *, broker: str = "embedded", run_dir: str | Path | 
                                       f"model {run.task.name} on {cfg.runtime}; energy modelled from the "
                                       f"{DEMO_PROFILE} profile; run dir {run_dir}", soft_wrap=True)
             coord.wait_for_agents(len(run.roster), timeout_s=60)
+            started.keep()
             summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
         finally:
             for a in agents:
@@ -324,24 +340,27 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
     run_dir = Path(run_dir or Path("runs") / new_run_id())
     small_model_threads()
     before = set(run_dir.iterdir()) if run_dir.is_dir() else None  # what was there before this serve
-    run = build_run(cfg, broker_url=broker, secret=secret, signing_key=signing_key, run_dir=run_dir,
-                    resume=resume, username=username, password=password, ca_certs=ca_certs)
-    coord = run.coordinator
-    progress = _progress(run, "fedfleet serve")
-    try:
+    with removed_if_refused(run_dir, resume=resume) as started:
+        run = build_run(cfg, broker_url=broker, secret=secret, signing_key=signing_key, run_dir=run_dir,
+                        resume=resume, username=username, password=password, ca_certs=ca_certs)
+        refuse_finished(run)
+        coord = run.coordinator
+        progress = _progress(run, "fedfleet serve")
         try:
-            coord.start()
-        except (ConnectionError, TimeoutError, OSError):
+            try:
+                coord.start()
+            except (ConnectionError, TimeoutError, OSError):
+                coord.stop()
+                if not resume:  # never connected: nothing happened, so the directory is not claimed (a retry works)
+                    _unclaim(run_dir, before)
+                raise
+            progress.console.print(f"waiting for {len(run.roster)} agents on {broker} (fleet {cfg.fleet}) ...")
+            coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(run.roster)))), timeout_s=wait_s,
+                                  report=lambda line: progress.console.print(f"waiting: {line}", soft_wrap=True))
+            started.keep()
+            summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
+        finally:
             coord.stop()
-            if not resume:  # never connected: nothing happened, so the directory is not claimed (a retry works)
-                _unclaim(run_dir, before)
-            raise
-        progress.console.print(f"waiting for {len(run.roster)} agents on {broker} (fleet {cfg.fleet}) ...")
-        coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(run.roster)))), timeout_s=wait_s,
-                              report=lambda line: progress.console.print(f"waiting: {line}", soft_wrap=True))
-        summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
-    finally:
-        coord.stop()
     return finish(_result(run, summaries, t0, broker), run_dir, progress, quiet=False, report=report)
 
 

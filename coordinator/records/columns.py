@@ -17,6 +17,8 @@ TABLES: dict[str, str] = {
                "reported with each task's telemetry and when it leaves.",
     "sockets": "The agents' sockets' own counts (TCP payload, TLS included) over the same spans as `traffic`.",
     "layer_basis": "FOT: the size of each layer's orthogonal basis after each task.",
+    "checkpoints": "The digest of each round's checkpoint file, booked as the round commits; resume refuses a "
+                   "checkpoint whose bytes differ or that was never booked.",
 }
 
 _RUN = "The run id (start time and a random suffix; `job.json` holds it)."
@@ -118,6 +120,12 @@ COLUMNS: dict[str, dict[str, str]] = {
         "layer": "Layer name.",
         "k": "Basis size k_l (orthonormal directions kept for the layer).",
         "d": "The layer's input dimension d_l.",
+    },
+    "checkpoints": {
+        "run": _RUN,
+        "round": "The round whose checkpoint this is.",
+        "sha256": "SHA-256 of the checkpoint file's bytes as written.",
+        "ts": _TS,
     },
 }
 

@@ -22,6 +22,9 @@ Rows of a round that was interrupted by a coordinator crash keep their numbers b
 - `sockets`: run, round, agent, bytes_up, bytes_down, ts: the agent socket's own TCP payload bytes (TLS
   included) over the same spans.
 - `layer_basis` (FOT): run, task, task_name, layer, k, d: the basis size k_l of d_l after each task.
+- `checkpoints`: run, round, sha256, ts: the digest of each round's checkpoint file, booked as the round
+  commits; resume refuses a checkpoint whose bytes differ or that was never booked
+  (`fedfleet.coordinator.records.store`).
 
 Writes are serialised through one connection guarded by a lock, so the MQTT thread and the round engine
 can both record. Each write commits on its own, except inside `batch()`: the engine books a phase's rows
@@ -78,6 +81,9 @@ CREATE TABLE IF NOT EXISTS sockets (
 CREATE TABLE IF NOT EXISTS layer_basis (
   run TEXT NOT NULL, task INTEGER NOT NULL, task_name TEXT NOT NULL, layer TEXT NOT NULL, k INTEGER NOT NULL,
   d INTEGER NOT NULL, PRIMARY KEY (run, task, layer)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+  run TEXT NOT NULL, round INTEGER NOT NULL, sha256 TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY (run, round)
 );
 """
 # columns added after the first release: a ledger written before them gains them on open
@@ -209,21 +215,33 @@ class Ledger:
         """The run's newest evaluation row (empty: none yet)."""
         return self.query("SELECT * FROM rounds WHERE run = ? ORDER BY round DESC LIMIT 1", (run,))
 
-    def run_joules(self, run: str) -> float:
-        """Joules the run's agents booked (compute, radio and idle), over every round so far."""
-        rows = self.query(
-            "SELECT SUM(COALESCE(energy_compute_j, 0) + COALESCE(energy_radio_j, 0) + COALESCE(energy_idle_j, 0))"
-            " AS j FROM agent_rounds WHERE run = ?", (run,))
-        return float(rows[0]["j"] or 0.0)
+    def record_checkpoint(self, run: str, round: int, sha256: str) -> None:
+        """The digest of round `round`'s checkpoint, as it commits (a rerun of an interrupted round, whose
+        file never landed, books its own)."""
+        with self._lock:
+            # durable before the checkpoint file lands: with WAL and synchronous=NORMAL a power cut could drop
+            # the row and leave a checkpoint resume would refuse as never committed
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                with self._db:
+                    self._db.execute("INSERT OR REPLACE INTO checkpoints(run, round, sha256, ts) VALUES (?, ?, ?, ?)",
+                                     (run, round, sha256, time.time()))
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def checkpoint_digests(self, run: str) -> dict[int, str]:
+        """round -> SHA-256 of its committed checkpoint."""
+        return {int(r["round"]): str(r["sha256"])
+                for r in self.query("SELECT round, sha256 FROM checkpoints WHERE run = ?", (run,))}
 
     def mark_interrupted(self, run: str, after_round: int) -> int:
-        """Mark the rows of rounds after `after_round` (the last checkpointed one) as `interrupted:<status>` and
-        drop their round evaluations; record the resume. Returns how many agent rows were marked."""
+        """Mark the rows of rounds after `after_round` (the last checkpointed one) as `interrupted:<status>`;
+        record the resume. Returns how many agent rows were marked. Nothing is deleted (the caller has
+        checked that no round after `after_round` was evaluated)."""
         with self._lock, self._db:
             marked = self._db.execute(
                 "UPDATE agent_rounds SET status = 'interrupted:' || status WHERE run = ? AND round > ?"
                 " AND status NOT LIKE 'interrupted:%'", (run, after_round)).rowcount
-            self._db.execute("DELETE FROM rounds WHERE run = ? AND round > ?", (run, after_round))
             self._db.execute("INSERT INTO resumes(run, round, interrupted, ts) VALUES (?, ?, ?, ?)",
                              (run, after_round + 1, marked, time.time()))
         return int(marked)

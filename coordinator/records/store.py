@@ -19,10 +19,14 @@ overwritten. A fresh start into a directory that already holds a run is refused.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
 import os
 import re
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedfleet.coordinator.records.checkpoints import check_checkpoint
 from fedfleet.coordinator.records.ledger import Ledger
 from fedfleet.coordinator.strategies import Strategy
 from fedfleet.edge_agent.errors import ConfigError
@@ -40,6 +45,7 @@ JOB_FILE = "job.json"
 # job fields a resumed run may change: they bound how long it runs, not what it computes
 RESUMABLE_CHANGES = ("rounds", "deadline_s", "grace_s")
 _ROUND_FILE = re.compile(r"round-(\d+)\.pt$")
+log = logging.getLogger(__name__)
 
 
 def new_run_id() -> str:
@@ -121,7 +127,10 @@ class RunStore:
         self.run_dir = Path(run_dir)
         self.checkpoints = self.run_dir / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.run_dir / "ledger.sqlite")
+        try:
+            self.ledger = Ledger(self.run_dir / "ledger.sqlite")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{self.run_dir / 'ledger.sqlite'}: not a readable fedfleet ledger ({exc})") from None
 
     def close(self) -> None:
         self.ledger.close()
@@ -132,23 +141,35 @@ class RunStore:
 
     def resume_run(self, run: str, meta: dict[str, Any], strategy: Strategy) -> Resumed:
         """Continue `run`: check it is the same method and roster, restore `strategy` from the newest
-        checkpoint, and mark the interrupted round's rows. A run with no checkpoint restarts at round 1."""
+        checkpoint (checked against its digest in the ledger and field by field), and mark the interrupted
+        round's rows. A run with no checkpoint restarts at round 1. Nothing already booked is deleted or
+        rewritten: a ledger that holds rounds after the newest checkpoint is refused."""
+        try:
+            return self._resume(run, meta, strategy)
+        except (sqlite3.Error, ValueError, TypeError, KeyError) as exc:  # a damaged ledger
+            raise ConfigError(f"--resume {self.run_dir}: the ledger cannot be read back "
+                              f"({type(exc).__name__}: {exc})") from None
+
+    def _resume(self, run: str, meta: dict[str, Any], strategy: Strategy) -> Resumed:
         saved = self.ledger.run_config(run)
-        if saved is None:  # killed before its first row: nothing to continue, nothing to mark
-            self.start_run(run, meta)
+        if saved is None:
+            others = [r["run"] for r in self.ledger.query("SELECT run FROM runs")]
+            if others or any(self.checkpoints.glob("round-*.pt")):
+                raise ConfigError(f"--resume {self.run_dir}: {JOB_FILE} names run {run!r}, but the ledger and "
+                                  f"checkpoints are of run {(others or ['?'])[0]!r}; {JOB_FILE} was changed")
+            self.start_run(run, meta)  # killed before its first row: nothing to continue, nothing to mark
             return Resumed(0, None, 0, 0, 0, None)
+        if not isinstance(saved, dict):
+            raise ConfigError(f"--resume {self.run_dir}: the ledger's config of run {run!r} is not a job")
         for key in ("strategy", "roster"):
             if saved.get(key) != json.loads(json.dumps(meta.get(key), default=str)):
                 raise ConfigError(f"--resume {self.run_dir}: run {run!r} has {key} {saved.get(key)!r}, "
                                   f"this job {meta.get(key)!r}")
-        ckpt = self.latest_checkpoint()
+        ckpt = self.latest_checkpoint(run, strategy)
         done = 0
         rng = downlink = None
         up = down = 0
         if ckpt is not None:
-            if ckpt.get("run") != run or ckpt.get("strategy") != strategy.name:
-                raise ConfigError(f"--resume {self.run_dir}: the checkpoint is of run {ckpt.get('run')!r} "
-                                  f"({ckpt.get('strategy')}), not {run!r} ({strategy.name})")
             try:
                 strategy.state = {k: v.detach().clone() for k, v in ckpt["strategy_state"].items()}
                 strategy.load_extra_state(ckpt["extra"])
@@ -165,6 +186,11 @@ class RunStore:
             summary = ckpt.get("summary") or {}
             if summary and not self.ledger.has_round(run, done):
                 self.ledger.record_round(run, done, **summary)  # killed between its checkpoint and its row
+        later = self.ledger.query("SELECT MAX(round) AS r FROM rounds WHERE run = ? AND round > ?", (run, done))
+        if later and later[0]["r"] is not None:
+            raise ConfigError(f"--resume {self.run_dir}: the ledger has round {later[0]['r']} evaluated, but the "
+                              f"newest checkpoint is of round {done}; a checkpoint is missing (restore "
+                              f"{self.checkpoints.name}/round-{int(later[0]['r']):04d}.pt)")
         marked = self.ledger.mark_interrupted(run, done)
         return Resumed(done, rng, up, down, marked, downlink)
 
@@ -183,22 +209,48 @@ class RunStore:
                 "version": int(downlink["version"]),
                 "state": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in downlink["state"].items()}},
         }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        # the digest is booked before the file lands: a crash in between leaves the previous round's checkpoint
+        # the newest (and the rerun round books its own digest again)
+        self.ledger.record_checkpoint(run, round, hashlib.sha256(data).hexdigest())
         for name in (f"round-{round:04d}.pt", "latest.pt"):
-            _atomic_write(self.checkpoints / name, lambda fh: torch.save(state, fh))
+            _atomic_write(self.checkpoints / name, lambda fh: fh.write(data))
 
-    def latest_checkpoint(self) -> dict[str, Any] | None:
-        """The newest complete checkpoint (highest round), loaded without pickle; None if there is none."""
+    def latest_checkpoint(self, run: str, strategy: Strategy) -> dict[str, Any] | None:
+        """The newest checkpoint of `run` (highest round), its bytes checked against the digest the ledger
+        booked when it was committed, loaded without pickle and checked field by field against `strategy`
+        (`fedfleet.coordinator.records.checkpoints`); None if there is none."""
         rounds = sorted((int(m.group(1)), p) for p in self.checkpoints.glob("round-*.pt")
                         if (m := _ROUND_FILE.search(p.name)))
         if not rounds:
             return None
-        path = rounds[-1][1]
+        number, path = rounds[-1]
+        where = f"--resume {self.run_dir}: {path.name}"
         try:
-            ckpt = torch.load(path, weights_only=True, map_location="cpu")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+        booked = self.ledger.checkpoint_digests(run)
+        digest = hashlib.sha256(data).hexdigest()
+        if number in booked and booked[number] != digest:
+            raise ConfigError(f"{where} differs from the checkpoint committed for round {number} (its SHA-256 "
+                              f"in the ledger is {booked[number][:16]}..., the file's {digest[:16]}...); "
+                              "restore the original file")
+        if number not in booked:
+            if booked:
+                raise ConfigError(f"{where} was never committed by run {run!r} (no digest in the ledger for "
+                                  f"round {number}); remove it to resume from round {max(booked)}")
+            log.warning("%s: the ledger books no checkpoint digests (a run from before they were booked); "
+                        "resuming from %s unchecked against one", self.run_dir, path.name)
+        try:
+            ckpt = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported as such
-            raise ConfigError(f"--resume {self.run_dir}: cannot read {path.name} ({type(exc).__name__}: {exc})") from None
+            raise ConfigError(f"{where}: cannot read it ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"--resume {self.run_dir}: {path.name} is not a checkpoint this version can resume")
+            raise ConfigError(f"{where} is not a checkpoint this version can resume")
+        check_checkpoint(ckpt, path, file_round=number, run=run, strategy=strategy)
         return ckpt
 
     def last_accuracy(self, run: str) -> float:

@@ -36,6 +36,8 @@ def options_args(p: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> MTVGOptions:
+    if not 0 <= args.seed < 1 << 32:
+        raise ConfigError(f"--seed must be an integer from 0 to {(1 << 32) - 1}, got {args.seed}")
     opts = MTVGOptions.naive(args.steps) if args.naive else MTVGOptions(steps=args.steps)
     for name in ("inversion", "dynamic_noise", "structure_guidance"):
         if getattr(args, f"no_{name}"):

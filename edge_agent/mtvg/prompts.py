@@ -65,7 +65,7 @@ def _segment(segment: str, k: int, what: str) -> tuple[int | None, int | None]:
         word = token.strip(".!?:'\"()")
         if not word:
             continue
-        if word.isdigit() or word in WORDS:
+        if (word.isascii() and word.isdigit()) or word in WORDS:  # '³' is a digit to str.isdigit, not to int()
             value = int(word) if word.isdigit() else WORDS.index(word)
             if not 0 <= value <= 9 or (word.isdigit() and len(word) > 1):
                 raise ConfigError(f"{what}: unknown class {token!r} in segment {k} {segment!r}; digits are 0-9")

@@ -46,6 +46,7 @@ import numpy as np
 from fedfleet.edge_agent.errors import ConfigError, ModelError
 from fedfleet.edge_agent.nn import mlp
 from fedfleet.edge_agent.nn import video_denoiser as vd
+from fedfleet.edge_agent.npz import read_npz
 
 CLIP = (vd.FRAMES, vd.SIZE, vd.SIZE)
 
@@ -270,13 +271,15 @@ class OnnxDenoiser:
         return sample_sequences(self.predict_x0, self.vjp, conditions, seed, options)
 
 
+MAX_WEIGHT_BYTES = 256 << 20  # the denoiser's weights, all tensors together
+
+
 def load_weights(path: str | Path) -> vd.Params:
     """The denoiser's `fc{i}` tensors from an npz, checked against the video denoiser's input and output widths."""
     if not zipfile.is_zipfile(path):
         raise ModelError(f"{path}: not an .npz archive of denoiser weights")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            params = {k: np.asarray(z[k], np.float32) for k in z.files}
+    try:  # sizes checked before anything is allocated or inflated (fedfleet.edge_agent.npz)
+        params = {k: np.asarray(v, np.float32) for k, v in read_npz(path, max_bytes=MAX_WEIGHT_BYTES).items()}
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read denoiser weights ({exc})") from None
     n = sum(1 for k in params if k.endswith(".weight"))

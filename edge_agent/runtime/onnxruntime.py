@@ -3,7 +3,9 @@
 `open(blob, threads=...)` builds an InferenceSession from model bytes with intra/inter-op thread counts
 set and intra-op spinning off (`session.intra_op.allow_spinning=0`): spinning threads burn a small board's
 cores between calls. Feeds are checked (names, rank, fixed dimensions, dtype) before ORT is called, so a
-bad feed gives a ModelError naming the input instead of an ORT stack trace.
+bad feed gives a ModelError naming the input instead of an ORT stack trace. A model whose tensors keep
+their data outside it (ONNX external data) is refused before ORT sees it: ORT would read those files
+relative to the working directory (`fedfleet.edge_agent.runtime.onnx_scan`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import onnxruntime as ort
 
 from fedfleet.edge_agent.errors import ModelError
 from fedfleet.edge_agent.runtime import Runner
+from fedfleet.edge_agent.runtime.onnx_scan import external_tensors
 
 _DTYPES = {
     "tensor(float)": np.float32,
@@ -60,10 +63,24 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
+def check_self_contained(blob: bytes) -> None:
+    """ModelError if the model keeps tensor data in files outside it (malformed bytes are left to ORT's load,
+    which reports them as corrupt)."""
+    try:
+        external = external_tensors(blob)
+    except ValueError:
+        return
+    if external:
+        raise ModelError(f"the ONNX model keeps tensor data outside it (external data: {', '.join(external[:5])}"
+                         f"{' ...' if len(external) > 5 else ''}); fedfleet models must be self-contained: "
+                         "re-export it with the weights inside (onnx.save(..., save_as_external_data=False))")
+
+
 def open(blob: bytes, *, threads: int = 1) -> OnnxRunner:  # the backend contract names it `open`
     """Load ONNX model bytes. Corrupt or truncated bytes raise ModelError."""
     if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) == 0:
         raise ModelError("the ONNX model is empty; pass the bytes of a .onnx file")
+    check_self_contained(blob)
     try:
         session = ort.InferenceSession(
             bytes(blob), sess_options=session_options(threads), providers=["CPUExecutionProvider"]

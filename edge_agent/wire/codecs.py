@@ -105,11 +105,30 @@ def _fedzip_params(fields: tuple[tuple[str, type, Any], ...]) -> Any:
         raise CodecError(f"bad fedzip parameters: {str(exc)[:200]}", reason="codec") from None
 
 
+ZSTD_LEVELS = (1, 22)  # zstd's compression levels
+_FIELDS = {"none": {"name"}, "ferret": {"name"}, "zstd": {"name", "level"}}
+
+
 def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Validate a codec spec; returns it. Raises CodecError naming what is wrong."""
+    """Validate a codec spec: its name, no field the codec does not have, and every parameter in its range
+    (zstd `level` an integer in 1..22; FedZip's through `FedZipParams`, `error_feedback` a boolean); returns
+    it. Raises CodecError naming what is wrong."""
     if not isinstance(spec, dict) or spec.get("name") not in NAMES:
         raise CodecError(f"unknown codec {spec!r}; choose one of {', '.join(NAMES)}", reason="codec")
-    if spec["name"] == "fedzip":
+    name = spec["name"]
+    if name in _FIELDS and set(spec) - _FIELDS[name]:
+        unknown = sorted(map(str, set(spec) - _FIELDS[name]))
+        raise CodecError(f"unknown field {unknown[0]!r} for codec {name!r}; its fields: "
+                         f"{', '.join(sorted(_FIELDS[name] - {'name'})) or 'none'}", reason="codec")
+    if name == "zstd" and "level" in spec:
+        level, (lo, hi) = spec["level"], ZSTD_LEVELS
+        if type(level) is not int or not lo <= level <= hi:
+            raise CodecError(f"field 'level' of codec 'zstd' must be an integer from {lo} to {hi}, got {level!r}",
+                             reason="codec")
+    if name == "fedzip":
+        if not isinstance(spec.get("error_feedback", False), bool):
+            raise CodecError(f"field 'error_feedback' of codec 'fedzip' must be true or false, got "
+                             f"{spec['error_feedback']!r}", reason="codec")
         fedzip_params(spec)
     return spec
 

@@ -55,6 +55,21 @@ class Link(Protocol):
         ...
 
 
+def check_url(url: str) -> None:
+    """ConfigError unless `url` is a broker URL `open_link` takes (scheme, host and a port in 1..65535):
+    checked before a command creates anything."""
+    scheme = url.split("://", 1)[0] if isinstance(url, str) and "://" in url else ""
+    if scheme == "memory":
+        return
+    if scheme in ("mqtt", "mqtts", "tcp"):
+        from fedfleet.edge_agent.wire.mqtt import BrokerURL
+
+        if BrokerURL.parse(url).port == 0:
+            raise ConfigError(f"broker URL {url!r} has a bad port")
+        return
+    raise ConfigError(f"broker URL {url!r} must look like mqtt://host:port, mqtts://host:port or memory://name")
+
+
 def open_link(
     url: str,
     *,

@@ -251,11 +251,13 @@ def test_package_cache_keeps_only_the_newest_builds(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FEDFLEET_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(package_cache, "KEEP", 2)
-    def path(seed: int):
+    def path(seed: int):  # named by its key and the SHA-256 of its bytes
         key = package_cache.cache_key("full", head_hidden=4, seed=seed, dataset="digits", head_layers=1)
-        return tmp_path / "packages" / f"{key}.zip"
+        (found,) = (tmp_path / "packages").glob(f"{key}-*.zip")
+        return found
 
     for seed in range(3):
         package_cache.package("full", head_hidden=4, seed=seed)
         os.utime(path(seed), (1000 + seed, 1000 + seed))  # distinct ages, oldest first
-    assert sorted((tmp_path / "packages").glob("*.zip")) == sorted([path(1), path(2)])
+    kept = [path(1), path(2)]
+    assert sorted((tmp_path / "packages").glob("*.zip")) == sorted(kept)

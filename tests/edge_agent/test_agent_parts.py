@@ -99,20 +99,20 @@ def test_the_inbox_routes_signed_messages_by_topic_and_counts_what_it_refuses() 
     inbox.on_message(model_topic, _signed({"kind": "model"}, b"pkg"))
     assert got[-1][0] == "model"
     current["digest"] = protocol.digest(b"pkg")
-    inbox.on_message(model_topic, _signed({"kind": "model"}, b"pkg"))  # the package in use: not again
-    assert len(got) == 2
+    inbox.on_message(model_topic, _signed({"kind": "model"}, b"pkg"))  # the package in use: its header only
+    assert len(got) == 3 and got[-1][0] == "boot" and got[-1][2] == b""
     inbox.on_message(task_topic, _signed({"kind": "task", "agent": "pi-02"}))  # another agent's
     inbox.on_message(state_topic, _signed({"kind": "task", "agent": "pi-01"}))  # wrong kind for the topic
     inbox.on_message(task_topic, _signed({"kind": "task", "agent": "pi-01"}, seed=os.urandom(32)))
     inbox.on_message(task_topic, protocol.seal({"kind": "task", "fleet": "fleet", "agent": "pi-01"}, b"x", KEY))
     inbox.on_message(task_topic, b"")  # a cleared retained message: nothing
     inbox.on_message("elsewhere", _signed({"kind": "task", "agent": "pi-01"}))  # not subscribed: ignored
-    assert len(got) == 2
+    assert len(got) == 3
     assert inbox.refused == {"spoofed": 2, "bad_signature": 1, "bad_auth": 1}
     unpinned = Inbox(fleet="fleet", agent_id="pi-01", coordinator_key=None, deliver=lambda *a: got.append(a),
                      current_model=lambda: None)
     unpinned.on_message(task_topic, _signed({"kind": "task", "agent": "pi-01"}))
-    assert unpinned.refused == {"no_coordinator_key": 1} and len(got) == 2
+    assert unpinned.refused == {"no_coordinator_key": 1} and len(got) == 3
 
 
 # ------------------------------------------------------------------ admission

@@ -75,13 +75,14 @@ def test_strategy_state_survives_a_checkpoint_round_trip(tmp_path, method):
     store = RunStore(tmp_path)
     meta = {"strategy": method, "roster": AGENTS}
     store.start_run("r", meta)
-    store.save_checkpoint("r", 2, first, rng={"n": 1}, bytes_up=5, bytes_down=7, summary={"accuracy": 0.5})
+    rng = np.random.default_rng(1).bit_generator.state  # the engine's selection generator (checked on resume)
+    store.save_checkpoint("r", 2, first, rng=rng, bytes_up=5, bytes_down=7, summary={"accuracy": 0.5})
     store.close()
     resumed = create_strategy(method, _initial(), **config)  # a new process: the initial model only
     store = RunStore(tmp_path)
     at = store.resume_run("r", meta, resumed)
     store.close()
-    assert (at.round, at.rng, at.bytes_up, at.bytes_down) == (2, {"n": 1}, 5, 7)
+    assert (at.round, at.rng, at.bytes_up, at.bytes_down) == (2, rng, 5, 7)
     sent_resumed = _drive(resumed, range(3, 6))
     per_round = len(sent_whole) // 5
     # the resumed strategy sends what the uninterrupted one sent; it may send more (FZooS sends x_r to every
@@ -106,7 +107,7 @@ def test_a_method_that_cannot_resume_is_a_one_line_config_error(tmp_path):
     store = RunStore(tmp_path)
     meta = {"strategy": "fedavg", "roster": AGENTS}
     store.start_run("r", meta)
-    store.save_checkpoint("r", 1, _Unresumable(_initial(), lr=0.1), rng={}, bytes_up=0, bytes_down=0, summary={})
+    store.save_checkpoint("r", 1, _Unresumable(_initial(), lr=0.1), rng=None, bytes_up=0, bytes_down=0, summary={})
     store.close()
     store = RunStore(tmp_path)
     try:
@@ -126,7 +127,7 @@ def test_resume_marks_the_interrupted_round_and_keeps_earlier_ones(tmp_path):
         for a in AGENTS[:2]:
             store.ledger.record("r", r, a, "ok", bytes_up=10)
         if r < 3:  # round 3 was interrupted: rows in, no checkpoint
-            store.save_checkpoint("r", r, strategy, rng={}, bytes_up=0, bytes_down=0,
+            store.save_checkpoint("r", r, strategy, rng=None, bytes_up=0, bytes_down=0,
                                   summary={"accuracy": 0.1 * r, "loss": 1.0})
             if r == 1:  # round 2's evaluation row was lost with the crash; its checkpoint holds it
                 store.ledger.record_round("r", r, accuracy=0.1, loss=1.0)
