@@ -356,3 +356,12 @@ def test_fot_basis_growth_needs_more_than_one_senders_evidence():
     wrapped.aggregate(1, 0, results)
     for name, (k, d) in fot2.basis_sizes().items():
         assert k <= d // 2, (name, k, d)
+
+
+def test_the_report_shows_a_norm_bound_refusal_streak():
+    from fedfleet.coordinator.records import report
+
+    statuses = {"steady": ["ok"] * 6, "locked": ["ok", "rejected:norm_bound", "rejected:norm_bound",
+                                                 "rejected:norm_bound", "ok", "rejected:norm_bound"]}
+    rows = [{"agent": a, "round": r + 1, "status": s} for a, ss in statuses.items() for r, s in enumerate(ss)]
+    assert report.norm_streaks(rows) == {"locked": (3, 2, 4, 4)}
