@@ -16,7 +16,8 @@ deltas, or the result minus the tensors its task sent for strategies whose resul
 `rejected:norm_bound`. The reference is the median of the pool: this phase's updates together with the last
 `window` accepted norms of the same phase index. With fewer than 3 norms in the pool (the first round, a
 fleet of 1 to 3) the pool is filled up to 3 with the cold-start reference `cold` (the scale of the model the
-agents started from, at least `COLD_FLOOR`), so one or two results never set their own bound.
+agents started from: its norm, or 0.1 x sqrt(entries) when that is larger, and at least `COLD_FLOOR`), so one
+or two results never set their own bound.
 
 Staleness: an agent that comes back after missing rounds is judged against what the same staleness gives an
 honest agent: the largest reference of the rounds since its last accepted update (running medians shrink
@@ -45,6 +46,7 @@ from fedfleet.coordinator.strategies._robust import low_median
 from fedfleet.coordinator.strategies.base import ClientResult
 
 COLD_FLOOR = 1.0  # the least cold-start reference (a zero-initialised model has scale 0)
+COLD_PER_ENTRY = 0.1  # ... and at least this much per updated entry (the validator applies it)
 EXPLODE = 100.0  # an aggregate may move the model by at most this many times max(its norm, 1)
 MEDIANS_KEPT = 8192  # per-round references remembered per phase index (for returning agents)
 

@@ -10,7 +10,8 @@ is the update guard's (coordinator/engine/update_guard.py), under the phase's ca
 
 `Validator.bound` applies, when the phase closes, the method's own bounds over the whole phase
 (`Strategy.screen`: robust per-kind references for statistics, sketches and counts) and then the update-norm
-bound, whose cold-start reference is the scale of the model the updates start from.
+bound, whose cold-start reference is the scale of the model the updates start from (its norm, or
+COLD_PER_ENTRY per entry when that is larger: a zero-initialised model).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fedfleet.coordinator.engine.update_guard import Screened, UpdateGuard
+import numpy as np
+
+from fedfleet.coordinator.engine.update_guard import COLD_PER_ENTRY, Screened, UpdateGuard
 from fedfleet.coordinator.strategies import ClientResult, Strategy, TaskSpec
 from fedfleet.coordinator.strategies.base import to_numpy
 from fedfleet.edge_agent.errors import ProtocolError, Refusal
@@ -108,8 +111,9 @@ class Validator:
                  for res in results]
         # the cold-start reference: the scale of the model the updates apply to (its named tensors, else all)
         scale = {k: v for k, v in held.items() if names is None or k in names} or held
-        screened = self.guard.screen(self.phase, results, norms, cold=self.guard.update_norm(scale, None),
-                                     r=self.round)
+        entries = sum(int(np.size(v)) for v in scale.values())
+        cold = max(self.guard.update_norm(scale, None), COLD_PER_ENTRY * float(np.sqrt(entries)))
+        screened = self.guard.screen(self.phase, results, norms, cold=cold, r=self.round)
         screened.by_method = refused_by_method
         return screened
 
