@@ -22,8 +22,10 @@ Decision rules, fixed before the runs:
 - accepted_bad: the insider's payload among the phase's kept results when the payload must be refused, or its
   weight above what the coordinator allows (its capped count; GGEUR's synthetic points above what its geometry
   allows; FOT's N_i above its count), or a global state left non-finite or moved by more than the aggregate bound;
-- serve_exits: the global state after the phase does not encode under the downlink codec (`serve` exited on this
-  with rc 2 before issue 28), or a crash.
+- serve_exits: the global state after the phase does not encode for the downlink, or is not finite (a FedZip
+  downlink refused it and `serve` exited with rc 2 before issue 28), or a crash;
+- GGEUR cases replay only the attacked phase of the first round, from a snapshot taken before it in one honest
+  exchange (training cases: the first training phase after it).
 Prints {"cases", "crashes", "untyped_errors", "accepted_bad", "serve_exits", "methods"}; details on stderr.
 """
 
@@ -48,7 +50,6 @@ KEYS = ("cases", "crashes", "untyped_errors", "accepted_bad", "serve_exits", "me
 FLEETS = (2, 3, 10)
 METHODS = ("ggeur", "fot", "ferret", "fedit", "flora", "lora_fair", "fzoos", "diffusion", "fedavg")
 INSIDER = "insider"
-DOWNLINK = {"name": "fedzip", "z": 1.0, "k": 3}  # what a FedZip downlink sync would code the state with
 F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -291,10 +292,28 @@ class Case:
     def stages(self) -> list[str]:
         return ["census", "stats", "geometry", "train"] if self.method == "ggeur" else ["train"]
 
+    def _prepare(self) -> None:
+        """GGEUR: one honest exchange round, with a snapshot (strategy, learners, guard) before each of its phases,
+        so a case replays only the phase it attacks."""
+        self.snapshots: dict[str, tuple[Any, Any, Any]] = {}
+        self.strategy, self.learners, self.round = copy.deepcopy(self.fresh), {}, 1
+        for phase in range(self.strategy.phases):
+            self.strategy._stages = ("census", "stats", "geometry", "train")  # what configure sets at phase 0
+            stage = self._stage(phase)
+            self.snapshots[stage] = copy.deepcopy((self.strategy, self.learners, self.guard))
+            self.phase(1, phase, "", None, self.rng)
+
     def run(self, target_stage: str, mutate: Callable[..., Any], rng: np.random.Generator) -> dict[str, Any]:
-        """Rounds until the phase of `target_stage` ran once with the insider's hostile payload."""
-        if self.method == "ggeur" and target_stage != "train" or self.round > 50:
-            self.strategy, self.learners, self.round = copy.deepcopy(self.fresh), {}, 0
+        """Rounds until the phase of `target_stage` ran once with the insider's hostile payload (GGEUR: that phase
+        of the first round, from its snapshot)."""
+        if self.method == "ggeur":
+            if not getattr(self, "snapshots", None):
+                self._prepare()
+            self.strategy, self.learners, self.guard = copy.deepcopy(self.snapshots[target_stage])
+            phase = ("census", "stats", "geometry", "train").index(target_stage)
+            return self.phase(1, phase, target_stage, mutate, rng)[1]
+        if self.round > 50:
+            self.strategy, self.round = copy.deepcopy(self.fresh), 0
             self.guard.__init__()  # type: ignore[misc]
         while True:
             self.round += 1
@@ -309,7 +328,7 @@ class Case:
             return str(self.strategy.stage(phase))
         return "sketch" if self.method == "fot" else "train"
 
-    def phase(self, r: int, phase: int, target: str, mutate: Callable[..., Any],
+    def phase(self, r: int, phase: int, target: str, mutate: Callable[..., Any] | None,
               rng: np.random.Generator) -> tuple[bool, dict[str, Any]]:
         """One phase; the insider's upload is hostile when the phase is the `target` stage: (hit, verdict)."""
         from fedfleet.coordinator.engine.books import PhaseBooks
@@ -374,7 +393,10 @@ class Case:
         verdict["state_bad"] = not all(bool(torch.isfinite(v).all()) for v in state.values())
         try:
             layout = [(k, tuple(v.shape)) for k, v in state.items()]
-            codecs.encode({k: v.numpy() for k, v in state.items()}, layout, DOWNLINK)
+            arrays = {k: v.numpy() for k, v in state.items()}
+            codecs.encode(arrays, layout, {"name": "none"})
+            if not codecs.all_finite(arrays):  # what a FedZip downlink refused, ending `serve` with rc 2
+                raise ValueError("the global state is not finite")
         except Exception:  # noqa: BLE001 - counted as what would end `serve`
             verdict["encode_failed"] = True
         return hit, verdict
@@ -437,7 +459,9 @@ def run(n: int, seed: int, methods: list[str]) -> dict[str, Any]:
                                            "insider_rows": dict(reasons.most_common(8)), "honest_ok_rows": honest_ok,
                                            "honest_refused_rows": honest_bad}
             case.ledger.close()
-            print(f"{method}/{fleet}: {json.dumps(detail[f'{method}/{fleet}'])}", file=sys.stderr, flush=True)
+            so_far = {k: out[k] for k in ("cases", "crashes", "untyped_errors", "accepted_bad", "serve_exits")}
+            print(f"{method}/{fleet}: {json.dumps(detail[f'{method}/{fleet}'])} so far: {json.dumps(so_far)}",
+                  file=sys.stderr, flush=True)
     out["untyped_errors"] += errors.count
     out["methods"] = sorted(set(methods))
     out.update({"seconds": round(time.perf_counter() - t0, 1), "per_pair": detail, "bad_samples": bad_samples,
