@@ -25,7 +25,8 @@ Decision rules, fixed before the runs:
 - serve_exits: the global state after the phase does not encode for the downlink, or is not finite (a FedZip
   downlink refused it and `serve` exited with rc 2 before issue 28), or a crash;
 - GGEUR cases replay only the attacked phase of the first round, from a snapshot taken before it in one honest
-  exchange (training cases: the first training phase after it).
+  exchange (training cases: the first training phase after it); the honest agents' uploads of that phase are
+  their learners' real ones, computed once and replayed (the task seeds make them the same every time).
 Prints {"cases", "crashes", "untyped_errors", "accepted_bad", "serve_exits", "methods"}; details on stderr.
 """
 
@@ -285,6 +286,7 @@ class Case:
         self.ledger = Ledger(run_dir / f"{method}-{fleet}.sqlite")
         self.guard = UpdateGuard()
         self.learners: dict[str, Any] = {}
+        self.honest: dict[tuple[int, str], tuple[dict[str, np.ndarray], int, dict[str, float]]] = {}
         self.fresh = make_strategy(method, self.rng)
         self.strategy = copy.deepcopy(self.fresh)
         self.round = 0
@@ -357,8 +359,16 @@ class Case:
         limit = validator.weight_limit
         with self.ledger.batch():
             for agent, spec in sorted(tasks.items()):
-                tensors, samples, metrics = honest_tensors(self.method, strategy, spec, agent, r, phase,
-                                                           self.learners, self.rng)
+                if self.method == "ggeur" and r == 1:  # replayed from a snapshot: the same upload every time
+                    key = (phase, agent)
+                    if key not in self.honest:
+                        self.honest[key] = honest_tensors(self.method, strategy, spec, agent, r, phase,
+                                                          self.learners, self.rng)
+                    t, samples, m = self.honest[key]
+                    tensors, metrics = {k: v.copy() for k, v in t.items()}, dict(m)
+                else:
+                    tensors, samples, metrics = honest_tensors(self.method, strategy, spec, agent, r, phase,
+                                                               self.learners, self.rng)
                 if agent == INSIDER and mutate is not None:
                     claimed = mutate(tensors, metrics, rng)
                     if claimed is not None:
