@@ -54,6 +54,10 @@ class Refusal(str, Enum):
     CONFIG = "config"  # statistics that do not fit the method's configuration
     SKETCH_N = "sketch_n"  # a sketch's sample count is not positive
     SKETCH_RHO = "sketch_rho"  # a sketch's rho outside [0, 1]
+    CENSUS_BOUND = "census_bound"  # census counts beyond the weight the coordinator allows the agent
+    STATS_BOUND = "stats_bound"  # class statistics (mean, covariance spectrum) beyond the phase's robust bound
+    SKETCH_BOUND = "sketch_bound"  # a task-end sketch beyond the phase's robust bound per layer
+    AGGREGATE = "aggregate"  # the phase's aggregate was non-finite or exploded: the previous state was kept
     # the agent's downlink replica
     REPLICA = "replica"  # a state sync that does not lead to the named version or digest
 

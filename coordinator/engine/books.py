@@ -51,6 +51,12 @@ class PhaseBooks:
                            detail=f"update norm {norm:.4g} exceeds the bound {bound:.4g} "
                                   f"({norm_bound:g} x the running median)")
 
+    def refuse_held(self, agent: str, reason: Refusal, detail: str) -> None:
+        """A held result refused when the phase closed (a method's bound over the whole phase): its row says why."""
+        _, row = self.held.pop(agent)
+        self.ledger.record(self.run, self.round, agent, reason.status, phase=self.phase,
+                           bytes_up=row["bytes_up"], bytes_down=row["bytes_down"], detail=detail[:500])
+
     def book_held(self, up: dict[str, int]) -> None:
         """Write the held `ok` rows (by agent), with the result bytes counted since."""
         for agent, (_, row) in sorted(self.held.items()):

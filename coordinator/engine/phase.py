@@ -33,7 +33,7 @@ from fedfleet.coordinator.engine.inbox import (
 from fedfleet.coordinator.engine.receive import ReceivePath
 from fedfleet.coordinator.engine.validate import Validator
 from fedfleet.coordinator.strategies import ClientResult, TaskSpec
-from fedfleet.edge_agent.errors import ProtocolError, Refusal
+from fedfleet.edge_agent.errors import ProtocolError, Refusal, refusal
 
 
 @dataclass
@@ -206,10 +206,12 @@ class Phase:
             raise RuntimeError(f"phase {self.round}.{self.phase} is closed already; open the next one")
         self._drain()
         screened = self.validator.bound(self.results)
+        for res, reason, detail in screened.by_method:
+            self.books.refuse_held(res.agent, refusal(reason), detail)
         for res, norm, bound in screened.refused:
             self.books.refuse_norm(res.agent, norm, bound, self.validator.guard.norm_bound)
         self.results = screened.kept
-        self.rejected += len(screened.refused)
+        self.rejected += len(screened.refused) + len(screened.by_method)
         self.books.book_held(self._up)
         late = self.waiting
         for agent in late:

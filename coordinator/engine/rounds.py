@@ -39,19 +39,20 @@ from fedfleet.coordinator.engine.inbox import InboxItem, TrafficReport
 from fedfleet.coordinator.engine.phase import Carry, Phase, PhaseOutcome
 from fedfleet.coordinator.engine.presence import Presence
 from fedfleet.coordinator.engine.receive import ReceivePath
-from fedfleet.coordinator.engine.update_guard import UpdateGuard
+from fedfleet.coordinator.engine.update_guard import AggregateCheck, UpdateGuard
 from fedfleet.coordinator.engine.validate import Validator
 from fedfleet.coordinator.records.store import RunStore
-from fedfleet.coordinator.strategies import Strategy, TaskSpec
+from fedfleet.coordinator.strategies import ClientResult, Strategy, TaskSpec
 from fedfleet.coordinator.strategies.base import to_numpy
 from fedfleet.coordinator.tasks.base import RoundContext
-from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.errors import ConfigError, Refusal
 from fedfleet.edge_agent.wire import protocol, signing
 from fedfleet.edge_agent.wire.link import Link, open_link
 
 __all__ = ["Coordinator", "Engine", "EngineConfig", "PhaseOutcome", "RoundSummary"]
 
 log = logging.getLogger(__name__)
+AGGREGATE_ROW = "(aggregate)"  # the ledger's agent column for a refused aggregate (no agent's row)
 
 
 class Coordinator:
@@ -293,7 +294,8 @@ class Coordinator:
         timings.update(evaluate=t2 - t1, checkpoint=t0 + wall - t2)
         summary = RoundSummary(r, accuracy, loss, wall, tasked, ok, rejected, late,
                                self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings,
-                               self.strategy.round_note(), accuracy_min, nodes)
+                               "  ".join(n for n in (self.strategy.round_note(), self.guard.streak_note()) if n),
+                               accuracy_min, nodes)
         self.ledger.record_round(self.cfg.run, r, **{**row, "wall_s": wall})
         if self.on_round is not None:
             self.on_round(summary)
@@ -343,10 +345,27 @@ class Coordinator:
         outcome = current.close()
         t_collected = time.perf_counter()
         results = sorted(outcome.results, key=lambda res: res.agent)  # arrival order must not change the sums
-        self.strategy.aggregate(r, phase, results)
+        if self._aggregate(r, phase, results) is not None:
+            results = []  # the aggregate was refused: no result of the phase counts
         self._timings["collect"] += t_collected - t_sent
         self._timings["aggregate"] += time.perf_counter() - t_collected
         return dataclasses.replace(outcome, results=results, wall_s=time.perf_counter() - t0)
+
+    def _aggregate(self, r: int, phase: int, results: list[ClientResult]) -> str | None:
+        """`strategy.aggregate`, kept only when the global model stays finite and within bounds
+        (update_guard.AggregateCheck); otherwise the state before it is put back, a `rejected:aggregate` row and a
+        warning say why, and the reason is returned."""
+        check = AggregateCheck(self.strategy)
+        self.strategy.aggregate(r, phase, results)
+        why = check.verdict()
+        if why is None:
+            return None
+        check.restore()
+        log.warning("round %d.%d: aggregate refused, previous state kept: %s", r, phase, why)
+        self.ledger.record(self.cfg.run, r, AGGREGATE_ROW, Refusal.AGGREGATE.status, phase=phase,
+                           detail=f"{why}; the previous state was kept ({len(results)} results: "
+                                  f"{', '.join(res.agent for res in results)[:300]})")
+        return why
 
     def _collect(self, phase: Phase, deadline: float, hard_stop: float, need: int) -> None:
         """Offer inbox items to `phase` until every tasked agent answered, or the deadline passed with `need`

@@ -8,7 +8,10 @@ a second result; a codec or layout other than the task's; a payload that does no
 within `max_result_bytes`; NaN or Inf values; and whatever the strategy's own `check` refuses. The result's weight
 is the update guard's (coordinator/engine/update_guard.py), under the phase's cap.
 
-`Validator.bound` applies the update-norm bound to the phase's accepted results when the phase closes.
+`Validator.bound` applies, when the phase closes, the method's own bounds over the whole phase
+(`Strategy.screen`: robust per-kind references for statistics, sketches and counts) and then the update-norm
+bound, whose cold-start reference is the scale of the model the updates start from (its norm, or
+COLD_PER_ENTRY per entry when that is larger: a zero-initialised model).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fedfleet.coordinator.engine.update_guard import Screened, UpdateGuard
+import numpy as np
+
+from fedfleet.coordinator.engine.update_guard import COLD_PER_ENTRY, Screened, UpdateGuard
 from fedfleet.coordinator.strategies import ClientResult, Strategy, TaskSpec
 from fedfleet.coordinator.strategies.base import to_numpy
 from fedfleet.edge_agent.errors import ProtocolError, Refusal
@@ -89,18 +94,28 @@ class Validator:
         return result
 
     def bound(self, results: list[ClientResult]) -> Screened:
-        """The shared update-norm bound over the phase's accepted results (coordinator/engine/update_guard.py)."""
+        """The method's bounds over the phase (`Strategy.screen`), then the shared update-norm bound
+        (coordinator/engine/update_guard.py) over the results left."""
+        refused_by_method = self.strategy.screen(self.round, self.phase, list(results)) if results else []
+        out = {id(res) for res, _, _ in refused_by_method}
+        results = [res for res in results if id(res) not in out]
         kind = self.strategy.update_kind(self.phase)
         if kind == "none" or not results:
-            return Screened(list(results), [], float("inf"))
+            return Screened(list(results), [], float("inf"), refused_by_method)
         names = self.strategy.update_names(self.phase)
         # a "model" result's update is its difference from what the agent started from: the tensors its task
         # sent, else (a task that named tensors the agent already held) the global state it holds
-        held = to_numpy(self.strategy.state) if kind == "model" else {}
+        held = to_numpy(self.strategy.state)
         norms = [self.guard.update_norm({k: v for k, v in res.tensors.items() if names is None or k in names},
                                         {**held, **self.tasks[res.agent].tensors} if kind == "model" else None)
                  for res in results]
-        return self.guard.screen(self.phase, results, norms)
+        # the cold-start reference: the scale of the model the updates apply to (its named tensors, else all)
+        scale = {k: v for k, v in held.items() if names is None or k in names} or held
+        entries = sum(int(np.size(v)) for v in scale.values())
+        cold = max(self.guard.update_norm(scale, None), COLD_PER_ENTRY * float(np.sqrt(entries)))
+        screened = self.guard.screen(self.phase, results, norms, cold=cold, r=self.round)
+        screened.by_method = refused_by_method
+        return screened
 
 
 def _as_json(value: Any) -> Any:

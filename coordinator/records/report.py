@@ -136,6 +136,13 @@ def _html(data: RunData, images: dict[str, Path], books: str = "") -> str:
                         [[p["profile"], p["agents"], p["agent_rounds"], _num(p["mb_per_round"], 3),
                           _num(p["compute_j"], 2), _num(p["radio_j"], 2), _num(p["idle_j"], 2),
                           _num(p["learn_s"], 3), p["not_ok"]] for p in profile_table(data)]))
+    streaks = norm_streaks(data.rows)
+    if streaks:
+        parts += ["<h2>Update-norm refusal streaks</h2>",
+                  "<p>Agents whose updates the norm bound refused in consecutive rounds they took part in (an honest "
+                  "device locked out, or one holding a key and sending outsized updates).</p>",
+                  _table(["Agent", "Longest streak", "From round", "To round", "Refusals in all"],
+                         [[a, n, first, last, total] for a, (n, first, last, total) in streaks.items()], left=1)]
     parts += ["<h2>Stragglers and dropouts</h2>", _img(images["stragglers"], "stragglers and dropouts")]
     problems = [r for r in data.rows if outcome(r["status"]) != "ok"]
     if problems:
@@ -149,6 +156,26 @@ def _html(data: RunData, images: dict[str, Path], books: str = "") -> str:
         parts.append("<p>Every selected agent answered in time and every update was accepted.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def norm_streaks(rows: list[Any], least: int = 2) -> dict[str, tuple[int, int, int, int]]:
+    """agent -> (longest run of norm-bound refusals over the rounds it answered, its first and last round, all its
+    norm-bound refusals), for runs of at least `least`; longest first."""
+    by_agent: dict[str, list[tuple[int, bool]]] = {}
+    for r in rows:
+        if r["status"] == "ok" or r["status"] == "rejected:norm_bound":
+            by_agent.setdefault(r["agent"], []).append((int(r["round"]), r["status"] != "ok"))
+    out = {}
+    for agent, seq in by_agent.items():
+        best, run, start, span, total = 0, 0, 0, (0, 0), 0
+        for rnd, refused in sorted(seq):
+            total += refused
+            run, start = (run + 1, start if run else rnd) if refused else (0, 0)
+            if run > best:
+                best, span = run, (start, rnd)
+        if best >= least:
+            out[agent] = (best, span[0], span[1], total)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
 
 
 def render(run_dir: str | Path, *, out_dir: str | Path | None = None, run: str | None = None) -> Path:

@@ -60,6 +60,13 @@ class AggregationError(FedfleetError, ValueError):
 # --------------------------------------------------------------------------- helpers
 
 
+def low_median(values: Any) -> float:
+    """The lower median of numbers (for an even count, the smaller middle value): no single sender can raise it
+    past an honest value while at least half the values are honest. 0 for none."""
+    v = sorted(float(x) for x in values)
+    return v[(len(v) - 1) // 2] if v else 0.0
+
+
 def flatten(tensors: dict[str, Any], layout: Layout) -> torch.Tensor:
     """Concatenate the tensors named in `layout` (numpy or torch) into one float32 vector."""
     parts = []

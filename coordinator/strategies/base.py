@@ -93,6 +93,12 @@ class Strategy(ABC):
         `rejected:<reason>` and the phase goes on without it. The default accepts everything."""
         return None
 
+    def screen(self, round: int, phase: int, results: list[ClientResult]) -> list[tuple[ClientResult, str, str]]:
+        """Method bounds that need the whole phase (a robust reference over every sender, so no single sender
+        sets it): the results to refuse as (result, reason, detail); the engine books `rejected:<reason>` and
+        aggregates the rest. Runs when the phase closes, after every result passed `check`. Default: none."""
+        return []
+
     def global_state(self) -> dict[str, torch.Tensor]:
         """The tensors that define the model to evaluate and checkpoint."""
         return self.state

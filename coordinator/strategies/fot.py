@@ -15,6 +15,13 @@ sum_{j<=k} sigma_j^2 / ||S||_F^2 > eps' (at least 1; the whole remaining space w
 U <- QR([U, P[:, :k]]); then eps <- eps + eps_inc. Only the agents of a task's last round shape its subspace
 (as in the paper's code). Sketches always travel losslessly, even when the ordinary rounds use FedZip.
 
+Against a liar with one device key (issue 28): N_i is taken at most at the agent's weight (the engine's capped
+count); when the task-end phase closes (`screen`) each sketch is bounded per layer, ||S_i||_F / sqrt(N_i) against
+`sketch_bound` (10) times the low median over the phase's senders and against `MAX_SKETCH_RMS` (a refused
+sketch refuses its result, `rejected:sketch_bound`); and basis growth needs more than one sender's evidence:
+with one sketch nothing is added, and with several the number of directions added is the smallest k over the
+sums that leave one sender out (one sender's spread-out energy cannot fill the basis).
+
 Config: `lr`, `epochs`, `batch`, `weight_decay` (passed to the learner), `eps` (0.95), `eps_inc` (0),
 `protect` (weight names; default every weight matrix, but not the last layer with per-task heads),
 `sketch_width` (m_l = round(sketch_width * d_l), 1.0), `sketch_distribution` ("uniform" | "gaussian"),
@@ -32,6 +39,7 @@ import numpy as np
 import torch
 
 from fedfleet.coordinator.strategies._config import NON_NEGATIVE, POSITIVE, own, ranged
+from fedfleet.coordinator.strategies._robust import low_median
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -41,10 +49,11 @@ from fedfleet.coordinator.strategies.base import (
     task_seed,
     to_numpy,
 )
-from fedfleet.edge_agent.errors import ConfigError, ProtocolError
+from fedfleet.edge_agent.errors import ConfigError, ProtocolError, Refusal
 from fedfleet.edge_agent.learners.fot import BASIS, COUNT, RHO, SKETCH
 
 LOSSLESS = ("none", "zstd")
+MAX_SKETCH_RMS = 1e6  # absolute bound on a sketch's ||S_i||_F / sqrt(N_i) per layer
 RHO_TOLERANCE = 1e-3
 
 
@@ -76,13 +85,15 @@ def choose_k(sigma: torch.Tensor, eps_prime: float, room: int) -> int:
 
 
 def subspace_update(basis: torch.Tensor, sketch: torch.Tensor, rho_bar: float, eps: float,
-                    mode: str = "norm") -> tuple[torch.Tensor, int]:
-    """(new basis, vectors added) from the summed sketch S (d x m) of one layer."""
+                    mode: str = "norm", *, most: int | None = None) -> tuple[torch.Tensor, int]:
+    """(new basis, vectors added) from the summed sketch S (d x m) of one layer; at most `most` vectors."""
     d = basis.shape[0]
     if rho_bar <= 0 or not torch.any(sketch != 0):
         return basis, 0  # nothing outside the basis: no direction to add
     p, sigma, _ = torch.linalg.svd(sketch.double(), full_matrices=False)
     k = choose_k(sigma, threshold(rho_bar, eps, mode), d - basis.shape[1])
+    if most is not None:
+        k = min(k, most)
     if k == 0:
         return basis, 0
     new = p[:, :k]
@@ -108,6 +119,7 @@ class Config:
     threshold: Literal["norm", "energy"] = own("norm")  # eps' from rho (the paper's code) or rho^2 (GPM)
     biases: Literal["free", "frozen"] = own("free")  # "frozen": a diagnostic (see the module docstring)
     protect: list[str] | None = own(None)  # weight names (None: every weight matrix but a per-task head's)
+    sketch_bound: float = own(10.0, check=(lambda v: v >= 1, "a number >= 1"))  # x the low-median sketch scale
 
 
 @register
@@ -191,6 +203,30 @@ class FOTStrategy(Strategy):
         if np.any(rho < 0) or np.any(rho > 1 + RHO_TOLERANCE):
             raise ProtocolError("sketch_rho", f"rho_i must lie in [0, 1], got {rho.tolist()}")
 
+    def screen(self, round: int, phase: int, results: list[ClientResult]) -> list[tuple[ClientResult, str, str]]:
+        """A task end's sketches, per layer: ||S_i||_F / sqrt(N_i) against `sketch_bound` times the low median over
+        the phase's senders, and against MAX_SKETCH_RMS."""
+        sketched = [r for r in results if COUNT in r.tensors]
+        if not sketched or not self.protected:
+            return []
+        out: dict[str, tuple[ClientResult, str, str]] = {}
+        k = float(self.settings.sketch_bound)
+        for name in self.protected:
+            scale = {r.agent: float(np.linalg.norm(r.tensors[SKETCH + name].astype(np.float64)))
+                     / np.sqrt(self._n(r)) for r in sketched}
+            ref = low_median(v for v in scale.values() if np.isfinite(v))
+            limit = min(MAX_SKETCH_RMS, k * ref) if len(scale) > 1 else MAX_SKETCH_RMS
+            for r in sketched:
+                v = scale[r.agent]
+                if r.agent not in out and not (np.isfinite(v) and v <= limit):
+                    out[r.agent] = (r, Refusal.SKETCH_BOUND, f"{name} sketch scale {v:.4g} exceeds the bound {limit:.4g}")
+        return list(out.values())
+
+    @staticmethod
+    def _n(result: ClientResult) -> float:
+        """N_i, at most the agent's weight (the engine's capped count): its word does not set the rho weights."""
+        return max(1.0, min(float(result.tensors[COUNT][0]), float(result.samples)))
+
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         if not results:
             return
@@ -208,19 +244,37 @@ class FOTStrategy(Strategy):
     def _extract(self, results: list[ClientResult]) -> None:
         """The global principal subspace extraction at a task's end."""
         assert self.protected is not None
-        n = torch.tensor([float(r.tensors[COUNT][0]) for r in results], dtype=torch.float64)
+        n = torch.tensor([self._n(r) for r in results], dtype=torch.float64)
         w = n / n.sum()
         rho = torch.stack([torch.from_numpy(r.tensors[RHO]).double() for r in results])  # clients x layers
         record: dict[str, Any] = {"task": self.position.index, "eps": self.eps, "clients": len(results), "layers": {}}
         for j, name in enumerate(self.protected):
-            sketch = torch.stack([torch.from_numpy(r.tensors[SKETCH + name]).double() for r in results]).sum(dim=0)
+            parts = torch.stack([torch.from_numpy(r.tensors[SKETCH + name]).double() for r in results])
+            sketch = parts.sum(dim=0)
             rho_bar = float((w * rho[:, j]).sum())
-            self.bases[name], added = subspace_update(self.bases[name], sketch, rho_bar, self.eps, self.mode)
+            most = self._agreed(parts, rho_bar, self.bases[name])
+            self.bases[name], added = subspace_update(self.bases[name], sketch, rho_bar, self.eps, self.mode,
+                                                      most=most)
             record["layers"][name] = {"rho_bar": rho_bar, "eps_prime": threshold(rho_bar, self.eps, self.mode)
                                       if rho_bar > 0 else None, "added": added, "k": self.bases[name].shape[1],
                                       "d": self.bases[name].shape[0]}
         self.history.append(record)
         self.eps = min(1.0, self.eps + self.eps_inc)
+
+    def _agreed(self, parts: torch.Tensor, rho_bar: float, basis: torch.Tensor) -> int:
+        """How many directions more than one sender supports: 0 with one sketch, else the smallest k over the
+        sums that leave one sender out."""
+        if parts.shape[0] < 2:
+            return 0
+        room = basis.shape[0] - basis.shape[1]
+        ks = []
+        for i in range(parts.shape[0]):
+            rest = torch.cat([parts[:i], parts[i + 1:]]).sum(dim=0)
+            if rho_bar <= 0 or not torch.any(rest != 0):
+                return 0
+            sigma = torch.linalg.svdvals(rest)
+            ks.append(choose_k(sigma, threshold(rho_bar, self.eps, self.mode), room))
+        return min(ks)
 
     # -------------------------------------------------------------- reporting
     def basis_sizes(self) -> dict[str, tuple[int, int]]:

@@ -21,11 +21,20 @@ The first round has four phases (later rounds only the last), each its own rows 
    is added. An agent that missed the geometry phase or lost its synthetic set (a restart) gets the
    geometry again with its next training task.
 
+Against a liar with one device key (issue 28): a census whose total exceeds the agent's weight (the engine's
+capped count: its announcement at selection, under the phase's cap against the fleet's low median) is refused
+(`rejected:census_bound`), so no agent becomes a guide or sets a class's target by a claim; each guide's
+statistics are bounded when the stats phase closes (`screen`) against robust references over every upload of
+the phase (the low median of the covariance traces and of the mean norms, times `stats_bound`) and against
+absolute bounds (`MAX_TRACE`, `MAX_MEAN`) that hold with one upload (`rejected:stats_bound`); the synthetic
+counts an agent reports are capped at what its geometry lets it make (the class targets minus its census
+counts), so the training weight is the capped sample count plus at most that.
+
 If the census brings nothing back the exchange is retried the next round. Privacy: a class mean and
 covariance say something about a device's data (its class balance, the spread of its embeddings, with few
 samples close to the samples themselves); the exchange is opt-in by choosing this method.
 
-Config: guide (0.8 | "all"), variant ("single" | "multi_domain"), shrinkage (0.1), target ("global" | int),
+Config: stats_bound (100), guide (0.8 | "all"), variant ("single" | "multi_domain"), shrinkage (0.1), target ("global" | int),
 per_sample (12), local_pool (500), proto_pool (500) for the multi-domain variant, psd_tol (1e-6), and
 FedAvg's lr (0.1), epochs (5), batch (16), weight_decay (0), server_lr (1.0), seed, uplink.
 """
@@ -40,6 +49,7 @@ import numpy as np
 import torch
 
 from fedfleet.coordinator.strategies._config import AT_LEAST_1, FRACTION, own, ranged
+from fedfleet.coordinator.strategies._robust import low_median
 from fedfleet.coordinator.strategies.base import (
     ClientResult,
     Strategy,
@@ -50,11 +60,13 @@ from fedfleet.coordinator.strategies.base import (
     to_numpy,
 )
 from fedfleet.edge_agent import class_stats
-from fedfleet.edge_agent.errors import ConfigError, ProtocolError
+from fedfleet.edge_agent.errors import ConfigError, ProtocolError, Refusal
 
 log = logging.getLogger("fedfleet.ggeur")
 
 EXCHANGE = ("census", "stats", "geometry", "train")
+MAX_TRACE = 1e8  # absolute bound on an uploaded class covariance's trace (embeddings are O(1..100) per entry)
+MAX_MEAN = 1e5  # absolute bound on an uploaded class mean's L2 norm
 VARIANTS = ("single", "multi_domain")
 
 
@@ -82,6 +94,7 @@ class Config:
     psd_tol: float = own(class_stats.PSD_TOL)  # round-off allowed below 0 in an uploaded covariance
     weight_decay: float = own(0.0)  # the learner's L2 weight decay
     server_lr: float = own(1.0)  # scale of the averaged delta
+    stats_bound: float = own(100.0, check=(lambda v: v >= 1, "a number >= 1"))  # x the phase's low-median trace
 
 
 @register
@@ -231,6 +244,9 @@ class GGEURStrategy(Strategy):
                 raise ProtocolError("negative_n", f"census count {float(counts.min())} < 0")
             if _whole(counts) is None:
                 raise ProtocolError("malformed", "census counts must be whole numbers")
+            if float(counts.astype(np.float64).sum()) > result.samples:
+                raise ProtocolError("census_bound", f"census total {float(counts.astype(np.float64).sum()):.6g} "
+                                                    f"exceeds the agent's weight {result.samples}")
         elif stage == "stats":
             self.parsed[result.agent] = self._check_stats(result.agent, t)
         elif stage == "geometry":
@@ -274,10 +290,54 @@ class GGEURStrategy(Strategy):
             self._pool({r.agent for r in results})
         elif stage == "geometry":
             for r in results:
-                self.delivered[r.agent] = int(r.tensors["synthetic"].sum())
+                self.delivered[r.agent] = self._capped_synthetic(r.agent, r.tensors["synthetic"].sum())
             self.note["synthetic"] = float(sum(self.delivered.values()))
         else:
             self._fedavg(results)
+
+    def expected_synthetic(self, agent: str) -> int:
+        """The most synthetic points `agent`'s geometry lets it make: per class it holds, the target minus its
+        census count (the multi-domain variant may drop originals: up to the target), from the coordinator's
+        own (capped) census."""
+        counts = self.counts.get(agent)
+        if counts is None:
+            return 0
+        totals = self.global_counts()
+        out = 0
+        for c in self.classes_for(agent):
+            target = int(totals[c]) if self.target == "global" else int(self.target)
+            out += target if self.variant == "multi_domain" else max(0, target - int(counts[c]))
+        return out
+
+    def _capped_synthetic(self, agent: str, reported: Any) -> int:
+        """An agent's reported synthetic count (its word) under what the coordinator knows it can hold."""
+        value = float(reported)
+        if not np.isfinite(value) or value <= 0:
+            return 0
+        return int(min(value, self.expected_synthetic(agent)))
+
+    def screen(self, round: int, phase: int, results: list[ClientResult]) -> list[tuple[ClientResult, str, str]]:
+        """The stats phase's bound over every guide's upload: each class's covariance trace and mean norm against
+        `stats_bound` times the low median over all uploads of the phase, and against MAX_TRACE and MAX_MEAN."""
+        if self.stage(phase) != "stats":
+            return []
+        traces = {r.agent: [float(np.trace(cov)) for _, (_, _, cov) in sorted(self.parsed.get(r.agent, {}).items())]
+                  for r in results}
+        means = {r.agent: [float(np.linalg.norm(mu)) for _, (_, mu, _) in sorted(self.parsed.get(r.agent, {}).items())]
+                 for r in results}
+        all_t = [t for v in traces.values() for t in v if np.isfinite(t)]
+        all_m = [m for v in means.values() for m in v if np.isfinite(m)]
+        k = float(self.settings.stats_bound)
+        t_lim = min(MAX_TRACE, k * max(low_median(all_t), 1e-6)) if all_t else MAX_TRACE
+        m_lim = min(MAX_MEAN, k * max(low_median(all_m), 1e-3)) if all_m else MAX_MEAN
+        out = []
+        for r in results:
+            t, m = max(traces[r.agent], default=0.0), max(means[r.agent], default=0.0)
+            if not (np.isfinite(t) and t <= t_lim):
+                out.append((r, Refusal.STATS_BOUND, f"covariance trace {t:.4g} exceeds the bound {t_lim:.4g}"))
+            elif not (np.isfinite(m) and m <= m_lim):
+                out.append((r, Refusal.STATS_BOUND, f"class mean norm {m:.4g} exceeds the bound {m_lim:.4g}"))
+        return out
 
     def _pool(self, agents: set[str]) -> None:
         self.parsed = {a: s for a, s in self.parsed.items() if a in agents}
@@ -297,7 +357,7 @@ class GGEURStrategy(Strategy):
 
     def _fedavg(self, results: list[ClientResult]) -> None:
         for r in results:
-            made = int(r.metrics.get("synthetic", 0))
+            made = self._capped_synthetic(r.agent, r.metrics.get("synthetic", 0))
             if made > 0 or r.agent in self._attached:
                 self.delivered[r.agent] = made
             elif self.delivered.get(r.agent, 0) > 0:

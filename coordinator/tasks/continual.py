@@ -64,6 +64,9 @@ class ContinualStrategy(Strategy):
     def check(self, round: int, phase: int, result: ClientResult) -> None:
         self.inner.check(round, phase, result)
 
+    def screen(self, round: int, phase: int, results: list[ClientResult]) -> list[tuple[ClientResult, str, str]]:
+        return self.inner.screen(round, phase, results)
+
     def update_kind(self, phase: int) -> str:
         return self.inner.update_kind(phase)
 

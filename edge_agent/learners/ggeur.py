@@ -24,6 +24,11 @@ Multi-domain generation (spec 4a, one client per domain), for each class with ge
 around every original of which `local_pool` are kept, plus `proto_pool` points around each other domain's
 prototype; the originals are kept (subsampled to the target if there are more) and the set is filled up
 to the target from the pool. No eigenvalue rescale. Numpy only.
+
+Bounded whatever the task says (issue 28): the synthetic set never exceeds `MAX_SYNTHETIC_BYTES` (float32
+points of the embedding's width); when the targets ask for more, every class's share is scaled down alike
+(`budget`), so a lying census cannot make the geometry step exhaust memory or time. The candidate pool is
+drawn as slots, never materialised.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ from fedfleet.edge_agent.learners.base import Learner, LearnResult, LocalData, T
 from fedfleet.edge_agent.learners.fedavg import local_sgd
 
 GEOMETRY_PREFIX = "g."
+MAX_SYNTHETIC_BYTES = 48 << 20  # the synthetic set's float32 bytes, at most (a Pi's service unit has 1 GB)
+
+
+def budget(needs: dict[int, int], d: int) -> dict[int, int]:
+    """`needs` (class -> points wanted, >= 0) scaled down alike to fit MAX_SYNTHETIC_BYTES of d-wide points."""
+    cap = max(1, MAX_SYNTHETIC_BYTES // (4 * max(1, d)))
+    total = sum(needs.values())
+    if total <= cap:
+        return dict(needs)
+    return {c: int(n * (cap / total)) for c, n in needs.items()}
 
 
 def draws_per_sample(n_cur: int, n_classes: int) -> int:
@@ -56,10 +71,12 @@ def _slots(rng: np.random.Generator, n: int, s: int, need: int) -> np.ndarray:
 def single_domain(feats: np.ndarray, y: np.ndarray, geo: dict[int, tuple[np.ndarray, np.ndarray, int]],
                   n_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
-    for c, (xi, lam, target) in sorted(geo.items()):
+    held = {c: int(np.count_nonzero(y == c)) for c in geo}
+    needs = budget({c: max(0, int(t) - held[c]) if held[c] else 0 for c, (_, _, t) in geo.items()}, feats.shape[1])
+    for c, (xi, lam, _) in sorted(geo.items()):
         xc = feats[y == c]
         n_cur = len(xc)
-        need = int(target) - n_cur
+        need = needs[c]
         if n_cur == 0 or need <= 0:
             continue
         if n_cur >= need:
@@ -79,7 +96,11 @@ def multi_domain(feats: np.ndarray, y: np.ndarray, geo: dict[int, tuple[np.ndarr
     proto_pool = int(cfg.get("proto_pool", 500))
     keep = [np.flatnonzero(~np.isin(y, list(geo)))]  # classes without geometry: originals as they are
     xs, ys = [], []
-    for c, (xi, lam, target) in sorted(geo.items()):
+    fills = budget({c: max(0, int(t)) for c, (_, _, t) in geo.items()}, feats.shape[1])
+    n_protos = sum(len(v) for v in protos.values())
+    proto_pool = min(proto_pool, max(1, MAX_SYNTHETIC_BYTES // (4 * max(1, feats.shape[1]) * max(1, n_protos))))
+    for c, (xi, lam, _) in sorted(geo.items()):
+        target = fills[c]
         idx = np.flatnonzero(y == c)
         if len(idx) >= target:  # more originals than the target: subsample them, nothing synthetic
             keep.append(np.sort(rng.choice(idx, size=int(target), replace=False)))

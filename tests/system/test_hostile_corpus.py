@@ -328,3 +328,30 @@ def test_an_agent_without_a_pinned_key_refuses_everything_and_says_so(mosquitto,
     finally:
         unpinned.stop()
         fleet.close()
+
+
+def test_a_fleet_of_two_refuses_a_float32_max_update_from_round_one_and_keeps_serving(mosquitto, tmp_path):
+    """Issue 28 item 5: with 2 agents the norm bound had no reference and the quorum of 0.5 started rounds with one
+    result; an update near float32's maximum was accepted and the next downlink encoding ended `serve` (rc 2)."""
+    fleet = start_fleet(mosquitto.url, tmp_path, roster_extra=("rogue",), agents=1, deadline_s=5.0, quorum=0.5,
+                        uplink={"name": "none"}, rounds=2)
+    rogue = Insider(mosquitto.url, fleet.cfg.fleet, "rogue", fleet.coord.package_digest)
+    try:
+        fleet.coord.wait_for_agents(2, 30)
+        fleet.run_async(2)
+        for n in (1, 2):
+            task, _ = _wait_task(rogue, n)
+            rogue.send(rogue.result(task, value=3.0e38, meta_samples=300))
+        summaries = fleet.join(60)
+        assert [s.ok for s in summaries] == [1, 1]
+        assert all(np.isfinite(s.accuracy) and s.accuracy > 0.3 for s in summaries), summaries
+        statuses = [(r["agent"], r["status"]) for r in rows(fleet)]
+        assert statuses.count(("rogue", "rejected:norm_bound")) == 2, statuses
+        assert all(torch_finite(v) for v in fleet.coord.strategy.global_state().values())
+    finally:
+        rogue.link.stop()
+        fleet.close()
+
+
+def torch_finite(v) -> bool:
+    return bool(np.isfinite(v.numpy()).all())

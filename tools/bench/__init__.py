@@ -13,7 +13,7 @@ import textwrap
 from fedfleet.edge_agent.errors import FedfleetError
 
 # modules of fedfleet.tools.bench that are not benchmarks themselves
-NOT_BENCHMARKS = ("output", "runner")
+NOT_BENCHMARKS = ("output", "runner", "fuzz_methods")  # helpers; fuzz_methods is `bench fuzz --methods`
 
 
 def names() -> list[str]:

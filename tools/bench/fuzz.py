@@ -362,13 +362,26 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgParser(prog="fedfleet bench fuzz", description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=100_000, help="mutated messages in all (half keyless, half insider)")
+    p.add_argument("--n", type=int, default=None,
+                   help="mutated messages in all (half keyless, half insider; default 100000); with --methods, "
+                        "hostile payloads in all (default 54000)")
     p.add_argument("--agents", type=int, default=3, help="honest agents")
     p.add_argument("--seed", type=int, default=0, help="seed of the mutations (default %(default)s)")
     p.add_argument("--round-deadline", type=float, default=5.0, dest="per_round_s", help="seconds each round waits for agents (default %(default)s)")
     p.add_argument("--json", help="also write the result JSON to this file")
+    p.add_argument("--methods", help="'all' or a comma list: a hostile corpus per method, in-process "
+                                     "(tools/bench/fuzz_methods.py)")
     args = p.parse_args(argv)
-    emit(run(args.n, args.agents, args.seed, args.per_round_s), KEYS, args.json)
+    if args.methods:
+        from fedfleet.tools.bench import fuzz_methods
+
+        chosen = list(fuzz_methods.METHODS) if args.methods == "all" else args.methods.split(",")
+        unknown = sorted(set(chosen) - set(fuzz_methods.METHODS))
+        if unknown:
+            p.error(f"--methods: unknown {unknown}; choose from {', '.join(fuzz_methods.METHODS)} or 'all'")
+        emit(fuzz_methods.run(54_000 if args.n is None else args.n, args.seed, chosen), fuzz_methods.KEYS, args.json)
+        return 0
+    emit(run(100_000 if args.n is None else args.n, args.agents, args.seed, args.per_round_s), KEYS, args.json)
     return 0
 
 
