@@ -61,6 +61,8 @@ def learner_name(task: Task) -> str:
 class Agent:
     """One edge agent. `start()` connects and returns; `stop()` leaves (gracefully, or like a crash)."""
 
+    RESEND_AFTER_S = 3.0  # after a reconnection, the kept results go out once more this much later
+
     def __init__(self, config: AgentConfig, data: LocalData, *, meter: Any = None,
                  model_cache: dict[str, Any] | None = None, learn_lock: Any = None, host: Host | None = None) -> None:
         """`host`: what this agent shares with the other agents of its process (default `Host.process()`).
@@ -92,6 +94,7 @@ class Agent:
                                   transitions=self.host.transitions)
         self.uplink = Uplink(config, link=lambda: self.link, now=lambda: self._now(), meter=meter)
         self.outbox = Outbox(config.state_dir)
+        self._connection: tuple[int, int] | None = None  # (link, its connects) last announced on
         self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self.inbox = Inbox(fleet=config.fleet, agent_id=config.agent_id, coordinator_key=config.coordinator_key,
                            deliver=lambda kind, header, body: self._work.put((kind, header, body)),
@@ -198,6 +201,18 @@ class Agent:
         extra = {"error": error} if error else {}
         self.link.publish(self._status_topic, self._status_payload("online", **extra), retain=True)
         self.outbox.forward(self.link)  # results that went out on a lost connection, or before a restart
+        connection = (id(self.link), getattr(self.link, "connects", 0))
+        if connection != self._connection:
+            if self._connection is not None and self._connection[0] == connection[0] and len(self.outbox):
+                # a reconnection of the same link: once more, once the coordinator has subscribed again
+                timer = threading.Timer(self.RESEND_AFTER_S, self._resend)
+                timer.daemon = True
+                timer.start()
+            self._connection = connection
+
+    def _resend(self) -> None:
+        if not self._stop.is_set() and self.link.connected.is_set():
+            self.outbox.forward(self.link, every=True)
 
     def _telemetry(self, event: str, **fields: Any) -> None:
         self.uplink.telemetry(event, **fields)

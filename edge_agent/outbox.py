@@ -3,8 +3,10 @@
 A result's signed chunks are written to the state directory (`outbox/<run>-<round>-<phase>.bin`, to a temporary
 name and renamed) *before* they are published. An entry is sent again on every connection other than the one it
 was published on: after the link was dropped and replaced (paho's queue of the old link is gone), and after an
-agent restart (entries read back from disk were published on no connection of this process). A publication that
-paho queued on a live connection is left to paho, which resends it after a reconnection of the same session.
+agent restart (entries read back from disk were published on no connection of this process). After a
+reconnection of the same link (paho resends what it had not got acknowledged, but a restarted broker drops what
+arrives before the coordinator has subscribed again) the agent sends every entry once more a few seconds later
+(`Agent.RESEND_AFTER_S`).
 
 An entry is dropped when the agent takes a later task of the same run (the coordinator has then moved past the
 result's task: it was booked, refused, or too late) or a task of another run, and the oldest entries go past
@@ -128,10 +130,11 @@ class Outbox:
         if self.dir is not None:
             (self.dir / _name(key)).unlink(missing_ok=True)
 
-    def forward(self, link: Any) -> int:
-        """Publish again, on `link`, every entry last published on another connection; returns the chunks sent."""
+    def forward(self, link: Any, *, every: bool = False) -> int:
+        """Publish again, on `link`, every entry last published on another connection (`every`: every entry);
+        returns the chunks sent."""
         with self._lock:
-            due = [(k, e) for k, e in sorted(self._entries.items()) if e.link is not link]
+            due = [(k, e) for k, e in sorted(self._entries.items()) if every or e.link is not link]
             for _, e in due:
                 e.link = link
         sent = 0

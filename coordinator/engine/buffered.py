@@ -121,6 +121,7 @@ class BufferedCoordinator(Coordinator):
         self.accepted: set[tuple[str, str]] = set()  # (agent, payload digest) of results taken
         self.staleness_seen: list[int] = []  # of the results in the last version
         self.ended = False
+        self.last = False  # building the run's last version
         self._books = self._open_books()
         self._version_started = time.perf_counter()
         self._run_started: float | None = None
@@ -133,15 +134,21 @@ class BufferedCoordinator(Coordinator):
         """Publish versions until version `rounds` (default: the job's rounds); then take the results still in
         flight for a while (they are booked, refused as past the last version)."""
         target = rounds or self.cfg.rounds
+        self.begin()
+        out = []
+        while self.version < target:
+            self.last = self.version + 1 == target
+            out.append(self.next_version())
+        self.last = False
+        self.finish(self.cfg.deadline_s)
+        return out
+
+    def begin(self) -> None:
+        """Before the first `next_version` of this process: the downlink's first version, the clocks."""
         if self._sync is not None and self._sync.version == 0:
             self._sync.advance(to_numpy(self.strategy.global_state()))  # version 0 of the downlink
         self._run_started = self._run_started or time.perf_counter()
         self._version_started = time.perf_counter()
-        out = []
-        while self.version < target:
-            out.append(self.next_version())
-        self.finish(self.cfg.deadline_s)
-        return out
 
     def next_version(self) -> RoundSummary:
         """Dispatch and collect until the buffer holds `buffer` results, then aggregate them into a version."""
@@ -183,6 +190,8 @@ class BufferedCoordinator(Coordinator):
                 if self._sync is not None:
                     self._sync.forget(task.agent)  # its replica is unknown now: a full state next time
         room = self.concurrency - len(busy)
+        if self.last:  # the run's last version: no more tasks than it still needs results
+            room = min(room, self.buffer_size - len(self.buffer) - len(busy))
         if room <= 0:
             return 0
         idle = [a for a in self.ready_agents() if a not in busy]
@@ -417,11 +426,12 @@ class BufferedCoordinator(Coordinator):
         return "; ".join(p for p in (f"v{self.version}", rate, stale, method) if p)
 
     def _prune(self) -> None:
-        """Forget the tasks answered, and keep only a number for those past the staleness limit."""
+        """Forget the tasks answered, and keep only a number for those past the staleness limit and timed out (a
+        task still running keeps its agent busy: a second one would start from a replica the first one moved)."""
         for key, task in list(self.issued.items()):
             if task.answered:
                 del self.issued[key]
-            elif self.version - task.version > self.max_staleness:
+            elif self.version - task.version > self.max_staleness and task.spec is None:
                 self.retired[key] = task.version
                 del self.issued[key]
         if len(self.retired) > 100_000:
@@ -429,14 +439,13 @@ class BufferedCoordinator(Coordinator):
                 del self.retired[key]
 
     def finish(self, wait_s: float) -> None:
-        """After the last version: take the results of tasks still in flight for up to `wait_s`; each is booked
-        (refused: the run ended), so no finished result goes without a row."""
+        """After the last version: take the results of tasks still out (an agent offline for a while forwards its
+        result when it is back) for up to `wait_s`; each is booked (refused: the run ended), so no finished result
+        that reaches the coordinator goes without a row."""
         self.ended = True
         deadline = time.monotonic() + wait_s
-        timeout = self.cfg.deadline_s + self.cfg.grace_s
         while time.monotonic() < deadline:
-            now = time.time()
-            if not any(not t.answered and now - t.sent < timeout for t in self.issued.values()):
+            if all(t.answered for t in self.issued.values()):
                 break
             try:
                 item = self.inbox.get(timeout=0.2)
