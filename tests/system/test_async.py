@@ -288,6 +288,45 @@ def test_a_result_survives_an_agent_restart(broker, tmp_path):
     assert len(_delivered(fleet, "agent-00", task)) == 1
 
 
+def test_synchronous_rounds_book_a_forwarded_result_late(broker, tmp_path):
+    fleet = start_fleet(broker.url, tmp_path, agents=2, start_agents=False, deadline_s=3.0)
+    from fedfleet.coordinator.job.run import shards
+
+    local, _ = shards(fleet.cfg)
+    gated = GatedAgent(AgentConfig(broker.url, fleet.cfg.fleet, "agent-00", protocol.derive_key(SECRET, "agent-00"),
+                                   coordinator_key=COORDINATOR_KEY), local[0])
+    other = Agent(AgentConfig(broker.url, fleet.cfg.fleet, "agent-01", protocol.derive_key(SECRET, "agent-01"),
+                              coordinator_key=COORDINATOR_KEY), local[1])
+    for a in (gated, other):
+        a.start()
+    fleet.agents.update({"agent-00": gated, "agent-01": other})
+    try:
+        fleet.coord.wait_for_agents(2, 30)
+        done = threading.Thread(target=fleet.coord.run_round, args=(1,))
+        done.start()
+        _until(gated.learning.is_set, 30, what="the gated agent's task")
+        gated.link.stop(graceful=False)
+        gated.gate.set()
+        _until(lambda: gated.rounds_done == 1, 30, what="the upload onto the lost connection")
+        done.join(30)
+        (late,) = _rows(fleet.coord, "round = 1 AND agent = 'agent-00'")
+        assert late["status"] == "late" and late["bytes_up"] == 0
+        gated.replace_link()
+        fleet.coord.wait_for_agents(2, 30)
+        fleet.coord.run_round(2)  # the forwarded round-1 result arrives meanwhile
+    finally:
+        fleet.close()
+    assert gated.outbox.resent >= 1
+    rows = _rows(fleet.coord, "round = 1 AND agent = 'agent-00'")
+    assert [r["status"] for r in rows] == ["late"]  # it arrived after its round closed: its work is not used
+    assert not _rows(fleet.coord, "agent = 'agent-00' AND status LIKE 'rejected:%'")
+    assert [r["status"] for r in _rows(fleet.coord, "round = 2")] == ["ok", "ok"]
+    # its bytes reached the coordinator: two results' worth on agent-00's rows, as agent-01's (its first upload went
+    # out on the dead connection; without the outbox only its round-2 result would have arrived)
+    up = {a: sum(r["bytes_up"] for r in _rows(fleet.coord, "agent = ?", (a,))) for a in ("agent-00", "agent-01")}
+    assert up["agent-00"] > 0.8 * up["agent-01"]
+
+
 # ---------------------------------------------------------------- resume
 def test_resume_in_async_mode_restores_versions_tasks_and_buffer(broker, tmp_path):
     agg = {**ASYNC, "concurrency": 3, "buffer": 3}
