@@ -157,17 +157,27 @@ def test_hostile_version_numbers_are_refused_with_one_line_and_a_row(broker, tmp
         # another version than its task carried (once versions moved on)
         _until(lambda: len(rogue.tasks) > len(claims) and rogue.tasks[-1][0]["meta"]["version"] > 0, 30,
                coord.next_version, "a task of a later version")
-        header, _ = rogue.tasks[-1]
+        used = len(rogue.tasks) - 1
+        header, _ = rogue.tasks[used]
         zero = {name: np.zeros(shape, np.float32) for name, shape in codecs.normalize_layout(header["meta"]["expect"])}
         rogue.send(rogue.result(header, zero, meta={"samples": 10, "learn_s": 0.01, "metrics": {},
                                                     "version": header["meta"]["version"] - 1}))
-        _until(lambda: len(_rows(coord, "agent = 'rogue'")) > len(claims), 30, coord.next_version, "the last row")
+        _until(lambda: len(_rows(coord, "agent = 'rogue'")) > len(claims), 30, coord.next_version, "that row")
+        n_rows = len(claims) + 1
+        # the right version, an outsized update: the update guard's norm bound applies as in rounds
+        used += 1
+        _until(lambda: len(rogue.tasks) > used, 30, coord.next_version, "one more task")
+        header, _ = rogue.tasks[used]
+        huge = {name: np.full(shape, 50.0, np.float32) for name, shape in codecs.normalize_layout(header["meta"]["expect"])}
+        rogue.send(rogue.result(header, huge, meta={"samples": 10, "learn_s": 0.01, "metrics": {},
+                                                    "version": header["meta"]["version"]}))
+        _until(lambda: len(_rows(coord, "agent = 'rogue'")) > n_rows, 30, coord.next_version, "the last row")
     finally:
         rogue.link.stop()
         fleet.close()
     statuses = [r["status"] for r in _rows(coord, "agent = 'rogue'")]
     assert statuses == ["rejected:future_version", "rejected:schema", "rejected:schema", "rejected:schema",
-                        "rejected:schema", "rejected:wrong_version"]
+                        "rejected:schema", "rejected:wrong_version", "rejected:norm_bound"]
     lines = [r.getMessage() for r in caplog.records if "refused a result from rogue" in r.getMessage()]
     assert len(lines) == 6 and all("\n" not in line for line in lines)
     assert "version" in lines[1] and "2147483647" in lines[2]
