@@ -22,7 +22,8 @@ the receive path, presence, the dispatcher and its compressed downlink (`downlin
   (within the staleness limit), e.g. from an agent's store-and-forward outbox after a reconnection
   (fedfleet.edge_agent.outbox). A second copy of a result already accepted is noted, not booked again.
 - Ledger rows: `ok` rows are written when their version is published (round = that version), with `version`
-  (trained from) and `staleness`; refusals are written at once (round = the version being built).
+  (trained from) and `staleness`; refusals are written at once (round = the version being built), those for
+  staleness with `version` and `staleness` too.
 - Resume: `checkpoints/async.pt` holds the version, the task counter, the tasks issued and the buffer (written after
   every accepted result and every version), so a resumed run continues at the next version with the results it had
   buffered, and still takes the results of tasks issued before the interruption.
@@ -260,6 +261,11 @@ class BufferedCoordinator(Coordinator):
             if exc.reason in (Refusal.FUTURE_VERSION, Refusal.WRONG_VERSION) or (
                     exc.reason is Refusal.SCHEMA and "version" in exc.detail):
                 log.warning("refused a result from %s: %s: %s", agent, exc.reason, exc.detail[:200])
+            if exc.reason is Refusal.STALENESS and task is not None:  # its row says which version, how stale
+                self.ledger.record(self.cfg.run, self.version + 1, agent, exc.reason.status, phase=0,
+                                   bytes_up=task.bytes_up, bytes_down=task.bytes_down, detail=exc.detail[:500],
+                                   version=task.version, staleness=self.version - task.version)
+                return
             self._books.refuse(agent, exc.reason, exc.detail,
                                bytes_up=task.bytes_up if task is not None else 0,
                                bytes_down=task.bytes_down if task is not None else 0)

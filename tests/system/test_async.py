@@ -130,6 +130,8 @@ def test_results_past_max_staleness_are_refused_with_a_row(broker, tmp_path):
     stale = _rows(fleet.coord, "status = 'rejected:staleness'")
     assert stale, "three tasks in flight, one result per version: the others are one version old"
     assert all("(max_staleness 0)" in r["detail"] or "run ended" in r["detail"] for r in stale), stale
+    assert all(r["staleness"] > 0 for r in stale if "max_staleness" in r["detail"])  # the row says how stale
+    assert all(r["version"] + r["staleness"] == r["round"] - 1 for r in stale)
     assert all(r["staleness"] == 0 for r in _rows(fleet.coord, "status = 'ok'"))
 
 
