@@ -117,7 +117,7 @@ class Agent:
             subscriptions=self.inbox.subscriptions(),
             clean_session=False,
             will=self._will,
-            on_connect=self._announce,
+            on_connect=self._on_connect,
             username=c.username,
             password=c.password,
             ca_certs=c.ca_certs,
@@ -158,7 +158,7 @@ class Agent:
     def start(self, wait_s: float = 10.0) -> None:
         kept = self.kept.package() if self.kept is not None else None
         if kept is not None:  # the package this agent last used: ready before the coordinator resends it
-            self._work.put(("model", {"digest": kept[0]}, kept[1]))
+            self._work.put(("model", {"digest": kept[0], "verified": False}, kept[1]))
         self._worker.start()
         self.link.start(wait_s=wait_s)
 
@@ -195,6 +195,12 @@ class Agent:
         body = {"state": state, "runtime": self.cfg.runtime, "profile": self.cfg.profile,
                 "samples": len(self.data), "model": self.model_digest, **self.cfg.extra_status, **extra}
         return self.uplink.status(body, will=will)
+
+    def _on_connect(self) -> None:
+        log.info("agent %s connected to %s (fleet %s)", self.cfg.agent_id, self.cfg.broker, self.cfg.fleet)
+        if self.trust_error:
+            log.warning("agent %s: %s", self.cfg.agent_id, self.trust_error)
+        self._announce()
 
     def _announce(self) -> None:
         error = self.trust_error or self.model_error
@@ -259,6 +265,9 @@ class Agent:
             self._announce()
             return
         self.local.use(model, header["digest"])
+        log.info("agent %s: model package %s %s (%d bytes, %s)", self.cfg.agent_id, str(header["digest"])[:12],
+                 "received and verified" if header.get("verified", True) else "loaded from the state directory",
+                 len(blob), self.cfg.runtime)
         if self.kept is not None and self.kept.model_digest != self.model_digest:
             self.kept.save_package(header["digest"], blob)
         self._announce()
@@ -285,6 +294,8 @@ class Agent:
             self.tasks_dropped += 1
             self._persist()
             self._safe_telemetry("dropped_task", run=key[0], round=key[1], phase=key[2], reason=late)
+            log.warning("agent %s: task of run %s round %d.%d dropped: %s", self.cfg.agent_id, key[0], key[1],
+                        key[2], late)
             return
         deadline = self._now() + self._remaining(header)
         if header.get("model") != self.model_digest:
@@ -306,7 +317,10 @@ class Agent:
         task = Task(run=key[0], round=key[1], method=str(header.get("method")), config=meta.get("config", {}),
                     tensors=tensors, phase=key[2], deadline=deadline)
         result, learn_s = self._learn(task)
-        self._upload(header, task, result, learn_s)
+        sent = self._upload(header, task, result, learn_s)
+        log.info("agent %s: run %s round %d.%d: %s trained on %d samples in %.2f s, result sent%s",
+                 self.cfg.agent_id, task.run, task.round, task.phase, learner_name(task), int(result.samples),
+                 learn_s, f" ({sent} bytes)" if isinstance(sent, int) else "")
         self.rounds_done += 1
         self._persist()
         if self.meter is not None:
@@ -343,10 +357,11 @@ class Agent:
         return self.admission.expired(header)
 
     # -------------------------------------------------------------- uplink
-    def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> None:
+    def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> int:
+        """Send the result (kept in the outbox first); the bytes it took on the wire."""
         key = (task.run, task.round, task.phase)
-        self.uplink.result(header, task, result, learn_s, feedback=self._with_feedback,
-                           keep=lambda topic, chunks: self.outbox.put(key, topic, chunks, self.link))
+        return self.uplink.result(header, task, result, learn_s, feedback=self._with_feedback,
+                                  keep=lambda topic, chunks: self.outbox.put(key, topic, chunks, self.link))
 
     def _with_feedback(self, method: str, tensors: dict[str, np.ndarray], spec: dict[str, Any]) -> bytes:
         """The FedZip payload of update + residual (see `uplink.with_feedback`)."""

@@ -75,10 +75,11 @@ class Uplink:
     # -------------------------------------------------------------- results
     def result(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float, *,
                feedback: Callable[[str, dict[str, np.ndarray], dict[str, Any]], bytes],
-               keep: Callable[[str, list[bytes]], None] | None = None) -> None:
+               keep: Callable[[str, list[bytes]], None] | None = None) -> int:
         """Encode, frame and publish the result of `task` (whose dispatch header is `header`); `feedback`
         makes the FedZip payload with error feedback when the task asks for it; `keep(topic, chunks)` stores the
-        chunks before they are published (the agent's store-and-forward outbox)."""
+        chunks before they are published (the agent's store-and-forward outbox). Returns the bytes sent (MQTT
+        publish packets)."""
         meta = header.get("meta", {})
         expect = codecs.normalize_layout(meta.get("expect", []))
         spec = meta.get("uplink", {"name": "none"})
@@ -104,6 +105,7 @@ class Uplink:
         with radio:
             for chunk in chunks:
                 self.link().publish(self.result_topic, chunk)
+        return sent
 
 
 def with_feedback(state: RunState, kept: AgentState | None, method: str, tensors: dict[str, np.ndarray],

@@ -20,13 +20,13 @@ Nothing secret is ever printed or put on a command line.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import os
 import shutil
 from pathlib import Path
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.errors import ConfigError, FedfleetError
 from fedfleet.edge_agent.wire.mqtt import BrokerURL
 from fedfleet.edge_agent.wire.protocol import derive_key, valid_id
@@ -166,21 +166,21 @@ def provision(ids: list[str], *, broker: str, secret: bytes, out: Path, fleet: s
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet provision", description=__doc__.splitlines()[0])
+    p = ArgParser(prog="fedfleet provision", description=__doc__.splitlines()[0])
     p.add_argument("--id", required=True, dest="ids", help="an agent id, or a comma-separated roster")
     p.add_argument("--broker", required=True, help="the URL devices connect to (mqtt:// or mqtts://)")
     p.add_argument("--secret-file", required=True, help="the fleet secret (stays on the coordinator host)")
     p.add_argument("--out", required=True, help="one directory per device is written under it")
-    p.add_argument("--fleet", default="demo")
+    p.add_argument("--fleet", default="demo", help="fleet name, the coordinator's (default %(default)s)")
     p.add_argument("--coordinator-key-file", help="coordinator.pub (64 hex digits), copied to each device")
     p.add_argument("--ca-certs", help="the broker's CA file, copied to each device")
     p.add_argument("--broker-users", action="store_true",
                    help="per-device broker passwords, and OUT/broker/{passwd,acl,coordinator.password}")
     p.add_argument("--profile", help="firmware profile name, e.g. rpi4b")
-    p.add_argument("--runtime", choices=("onnxruntime", "litert"))
+    p.add_argument("--runtime", choices=("onnxruntime", "litert"), help="the device's inference runtime (default: the profile's, else onnxruntime)")
     p.add_argument("--data", default=f"{STATE_DIR}/data.npz", help="the local data file's path on the device")
-    p.add_argument("--state-dir", default=STATE_DIR)
-    p.add_argument("--log-file", default=LOG_FILE)
+    p.add_argument("--state-dir", default=STATE_DIR, help="the agent's state directory on the device (default %(default)s)")
+    p.add_argument("--log-file", default=LOG_FILE, help="the agent's log file on the device (default %(default)s)")
     p.add_argument("--agent-exe", default=AGENT_EXE, help="fedfleet-agent's path on the device")
     args = p.parse_args(argv)
     from fedfleet.coordinator.cli import _read_secret
