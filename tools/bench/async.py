@@ -32,7 +32,6 @@ to stderr (`details:`). `--agents 6 --rounds 2 --deadline-s 4` is the smoke run 
 
 from __future__ import annotations
 
-import argparse
 import math
 import sqlite3
 import tempfile
@@ -40,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedfleet.tools.bench.output import emit
+from fedfleet.edge_agent.cli_run import ArgParser
+from fedfleet.tools.bench.output import emit, progress
 
 KEYS = ("target_accuracy", "sync_wall_s", "async_wall_s", "wall_ratio", "sync_bytes", "async_bytes",
         "results_lost_sync", "results_lost_async", "final_accuracy_sync", "final_accuracy_async")
@@ -99,9 +99,13 @@ def one_run(table: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     from fedfleet.tools.emulate.fleet_config import parse
     from fedfleet.tools.emulate.run import run
 
-    fleet = parse(table, f"bench-async:{'async' if 'aggregation' in table else 'sync'}")
+    mode = "async" if "aggregation" in table else "sync"
+    fleet = parse(table, f"bench-async:{mode}")
     t0 = time.perf_counter()
+    progress("async", f"{mode}: {fleet.job.agents} emulated agents, {fleet.job.rounds} "
+                      f"{'versions' if mode == 'async' else 'rounds'} over Mosquitto")
     summary = run(fleet, broker="mosquitto", run_dir=run_dir, quiet=True)
+    progress("async", f"{mode}: final accuracy {summary['final_accuracy']:.4f} in {time.perf_counter() - t0:.0f} s")
     finished = sum(int(s.get("tasks_done", 0)) for s in summary["agent_stats"].values())
     booked = results_booked(run_dir)
     return {"accuracy": summary["accuracy_per_round"], "walls": summary["round_wall_s"],
@@ -112,7 +116,7 @@ def one_run(table: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet bench async", description=__doc__.split("\n")[0])
+    ap = ArgParser(prog="fedfleet bench async", description=__doc__.splitlines()[0])
     ap.add_argument("--agents", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=10, help="synchronous rounds (async: rounds x agents / buffer)")
     ap.add_argument("--seed", type=int, default=0)
