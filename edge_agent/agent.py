@@ -5,6 +5,8 @@
 - `admission.Admission`: dedupe, expiry, tasks waiting for their package or state broadcast;
 - `replica.LocalReplica`: the model package in use and the synced global state;
 - `uplink.Uplink`: status, telemetry and results (codec with error feedback, chunking);
+- `outbox.Outbox`: store-and-forward of finished results (kept in the state directory before they are
+  published, sent again on the next connection when the one they went out on was lost or the agent restarted);
 - `host.Host`: what the agents of one process share (model cache, broadcast bytes, verified signatures, the
   package load lock); `Host.process()` unless the agent is given one, `Host.solo()` on a device.
 Network callbacks only verify, reassemble and enqueue; a worker thread loads models and runs learners,
@@ -42,6 +44,7 @@ from fedfleet.edge_agent.errors import ModelError
 from fedfleet.edge_agent.host import Host
 from fedfleet.edge_agent.inbox import MAX_MODEL_BYTES, MAX_TASK_BYTES, Inbox
 from fedfleet.edge_agent.learners import LearnResult, LocalData, Task, create
+from fedfleet.edge_agent.outbox import Outbox
 from fedfleet.edge_agent.replica import LocalReplica
 from fedfleet.edge_agent.run_state import RunState
 from fedfleet.edge_agent.state import AgentState
@@ -62,6 +65,8 @@ def learner_name(task: Task) -> str:
 
 class Agent:
     """One edge agent. `start()` connects and returns; `stop()` leaves (gracefully, or like a crash)."""
+
+    RESEND_AFTER_S = 3.0  # after a reconnection, the kept results go out once more this much later
 
     def __init__(self, config: AgentConfig, data: LocalData, *, meter: Any = None,
                  model_cache: dict[str, Any] | None = None, learn_lock: Any = None, host: Host | None = None) -> None:
@@ -98,6 +103,8 @@ class Agent:
                                   payloads=self.host.payloads, shared_models=self.model_cache,
                                   transitions=self.host.transitions)
         self.uplink = Uplink(config, link=lambda: self.link, now=lambda: self._now(), meter=meter)
+        self.outbox = Outbox(config.state_dir)
+        self._connection: tuple[int, int] | None = None  # (link, its connects) last announced on
         self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self.inbox = Inbox(fleet=config.fleet, agent_id=config.agent_id, coordinator_key=config.coordinator_key,
                            deliver=lambda kind, header, body: self._work.put((kind, header, body)),
@@ -227,6 +234,19 @@ class Agent:
         error = self.trust_error or self.model_error or (None if self.model_digest else self.downlink_error)
         extra = {"error": error} if error else {}
         self.link.publish(self._status_topic, self._status_payload("online", **extra), retain=True)
+        self.outbox.forward(self.link)  # results that went out on a lost connection, or before a restart
+        connection = (id(self.link), getattr(self.link, "connects", 0))
+        if connection != self._connection:
+            if self._connection is not None and self._connection[0] == connection[0] and len(self.outbox):
+                # a reconnection of the same link: once more, once the coordinator has subscribed again
+                timer = threading.Timer(self.RESEND_AFTER_S, self._resend)
+                timer.daemon = True
+                timer.start()
+            self._connection = connection
+
+    def _resend(self) -> None:
+        if not self._stop.is_set() and self.link.connected.is_set():
+            self.outbox.forward(self.link, every=True)
 
     def _telemetry(self, event: str, **fields: Any) -> None:
         self.uplink.telemetry(event, **fields)
@@ -355,6 +375,7 @@ class Agent:
             self.admission.wait(header, body)  # the package is still arriving
             return
         self.admission.take(key, msg)
+        self.outbox.settle(*key)  # the coordinator has moved past this agent's earlier results
         layout = codecs.normalize_layout(header.get("layout", []))
         meta = header.get("meta", {})
         codec = header.get("codec", {"name": "none"})
@@ -438,8 +459,10 @@ class Agent:
 
     # -------------------------------------------------------------- uplink
     def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> int:
-        """Send the result; the bytes it took on the wire."""
-        return self.uplink.result(header, task, result, learn_s, feedback=self._with_feedback)
+        """Send the result (kept in the outbox first); the bytes it took on the wire."""
+        key = (task.run, task.round, task.phase)
+        return self.uplink.result(header, task, result, learn_s, feedback=self._with_feedback,
+                                  keep=lambda topic, chunks: self.outbox.put(key, topic, chunks, self.link))
 
     def _with_feedback(self, method: str, tensors: dict[str, np.ndarray], spec: dict[str, Any]) -> bytes:
         """The FedZip payload of update + residual (see `uplink.with_feedback`)."""

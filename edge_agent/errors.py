@@ -42,6 +42,9 @@ class Refusal(str, Enum):
     TOO_MANY_PAIRS = "too_many_pairs"  # a ferret payload holds more (seed, coefficient) pairs than its pool
     INDEX_RANGE = "index_range"  # a ferret seed index outside its pool
     DUPLICATE_INDEX = "duplicate_index"  # a ferret seed index appears twice
+    STALENESS = "staleness"  # asynchronous mode: a result trained from a version older than max_staleness allows
+    FUTURE_VERSION = "future_version"  # asynchronous mode: a result claims a model version not published yet
+    WRONG_VERSION = "wrong_version"  # asynchronous mode: a result claims another version than its task carried
     NORM_BOUND = "norm_bound"  # the update's norm exceeds the bound (a multiple of the running median norm)
     RATE_LIMITED = "rate_limited"  # refusals of one agent in one phase past the itemised rows (one summary row)
     # a method's own checks (Strategy.check) and the class statistics they read

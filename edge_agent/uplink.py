@@ -81,9 +81,11 @@ class Uplink:
 
     # -------------------------------------------------------------- results
     def result(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float, *,
-               feedback: Callable[[str, dict[str, np.ndarray], dict[str, Any]], bytes]) -> int:
+               feedback: Callable[[str, dict[str, np.ndarray], dict[str, Any]], bytes],
+               keep: Callable[[str, list[bytes]], None] | None = None) -> int:
         """Encode, frame and publish the result of `task` (whose dispatch header is `header`); `feedback`
-        makes the FedZip payload with error feedback when the task asks for it. Returns the bytes sent (MQTT
+        makes the FedZip payload with error feedback when the task asks for it; `keep(topic, chunks)` stores the
+        chunks before they are published (the agent's store-and-forward outbox). Returns the bytes sent (MQTT
         publish packets)."""
         meta = header.get("meta", {})
         expect = codecs.normalize_layout(meta.get("expect", []))
@@ -100,7 +102,11 @@ class Uplink:
             "meta": {"samples": int(result.samples), "learn_s": learn_s, "metrics": finite(result.metrics),
                      "profile": self.cfg.profile, "energy": self.meter is not None},  # an energy report follows
         }
+        if "version" in meta:  # asynchronous mode: the model version the task carried, named back
+            out["meta"]["version"] = meta["version"]
         chunks = protocol.split(out, payload, self.key)
+        if keep is not None:
+            keep(self.result_topic, chunks)
         sent = sum(protocol.mqtt_publish_bytes(self.result_topic, len(c)) for c in chunks)
         radio = self.meter.measure("radio", bytes_up=sent) if self.meter is not None else nullcontext()
         with radio:

@@ -88,14 +88,15 @@ class Dispatcher:
                               layout=[[n, list(s)] for n, s in self.sync.layout], meta={"sync": meta})
         return self._send(protocol.broadcast_topic(self.fleet, "state"), header, payload)[0]
 
-    def dispatch(self, agent: str, r: int, phase: int, spec: TaskSpec, state_bytes: int = 0) -> int:
+    def dispatch(self, agent: str, r: int, phase: int, spec: TaskSpec, state_bytes: int = 0,
+                 extra_meta: dict[str, Any] | None = None) -> int:
         """Publish one agent's task; returns the bytes it receives (its task, plus the round's state broadcast when
-        the task refers to it)."""
+        the task refers to it). `extra_meta` joins the task's meta (asynchronous mode: the model `version`)."""
         layout = [(n, tuple(np.shape(t))) for n, t in spec.tensors.items()]
         sync, codec, received = None, self.downlink, 0
         if self.sync is not None and phase == 0:
             codec = self.sync.spec
-            if self.sync.serves(agent, self._broadcast):
+            if self._broadcast and self.sync.serves(agent, self._broadcast):
                 sync = {"mode": "broadcast", "version": self.sync.version, "digest": self.sync.digest}
                 payload, received = b"", state_bytes
             else:
@@ -108,6 +109,6 @@ class Dispatcher:
             "task", agent, run=self.run, round=r, phase=phase, method=self.method, codec=codec,
             layout=[[n, list(s)] for n, s in layout], sent=time.time(), ttl=self.ttl_s, model=self.package_digest,
             meta={"config": spec.config, "expect": [[n, list(s)] for n, s in spec.expect],
-                  "uplink": spec.uplink_codec, **({"sync": sync} if sync is not None else {})},
+                  "uplink": spec.uplink_codec, **({"sync": sync} if sync is not None else {}), **(extra_meta or {})},
         )
         return self._send(protocol.agent_topic(self.fleet, agent, "task"), header, payload)[0] + received

@@ -203,9 +203,13 @@ class Coordinator:
             except queue.Empty:
                 break
             if isinstance(item, TrafficReport):
-                self._current.offer(item)
+                self.book_traffic(item)
         self.link.stop()
         self.store.close()
+
+    def book_traffic(self, report: TrafficReport) -> None:
+        """An agent's traffic report, on the round it names (the asynchronous engine books it on its version)."""
+        self._current.offer(report)
 
     def publish_package(self, package: bytes | None = None) -> int:
         """Publish the model package (a new one if given) as retained, chunked broadcast messages; returns the

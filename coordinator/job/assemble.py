@@ -8,7 +8,9 @@
 3. the job's method becomes a strategy (`fedfleet.coordinator.strategies.build`), started from the mirror's
    initial state, or the caller's own strategy (a benchmark's variant);
 4. the task may wrap it (a continual schedule does) and scores rounds through `task.evaluate(ctx, state)`;
-5. the round engine (`fedfleet.coordinator.engine.rounds.Coordinator`) gets all of it.
+5. the round engine (`fedfleet.coordinator.engine.rounds.Coordinator`) gets all of it; a job with
+   `[aggregation] mode = "async"` gets the buffered asynchronous engine instead
+   (`fedfleet.coordinator.engine.buffered.BufferedCoordinator`, the same parts).
 
 Agents are not part of it: demo, emulate and benchmarks start theirs in the ways they need (in-process,
 process pools, devices), each with `run.shards()` when the job holds its agents' data.
@@ -16,6 +18,7 @@ process pools, devices), each with `run.shards()` when the job holds its agents'
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,7 +80,7 @@ def job_identity(job: JobConfig, roster: list[str]) -> dict[str, Any]:
     left out at their defaults, so runs started before they existed still resume."""
     identity = {**job.to_dict(), "roster": list(roster)}
     for key, default in (("task", "classification"), ("eval_every", 0), ("model", None), ("data", None),
-                         ("eval", None), ("base_dir", "")):
+                         ("eval", None), ("base_dir", ""), ("aggregation", None)):
         if identity.get(key) == default:
             del identity[key]
     return identity
@@ -124,9 +127,15 @@ def build_run(job: JobConfig, *, broker_url: str, secret: bytes, signing_key: by
     with removed_if_refused(run_dir, resume=resume):
         run = open_job(run_dir, job_identity(job, ids), resume=resume, run=run_id or new_run_id())
         strategy = task.wrap_strategy(strategy if strategy is not None else build_strategy(job, model.initial_state()))
-        coord = Coordinator(broker_url=broker_url, secret=secret, roster=ids, strategy=strategy, package=blob,
-                            evaluate=task.evaluate, run_dir=run_dir, config=engine_config(job, run),
-                            signing_key=signing_key, username=username, password=password, ca_certs=ca_certs,
-                            resume=resume, on_round=on_round)
+        engine = Coordinator
+        if job.aggregation is not None and job.aggregation.get("mode") == "async":
+            from fedfleet.coordinator.engine.buffered import BufferedCoordinator, check_async_strategy
+
+            check_async_strategy(strategy)
+            engine = functools.partial(BufferedCoordinator, aggregation=job.aggregation)
+        coord = engine(broker_url=broker_url, secret=secret, roster=ids, strategy=strategy, package=blob,
+                       evaluate=task.evaluate, run_dir=run_dir, config=engine_config(job, run),
+                       signing_key=signing_key, username=username, password=password, ca_certs=ca_certs,
+                       resume=resume, on_round=on_round)
     return Run(job, task, blob, model, strategy, coord, ids, run_dir, run)
 

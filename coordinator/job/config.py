@@ -39,6 +39,14 @@ A job file is TOML; every key is optional:
     name = "fedzip"          # default: the method's (fedavg: z = 0.03, k = 3, e4, error feedback; others none)
     z = 0.03
 
+    [aggregation]            # how results become new models (coordinator/engine/buffered.py, docs/async.md)
+    mode = "sync"            # "sync": rounds with a deadline and quorum; "async": buffered asynchronous (FedBuff)
+    concurrency = 20         # async: tasks in flight at most
+    buffer = 10              # async: results aggregated into each new model version
+    max_staleness = 10       # async: a result trained from a version older than this many versions is refused
+    staleness = "sqrt"       # async: a result's update is scaled by 1/sqrt(1+s) ("sqrt"), 1/(1+s) ("inverse")
+                             # or 1 ("constant"), s = versions published since its task's version
+
     [continual]              # a continual job: a task schedule (coordinator/tasks/schedule.py); the job runs the
                              # sum of the tasks' rounds, so [job] rounds is not set
 """
@@ -93,13 +101,45 @@ class JobConfig:
     data: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
     base_dir: str = ""  # the folder of the job file ("" : the working directory)
+    aggregation: dict[str, Any] | None = None  # a checked [aggregation] table (check_aggregation); None: synchronous
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 __all__ = ["CUSTOM_TASK", "DIFFUSION_TASK", "TASKS", "UPLINK_PRESETS", "DOWNLINK_PRESETS", "JobConfig", "apply", "load",
-           "check_task", "check_codec", "uplink_preset", "read_toml", "apply_continual"]
+           "check_task", "check_codec", "uplink_preset", "read_toml", "apply_continual", "check_aggregation",
+           "AGGREGATION_DEFAULTS", "STALENESS_WEIGHTS"]
+
+# [aggregation]: the synchronous default and the asynchronous (FedBuff) settings; see docs/async.md
+STALENESS_WEIGHTS = ("sqrt", "inverse", "constant")
+AGGREGATION_DEFAULTS: dict[str, Any] = {"mode": "sync", "concurrency": 20, "buffer": 10, "max_staleness": 10,
+                                        "staleness": "sqrt"}
+_AGGREGATION_CHECKS: dict[str, tuple[Any, str]] = {
+    "mode": (lambda v: v in ("sync", "async"), "'sync' or 'async'"),
+    "concurrency": (lambda v: type(v) is int and 1 <= v <= 100_000, "an integer from 1 to 100000"),
+    "buffer": (lambda v: type(v) is int and 1 <= v <= 100_000, "an integer from 1 to 100000"),
+    "max_staleness": (lambda v: type(v) is int and 0 <= v <= 1000, "an integer from 0 to 1000"),
+    "staleness": (lambda v: v in STALENESS_WEIGHTS, "'sqrt', 'inverse' or 'constant'"),
+}
+
+
+def check_aggregation(raw: Any, source: str) -> dict[str, Any]:
+    """An [aggregation] table, checked field by field over AGGREGATION_DEFAULTS; unknown keys are errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: 'aggregation' must be a table ([aggregation])")
+    out = dict(AGGREGATION_DEFAULTS)
+    for key, value in raw.items():
+        if key not in _AGGREGATION_CHECKS:
+            raise ConfigError(f"{source}: unknown field 'aggregation.{key}'; known: {', '.join(_AGGREGATION_CHECKS)}")
+        ok, hint = _AGGREGATION_CHECKS[key]
+        if isinstance(value, bool) or not ok(value):
+            raise ConfigError(f"{source}: field 'aggregation.{key}' must be {hint}, got {value!r}")
+        out[key] = value
+    if out["buffer"] > out["concurrency"]:
+        raise ConfigError(f"{source}: field 'aggregation.buffer' ({out['buffer']}) cannot exceed "
+                          f"'aggregation.concurrency' ({out['concurrency']}): a version would never fill")
+    return out
 
 DIFFUSION_EVAL_EVERY = 5
 
@@ -257,10 +297,10 @@ def load(path: str | Path, cfg: JobConfig | None = None) -> JobConfig:
     cfg = cfg or JobConfig()
     p = Path(path)
     data = read_toml(p)
-    unknown = set(data) - {"job", "method", "uplink", "continual", *CUSTOM_SECTIONS}
+    unknown = set(data) - {"job", "method", "uplink", "continual", "aggregation", *CUSTOM_SECTIONS}
     if unknown:
         raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; use [job], [method], [uplink], [continual], "
-                          "[model], [data], [eval]")
+                          "[aggregation], [model], [data], [eval]")
     for section in ("job", "method", "uplink", *CUSTOM_SECTIONS):
         if section in data and not isinstance(data[section], dict):
             raise ConfigError(f"{p}: '{section}' must be a table ([{section}])")
@@ -274,6 +314,9 @@ def load(path: str | Path, cfg: JobConfig | None = None) -> JobConfig:
         cfg.uplink = check_codec(data["uplink"], f"{p}: [uplink]")
     if "continual" in data:
         apply_continual(cfg, data["continual"], str(p), rounds_set="rounds" in data.get("job", {}))
+    if "aggregation" in data:
+        table = check_aggregation(data["aggregation"], str(p))
+        cfg.aggregation = table if table["mode"] == "async" else None
     if any(section in data for section in CUSTOM_SECTIONS):
         if "task" not in data.get("job", {}):
             cfg.task = CUSTOM_TASK  # [model] / [data] / [eval] make a custom task

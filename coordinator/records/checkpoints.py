@@ -111,8 +111,10 @@ def _downlink(where: str, downlink: Any, round: int, global_state: Mapping[str, 
     if not isinstance(downlink, dict):
         raise _fail(where, "downlink", f"is a {type(downlink).__name__}, not the downlink's reconstruction")
     version = downlink.get("version")
-    if not _is_int(version) or not 0 <= version <= round:
-        raise _fail(where, "downlink.version", f"= {version!r} is not a version between 0 and the round ({round})")
+    # the asynchronous engine advances the downlink once before its first version, so it may be one ahead
+    if not _is_int(version) or not 0 <= version <= round + 1:
+        raise _fail(where, "downlink.version", f"= {version!r} is not a version between 0 and the round + 1 "
+                                               f"({round + 1})")
     like = {k: v.detach().float() for k, v in global_state.items()}
     _tensors(where, "downlink.state", downlink.get("state"), like)
 

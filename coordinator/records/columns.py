@@ -57,6 +57,10 @@ COLUMNS: dict[str, dict[str, str]] = {
         "ts": _TS,
         "energy_meter": "What the energy is: `model` (modelled from the agent's firmware profile's power figures) "
                         "or the hardware meter that measured it (`rapl`, `jetson`, `rpi5`); NULL: not reported.",
+        "version": "Asynchronous mode: the global model version the result was trained from (NULL in synchronous "
+                   "rounds).",
+        "staleness": "Asynchronous mode: versions published between that version and the result's arrival (NULL in "
+                     "synchronous rounds).",
     },
     "rounds": {
         "run": _RUN,

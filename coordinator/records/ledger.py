@@ -88,11 +88,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 """
 # columns added after the first release: a ledger written before them gains them on open
 _ADDED_COLUMNS = {"rounds": (("accuracy_min", "REAL"), ("nodes", "INTEGER NOT NULL DEFAULT 0")),
-                  "agent_rounds": (("energy_meter", "TEXT"),)}
+                  # asynchronous mode (coordinator/engine/buffered.py): the model version a result was trained
+                  # from and its staleness (versions published since); NULL in synchronous rounds
+                  "agent_rounds": (("energy_meter", "TEXT"), ("version", "INTEGER"), ("staleness", "INTEGER"))}
 
 AGENT_FIELDS = (
     "status", "bytes_up", "bytes_down", "learn_s", "samples", "queries", "energy_compute_j",
-    "energy_radio_j", "energy_idle_j", "profile", "codec", "detail", "energy_meter",
+    "energy_radio_j", "energy_idle_j", "profile", "codec", "detail", "energy_meter", "version", "staleness",
 )
 
 

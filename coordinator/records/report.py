@@ -9,7 +9,9 @@
 - `profiles.png`: per-profile energy split and traffic per agent-round;
 - `stragglers.png`: outcomes per round (ok, late, dropped, rejected) and learn time per profile;
 - `continual.png` (continual jobs): the accuracy matrix as a heat map and FOT's basis fill
-  (`fedfleet.coordinator.records.report_continual`).
+  (`fedfleet.coordinator.records.report_continual`);
+- `async.png` (asynchronous runs): accuracy against wall time and the staleness per version, with versions per
+  minute (`fedfleet.coordinator.records.report_async`).
 `main(argv)` is the `fedfleet report RUN_DIR` command.
 """
 
@@ -193,12 +195,16 @@ def render(run_dir: str | Path, *, out_dir: str | Path | None = None, run: str |
         "stragglers": plot_stragglers(data, out / "stragglers.png"),
     }
     page = out / "report.html"
+    from fedfleet.coordinator.records import (
+        report_async,  # versions per minute, staleness, accuracy vs wall time
+    )
     from fedfleet.coordinator.records.report_books import section as books
     from fedfleet.coordinator.records.report_continual import (
         section,  # a continual job's ACC, FGT and accuracy matrix
     )
 
     extra = section(Path(run_dir) / "ledger.sqlite", data.run, out)
+    extra += report_async.section(Path(run_dir) / "ledger.sqlite", data.run, out)
     body = _html(data, images, books(Path(run_dir), data.run))
     page.write_text(body.replace("</body></html>", f"{extra}\n</body></html>"), encoding="utf-8")
     return page

@@ -9,6 +9,7 @@ the file and the field.
     [method]                   # strategy config, as in a job file
     [uplink]                   # uplink codec, as in a job file
     [continual]                # optional: a task schedule, as in a job file (coordinator/tasks/schedule.py)
+    [aggregation]              # optional: mode = "async" and its settings, as in a job file (docs/async.md)
     [calibration]              # optional: the calibration workload's time on a Pi 4B (python -m fedfleet.tools.emulate.calibrate)
     reference_s = 0.144
     source = "measured: ..."
@@ -42,6 +43,7 @@ from fedfleet.coordinator.job.config import (
     JobConfig,
     apply,
     apply_continual,
+    check_aggregation,
     check_codec,
     read_toml,
 )
@@ -195,7 +197,7 @@ def _group(raw: Any, i: int, source: str, method: str) -> Group:
 
 
 def parse(data: dict[str, Any], source: str) -> FleetConfig:
-    known = {"job", "method", "uplink", "calibration", "emulator", "group", "continual"}
+    known = {"job", "method", "uplink", "calibration", "emulator", "group", "continual", "aggregation"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; use {', '.join(sorted(known))}")
@@ -214,6 +216,9 @@ def parse(data: dict[str, Any], source: str) -> FleetConfig:
         job.uplink = check_codec(data["uplink"], f"{source}: [uplink]")
     if "continual" in data:
         apply_continual(job, data["continual"], source, rounds_set="rounds" in job_values)
+    if "aggregation" in data:
+        table = check_aggregation(data["aggregation"], source)
+        job.aggregation = table if table["mode"] == "async" else None
     raw_groups = data.get("group")
     if not isinstance(raw_groups, list) or not raw_groups:
         raise _err(source, "group", "must list at least one [[group]] of agents")
