@@ -3,6 +3,7 @@ F* in closed form, FedZO against FZooS variants at the same rounds (see `fedflee
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -39,7 +40,7 @@ QUAD_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def quadratic_run(method: str, *, d: int, agents: int, div: float, rounds: int, seed: int,
-                  overrides: dict[str, Any] | None = None) -> Trace:
+                  overrides: dict[str, Any] | None = None, stop_at: float | None = None) -> Trace:
     """One federated run on the FZooS quadratic; score = F(x_r) − F*."""
     c1, c2 = quadratic_coeffs(d, agents, div, seed)
     big = global_quadratic(c1, c2, np.ones(agents))
@@ -66,13 +67,15 @@ def quadratic_run(method: str, *, d: int, agents: int, div: float, rounds: int, 
             x = s.state["x"].double()
             return _cos(surrogate_grad(x, s.nu_bar, omega, b).numpy(), big.grad(x.numpy()))
 
-    return run(strategy, learners, {a: EMPTY for a in names}, rounds, score=gap, extra=extra)
+    return run(strategy, learners, {a: EMPTY for a in names}, rounds, score=gap, extra=extra, stop_at=stop_at)
 
 
 def _quad_job(job: tuple[str, str, dict[str, Any], dict[str, Any]]) -> tuple[str, Trace, float]:
     name, method, overrides, kw = job
     t0 = time.perf_counter()
-    trace = quadratic_run(method, overrides=overrides, **kw)
+    trace = quadratic_run(method, overrides=overrides, stop_at=min(TARGETS), **kw)
+    print(f"quadratic {name}: gap {trace.score[-1]:.3g} after {len(trace.queries) - 1} rounds, "
+          f"{trace.queries[-1]} queries, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return name, trace, time.perf_counter() - t0
 
 
