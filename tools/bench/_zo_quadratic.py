@@ -70,10 +70,10 @@ def quadratic_run(method: str, *, d: int, agents: int, div: float, rounds: int, 
     return run(strategy, learners, {a: EMPTY for a in names}, rounds, score=gap, extra=extra, stop_at=stop_at)
 
 
-def _quad_job(job: tuple[str, str, dict[str, Any], dict[str, Any]]) -> tuple[str, Trace, float]:
-    name, method, overrides, kw = job
+def _quad_job(job: tuple[str, str, dict[str, Any], dict[str, Any], float | None]) -> tuple[str, Trace, float]:
+    name, method, overrides, kw, stop_at = job
     t0 = time.perf_counter()
-    trace = quadratic_run(method, overrides=overrides, stop_at=min(TARGETS), **kw)
+    trace = quadratic_run(method, overrides=overrides, stop_at=stop_at, **kw)
     print(f"quadratic {name}: gap {trace.score[-1]:.3g} after {len(trace.queries) - 1} rounds, "
           f"{trace.queries[-1]} queries, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return name, trace, time.perf_counter() - t0
@@ -122,8 +122,8 @@ def bench_quadratic(*, d: int, agents: int, div: float, rounds: int, seed: int,
     names = variants or [n for pair in PAIRS.values() for n in pair]
     work = [(n, QUAD_VARIANTS[n][0], {**QUAD_VARIANTS[n][1],
                                       **((fzoos_overrides or {}) if QUAD_VARIANTS[n][0] == "fzoos" else {})},
-             kw) for n in names]
-    for _, _, cfg, _ in work:  # at most d orthonormal directions (only the tiny smoke run has d < 20)
+             kw, target) for n in names]
+    for _, _, cfg, _, _ in work:  # at most d orthonormal directions (only the tiny smoke run has d < 20)
         if cfg.get("basis") == "orthonormal":
             cfg["directions"] = min(int(cfg["directions"]), d)
     done = _pool_map(_quad_job, work, jobs)
