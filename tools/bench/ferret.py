@@ -28,7 +28,6 @@ the default here because of the run count; "mosquitto" for MQTT); the JSON says 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.output import emit
 
 KEYS = ("k", "rounds", "acc_gap_r20", "acc_gap_r40", "fedzo_gap_at_bytes", "uplink_ratio", "seeds", "broker",
@@ -244,17 +244,17 @@ def run(*, rounds: int, agents: int, seeds: int, broker: str, ks: tuple[int, ...
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench ferret", description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--agents", type=int, default=20)
-    p.add_argument("--broker", default="memory")
+    p = ArgParser(prog="fedfleet bench ferret", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=40, help="rounds per run (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds (default %(default)s)")
+    p.add_argument("--agents", type=int, default=20, help="agents per run (default %(default)s)")
+    p.add_argument("--broker", default="memory", help="broker for the runs: memory (in-process, no sockets), mosquitto, embedded or mqtt://host:port (default %(default)s)")
     p.add_argument("--no-mnist", action="store_true", help="skip the MNIST 784-128-10 d/K arm")
     p.add_argument("--jobs", type=int, default=1, help="run the seeds and the MNIST arm in this many processes")
     p.add_argument("--memory", action="store_true", help="add a Ferret agent's peak memory on mnist-mlp (K = 64)")
     p.add_argument("--quick", action="store_true", help="2 rounds, 4 agents, 1 seed, K in {16, 64}, a 2-round MNIST arm")
-    p.add_argument("--json")
-    p.add_argument("--plot")
+    p.add_argument("--json", help="also write the result JSON to this file")
+    p.add_argument("--plot", help="also draw the result as a PNG to this file")
     args = p.parse_args(argv)
     from fedfleet.coordinator.job.run import small_model_threads
 

@@ -31,7 +31,6 @@ values, the mean matrices, per-agent upload of ordinary and task-end rounds and 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import numpy as np
 from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.tasks.continual import acc_fgt
 from fedfleet.coordinator.tasks.schedule import Schedule, permuted_digits, split_digits
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.output import emit
 
 KEYS = ("dataset", "seeds", "broker", "tasks", "rounds_per_task", "fedavg_acc", "fedavg_fgt", "fot_acc", "fot_fgt", "basis_fill")
@@ -191,19 +191,19 @@ def plot(perm: dict[str, Any], split: dict[str, Any] | None, path: str, title: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench fot", description=__doc__.splitlines()[0])
+    p = ArgParser(prog="fedfleet bench fot", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny: 2 tasks x 3 rounds, 4 agents, 1 seed, both arms")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--tasks", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=3, help="seeds (default %(default)s)")
+    p.add_argument("--tasks", type=int, default=5, help="continual tasks (default %(default)s)")
     p.add_argument("--rounds-per-task", type=int, default=0, help="override every arm's rounds per task")
-    p.add_argument("--agents", type=int, default=20)
-    p.add_argument("--per-round", type=int, default=10)
+    p.add_argument("--agents", type=int, default=20, help="agents per run (default %(default)s)")
+    p.add_argument("--per-round", type=int, default=10, help="agents asked per round (default %(default)s)")
     p.add_argument("--arms", default="mnist,digits", help="comma-separated: mnist (the headline) and/or digits")
     p.add_argument("--split", action="store_true", help="add the split-digits variant")
     p.add_argument("--diagnostics", action="store_true", help="add the diagnostic FOT variants on digits")
-    p.add_argument("--broker", default="mosquitto")
-    p.add_argument("--json")
-    p.add_argument("--plot")
+    p.add_argument("--broker", default="mosquitto", help="broker for the runs: memory (in-process, no sockets), mosquitto, embedded or mqtt://host:port (default %(default)s)")
+    p.add_argument("--json", help="also write the result JSON to this file")
+    p.add_argument("--plot", help="also draw the result as a PNG to this file")
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or any(a not in ARMS for a in arms):

@@ -30,7 +30,6 @@ count; "mosquitto" for MQTT); the JSON says which.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from fedfleet.coordinator.strategies import create as create_strategy
 from fedfleet.coordinator.strategies._config import carried_defaults
 from fedfleet.coordinator.strategies.base import Strategy
 from fedfleet.coordinator.strategies.ggeur import GGEURStrategy
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.wire import protocol, signing
 from fedfleet.models import data as datasets
@@ -221,7 +221,7 @@ def mnist_pca(*, seeds: int, betas: list[float], heads: list[str], agents: int, 
     return cells
 
 
-def digits_backbone(args: argparse.Namespace) -> dict[str, Any]:
+def digits_backbone(args: Any) -> dict[str, Any]:
     """The earlier experiment on the int8 digits backbone (see the module docstring)."""
     from fedfleet.coordinator.broker import start_broker
 
@@ -269,18 +269,18 @@ def digits_backbone(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedfleet bench ggeur", description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--digits-seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--agents", type=int, default=10)
-    parser.add_argument("--betas", default="0.05,0.1")
-    parser.add_argument("--heads", default="linear,mlp")
-    parser.add_argument("--broker", default="memory")
+    parser = ArgParser(prog="fedfleet bench ggeur", description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds (default %(default)s)")
+    parser.add_argument("--digits-seeds", type=int, default=3, help="seeds of the digits backbone arm (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds per run (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=5, help="local epochs per round (default %(default)s)")
+    parser.add_argument("--agents", type=int, default=10, help="agents per run (default %(default)s)")
+    parser.add_argument("--betas", default="0.05,0.1", help="comma-separated Dirichlet betas of the MNIST arm (default %(default)s)")
+    parser.add_argument("--heads", default="linear,mlp", help="comma-separated heads of the MNIST arm: linear, mlp (default %(default)s)")
+    parser.add_argument("--broker", default="memory", help="broker for the runs: memory (in-process, no sockets), mosquitto, embedded or mqtt://host:port (default %(default)s)")
     parser.add_argument("--no-digits", action="store_true", help="skip the digits backbone arm")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 1 epoch, beta 0.05, linear (a smoke run)")
-    parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--json", dest="json_path", help="also write the result JSON to this file")
     args = parser.parse_args(argv)
     betas = [float(b) for b in args.betas.split(",")]
     heads = [h.strip() for h in args.heads.split(",")]

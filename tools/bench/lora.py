@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from fedfleet.tools.bench.output import emit
+from fedfleet.edge_agent.cli_run import ArgParser
+from fedfleet.tools.bench.output import emit, progress
 
 KEYS = ("seeds", "gain_points", "gain_ci95", "cos_round1_fedit", "broker", "fedit_accuracy", "flora_accuracy",
         "lora_fair_accuracy", "epochs", "untestable")
@@ -173,17 +174,17 @@ def summarise(per_seed: dict[str, list[dict[str, Any]]], epochs: int, pilot_cos:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet bench lora", description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--agents", type=int, default=30)
-    ap.add_argument("--per-round", type=int, default=18)
+    ap = ArgParser(prog="fedfleet bench lora", description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=10, help="seeds (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds per run (default %(default)s)")
+    ap.add_argument("--agents", type=int, default=30, help="agents per run (default %(default)s)")
+    ap.add_argument("--per-round", type=int, default=18, help="agents asked per round (default %(default)s)")
     ap.add_argument("--epochs", type=int, default=0, help="local epochs (0: the pilot picks them)")
     ap.add_argument("--broker", default="memory", help="memory (default), mosquitto, embedded, or mqtt://host:port")
     ap.add_argument("--digits", action="store_true", help="also the earlier digits setting (r = 4, 6 agents, 3 seeds)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 6 agents, 2 epochs, no pilot (smoke test)")
     ap.add_argument("--partial", help="rewrite this JSON with the seeds done so far after each seed")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="also write the result JSON to this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.rounds, args.agents, args.per_round, args.epochs = 1, 2, 6, 4, 2
@@ -202,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                             per_round=args.per_round, rank=RANK, alpha=0.5)
                 per_seed[method].append(r)
                 broker = r["broker"]
-                print(f"seed {seed} {method}: accuracy {r['accuracy']:.4f} ({r['wall_s']:.0f} s)", file=sys.stderr,
-                      flush=True)
+                progress("lora", f"seed {seed} {method}: accuracy {r['accuracy']:.4f} ({r['wall_s']:.0f} s)")
             if args.partial:
                 Path(args.partial).write_text(json.dumps(summarise(per_seed, epochs, pilot_cos, broker), indent=2))
         result = summarise(per_seed, epochs, pilot_cos, broker)
