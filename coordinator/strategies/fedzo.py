@@ -1,7 +1,8 @@
 """FedZO's coordinator side: send the global ZO tensors, add the sample-weighted mean of the agents' deltas.
 
 Config (all optional): objective ("macro_f1" | "quadratic"), zo_tensors (names of the tensors to tune;
-default every state tensor), zo_path ("numpy" | "runtime"), local_steps, lr, mu, directions, server_lr
+default every state tensor), zo_path ("numpy" | "runtime"), local_steps, lr, mu, directions, optimizer ("sgd" |
+"adam"), basis ("sphere" | "orthonormal"), scale ("d" | "one": the FZooS reference's 1/mu FedZO), server_lr
 (η_g, 1.0), seed, and agent_config {agent id: {extra task config}} (e.g. each agent's quadratic c1, c2).
 The coordinator never evaluates the objective: there is no accept/reject oracle.
 """
@@ -25,7 +26,7 @@ from fedfleet.coordinator.strategies.base import (
     to_numpy,
 )
 
-LEARNER_KEYS = ("objective", "zo_path", "local_steps", "lr", "mu", "directions")
+LEARNER_KEYS = ("objective", "zo_path", "local_steps", "lr", "mu", "directions", "optimizer", "basis", "scale")
 
 # the zeroth-order methods tune the head's last layer (330 numbers) against 1 - macro-F1 on each shard, each
 # query one call of the head graph (head tensors as graph inputs) in the agent's runtime on the int8
@@ -44,6 +45,9 @@ class Config:
     mu: float = 3.0  # smoothing radius of the two-point estimates
     directions: int = 20  # random directions per estimate
     local_steps: int = 10  # local ZO steps per round
+    optimizer: Literal["sgd", "adam"] = "sgd"  # the local update (adam: fresh each round; the FZooS reference's)
+    basis: Literal["sphere", "orthonormal"] = "sphere"  # directions uniform on the sphere, or orthonormal
+    scale: Literal["d", "one"] = "d"  # d/mu (the spec's estimator) or 1/mu (the FZooS reference's FedZO)
     server_lr: float = own(1.0)  # eta_g: scale of the averaged delta
     agent_config: dict[str, dict[str, Any]] = own(factory=dict)  # {agent id: extra task config}
 

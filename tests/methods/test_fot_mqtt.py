@@ -175,10 +175,12 @@ def test_emulate_runs_the_shipped_continual_fleet(tmp_path):
 
 def test_bench_fot_smoke(tmp_path, capsys):
     out = tmp_path / "fot.json"
-    assert bench_fot.main(["--quick", "--no-split", "--json", str(out), "--plot", str(tmp_path / "fot.png")]) == 0
+    assert bench_fot.main(["--quick", "--json", str(out), "--plot", str(tmp_path / "fot.png")]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"tasks", "rounds_per_task", "fedavg_acc", "fedavg_fgt", "fot_acc", "fot_fgt", "basis_fill"}
-    assert result["tasks"] == 2 and result["rounds_per_task"] == 3
+    assert set(result) == {"dataset", "seeds", "broker", "tasks", "rounds_per_task", "fedavg_acc", "fedavg_fgt",
+                           "fot_acc", "fot_fgt", "basis_fill"}
+    assert result["tasks"] == 2 and result["rounds_per_task"] == 3 and result["seeds"] == 1
+    assert result["dataset"].startswith("permuted mnist (784 px)") and result["broker"] == "mosquitto"
     assert set(result["basis_fill"]) == {"fc0.weight", "fc1.weight", "fc2.weight"}
     assert all(len(v) == 2 and 0 < v[0] < v[1] <= 1 for v in result["basis_fill"].values())
     assert 0 < result["fot_acc"] <= 100 and 0 < result["fedavg_acc"] <= 100

@@ -163,15 +163,17 @@ def test_bench_ggeur_smoke(tmp_path, capsys):
     from fedfleet.tools.bench.output import details
 
     out = tmp_path / "ggeur.json"
-    assert bench_ggeur.main(["--quick", "--agents", "4", "--json", str(out)]) == 0
+    assert bench_ggeur.main(["--quick", "--agents", "4", "--broker", "mosquitto", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"beta", "plain_accuracy", "ggeur_accuracy", "gain_points", "stats_bytes_up", "seeds"}
+    assert set(result) == set(bench_ggeur.KEYS)
     captured = capsys.readouterr()
     assert json.loads(captured.out) == result
-    assert result["seeds"] == 1 and result["beta"] == 0.05
-    assert abs(result["gain_points"] - 100 * (result["ggeur_accuracy"] - result["plain_accuracy"])) < 0.02
-    assert result["stats_bytes_up"] > 4 * 2145 * 4  # at least one class's n, mean and triangle per agent
-    more = details(captured.err)
-    assert set(more["no_guarantee"]) == {"plain_accuracy", "ggeur_accuracy", "gain_points", "stats_bytes_up"}
-    assert len(more["domain_toy"]["ggeur_per_domain"]) == 4
-    assert all(run["ggeur"]["not_ok"] == 0 for run in more["per_seed"]["guarantee"])
+    assert result["seeds"] == 1 and result["beta"] == 0.05 and result["broker"] == "mosquitto"
+    assert set(result["cells"]) == {"beta0.05/linear/guarantee", "beta0.05/linear/no_guarantee"}
+    c = result["cells"]["beta0.05/linear/guarantee"]
+    assert abs(result["gain_points_sync"] - 100 * (c["sync_ggeur"] - c["sync_plain"])) < 0.02
+    assert abs(result["gain_points_unsync"] - 100 * (c["unsync_ggeur"] - c["unsync_plain"])) < 0.02
+    assert all(0 < c[k] <= 1 for k in ("sync_plain", "sync_ggeur", "unsync_plain", "unsync_ggeur", "central"))
+    more = details(captured.err)["digits_backbone"]
+    assert more["guarantee"]["stats_bytes_up"] > 4 * 2145 * 4  # at least one class's n, mean and triangle per agent
+    assert len(more["domain_toy"]["ggeur_per_domain"]) == 4 and more["not_ok"] == 0

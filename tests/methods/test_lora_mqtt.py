@@ -15,6 +15,7 @@ import pytest
 from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.job.run import build, run_demo, shards
 from fedfleet.tools.bench import lora as bench_lora
+from fedfleet.tools.bench.output import details
 from tests.methods.test_lora import altered_base
 from tests.support.fleet import package, start_fleet
 from tests.system.test_round_mqtt import Rogue, rows
@@ -111,10 +112,15 @@ def test_demo_runs_the_lora_methods_on_the_embedded_broker_and_learns(tmp_path, 
 
 def test_bench_lora_smoke(tmp_path, capsys):
     out = tmp_path / "lora.json"
-    assert bench_lora.main(["--quick", "--agents", "3", "--json", str(out)]) == 0
+    assert bench_lora.main(["--quick", "--broker", "mosquitto", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result) == set(bench_lora.KEYS)
-    assert result["seeds"] == 1 and 0 < result["fedit_accuracy"] <= 1
-    assert result["synthetic_cos_fair"] >= 0.99 > result["synthetic_cos_fedit"]
-    assert result["gain_points"] == pytest.approx(100 * (result["lora_fair_accuracy"] - result["fedit_accuracy"]))
-    assert json.loads(capsys.readouterr().out) == result
+    assert result["seeds"] == 1 and 0 < result["fedit_accuracy"] <= 1 and result["broker"] == "mosquitto"
+    assert result["gain_points"] == pytest.approx(100 * (result["lora_fair_accuracy"] - result["fedit_accuracy"]),
+                                                  abs=1e-3)
+    assert result["gain_ci95"] is None and 0 < result["cos_round1_fedit"] <= 1 and result["epochs"] == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == result
+    more = details(captured.err)
+    assert more["synthetic_cos_fair"] >= 0.99 > more["synthetic_cos_fedit"]
+    assert more["setup"]["rank"] == 16 and len(more["cos_fedit_trace"]) == 2

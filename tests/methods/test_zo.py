@@ -12,6 +12,7 @@ import torch
 
 from fedfleet.coordinator.strategies import create as create_strategy
 from fedfleet.coordinator.strategies._zo_rff import rff_tensors, surrogate_grad
+from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners import create as create_learner
 from fedfleet.edge_agent.learners.base import LocalData, Task
 from fedfleet.edge_agent.zo import gp, rff
@@ -232,13 +233,12 @@ def test_bench_quick(tmp_path) -> None:
     out = tmp_path / "zo.json"
     assert main(["--quick", "--json", str(out), "--plot", str(tmp_path / "zo.png")]) == 0
     data = json.loads(out.read_text())
-    assert set(data) == {"quadratic", "digits_f1"}
+    assert set(data) == {"broker", "quadratic", "digits_f1"}
     q = data["quadratic"]
-    for key in ("d", "agents", "queries_fedzo", "queries_fzoos", "gap_fedzo", "gap_fzoos", "query_ratio",
-                "surrogate_cosine"):
-        assert key in q
-    assert set(q) == {"d", "agents", "queries_fedzo", "queries_fzoos", "gap_fedzo", "gap_fzoos", "query_ratio",
-                      "surrogate_cosine"}
+    assert set(q) == {"d", "agents", "rounds", "target_gap", "query_ratio_adam", "query_ratio_adam_is_lower_bound",
+                      "query_ratio_gd", "query_ratio_gd_is_lower_bound", "queries_to_target_adam",
+                      "queries_to_target_gd", "surrogate_cosine"}
+    assert q["d"] == 8 and q["rounds"] == 2 and set(q["queries_to_target_adam"]) == {"fedzo", "fzoos"}
     assert set(data["digits_f1"]) == {"fedzo_f1", "fzoos_f1", "queries"}
     assert (tmp_path / "zo.png").stat().st_size > 0
 
@@ -278,3 +278,24 @@ def test_lengthscale_fit_finds_the_likelihood_maximum_with_two_restarts() -> Non
     for seed in range(6):
         ls = gp.fit_lengthscale(x, y, restarts=2, rng=np.random.default_rng(seed))
         assert gp._profile_lml(d2, ys, "matern52", ls, 1e-6) >= best - 1e-3
+
+
+def test_fedzo_reference_options() -> None:
+    """The FZooS reference's FedZO: orthonormal directions, the 1/mu estimate and a fresh Adam each round."""
+    from fedfleet.edge_agent.learners.fedzo import orthonormal
+
+    v = orthonormal(np.random.default_rng(0), 5, 9)
+    np.testing.assert_allclose(v @ v.T, np.eye(5), atol=1e-12)
+    cfg = {**quadratic_configs(8, 2, 0.5, seed=1)[0], "local_steps": 4, "directions": 5, "seed": 3, "lr": 0.01,
+           "mu": 0.01, "optimizer": "adam", "basis": "orthonormal", "scale": "one"}
+    res = create_learner("fedzo").learn(Task("t", 1, "fedzo", cfg, {"x": np.full(8, 0.9, np.float32)}), EMPTY, None)
+    assert res.metrics["queries"] == 4 * (1 + 5)
+    assert res.metrics["objective_last"] < res.metrics["objective_first"]
+    # Adam's first step moves every coordinate the estimate touches by lr (its sign-like first step)
+    one = create_learner("fedzo").learn(Task("t", 1, "fedzo", {**cfg, "local_steps": 1},
+                                             {"x": np.full(8, 0.9, np.float32)}), EMPTY, None)
+    step = np.abs(one.tensors["x"])
+    assert np.all(step <= 0.01 + 1e-6) and step.max() > 0.0099
+    with pytest.raises(ConfigError):
+        create_learner("fedzo").learn(Task("t", 1, "fedzo", {**cfg, "directions": 9}, {"x": np.zeros(8, np.float32)}),
+                                      EMPTY, None)

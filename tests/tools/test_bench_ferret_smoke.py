@@ -12,18 +12,22 @@ from fedfleet.tools.bench.output import details
 
 def test_bench_ferret_smoke(tmp_path, capsys):
     out = tmp_path / "ferret.json"
-    assert bench_ferret.main(["--quick", "--json", str(out)]) == 0
+    assert bench_ferret.main(["--quick", "--broker", "mosquitto", "--json", str(out),
+                              "--plot", str(tmp_path / "ferret.png")]) == 0
     result = json.loads(out.read_text())
     assert set(result) == set(bench_ferret.KEYS)
-    assert result["d"] == 101_770 and result["rounds"] == 2 and result["k"] == 32
-    # pairs up and coefficients down against dense float32 both ways, at the MQTT layer
-    assert result["uplink_ratio"] > 100 and result["downlink_ratio"] > 50, result
-    assert result["ferret_bytes_up"] < result["fedavg_bytes_up"] / 100
+    assert result["k"] == 64 and result["rounds"] == 2 and result["seeds"] == 1 and result["broker"] == "mosquitto"
+    # pairs up against dense float32 at the MQTT layer
+    assert result["uplink_ratio"] > 5, result
+    assert 0 < result["ferret_acc_r40"] <= 1 and 0 < result["fedavg_acc_r40"] <= 1
     captured = capsys.readouterr()
     assert json.loads(captured.out) == result
-    small = details(captured.err)["small_check_digits"]
-    assert {"fedavg", "fedzo", "ferret_k16"} <= set(small)
-    assert small["ferret_k16"]["bytes_up"] < small["fedavg"]["bytes_up"]
+    info = details(captured.err)
+    assert {"fedavg", "fedzo", "ferret_k16", "ferret_k64", "ferret_k64_server_lr2"} <= set(info["digits"])
+    assert info["digits"]["ferret_k16"]["bytes_up_total"] < info["digits"]["fedavg"]["bytes_up_total"]
+    assert info["mnist"]["d"] == 101_770 and {"fedavg", "ferret_k64"} <= set(info["mnist"])
+    assert info["mnist"]["ferret_k64"]["bytes_up_total"] * 100 < info["mnist"]["fedavg"]["bytes_up_total"]
+    assert (tmp_path / "ferret.png").stat().st_size > 10_000
 
 
 def test_bench_frontier_smoke(tmp_path, capsys):

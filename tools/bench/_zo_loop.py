@@ -32,8 +32,9 @@ class Trace:
 
 def run(strategy: Strategy, learners: dict[str, Learner], data: dict[str, LocalData], rounds: int, *,
         model: Any = None, score: Callable[[Strategy], float] | None = None,
-        extra: Callable[[Strategy], float] | None = None, budget: int | None = None) -> Trace:
-    """Run `rounds` rounds (or until the next round would pass `budget` total queries)."""
+        extra: Callable[[Strategy], float] | None = None, budget: int | None = None,
+        stop_at: float | None = None) -> Trace:
+    """Run `rounds` rounds (or until the next round would pass `budget` total queries, or the score is <= `stop_at`)."""
     agents = sorted(learners)
     trace = Trace()
     total = 0
@@ -65,6 +66,8 @@ def run(strategy: Strategy, learners: dict[str, Learner], data: dict[str, LocalD
         if extra is not None:
             trace.extra.append(float(extra(strategy)))
         if budget is not None and total + (total / r) > budget:
+            break
+        if stop_at is not None and trace.score[-1] <= stop_at:
             break
     return trace
 

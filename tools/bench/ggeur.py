@@ -1,26 +1,31 @@
-"""Benchmark: GGEUR against plain FedAvg under extreme label skew, on the int8 backbone's embeddings.
+"""Benchmark: GGEUR against plain FedAvg of a head under extreme label skew, through the round engine.
 
-Setup (the spec's small-scale experiment, 4d): sklearn digits through the shipped int8 backbone (64-d
-embeddings), a linear 64-10 head, 10 agents, Dirichlet beta = 0.05, 30 rounds x 5 local epochs, batch 16,
-lr 0.1 for both methods (the same budget: the reference gave its two arms different ones). Plain is
-`fedavg`; GGEUR is `ggeur` with its defaults (guide 0.8, shrinkage 0.1, target = the class's global count),
-whose first round also runs the statistics exchange. Accuracy is the final global head's on the held-out
-20% split, averaged over `--seeds` seeds (the partition changes with the seed). Every run goes over a real
-broker (Mosquitto by default): a coordinator and one MQTT connection per agent.
+Headline arm (decision rules fixed before the runs): an unsupervised encoder, PCA to 64 dimensions fitted on a
+stratified 20% split of the MNIST 5k file that no agent holds (`fedfleet.tools.bench._ggeur_pca`); the rest
+split 80/20 into the agents' training data and the test set; 10 agents, Dirichlet beta in {0.05, 0.1}; a
+linear 64-10 head and a one-hidden-layer 64-32-10 head; 30 rounds x 5 local epochs, batch 16, lr 0.1 for
+every arm; GGEUR with its defaults (guide 0.8, shrinkage 0.1, target = the class's global count). Four arms
+per cell: the synchronised protocol (the global head broadcast every round: plain = `fedavg`, GGEUR =
+`ggeur`) and the reference code's unsynchronised protocol (each agent's head never receives the global one;
+the heads are averaged, sample-weighted, only to evaluate), plain and GGEUR; plus the central ceiling (the
+same head trained on all the training data for the fleet's epoch budget). Every cell with the reference's
+at-least-one-sample-per-class partition and without it; 5 seeds (0..4; the partition, the encoder split and
+the initialisation change with the seed).
 
-The printed keys are for the partition with the reference's at-least-one-sample-of-every-class guarantee;
-the details line has the same numbers without it (`no_guarantee`), the per-seed numbers, the exchange's
-bytes (census and statistics up, geometry down), a centrally trained linear head with the same epoch
-budget (`central_linear_head`, a ceiling, not federated), what the fleet trains on after augmentation
-(samples per class, their max/min ratio, the share of synthetic points drawn for classes an agent holds
-3 or fewer originals of) and the 4-domain toy: the digits training split cut into 4
-disjoint parts, one agent per domain, each domain made by class-wise offsets of the pixels
-(o_{j,c} ~ N(0, 0.25^2) per pixel, domain 0 without), so the backbone's embeddings move class by class;
-plain FedAvg against GGEUR's multi-domain variant (prototypes relayed; target 200 per class, pools of 50,
-12 draws per original: the spec's Digits sizes scaled by 1/10 to the toy's 36 originals per class); the
-accuracy of the global head on each domain's test split.
+Printed keys (beta = 0.05, linear head, the per-class guarantee, means over the seeds, in points):
+gain_points_unsync (GGEUR − plain, unsynchronised), gain_points_sync (GGEUR − plain, synchronised), the same
+two without the guarantee (`*_no_guarantee`), seeds, beta, broker, and `cells`: every (beta, head, guarantee)
+cell's mean accuracies and gains. Target: gain_points_unsync >= 3.
 
-    fedfleet bench ggeur [--quick] [--seeds S] [--rounds R] [--broker mosquitto] [--json PATH]
+The digits backbone arm (the earlier experiment, kept; details "digits_backbone"): sklearn digits through
+the shipped int8 backbone, linear head, the same arms without the hidden head, 3 seeds, plus the 4-domain toy
+(class-wise pixel offsets per domain, plain FedAvg against GGEUR's multi-domain variant).
+
+Runs use `--broker` ("memory" by default: the same engine and wire bytes without sockets, because of the run
+count; "mosquitto" for MQTT); the JSON says which.
+
+    fedfleet bench ggeur [--quick] [--seeds S] [--betas 0.05,0.1] [--heads linear,mlp] [--no-digits]
+                         [--broker B] [--json PATH]
 """
 
 from __future__ import annotations
@@ -32,58 +37,27 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedfleet.coordinator.records.ledger import LedgerView
 from fedfleet.coordinator.strategies import create as create_strategy
 from fedfleet.coordinator.strategies._config import carried_defaults
-from fedfleet.coordinator.strategies.base import ClientResult, Strategy, TaskSpec, to_numpy
+from fedfleet.coordinator.strategies.base import Strategy
 from fedfleet.coordinator.strategies.ggeur import GGEURStrategy
 from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.wire import protocol, signing
 from fedfleet.models import data as datasets
 from fedfleet.models.mirrors.head import CoordinatorModel
+from fedfleet.tools.bench._ggeur_pca import Unsynchronised
 from fedfleet.tools.bench.output import emit
 
 GGEUR_DEFAULTS = carried_defaults(GGEURStrategy.Config)  # a job's ggeur [method] defaults
 BENCH_SIGNING_KEY = signing.new_signing_seed()  # the coordinator's key for this run; its agents pin it
 
-KEYS = ("beta", "plain_accuracy", "ggeur_accuracy", "gain_points", "stats_bytes_up", "seeds")
+KEYS = ("beta", "seeds", "broker", "gain_points_unsync", "gain_points_sync", "gain_points_unsync_no_guarantee",
+        "gain_points_sync_no_guarantee", "cells")
+ARMS = ("sync_plain", "sync_ggeur", "unsync_plain", "unsync_ggeur")
 TOY = {"variant": "multi_domain", "target": 200, "local_pool": 50, "proto_pool": 50, "per_sample": 12}
-
-
-class Unsynchronised(GGEURStrategy):
-    """Diagnostic only, not a method to run: the reference scripts' scheme, in which every client keeps
-    training its own head and never receives the global one; the heads are averaged (sample-weighted)
-    only to evaluate. `augment=False` skips the exchange (plain local training under the same scheme).
-    It shows how much of the published gain comes from that scheme (spec 4e, first pitfall)."""
-
-    name = "ggeur_unsynchronised"
-
-    def __init__(self, state: dict[str, Any], *, augment: bool = True, **config: Any) -> None:
-        super().__init__(state, **config)
-        self.initial = {k: v.clone() for k, v in self.state.items()}
-        self.local: dict[str, dict[str, Any]] = {}
-        self.weights: dict[str, float] = {}
-        self.exchange_done = not augment
-
-    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
-        tasks = super().configure(round, phase, agents)
-        for a, spec in tasks.items():
-            spec.config["learner"] = "ggeur"
-            if self.stage(phase) == "train":
-                spec.tensors.update(to_numpy(self.local.get(a, self.initial)))
-        return tasks
-
-    def _fedavg(self, results: list[ClientResult]) -> None:
-        for r in results:
-            own = self.local.get(r.agent, self.initial)
-            self.local[r.agent] = {k: own[k] + torch.from_numpy(r.tensors[k]) for k in own}
-            self.weights[r.agent] = float(r.samples)
-        if self.local:
-            total = sum(self.weights.values())
-            self.state = {k: sum(self.weights[a] / total * h[k] for a, h in self.local.items()) for k in self.initial}
 
 
 def package() -> tuple[bytes, CoordinatorModel]:
@@ -221,77 +195,117 @@ def domain_toy(broker_url: str, blob: bytes, cmodel: CoordinatorModel, *, seed: 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgParser(prog="fedfleet bench ggeur", description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=30, help="rounds per run (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=5, help="local epochs per round (default %(default)s)")
-    parser.add_argument("--agents", type=int, default=10, help="agents per run (default %(default)s)")
-    parser.add_argument("--beta", type=float, default=0.05, help="Dirichlet label skew of the shards (smaller: more skewed) (default %(default)s)")
-    parser.add_argument("--broker", default="mosquitto", help="broker for the runs: mosquitto (default), embedded, memory (in-process, no sockets) or mqtt://host:port")
-    parser.add_argument("--no-toy", action="store_true", help="skip the 4-domain toy")
-    parser.add_argument("--no-diagnostic", action="store_true",
-                        help="skip the reference's unsynchronised scheme (heads never broadcast)")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 1 epoch (a smoke run)")
-    parser.add_argument("--json", dest="json_path", help="also write the result JSON to this file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds, args.rounds, args.epochs = 1, 2, 1
+def mnist_pca(*, seeds: int, betas: list[float], heads: list[str], agents: int, rounds: int, epochs: int,
+              broker: str) -> dict[str, Any]:
+    from fedfleet.tools.bench._ggeur_pca import cell
+
+    cells: dict[str, Any] = {}
+    for beta in betas:
+        for head in heads:
+            for guarantee in (True, False):
+                per = []
+                for seed in range(seeds):
+                    per.append(cell(seed=seed, beta=beta, head=head, guarantee=guarantee, agents=agents,
+                                    rounds=rounds, epochs=epochs, broker=broker, ggeur_defaults=GGEUR_DEFAULTS,
+                                    arms=ARMS))
+                    print(f"pca beta {beta} {head} guarantee={guarantee} seed {seed}: {per[-1]}", file=sys.stderr,
+                          flush=True)
+                mean = {k: round(float(np.mean([p[k] for p in per])), 4) for k in per[0]}
+                gains = {f"gain_points_{proto}": round(float(np.mean(
+                    [100 * (p[f"{proto}_ggeur"] - p[f"{proto}_plain"]) for p in per])), 2) for proto in ("sync", "unsync")}
+                sd = {f"gain_points_{proto}_sd": round(float(np.std(
+                    [100 * (p[f"{proto}_ggeur"] - p[f"{proto}_plain"]) for p in per], ddof=1)), 2) if seeds > 1 else None
+                      for proto in ("sync", "unsync")}
+                cells[f"beta{beta:g}/{head}/{'guarantee' if guarantee else 'no_guarantee'}"] = {
+                    **mean, **gains, **sd, "per_seed": per}
+    return cells
+
+
+def digits_backbone(args: Any) -> dict[str, Any]:
+    """The earlier experiment on the int8 digits backbone (see the module docstring)."""
     from fedfleet.coordinator.broker import start_broker
 
-    t0 = time.perf_counter()
     blob, cmodel = package()
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.digits_seeds))
     runs: dict[str, list[dict[str, Any]]] = {"guarantee": [], "no_guarantee": []}
     toy: list[dict[str, Any]] = []
     with start_broker(args.broker) as broker:
         for seed in seeds:
             for variant, guarantee in (("guarantee", True), ("no_guarantee", False)):
                 runs[variant].append(label_skew(broker.url, blob, cmodel, seed=seed, agents=args.agents,
-                                                beta=args.beta, rounds=args.rounds, epochs=args.epochs,
-                                                guarantee=guarantee,
-                                                diagnostic=guarantee and not args.no_diagnostic))
-                print(f"seed {seed} {variant}: plain {runs[variant][-1]['fedavg']['accuracy']:.4f} "
-                      f"ggeur {runs[variant][-1]['ggeur']['accuracy']:.4f}", file=sys.stderr)
-            if not args.no_toy:
-                toy.append(domain_toy(broker.url, blob, cmodel, seed=seed, rounds=args.rounds, epochs=args.epochs))
+                                                beta=0.05, rounds=args.rounds, epochs=args.epochs,
+                                                guarantee=guarantee, diagnostic=True))
+                print(f"digits seed {seed} {variant}: plain {runs[variant][-1]['fedavg']['accuracy']:.4f} "
+                      f"ggeur {runs[variant][-1]['ggeur']['accuracy']:.4f}", file=sys.stderr, flush=True)
+            toy.append(domain_toy(broker.url, blob, cmodel, seed=seed, rounds=args.rounds, epochs=args.epochs))
 
     def summary(items: list[dict[str, Any]]) -> dict[str, Any]:
-        plain = float(np.mean([r["fedavg"]["accuracy"] for r in items]))
-        ggeur = float(np.mean([r["ggeur"]["accuracy"] for r in items]))
+        out: dict[str, Any] = {}
+        for name, key in (("sync_plain", "fedavg"), ("sync_ggeur", "ggeur"), ("unsync_plain", "unsynchronised_plain"),
+                          ("unsync_ggeur", "unsynchronised_ggeur")):
+            out[name] = round(float(np.mean([r[key]["accuracy"] for r in items])), 4)
+        for proto in ("sync", "unsync"):
+            out[f"gain_points_{proto}"] = round(100 * (out[f"{proto}_ggeur"] - out[f"{proto}_plain"]), 2)
         stats = [r["ggeur"]["bytes"].get("census", {}).get("up", 0) + r["ggeur"]["bytes"].get("stats", {}).get("up", 0)
                  for r in items]
-        return {"plain_accuracy": round(plain, 4), "ggeur_accuracy": round(ggeur, 4),
-                "gain_points": round(100 * (ggeur - plain), 2), "stats_bytes_up": int(np.mean(stats))}
+        out["stats_bytes_up"] = int(np.mean(stats))
+        return out
 
-    result: dict[str, Any] = {"beta": args.beta, **summary(runs["guarantee"]), "seeds": len(seeds)}
     central = [central_head(seed, cmodel, args.rounds * args.epochs) for seed in seeds]
     mixes = {v: [r["ggeur"]["mix"] for r in runs[v]] for v in runs}
-    details: dict[str, Any] = {
-        "no_guarantee": summary(runs["no_guarantee"]),
-        "central_linear_head": round(float(np.mean(central)), 4),
+    plain = np.mean([t["fedavg"] for t in toy], axis=0)
+    gg = np.mean([t["ggeur"] for t in toy], axis=0)
+    return {
+        "beta": 0.05, "seeds": len(seeds), "guarantee": summary(runs["guarantee"]),
+        "no_guarantee": summary(runs["no_guarantee"]), "central_linear_head": round(float(np.mean(central)), 4),
         "augmented_class_ratio": {v: [m["max_min_ratio"] for m in ms] for v, ms in mixes.items()},
         "synthetic_share_around_3_or_fewer": {v: [m["share_around_3_or_fewer"] for m in ms] for v, ms in mixes.items()},
-        "setup": {"agents": args.agents, "rounds": args.rounds, "epochs": args.epochs, "batch": 16, "lr": 0.1,
-                  "head": "linear 64-10", "ggeur": GGEUR_DEFAULTS, "broker": args.broker},
+        "not_ok": sum(r["ggeur"]["not_ok"] for v in runs.values() for r in v),
+        "domain_toy": {"plain_per_domain": [round(float(v), 4) for v in plain],
+                       "ggeur_per_domain": [round(float(v), 4) for v in gg],
+                       "gain_points_mean": round(100 * float(gg.mean() - plain.mean()), 2), "config": TOY},
         "per_seed": runs,
     }
-    if not args.no_diagnostic:
-        diag = runs["guarantee"]
-        plain_u = float(np.mean([r["unsynchronised_plain"]["accuracy"] for r in diag]))
-        gg_u = float(np.mean([r["unsynchronised_ggeur"]["accuracy"] for r in diag]))
-        details["diagnostic_unsynchronised"] = {"plain_accuracy": round(plain_u, 4), "ggeur_accuracy": round(gg_u, 4),
-                                                "gain_points": round(100 * (gg_u - plain_u), 2)}
-    if toy:
-        plain = np.mean([t["fedavg"] for t in toy], axis=0)
-        gg = np.mean([t["ggeur"] for t in toy], axis=0)
-        details["domain_toy"] = {"plain_per_domain": [round(float(v), 4) for v in plain],
-                                 "ggeur_per_domain": [round(float(v), 4) for v in gg],
-                                 "plain_mean": round(float(plain.mean()), 4), "ggeur_mean": round(float(gg.mean()), 4),
-                                 "gain_points_mean": round(100 * float(gg.mean() - plain.mean()), 2),
-                                 "config": TOY, "per_seed": toy}
-    details["wall_s"] = round(time.perf_counter() - t0, 1)
-    emit({**result, **details}, KEYS, args.json_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgParser(prog="fedfleet bench ggeur", description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds (default %(default)s)")
+    parser.add_argument("--digits-seeds", type=int, default=3, help="seeds of the digits backbone arm (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds per run (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=5, help="local epochs per round (default %(default)s)")
+    parser.add_argument("--agents", type=int, default=10, help="agents per run (default %(default)s)")
+    parser.add_argument("--betas", default="0.05,0.1", help="comma-separated Dirichlet betas of the MNIST arm (default %(default)s)")
+    parser.add_argument("--heads", default="linear,mlp", help="comma-separated heads of the MNIST arm: linear, mlp (default %(default)s)")
+    parser.add_argument("--broker", default="memory", help="broker for the runs: memory (in-process, no sockets), mosquitto, embedded or mqtt://host:port (default %(default)s)")
+    parser.add_argument("--no-digits", action="store_true", help="skip the digits backbone arm")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 1 epoch, beta 0.05, linear (a smoke run)")
+    parser.add_argument("--json", dest="json_path", help="also write the result JSON to this file")
+    args = parser.parse_args(argv)
+    betas = [float(b) for b in args.betas.split(",")]
+    heads = [h.strip() for h in args.heads.split(",")]
+    if 0.05 not in betas or "linear" not in heads or not set(heads) <= {"linear", "mlp"}:
+        parser.error("--betas must include 0.05 and --heads 'linear' (the headline cell); heads: linear, mlp")
+    if args.quick:
+        args.seeds, args.digits_seeds, args.rounds, args.epochs, betas, heads = 1, 1, 2, 1, [0.05], ["linear"]
+    t0 = time.perf_counter()
+    cells = mnist_pca(seeds=args.seeds, betas=betas, heads=heads, agents=args.agents, rounds=args.rounds,
+                      epochs=args.epochs, broker=args.broker)
+    head, free = cells["beta0.05/linear/guarantee"], cells["beta0.05/linear/no_guarantee"]
+    result: dict[str, Any] = {
+        "beta": 0.05, "seeds": args.seeds, "broker": args.broker,
+        "gain_points_unsync": head["gain_points_unsync"], "gain_points_sync": head["gain_points_sync"],
+        "gain_points_unsync_no_guarantee": free["gain_points_unsync"],
+        "gain_points_sync_no_guarantee": free["gain_points_sync"],
+        "cells": {k: {m: v for m, v in c.items() if m != "per_seed"} for k, c in cells.items()},
+        "setup": {"encoder": "PCA-64 of MNIST 5k, fitted on a 20% split no agent holds", "agents": args.agents,
+                  "rounds": args.rounds, "epochs": args.epochs, "batch": 16, "lr": 0.1, "ggeur": GGEUR_DEFAULTS},
+        "per_seed": {k: c["per_seed"] for k, c in cells.items()},
+    }
+    if not args.no_digits:
+        result["digits_backbone"] = digits_backbone(args)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    emit(result, KEYS, args.json_path)
     return 0
 
 

@@ -1,22 +1,32 @@
 """Benchmark of the zeroth-order methods, FedZO against FZooS, driven in-process through their Strategy and
 Learner classes (the round engine's loop without MQTT: configure, tasks with float32 tensors and JSON
-config, shape checks, aggregate).
+config, shape checks, aggregate; the runs over MQTT are the method tests).
 
-`fedfleet bench zo --json PATH [--plot PNG] [--quick] [--jobs N]` writes {"quadratic", "digits_f1"}:
-- quadratic: the FZooS quadratic (d=50, 5 agents, div 0.5, F* in closed form), the same rounds for every
-  run, T = H = 10. The headline FZooS is the spec's configuration (Adam, lr 0.01, 20 GP restarts, M =
-  10000, exploration radius 0.01, ρ_i as the spec computes it, no floor); FedZO is the spec's dense FedZO
-  (plain GD, lr 0.1). query_ratio = queries FedZO used to reach its final gap F−F* / queries FZooS used to
-  reach that gap; surrogate_cosine = mean cosine between FZooS's GP mean gradient and the true ∇f_i at its
-  iterates. Beside it, under their own labels (quadratic_details.variants): "fzoos_gd", the earlier
-  headline (plain GD, lr 0.1, 2 GP restarts), and "fzoos_rho_floor", the spec's configuration with the
-  refresh radius floored at the exploration radius (the deviation the learner used to apply).
+`fedfleet bench zo --json PATH [--plot PNG] [--quick] [--jobs N] [--no-digits]` writes {"quadratic", "digits_f1"}.
+
+Decision rules, fixed before the runs (issue: the seed papers' claims, reproduced):
+- quadratic: the spec's FZooS quadratic at d = 300, 5 agents, heterogeneity 0.5, T = 10 local steps, R = 50
+  rounds, seed 0, F* in closed form. Two pairings, each method on the same optimiser:
+  "adam": FedZO in the FZooS reference code's configuration (Adam lr 0.01, q = 20 orthonormal directions,
+  mu 0.01, the 1/q-scaled estimate) against the spec's FZooS (Adam lr 0.01, 20 GP restarts, M = 10000,
+  exploration radius 0.01, no rho floor);
+  "gd": the spec's dense FedZO (plain GD lr 0.1, mu 0.005, 20 sphere directions, d/mu) against FZooS on plain
+  GD at lr 0.1 (2 GP restarts, the earlier headline's FZooS). Nothing is tuned for d = 300.
+  query_ratio_<pair> = queries FedZO needs to reach F − F* <= 1e-3 / queries FZooS needs (cumulative over all
+  agents, at the first round at or below it). If FedZO never reaches 1e-3 in R rounds, the ratio is FedZO's
+  total queries / FZooS's, a lower bound, and query_ratio_<pair>_is_lower_bound is true; if FZooS never
+  reaches it, the ratio is null. Target: >= 2 in both pairings. Every threshold 1e-1..1e-4 is in details.
+  A run stops early once its gap is <= 1e-3, the headline threshold (FZooS costs ~20 CPU-seconds a round at
+  d = 300, and the machine is shared); a run that stopped early has fewer rounds in its curve, its final gap
+  is that round's, and the thresholds below 1e-3 are reported only where a run passed them in that round.
+  (Changed during the runs: the first rule stopped at 1e-4; both runs were cut before any result, because at
+  the machine's load FZooS ran ~4 rounds in 11 minutes.)
 - digits_f1: 1 − macro-F1 through the int8 ONNX digits-mlp with its last layer fed as graph inputs,
-  class-skewed shards (Dirichlet 0.5), the same total query budget for every run; test-set macro-F1 of
-  the resulting global head. fzoos_f1 is the spec's configuration; "fzoos_gd" (plain GD, lr 1, 2
-  restarts, radius 0.05, M = 10000) is beside it in digits_f1_details, with the diagnostics of why FZooS
-  loses there (the fitted GP lengthscale, how often an exploration query ties the iterate's value, and
-  a probe of how flat 1 − macro-F1 is around the start at several radii).
+  class-skewed shards (Dirichlet 0.5), the same total query budget for every run. Neither method is tuned
+  here: "fedzo" is the reference configuration above, "fzoos" the spec's. The configurations that were
+  picked by sweeps on this objective earlier (FedZO over 12 (mu, lr) pairs: "fedzo_swept"; FZooS GD over 6
+  (lr, radius) pairs: "fzoos_gd") are in digits_f1_details, labelled, with the diagnostics of FZooS on this
+  flat objective (GP lengthscale, exploration ties, a flatness probe at several radii).
 The objective's true value is used only to score rounds here; no strategy evaluates it. `--jobs N` runs
 the independent runs in N processes (the results do not depend on it).
 """
@@ -41,14 +51,16 @@ from fedfleet.edge_agent.zo.objectives import (
     quadratic_configs,
 )
 from fedfleet.tools.bench._zo_loop import EMPTY, Trace, _mean, _pool_map, run
-from fedfleet.tools.bench._zo_quadratic import QUAD_FZOOS, bench_quadratic
+from fedfleet.tools.bench._zo_quadratic import QUAD_FEDZO_ADAM, QUAD_FZOOS, bench_quadratic
 from fedfleet.tools.bench.output import emit, progress
 
 # ---- digits, macro-F1 through the int8 runtime ------------------------------------------------------
 
-# step sizes from small sweeps at a 5,000-query budget (FedZO: mu in {0.3, 1, 3} x lr in {0.01, 0.03, 0.1, 0.3};
+# untuned on this objective: the FZooS reference code's FedZO
+DIGITS_FEDZO = dict(QUAD_FEDZO_ADAM)
+# picked by small sweeps at a 5,000-query budget (FedZO: mu in {0.3, 1, 3} x lr in {0.01, 0.03, 0.1, 0.3};
 # FZooS GD: (lr, radius) in {(0.2, 0.05), (0.5, 0.05), (1, 0.05), (2, 0.1), (1, 0.3), (3, 0.3)})
-DIGITS_FEDZO = {"lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10}
+DIGITS_FEDZO_SWEPT = {"lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10}
 # the spec's FZooS (the learner's defaults: radius 0.01, init radius 0.01, M = 10000)
 DIGITS_FZOOS = {"lr": 0.01, "optimizer": "adam", "local_steps": 10, "gp_restarts": 20}
 DIGITS_FZOOS_GD = {"lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2, "explore_radius": 0.05,
@@ -56,6 +68,7 @@ DIGITS_FZOOS_GD = {"lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restart
 DIGITS_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fedzo": ("fedzo", DIGITS_FEDZO),
     "fzoos": ("fzoos", DIGITS_FZOOS),
+    "fedzo_swept": ("fedzo", DIGITS_FEDZO_SWEPT),
     "fzoos_gd": ("fzoos", DIGITS_FZOOS_GD),
 }
 PROBE_RADII = (0.01, 0.05, 0.3, 1.0)
@@ -154,7 +167,8 @@ def _digits_job(job: tuple[str, str, int, bool, int, int, dict[str, Any]]) -> di
 
 def bench_digits(*, agents: int, budget: int, seed: int, quick: bool, runtime: str = "onnxruntime",
                  fzoos_overrides: dict[str, Any] | None = None, jobs: int = 1) -> dict[str, Any]:
-    work = [(n, runtime, seed, quick, agents, budget, (fzoos_overrides or {}) if n != "fedzo" else {})
+    work = [(n, runtime, seed, quick, agents, budget,
+             (fzoos_overrides or {}) if DIGITS_VARIANTS.get(n, ("",))[0] == "fzoos" else {})
             for n in [*DIGITS_VARIANTS, "probe"]]
     done = {r["name"]: r for r in _pool_map(_digits_job, work, jobs)}
     res: dict[str, Any] = {"runtime": runtime, "d": done["fedzo"]["d"], "agents": agents, "queries": budget,
@@ -204,7 +218,7 @@ def _memory_job(job: tuple[int, int]) -> dict[str, Any]:
     return history_memory(job[0], history_points=job[1])
 
 
-def plot(traces: dict[str, Trace], path: str) -> None:
+def plot(traces: dict[str, Trace], path: str, title: str = "FZooS quadratic") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +230,7 @@ def plot(traces: dict[str, Trace], path: str) -> None:
                     .replace("fedzo", "FedZO"))
     ax.set_xlabel("cumulative queries (all agents)")
     ax.set_ylabel("F − F*")
-    ax.set_title("FZooS quadratic: d=50, 5 agents, div 0.5 (fzoos: the spec's configuration)")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -229,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here (they are printed too)")
     ap.add_argument("--plot", help="PNG of F − F* against cumulative queries on the quadratic")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
-    ap.add_argument("--rounds", type=int, default=20, help="rounds on the quadratic (both methods)")
+    ap.add_argument("--rounds", type=int, default=50, help="rounds on the quadratic (every run)")
+    ap.add_argument("--d", type=int, default=300, help="dimension of the quadratic")
+    ap.add_argument("--no-digits", action="store_true", help="only the quadratic")
     ap.add_argument("--budget", type=int, default=10000, help="total query budget on digits (both methods)")
     ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "litert", "both"],
                     help="runtime for the digits objective; 'both' adds a LiteRT run under digits_f1.by_runtime")
@@ -255,34 +271,34 @@ def main(argv: list[str] | None = None) -> int:
                      "refresh_pick": 10}
             small["gp_restarts"] = 2
             quad, traces = bench_quadratic(d=8, agents=3, div=0.5, rounds=2, seed=args.seed, fzoos_overrides=small,
-                                           jobs=args.jobs, variants=["fedzo", "fzoos", "fzoos_gd"])
+                                           jobs=args.jobs, target=1.0)
             kw: dict[str, Any] = {"agents": 3, "budget": 600, "quick": True, "fzoos_overrides": small,
                                   "jobs": args.jobs}
         else:
-            progress("zo", f"the quadratic (d=50, 5 agents): FedZO and FZooS variants, {args.rounds} rounds")
-            quad, traces = bench_quadratic(d=50, agents=5, div=0.5, rounds=args.rounds, seed=args.seed,
+            progress("zo", f"the quadratic (d={args.d}, 5 agents): the Adam and GD pairs, {args.rounds} rounds")
+            quad, traces = bench_quadratic(d=args.d, agents=5, div=0.5, rounds=args.rounds, seed=args.seed,
                                            jobs=args.jobs)
             kw = {"agents": 5, "budget": args.budget, "quick": False, "jobs": args.jobs}
         runtimes = ["onnxruntime", "litert"] if args.runtime == "both" else [args.runtime]
-        by_rt = {}
-        for rt in runtimes:
-            progress("zo", f"the digits head's macro-F1 on {rt}: FedZO and FZooS variants")
-            by_rt[rt] = bench_digits(seed=args.seed, runtime=rt, **kw)
-        digits = dict(by_rt[runtimes[0]])
-        if len(runtimes) > 1:
-            digits["by_runtime"] = by_rt
+        digits: dict[str, Any] = {"fedzo_f1": None, "fzoos_f1": None, "queries": None, "skipped": True}
+        if not args.no_digits:
+            by_rt = {rt: bench_digits(seed=args.seed, runtime=rt, **kw) for rt in runtimes}
+            digits = dict(by_rt[runtimes[0]])
+            if len(runtimes) > 1:
+                digits["by_runtime"] = by_rt
     finally:
         if limits is not None:
             limits.unregister()
-    quad_keys = ("d", "agents", "queries_fedzo", "queries_fzoos", "gap_fedzo", "gap_fzoos", "query_ratio",
+    quad_keys = ("d", "agents", "rounds", "target_gap", "query_ratio_adam", "query_ratio_adam_is_lower_bound",
+                 "query_ratio_gd", "query_ratio_gd_is_lower_bound", "queries_to_target_adam", "queries_to_target_gd",
                  "surrogate_cosine")
     digits_keys = ("fedzo_f1", "fzoos_f1", "queries")
-    result = {"quadratic": {k: quad[k] for k in quad_keys}, "digits_f1": {k: digits[k] for k in digits_keys},
+    result = {"broker": "none: the engine's round loop in one process", "quadratic": {k: quad[k] for k in quad_keys}, "digits_f1": {k: digits[k] for k in digits_keys},
               "quadratic_details": {k: v for k, v in quad.items() if k not in quad_keys},
               "digits_f1_details": {k: v for k, v in digits.items() if k not in digits_keys}}
-    emit(result, ("quadratic", "digits_f1"), args.json)
+    emit(result, ("broker", "quadratic", "digits_f1"), args.json)
     if args.plot:
-        plot(traces, args.plot)
+        plot(traces, args.plot, f"FZooS quadratic: d={quad['d']}, 5 agents, div 0.5 (Adam pair and GD pair)")
     return 0
 
 
