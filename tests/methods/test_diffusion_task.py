@@ -216,7 +216,8 @@ def test_onnx_export_matches_numpy_and_wrong_files_are_refused(tmp_path):
 
 
 def test_the_fleet_trains_the_denoiser_over_mosquitto(mosquitto, tmp_path):
-    cfg = _cfg(rounds=4, agents=3, hidden=32, eval_every=2, deadline_s=60.0)
+    cfg = _cfg(rounds=4, agents=3, hidden=32, eval_every=2, deadline_s=300.0,
+               method_config={"local_steps": 10, "batch": 32, "lr": 3e-3})
     result = run_demo(cfg, broker=mosquitto.url, run_dir=tmp_path, quiet=True, report="now")
     assert [s.ok for s in result.summaries] == [3] * 4
     summary = json.loads((tmp_path / "summary.json").read_text())
