@@ -9,7 +9,8 @@ package starts from these weights (`fedfleet.coordinator.tasks.diffusion`).
 Recipe (fixed before the first run): the training clips of `fedfleet.models.moving_digits.moving_digits(seed 0,
 repeats 4)` whose digit is in CENTRE_DIGITS; the torch mirror (`fedfleet.models.mirrors.video_denoiser`) with
 `video_denoiser.DEFAULT_HIDDEN`, initialised by `video_denoiser.init(seed 0)`; the denoising loss of
-`video_denoiser` (EDM-weighted, t uniform, eps ~ N(0, I)); Adam lr 1e-3, batch 32, `PRETRAIN_STEPS` steps, one torch
+`video_denoiser` (EDM-weighted, t uniform, eps ~ N(0, I)); Adam lr 1e-3, batch 32, `PRETRAIN_STEPS` steps (3,000
+were planned; the shipped file has 1,000, all the shared machine's load allowed: 23 minutes), one torch
 thread, `torch.manual_seed(0)`; the weights kept are the exponential moving average (decay 0.995) of the
 iterates. `load()` reads the shipped file and checks it against the denoiser's layout.
 """
