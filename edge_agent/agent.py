@@ -91,7 +91,9 @@ class Agent:
         self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self.inbox = Inbox(fleet=config.fleet, agent_id=config.agent_id, coordinator_key=config.coordinator_key,
                            deliver=lambda kind, header, body: self._work.put((kind, header, body)),
-                           current_model=lambda: self.model_digest, signatures=self.host.signatures)
+                           current_model=lambda: self.model_digest, signatures=self.host.signatures,
+                           on_refused=self._on_refused)
+        self.downlink_error: str | None = None  # a model package refused before any was loaded (its status says so)
         self._status_topic = self.uplink.status_topic
         self._result_topic = self.uplink.result_topic
         self._telemetry_topic = self.uplink.telemetry_topic
@@ -110,7 +112,7 @@ class Agent:
             subscriptions=self.inbox.subscriptions(),
             clean_session=False,
             will=self._will,
-            on_connect=self._announce,
+            on_connect=self._on_connect,
             username=c.username,
             password=c.password,
             ca_certs=c.ca_certs,
@@ -151,7 +153,7 @@ class Agent:
     def start(self, wait_s: float = 10.0) -> None:
         kept = self.kept.package() if self.kept is not None else None
         if kept is not None:  # the package this agent last used: ready before the coordinator resends it
-            self._work.put(("model", {"digest": kept[0]}, kept[1]))
+            self._work.put(("model", {"digest": kept[0], "verified": False}, kept[1]))
         self._worker.start()
         self.link.start(wait_s=wait_s)
 
@@ -189,8 +191,25 @@ class Agent:
                 "samples": len(self.data), "model": self.model_digest, **self.cfg.extra_status, **extra}
         return self.uplink.status(body, will=will)
 
+    def _on_refused(self, topic: str, exc: Exception) -> None:
+        """A model package whose signature does not verify while no model is loaded (the wrong coordinator.pub,
+        most often): say so in the retained status, once, so `serve` shows it while it waits."""
+        reason = getattr(exc, "reason", "")
+        if reason == "bad_signature" and topic.startswith(self.inbox.model_prefix) and self.model_digest is None:
+            error = f"{exc} (the model package; is coordinator.pub this coordinator's public key?)"
+            if error != self.downlink_error:
+                self.downlink_error = error
+                if self.link.connected.is_set():
+                    self._announce()
+
+    def _on_connect(self) -> None:
+        log.info("agent %s connected to %s (fleet %s)", self.cfg.agent_id, self.cfg.broker, self.cfg.fleet)
+        if self.trust_error:
+            log.warning("agent %s: %s", self.cfg.agent_id, self.trust_error)
+        self._announce()
+
     def _announce(self) -> None:
-        error = self.trust_error or self.model_error
+        error = self.trust_error or self.model_error or (None if self.model_digest else self.downlink_error)
         extra = {"error": error} if error else {}
         self.link.publish(self._status_topic, self._status_payload("online", **extra), retain=True)
 
@@ -239,6 +258,9 @@ class Agent:
             self._announce()
             return
         self.local.use(model, header["digest"])
+        log.info("agent %s: model package %s %s (%d bytes, %s)", self.cfg.agent_id, str(header["digest"])[:12],
+                 "received and verified" if header.get("verified", True) else "loaded from the state directory",
+                 len(blob), self.cfg.runtime)
         if self.kept is not None and self.kept.model_digest != self.model_digest:
             self.kept.save_package(header["digest"], blob)
         self._announce()
@@ -265,6 +287,8 @@ class Agent:
             self.tasks_dropped += 1
             self._persist()
             self._safe_telemetry("dropped_task", run=key[0], round=key[1], phase=key[2], reason=late)
+            log.warning("agent %s: task of run %s round %d.%d dropped: %s", self.cfg.agent_id, key[0], key[1],
+                        key[2], late)
             return
         deadline = self._now() + self._remaining(header)
         if header.get("model") != self.model_digest:
@@ -285,7 +309,10 @@ class Agent:
         task = Task(run=key[0], round=key[1], method=str(header.get("method")), config=meta.get("config", {}),
                     tensors=tensors, phase=key[2], deadline=deadline)
         result, learn_s = self._learn(task)
-        self._upload(header, task, result, learn_s)
+        sent = self._upload(header, task, result, learn_s)
+        log.info("agent %s: run %s round %d.%d: %s trained on %d samples in %.2f s, result sent%s",
+                 self.cfg.agent_id, task.run, task.round, task.phase, learner_name(task), int(result.samples),
+                 learn_s, f" ({sent} bytes)" if isinstance(sent, int) else "")
         self.rounds_done += 1
         self._persist()
         if self.meter is not None:
@@ -322,8 +349,9 @@ class Agent:
         return self.admission.expired(header)
 
     # -------------------------------------------------------------- uplink
-    def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> None:
-        self.uplink.result(header, task, result, learn_s, feedback=self._with_feedback)
+    def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> int:
+        """Send the result; the bytes it took on the wire."""
+        return self.uplink.result(header, task, result, learn_s, feedback=self._with_feedback)
 
     def _with_feedback(self, method: str, tensors: dict[str, np.ndarray], spec: dict[str, Any]) -> bytes:
         """The FedZip payload of update + residual (see `uplink.with_feedback`)."""

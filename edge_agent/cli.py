@@ -18,22 +18,31 @@ label column (`--label-column`, default `label`) and numeric feature columns; a 
 subfolder per class named by its index (`0/`, `1_kettle/`), resized to `--input-shape` (e.g. 1,28,28); a
 Python loader `loader.py:load` returning (x, y); or for a continual job a directory with one `<task>.npz`
 per task. `--input-shape` also reshapes flat rows (a CSV row of 256 numbers for a 1,256 model input).
-Errors in options print one clear line and exit 2.
+The agent logs what it does at INFO (connecting, each model package received and verified, each task trained
+and sent, every refusal and error), to stderr and to agent.toml's `log_file`; `-q` keeps only warnings and
+errors, `-v` adds debugging detail. Errors in options print one clear line and exit 2.
+
+The command line is click's, as `fedfleet`'s is (see `fedfleet.edge_agent.cli_run`): one small pure-Python
+package with no dependencies of its own, about 1 MB on a device.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import sys
+from types import SimpleNamespace
 from typing import Any
 
+import click
+
+from fedfleet.edge_agent.cli_run import CONTEXT, pass_through, version_option
+from fedfleet.edge_agent.cli_run import run as run_click
 from fedfleet.edge_agent.errors import FedfleetError
 
 
-def _key(args: argparse.Namespace) -> bytes:
+def _key(args: Any) -> bytes:
     text = os.environ.get("FEDFLEET_AGENT_KEY")
     if args.key_file:
         try:
@@ -51,11 +60,11 @@ def _key(args: argparse.Namespace) -> bytes:
     return key
 
 
-OPTION_OF_FIELD = {"id": "agent_id"}  # agent.toml key -> argparse dest where they differ
+OPTION_OF_FIELD = {"id": "agent_id"}  # agent.toml key -> the option's name where they differ
 DEFAULTS = {"fleet": "demo", "threads": 1, "meter": "auto"}
 
 
-def _merge_config(args: argparse.Namespace) -> argparse.Namespace:
+def _merge_config(args: Any) -> Any:
     """Fill options not given on the command line from --config, then the defaults; check the required ones."""
     from fedfleet.edge_agent.config_file import load
 
@@ -71,31 +80,36 @@ def _merge_config(args: argparse.Namespace) -> argparse.Namespace:
                        ("coordinator_key_file", "--coordinator-key-file (or coordinator_key_file)")):
         if not getattr(args, dest):
             raise FedfleetError(f"{what} is required, on the command line or in --config")
-    args.log_file = fields.get("log_file")
+    if getattr(args, "log_file", None) is None:
+        args.log_file = fields.get("log_file")
     args.log_max_bytes = fields.get("log_max_bytes", 1 << 20)
     args.log_backups = fields.get("log_backups", 3)
     return args
 
 
-def _logging(args: argparse.Namespace) -> None:
+def _logging(args: Any) -> None:
     """Log to stderr, and to a bounded rotating file when agent.toml names one (a device's local log)."""
     import logging.handlers
 
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
-    root.setLevel(logging.INFO if args.verbose else logging.WARNING)
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    level = logging.DEBUG if args.verbose else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    stderr = logging.StreamHandler()
+    stderr.setLevel(level)
+    handlers: list[logging.Handler] = [stderr]
     if args.log_file:
         os.makedirs(os.path.dirname(args.log_file) or ".", exist_ok=True)
-        handlers.append(logging.handlers.RotatingFileHandler(args.log_file, maxBytes=args.log_max_bytes,
-                                                             backupCount=args.log_backups))
-        root.setLevel(logging.INFO)  # a device's file log keeps the joins, reconnects and refusals
+        log_file = logging.handlers.RotatingFileHandler(args.log_file, maxBytes=args.log_max_bytes,
+                                                        backupCount=args.log_backups)
+        log_file.setLevel(min(level, logging.INFO))  # a device's file log keeps the joins, tasks and refusals
+        handlers.append(log_file)
+    root.setLevel(min(h.level for h in handlers))
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)
 
 
-def _secrets(args: argparse.Namespace) -> tuple[str | None, bytes | None]:
+def _secrets(args: Any) -> tuple[str | None, bytes | None]:
     """The broker password and the coordinator's public key, each read from its file."""
     from fedfleet.edge_agent.config_file import read_public_key, read_secret_file
 
@@ -106,49 +120,84 @@ def _secrets(args: argparse.Namespace) -> tuple[str | None, bytes | None]:
     return password, pub
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "generate":
-        from fedfleet.edge_agent.mtvg.generate import main as generate
+class AgentCommand(click.Group):
+    """The agent's own options, and one subcommand (`generate`) whose module parses its own arguments."""
 
-        return generate(argv[1:])
-    p = argparse.ArgumentParser(prog="fedfleet-agent", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="agent.toml (from `fedfleet provision`); options given here override it")
-    p.add_argument("--broker")
-    p.add_argument("--fleet")
-    p.add_argument("--id", dest="agent_id")
-    p.add_argument("--key-file", help="the agent's key (hex, from `fedfleet keys`); or FEDFLEET_AGENT_KEY")
-    p.add_argument("--max-skew", type=float, default=300.0, dest="max_skew_s",
-                   help="seconds this device's clock may differ from the coordinator's (default 300)")
-    p.add_argument("--data", help=".npz with x and y, .csv, an image folder, or loader.py:load "
-                   "(a continual job: a directory of <task>.npz)")
-    p.add_argument("--label-column", help="the label column of a --data .csv (default: label)")
-    p.add_argument("--input-shape", help="the model's input shape, e.g. 1,28,28: images are resized to it, "
-                   "flat rows reshaped")
-    p.add_argument("--runtime", choices=("onnxruntime", "litert"))
-    p.add_argument("--threads", type=int)
-    p.add_argument("--profile", help="firmware profile name (its preferred runtime is used if --runtime is absent)")
-    p.add_argument("--meter", help="energy meter: auto (default), model, rapl, jetson, rpi5, none")
-    p.add_argument("--username")
-    p.add_argument("--password-file", help="the broker password, in a file (never on the command line)")
-    p.add_argument("--ca-certs")
-    p.add_argument("--coordinator-key-file", help="the coordinator's public key (64 hex digits)")
-    p.add_argument("--state-dir", help="kept across restarts (answered tasks, the package, error feedback)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        args = _merge_config(args)
-    except FedfleetError as exc:
-        print(f"fedfleet-agent: error: {exc}", file=sys.stderr)
-        return 2
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return ["generate"]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name != "generate":
+            return None
+
+        def generate(argv: list[str]) -> int:
+            from fedfleet.edge_agent.mtvg.generate import main
+
+            return main(argv)
+
+        return pass_through("generate", "MTVG sampling of a prompt sequence on this device through ONNX Runtime "
+                            "(`fedfleet-agent generate --help`)", generate)
+
+
+@click.group(cls=AgentCommand, invoke_without_command=True, context_settings=CONTEXT,
+             help="Run one edge agent on a device (or in a terminal) until interrupted: it joins the fleet on the "
+             "broker, takes the coordinator's signed tasks, trains on this device's data and sends the results. "
+             "It logs what it does (connecting, packages, tasks, errors) at INFO; -q keeps only warnings.")
+@version_option("fedfleet-agent")
+@click.option("--config", metavar="FILE", help="agent.toml (from `fedfleet provision`); options given here override it")
+@click.option("--broker", help="the broker: mqtt://host:port or mqtts://host:port")
+@click.option("--fleet", help="fleet name, the coordinator's (default demo)")
+@click.option("--id", "agent_id", help="this agent's id, as in the coordinator's roster (e.g. pi-07)")
+@click.option("--key-file", "key_file", metavar="FILE", help="the agent's key (hex, from `fedfleet keys`); or "
+              "FEDFLEET_AGENT_KEY in the environment")
+@click.option("--max-skew", "max_skew_s", type=float, default=300.0, show_default=True,
+              help="seconds this device's clock may differ from the coordinator's")
+@click.option("--data", metavar="PATH", help=".npz with x and y, .csv, an image folder, or loader.py:load (a "
+              "continual job: a directory of <task>.npz)")
+@click.option("--label-column", "label_column", help="the label column of a --data .csv (default: label)")
+@click.option("--input-shape", "input_shape", metavar="SHAPE", help="the model's input shape, e.g. 1,28,28: "
+              "images are resized to it, flat rows reshaped")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "litert"]),
+              help="inference runtime (default: the profile's, else onnxruntime)")
+@click.option("--threads", type=int, help="CPU threads for inference and numpy (default 1, or the profile's)")
+@click.option("--profile", help="firmware profile name, e.g. rpi4b (its preferred runtime is used if --runtime "
+              "is absent)")
+@click.option("--meter", help="energy meter: auto (default), model, rapl, jetson, rpi5, none")
+@click.option("--username", help="broker user name (with --password-file, for a broker with users and an ACL)")
+@click.option("--password-file", "password_file", metavar="FILE",
+              help="the broker password, in a file (never on the command line)")
+@click.option("--ca-certs", "ca_certs", metavar="FILE", help="CA certificate file for an mqtts:// broker")
+@click.option("--coordinator-key-file", "coordinator_key_file", metavar="FILE",
+              help="the coordinator's public key (64 hex digits, from `fedfleet keys --public`)")
+@click.option("--state-dir", "state_dir", metavar="DIR",
+              help="kept across restarts (answered tasks, the package, error feedback); overrides agent.toml's "
+              "state_dir")
+@click.option("--log-file", "log_file", metavar="FILE",
+              help="a rotating local log (its directory is made); overrides agent.toml's log_file")
+@click.option("-v", "--verbose", is_flag=True, help="log debugging detail too")
+@click.option("-q", "--quiet", is_flag=True, help="log only warnings and errors")
+@click.pass_context
+def cli(ctx: click.Context, **opts: Any) -> int | None:
+    if ctx.invoked_subcommand is not None:
+        return None
+    return run_agent(SimpleNamespace(**opts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_click(cli, list(sys.argv[1:] if argv is None else argv), "fedfleet-agent")
+
+
+def run_agent(args: Any) -> int:
+    """Run the agent until SIGTERM or Ctrl-C; FedfleetError for bad options (one line, exit 2)."""
+    args = _merge_config(args)
     if args.threads < 1:
-        print(f"fedfleet-agent: error: --threads must be an integer >= 1, got {args.threads}", file=sys.stderr)
-        return 2
+        raise FedfleetError(f"--threads must be an integer >= 1, got {args.threads}")
     _logging(args)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # numpy is not imported yet
         os.environ.setdefault(var, str(max(1, args.threads)))
     from fedfleet.edge_agent.agent import Agent, AgentConfig, Host
 
+    log = logging.getLogger("fedfleet-agent")
     try:
         if not 0 <= args.max_skew_s < 86400:
             raise FedfleetError(f"--max-skew must be a number of seconds in [0, 86400), got {args.max_skew_s}")
@@ -173,22 +222,21 @@ def main(argv: list[str] | None = None) -> int:
             except MeterError as exc:
                 if args.meter != "auto":
                     raise
-                logging.getLogger("fedfleet-agent").warning("no energy meter (%s); energy is not recorded", exc)
+                log.info("no energy meter (%s); energy is not recorded", exc)
         data = _local_data(args)
         agent = Agent(cfg, data, meter=meter, host=Host.solo())  # alone on its device: shares nothing
-    except (FedfleetError, ValueError) as exc:
-        print(f"fedfleet-agent: error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        raise FedfleetError(str(exc)) from None
     signal.signal(signal.SIGTERM, _stop_on_sigterm)  # systemd's stop: leave gracefully (offline status)
-    log = logging.getLogger("fedfleet-agent")
-    log.info("agent %s of fleet %s starting on %s (runtime %s, state %s)", cfg.agent_id, cfg.fleet, cfg.broker,
-             cfg.runtime, cfg.state_dir or "not kept")
+    log.info("agent %s of fleet %s starting on %s (runtime %s, %d thread(s), %d samples, state %s)",
+             cfg.agent_id, cfg.fleet, cfg.broker, cfg.runtime, cfg.threads, len(data),
+             cfg.state_dir or "not kept")
     agent.run_forever()
     log.info("agent %s stopped", cfg.agent_id)
     return 0
 
 
-def _local_data(args: argparse.Namespace) -> Any:
+def _local_data(args: Any) -> Any:
     """The device's data from --data (see the module docstring); FedfleetError saying what is wrong."""
     from fedfleet.edge_agent.data import check, load_path, parse_shape
 

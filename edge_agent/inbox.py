@@ -38,8 +38,10 @@ class Inbox:
 
     def __init__(self, *, fleet: str, agent_id: str, coordinator_key: bytes | None,
                  deliver: Callable[[str, dict[str, Any], bytes], None], current_model: Callable[[], str | None],
-                 signatures: VerifiedSignatures | None = None) -> None:
+                 signatures: VerifiedSignatures | None = None,
+                 on_refused: Callable[[str, ProtocolError], None] | None = None) -> None:
         self.fleet, self.agent_id, self.coordinator_key = fleet, agent_id, coordinator_key
+        self.on_refused = on_refused  # told of every refusal (the agent reports a bad package signature)
         self.deliver = deliver
         self.current_model = current_model
         self.signatures = signatures
@@ -68,6 +70,8 @@ class Inbox:
             if n <= 5 or n % 100 == 0:
                 log.warning("agent %s refused a message on %s (%d so far for this reason): %s",
                             self.agent_id, topic, n, exc)
+            if self.on_refused is not None:
+                self.on_refused(topic, exc)
 
     def _route(self, topic: str, payload: bytes) -> None:
         if self.coordinator_key is None:

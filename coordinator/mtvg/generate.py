@@ -14,17 +14,17 @@ text-to-video generation.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.mtvg.generate import options_args, options_from
 from fedfleet.edge_agent.mtvg.prompts import parse_prompts
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet generate", description=__doc__.splitlines()[0])
+    p = ArgParser(prog="fedfleet generate", description=__doc__.splitlines()[0])
     options_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a run directory holding denoiser.npz")

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -45,6 +44,7 @@ from fedfleet.coordinator.records.run_data import (
     round_series,
     score_label,
 )
+from fedfleet.edge_agent.cli_run import ArgParser
 
 __all__ = ["ACCURACY", "OUTCOMES", "AgentTotals", "ReportError", "RunData", "ScoreLabel", "load", "main", "outcome",
            "profile_table", "render", "round_series", "score_label"]
@@ -175,7 +175,7 @@ def render(run_dir: str | Path, *, out_dir: str | Path | None = None, run: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet report", description="HTML and PNG report of a run's ledger")
+    ap = ArgParser(prog="fedfleet report", description="HTML and PNG report of a run's ledger")
     ap.add_argument("run_dir", help="run folder holding ledger.sqlite")
     ap.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     ap.add_argument("--run", default=None, help="run id when the ledger holds several (default: the latest)")

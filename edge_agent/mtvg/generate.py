@@ -19,6 +19,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.errors import ConfigError, FedfleetError
 from fedfleet.edge_agent.mtvg.prompts import parse_prompts
 from fedfleet.edge_agent.mtvg.sample import MTVGOptions
@@ -27,7 +28,7 @@ from fedfleet.edge_agent.mtvg.sample import MTVGOptions
 def options_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help="e.g. '3 right; 3 down; 5 down'")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default %(default)s)")
     p.add_argument("--steps", type=int, default=MTVGOptions.steps, help="DDIM steps")
     p.add_argument("--naive", action="store_true", help="every segment from fresh noise (no MTVG)")
     for name in ("inversion", "dynamic-noise", "structure-guidance"):
@@ -46,11 +47,11 @@ def options_from(args: argparse.Namespace) -> MTVGOptions:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet-agent generate", description=__doc__.splitlines()[0])
+    p = ArgParser(prog="fedfleet-agent generate", description=__doc__.splitlines()[0])
     options_args(p)
     p.add_argument("--model", required=True, help="the exported denoiser (.onnx)")
     p.add_argument("--weights", required=True, help="its weights (denoiser.npz), for the guidance gradient")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default %(default)s)")
     args = p.parse_args(argv)
     try:
         conds = parse_prompts(args.prompts)

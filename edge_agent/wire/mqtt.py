@@ -208,6 +208,8 @@ class MqttLink:
         self.subscribed.set()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if self.connected.is_set() and not self._stop.is_set():
+            log.info("lost the connection to broker %s (%s); reconnecting", self.url, reason_code)
         self.connected.clear()
         self.subscribed.clear()
 

@@ -332,6 +332,7 @@ def test_bench_codec_smoke(tmp_path, capsys):
     result = json.loads(path.read_text())
     captured = capsys.readouterr()
     assert json.loads(captured.out) == result
+    assert "[bench codec +" in captured.err and "timed encode/decode runs" in captured.err  # progress
     assert set(result) == {"d", "z", "encoding", "ratio_vs_float32", "bound_ratio", "encode_mb_s", "decode_mb_s",
                            "zstd_only_ratio"}
     result.update(details(captured.err))

@@ -116,7 +116,7 @@ def test_provision_roster_run_restart_and_service(tmp_path):
     for agent, _ in made:
         d = devices / agent
         assert {p.name for p in d.iterdir()} == {"agent.key", "coordinator.pub", "broker.password", "agent.toml",
-                                                 "fedfleet-agent.service"}
+                                                 "fedfleet-agent.service", "install.sh"}
         assert (d / "agent.key").stat().st_mode & 0o077 == 0
         assert (d / "broker.password").stat().st_mode & 0o077 == 0
         assert (d / "coordinator.pub").read_text() == pub.read_text()

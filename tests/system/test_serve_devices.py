@@ -60,6 +60,11 @@ def test_serve_with_agents_on_devices_over_tls(tmp_path):
         broker.stop()
     result = json.loads((tmp_path / "serve.json").read_text())
     assert result["rounds"] == 3 and result["agents"] == 2 and result["final_accuracy"] > 0.5
+    for agent in ("pi-01", "pi-02"):  # what each agent said at its default level (no -v)
+        said = (tmp_path / f"{agent}.log").read_text()
+        assert f"agent {agent} connected to {broker.url} (fleet lab)" in said, said[-3000:]
+        assert "received and verified" in said, said[-3000:]
+        assert "fedavg trained on" in said and "result sent (" in said, said[-3000:]  # its tasks, one line each
     report, deadline = tmp_path / "run" / "report" / "report.html", time.time() + 120
     while not report.exists() and time.time() < deadline:  # rendered in its own process after the summary
         time.sleep(0.2)

@@ -15,7 +15,10 @@ def test_bench_rounds_smoke(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert set(result) == {"agents", "round_s_median", "slowest_agent_s_median", "overhead_s_median"}
     assert result["agents"] == 4 and result["round_s_median"] >= result["slowest_agent_s_median"] > 0
-    assert json.loads(capsys.readouterr().out) == result
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == result
+    said = [line for line in captured.err.splitlines() if line.startswith("[bench rounds +")]  # progress on stderr
+    assert any("agents connecting" in line for line in said) and any("round 2/2" in line for line in said), said
 
 
 def test_bench_fedzip_smoke(tmp_path):

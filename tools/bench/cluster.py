@@ -20,7 +20,6 @@ the package again while agents are online without it (`wait_for_agents(republish
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -28,7 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.fleet import cpu_seconds, process_tree, status_kb
+from fedfleet.tools.bench.output import progress
 
 KEYS = ("agents", "nodes", "connected", "round_s", "rss_mb_total", "broker")
 
@@ -105,6 +106,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                     pool = AgentPool(url, cfg.fleet, secret, data, processes=per_node, share_model=True,
                                      blas_threads=1, serialize_learning=True, **agent_sign)
                     pools.append(pool)
+                progress("cluster", f"{kind}: {agents} agents connecting over {len(agent_urls)} node(s)")
                 for pool in pools:
                     pool.start(timeout_s=connect_timeout_s)
                 online_at = time.perf_counter()
@@ -116,6 +118,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                 ready_at = time.perf_counter()
                 out["connected"] = len(coord.ready_agents())
                 out["ready_after_online_s"] = round(ready_at - online_at, 2)
+                progress("cluster", f"{kind}: {out['connected']} agents ready; one round")
                 pids = process_tree(os.getpid()) + [p for b in broker_pids for p in process_tree(b)]
                 pids = sorted(set(pids))
                 roles = {"coordinator": [os.getpid()], "broker": [p for b in broker_pids for p in process_tree(b)],
@@ -148,16 +151,16 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench cluster", description=__doc__.splitlines()[0])
-    p.add_argument("--agents", type=int, default=5000)
+    p = ArgParser(prog="fedfleet bench cluster", description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, default=5000, help="agents in the fleet (default %(default)s)")
     p.add_argument("--nodes", type=int, default=3, help="RabbitMQ nodes (coordinator on node 0, agents on the rest)")
     p.add_argument("--processes", type=int, default=4, help="agent worker processes per side")
-    p.add_argument("--connect-timeout", type=float, default=900.0)
+    p.add_argument("--connect-timeout", type=float, default=900.0, help="seconds for all agents to connect (default %(default)s)")
     p.add_argument("--deadline", type=float, default=300.0, help="round deadline, seconds")
     p.add_argument("--republish", type=float, default=15.0,
                    help="republish the package at most this often while agents still lack it after a wave of joins")
-    p.add_argument("--brokers", default="rabbitmq,mosquitto")
-    p.add_argument("--json")
+    p.add_argument("--brokers", default="rabbitmq,mosquitto", help="comma-separated sides to run: rabbitmq (the cluster) and/or mosquitto (one broker) (default %(default)s)")
+    p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     sides = [run_side(kind, args.agents, args.nodes, args.processes, args.connect_timeout, args.deadline,
                       args.republish) for kind in args.brokers.split(",")]

@@ -14,7 +14,6 @@ the dense tensors; each is the median of --repeat runs. `zstd_only_ratio` is pla
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -25,9 +24,10 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.fedzip import ENCODINGS, FedZipParams, bound_bits, decode, encode, quantize
 from fedfleet.edge_agent.nn import mlp
-from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.output import emit, progress
 
 
 def model_update(d: int, steps: int, seed: int, lr: float = 0.05) -> tuple[dict[str, np.ndarray], str]:
@@ -98,8 +98,10 @@ def measure(update: dict[str, np.ndarray], p: FedZipParams, repeat: int) -> dict
 
 def run(d: int, z: float, encoding: str, k: int, zstd_level: int, steps: int, seed: int, repeat: int,
         others: bool) -> dict[str, Any]:
+    progress("codec", f"making the update: {d} entries from {steps} SGD steps on MNIST 5k")
     update, source = model_update(d, steps, seed)
     p = FedZipParams(z=z, k=k, encoding=encoding, zstd_level=zstd_level)
+    progress("codec", f"encoding {encoding}: {repeat} timed encode/decode runs")
     main = measure(update, p, repeat)
     flat = np.concatenate([v.ravel() for v in update.values()]).astype(np.float32)
     zstd_bytes = len(zstandard.ZstdCompressor(level=zstd_level or 3).compress(flat.tobytes()))
@@ -116,11 +118,14 @@ def run(d: int, z: float, encoding: str, k: int, zstd_level: int, steps: int, se
     if others:
         table = {}
         for enc in ENCODINGS:
+            if enc != encoding:
+                progress("codec", f"encoding {enc}: {repeat} timed encode/decode runs")
             m = main if enc == encoding else measure(update, FedZipParams(z=z, k=k, encoding=enc,
                                                                           zstd_level=zstd_level), repeat)
             table[enc] = {key: round(val, 4) for key, val in m.items()}
         result["encodings"] = table
         noise = {"w": np.random.Generator(np.random.PCG64(seed)).standard_normal(d).astype(np.float32)}
+        progress("codec", "the Gaussian-noise baseline")
         m = measure(noise, p, 1)
         result["gaussian_noise"] = {key: round(m[key], 4) for key in ("ratio_vs_float32", "bound_ratio")}
     result["update"] = source
@@ -129,14 +134,14 @@ def run(d: int, z: float, encoding: str, k: int, zstd_level: int, steps: int, se
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet bench codec", description=__doc__.splitlines()[0])
+    ap = ArgParser(prog="fedfleet bench codec", description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=1_000_000, help="entries in the update (default 1e6)")
     ap.add_argument("--z", type=float, default=0.01, help="fraction kept by top-z (default 0.01)")
     ap.add_argument("--k", type=int, default=3, help="clusters (default 3)")
-    ap.add_argument("--encoding", choices=ENCODINGS, default="e4")
-    ap.add_argument("--zstd-level", type=int, default=3)
+    ap.add_argument("--encoding", choices=ENCODINGS, default="e4", help="FedZip encoding of the kept values (default %(default)s)")
+    ap.add_argument("--zstd-level", type=int, default=3, help="zstd level of the lossless stage (default %(default)s)")
     ap.add_argument("--steps", type=int, default=20, help="SGD steps that make the update (default 20)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model update (default %(default)s)")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per measurement; the median is kept")
     ap.add_argument("--no-others", action="store_true", help="skip the other encodings and the noise baseline")
     ap.add_argument("--json", metavar="PATH", help="also write the JSON here")

@@ -32,7 +32,6 @@ Every run goes through the round engine and real agents (`fedfleet.tools.bench.r
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from typing import Any
@@ -44,6 +43,7 @@ from fedfleet.coordinator.strategies import _robust as robust
 from fedfleet.coordinator.strategies import create as create_strategy
 from fedfleet.coordinator.strategies.base import Strategy
 from fedfleet.coordinator.strategies.fedamd import FedAMDStrategy
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.nn import mlp
 from fedfleet.models import data as datasets
@@ -305,7 +305,7 @@ def experiment(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet bench fedamd", description=__doc__.splitlines()[0])
+    ap = ArgParser(prog="fedfleet bench fedamd", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few rounds, one seed (smoke test)")
     ap.add_argument("--rounds", type=int, default=None, help="round budget (default 200, quick 6)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds to average (default 3, quick 1)")

@@ -9,12 +9,12 @@ layer. Writes {"accuracy_dense", "points", "best_ratio_within_1pt"}; points are
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 
 from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.output import emit
 
 GRID = [(z, enc, ef) for z in (0.1, 0.05, 0.03, 0.02, 0.01, 0.003) for enc in ("e4",) for ef in (False, True)]
@@ -77,15 +77,15 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench fedzip", description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--agents", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--broker", default="mosquitto")
+    p = ArgParser(prog="fedfleet bench fedzip", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=40, help="rounds per run (default %(default)s)")
+    p.add_argument("--agents", type=int, default=10, help="agents per run (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shards and the model (default %(default)s)")
+    p.add_argument("--broker", default="mosquitto", help="broker for the runs: mosquitto (default), embedded, memory (in-process, no sockets) or mqtt://host:port")
     p.add_argument("--quick", action="store_true", help="one point, 2 rounds, 3 agents (a smoke run)")
     p.add_argument("--all-encodings", action="store_true", help="also E1, E2, E3 at z=0.01")
     p.add_argument("--plot", help="write the accuracy-vs-ratio curve here (PNG)")
-    p.add_argument("--json")
+    p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     from fedfleet.coordinator.job.run import small_model_threads
 

@@ -18,7 +18,6 @@ the seed pool fixed for the run (the reference code's choice) instead of fresh e
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedfleet.coordinator.job.config import JobConfig
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.output import emit
 
 KEYS = ("d", "k", "rounds", "fedavg_accuracy", "ferret_accuracy", "fedavg_bytes_up", "ferret_bytes_up",
@@ -165,16 +165,16 @@ def run(*, rounds: int, extra: int, k: int, agents: int, seed: int, broker: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench ferret", description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=20)
+    p = ArgParser(prog="fedfleet bench ferret", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=20, help="rounds per run (default %(default)s)")
     p.add_argument("--extra", type=int, default=3, help="Ferret also runs this many times the rounds")
-    p.add_argument("--k", type=int, default=100)
-    p.add_argument("--agents", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--broker", default="mosquitto")
+    p.add_argument("--k", type=int, default=100, help="Ferret's random bases per round (default %(default)s)")
+    p.add_argument("--agents", type=int, default=10, help="agents per run (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shards and the model (default %(default)s)")
+    p.add_argument("--broker", default="mosquitto", help="broker for the runs: mosquitto (default), embedded, memory (in-process, no sockets) or mqtt://host:port")
     p.add_argument("--small-rounds", type=int, default=20, help="rounds of the digits small check (0: skip it)")
     p.add_argument("--quick", action="store_true", help="2 rounds, 3 agents, K = 32, a 2-round small check")
-    p.add_argument("--json")
+    p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     from fedfleet.coordinator.job.run import small_model_threads
 

@@ -13,14 +13,14 @@ before the round. Targets at 1000 agents on 2 cores: connected = 1000, round_s <
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from fedfleet.tools.bench.output import emit
+from fedfleet.edge_agent.cli_run import ArgParser
+from fedfleet.tools.bench.output import emit, progress
 
 
 def _children(pid: int) -> list[int]:
@@ -92,6 +92,7 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes, share_model=True,
                          blas_threads=1, serialize_learning=True, coordinator_key=public_key(seed))
         try:
+            progress("fleet", f"{agents} agents connecting from {processes} processes")
             pool.start(timeout_s=connect_timeout_s)
             out["start_s"] = time.perf_counter() - t_start
             try:
@@ -102,8 +103,10 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
             out["ready_s"] = time.perf_counter() - t_start
             pids = process_tree(os.getpid())
             c0, t0 = cpu_seconds(pids), time.perf_counter()
+            progress("fleet", f"{out['connected']} agents connected; {idle_window_s:g} s idle window")
             time.sleep(idle_window_s)
             out["idle_cpu_pct"] = 100.0 * (cpu_seconds(pids) - c0) / (time.perf_counter() - t0)
+            progress("fleet", "one round with every agent")
             summary = coord.run_round(1)
             pids = process_tree(os.getpid())
             out["rss_mb_total"] = sum(status_kb(p, "VmRSS") for p in pids) / 1024
@@ -125,11 +128,11 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench fleet", description=__doc__.splitlines()[0])
-    p.add_argument("--agents", type=int, default=1000)
+    p = ArgParser(prog="fedfleet bench fleet", description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, default=1000, help="agents, each with its own MQTT connection (default %(default)s)")
     p.add_argument("--processes", type=int, default=4, help="agent worker processes")
     p.add_argument("--idle-window", type=float, default=5.0, help="seconds to measure the idle fleet's CPU")
-    p.add_argument("--json")
+    p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     out = run(args.agents, args.processes, idle_window_s=args.idle_window)
     emit(out, ("agents", "connected", "round_s", "rss_mb_total", "bytes_up"), args.json)

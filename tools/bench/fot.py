@@ -23,7 +23,6 @@ where the remaining forgetting comes from. They are not the method's settings.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import numpy as np
 from fedfleet.coordinator.job.config import JobConfig
 from fedfleet.coordinator.tasks.continual import acc_fgt
 from fedfleet.coordinator.tasks.schedule import Schedule, permuted_digits, split_digits
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.output import emit
 
 KEYS = ("tasks", "rounds_per_task", "fedavg_acc", "fedavg_fgt", "fot_acc", "fot_fgt", "basis_fill")
@@ -173,18 +173,18 @@ def plot(perm: dict[str, Any], split: dict[str, Any] | None, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench fot", description=__doc__.splitlines()[0])
+    p = ArgParser(prog="fedfleet bench fot", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny: 2 tasks x 3 rounds, 4 agents, 1 seed")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--tasks", type=int, default=5)
-    p.add_argument("--rounds-per-task", type=int, default=40)
-    p.add_argument("--agents", type=int, default=20)
-    p.add_argument("--per-round", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default %(default)s)")
+    p.add_argument("--tasks", type=int, default=5, help="continual tasks (default %(default)s)")
+    p.add_argument("--rounds-per-task", type=int, default=40, help="rounds of each task (default %(default)s)")
+    p.add_argument("--agents", type=int, default=20, help="agents in the fleet (default %(default)s)")
+    p.add_argument("--per-round", type=int, default=10, help="agents asked per round (default %(default)s)")
     p.add_argument("--no-split", action="store_true", help="skip the split-digits variant")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the diagnostic FOT variants")
-    p.add_argument("--broker", default="mosquitto")
-    p.add_argument("--json")
-    p.add_argument("--plot")
+    p.add_argument("--broker", default="mosquitto", help="broker for the runs: mosquitto (default), embedded, memory (in-process, no sockets) or mqtt://host:port")
+    p.add_argument("--json", help="also write the result JSON to this file")
+    p.add_argument("--plot", help="also draw the result as a PNG to this file")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.tasks, args.rounds_per_task, args.agents, args.per_round = 1, 2, 3, 4, 2

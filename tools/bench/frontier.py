@@ -12,14 +12,15 @@ Prints a JSON list of {"method", "accuracy", "bytes_total"}; `--plot PNG` draws 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from fedfleet.coordinator.strategies import spec
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.ferret import job
+from fedfleet.tools.bench.output import progress
 
 POINT_KEYS = ("method", "accuracy", "bytes_total")
 
@@ -37,6 +38,7 @@ def methods(ks: list[int]) -> list[tuple[str, str, dict[str, Any], dict[str, Any
 def run(*, rounds: int, agents: int, seed: int, broker: str, ks: list[int]) -> tuple[list[dict[str, Any]], dict]:
     points, details = [], {}
     for label, method, mc, uplink in methods(ks):
+        progress("frontier", f"{label}: {rounds} rounds, {agents} agents on MNIST")
         r = job(method, dataset="mnist", rounds=rounds, agents=agents, seed=seed, broker=broker, method_config=mc,
                 uplink=uplink)
         up, down = sum(r["bytes_up"]), sum(r["bytes_down"])
@@ -75,15 +77,15 @@ def plot(points: list[dict[str, Any]], info: dict[str, Any], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench frontier", description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--agents", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p = ArgParser(prog="fedfleet bench frontier", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=20, help="rounds per run (default %(default)s)")
+    p.add_argument("--agents", type=int, default=10, help="agents per run (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shards and the model (default %(default)s)")
     p.add_argument("--k", type=int, nargs="+", default=[25, 100, 400], help="Ferret's K values")
-    p.add_argument("--broker", default="mosquitto")
+    p.add_argument("--broker", default="mosquitto", help="broker for the runs: mosquitto (default), embedded, memory (in-process, no sockets) or mqtt://host:port")
     p.add_argument("--quick", action="store_true", help="2 rounds, 3 agents, Ferret at K = 16 (a smoke run)")
-    p.add_argument("--plot")
-    p.add_argument("--json")
+    p.add_argument("--plot", help="also draw the result as a PNG to this file")
+    p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     from fedfleet.coordinator.job.run import small_model_threads
 

@@ -25,7 +25,6 @@ Details (per half: rounds, genuine results per round, refusal reasons, throughpu
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -41,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.errors import ProtocolError
-from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.output import emit, progress
 
 KEYS = ("cases", "crashes", "untyped_errors", "rss_growth_mb", "rounds_completed", "accepted_bad")
 VALID_TAG = 777_000  # claimed samples of the insider's structurally valid update (+ scale index)
@@ -293,6 +293,7 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
         halves = {"keyless": n // 2, "insider": n - n // 2}
         timing: dict[str, float] = {}
         for name, count in halves.items():
+            progress("fuzz", f"{count} mutated messages, {name} half")
             phase["name"] = name
             t0 = time.perf_counter()
             sent = 0
@@ -360,12 +361,12 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench fuzz", description=__doc__.splitlines()[0])
+    p = ArgParser(prog="fedfleet bench fuzz", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100_000, help="mutated messages in all (half keyless, half insider)")
     p.add_argument("--agents", type=int, default=3, help="honest agents")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--round-deadline", type=float, default=5.0, dest="per_round_s")
-    p.add_argument("--json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mutations (default %(default)s)")
+    p.add_argument("--round-deadline", type=float, default=5.0, dest="per_round_s", help="seconds each round waits for agents (default %(default)s)")
+    p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     emit(run(args.n, args.agents, args.seed, args.per_round_s), KEYS, args.json)
     return 0

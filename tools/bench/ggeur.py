@@ -25,7 +25,6 @@ accuracy of the global head on each domain's test split.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from fedfleet.coordinator.strategies import create as create_strategy
 from fedfleet.coordinator.strategies._config import carried_defaults
 from fedfleet.coordinator.strategies.base import ClientResult, Strategy, TaskSpec, to_numpy
 from fedfleet.coordinator.strategies.ggeur import GGEURStrategy
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.wire import protocol, signing
 from fedfleet.models import data as datasets
@@ -222,18 +222,18 @@ def domain_toy(broker_url: str, blob: bytes, cmodel: CoordinatorModel, *, seed: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedfleet bench ggeur", description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--agents", type=int, default=10)
-    parser.add_argument("--beta", type=float, default=0.05)
-    parser.add_argument("--broker", default="mosquitto")
+    parser = ArgParser(prog="fedfleet bench ggeur", description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds per run (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=5, help="local epochs per round (default %(default)s)")
+    parser.add_argument("--agents", type=int, default=10, help="agents per run (default %(default)s)")
+    parser.add_argument("--beta", type=float, default=0.05, help="Dirichlet label skew of the shards (smaller: more skewed) (default %(default)s)")
+    parser.add_argument("--broker", default="mosquitto", help="broker for the runs: mosquitto (default), embedded, memory (in-process, no sockets) or mqtt://host:port")
     parser.add_argument("--no-toy", action="store_true", help="skip the 4-domain toy")
     parser.add_argument("--no-diagnostic", action="store_true",
                         help="skip the reference's unsynchronised scheme (heads never broadcast)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 1 epoch (a smoke run)")
-    parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--json", dest="json_path", help="also write the result JSON to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.rounds, args.epochs = 1, 2, 1

@@ -17,7 +17,6 @@ the details line, with per-seed accuracies, curves, a λ sweep, bytes and the op
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 import uuid
@@ -27,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfleet.tools.bench.output import emit
+from fedfleet.edge_agent.cli_run import ArgParser
+from fedfleet.tools.bench.output import emit, progress
 
 KEYS = ("seeds", "fedit_accuracy", "flora_accuracy", "lora_fair_accuracy", "gain_points", "synthetic_cos_fedit",
         "synthetic_cos_fair", "delta_b_rel_norm")
@@ -72,10 +72,10 @@ def run_one(method: str, seed: int, rounds: int, agents: int, dataset: str, brok
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet bench lora", description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--agents", type=int, default=6)
+    ap = ArgParser(prog="fedfleet bench lora", description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per method (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=30, help="rounds per run (default %(default)s)")
+    ap.add_argument("--agents", type=int, default=6, help="agents per run (default %(default)s)")
     ap.add_argument("--mnist-rounds", type=int, default=0,
                     help="also run the 784-256-256-10 MNIST model, 10 agents, this many rounds, first seed only")
     ap.add_argument("--broker", default="mosquitto", help="mosquitto (default), embedded, or mqtt://host:port")
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="local epochs per round for every method (default: the methods' defaults, 2)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 6 agents (smoke test)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="also write the result JSON to this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.rounds = 1, 2
@@ -102,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp, start_broker(args.broker) as b:
         for seed in seeds:  # the three methods side by side within each seed
             for method in methods:
+                progress("lora", f"{method}, seed {seed}: {args.rounds} rounds, {args.agents} agents")
                 per_seed[method].append(run_one(method, seed, args.rounds, args.agents, "digits", b.url, Path(tmp),
                                                 overrides))
         mnist = {}
         if args.mnist_rounds:
             for method in methods:
+                progress("lora", f"{method} on MNIST: {args.mnist_rounds} rounds")
                 mnist[method] = run_one(method, 0, args.mnist_rounds, 10, "mnist", b.url, Path(tmp), overrides)
         broker_kind = b.kind
     for method in METHODS:

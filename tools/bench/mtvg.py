@@ -45,7 +45,6 @@ naive next to MTVG.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import replace
@@ -57,6 +56,7 @@ import torch
 from fedfleet.coordinator.mtvg import clip_classifier
 from fedfleet.coordinator.mtvg import metrics as mtvg_metrics
 from fedfleet.coordinator.mtvg import sample as mtvg
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.mtvg.prompts import describe
 from fedfleet.edge_agent.mtvg.sample import MTVGOptions
 from fedfleet.edge_agent.nn import video_denoiser as vd
@@ -259,22 +259,22 @@ def sample_one_by_one(model: Any, conds: np.ndarray, seed: int, options: MTVGOpt
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench mtvg", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="fedfleet bench mtvg", description=__doc__.split("\n")[0])
     p.add_argument("--trainer", choices=("fleet", "inprocess"), default="fleet",
                    help="fleet: the --task moving-digits-diffusion job over MQTT (default); inprocess: no broker")
     p.add_argument("--broker", default="embedded", help="fleet trainer: embedded, mosquitto or mqtt://host:port")
-    p.add_argument("--agents", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--local-steps", type=int, default=8)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="the in-process trainer's local Adam lr")
+    p.add_argument("--agents", type=int, default=4, help="agents training the denoiser (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=12, help="FedAvg rounds (default %(default)s)")
+    p.add_argument("--local-steps", type=int, default=8, help="local steps per round (default %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="local batch size (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="the in-process trainer's local Adam lr (default %(default)s)")
     p.add_argument("--alpha", type=float, default=0.0, help="Dirichlet skew over digits (0 = IID)")
-    p.add_argument("--sequences", type=int, default=48)
+    p.add_argument("--sequences", type=int, default=48, help="prompt sequences sampled per variant (default %(default)s)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--classifier-epochs", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classifier-epochs", type=int, default=12, help="epochs of the motion classifier that scores the clips (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the sampling (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of seconds")
-    p.add_argument("--json", dest="json_path")
+    p.add_argument("--json", dest="json_path", help="also write the result JSON to this file")
     p.add_argument("--plot", help="PNG of main-prompt sequences, naive next to MTVG")
     p.add_argument("--weights-in", help="skip the fleet: sample with this denoiser.npz (give --rounds it was "
                    "trained for, which is reported as fl_rounds)")

@@ -1,12 +1,21 @@
 """How benchmarks report: the JSON keys an issue names, exactly, on stdout and in `--json PATH`; every
-other measurement goes to stderr as one `details:` JSON line, so nothing measured is lost."""
+other measurement goes to stderr as one `details:` JSON line, so nothing measured is lost. While a benchmark
+runs, `progress()` says what it is doing on stderr (stdout stays the JSON alone)."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+_STARTED = time.monotonic()
+
+
+def progress(bench: str, message: str) -> None:
+    """One line on stderr, `[bench NAME +12.3 s] message`, so that a run of minutes shows it is alive."""
+    print(f"[bench {bench} +{time.monotonic() - _STARTED:.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def emit(result: dict[str, Any], keys: tuple[str, ...], json_path: str | None) -> dict[str, Any]:

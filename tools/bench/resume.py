@@ -15,7 +15,6 @@ what the kill left in the ledger, whether any earlier checkpoint or ledger row c
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedfleet.tools.bench.output import emit
+from fedfleet.edge_agent.cli_run import ArgParser
+from fedfleet.tools.bench.output import emit, progress
 
 KEYS = ("rounds", "killed_at", "rounds_lost", "final_accuracy", "uninterrupted_accuracy")
 
@@ -116,6 +116,7 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
                               work / out, list(extra))
 
         a_dir, b_dir = work / "uninterrupted", work / "interrupted"
+        progress("resume", f"the uninterrupted run: {rounds} rounds, {agents} agent processes")
         uninterrupted = _serve(cmd(a_dir, "a.json"), work / "a.log", timeout_s)
 
         # the interrupted run: SIGKILL inside round `kill_round`: once round kill_round - 1 is committed, after
@@ -124,6 +125,7 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
         walls = sorted(w for (w,) in _query(a_dir / "ledger.sqlite", "SELECT wall_s FROM rounds"))
         into_round = 0.3 * walls[len(walls) // 2] if walls else 0.0
         db = b_dir / "ledger.sqlite"
+        progress("resume", f"the interrupted run: SIGKILL inside round {kill_round}")
         with open(work / "b.log", "wb") as log:
             victim = subprocess.Popen(cmd(b_dir, "b.json"), stdout=log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + timeout_s
@@ -143,6 +145,7 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
                       (run_id, killed_at))
         before = _fingerprint(b_dir, run_id, killed_at)
 
+        progress("resume", f"killed in round {killed_at}; resuming")
         resumed = _serve(cmd(b_dir, "b.json", "--resume", str(b_dir)), work / "c.log", timeout_s)
         after = _fingerprint(b_dir, run_id, killed_at)
         first_rerun = _query(db, "SELECT round FROM resumes WHERE run = ? ORDER BY ts DESC LIMIT 1", (run_id,))
@@ -185,13 +188,13 @@ def run(*, agents: int = 4, rounds: int = 12, kill_round: int = 7, seed: int = 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench resume", description=__doc__.splitlines()[0])
-    p.add_argument("--agents", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=12)
+    p = ArgParser(prog="fedfleet bench resume", description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, default=4, help="agents (each its own process) (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=12, help="rounds of the job (default %(default)s)")
     p.add_argument("--kill-round", type=int, default=7, help="SIGKILL serve once this round has a result")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="fedavg")
-    p.add_argument("--json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the job (default %(default)s)")
+    p.add_argument("--method", default="fedavg", help="the job's method (default %(default)s)")
+    p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     out = run(agents=args.agents, rounds=args.rounds, kill_round=args.kill_round, seed=args.seed, method=args.method)
     emit(out, KEYS, args.json)

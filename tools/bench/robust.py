@@ -19,7 +19,6 @@ the engine's rounds, numbered from 1, so the first step size is gamma_1.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 
 from fedfleet.coordinator.strategies import _robust as robust
 from fedfleet.coordinator.strategies import create as create_strategy
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.nn import mlp
 from fedfleet.models import data as datasets
@@ -143,10 +143,10 @@ def nna_seconds(n: int = 100, d: int = 1_000_000, f: int = 10, repeats: int = 3,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet bench robust", description=__doc__.splitlines()[0])
+    ap = ArgParser(prog="fedfleet bench robust", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few steps and cells, a small NNA timing (smoke test)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default 300, quick 5)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shards, the attacks and the model (default %(default)s)")
     ap.add_argument("--json", type=str, default=None, help="also write the JSON result to this path")
     ap.add_argument("--broker", default="mosquitto",
                     help="broker for the runs: mosquitto (default), embedded, memory (in-process, no sockets), URL")

@@ -9,14 +9,14 @@ Writes {"agents", "round_s_median", "slowest_agent_s_median", "overhead_s_median
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
 from pathlib import Path
 
 from fedfleet.coordinator.job.config import JobConfig
-from fedfleet.tools.bench.output import emit
+from fedfleet.edge_agent.cli_run import ArgParser
+from fedfleet.tools.bench.output import emit, progress
 
 
 def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "transfer") -> dict:
@@ -37,10 +37,16 @@ def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes,
                          coordinator_key=public_key(seed))
         try:
+            progress("rounds", f"{agents} agents connecting to {broker} from {processes} processes")
             pool.start()
             coord.wait_for_agents(agents, 120)
+            progress("rounds", "warm-up round (not counted)")
             coord.run_round(0)  # warm-up: caches, first features; not counted
-            summaries = [coord.run_round(r) for r in range(1, rounds + 1)]
+            summaries = []
+            for r in range(1, rounds + 1):
+                summaries.append(coord.run_round(r))
+                s = summaries[-1]
+                progress("rounds", f"round {r}/{rounds}: {s.wall_s:.2f} s, {s.ok}/{agents} answered")
         finally:
             pool.stop()
             coord.stop()
@@ -58,12 +64,12 @@ def run(agents: int, rounds: int, broker: str, processes: int = 2, mode: str = "
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench rounds", description=__doc__.splitlines()[0])
-    p.add_argument("--agents", type=int, default=50)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--broker", default="mosquitto")
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--json")
+    p = ArgParser(prog="fedfleet bench rounds", description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, default=50, help="agents (each its own MQTT connection) (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=10, help="rounds timed (default %(default)s)")
+    p.add_argument("--broker", default="mosquitto", help="mosquitto or embedded (default %(default)s)")
+    p.add_argument("--processes", type=int, default=2, help="worker processes the agents are spread over (default %(default)s)")
+    p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
     out = run(args.agents, args.rounds, args.broker, args.processes)
     emit(out, ("agents", "round_s_median", "slowest_agent_s_median", "overhead_s_median"), args.json)

@@ -21,7 +21,6 @@ on mnist-mlp; zo_calls_per_s >= 5000 on both runtimes. A summary against them go
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.runtime import Runner, open_runner
 from fedfleet.tools.bench.output import emit
 
@@ -169,14 +169,14 @@ def summary(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet bench runtimes", description=__doc__.splitlines()[0])
+    ap = ArgParser(prog="fedfleet bench runtimes", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: digits-mlp only, 3 epochs, short timings"
     )
     ap.add_argument("--models", nargs="*", default=None, help="zoo model names (default: all)")
     ap.add_argument("--threads", type=int, default=2, help="runtime threads for the latency rows")
     ap.add_argument("--seconds", type=float, default=None, help="timing budget per measurement")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the inputs and the zeroth-order queries (default %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="also write the JSON here")
     args = ap.parse_args(argv)
     from fedfleet.models import zoo

@@ -26,7 +26,6 @@ against agents.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.output import emit
 
 KEYS = ("agents", "floor_round_s", "round_s", "per_agent_ms", "startup_s", "tail_s", "pss_mib",
@@ -265,12 +265,12 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet bench scale", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="fedfleet bench scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--agents", default="10,50,100", help="comma-separated fleet sizes")
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--brokers", default="mosquitto,embedded")
-    p.add_argument("--json")
-    p.add_argument("--plot")
+    p.add_argument("--rounds", type=int, default=20, help="rounds per demo run (default %(default)s)")
+    p.add_argument("--brokers", default="mosquitto,embedded", help="comma-separated brokers to compare (default %(default)s)")
+    p.add_argument("--json", help="also write the result JSON to this file")
+    p.add_argument("--plot", help="also draw the result as a PNG to this file")
     p.add_argument("--bytecode-cache", metavar="DIR",
                    help="run the demos with fedfleet's modules compiled once into DIR (PYTHONPYCACHEPREFIX), as an "
                         "installed copy runs, also where PYTHONDONTWRITEBYTECODE is set")

@@ -23,7 +23,6 @@ the independent runs in N processes (the results do not depend on it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 
 from fedfleet.coordinator.strategies import create as create_strategy
 from fedfleet.coordinator.strategies.base import Strategy
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.learners import create as create_learner
 from fedfleet.edge_agent.learners.base import LocalData
 from fedfleet.edge_agent.zo.objectives import (
@@ -42,7 +42,7 @@ from fedfleet.edge_agent.zo.objectives import (
 )
 from fedfleet.tools.bench._zo_loop import EMPTY, Trace, _mean, _pool_map, run
 from fedfleet.tools.bench._zo_quadratic import QUAD_FZOOS, bench_quadratic
-from fedfleet.tools.bench.output import emit
+from fedfleet.tools.bench.output import emit, progress
 
 # ---- digits, macro-F1 through the int8 runtime ------------------------------------------------------
 
@@ -225,7 +225,7 @@ def plot(traces: dict[str, Trace], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fedfleet bench zo", description=__doc__.split("\n\n")[0])
+    ap = ArgParser(prog="fedfleet bench zo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the results here (they are printed too)")
     ap.add_argument("--plot", help="PNG of F − F* against cumulative queries on the quadratic")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=10000, help="total query budget on digits (both methods)")
     ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "litert", "both"],
                     help="runtime for the digits objective; 'both' adds a LiteRT run under digits_f1.by_runtime")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shards and the directions (default %(default)s)")
     ap.add_argument("--jobs", type=int, default=1, help="run the independent runs in this many processes")
     ap.add_argument("--memory-rounds", type=int, default=0,
                     help="instead: one FZooS agent's stored queries and memory over this many rounds, with the "
@@ -259,11 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             kw: dict[str, Any] = {"agents": 3, "budget": 600, "quick": True, "fzoos_overrides": small,
                                   "jobs": args.jobs}
         else:
+            progress("zo", f"the quadratic (d=50, 5 agents): FedZO and FZooS variants, {args.rounds} rounds")
             quad, traces = bench_quadratic(d=50, agents=5, div=0.5, rounds=args.rounds, seed=args.seed,
                                            jobs=args.jobs)
             kw = {"agents": 5, "budget": args.budget, "quick": False, "jobs": args.jobs}
         runtimes = ["onnxruntime", "litert"] if args.runtime == "both" else [args.runtime]
-        by_rt = {rt: bench_digits(seed=args.seed, runtime=rt, **kw) for rt in runtimes}
+        by_rt = {}
+        for rt in runtimes:
+            progress("zo", f"the digits head's macro-F1 on {rt}: FedZO and FZooS variants")
+            by_rt[rt] = bench_digits(seed=args.seed, runtime=rt, **kw)
         digits = dict(by_rt[runtimes[0]])
         if len(runtimes) > 1:
             digits["by_runtime"] = by_rt

@@ -109,11 +109,11 @@ class EmulatedAgent(Agent):
                 return
         super()._handle_task(header, body)
 
-    def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> None:
+    def _upload(self, header: dict[str, Any], task: Task, result: LearnResult, learn_s: float) -> int:
         if self.behaviour is not None:
             result = LearnResult(self._corrupt(task, result.tensors), result.samples, result.metrics)
             self.corrupted += 1
-        super()._upload(header, task, result, learn_s)
+        return super()._upload(header, task, result, learn_s)
 
     def _corrupt(self, task: Task, tensors: dict[str, Any]) -> dict[str, np.ndarray]:
         if self.behaviour == "nan":

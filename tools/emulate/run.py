@@ -19,7 +19,6 @@ when missed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.errors import ConfigError, FedfleetError
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.tools.emulate.fleet_config import FleetConfig, load
@@ -286,7 +286,7 @@ def _hold(duration_s: float | None, console: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfleet emulate", description=__doc__.splitlines()[0])
+    p = ArgParser(prog="fedfleet emulate", description=__doc__.splitlines()[0])
     p.add_argument("fleet", help="fleet TOML file (see tools/emulate/fleet_config.py or examples/fleet.toml)")
     p.add_argument("--broker", default="mosquitto", help="embedded, mosquitto or mqtt://host:port")
     p.add_argument("--shard", default="0/1", help="run only agents i, i+n, ... of the roster (i/n)")
@@ -299,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator-key-file", help="the coordinator's public key (coordinator.pub), for shards "
                    "that run only agents")
     p.add_argument("--duration", type=float, help="with --no-coordinator: seconds to keep the agents up")
-    p.add_argument("--run-dir")
+    p.add_argument("--run-dir", help="where the ledger and summary go (default runs/<run id>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     p.add_argument("--json", help="also write the summary here")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress view, only the summary")
     p.add_argument("--expect-accuracy", type=float, help="exit 1 if the final accuracy is lower")
     p.add_argument("--expect-max-mb-up", type=float, help="exit 1 if more megabytes were uploaded")
     p.add_argument("--expect-max-joules", type=float, help="exit 1 if the fleet spent more energy")
