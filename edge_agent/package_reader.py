@@ -238,7 +238,7 @@ def check_mode(m: Manifest, zf: zipfile.ZipFile, max_bytes: int) -> tuple[Manife
         if m.head_layout != want_layout:
             raise ModelError(f"head_layout {m.head_layout} is not the LoRA trainable layout {want_layout}; "
                              "rebuild the package")
-    elif m.head_layout != mlp.layout(m.head_sizes):
+    elif m.mode != "diffusion" and m.head_layout != mlp.layout(m.head_sizes):
         raise ModelError(
             f"head_layout {m.head_layout} is inconsistent with head_sizes {m.head_sizes} "
             f"(expected {mlp.layout(m.head_sizes)}); rebuild the package"
@@ -247,7 +247,7 @@ def check_mode(m: Manifest, zf: zipfile.ZipFile, max_bytes: int) -> tuple[Manife
     if m.mode == "diffusion":  # the denoiser's input is the clip plus time and condition features
         from fedfleet.edge_agent.nn import diffusion_spec
 
-        diffusion_spec.check(m.raw, m.head_sizes, m.input_shape, m.feature_dim)
+        diffusion_spec.check(m.raw, m.head_sizes, m.input_shape, m.feature_dim, m.head_layout)
     elif m.head_sizes[0] != m.feature_dim:
         raise ModelError(f"head input width {m.head_sizes[0]} differs from feature_dim {m.feature_dim}")
     elif len(classes) != m.head_sizes[-1]:

@@ -10,16 +10,12 @@
   returns the largest differences.
 - `check_onnx_file(path) -> (hidden, session)`: opens a denoiser file and checks its inputs and outputs
   (names, element types, shapes); a clear ModelError when it is not this model.
-- `export_tflite_core(state) -> bytes` and `check_tflite_core(state, blob)`: LiteRT gets the MLP core only,
-  network input (N, 2094) -> x0 residual (N, 2048), FULLY_CONNECTED layers written by `fedfleet.models.head_graph`'s
-  writer with the trained tensors fed as graph inputs. The project's TFLite writer has no SIN/COS, GATHER or
-  the per-sample skip arithmetic, so the time embedding, the one-hot conditions and
-  x0_hat = MEAN + c_skip(t) (x_t - sqrt(ab_t) MEAN) + residual stay in numpy on the device
-  (`video_denoiser.network_input`, `c_skip`).
-- `save_npz(state, path)` / `load_npz(path)`: the layout tensors (`fc{i}.weight`, `fc{i}.bias`) as an npz;
+- No LiteRT file: the project's TFLite writer (`fedfleet.models.head_graph`) writes FULLY_CONNECTED layers
+  only, and the denoiser is convolutional; a device samples through ONNX Runtime.
+- `save_npz(state, path)` / `load_npz(path)`: the layout tensors (`video_denoiser.layout`) as an npz;
   loading checks every shape against the denoiser's layout for the hidden widths the file implies.
 
-`python -m fedfleet.models.export_video_denoiser RUN_DIR/denoiser.npz --out DIR` writes and checks both files.
+`python -m fedfleet.models.export_video_denoiser RUN_DIR/denoiser.npz --out DIR` writes and checks the ONNX file.
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from fedfleet.edge_agent.errors import ModelError
-from fedfleet.edge_agent.nn import mlp
 from fedfleet.edge_agent.nn import video_denoiser as vd
 
 INPUTS = ("x_t", "t", "cond")
@@ -43,21 +38,18 @@ ATOL_X0, ATOL_EPS = 1e-4, 1e-2
 
 
 def hidden_of(state: dict[str, np.ndarray]) -> tuple[int, ...]:
-    """The hidden widths a layout implies; ModelError unless it is a denoiser's layout."""
-    n = sum(1 for k in state if k.endswith(".weight"))
-    if n < 2:
-        raise ModelError(f"a denoiser has at least 2 layers fc0 .. fc1, got tensors {sorted(state)}")
+    """The block widths a layout implies; ModelError unless it is a denoiser's layout."""
     try:
-        hidden = tuple(int(np.shape(state[f"fc{i}.weight"])[0]) for i in range(n - 1))
-    except KeyError as exc:
-        raise ModelError(f"denoiser tensors {sorted(state)} lack {exc}") from None
-    want = dict(mlp.layout(vd.sizes(hidden)))
+        hidden = vd.hidden_of(state)
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"denoiser tensors {sorted(state)[:8]} are not a video denoiser's ({exc})") from None
+    want = dict(vd.layout(hidden))
     if set(state) != set(want):
         raise ModelError(f"denoiser tensors {sorted(state)} are not the layout {sorted(want)}")
     for name, shape in want.items():
         if tuple(np.shape(state[name])) != shape:
             raise ModelError(f"denoiser tensor {name!r} has shape {tuple(np.shape(state[name]))}, the layout for "
-                             f"hidden {list(hidden)} needs {shape} (input {vd.INPUT_DIM}, output {vd.PIXELS})")
+                             f"hidden {list(hidden)} needs {shape}")
     return hidden
 
 
@@ -162,45 +154,15 @@ def check_onnx(state: dict[str, np.ndarray], path: str | Path, n: int = 16, seed
     return err
 
 
-def export_tflite_core(state: dict[str, np.ndarray]) -> bytes:
-    """The MLP core (network input -> x0 residual) as TFLite, its tensors as graph inputs (`head_graph`)."""
-    from fedfleet.models.head_graph import tflite_head
-
-    return tflite_head(vd.sizes(hidden_of(state)))
-
-
-def check_tflite_core(state: dict[str, np.ndarray], blob: bytes, n: int = 16, seed: int = 0) -> dict[str, float]:
-    """x0_hat computed with the core on LiteRT (embedding and skip in numpy) against numpy; ModelError past
-    ATOL_X0. Returns the largest difference of x0."""
-    from fedfleet.edge_agent.runtime import open_runner
-
-    runner = open_runner(blob, runtime="litert", threads=1)
-    x, t, cond = _probe(n, seed)
-    feeds = {"features": vd.network_input(x, t, cond)}
-    feeds.update({k: np.asarray(v, np.float32) for k, v in state.items()})
-    residual = runner.run(feeds)[0]
-    ab = vd.alpha_bar()
-    a = ab[t].astype(np.float32).reshape(-1, 1)
-    flat = x.reshape(n, -1)
-    x0 = (vd.MEAN + vd.c_skip(t, ab) * (flat - np.sqrt(a) * vd.MEAN) + residual).reshape(x.shape)
-    err = float(np.max(np.abs(x0 - vd.predict_x0(state, x, t, cond))))
-    if err > ATOL_X0:
-        raise ModelError(f"the TFLite core differs from the numpy denoiser by {err} (tolerance {ATOL_X0})")
-    return {"x0": err}
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Export a trained denoiser (npz) to ONNX and a TFLite core")
+    ap = argparse.ArgumentParser(description="Export a trained denoiser (npz) to ONNX")
     ap.add_argument("npz")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     state = load_npz(args.npz)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    onnx_err = check_onnx(state, export_onnx(state, out / "denoiser.onnx"))
-    core = export_tflite_core(state)
-    (out / "denoiser_core.tflite").write_bytes(core)
-    print({"onnx": onnx_err, "tflite_core": check_tflite_core(state, core)})
+    print({"onnx": check_onnx(state, export_onnx(state, out / "denoiser.onnx"))})
     return 0
 
 

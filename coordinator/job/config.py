@@ -27,7 +27,8 @@ A job file is TOML; every key is optional:
                              # (coordinator/engine/downlink.py); "none" (dense float32) or "zstd" (lossless)
     task = "classification"  # or "moving-digits-diffusion": FedAvg trains the conditional video denoiser on
                              # moving-digit clips (coordinator/tasks/diffusion.py; mode "diffusion", dataset digits;
-                             # hidden 0 = its default widths (256, 256), else hidden_layers x hidden)
+                             # hidden 0 = the centre's pre-trained conv denoiser (digits 0-6), else a fresh one
+                             # of hidden_layers blocks of hidden channels)
     eval_every = 0           # the diffusion task: evaluate every N rounds and the last (0: its default, 5);
                              # classification evaluates every round
 

@@ -30,6 +30,7 @@ class Config:
     weight_decay: float = own(0.0)  # the learner's L2 weight decay
     optimizer: Literal["sgd", "adam"] = own("sgd")  # local optimizer (the diffusion task's default: adam)
     server_lr: float = own(1.0)  # scale of the averaged delta the server adds
+    local_steps: int = own(None)  # when set: that many minibatch steps per round instead of `epochs`
 
 
 @register
@@ -42,7 +43,7 @@ class FedAvg(Strategy):
     continual = True
 
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
-        cfg = {k: self.config[k] for k in ("lr", "epochs", "batch", "weight_decay", "optimizer") if k in self.config}
+        cfg = {k: self.config[k] for k in ("lr", "epochs", "batch", "weight_decay", "optimizer", "local_steps") if k in self.config}
         down = to_numpy(self.state)
         expect = layout_of(self.state)
         uplink = dict(self.config.get("uplink", {"name": "none"}))

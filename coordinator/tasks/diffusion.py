@@ -6,8 +6,11 @@ The task (`[job] task = "moving-digits-diffusion"`, FedAvg only) trains the cond
 - `shards(cfg)`: `REPEATS` clips per training digit image; Dirichlet(alpha) skew over the *digit class*
   (each agent sees few digits, every direction), IID when alpha = 0; the held-out clips come from digit
   images no agent holds. LocalData.y is the condition id digit * 4 + direction.
-- `hidden_of(cfg)`: the denoiser's hidden widths: `DEFAULT_HIDDEN` when the job leaves `hidden` at 0, else
-  `hidden_layers` layers of `hidden` units.
+- `hidden_of(cfg)`: the denoiser's block widths (channels): `video_denoiser.DEFAULT_HIDDEN` when the job leaves
+  `hidden` at 0, else `hidden_layers` blocks of `hidden` channels.
+- The package (`build`): with `hidden` at 0 it starts from the centre's pre-trained generator
+  (`fedfleet.models.pretrain_video_denoiser`: trained centrally on the digits 0-6 only), so the fleet's FedAvg
+  teaches it the digits 7-9 that only the devices hold; with `hidden` set, from a fresh initialisation.
 - `DiffusionModel(blob, rounds, eval_every)`: the coordinator's model for the engine. `evaluate(state, x, y)`
   scores the global denoiser with the torch mirror (`fedfleet.models.mirrors.video_denoiser.VideoDenoiser`) on the
   held-out clips every `eval_every` rounds and on the last round, and returns (x0_mse, denoise_loss):
@@ -17,7 +20,7 @@ The task (`[job] task = "moving-digits-diffusion"`, FedAvg only) trains the cond
   - denoise_loss: the training objective on the held-out clips, t uniform and noise from a fixed seed.
   Rounds in between return NaN, which the ledger stores as NULL (not evaluated). Every evaluation is also
   appended to `RUN_DIR/diffusion_eval.jsonl` with x0_mse per step.
-- `write_files(run_dir, state)`: the final global denoiser as `denoiser.npz` (layout names) and
+- `write_files(run_dir, state)`: the final global denoiser as `denoiser.npz` (`video_denoiser.layout` names) and
   `denoiser.onnx` (`fedfleet.models.export_video_denoiser`), checked against numpy on onnxruntime.
 """
 
@@ -42,7 +45,7 @@ from fedfleet.models import moving_digits
 from fedfleet.models.mirrors.video_denoiser import VideoDenoiser
 
 TASK = "moving-digits-diffusion"
-DEFAULT_HIDDEN = (256, 256)
+DEFAULT_HIDDEN = vd.DEFAULT_HIDDEN
 REPEATS = 4  # clips per training image: 1,437 digit images -> 5,748 training clips
 QUALITY_T = (100, 300, 500, 700, 900)
 EVAL_SEED = 0xD1FF
@@ -74,7 +77,12 @@ def build(cfg: Any) -> tuple[bytes, DiffusionModel]:
     from fedfleet.coordinator.job.config import DIFFUSION_EVAL_EVERY
     from fedfleet.models.diffusion_package import build_diffusion_package
 
-    blob = build_diffusion_package(hidden_of(cfg), seed=cfg.seed)
+    init = None
+    if not cfg.hidden:
+        from fedfleet.models import pretrain_video_denoiser
+
+        init = pretrain_video_denoiser.load()
+    blob = build_diffusion_package(hidden_of(cfg), seed=cfg.seed, init=init)
     return blob, DiffusionModel(blob, rounds=cfg.rounds, eval_every=cfg.eval_every or DIFFUSION_EVAL_EVERY)
 
 

@@ -11,9 +11,12 @@ text-to-video generation. Segment k of a sequence, with condition c_k, is sample
   z^f = sqrt(1 - l_f) z_inv^f + sqrt(l_f) eps^f with l_f = noise_max * f / (FRAMES - 1): the first frame keeps
   the inverted latent (continuity), later frames get more fresh noise (new motion instead of the previous one).
 - **Structure-Guiding Sampling**: during the first `guide_fraction` of the sampling steps, `guide_iters` times
-  per step, the latent takes a step on L = 1/2 sum_{f>=1} |x0_hat^f(z_t) - x0_hat^(f-1)|^2, each frame's
-  reference being the preceding frame's prediction, held fixed: the paper's updates "across the preceding
-  frame" that keep the appearance consistent within one clip. Continuity with the previous segment is the
+  per step, the latent takes a step on L = 1/2 sum_{f>=1} |x0_hat^f(z_t) - ref^f|^2, the references held
+  fixed. By default (`guide_refs = "all"`, the later version of the paper, MEVG, ECCV'24) ref^f is the mean
+  of the predictions of all preceding frames 0 .. f-1 of the clip (the gradient of
+  1/2 sum_{j<f} |x0^f - x0^j|^2 / f with the x0^j held); `guide_refs = "previous"` is MTVG's first rule,
+  ref^f = x0_hat^(f-1), the updates "across the preceding frame". Either keeps the appearance consistent
+  within one clip. Continuity with the previous segment is the
   inversion's job; pulling frame 0's prediction at high noise towards the previous (sharp) last frame, which
   the first runs did, distorts the inverted latent (on the untrained denoiser it raised the boundary MSE from
   0.001 without guidance to about 0.33, 16 sequences).
@@ -44,11 +47,11 @@ from pathlib import Path
 import numpy as np
 
 from fedfleet.edge_agent.errors import ConfigError, ModelError
-from fedfleet.edge_agent.nn import mlp
 from fedfleet.edge_agent.nn import video_denoiser as vd
 from fedfleet.edge_agent.npz import read_npz
 
 CLIP = (vd.FRAMES, vd.SIZE, vd.SIZE)
+GUIDE_REFS = ("all", "previous")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class MTVGOptions:
     guide_scale: float = 0.5  # share of the line-minimising step a* taken per update
     guide_max: float = 0.03  # cap on the RMS of one update of the latent (unit-variance noise at t = T)
     guide_step: str = "linesearch"  # or "normalised" (the first runs' rule, with guide_scale 0.3; it runs away)
+    guide_refs: str = "all"  # each frame guided towards all preceding frames (MEVG), or "previous" (MTVG's first)
 
     @classmethod
     def naive(cls, steps: int = 50) -> MTVGOptions:
@@ -85,6 +89,8 @@ class MTVGOptions:
             raise ConfigError("guide_fraction must be in [0, 1], guide_iters and guide_scale >= 0")
         if self.guide_step not in ("linesearch", "normalised"):
             raise ConfigError(f"guide_step must be 'linesearch' or 'normalised', got {self.guide_step!r}")
+        if self.guide_refs not in GUIDE_REFS:
+            raise ConfigError(f"guide_refs must be one of {', '.join(GUIDE_REFS)}, got {self.guide_refs!r}")
         return self
 
     @property
@@ -135,9 +141,16 @@ def inversion_schedule(steps: int) -> list[tuple[int, float, float]]:
     return [(int(ts[i]), float(ab[ts[i]]), float(ab[ts[i + 1]])) for i in range(len(ts) - 1)]
 
 
-def guidance_refs_np(x0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(references, mask) for the structure loss: each frame's preceding frame; frame 0 has none."""
-    ref = np.concatenate([x0[:, :1], x0[:, :-1]], axis=1)
+def guidance_refs_np(x0: np.ndarray, refs: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """(references, mask) for the structure loss: per frame f >= 1 the mean of frames 0 .. f-1 ("all") or
+    frame f-1 ("previous"); frame 0 has none."""
+    if refs == "previous":
+        ref = np.concatenate([x0[:, :1], x0[:, :-1]], axis=1)
+    else:
+        csum = np.cumsum(x0, axis=1, dtype=np.float64)
+        counts = np.arange(1, x0.shape[1] + 1, dtype=np.float64).reshape(1, -1, 1, 1)
+        mean_upto = (csum / counts).astype(np.float32)  # mean of frames 0..f
+        ref = np.concatenate([x0[:, :1], mean_upto[:, :-1]], axis=1)
     mask = np.ones((1, vd.FRAMES, 1, 1), np.float32)
     mask[:, 0] = 0.0
     return ref, mask
@@ -174,7 +187,7 @@ def guide_update(x0_fn: X0Fn, vjp_fn: VjpFn, x: np.ndarray, t: np.ndarray, cond:
     """One structure-guiding update of the latent x on 1/2 sum_f |x0_hat^f - ref^f|^2 (references held fixed),
     by `opts.guide_step`."""
     x0 = x0_fn(x, t, cond)
-    ref, mask = guidance_refs_np(x0)
+    ref, mask = guidance_refs_np(x0, opts.guide_refs)
     resid = (x0 - ref) * mask
     grad = vjp_fn(x, t, cond, resid)
     if opts.guide_step == "normalised":
@@ -275,19 +288,22 @@ MAX_WEIGHT_BYTES = 256 << 20  # the denoiser's weights, all tensors together
 
 
 def load_weights(path: str | Path) -> vd.Params:
-    """The denoiser's `fc{i}` tensors from an npz, checked against the video denoiser's input and output widths."""
+    """The denoiser's tensors from an npz, checked against the video denoiser's layout for the widths they imply."""
     if not zipfile.is_zipfile(path):
         raise ModelError(f"{path}: not an .npz archive of denoiser weights")
     try:  # sizes checked before anything is allocated or inflated (fedfleet.edge_agent.npz)
         params = {k: np.asarray(v, np.float32) for k, v in read_npz(path, max_bytes=MAX_WEIGHT_BYTES).items()}
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read denoiser weights ({exc})") from None
-    n = sum(1 for k in params if k.endswith(".weight"))
-    names = {f"fc{i}.{p}" for i in range(n) for p in ("weight", "bias")}
-    if n < 1 or set(params) != names:
-        raise ModelError(f"{path}: expected tensors fc0..fc{max(n - 1, 0)} weight/bias, got {sorted(params)[:6]}")
-    hidden = tuple(int(params[f"fc{i}.weight"].shape[0]) for i in range(n - 1))
-    for name, shape in mlp.layout(vd.sizes(hidden)):
+    try:
+        hidden = vd.hidden_of(params)
+    except (KeyError, ValueError):
+        raise ModelError(f"{path}: expected the video denoiser's tensors (emb, conv0.., cemb0..), got "
+                         f"{sorted(params)[:6]}") from None
+    want = dict(vd.layout(hidden))
+    if set(params) != set(want):
+        raise ModelError(f"{path}: tensors {sorted(params)[:6]}... are not the denoiser layout {sorted(want)[:6]}...")
+    for name, shape in want.items():
         if params[name].shape != shape:
             raise ModelError(f"{path}: {name} has shape {params[name].shape}, the video denoiser needs {shape}")
     if not all(np.all(np.isfinite(v)) for v in params.values()):

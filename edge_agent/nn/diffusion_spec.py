@@ -1,15 +1,17 @@
 """What a "diffusion" model package says about its denoiser, and the check of it on load.
 
 Mode "diffusion" has no backbone: the trainable layout is the whole conditional video denoiser
-(`fedfleet.edge_agent.nn.video_denoiser`), an MLP `fc0 .. fc{L}` from the network input (flattened clip, time embedding,
-one-hot digit and direction) to the clip's x0 residual. The manifest carries, besides the usual fields:
+(`fedfleet.edge_agent.nn.video_denoiser`), a small convolutional net (`emb.*`, `conv{i}.*`, `cemb{i}.weight`) from
+the noisy clip, its step and its condition to the clip's x0 residual. The manifest carries, besides the usual fields:
 - `objective`: "denoising" (the learner's loss, `fedfleet.edge_agent.nn.losses`);
 - `input_shape` [frames, size, size] and `feature_dim` frames * size * size (the raw clip, flattened);
-- `head_sizes` = `video_denoiser.sizes(hidden)`; `classes` = the condition ids 0 .. 39 (digit * 4 + direction);
-- `diffusion`: {"hidden", "frames", "size", "steps", "t_emb", "digits", "directions", "beta_start",
-  "beta_end", "mean", "std", "parametrisation"}, which must match the constants this code computes with.
+- `head_sizes` = `video_denoiser.sizes(hidden)` (channel widths), `head_layout` = `video_denoiser.layout(hidden)`;
+  `classes` = the condition ids 0 .. 39 (digit * 4 + direction);
+- `diffusion`: {"hidden", "frames", "size", "steps", "t_emb", "emb", "dilations", "digits", "directions",
+  "beta_start", "beta_end", "mean", "std", "parametrisation", "architecture"}, which must match the
+  constants this code computes with.
 
-`section(hidden, steps)` writes that table; `check(manifest, head_sizes, input_shape, feature_dim)` raises
+`section(hidden, steps)` writes that table; `check(manifest, head_sizes, input_shape, feature_dim, head_layout)` raises
 ModelError naming the field that disagrees. Numpy only.
 """
 
@@ -22,17 +24,20 @@ from fedfleet.edge_agent.nn import video_denoiser as vd
 
 MODE = "diffusion"
 OBJECTIVE = "denoising"
-PARAMETRISATION = "x0-skip"
+PARAMETRISATION = "x0-edm"
+ARCHITECTURE = "circular-conv"
 
 
 def section(hidden: tuple[int, ...], steps: int = vd.STEPS) -> dict[str, Any]:
     return {"hidden": [int(h) for h in hidden], "frames": vd.FRAMES, "size": vd.SIZE, "steps": int(steps),
-            "t_emb": vd.T_EMB, "digits": vd.CLASSES, "directions": list(vd.DIRECTIONS),
+            "t_emb": vd.T_EMB, "emb": vd.EMB, "dilations": list(vd.DILATIONS), "architecture": ARCHITECTURE,
+            "digits": vd.CLASSES, "directions": list(vd.DIRECTIONS),
             "beta_start": vd.BETA_START, "beta_end": vd.BETA_END, "mean": vd.MEAN, "std": vd.STD,
             "parametrisation": PARAMETRISATION}
 
 
-def check(manifest: dict[str, Any], head_sizes: list[int], input_shape: tuple[int, ...], feature_dim: int) -> None:
+def check(manifest: dict[str, Any], head_sizes: list[int], input_shape: tuple[int, ...], feature_dim: int,
+          head_layout: list[tuple[str, tuple[int, ...]]] | None = None) -> None:
     """ModelError unless the manifest describes a denoiser this code can run."""
     spec = manifest.get("diffusion")
     if not isinstance(spec, dict):
@@ -55,6 +60,8 @@ def check(manifest: dict[str, Any], head_sizes: list[int], input_shape: tuple[in
                          f"{vd.PIXELS}, got {list(input_shape)} and {feature_dim}")
     if head_sizes != vd.sizes(tuple(hidden)):
         raise ModelError(f"head_sizes {head_sizes} are not the denoiser's {vd.sizes(tuple(hidden))} for hidden {hidden}")
+    if head_layout is not None and list(head_layout) != vd.layout(tuple(hidden)):
+        raise ModelError(f"head_layout is not the denoiser's layout for hidden {hidden}; rebuild the package")
     classes = manifest.get("classes")
     if classes != list(range(vd.CLASSES * len(vd.DIRECTIONS))):
         raise ModelError(f"a diffusion package's classes must be the condition ids 0..{vd.CLASSES * len(vd.DIRECTIONS) - 1}")

@@ -7,17 +7,30 @@ The edge trains it (forward and backward here) and can sample with it; the coord
 - The condition c is (digit class, motion direction), carried as one id `digit * 4 + direction`.
 - The noise schedule is DDPM's linear beta from 1e-4 to 0.02 over `STEPS` (1000) steps; `alpha_bar[t]` is
   the product of (1 - beta) up to and including step t; x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps.
-- The network is an `fedfleet.edge_agent.nn.mlp` MLP (`fc{i}.weight/bias`, ReLU between layers) on the concatenation
-  [x_t flattened, time embedding (T_EMB sin/cos features of t / steps), one-hot digit, one-hot direction].
-  It is x0-parametrised with a fixed skip (the preconditioning of Karras et al., EDM, in VP form): the clean
-  clip estimate is  x0_hat = MEAN + c_skip(t) (x_t - sqrt(ab_t) MEAN) + mlp(...),  where
+- The network is a small convolutional net on the clip seen as a 16x16 image with the 8 frames as channels.
+  Every convolution is 3x3 with circular padding (the moving digits wrap around a torus, so the net is
+  exactly translation-equivariant, as the data are). Layers, for `hidden` = (C_0, ..., C_{L-1}):
+  - the condition embedding e = relu(emb.weight [time embedding (T_EMB sin/cos of t), one-hot digit,
+    one-hot direction] + emb.bias), EMB wide;
+  - block i (i < L): pre_i = conv_i(h_i, dilation DILATIONS[i % 4]) + conv{i}.bias + cemb{i}.weight e
+    (the embedding added per channel, in every layer), a_i = relu(pre_i), h_{i+1} = a_i + h_i when the
+    widths agree (a residual block), else a_i; h_0 is x_t;
+  - the output conv{L} (dilation 1, zero-initialised) from h_L to FRAMES channels: the x0 residual.
+  Dilations 1, 2, 4, 8 give the net a receptive field over the whole 16x16 canvas in four blocks, so each
+  frame can see where the digit is in every other frame (up to 14 pixels away).
+- It is x0-parametrised with the preconditioning of Karras et al. (EDM), in VP form: the clean clip estimate is
+  x0_hat = MEAN + c_skip(t) (x_t - sqrt(ab_t) MEAN) + c_out(t) net(...),  where
   c_skip(t) = sqrt(ab_t) STD^2 / (ab_t STD^2 + 1 - ab_t) is the best linear estimate for data of mean MEAN and
-  standard deviation STD (the pixel statistics of the clips), so the MLP learns only the residual. A plain
-  eps-predicting MLP has to carry the 2,048-pixel input through its narrow hidden layers and barely learns.
+  standard deviation STD (the pixel statistics of the clips) and c_out(t) = sqrt(1 - ab_t) STD /
+  sqrt(ab_t STD^2 + 1 - ab_t) the standard deviation of what the linear estimate leaves, so the network's
+  target has unit scale at every step (without c_out a low-noise step needs outputs of size 0.01 and the
+  samples keep speckles of noise).
 - The noise prediction is derived: eps_theta = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t).
-- Training loss: the mean over batch and pixels of (x0_hat(x_t, t, c) - x0)^2, t uniform in [0, STEPS),
-  eps ~ N(0, I).
+- Training loss (EDM's weighting): the mean over batch and pixels of ((x0_hat(x_t, t, c) - x0) / c_out(t))^2,
+  i.e. the network's error on its unit-scale target, t uniform in [0, STEPS), eps ~ N(0, I).
 
+Convolutions are im2col (a strided window view of the circularly padded channels-last activations) and one
+matmul; the backward pass is the transposed matmul and nine slice-adds folded back around the torus.
 `vjp_input` gives v^T d x0_hat / d x_t, which structure-guided sampling needs on a device without autograd.
 Numpy only; never imports torch.
 """
@@ -26,18 +39,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedfleet.edge_agent.nn import mlp
-
 FRAMES = 8
 SIZE = 16
 CLASSES = 10
 DIRECTIONS = ("right", "left", "down", "up")
 T_EMB = 32
+EMB_IN = T_EMB + CLASSES + len(DIRECTIONS)  # the embedding MLP's input: time features, one-hot digit and direction
+EMB = 64  # width of the condition embedding added in every block
 STEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 PIXELS = FRAMES * SIZE * SIZE
-INPUT_DIM = PIXELS + T_EMB + CLASSES + len(DIRECTIONS)
-DEFAULT_HIDDEN = (512, 512)
+DILATIONS = (1, 2, 4, 8)
+DEFAULT_HIDDEN = (32, 32, 32, 32, 32)
 MEAN, STD = -0.85, 0.46  # pixel mean and standard deviation of moving-digit clips (background -1)
 
 Params = dict[str, np.ndarray]
@@ -48,15 +61,51 @@ def condition_id(digit: np.ndarray | int, direction: np.ndarray | int) -> np.nda
 
 
 def sizes(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> list[int]:
-    """MLP widths: the network input, the hidden layers, the flattened clip."""
-    return [INPUT_DIM, *hidden, PIXELS]
+    """Channel widths: the input frames, each block's channels, the output frames."""
+    return [FRAMES, *[int(h) for h in hidden], FRAMES]
+
+
+def dilation(i: int, hidden: tuple[int, ...]) -> int:
+    """The dilation of conv{i}: DILATIONS cycled over the blocks, 1 for the output conv."""
+    return 1 if i >= len(hidden) else DILATIONS[i % len(DILATIONS)]
+
+
+def layout(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> list[tuple[str, tuple[int, ...]]]:
+    """The named tensors of the denoiser with block widths `hidden`, in a fixed order."""
+    widths = sizes(hidden)
+    out: list[tuple[str, tuple[int, ...]]] = [("emb.weight", (EMB, EMB_IN)), ("emb.bias", (EMB,))]
+    for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+        out += [(f"conv{i}.weight", (c_out, c_in, 3, 3)), (f"conv{i}.bias", (c_out,))]
+        if i < len(hidden):
+            out.append((f"cemb{i}.weight", (c_out, EMB)))
+    return out
+
+
+def hidden_of(params: dict) -> tuple[int, ...]:
+    """The block widths a set of tensors implies (by `conv{i}.weight` shapes); KeyError/ValueError if none."""
+    n = sum(1 for k in params if k.startswith("conv") and k.endswith(".weight"))
+    if n < 2:
+        raise ValueError(f"a denoiser has at least conv0 and conv1, got {sorted(params)[:8]}")
+    return tuple(int(np.shape(params[f"conv{i}.weight"])[0]) for i in range(n - 1))
 
 
 def init(hidden: tuple[int, ...] = DEFAULT_HIDDEN, seed: int = 0) -> Params:
-    """He-uniform hidden layers and a zero output layer, so an untrained denoiser is the linear estimate."""
-    params = mlp.init(sizes(hidden), seed)
-    last = len(hidden)
-    params[f"fc{last}.weight"][:] = 0.0
+    """He-normal convolutions (residual branches scaled by 1/sqrt(blocks)), a zero output conv, so an
+    untrained denoiser is the linear estimate."""
+    rng = np.random.default_rng(seed)
+    params: Params = {}
+    for name, shape in layout(hidden):
+        if name.endswith(".bias"):
+            params[name] = np.zeros(shape, np.float32)
+        elif name == "emb.weight":
+            params[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / EMB_IN)).astype(np.float32)
+        elif name.startswith("cemb"):
+            params[name] = (rng.standard_normal(shape) * np.sqrt(1.0 / EMB)).astype(np.float32)
+        else:
+            fan_in = shape[1] * 9
+            scale = np.sqrt(2.0 / fan_in) / np.sqrt(max(len(hidden), 1))
+            params[name] = (rng.standard_normal(shape) * scale).astype(np.float32)
+    params[f"conv{len(hidden)}.weight"][:] = 0.0
     return params
 
 
@@ -74,33 +123,142 @@ def time_embedding(t: np.ndarray, steps: int = STEPS) -> np.ndarray:
     return np.concatenate([np.sin(arg), np.cos(arg)], axis=1).astype(np.float32)
 
 
-def network_input(x_t: np.ndarray, t: np.ndarray, cond: np.ndarray, steps: int = STEPS) -> np.ndarray:
-    """The MLP's input (N, INPUT_DIM) for clips x_t (N, FRAMES, SIZE, SIZE), steps t (N,), condition ids (N,)."""
-    cond = np.asarray(cond, np.int64)
-    n = len(cond)
+def embedding_input(t: np.ndarray, cond: np.ndarray, steps: int = STEPS) -> np.ndarray:
+    """The embedding MLP's input (N, EMB_IN): time features, one-hot digit, one-hot direction."""
+    cond = np.asarray(cond, np.int64).reshape(-1)
     eye_d = np.eye(CLASSES, dtype=np.float32)[cond // len(DIRECTIONS)]
     eye_m = np.eye(len(DIRECTIONS), dtype=np.float32)[cond % len(DIRECTIONS)]
-    return np.concatenate([np.asarray(x_t, np.float32).reshape(n, -1), time_embedding(t, steps), eye_d, eye_m],
-                          axis=1)
+    return np.concatenate([time_embedding(t, steps), eye_d, eye_m], axis=1)
 
 
 def c_skip(t: np.ndarray, ab: np.ndarray) -> np.ndarray:
-    """(N, 1) float32: the fixed skip weight of x_t in x0_hat at steps t."""
-    a = ab[np.asarray(t)].astype(np.float32).reshape(-1, 1)
+    """(N, 1, 1, 1) float32: the fixed skip weight of x_t in x0_hat at steps t."""
+    a = ab[np.asarray(t)].astype(np.float32).reshape(-1, 1, 1, 1)
     return (np.sqrt(a) * STD**2 / (a * STD**2 + 1.0 - a)).astype(np.float32)
 
 
-def _x0_from(out: np.ndarray, x_flat: np.ndarray, t: np.ndarray, ab: np.ndarray) -> np.ndarray:
-    a = ab[np.asarray(t)].astype(np.float32).reshape(-1, 1)
-    return MEAN + c_skip(t, ab) * (x_flat - np.sqrt(a) * MEAN) + out
+def c_out(t: np.ndarray, ab: np.ndarray) -> np.ndarray:
+    """(N, 1, 1, 1) float32: the scale of the network's output in x0_hat at steps t."""
+    a = ab[np.asarray(t)].astype(np.float32).reshape(-1, 1, 1, 1)
+    return (np.sqrt(1.0 - a) * STD / np.sqrt(a * STD**2 + 1.0 - a)).astype(np.float32)
+
+
+# --- circular 3x3 convolution, channels last -------------------------------------------------------------------
+
+def _pad(h: np.ndarray, d: int) -> np.ndarray:
+    """Circular padding of (N, H, W, C) by d on both sides of H and W."""
+    return np.pad(h, ((0, 0), (d, d), (d, d), (0, 0)), mode="wrap")
+
+
+def _im2col(h: np.ndarray, d: int) -> np.ndarray:
+    """(N, H, W, C) -> (N, H, W, C * 9): cols[..., c 9 + ky 3 + kx] = h[n, (y + (ky-1) d) % H, (x + (kx-1) d) % W, c]
+    (a strided window view of the circularly padded activations, then one copy)."""
+    n, hh, ww, c = h.shape
+    win = np.lib.stride_tricks.sliding_window_view(_pad(h, d), (2 * d + 1, 2 * d + 1), axis=(1, 2))[..., ::d, ::d]
+    return np.ascontiguousarray(win).reshape(n, hh, ww, c * 9)
+
+
+def _col2im(g: np.ndarray, d: int, c: int) -> np.ndarray:
+    """The adjoint of `_im2col`: (N, H, W, C * 9) -> (N, H, W, C)."""
+    n, hh, ww, _ = g.shape
+    g = g.reshape(n, hh, ww, c, 3, 3)
+    gp = np.zeros((n, hh + 2 * d, ww + 2 * d, c), np.float32)
+    for ky in range(3):
+        for kx in range(3):
+            gp[:, ky * d:ky * d + hh, kx * d:kx * d + ww] += g[..., ky, kx]
+    out = gp[:, d:d + hh, d:d + ww].copy()  # fold the padding back onto the rows and columns it wraps
+    out[:, :, :d] += gp[:, d:d + hh, ww + d:]
+    out[:, :, ww - d:] += gp[:, d:d + hh, :d]
+    out[:, :d] += gp[:, hh + d:, d:d + ww]
+    out[:, hh - d:] += gp[:, :d, d:d + ww]
+    out[:, :d, :d] += gp[:, hh + d:, ww + d:]
+    out[:, :d, ww - d:] += gp[:, hh + d:, :d]
+    out[:, hh - d:, :d] += gp[:, :d, ww + d:]
+    out[:, hh - d:, ww - d:] += gp[:, :d, :d]
+    return out
+
+
+def _wmat(w: np.ndarray) -> np.ndarray:
+    """(O, C, 3, 3) torch-layout weights -> (C * 9, O), rows ordered (c, ky, kx) as `_im2col`'s columns."""
+    return w.reshape(w.shape[0], -1).T
+
+
+def _forward(params: Params, x_t: np.ndarray, t: np.ndarray, cond: np.ndarray, steps: int) -> tuple[np.ndarray, dict]:
+    """The network's x0 residual (N, F, S, S) and what the backward pass needs."""
+    hidden = hidden_of(params)
+    n_blocks = len(hidden)
+    e_in = embedding_input(t, cond, steps)
+    e_pre = e_in @ params["emb.weight"].T + params["emb.bias"]
+    e = np.maximum(e_pre, 0.0)
+    h = np.ascontiguousarray(np.asarray(x_t, np.float32).reshape(-1, FRAMES, SIZE, SIZE).transpose(0, 2, 3, 1))
+    cache: dict = {"e_in": e_in, "e": e, "cols": [], "masks": [], "residual": [], "hidden": hidden}
+    for i in range(n_blocks + 1):
+        cols = _im2col(h, dilation(i, hidden))
+        out = cols @ _wmat(params[f"conv{i}.weight"]) + params[f"conv{i}.bias"]
+        cache["cols"].append(cols)
+        if i == n_blocks:
+            return out.transpose(0, 3, 1, 2), cache
+        out += (e @ params[f"cemb{i}.weight"].T)[:, None, None, :]
+        mask = out > 0
+        a = out * mask
+        res = a.shape == h.shape
+        cache["masks"].append(mask)
+        cache["residual"].append(res)
+        h = a + h if res else a
+    raise AssertionError("unreachable")
+
+
+def _backward(params: Params, cache: dict, g_out: np.ndarray, need_params: bool = True) -> tuple[Params, np.ndarray]:
+    """(gradients of every tensor, gradient of the input x_t (N, F, S, S)) for d loss / d residual = g_out."""
+    hidden = cache["hidden"]
+    n_blocks = len(hidden)
+    grads: Params = {}
+    g = np.ascontiguousarray(np.asarray(g_out, np.float32).transpose(0, 2, 3, 1))  # d/d conv output, channels last
+    g_e = np.zeros_like(cache["e"])
+    g_h = None
+    for i in range(n_blocks, -1, -1):
+        w = params[f"conv{i}.weight"]
+        cols = cache["cols"][i]
+        if i < n_blocks:  # g is d/d h_{i+1}; through the residual and the ReLU to d/d pre_i
+            g_h_skip = g if cache["residual"][i] else None
+            g = g * cache["masks"][i]
+            g_sum = g.sum(axis=(1, 2))  # (N, O)
+            g_e += g_sum @ params[f"cemb{i}.weight"]
+            if need_params:
+                grads[f"cemb{i}.weight"] = (g_sum.T @ cache["e"]).astype(np.float32)
+        else:
+            g_h_skip = None
+        if need_params:
+            flat_g = g.reshape(-1, g.shape[-1])
+            wm = cols.reshape(-1, cols.shape[-1]).T @ flat_g  # (9 C, O)
+            grads[f"conv{i}.weight"] = wm.T.reshape(w.shape).astype(np.float32)
+            grads[f"conv{i}.bias"] = flat_g.sum(axis=0).astype(np.float32)
+        g_h = _col2im(g @ _wmat(w).T, dilation(i, hidden), w.shape[1])
+        if g_h_skip is not None:
+            g_h = g_h + g_h_skip
+        g = g_h
+    if need_params:
+        g_e_pre = g_e * (cache["e"] > 0)
+        grads["emb.weight"] = (g_e_pre.T @ cache["e_in"]).astype(np.float32)
+        grads["emb.bias"] = g_e_pre.sum(axis=0).astype(np.float32)
+    assert g_h is not None
+    return grads, g_h.transpose(0, 3, 1, 2)
+
+
+def residual(params: Params, x_t: np.ndarray, t: np.ndarray, cond: np.ndarray, steps: int = STEPS) -> np.ndarray:
+    """The network's output alone (N, F, S, S): the x0 residual."""
+    return _forward(params, x_t, t, cond, steps)[0]
+
+
+def _x0_from(out: np.ndarray, x_t: np.ndarray, t: np.ndarray, ab: np.ndarray) -> np.ndarray:
+    a = ab[np.asarray(t)].astype(np.float32).reshape(-1, 1, 1, 1)
+    return (MEAN + c_skip(t, ab) * (x_t - np.sqrt(a) * MEAN) + c_out(t, ab) * out).astype(np.float32)
 
 
 def predict_x0(params: Params, x_t: np.ndarray, t: np.ndarray, cond: np.ndarray, steps: int = STEPS) -> np.ndarray:
-    """The clean-clip estimate x0_hat, shaped like x_t."""
+    """The clean-clip estimate x0_hat, shaped like x_t (N, F, S, S)."""
     x_t = np.asarray(x_t, np.float32)
-    flat = x_t.reshape(x_t.shape[0], -1)
-    out = mlp.forward(params, network_input(x_t, t, cond, steps))
-    return _x0_from(out, flat, t, alpha_bar(steps)).reshape(x_t.shape)
+    return _x0_from(residual(params, x_t, t, cond, steps), x_t, t, alpha_bar(steps))
 
 
 def eps_from_x0(x_t: np.ndarray, x0: np.ndarray, t: np.ndarray, ab: np.ndarray) -> np.ndarray:
@@ -116,7 +274,20 @@ def predict(params: Params, x_t: np.ndarray, t: np.ndarray, cond: np.ndarray, st
 def noised(x0: np.ndarray, t: np.ndarray, eps: np.ndarray, ab: np.ndarray) -> np.ndarray:
     """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps."""
     a = ab[np.asarray(t)].astype(np.float32).reshape(-1, *([1] * (x0.ndim - 1)))
-    return np.sqrt(a) * x0 + np.sqrt(1.0 - a) * eps
+    return (np.sqrt(a) * x0 + np.sqrt(1.0 - a) * eps).astype(np.float32)
+
+
+def loss_at(params: Params, x0: np.ndarray, cond: np.ndarray, t: np.ndarray, eps: np.ndarray,
+            ab: np.ndarray) -> tuple[float, Params]:
+    """The denoising loss and its gradient for given steps t and noise eps."""
+    x0 = np.asarray(x0, np.float32).reshape(-1, FRAMES, SIZE, SIZE)  # the learner passes flattened clips
+    x_t = noised(x0, t, np.asarray(eps, np.float32).reshape(x0.shape), ab)
+    out, cache = _forward(params, x_t, t, cond, len(ab))
+    scale = c_out(t, ab)
+    diff = (_x0_from(out, x_t, t, ab) - x0) / scale  # the network's error on its unit-scale target
+    value = float(np.mean(diff * diff))
+    grads, _ = _backward(params, cache, (2.0 / diff.size) * diff)  # d x0_hat / d out = c_out cancels 1 / c_out
+    return value, grads
 
 
 def loss_and_grad(params: Params, x0: np.ndarray, cond: np.ndarray, rng: np.random.Generator,
@@ -125,27 +296,17 @@ def loss_and_grad(params: Params, x0: np.ndarray, cond: np.ndarray, rng: np.rand
 
     Draws t uniform in [0, steps) and eps ~ N(0, I) from `rng`, in that order."""
     ab = alpha_bar() if ab is None else ab
-    n = len(cond)
-    t = rng.integers(0, len(ab), n)
-    eps = rng.standard_normal(x0.shape).astype(np.float32)
-    x0 = np.asarray(x0, np.float32)
-    x_t = noised(x0, t, eps, ab)
-    acts = mlp.activations(params, network_input(x_t, t, cond, len(ab)))
-    diff = _x0_from(acts[-1], x_t.reshape(n, -1), t, ab) - x0.reshape(n, -1)
-    value = float(np.mean(diff * diff))
-    grads, _ = mlp.backward(params, acts, (2.0 / diff.size) * diff)
-    return value, grads
+    t = rng.integers(0, len(ab), len(cond))
+    eps = rng.standard_normal(np.shape(x0)).astype(np.float32)
+    return loss_at(params, x0, cond, t, eps, ab)
 
 
 def vjp_input(params: Params, x_t: np.ndarray, t: np.ndarray, cond: np.ndarray, v: np.ndarray,
               steps: int = STEPS) -> tuple[np.ndarray, np.ndarray]:
     """(x0_hat(x_t), v^T d x0_hat / d x_t): the clean-clip estimate and its vector-Jacobian product for x_t."""
     x_t = np.asarray(x_t, np.float32)
-    n = x_t.shape[0]
     ab = alpha_bar(steps)
-    flat = x_t.reshape(n, -1)
-    acts = mlp.activations(params, network_input(x_t, t, cond, steps))
-    v = np.asarray(v, np.float32).reshape(n, -1)
-    _, d_in = mlp.backward(params, acts, v, need_params=False)
-    vjp = d_in[:, :PIXELS] + c_skip(t, ab) * v
-    return _x0_from(acts[-1], flat, t, ab).reshape(x_t.shape), vjp.reshape(x_t.shape)
+    out, cache = _forward(params, x_t, t, cond, steps)
+    v = np.asarray(v, np.float32).reshape(x_t.shape)
+    _, d_in = _backward(params, cache, v * c_out(t, ab), need_params=False)
+    return _x0_from(out, x_t, t, ab), (d_in + c_skip(t, ab) * v).astype(np.float32)

@@ -1,10 +1,12 @@
 """The torch mirror of the edge's conditional video denoiser (`fedfleet.edge_agent.nn.video_denoiser`).
 
-`VideoDenoiser(hidden)` holds `fedfleet.models.mirrors.head.MLPHead` layers under the same `fc{i}` names, builds the
-same network input (flattened x_t, the DDPM time embedding, one-hot digit and direction) and the same
-x0-parametrisation with a fixed skip; `predict_x0` is the clean-clip estimate and `forward` the derived noise
-prediction, both shaped like x_t. `state_dict()` keys are exactly the edge layout, so FedAvg state moves
-between the two sides unchanged. `alpha_bar()` is the edge's schedule as a float64 tensor.
+`VideoDenoiser(hidden)` holds the same tensors under the same names (`emb.*`, `conv{i}.*`, `cemb{i}.weight`),
+builds the same condition embedding, the same circular 3x3 convolutions (dilations cycled 1, 2, 4, 8, the
+embedding added per channel in every block, residual blocks where widths agree) and the same
+x0-parametrisation (EDM's c_skip and c_out); `predict_x0` is the clean-clip estimate and `forward` the derived noise
+prediction, both shaped like x_t. `layout_state()` keys are exactly the edge layout, so FedAvg state moves
+between the two sides unchanged. Circular padding is written as slices and a concatenation, which the ONNX
+exporter keeps as plain Slice/Concat nodes.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedfleet.edge_agent.nn import video_denoiser as vd
-from fedfleet.models.mirrors.head import MLPHead
 
 
 def alpha_bar(steps: int = vd.STEPS) -> torch.Tensor:
@@ -31,44 +33,71 @@ def time_embedding(t: torch.Tensor, steps: int = vd.STEPS) -> torch.Tensor:
     return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
 
 
+def circular_pad(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Pad the last two dimensions of (N, C, H, W) by d on each side, wrapping around."""
+    x = torch.cat([x[:, :, -d:, :], x, x[:, :, :d, :]], dim=2)
+    return torch.cat([x[:, :, :, -d:], x, x[:, :, :, :d]], dim=3)
+
+
 class VideoDenoiser(nn.Module):
     """eps_theta(x_t, t, c): x_t (N, F, S, S) float32, t (N,) integer steps, cond (N,) ids digit * 4 + direction."""
 
     def __init__(self, hidden: tuple[int, ...] = vd.DEFAULT_HIDDEN, steps: int = vd.STEPS) -> None:
         super().__init__()
-        self.hidden, self.steps = tuple(hidden), steps
-        self.net = MLPHead(vd.sizes(self.hidden))
+        self.hidden, self.steps = tuple(int(h) for h in hidden), steps
+        self.params = nn.ParameterDict()
+        for name, shape in vd.layout(self.hidden):
+            self.params[name.replace(".", "__")] = nn.Parameter(torch.zeros(shape))
         self.register_buffer("eye_digit", torch.eye(vd.CLASSES), persistent=False)
         self.register_buffer("eye_direction", torch.eye(len(vd.DIRECTIONS)), persistent=False)
         self.register_buffer("alpha_bar", alpha_bar(steps).to(torch.float32), persistent=False)
 
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor | np.ndarray], steps: int = vd.STEPS) -> VideoDenoiser:
-        """A denoiser whose hidden widths are read off the `fc{i}.weight` shapes of `state`."""
-        n = sum(1 for k in state if k.endswith(".weight"))
-        hidden = tuple(int(np.shape(state[f"fc{i}.weight"])[0]) for i in range(n - 1))
-        model = cls(hidden, steps)
+        """A denoiser whose block widths are read off the `conv{i}.weight` shapes of `state`."""
+        model = cls(vd.hidden_of(dict(state)), steps)
         model.load_layout(state)
         return model
 
+    def p(self, name: str) -> torch.Tensor:
+        return self.params[name.replace(".", "__")]
+
     def load_layout(self, state: Mapping[str, torch.Tensor | np.ndarray]) -> None:
-        self.net.load_state_dict({k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in state.items()})
+        want = dict(vd.layout(self.hidden))
+        if set(state) != set(want):
+            raise KeyError(f"denoiser tensors {sorted(state)} are not the layout {sorted(want)}")
+        with torch.no_grad():
+            for name in want:
+                self.p(name).copy_(torch.as_tensor(np.asarray(state[name]), dtype=torch.float32))
 
     def layout_state(self) -> dict[str, torch.Tensor]:
-        """The tensors under the edge layout's names (`fc{i}.weight`, `fc{i}.bias`)."""
-        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        """The tensors under the edge layout's names."""
+        return {name: self.p(name).detach().clone() for name, _ in vd.layout(self.hidden)}
+
+    def residual(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        cond, t = cond.to(torch.long), t.to(torch.long)
+        e_in = torch.cat([time_embedding(t, self.steps), self.eye_digit[cond // len(vd.DIRECTIONS)],
+                          self.eye_direction[cond % len(vd.DIRECTIONS)]], dim=1)
+        e = torch.relu(e_in @ self.p("emb.weight").T + self.p("emb.bias"))
+        h = x_t
+        n_blocks = len(self.hidden)
+        for i in range(n_blocks):
+            d = vd.dilation(i, self.hidden)
+            pre = F.conv2d(circular_pad(h, d), self.p(f"conv{i}.weight"), self.p(f"conv{i}.bias"), dilation=d)
+            a = torch.relu(pre + (e @ self.p(f"cemb{i}.weight").T)[:, :, None, None])
+            h = a + h if a.shape == h.shape else a
+        return F.conv2d(circular_pad(h, 1), self.p(f"conv{n_blocks}.weight"), self.p(f"conv{n_blocks}.bias"))
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The clean-clip estimate x0_hat (the edge's `predict_x0`), shaped like x_t."""
-        n = x_t.shape[0]
-        cond, t = cond.to(torch.long), t.to(torch.long)
-        flat = x_t.reshape(n, -1)
-        feats = torch.cat([flat, time_embedding(t, self.steps),
-                           self.eye_digit[cond // len(vd.DIRECTIONS)], self.eye_direction[cond % len(vd.DIRECTIONS)]],
-                          dim=1)
-        a = self.alpha_bar[t].reshape(-1, 1)
+        a = self.alpha_bar[t.to(torch.long)].reshape(-1, 1, 1, 1)
         skip = torch.sqrt(a) * vd.STD**2 / (a * vd.STD**2 + 1.0 - a)
-        return (vd.MEAN + skip * (flat - torch.sqrt(a) * vd.MEAN) + self.net(feats)).reshape(x_t.shape)
+        out = torch.sqrt(1.0 - a) * vd.STD / torch.sqrt(a * vd.STD**2 + 1.0 - a)
+        return vd.MEAN + skip * (x_t - torch.sqrt(a) * vd.MEAN) + out * self.residual(x_t, t, cond)
+
+    def c_out(self, t: torch.Tensor) -> torch.Tensor:
+        a = self.alpha_bar[t.to(torch.long)].reshape(-1, 1, 1, 1)
+        return torch.sqrt(1.0 - a) * vd.STD / torch.sqrt(a * vd.STD**2 + 1.0 - a)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The noise prediction eps_theta(x_t, t, c) = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t)."""

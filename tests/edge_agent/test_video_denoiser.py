@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fedfleet.edge_agent.nn import video_denoiser as vd
@@ -27,8 +28,8 @@ def test_clips_move_with_wrap_and_carry_their_condition() -> None:
 
 
 def test_edge_and_torch_denoisers_agree_and_gradients_match_autograd() -> None:
-    params = vd.init((32, 32), seed=1)
     rng = np.random.default_rng(0)
+    params = {k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in vd.init((8, 8), seed=1).items()}
     x = rng.standard_normal((5, vd.FRAMES, vd.SIZE, vd.SIZE)).astype(np.float32)
     t = np.array([0, 10, 500, 999, 3])
     cond = np.array([0, 7, 39, 12, 21])
@@ -48,12 +49,13 @@ def test_edge_and_torch_denoisers_agree_and_gradients_match_autograd() -> None:
     eps = draw.standard_normal(x0.shape).astype(np.float32)
     x_t = vd.noised(x0, tt, eps, vd.alpha_bar())
     model.zero_grad()
-    loss = torch.mean((model.predict_x0(torch.from_numpy(x_t), torch.from_numpy(tt), torch.from_numpy(cond))
-                       - torch.from_numpy(x0)) ** 2)
+    loss = torch.mean(((model.predict_x0(torch.from_numpy(x_t), torch.from_numpy(tt), torch.from_numpy(cond))
+                        - torch.from_numpy(x0)) / model.c_out(torch.from_numpy(tt))) ** 2)
     loss.backward()
-    assert abs(float(loss) - value) < 1e-5
-    for name, p in model.net.named_parameters():
-        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-3, atol=1e-6)
+    assert float(loss) == pytest.approx(value, rel=1e-5)
+    for name, _ in vd.layout((8, 8)):
+        g = model.p(name).grad.numpy()
+        np.testing.assert_allclose(grads[name], g, rtol=1e-3, atol=1e-4 * np.abs(g).max(), err_msg=name)
 
     # the input vector-Jacobian product structure guidance uses on a device
     v = rng.standard_normal(x.shape).astype(np.float32)
@@ -69,7 +71,7 @@ def test_denoiser_learns_on_clips() -> None:
     """Numpy SGD on clips lowers the held-out denoising loss below the untrained denoiser's (the linear
     estimate, since the output layer starts at zero), on the same noise draws."""
     train, test = md.moving_digits(seed=0, repeats=1)
-    params = vd.init((128,), seed=0)
+    params = vd.init((8,), seed=0)
     ab = vd.alpha_bar()
 
     def held_out(p: dict[str, np.ndarray]) -> float:
@@ -78,10 +80,10 @@ def test_denoiser_learns_on_clips() -> None:
 
     before = held_out(params)
     rng = np.random.default_rng(0)
-    for _ in range(300):
+    for _ in range(60):
         idx = rng.choice(len(train), 32, replace=False)
         _, grads = vd.loss_and_grad(params, train.x[idx], train.y[idx], rng, ab)
         for k in params:
-            params[k] -= 2.0 * grads[k]
+            params[k] -= 0.05 * grads[k]
     after = held_out(params)
     assert after < before - 0.002, (before, after)

@@ -53,7 +53,7 @@ def test_motion_steps_match_the_dataset_and_the_estimator_reads_real_clips() -> 
 
 def _params(seed: int = 1) -> vd.Params:
     """A small denoiser whose output layer is not zero, so the network (not only the skip) shapes samples."""
-    params = vd.init((48, 48), seed=seed)
+    params = vd.init((8, 8), seed=seed)
     rng = np.random.default_rng(seed)
     return {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in params.items()}
 
@@ -111,21 +111,34 @@ def test_inversion_reverses_sampling_and_dynamic_noise_ramps_over_frames() -> No
     assert lam[0] == 0.0 and lam[-1] == pytest.approx(0.5) and np.all(np.diff(lam) > 0)
 
 
+def test_guidance_references_are_all_preceding_frames_by_default() -> None:
+    x0 = np.random.default_rng(0).standard_normal((2, *em.CLIP)).astype(np.float32)
+    ref, mask = em.guidance_refs_np(x0)  # MEVG: frame f against the mean of frames 0 .. f-1
+    assert em.MTVGOptions().guide_refs == "all" and mask[0, 0, 0, 0] == 0 and mask[0, 1:].min() == 1
+    for f in range(1, vd.FRAMES):
+        np.testing.assert_allclose(ref[:, f], x0[:, :f].mean(axis=1), atol=1e-5)
+    prev, _ = em.guidance_refs_np(x0, "previous")
+    np.testing.assert_array_equal(prev[:, 1:], x0[:, :-1])
+    with pytest.raises(ConfigError, match="guide_refs"):
+        em.MTVGOptions(guide_refs="next").check()
+
+
+@pytest.mark.parametrize("refs", ["all", "previous"])
 @pytest.mark.parametrize("t", [999, 600, 100])
-def test_structure_guidance_update_lowers_its_loss_and_is_capped(t: int) -> None:
+def test_structure_guidance_update_lowers_its_loss_and_is_capped(t: int, refs: str) -> None:
     model = mtvg.from_state(_params())  # a network with a large input Jacobian: a plain gradient step overshoots
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((3, *em.CLIP)).astype(np.float32))
     tt, c = torch.full((3,), t), torch.tensor([1, 2, 3])
     with torch.no_grad():
         x0 = model.predict_x0(x, tt, c)
-        ref = x0[:, :-1]  # each frame's preceding frame, held fixed by the update
+    ref = torch.from_numpy(em.guidance_refs_np(x0.numpy(), refs)[0][:, 1:])  # held fixed by the update
 
     def loss(z: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             return torch.sum(((model.predict_x0(z, tt, c)[:, 1:] - ref) ** 2).reshape(3, -1), dim=1).numpy()
 
-    opts = em.MTVGOptions()
+    opts = em.MTVGOptions(guide_refs=refs)
     moved = torch.from_numpy(em.guide_update(*mtvg.denoiser_fns(model), x.numpy(), tt.numpy(), c.numpy(), opts))
     assert np.all(loss(moved) < loss(x))
     rms = torch.sqrt(torch.mean(((moved - x) ** 2).reshape(3, -1), dim=1))
@@ -166,9 +179,9 @@ def test_mismatched_model_files_are_typed_errors(exported: tuple[vd.Params, str,
     with pytest.raises(ModelError, match="not a readable ONNX"):
         em.OnnxDenoiser(npz_path, npz_path)
     wrong = vd.init((16,), seed=0)
-    wrong["fc0.weight"] = wrong["fc0.weight"][:, :100]
+    wrong["cemb0.weight"] = wrong["cemb0.weight"][:, :10]
     np.savez(tmp_path / "wrong.npz", **wrong)
-    with pytest.raises(ModelError, match="fc0.weight"):
+    with pytest.raises(ModelError, match="cemb0.weight"):
         em.OnnxDenoiser(onnx_path, tmp_path / "wrong.npz")
     with pytest.raises(ModelError, match="npz"):
         mtvg.load_denoiser(onnx_path)

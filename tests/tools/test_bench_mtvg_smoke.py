@@ -1,14 +1,25 @@
-"""A tiny run of the MTVG benchmark: it trains, samples naive, MTVG and the ablations, and prints exactly the
-keys issue 16 names (the rest on the details line)."""
+"""A tiny run of the MTVG benchmark: the fleet (or the in-process FedAvg) trains the centre's pre-trained conv
+denoiser, it samples naive, MTVG and the ablations on same-digit prompts and random-digit prompts, times the
+device path, and prints exactly the keys issues 16 and 25 name (the rest on the details line)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fedfleet.tools.bench import mtvg as bench_mtvg
 from fedfleet.tools.bench.output import details
+
+
+def test_main_prompts_keep_the_digit_and_change_the_direction():
+    conds = bench_mtvg.same_digit_prompts(50, 0)
+    digit, direction = conds // 4, conds % 4
+    assert conds.shape == (50, 3) and (digit == digit[:, :1]).all() and (direction[:, 1:] != direction[:, :-1]).all()
+    assert len(np.unique(digit)) > 5
+    new = bench_mtvg.digit_prompts(bench_mtvg.NEW_DIGITS, 9, 0)
+    assert set((new // 4).ravel()) == {7, 8, 9}
 
 
 @pytest.mark.parametrize("trainer", ["fleet", "inprocess"])
@@ -23,8 +34,15 @@ def test_bench_mtvg_smoke(tmp_path, capsys, mosquitto, trainer):
     assert result["segments"] == 12 and result["fl_rounds"] == 1
     for key in bench_mtvg.KEYS[1:7]:
         assert 0.0 <= result[key] <= 4.0
+    for key in bench_mtvg.KEYS[8:11]:
+        assert 0.0 <= result[key] <= 1.0
+    assert result["seconds_per_clip_edge"] > 0
     more = details(captured.err)
-    assert set(more["variants"]) == {"naive", "mtvg", "no_inversion", "no_dynamic_noise", "no_structure_guidance"}
+    assert set(more["variants"]) == {"naive", "mtvg", "no_inversion", "no_dynamic_noise", "no_structure_guidance",
+                                     "mtvg_guide_previous_frame"}
+    assert more["options"]["mtvg"]["guide_refs"] == "all"
+    assert set(more["random_digit_prompts"]) == {"naive", "mtvg"}
+    assert more["fleet_gain"]["new_digits"]["digits"] == [7, 8, 9]
     if trainer == "fleet":  # the fleet's MQTT job trained it: one round, both agents answered
         assert "over MQTT" in more["training"]["trainer"] and more["training"]["ok_per_round"] == [2]
         assert more["training"]["bytes_up"] > 0
@@ -32,4 +50,5 @@ def test_bench_mtvg_smoke(tmp_path, capsys, mosquitto, trainer):
         assert "no broker" in more["training"]["trainer"] and len(more["training"]["history"]) == 2
     assert 0.0 <= more["classifier_held_out"]["both"] <= 1.0
     assert more["onnxruntime_vs_torch_mtvg"]["max_abs"] < 0.05  # the device path gives the same frames
+    assert more["seconds_per_clip_coordinator"] > 0
     assert (tmp_path / "seq.png").stat().st_size > 5_000

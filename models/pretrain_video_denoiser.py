@@ -1,0 +1,98 @@
+"""The centre's pre-trained video denoiser: the moving-digits generator trained centrally on digits 0-6 only.
+
+MTVG uses a frozen pre-trained generator; fedfleet's centre pre-trains one the way the int8 backbone is
+pre-trained (`fedfleet.models.backbone`), and the fleet then teaches it what only the devices hold: the
+digits 7, 8 and 9 (`CENTRE_DIGITS` are the only classes the centre sees). The moving-digits diffusion task's
+package starts from these weights (`fedfleet.coordinator.tasks.diffusion`).
+
+`python -m fedfleet.models.pretrain_video_denoiser` regenerates `models/artifacts/moving-digits-denoiser-0to6.npz`.
+Recipe (fixed before the first run): the training clips of `fedfleet.models.moving_digits.moving_digits(seed 0,
+repeats 4)` whose digit is in CENTRE_DIGITS; the torch mirror (`fedfleet.models.mirrors.video_denoiser`) with
+`video_denoiser.DEFAULT_HIDDEN`, initialised by `video_denoiser.init(seed 0)`; the denoising loss of
+`video_denoiser` (EDM-weighted, t uniform, eps ~ N(0, I)); Adam lr 1e-3, batch 32, `PRETRAIN_STEPS` steps (3,000
+were planned; the shipped file has 1,000, all the shared machine's load allowed: 23 minutes), one torch
+thread, `torch.manual_seed(0)`; the weights kept are the exponential moving average (decay 0.995) of the
+iterates. `load()` reads the shipped file and checks it against the denoiser's layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedfleet.edge_agent.nn import video_denoiser as vd
+
+ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "moving-digits-denoiser-0to6.npz"
+CENTRE_DIGITS = (0, 1, 2, 3, 4, 5, 6)
+PRETRAIN_STEPS = 1000
+EMA = 0.995
+
+
+def load(path: str | Path = ARTIFACT) -> vd.Params:
+    """The shipped pre-trained weights (layout-checked)."""
+    from fedfleet.models.export_video_denoiser import load_npz
+
+    return load_npz(path)
+
+
+def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr: float = 1e-3,
+             digits: tuple[int, ...] = CENTRE_DIGITS, log_every: int = 250) -> tuple[vd.Params, dict]:
+    import torch
+
+    from fedfleet.models import moving_digits as md
+    from fedfleet.models.mirrors.video_denoiser import VideoDenoiser
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    train, _ = md.moving_digits(seed=seed, repeats=4)
+    keep = np.isin(train.digit, digits)
+    x, y = torch.from_numpy(train.x[keep]), torch.from_numpy(train.y[keep])
+    model = VideoDenoiser.from_state(vd.init(vd.DEFAULT_HIDDEN, seed))
+    ema = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    ab = model.alpha_bar
+    t0, losses = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(y), (batch,))
+        t = torch.randint(0, vd.STEPS, (batch,))
+        eps = torch.randn(batch, vd.FRAMES, vd.SIZE, vd.SIZE)
+        a = ab[t].reshape(-1, 1, 1, 1)
+        x_t = torch.sqrt(a) * x[idx] + torch.sqrt(1 - a) * eps
+        loss = (((model.predict_x0(x_t, t, y[idx]) - x[idx]) / model.c_out(t)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        with torch.no_grad():
+            for k, v in model.named_parameters():
+                ema[k].mul_(EMA).add_(v.detach(), alpha=1 - EMA)
+        if step % log_every == 0:
+            print(f"step {step}/{steps}: loss {np.mean(losses[-log_every:]):.4f} ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+    with torch.no_grad():
+        for k, v in model.named_parameters():
+            v.copy_(ema[k])
+    state = {k: v.numpy() for k, v in model.layout_state().items()}
+    return state, {"steps": steps, "clips": int(keep.sum()), "digits": list(digits), "seconds": time.perf_counter() - t0,
+                   "final_loss": float(np.mean(losses[-log_every:]))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
+    ap.add_argument("--out", default=str(ARTIFACT))
+    args = ap.parse_args(argv)
+    from fedfleet.models.export_video_denoiser import save_npz
+
+    state, info = pretrain(args.steps)
+    save_npz(state, args.out)
+    print(info)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
