@@ -89,6 +89,7 @@ class Validator:
         samples = self.guard.weight(meta["samples"], self.announced.get(agent), limit=self.weight_limit)
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if v is not None}
         metrics["_learn_s"] = float(meta.get("learn_s", 0.0))
+        metrics["_samples_claimed"] = float(meta["samples"])  # before the cap: methods compare their own counts
         result = ClientResult(agent, tensors, samples, metrics)
         self.strategy.check(r, phase, result)  # the method's own checks (ProtocolError -> rejected:<reason>)
         return result

@@ -199,6 +199,9 @@ class FOTStrategy(Strategy):
         n = float(result.tensors[COUNT][0])
         if not (n >= 1 and n == int(n) and n < 1 << 31):
             raise ProtocolError("sketch_n", f"N_i must be a positive sample count, got {n}")
+        claimed = result.metrics.get("_samples_claimed")
+        if claimed is not None and n > claimed:  # the sketch covers the task's own samples, no more
+            raise ProtocolError("sketch_n", f"N_i = {n:.0f} exceeds the {claimed:.0f} samples the result claims")
         rho = result.tensors[RHO]
         if np.any(rho < 0) or np.any(rho > 1 + RHO_TOLERANCE):
             raise ProtocolError("sketch_rho", f"rho_i must lie in [0, 1], got {rho.tolist()}")

@@ -229,6 +229,11 @@ def test_fot_checks_the_sketch_statistics():
     with pytest.raises(ProtocolError) as exc:
         fot.check(1, 0, ClientResult("a", {**ok, RHO: np.array([1.7], np.float32)}, 7))
     assert exc.value.reason == "sketch_rho"
+    # N_i above the samples the result itself claims (before the engine's cap) is a lie, not a capped weight
+    fot.check(1, 0, ClientResult("a", ok, 3, {"_samples_claimed": 7.0}))  # capped to 3: still honest
+    with pytest.raises(ProtocolError, match="exceeds the 7 samples") as exc:
+        fot.check(1, 0, ClientResult("a", {**ok, COUNT: np.array([7e6], np.float32)}, 7, {"_samples_claimed": 7.0}))
+    assert exc.value.reason == "sketch_n"
 
 
 def test_shards_of_a_continual_job_are_files_named_per_task(tmp_path):
