@@ -132,7 +132,7 @@ def test_a_private_method_is_refused_at_load_by_the_command_line(tmp_path):
 def test_an_unknown_method_key_is_refused_naming_the_methods_fields(tmp_path):
     with pytest.raises(ConfigError, match="unknown field 'momentum' for method 'fedavg'") as err:
         config.load(_toml(tmp_path, "[method]\nmomentum = 0.9\n"))
-    assert "batch, epochs, lr, optimizer, server_lr, weight_decay" in str(err.value)
+    assert "batch, epochs, local_steps, lr, optimizer, server_lr, weight_decay" in str(err.value)
     with pytest.raises(ConfigError, match="unknown field 'epochs' for method 'ferret'"):
         config.load(_toml(tmp_path, '[job]\nmethod = "ferret"\n[method]\nepochs = 2\n'))
     r = _run("fedfleet.coordinator.cli", "demo", "--broker", NO_BROKER, "--rounds", "1", "--agents", "2", "--run-dir",
@@ -150,7 +150,8 @@ def test_a_job_whose_method_changes_after_load_is_checked_when_its_strategy_is_c
 _ZO_HEAD = {"objective": "macro_f1", "zo_tensors": ["fc1.weight", "fc1.bias"], "zo_path": "runtime"}
 EXPECTED_DEFAULTS = {
     "fedavg": {"lr": 0.1, "epochs": 2, "batch": 16},
-    "fedzo": {**_ZO_HEAD, "lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10},
+    "fedzo": {**_ZO_HEAD, "lr": 0.3, "mu": 3.0, "directions": 20, "local_steps": 10, "optimizer": "sgd",
+              "basis": "sphere", "scale": "d"},
     "fot": {"lr": 0.05, "epochs": 1, "batch": 16, "weight_decay": 1e-5, "eps": 0.95, "eps_inc": 0.0},
     "fzoos": {**_ZO_HEAD, "lr": 1.0, "optimizer": "sgd", "local_steps": 10, "gp_restarts": 2,
               "explore_radius": 0.05, "init_radius": 0.05, "rff_features": 2000},
