@@ -29,6 +29,7 @@ class PhaseBooks:
         self.reject_rows = reject_rows
         self.held: dict[str, tuple[ClientResult, dict[str, Any]]] = {}  # validated results, their rows not written
         self._reject_count: dict[str, int] = {}
+        self._traffic: list[TrafficReport] = []  # traffic reports not written yet (`summarise` writes them at once)
 
     def hold(self, result: ClientResult, row: dict[str, Any]) -> None:
         """Keep a valid result's `ok` row until the phase closes."""
@@ -59,9 +60,11 @@ class PhaseBooks:
 
     def book_held(self, up: dict[str, int]) -> None:
         """Write the held `ok` rows (by agent), with the result bytes counted since."""
+        rows = []
         for agent, (_, row) in sorted(self.held.items()):
             row["bytes_up"] = max(row["bytes_up"], up.get(agent, 0))
-            self.ledger.record(self.run, self.round, agent, "ok", phase=self.phase, **row)
+            rows.append((agent, "ok", row))
+        self.ledger.record_many(self.run, self.round, rows, phase=self.phase)
         self.held = {}
 
     def late(self, agent: str, *, bytes_up: int, bytes_down: int) -> None:
@@ -84,14 +87,22 @@ class PhaseBooks:
                                radio_j=report.radio_j, idle_j=report.idle_j, meter=report.meter)
 
     def traffic(self, report: TrafficReport) -> None:
-        """An agent's bytes by category (and its socket's) since its previous report, on the report's round."""
-        self.ledger.record_traffic(self.run, report.round, report.agent, report.traffic, report.wire)
+        """An agent's bytes by category (and its socket's) since its previous report, on the report's round; written
+        with the phase's summaries (`summarise`), all of them in one statement."""
+        self._traffic.append(report)
+
+    def write_traffic(self) -> None:
+        """Write the traffic reports held since the last write (`traffic`), in one statement per table."""
+        if self._traffic:
+            self.ledger.record_traffic_many(self.run, [(t.round, t.agent, t.traffic, t.wire) for t in self._traffic])
+            self._traffic = []
 
     def summarise(self, dropped: dict[Refusal, tuple[int, int, list[str]]],
                   refused: dict[tuple[str, Refusal], tuple[int, list[str]]]) -> None:
         """One row per reason for unauthenticated messages (`dropped`: reason -> (count, bytes, claimed ids)), one per
         agent and reason for refused status and telemetry (`refused`), and one per agent for refusals past its row
-        cap; then the cap starts again."""
+        cap; then the cap starts again. The traffic reports held since the last call are written first."""
+        self.write_traffic()
         for reason, (count, nbytes, ids) in sorted(dropped.items()):
             self.ledger.record(self.run, self.round, UNAUTHENTICATED, reason.status, phase=self.phase,
                                bytes_up=nbytes, detail=f"{count} unauthenticated messages dropped; "

@@ -246,6 +246,9 @@ class BufferedCoordinator(Coordinator):
             return
         raise TypeError(f"not an inbox item: {type(item).__name__}")
 
+    def _write_traffic(self) -> None:
+        self._books.write_traffic()
+
     def book_traffic(self, report: TrafficReport) -> None:
         """A report names the agent's task number, not a version: it goes on the version being built."""
         if report.run == self.cfg.run:

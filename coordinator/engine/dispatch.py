@@ -11,11 +11,15 @@
 - each agent's task on its task topic.
 
 Every downlink header is built here (`_header`), and every message is signed with the coordinator's Ed25519 key
-seed. `bytes_down` counts the MQTT bytes of everything published.
+seed. `bytes_down` counts the MQTT bytes of everything published. A task's `msg` id (agents tell a new dispatch
+from a redelivered one by it) is this dispatcher's random prefix and a counter: unique per coordinator process
+without a random draw per task.
 """
 
 from __future__ import annotations
 
+import itertools
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -49,6 +53,11 @@ class Dispatcher:
         self.sync = sync
         self.bytes_down = 0
         self._broadcast: dict[str, Any] = {}  # the sync metadata of the round's state broadcast
+        self._msg_prefix = secrets.token_hex(8)  # drawn once: a resumed coordinator's dispatches get new msg ids
+        self._msg_count = itertools.count()
+
+    def _msg_id(self) -> str:
+        return f"{self._msg_prefix}-{next(self._msg_count):x}"
 
     def _header(self, kind: str, agent: str, **fields: Any) -> dict[str, Any]:
         """A downlink header: kind, fleet and addressee first, then `fields` in their order (the bytes depend on it)."""
@@ -111,4 +120,5 @@ class Dispatcher:
             meta={"config": spec.config, "expect": [[n, list(s)] for n, s in spec.expect],
                   "uplink": spec.uplink_codec, **({"sync": sync} if sync is not None else {}), **(extra_meta or {})},
         )
+        header["msg"] = self._msg_id()  # where `protocol.split_signed` would put its own (the field order is kept)
         return self._send(protocol.agent_topic(self.fleet, agent, "task"), header, payload)[0] + received

@@ -204,12 +204,17 @@ class Coordinator:
                 break
             if isinstance(item, TrafficReport):
                 self.book_traffic(item)
+        self._write_traffic()
         self.link.stop()
         self.store.close()
 
     def book_traffic(self, report: TrafficReport) -> None:
         """An agent's traffic report, on the round it names (the asynchronous engine books it on its version)."""
         self._current.offer(report)
+
+    def _write_traffic(self) -> None:
+        """Write the traffic reports the books still hold (those booked after the last phase's summaries)."""
+        self._current.books.write_traffic()
 
     def publish_package(self, package: bytes | None = None) -> int:
         """Publish the model package (a new one if given) as retained, chunked broadcast messages; returns the

@@ -167,6 +167,25 @@ class Ledger:
         sql = f"INSERT INTO agent_rounds({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
         self._write(sql, vals)
 
+    def record_many(self, run: str, round: int, rows: list[tuple[str, str, dict[str, Any]]], *, phase: int = 0) -> None:
+        """`record` for many rows (agent, status, fields) of one round and phase, in one statement per set of field
+        names (the rows keep their order within each set). Unknown field names raise TypeError before any row is
+        written."""
+        groups: dict[tuple[str, ...], list[list[Any]]] = {}
+        now = time.time()
+        for agent, status, fields in rows:
+            unknown = set(fields) - set(AGENT_FIELDS)
+            if unknown:
+                raise TypeError(f"unknown ledger fields: {sorted(unknown)}")
+            groups.setdefault(tuple(fields), []).append([run, round, phase, agent, status, now, *fields.values()])
+        for names, vals in groups.items():
+            cols = ["run", "round", "phase", "agent", "status", "ts", *names]
+            sql = f"INSERT INTO agent_rounds({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+            with self._lock:
+                ctx = nullcontext() if self._batching else self._db
+                with ctx:
+                    self._db.executemany(sql, vals)
+
     def add_bytes(self, run: str, round: int, phase: int, agent: str, bytes_up: int) -> None:
         """Add bytes that arrived after an agent's row was written (a late result)."""
         self._write(
@@ -188,15 +207,23 @@ class Ledger:
                        wire: tuple[int, int] | None) -> None:
         """An agent's report: bytes by category (`traffic` rows) and its socket's bytes (a `sockets` row, unless
         None), both since its previous report, booked on `round`."""
+        self.record_traffic_many(run, [(round, agent, traffic, wire)])
+
+    def record_traffic_many(self, run: str, reports: list[tuple[int, str, dict[str, tuple[int, int]],
+                                                                 tuple[int, int] | None]]) -> None:
+        """`record_traffic` for many reports (round, agent, traffic, wire), in one statement per table."""
         now = time.time()
-        rows = [(run, round, agent[:64], cat, int(up), int(down), now) for cat, (up, down) in sorted(traffic.items())]
+        rows = [(run, round, agent[:64], cat, int(up), int(down), now)
+                for round, agent, traffic, _ in reports for cat, (up, down) in sorted(traffic.items())]
+        sockets = [(run, round, agent[:64], int(wire[0]), int(wire[1]), now)
+                   for round, agent, _, wire in reports if wire is not None]
         with self._lock:
             ctx = nullcontext() if self._batching else self._db
             with ctx:
-                self._db.executemany("INSERT INTO traffic VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                if wire is not None:
-                    self._db.execute("INSERT INTO sockets VALUES (?, ?, ?, ?, ?, ?)",
-                                     (run, round, agent[:64], int(wire[0]), int(wire[1]), now))
+                if rows:
+                    self._db.executemany("INSERT INTO traffic VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                if sockets:
+                    self._db.executemany("INSERT INTO sockets VALUES (?, ?, ?, ?, ?, ?)", sockets)
 
     def record_round(self, run: str, round: int, **fields: Any) -> None:
         cols = ["run", "round", "ts", *fields]

@@ -8,7 +8,9 @@ and then walks the chain of code starts by pointer doubling (`bitio.walk`), so n
 
 Cost per tensor matters (a coordinator decodes every tensor of every update): canonical codes are assigned
 with one cumulative sum, and code lengths are memoised per weight vector (`code_lengths`), so the same
-counts never run the Huffman construction twice.
+counts never run the Huffman construction twice. Codes are memoised per length vector too (`from_lengths`): a
+decoder meets the same few code tables in every update of a round, and a memoised `Code` keeps its decode
+table, so neither is built again. A `Code` is shared between callers and never changed after it is built.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..errors import CodecError
 from .bitio import bit_windows, pack_fields, walk
 
 MAX_LEN = 24  # longest codeword; windows are 32 bits wide
+TABLE_KEEP_LEN = 12  # decode tables of codes up to this long are kept with the code (32 KiB at most each)
 _W = 32
 
 
@@ -123,11 +126,14 @@ class Code:
 
     def table(self) -> np.ndarray:
         """Index into `order` for each top-`maxlen`-bit window (2**maxlen entries, built once)."""
-        if not self._table:
-            maxlen = self.maxlen
-            tops = np.arange(1 << maxlen, dtype=np.uint64) << np.uint64(_W - maxlen)
-            self._table.append((np.searchsorted(self.starts, tops, side="right") - 1).astype(np.int64))
-        return self._table[0]
+        if self._table:
+            return self._table[0]
+        maxlen = self.maxlen
+        tops = np.arange(1 << maxlen, dtype=np.uint64) << np.uint64(_W - maxlen)
+        table = (np.searchsorted(self.starts, tops, side="right") - 1).astype(np.int64)
+        if maxlen <= TABLE_KEEP_LEN:  # kept with the (memoised) code; a larger one is built per stream, as it pays
+            self._table.append(table)
+        return table
 
     def bits(self, counts: np.ndarray) -> int:
         """Bits needed to code symbols with these counts."""
@@ -135,7 +141,17 @@ class Code:
 
 
 def from_lengths(lengths: Sequence[int], single: int | None = None) -> Code:
-    """Build the canonical code; raises CodecError if the lengths are not a valid prefix code."""
+    """Build the canonical code; raises CodecError if the lengths are not a valid prefix code. Memoised on
+    (lengths, single): the same lengths give the same (shared, unchanging) `Code`; invalid lengths raise every
+    time (an exception is never memoised)."""
+    if len(lengths) > 256:
+        raise CodecError("Huffman table has too many symbols; the payload is corrupt")
+    key = tuple(int(x) for x in lengths)
+    return _from_lengths(key, None if single is None else int(single))
+
+
+@lru_cache(maxsize=512)  # a key is at most 256 small ints; a memoised Code keeps a table of at most 2**TABLE_KEEP_LEN
+def _from_lengths(lengths: tuple[int, ...], single: int | None) -> Code:
     ln = np.asarray(lengths, dtype=np.int64)
     if ln.ndim != 1 or ln.size > 256:
         raise CodecError("Huffman table has too many symbols; the payload is corrupt")
