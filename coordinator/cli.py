@@ -92,6 +92,8 @@ SHARD_OPTIONS = _options(
 RUN_OPTIONS = _options(
     click.option("--rounds", type=int, help="number of rounds (default 5)"),
     click.option("--per-round", "per_round", type=int, help="agents asked per round (default: all)"),
+    click.option("--over-select", "over_select", type=float, help="over-selection for dropouts: task "
+                 "ceil(per_round * (1 + X)) agents and aggregate the first per_round results (0 <= X <= 1)"),
     click.option("--hidden", type=int, help="hidden width of the MLP head"),
     click.option("--runtime", type=click.Choice(["onnxruntime", "litert"]), help="the agents' inference runtime "
                  "(default onnxruntime)"),
@@ -117,7 +119,7 @@ RUN_OPTIONS = _options(
                  "(give the job's own options; only --rounds and --deadline may change)"),
 )
 
-JOB_FIELDS = ("method", "rounds", "agents", "per_round", "alpha", "mode", "dataset", "hidden", "runtime", "seed",
+JOB_FIELDS = ("method", "rounds", "agents", "per_round", "over_select", "alpha", "mode", "dataset", "hidden", "runtime", "seed",
               "deadline_s", "quorum", "fleet", "downlink", "task", "eval_every")
 
 

@@ -5,7 +5,8 @@ telemetry, energy reports (on the result's row while it is held, else added to t
 traffic reports (an agent's bytes by category and its socket's since its previous report, in `traffic` and
 `sockets`, on the round the report names).
 
-Statuses are `ok`, `late` and `rejected:<Refusal value>`; the engine writes a phase's rows in one transaction.
+Statuses are `ok`, `late`, `surplus` (over-selection: tasked, but the cohort was full before its result was
+taken) and `rejected:<Refusal value>`; the engine writes a phase's rows in one transaction.
 """
 
 from __future__ import annotations
@@ -71,8 +72,13 @@ class PhaseBooks:
         self.ledger.record(self.run, self.round, agent, "late", phase=self.phase, bytes_up=bytes_up,
                            bytes_down=bytes_down, detail="no valid result by the deadline", profile=self.profiles.get(agent))
 
+    def surplus(self, agent: str, *, bytes_up: int, bytes_down: int, detail: str) -> None:
+        """A tasked agent over-selection did not need: the round's cohort was full before its result was taken."""
+        self.ledger.record(self.run, self.round, agent, "surplus", phase=self.phase, bytes_up=bytes_up,
+                           bytes_down=bytes_down, detail=detail[:500], profile=self.profiles.get(agent))
+
     def late_bytes(self, agent: str, r: int, phase: int, nbytes: int) -> None:
-        """A late result arrived: the bytes it cost go on its `late` row (round `r`, phase `phase`)."""
+        """A late result arrived: the bytes it cost go on its `late` (or `surplus`) row (round `r`, phase `phase`)."""
         self.ledger.add_bytes(self.run, r, phase, agent, nbytes)
 
     def energy(self, report: EnergyReport) -> None:

@@ -13,6 +13,7 @@ class EngineConfig:
     run: str = "run"
     rounds: int = 20
     per_round: int = 0  # agents per round; 0 = every online agent
+    over_select: float = 0.0  # task ceil(per_round * (1 + this)); aggregate the first per_round (the rest: surplus)
     quorum: float = 0.5  # fraction of the selected agents needed to close a round at its deadline
     deadline_s: float = 30.0  # per phase, from dispatch
     grace_s: float = 30.0  # after the deadline, how long to wait for a quorum before closing anyway
@@ -42,3 +43,4 @@ class RoundSummary:
     note: str = ""  # the method's own word on its state (Strategy.round_note), shown in progress lines
     accuracy_min: float | None = None  # per-node methods (MoNNA): the worst node's; accuracy is their mean
     nodes: int = 0  # models scored for the round's accuracy (0: the one global model)
+    surplus: int = 0  # tasked by over-selection but not needed: the cohort was full first (not in `late`)

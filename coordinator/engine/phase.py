@@ -6,6 +6,11 @@ booked, no verdict: chunks, energy reports, and late results for a phase already
 answer to the agent's own open task closes its slot: a valid result, or a refusal whose reason
 `answers_task` (a refused message that named this run, round and phase, for refusals of the receive path).
 
+Over-selection (`cohort`, Bonawitz et al. 2019): a phase tasked for a cohort of `cohort` results is `full` once that
+many valid results are held; a valid result that arrives after that is booked `surplus` (not aggregated), and at
+the close the tasked agents still without an answer are booked `surplus` rather than `late` (their results, when they
+come, are noted on that row like a late agent's). Every result is checked the same way whether it is counted or not.
+
 `Phase.close()` handles what is still queued, applies the norm bound, writes the `ok` and `late` rows and the
 refusal summaries, and returns a `PhaseOutcome`. After its close a phase still takes items (the engine's `settle`
 books the energy reports that follow the last round); `flush()` handles the queue and writes the summaries.
@@ -43,6 +48,7 @@ class PhaseOutcome:
     rejected: int
     late: list[str]
     wall_s: float
+    surplus: list[str] = field(default_factory=list)  # tasked by over-selection, not needed for the cohort
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,8 @@ class Phase:
 
     def __init__(self, *, run: str, r: int, phase: int, tasks: dict[str, TaskSpec], validator: Validator,
                  books: PhaseBooks, carry: Carry, inbox: queue.Queue[InboxItem], receive: ReceivePath,
-                 sync: DownlinkSync | None = None) -> None:
+                 sync: DownlinkSync | None = None, cohort: int | None = None) -> None:
+        """`cohort`: the valid results the phase aggregates at most (over-selection; None: every tasked agent's)."""
         self.run, self.round, self.phase = run, r, phase
         self.tasks = dict(tasks)
         self.validator = validator
@@ -98,6 +105,8 @@ class Phase:
         self._open = dict(tasks)  # agent -> task, until the phase closes
         self._received: set[str] = set()  # agents whose result was valid
         self._refused: set[str] = set()  # tasked agents whose own answer was refused (their row says why)
+        self.cohort = cohort
+        self._surplus: set[str] = set()  # tasked agents whose valid result came after the cohort was full
         self._up: dict[str, int] = {a: 0 for a in tasks}  # result bytes per tasked agent
         self._down: dict[str, int] = {}  # task bytes per tasked agent
         self._t0 = time.perf_counter()
@@ -109,12 +118,17 @@ class Phase:
     @property
     def waiting(self) -> list[str]:
         """Tasked agents whose slot is still open (no valid result, no refused answer)."""
-        return [a for a in self.tasks if a not in self._received and a not in self._refused]
+        return [a for a in self.tasks if a not in self._received and a not in self._refused and a not in self._surplus]
 
     @property
     def answered(self) -> bool:
         """Every tasked agent answered, well or not."""
-        return len(self._received | self._refused) >= len(self.tasks)
+        return len(self._received | self._refused | self._surplus) >= len(self.tasks)
+
+    @property
+    def full(self) -> bool:
+        """Over-selection: the phase holds its cohort of valid results (never True without a cohort)."""
+        return self.cohort is not None and len(self.results) >= self.cohort
 
     # -------------------------------------------------------------- items
     def offer(self, item: InboxItem) -> Outcome:
@@ -129,7 +143,7 @@ class Phase:
                 self.books.traffic(item)
             return Noted(item.agent)
         if isinstance(item, ChunkBytes):
-            if item.agent in self._up and item.agent not in self._received:
+            if item.agent in self._up and item.agent not in self._received and item.agent not in self._surplus:
                 self._up[item.agent] += item.nbytes
             else:
                 self.carry.late_bytes[item.agent] = self.carry.late_bytes.get(item.agent, 0) + item.nbytes
@@ -145,7 +159,7 @@ class Phase:
         agent, header = item.agent, item.header
         try:
             result = self.validator.check(agent, header, item.body, self._open.get(agent),
-                                          duplicate=agent in self._received)
+                                          duplicate=agent in self._received or agent in self._surplus)
         except ProtocolError as exc:
             if exc.reason is Refusal.LATE:  # its "late" row exists: add the bytes it cost
                 self.books.late_bytes(agent, int(header["round"]), int(header.get("phase", 0)),
@@ -154,8 +168,15 @@ class Phase:
             return self._reject(agent, exc.reason, exc.detail, 0,
                                 bytes_up=self._up.get(agent, 0) if agent in self._open else 0,
                                 answers=exc.reason.answers_task)
-        self._received.add(agent)
         meta = header["meta"]
+        if self.full:  # checked like any result, but the cohort is complete: booked, not aggregated
+            self._surplus.add(agent)
+            if self.sync is not None and self.phase == 0:
+                self.sync.confirm(agent, self.sync.version)  # it checked the state's digest before learning
+            self.books.surplus(agent, bytes_up=self._up.get(agent, 0), bytes_down=self._down.get(agent, 0),
+                               detail=f"valid result after the cohort of {self.cohort} was full (over-selection)")
+            return Noted(agent)
+        self._received.add(agent)
         if meta.get("energy") is True:
             self.carry.energy_due.add((agent, self.round, self.phase))
         if self.sync is not None and self.phase == 0:
@@ -177,7 +198,8 @@ class Phase:
         own open task (a replayed old message must not close it); the task's bytes go on that first refusal's row
         (the agent gets no late row)."""
         bytes_down = 0
-        closes = answers and agent in self._open and agent not in self._refused and agent not in self._received
+        closes = (answers and agent in self._open and agent not in self._refused and agent not in self._received
+                  and agent not in self._surplus)
         if closes:
             self._refused.add(agent)
             bytes_down = self._down.get(agent, 0)
@@ -213,14 +235,21 @@ class Phase:
         self.results = screened.kept
         self.rejected += len(screened.refused) + len(screened.by_method)
         self.books.book_held(self._up)
-        late = self.waiting
-        for agent in late:
+        waiting = self.waiting
+        full = self.full
+        late, surplus = ([], waiting) if full else (waiting, [])
+        for agent in waiting:
             if self.sync is not None:
                 self.sync.forget(agent)  # its replica is unknown now: a full state next time
-            self.books.late(agent, bytes_up=self._up.get(agent, 0), bytes_down=self._down.get(agent, 0))
+            if full:
+                self.books.surplus(agent, bytes_up=self._up.get(agent, 0), bytes_down=self._down.get(agent, 0),
+                                   detail=f"no result before the cohort of {self.cohort} was full (over-selection)")
+            else:
+                self.books.late(agent, bytes_up=self._up.get(agent, 0), bytes_down=self._down.get(agent, 0))
         self.books.summarise(self.receive.take_dropped(), self.receive.take_refused())
-        self.carry.late[(self.round, self.phase)] = set(late)
+        self.carry.late[(self.round, self.phase)] = set(waiting)  # a result of theirs that still comes is noted
         # closed: results that still arrive for it are not its own (late, or not selected); bytes go to `late_bytes`
         self._open, self._up, self._down = {}, {}, {}
         self.closed = True
-        return PhaseOutcome(list(self.tasks), list(self.results), self.rejected, late, time.perf_counter() - self._t0)
+        return PhaseOutcome(list(self.tasks), list(self.results), self.rejected, late, time.perf_counter() - self._t0,
+                            sorted(self._surplus) + surplus)

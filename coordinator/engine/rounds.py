@@ -261,12 +261,22 @@ class Coordinator:
 
     # -------------------------------------------------------------- rounds
     def select(self) -> list[str]:
+        """The round's agents: `per_round` of those ready (all without it), drawn uniformly; with over-selection,
+        ceil(per_round * (1 + over_select)) of them (at most all ready), of which the first `per_round` valid results
+        are aggregated (`cohort`)."""
         self._ask_unconfirmed()
         ready = self.ready_agents()
         k = self.cfg.per_round
+        if k and self.cfg.over_select:
+            k = int(np.ceil(k * (1 + self.cfg.over_select) - 1e-9))  # 1e-9: 10 * 1.3 is 13, not 14
         if k and k < len(ready):
             return sorted(self._rng.choice(ready, size=k, replace=False).tolist())
         return ready
+
+    @property
+    def cohort(self) -> int | None:
+        """The valid results a round aggregates at most (over-selection; None: every selected agent's)."""
+        return self.cfg.per_round if self.cfg.per_round and self.cfg.over_select else None
 
     def run(self, rounds: int | None = None) -> list[RoundSummary]:
         """Rounds `first_round` .. `rounds` (1 .. rounds for a fresh run; a resumed one continues)."""
@@ -277,7 +287,7 @@ class Coordinator:
         self.round = r
         selected = self.select()
         up0, down0 = self.bytes_up_total, self.bytes_down_total
-        ok = rejected = late = tasked = 0
+        ok = rejected = late = tasked = surplus = 0
         slowest = 0.0
         self._timings = timings = {"dispatch": 0.0, "collect": 0.0, "aggregate": 0.0}
         for phase in range(self.strategy.phases):
@@ -287,6 +297,7 @@ class Coordinator:
             tasked += len(outcome.selected)
             rejected += outcome.rejected
             late += len(outcome.late)
+            surplus += len(outcome.surplus)
             slowest = max([slowest] + [float(res.metrics.get("_learn_s", 0.0)) for res in outcome.results])
         t1 = time.perf_counter()
         accuracy, loss, accuracy_min, nodes = self._score()
@@ -304,7 +315,7 @@ class Coordinator:
         summary = RoundSummary(r, accuracy, loss, wall, tasked, ok, rejected, late,
                                self.bytes_up_total - up0, self.bytes_down_total - down0, slowest, timings,
                                "  ".join(n for n in (self.strategy.round_note(), self.guard.streak_note()) if n),
-                               accuracy_min, nodes)
+                               accuracy_min, nodes, surplus)
         self.ledger.record_round(self.cfg.run, r, **{**row, "wall_s": wall})
         if self.on_round is not None:
             self.on_round(summary)
@@ -322,16 +333,16 @@ class Coordinator:
         accs = [a for a, _ in scores]
         return float(np.mean(accs)), float(np.mean([lo for _, lo in scores])), float(np.min(accs)), len(scores)
 
-    def open_phase(self, r: int, phase: int, tasks: dict[str, TaskSpec]) -> Phase:
-        """A `Phase` for round `r`, phase `phase` with `tasks` open; the weight cap is frozen from the sample counts
-        the tasked agents announce now."""
+    def open_phase(self, r: int, phase: int, tasks: dict[str, TaskSpec], cohort: int | None = None) -> Phase:
+        """A `Phase` for round `r`, phase `phase` with `tasks` open (aggregating at most `cohort` valid results); the
+        weight cap is frozen from the sample counts the tasked agents announce now."""
         validator = Validator(run=self.cfg.run, r=r, phase=phase, tasks=tasks, strategy=self.strategy,
                               guard=self.guard, max_result_bytes=self.cfg.max_result_bytes,
                               announced=self.presence.announced(tasks), late=self._carry.late)
         books = PhaseBooks(self.ledger, run=self.cfg.run, r=r, phase=phase, reject_rows=self.cfg.reject_rows,
                            profiles={a: str(s["profile"]) for a, s in dict(self.presence.online).items() if s.get("profile")})
         return Phase(run=self.cfg.run, r=r, phase=phase, tasks=tasks, validator=validator, books=books,
-                     carry=self._carry, inbox=self.inbox, receive=self.receive, sync=self._sync)
+                     carry=self._carry, inbox=self.inbox, receive=self.receive, sync=self._sync, cohort=cohort)
 
     def _run_phase(self, r: int, phase: int, selected: list[str] | None) -> PhaseOutcome:
         t0 = time.perf_counter()
@@ -342,14 +353,15 @@ class Coordinator:
         if self._sync is not None and phase == 0:
             self._sync.advance(to_numpy(self.strategy.global_state()))
             state_bytes = self.dispatcher.publish_state(r)
-        self._current = current = self.open_phase(r, phase, tasks)
+        self._current = current = self.open_phase(r, phase, tasks, self.cohort if selected is not None else None)
         deadline = time.time() + self.cfg.deadline_s
         self.first_dispatch_at = self.first_dispatch_at or time.time()
         for agent, spec in tasks.items():
             current.dispatched(agent, self.dispatcher.dispatch(agent, r, phase, spec, state_bytes))
         t_sent = time.perf_counter()
         self._timings["dispatch"] += t_sent - t0
-        need = max(1, int(np.ceil(self.cfg.quorum * len(tasks)))) if tasks else 0
+        cohort = len(tasks) if current.cohort is None else min(current.cohort, len(tasks))
+        need = max(1, int(np.ceil(self.cfg.quorum * cohort))) if tasks else 0
         self._collect(current, deadline, deadline + self.cfg.grace_s, need)
         outcome = current.close()
         t_collected = time.perf_counter()
@@ -377,9 +389,9 @@ class Coordinator:
         return why
 
     def _collect(self, phase: Phase, deadline: float, hard_stop: float, need: int) -> None:
-        """Offer inbox items to `phase` until every tasked agent answered, or the deadline passed with `need`
-        valid results, or the grace after it passed."""
-        while not phase.answered:
+        """Offer inbox items to `phase` until every tasked agent answered, or its cohort is full (over-selection), or
+        the deadline passed with `need` valid results, or the grace after it passed."""
+        while not phase.answered and not phase.full:
             now = time.time()
             if now >= hard_stop or (now >= deadline and len(phase.results) >= need):
                 return

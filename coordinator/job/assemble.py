@@ -70,7 +70,8 @@ def agent_ids(job: JobConfig) -> list[str]:
 
 
 def engine_config(job: JobConfig, run: str) -> EngineConfig:
-    return EngineConfig(fleet=job.fleet, run=run, rounds=job.rounds, per_round=job.per_round, quorum=job.quorum,
+    return EngineConfig(fleet=job.fleet, run=run, rounds=job.rounds, per_round=job.per_round, over_select=job.over_select,
+                        quorum=job.quorum,
                         deadline_s=job.deadline_s, grace_s=job.grace_s, seed=job.seed,
                         downlink=dict(DOWNLINK_PRESETS[job.downlink]))
 
@@ -79,7 +80,7 @@ def job_identity(job: JobConfig, roster: list[str]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (`open_job` compares it). The task fields are
     left out at their defaults, so runs started before they existed still resume."""
     identity = {**job.to_dict(), "roster": list(roster)}
-    for key, default in (("task", "classification"), ("eval_every", 0), ("model", None), ("data", None),
+    for key, default in (("over_select", 0.0), ("task", "classification"), ("eval_every", 0), ("model", None), ("data", None),
                          ("eval", None), ("base_dir", ""), ("aggregation", None)):
         if identity.get(key) == default:
             del identity[key]

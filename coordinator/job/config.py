@@ -10,6 +10,9 @@ A job file is TOML; every key is optional:
     rounds = 20
     agents = 10              # in-process agents for `demo`; for `serve`, the roster size if `roster` is absent
     per_round = 0            # agents selected per round (0 = all online)
+    over_select = 0.0        # over-selection for dropouts (Bonawitz et al. 2019): task ceil(per_round * (1 +
+                             # over_select)) agents (at most those online), aggregate the first per_round valid
+                             # results and book the other tasked agents `surplus`; 0..1, needs per_round (sync only)
     alpha = 0.5              # Dirichlet label skew of the demo partition (0 = IID)
     mode = "transfer"        # "transfer" (int8 backbone + MLP head) or "full" (whole MLP, no backbone)
                              # or "lora" (frozen pre-trained MLP + LoRA adapters; implied by fedit/flora/lora_fair)
@@ -78,6 +81,7 @@ class JobConfig:
     rounds: int = 20
     agents: int = 10
     per_round: int = 0
+    over_select: float = 0.0
     alpha: float = 0.5
     mode: str = "transfer"
     dataset: str = "digits"
@@ -148,8 +152,22 @@ DIFFUSION_EVAL_EVERY = 5
 CUSTOM_SECTIONS = ("model", "data", "eval")
 
 
+def check_cohort(cfg: JobConfig) -> JobConfig:
+    """Cross-field checks of the cohort: over-selection needs a cohort size and synchronous rounds."""
+    if cfg.over_select:
+        if not cfg.per_round:
+            raise ConfigError(f"field 'over_select' = {cfg.over_select:g} needs 'per_round' (the cohort it "
+                              "over-selects for); set per_round, or over_select = 0")
+        if cfg.aggregation is not None:
+            raise ConfigError(f"field 'over_select' = {cfg.over_select:g} applies to synchronous rounds; "
+                              "[aggregation] mode 'async' keeps 'concurrency' tasks in flight instead")
+    return cfg
+
+
 def check_task(cfg: JobConfig) -> JobConfig:
-    """Cross-field checks of the task; a one-line ConfigError naming the field that does not apply."""
+    """Cross-field checks of the task (and of the cohort, `check_cohort`); a one-line ConfigError naming the field
+    that does not apply."""
+    check_cohort(cfg)
     if cfg.task == CUSTOM_TASK:
         if not cfg.model:
             raise ConfigError(f"field 'task': {CUSTOM_TASK!r} needs a [model] table (and [data]); see "
@@ -218,6 +236,7 @@ _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "rounds": (int, lambda v: v >= 1),
     "agents": (int, lambda v: v >= 1),
     "per_round": (int, lambda v: v >= 0),
+    "over_select": ((int, float), lambda v: _finite(v) and 0 <= v <= 1),
     "alpha": ((int, float), lambda v: _finite(v) and v >= 0),
     "mode": (str, lambda v: v in ("transfer", "full", "lora", "diffusion")),
     "dataset": (str, lambda v: v in ("digits", "mnist")),
@@ -238,6 +257,7 @@ _HINTS = {
     "rounds": "a positive integer",
     "agents": "a positive integer",
     "per_round": "an integer >= 0",
+    "over_select": "a fraction from 0 to 1 (0.3: task 30% more agents than per_round)",
     "alpha": "a finite number >= 0 (0 means IID)",
     "seed": "an integer",
     "deadline_s": "a finite positive number of seconds",

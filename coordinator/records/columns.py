@@ -36,8 +36,10 @@ COLUMNS: dict[str, dict[str, str]] = {
         "round": "Round number, from 1 (0: rows booked before the first round, e.g. start-up refusals).",
         "phase": "Phase within the round (methods with several exchanges per round; 0 otherwise).",
         "agent": "Agent id, or `(unauthenticated)` for summary rows of messages that failed authentication.",
-        "status": "`ok`, `late`, `dropped`, `rejected:<reason>` (a refusal), or `interrupted:<status>` for a row of a "
-                  "round rerun after a resume.",
+        "status": "`ok`, `late`, `surplus` (tasked by over-selection, `over_select`, but not needed: the round's "
+                  "cohort of `per_round` valid results was full before its result was taken), `dropped`, "
+                  "`rejected:<reason>` (a refusal), or `interrupted:<status>` for a row of a round rerun after a "
+                  "resume.",
         "bytes_up": "Model-update bytes from the agent: its result messages by the MQTT framing formula (PUBLISH "
                     "packet plus PUBACK).",
         "bytes_down": "Model-update bytes to the agent: its task and the round's state broadcast as it received it "
@@ -53,7 +55,7 @@ COLUMNS: dict[str, dict[str, str]] = {
                          "first task is never booked (NULL: none reported).",
         "profile": "The agent's firmware profile (e.g. rpi4b), as it reported it.",
         "codec": "The uplink codec of the agent's result.",
-        "detail": "Why, for a refusal or a late row (and how many messages a summary row stands for).",
+        "detail": "Why, for a refusal, a late or a surplus row (and how many messages a summary row stands for).",
         "ts": _TS,
         "energy_meter": "What the energy is: `model` (modelled from the agent's firmware profile's power figures) "
                         "or the hardware meter that measured it (`rapl`, `jetson`, `rpi5`); NULL: not reported.",

@@ -20,9 +20,10 @@ from fedfleet.edge_agent.errors import FedfleetError
 MB = 1e6
 MAX_BARS = 60  # agents drawn in the per-agent plot; the HTML table always lists all of them
 MAX_PROBLEM_ROWS = 500
-OUTCOMES = ("ok", "late", "dropped", "rejected", "interrupted")  # interrupted: a round rerun after resume
+# interrupted: a round rerun after resume; surplus: tasked by over-selection, not needed for the cohort
+OUTCOMES = ("ok", "late", "surplus", "dropped", "rejected", "interrupted")
 # each name its own colour (no two alike, so a legend never pairs two series): outcomes, energy parts, directions
-COLORS = {"ok": "#4c9a2a", "late": "#e0a526", "dropped": "#8c8c8c", "rejected": "#c0392b",
+COLORS = {"ok": "#4c9a2a", "late": "#e0a526", "surplus": "#2ca6a4", "dropped": "#8c8c8c", "rejected": "#c0392b",
           "interrupted": "#9b59b6", "compute": "#3b6ea8", "radio": "#e07b39", "idle": "#c7c7c7", "up": "#17becf",
           "down": "#8c564b"}
 

@@ -54,17 +54,23 @@ DEMO_CASES = {
     "roster_hash": ('[job]\nroster = ["pi-01", "#"]\n', [], "'roster'"),
     "roster_duplicate": ('[job]\nroster = ["pi-01", "pi-01"]\n', [], "'roster'"),
     "metrics_port_negative": (None, ["--metrics-port", "-1"], "--metrics-port"),
+    "over_select_negative": ("[job]\nper_round = 4\nover_select = -0.1\n", [], "'over_select'"),
+    "over_select_above_one": (None, ["--per-round", "4", "--over-select", "1.5"], "'over_select'"),
+    "over_select_nan": ("[job]\nper_round = 4\nover_select = nan\n", [], "'over_select'"),
+    "over_select_without_per_round": ("[job]\nover_select = 0.3\n", [], "'over_select'", "'per_round'"),
+    "over_select_async": ('[job]\nper_round = 4\nover_select = 0.3\n[aggregation]\nmode = "async"\n', [],
+                          "'over_select'", "async"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(DEMO_CASES))
 def test_demo_refuses_bad_config_with_one_line(tmp_path, case):
-    text, extra, needle = DEMO_CASES[case]
+    text, extra, *needles = DEMO_CASES[case]
     args = ["demo", "--broker", NO_BROKER, "--rounds", "1", "--agents", "2", "--run-dir", str(tmp_path / "run"),
             *extra]
     if text is not None:
         args += ["--config", _toml(tmp_path, text)]
-    _assert_one_line_error(_run("fedfleet.coordinator.cli", *args, cwd=tmp_path), needle)
+    _assert_one_line_error(_run("fedfleet.coordinator.cli", *args, cwd=tmp_path), *needles)
     assert not (tmp_path / "run").exists(), "the job started before its config was checked"
 
 

@@ -159,7 +159,7 @@ def ledger(tmp_path):
     led.close()
 
 
-def _phase(ledger, *, tasks=None, reject_rows=16, carry=None, inbox=None) -> tuple[Phase, queue.Queue]:
+def _phase(ledger, *, tasks=None, reject_rows=16, carry=None, inbox=None, cohort=None) -> tuple[Phase, queue.Queue]:
     tasks = {"a1": TASK, "a2": TASK} if tasks is None else tasks
     inbox = inbox if inbox is not None else queue.Queue()
     receive = ReceivePath(fleet="f", keys={a: bytes(32) for a in tasks}, inbox=inbox, on_status=lambda a, s: None,
@@ -169,7 +169,7 @@ def _phase(ledger, *, tasks=None, reject_rows=16, carry=None, inbox=None) -> tup
                           max_result_bytes=1 << 20, announced={}, late=carry.late)
     books = PhaseBooks(ledger, run="run", r=3, phase=0, reject_rows=reject_rows)
     return Phase(run="run", r=3, phase=0, tasks=tasks, validator=validator, books=books, carry=carry, inbox=inbox,
-                 receive=receive), inbox
+                 receive=receive, cohort=cohort), inbox
 
 
 def _rows(ledger) -> list[tuple]:
@@ -193,6 +193,56 @@ def test_phase_books_results_refusals_and_late_agents(ledger):
     assert _rows(ledger) == [("a2", "rejected:schema", 30, 0, None), ("a1", "ok", 40, 100, 1.5),
                              ("a2", "late", 0, 200, None)]
     assert phase.carry.late[(3, 0)] == {"a2"} and phase.carry.energy_due == set()
+
+
+def test_over_selection_aggregates_the_first_cohort_and_books_the_rest_surplus(ledger):
+    carry = Carry()
+    tasks = {a: TASK for a in ("a1", "a2", "a3", "a4")}
+    phase, inbox = _phase(ledger, tasks=tasks, carry=carry, cohort=2)
+    for i, a in enumerate(tasks):
+        phase.dispatched(a, 100 + i)
+    assert isinstance(phase.offer(ResultMessage("a2", _header(agent="a2"), _body())), Accepted) and not phase.full
+    nan = phase.offer(ResultMessage("a1", _header(agent="a1"), _body(float("nan"))))
+    assert isinstance(nan, Rejected) and nan.reason is Refusal.NONFINITE  # a refused result never fills the cohort
+    assert isinstance(phase.offer(ResultMessage("a3", _header(agent="a3"), _body())), Accepted) and phase.full
+    assert not phase.answered and phase.waiting == ["a4"]
+    inbox.put(ResultMessage("a4", _header(agent="a4", codec={"name": "zstd"}), _body()))  # bad: still refused
+    outcome = phase.close()
+    assert sorted(r.agent for r in outcome.results) == ["a2", "a3"] and outcome.late == [] and outcome.surplus == []
+    assert [(a, s) for a, s, *_ in _rows(ledger)] == [("a1", "rejected:nonfinite"), ("a4", "rejected:codec"),
+                                                    ("a2", "ok"), ("a3", "ok")]
+
+
+def test_over_selection_books_valid_results_after_the_cohort_and_unanswered_agents_surplus(ledger):
+    carry = Carry()
+    tasks = {a: TASK for a in ("a1", "a2", "a3", "a4")}
+    phase, inbox = _phase(ledger, tasks=tasks, carry=carry, cohort=2)
+    for i, a in enumerate(tasks):
+        phase.dispatched(a, 100 + i)
+    phase.offer(ChunkBytes("a1", 11))
+    for a in ("a1", "a2"):
+        assert isinstance(phase.offer(ResultMessage(a, _header(agent=a), _body())), Accepted)
+    phase.offer(ChunkBytes("a3", 13))
+    late_valid = phase.offer(ResultMessage("a3", _header(agent="a3"), _body()))  # checked, then booked surplus
+    assert isinstance(late_valid, Noted) and phase.full and phase.waiting == ["a4"]
+    dup = phase.offer(ResultMessage("a3", _header(agent="a3"), _body()))
+    assert isinstance(dup, Rejected) and dup.reason is Refusal.DUPLICATE
+    outcome = phase.close()
+    assert sorted(r.agent for r in outcome.results) == ["a1", "a2"]
+    assert (outcome.late, outcome.surplus) == ([], ["a3", "a4"])
+    rows = _rows(ledger)
+    assert ("a3", "surplus", 13, 102, None) in rows and ("a4", "surplus", 0, 103, None) in rows
+    assert [s for _, s, *_ in rows].count("ok") == 2 and "late" not in [s for _, s, *_ in rows]
+    assert carry.late[(3, 0)] == {"a4"}
+    details = dict(ledger.query("SELECT agent, detail FROM agent_rounds WHERE status = 'surplus'"))
+    assert "after the cohort of 2 was full" in details["a3"] and "no result before" in details["a4"]
+    assert ("a3", "rejected:duplicate", 13, 0, None) in rows  # as for a received agent: the task's bytes stay on one row
+
+
+def test_without_a_cohort_a_phase_is_never_full(ledger):
+    phase, _ = _phase(ledger, tasks={"a1": TASK})
+    phase.offer(ResultMessage("a1", _header(), _body()))
+    assert not phase.full and phase.answered and phase.close().surplus == []
 
 
 def test_a_refusal_that_answers_the_task_closes_the_slot_and_carries_the_task_bytes(ledger):
