@@ -87,6 +87,11 @@ SHARD_OPTIONS = _options(
     click.option("--task", help="classification (default) or moving-digits-diffusion (fedavg trains a video "
                  "denoiser)"),
     click.option("--seed", type=int, help="seed of the shards, the model's initialisation and the sampling"),
+    click.option("--shard-mode", "shard_mode", type=click.Choice(["partition", "sampled"]),
+                 help="partition: disjoint shards (default); sampled: each agent draws its own shard, with "
+                 "replacement across agents (any fleet size)"),
+    click.option("--shard-size", "shard_size", type=int, help="sampled shards: samples per agent (default: the "
+                 "training split over the agents, at least 10)"),
 )
 
 RUN_OPTIONS = _options(
@@ -119,7 +124,7 @@ RUN_OPTIONS = _options(
                  "(give the job's own options; only --rounds and --deadline may change)"),
 )
 
-JOB_FIELDS = ("method", "rounds", "agents", "per_round", "over_select", "alpha", "mode", "dataset", "hidden", "runtime", "seed",
+JOB_FIELDS = ("method", "rounds", "agents", "per_round", "over_select", "alpha", "shard_mode", "shard_size", "mode", "dataset", "hidden", "runtime", "seed",
               "deadline_s", "quorum", "fleet", "downlink", "task", "eval_every")
 
 

@@ -108,8 +108,61 @@ def partition(labels: np.ndarray, n_parts: int, alpha: float, seed: int) -> list
 
 
 def partition_iid(n_samples: int, n_parts: int, seed: int) -> list[np.ndarray]:
+    """IID disjoint shards of nearly equal size; ValueError when a part would be empty (more parts than samples)."""
+    if n_parts < 1:
+        raise ValueError(f"need at least one part, got {n_parts}")
+    if n_parts > n_samples:
+        raise ValueError(f"{n_samples} samples cannot give {n_parts} disjoint parts of at least one sample each"
+                         f" (at most {n_samples} agents)")
     rng = np.random.default_rng(seed)
     return [np.sort(p) for p in np.array_split(rng.permutation(n_samples), n_parts)]
+
+
+MIN_SAMPLED_SHARD = 10  # the default size of a sampled shard is never below this (nor above the data set)
+
+
+def sampled_shard_size(n_samples: int, n_parts: int, size: int = 0) -> int:
+    """The size of each sampled shard: `size`, else (0) what an even partition would give each part, at least
+    MIN_SAMPLED_SHARD and at most `n_samples`. ValueError when `size` exceeds the samples."""
+    if size > n_samples:
+        raise ValueError(f"a shard of {size} samples cannot be drawn from {n_samples} samples without repeats")
+    return size or min(n_samples, max(MIN_SAMPLED_SHARD, n_samples // max(n_parts, 1)))
+
+
+def sample_shards(labels: np.ndarray, n_parts: int, alpha: float, seed: int, size: int = 0) -> list[np.ndarray]:
+    """Per-agent sampled shards, for fleets larger than a partition can serve: part i holds
+    `sampled_shard_size(len(labels), n_parts, size)` distinct samples drawn for it alone, seeded by (seed, i), so
+    parts overlap (sampling is with replacement across agents, without replacement within one) and part i is the
+    same for every fleet size that keeps the shard size. alpha > 0 skews labels: part i's class proportions are
+    drawn ~ Dirichlet(alpha) and its samples drawn class by class in those proportions (a class with too few
+    samples gives what it has and the rest come from the other classes); alpha = 0 draws uniformly."""
+    if n_parts < 1:
+        raise ValueError(f"need at least one part, got {n_parts}")
+    if alpha < 0:
+        raise ValueError(f"dirichlet alpha must be >= 0, got {alpha}")
+    labels = np.asarray(labels)
+    n = len(labels)
+    if n == 0:
+        raise ValueError("no samples to draw shards from")
+    m = sampled_shard_size(n, n_parts, size)
+    classes, by_class = np.unique(labels, return_inverse=True)
+    members = [np.flatnonzero(by_class == c) for c in range(len(classes))]
+    parts = []
+    for i in range(n_parts):
+        rng = np.random.Generator(np.random.PCG64([seed % (1 << 64), i]))
+        if alpha == 0:
+            parts.append(np.sort(rng.choice(n, size=m, replace=False)))
+            continue
+        want = rng.multinomial(m, rng.dirichlet(np.full(len(classes), alpha)))
+        take = np.minimum(want, [len(x) for x in members])
+        picked = [rng.choice(x, size=k, replace=False) for x, k in zip(members, take) if k]
+        chosen = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+        short = m - len(chosen)
+        if short:  # classes smaller than their draw: the rest uniformly from the samples not taken yet
+            rest = np.setdiff1d(np.arange(n), chosen, assume_unique=False)
+            chosen = np.concatenate([chosen, rng.choice(rest, size=short, replace=False)])
+        parts.append(np.sort(chosen.astype(np.int64)))
+    return parts
 
 
 def partition_dirichlet(

@@ -80,7 +80,8 @@ def job_identity(job: JobConfig, roster: list[str]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (`open_job` compares it). The task fields are
     left out at their defaults, so runs started before they existed still resume."""
     identity = {**job.to_dict(), "roster": list(roster)}
-    for key, default in (("over_select", 0.0), ("task", "classification"), ("eval_every", 0), ("model", None), ("data", None),
+    for key, default in (("over_select", 0.0), ("shard_mode", "partition"), ("shard_size", 0),
+                         ("task", "classification"), ("eval_every", 0), ("model", None), ("data", None),
                          ("eval", None), ("base_dir", ""), ("aggregation", None)):
         if identity.get(key) == default:
             del identity[key]

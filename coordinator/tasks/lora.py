@@ -12,6 +12,7 @@ from typing import Any
 
 from fedfleet.coordinator.strategies import Strategy
 from fedfleet.coordinator.tasks.base import RoundContext, Score
+from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.models import data as datasets
 
@@ -39,6 +40,9 @@ class LoraTask:
         return self._test
 
     def shards(self, agents: int) -> list[LocalData]:
+        if getattr(self.job, "shard_mode", "partition") != "partition":
+            raise ConfigError("field 'shard_mode': the LoRA methods' shifted shards are partitioned; 'sampled' "
+                              "shards are drawn for the classification task's own package modes (transfer, full)")
         return [LocalData(p.x, p.y) for p in self._split(agents)]
 
     def package(self) -> tuple[bytes, Any]:

@@ -224,3 +224,15 @@ def test_progress_live_panel_renders():
         p(RoundSummary(1, 0.9, 0.3, 0.2, 5, 4, 0, 1, 10, 20, 0.1, note="fedamd p 0.485"))
     text = out.getvalue()
     assert "agents online" in text and "4/5" in text and "fedamd p 0.485" in text
+
+
+def test_sampled_shards_give_every_agent_of_a_large_fleet_data():
+    import numpy as np
+
+    fleet = load(SMALL)
+    fleet.job.shard_mode = "sampled"
+    y = np.random.default_rng(0).integers(0, 10, 30)  # fewer samples than agents can split
+    parts = emulate.partition(fleet, y)
+    assert set(parts) == set(fleet.roster())
+    assert {len(p) for p in parts.values()} == {10}
+    assert all(len(np.unique(p)) == len(p) and p.max() < 30 for p in parts.values())

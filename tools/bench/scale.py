@@ -15,12 +15,17 @@ network): the compute floor. From the demo's ledger and summary:
   the slopes of both over agents, and the summed per-process peak RSS (`rss_hwm_mib`);
 - bytes per agent-round up and down, and the final accuracy, of the smallest Mosquitto run.
 
+Fleets larger than the data set can partition (digits: 143 agents at the default alpha) run on sampled shards
+(`shard_mode = "sampled"`: each agent draws its own shard, with replacement across agents): `--shards auto`, the
+default, partitions while the largest fleet size can be partitioned and samples every size otherwise, so that all
+sizes of one run share a rule; the result says which (`shards`).
+
 On this machine PYTHONDONTWRITEBYTECODE is set, so every demo process compiles fedfleet's own modules
 again; `--bytecode-cache DIR` compiles them once into DIR and runs the demos from there, as an installed copy
 runs (the details say which: `bytecode_cached`).
 
 Writes {"agents", "floor_round_s", "round_s", "per_agent_ms", "startup_s", "tail_s", "pss_mib",
-"bytes_up_per_agent_round", "bytes_down_per_agent_round", "final_accuracy"}; `--plot` draws round time
+"bytes_up_per_agent_round", "bytes_down_per_agent_round", "final_accuracy", "shards"}; `--plot` draws round time
 against agents.
 """
 
@@ -43,7 +48,7 @@ from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.tools.bench.output import emit
 
 KEYS = ("agents", "floor_round_s", "round_s", "per_agent_ms", "startup_s", "tail_s", "pss_mib",
-        "bytes_up_per_agent_round", "bytes_down_per_agent_round", "final_accuracy")
+        "bytes_up_per_agent_round", "bytes_down_per_agent_round", "final_accuracy", "shards")
 
 
 def _tree(pid: int) -> list[int]:
@@ -135,12 +140,13 @@ def bytecode_env(cache_dir: str) -> dict[str, str]:
 
 
 def demo_run(agents: int, rounds: int, broker: str, seed: int = 0,
-             env: dict[str, str] | None = None) -> dict[str, Any]:
+             env: dict[str, str] | None = None, shard_mode: str = "partition") -> dict[str, Any]:
     """One `fedfleet demo` process; its round times, timeline, peak PSS, bytes and accuracy."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--agents", str(agents), "--rounds", str(rounds),
-               "--broker", broker, "--seed", str(seed), "--quiet", "--report", "none", "--run-dir", str(run_dir)]
+               "--broker", broker, "--seed", str(seed), "--quiet", "--report", "none", "--run-dir", str(run_dir),
+               "--shard-mode", shard_mode]
         start = time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         sampler = PssSampler(proc.pid)
@@ -164,7 +170,7 @@ def demo_run(agents: int, rounds: int, broker: str, seed: int = 0,
             "pss_mib": pss, "uss_mib": sampler.uss_mib, "rss_hwm_mib": sampler.rss_hwm_mib, "bytes_up": up, "bytes_down": down, "final_accuracy": summary["final_accuracy"]}
 
 
-def floor_run(agents: int, rounds: int, seed: int = 0) -> float:
+def floor_run(agents: int, rounds: int, seed: int = 0, shard_mode: str = "partition") -> float:
     """Median round time of the same training as a plain numpy loop: the agents' learner on their shards
     (features cached as the agents cache them), then the sample-weighted mean of the deltas."""
     from fedfleet.coordinator.job.config import JobConfig
@@ -174,7 +180,7 @@ def floor_run(agents: int, rounds: int, seed: int = 0) -> float:
     from fedfleet.edge_agent.model import EdgeModel
 
     small_model_threads()
-    cfg = JobConfig(agents=agents, rounds=rounds, seed=seed)
+    cfg = JobConfig(agents=agents, rounds=rounds, seed=seed, shard_mode=shard_mode)
     local, _ = shards(cfg)
     blob, _ = build(cfg)
     model = EdgeModel.from_bytes(blob)
@@ -200,6 +206,21 @@ def floor_run(agents: int, rounds: int, seed: int = 0) -> float:
     return statistics.median(times)
 
 
+def shard_mode_for(agent_counts: list[int], shards: str = "auto") -> str:
+    """`shards` ("partition" or "sampled"), or for "auto" the partition when the largest fleet can be partitioned."""
+    if shards != "auto":
+        return shards
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.tasks.classification import ClassificationTask
+    from fedfleet.edge_agent.errors import ConfigError
+
+    try:
+        ClassificationTask(JobConfig(agents=max(agent_counts))).shards(max(agent_counts))
+    except ConfigError:
+        return "sampled"
+    return "partition"
+
+
 def slope_ms(xs: list[int], ys: list[float]) -> float:
     if len(xs) < 2:
         return float("nan")
@@ -207,13 +228,14 @@ def slope_ms(xs: list[int], ys: list[float]) -> float:
 
 
 def run(agent_counts: list[int], rounds: int, brokers: list[str], progress: bool = True,
-        env: dict[str, str] | None = None) -> dict[str, Any]:
+        env: dict[str, str] | None = None, shards: str = "auto") -> dict[str, Any]:
+    mode = shard_mode_for(agent_counts, shards)
     floor = {}
     runs: dict[str, dict[int, dict[str, Any]]] = {b: {} for b in brokers}
     for n in agent_counts:  # interleaved: the floor and each broker at one size, then the next size
-        floor[n] = floor_run(n, rounds)
+        floor[n] = floor_run(n, rounds, shard_mode=mode)
         for b in brokers:
-            runs[b][n] = demo_run(n, rounds, b, env=env)
+            runs[b][n] = demo_run(n, rounds, b, env=env, shard_mode=mode)
             if progress:
                 print(f"scale: {n} agents on {b}: round {runs[b][n]['round_s']:.3f} s (floor {floor[n]:.4f} s)",
                       file=sys.stderr, flush=True)
@@ -231,6 +253,8 @@ def run(agent_counts: list[int], rounds: int, brokers: list[str], progress: bool
         "bytes_up_per_agent_round": ref["bytes_up"],
         "bytes_down_per_agent_round": ref["bytes_down"],
         "final_accuracy": ref["final_accuracy"],
+        "shards": mode if mode == "partition" else "sampled (each agent draws its own shard: with replacement across "
+                                                   "agents)",
         "pss_mib_per_broker": {b: {n: runs[b][n]["pss_mib"] for n in agent_counts} for b in brokers},
         "pss_slope_mib_per_agent": slope_ms(agent_counts, [runs[brokers[0]][n]["pss_mib"] for n in agent_counts]) / 1000,
         "uss_mib": {n: runs[brokers[0]][n]["uss_mib"] for n in agent_counts},
@@ -269,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agents", default="10,50,100", help="comma-separated fleet sizes")
     p.add_argument("--rounds", type=int, default=20, help="rounds per demo run (default %(default)s)")
     p.add_argument("--brokers", default="mosquitto,embedded", help="comma-separated brokers to compare (default %(default)s)")
+    p.add_argument("--shards", choices=("auto", "partition", "sampled"), default="auto",
+                   help="the agents' shards: disjoint (partition), each agent's own draw (sampled), or auto (default): "
+                        "partition unless the largest fleet is too large for it")
     p.add_argument("--json", help="also write the result JSON to this file")
     p.add_argument("--plot", help="also draw the result as a PNG to this file")
     p.add_argument("--bytecode-cache", metavar="DIR",
@@ -277,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     counts = sorted(int(a) for a in args.agents.split(","))
     env = bytecode_env(args.bytecode_cache) if args.bytecode_cache else None
-    result = run(counts, args.rounds, [b.strip() for b in args.brokers.split(",") if b.strip()], env=env)
+    result = run(counts, args.rounds, [b.strip() for b in args.brokers.split(",") if b.strip()], env=env,
+                 shards=args.shards)
     if args.plot:
         plot(result, args.plot)
     emit(result, KEYS, args.json)

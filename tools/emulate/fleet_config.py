@@ -6,6 +6,8 @@ the file and the field.
     rounds = 5
     mode = "full"
     deadline_s = 20
+    shard_mode = "sampled"     # optional: each agent draws its own shard (with replacement across agents), for
+                               # fleets larger than the digits split can partition; shard_size = samples per agent
     [method]                   # strategy config, as in a job file
     [uplink]                   # uplink codec, as in a job file
     [continual]                # optional: a task schedule, as in a job file (coordinator/tasks/schedule.py)

@@ -80,6 +80,8 @@ def partition(fleet: FleetConfig, train_y: np.ndarray) -> dict[str, np.ndarray]:
     from fedfleet.models import data as datasets
 
     seed = fleet.job.seed
+    if getattr(fleet.job, "shard_mode", "partition") == "sampled":
+        return _sampled(fleet, train_y)
     rng = np.random.Generator(np.random.PCG64(seed))
     order = rng.permutation(len(train_y))
     total = sum(g.count for g in fleet.groups)
@@ -102,6 +104,25 @@ def partition(fleet: FleetConfig, train_y: np.ndarray) -> dict[str, np.ndarray]:
             raise ConfigError(f"{where}: cannot partition its {len(idx)} samples: {exc}") from None
         for agent, p in zip(g.ids(), parts):
             out[agent] = idx[p]
+    return out
+
+
+def _sampled(fleet: FleetConfig, train_y: np.ndarray) -> dict[str, np.ndarray]:
+    """`shard_mode = "sampled"`: every agent draws its own shard from the whole train split (with replacement across
+    agents, `fedfleet.models.data.sample_shards`), of one size for the fleet; a group's partition gives its skew
+    (dirichlet: its alpha, iid: uniform)."""
+    from fedfleet.models import data as datasets
+
+    total = sum(g.count for g in fleet.groups)
+    try:
+        size = datasets.sampled_shard_size(len(train_y), total, fleet.job.shard_size)
+        out: dict[str, np.ndarray] = {}
+        for gi, g in enumerate(fleet.groups):
+            alpha = g.alpha if g.partition == "dirichlet" else 0.0
+            parts = datasets.sample_shards(train_y, g.count, alpha, seed=fleet.job.seed + gi, size=size)
+            out.update(zip(g.ids(), parts))
+    except ValueError as exc:
+        raise ConfigError(f"{fleet.source}: sampled shards of {len(train_y)} training samples: {exc}") from None
     return out
 
 
@@ -173,6 +194,10 @@ def run(fleet: FleetConfig, *, broker: str = "mosquitto", run_dir: str | Path | 
     console = Console(highlight=False, quiet=quiet)
     summary: dict[str, Any] = {"fleet": fleet.source, "run_dir": str(run_dir), "shard": f"{shard.index}/{shard.count}",
                                "agents": len(roster), "agents_here": len(mine), "calibration": cal.to_json()}
+    if getattr(job, "shard_mode", "partition") == "sampled":
+        from fedfleet.coordinator.tasks.classification import shard_summary
+
+        summary["shards"] = shard_summary(job, len(train), sum(g.count for g in fleet.groups))
     with start_broker(broker) as b:
         coord = None
         progress = None
