@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -115,11 +115,11 @@ class Code:
     end: int  # first window past the last codeword (2**32 for a complete code)
     _table: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)  # built on first need
 
-    @property
+    @cached_property  # a Code never changes: computed once (instance __dict__, which a frozen dataclass allows)
     def maxlen(self) -> int:
         return int(self.lengths.max()) if self.lengths.size else 0
 
-    @property
+    @cached_property
     def minlen(self) -> int:
         used = self.lengths[self.lengths > 0]
         return int(used.min()) if used.size else 0
