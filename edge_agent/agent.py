@@ -250,9 +250,12 @@ class Agent:
         if connection != self._connection:
             if self._connection is not None and self._connection[0] == connection[0] and len(self.outbox):
                 # a reconnection of the same link: once more, once the coordinator has subscribed again
-                timer = threading.Timer(self.RESEND_AFTER_S, self._resend)
-                timer.daemon = True
-                timer.start()
+                if self.host.links is not None:  # the link loop's clock: no thread per agent
+                    self.host.links.call_later(self.RESEND_AFTER_S, self._resend)
+                else:
+                    timer = threading.Timer(self.RESEND_AFTER_S, self._resend)
+                    timer.daemon = True
+                    timer.start()
             self._connection = connection
 
     def _resend(self) -> None:

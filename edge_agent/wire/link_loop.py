@@ -110,6 +110,11 @@ class LinkLoop:
         else:
             self.call(lambda: self._set_write(link, True))
 
+    def call_later(self, delay_s: float, fn: Callable[[], None]) -> None:
+        """Run `fn` on the loop's thread in `delay_s` seconds (no thread of its own, as a `threading.Timer` has)."""
+        self._ensure_thread()
+        self.call(lambda: self._later(delay_s, fn))
+
     def call(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the loop's thread, soon."""
         with self._lock:

@@ -10,6 +10,7 @@ until they all were (or the wait ended), `per_round` the agents the round tasked
 agents' data was drawn (past 89 agents the digits split has fewer than 16 samples per agent, and each agent
 draws 16 at random); `rss_mb_total` sums VmRSS (from /proc/<pid>/status) of every process involved (this one with
 the coordinator, the broker, the agent workers and any other descendant) right after the round;
+`round_cpu_s_by_role` the CPU seconds each role spent in the round (where its time went);
 `idle_cpu_pct` is the CPU the idle fleet costs (all those processes, percent of one core) over a quiet window
 before the round. Targets at 10,000 agents on 2 cores (Mosquitto): connected = 10,000 with connect_s <= 60,
 round_s <= 60 with every agent training, rss_mb_total <= 4096.
@@ -138,7 +139,12 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
             time.sleep(idle_window_s)
             out["idle_cpu_pct"] = 100.0 * (cpu_seconds(pids) - c0) / (time.perf_counter() - t0)
             progress("fleet", "one round with every agent")
+            roles = {"coordinator": [os.getpid()], "broker": [b.pid], "agent_workers": pool.pids}
+            before = {role: cpu_seconds(p) for role, p in roles.items()}
             summary = coord.run_round(1)
+            out["round_cpu_s_by_role"] = {role: cpu_seconds(p) - before[role] for role, p in roles.items()}
+            out["rows_by_status"] = {r["status"]: r["n"] for r in coord.ledger.query(
+                "SELECT status, COUNT(*) AS n FROM agent_rounds GROUP BY status")}
             pids = process_tree(os.getpid())
             out["rss_mb_total"] = sum(status_kb(p, "VmRSS") for p in pids) / 1024
             out["hwm_mb_total"] = sum(status_kb(p, "VmHWM") for p in pids) / 1024
