@@ -44,14 +44,17 @@ class Host:
 
     def __init__(self, *, share_models: bool = True, payloads: SharedBytes | None = None,
                  signatures: VerifiedSignatures | None = None, transitions: Transitions | None = None,
-                 multiplex: bool = True, workers: int | None = None, connect_window: int = 32) -> None:
-        """`multiplex`: the agents share `links` and `worker` (`workers` threads, default the cores up to 4;
-        `connect_window` connects in flight at most)."""
+                 multiplex: bool = True, workers: int | None = None, max_workers: int | None = None,
+                 connect_window: int = 32) -> None:
+        """`multiplex`: the agents share `links` and `worker` (`workers` threads, default the cores up to 4,
+        growing up to `max_workers` while work waits and every thread is busy; `connect_window` connects in
+        flight at most)."""
         self.models: dict[str, Any] | None = {} if share_models else None
         self.links: LinkLoop | None = LinkLoop(window=connect_window) if multiplex else None
         self.worker: SharedWorker | None = None
         if multiplex:
-            self.worker = SharedWorker(workers if workers is not None else max(1, min(4, os.cpu_count() or 1)))
+            threads = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
+            self.worker = SharedWorker(threads, max_threads=max_workers)
         self.payloads = SharedBytes() if payloads is None else payloads
         self.signatures = VerifiedSignatures() if signatures is None else signatures
         self.transitions = Transitions() if transitions is None else transitions
@@ -63,6 +66,15 @@ class Host:
         with cls._process_lock:
             if cls._process is None:
                 cls._process = cls()
+            return cls._process
+
+    @classmethod
+    def configure_process(cls, **options: Any) -> Host:
+        """Make this process's Host with these options (a process that hosts agents, before its first agent)."""
+        with cls._process_lock:
+            if cls._process is not None:
+                raise RuntimeError("this process's Host is in use already")
+            cls._process = cls(**options)
             return cls._process
 
     @classmethod

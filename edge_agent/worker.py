@@ -1,7 +1,8 @@
 """The worker threads the agents of one process share, in place of a thread per agent.
 
-`SharedWorker(threads)` runs each member's work items in the order they came, never two of one member at
-once, on a few threads shared by every member (an actor per agent on a small pool). A member that has items
+`SharedWorker(threads, max_threads=...)` runs each member's work items in the order they came, never two of
+one member at once, on a few threads shared by every member (an actor per agent on a small pool that grows
+up to `max_threads` while work waits and every thread is busy). A member that has items
 waiting for something else (a task that waits for its model package) is offered an idle call every
 `idle_s`, as an agent's own worker thread tried its waiting tasks whenever its queue was quiet.
 
@@ -41,10 +42,16 @@ class _Member:
 class SharedWorker:
     """See the module docstring."""
 
-    def __init__(self, threads: int = 2, *, idle_s: float = 0.5, name: str = "agents") -> None:
+    def __init__(self, threads: int = 2, *, max_threads: int | None = None, idle_s: float = 0.5,
+                 name: str = "agents") -> None:
+        """`threads` to start with; up to `max_threads` (default `threads`) when work waits while every thread
+        is busy: members that wait inside their work (emulated devices sleeping out their slower compute and
+        links) each need a thread then, as a real device has its own CPU."""
         if threads < 1:
             raise ValueError("threads must be at least 1")
         self.threads, self.idle_s, self.name = int(threads), float(idle_s), name
+        self.max_threads = max(self.threads, int(max_threads or threads))
+        self._free = 0  # threads waiting for work
         self._lock = threading.Lock()
         self._members: dict[Any, _Member] = {}
         self._ready: queue.Queue[_Member] = queue.Queue()
@@ -58,10 +65,8 @@ class SharedWorker:
             m.done.set()
             self._members[member] = m
             if not self._started:
-                for i in range(self.threads):
-                    t = threading.Thread(target=self._run, name=f"{self.name}-worker-{i}", daemon=True)
-                    t.start()
-                    self._started.append(t)
+                for _ in range(self.threads):
+                    self._start_thread()
 
     def put(self, member: Any, item: Any) -> None:
         with self._lock:
@@ -85,10 +90,17 @@ class SharedWorker:
     def __len__(self) -> int:
         return len(self._members)
 
+    def _start_thread(self) -> None:  # under the lock
+        t = threading.Thread(target=self._run, name=f"{self.name}-worker-{len(self._started)}", daemon=True)
+        self._started.append(t)
+        t.start()
+
     def _schedule(self, m: _Member) -> None:  # under the lock
         if not m.scheduled:
             m.scheduled = True
             self._ready.put(m)
+            if self._ready.qsize() > self._free and len(self._started) < self.max_threads:
+                self._start_thread()
 
     def _sweep(self) -> None:
         """Members with nothing queued that wait for something get an idle call."""
@@ -109,11 +121,18 @@ class SharedWorker:
             if now >= self._next_sweep:
                 self._next_sweep = now + self.idle_s
                 self._sweep()
+            with self._lock:
+                self._free += 1
             try:
                 m = self._ready.get(timeout=self.idle_s)
             except queue.Empty:
                 continue
+            finally:
+                with self._lock:
+                    self._free -= 1
             with self._lock:
+                if self._ready.qsize() > self._free and len(self._started) < self.max_threads:
+                    self._start_thread()  # work still waits and this thread is now busy: one more
                 item = m.items.popleft() if m.items else None
                 m.running = True
                 m.done.clear()

@@ -82,6 +82,7 @@ class LinkLoop:
         self._thread: threading.Thread | None = None
         self._ident: int | None = None
         self._next_misc = 0.0
+        self._writing = False
 
     # -------------------------------------------------------------- from any thread
     def add(self, link: Any) -> None:
@@ -189,6 +190,14 @@ class LinkLoop:
         entry = self._links.get(link)
         if entry is None or entry.sock is None:
             return
+        if on and not self._writing:  # write now; wait for the socket only if it does not take it all
+            self._writing = True
+            try:
+                self._write(link, entry)
+            finally:
+                self._writing = False
+            if entry.sock is None or not link.client.want_write():
+                return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
         if events != entry.registered:
             try:

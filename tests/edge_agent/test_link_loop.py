@@ -184,3 +184,18 @@ def test_tls_links_publish_from_other_threads_while_the_loop_reads(tmp_path):
             link.stop()
     finally:
         broker.stop()
+
+
+def test_the_shared_worker_grows_while_every_thread_waits_inside_work():
+    """Emulated devices sleep out their slower compute inside their work: twenty members that each wait for
+    all the others (a barrier of 20) finish only if the pool grew to 20 threads; it never passes max_threads."""
+    worker = SharedWorker(threads=2, max_threads=20, idle_s=0.05)
+    barrier = threading.Barrier(20, timeout=10)
+    passed: list[int] = []
+    for m in range(20):
+        worker.join(m, lambda item, m=m: (barrier.wait(), passed.append(m)), lambda: None, lambda: False)
+    for m in range(20):
+        worker.put(m, 0)
+    assert _wait(lambda: len(passed) == 20, 15)
+    assert not barrier.broken
+    assert len(worker._started) == 20

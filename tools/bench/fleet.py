@@ -1,4 +1,4 @@
-"""`fedfleet bench fleet`: a thousand agents, each with its own MQTT connection to Mosquitto, on one machine.
+"""`fedfleet bench fleet`: ten thousand agents on one machine, each with its own MQTT connection to Mosquitto.
 
 Starts Mosquitto, the coordinator (in this process) and `--agents` agents spread over `--processes` worker
 processes (one loaded model per process, `AgentPool(share_model=True)`), waits until every agent is online

@@ -47,11 +47,15 @@ def _serve(url: str, fleet: str, secret: bytes, members: list[tuple[str, np.ndar
     from concurrent.futures import ThreadPoolExecutor
 
     from fedfleet.edge_agent.agent import Agent, AgentConfig
+    from fedfleet.edge_agent.host import Host
     from fedfleet.edge_agent.wire import protocol
 
     logging.basicConfig(level=logging.ERROR)
     extra = extra or {}
     factory = _resolve(extra["factory"]) if extra.get("factory") else None
+    # emulated devices sleep out their slower compute and links inside their work: each may need a worker
+    # thread at once then (a real device has its own CPU); plain agents share the process's few
+    Host.configure_process(max_workers=len(members) if factory is not None else None)
     cache: dict[str, Any] | None = {} if extra.get("share_model") else None
     lock = {"learn_lock": threading.Lock()} if extra.get("serialize_learning") else {}
     per_agent = extra.get("per_agent") or {}
