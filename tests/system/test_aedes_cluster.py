@@ -220,6 +220,12 @@ def test_launcher_stopped_by_a_signal_leaves_no_process(cluster, sig):
         assert all(_gone(pid) for pid in info["pids"]), [pid for pid in info["pids"] if not _gone(pid)]
         if sig == signal.SIGTERM:
             assert p.returncode == 0, p.stderr.read()
+            assert not Path(info["dir"]).exists()
+        else:  # killed before cleaning up: the next cluster's start removes what it left
+            from fedfleet.tools.infra.aedes import sweep_stale_dirs
+
+            assert Path(info["dir"]).is_dir()
+            assert Path(info["dir"]) in sweep_stale_dirs() and not Path(info["dir"]).exists()
     finally:
         if p.poll() is None:
             p.kill()

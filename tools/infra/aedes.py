@@ -22,7 +22,8 @@ The npm packages are installed on first use (`npm ci`, the lock file's exact ver
 Stopping: `stop()` sends SIGTERM to the nodes, then to Redis (SIGKILL after a grace period) and removes the
 directory. A launcher that dies without `stop()` (SIGTERM, SIGKILL) takes the cluster with it: each node
 exits when its stdin (a pipe held by the launcher) closes, and, started from the main thread, the nodes and
-Redis get SIGTERM from the kernel when the launcher exits (PR_SET_PDEATHSIG).
+Redis get SIGTERM from the kernel when the launcher exits (PR_SET_PDEATHSIG). The directory such a launcher
+leaves (logs only) is removed by the next cluster started by the same user, once none of its processes runs.
 
 Known upstream bug (aedes 1.2.0 with aedes-persistence-redis 11.2.2): a persistent session (clean_session
 false) that subscribes to two or more topic filters in ONE SUBSCRIBE packet never gets its SUBACK; one filter
@@ -137,6 +138,40 @@ def _version(package_json: Path) -> str | None:
         return None
 
 
+PREFIX = "fedfleet-aedes-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def sweep_stale_dirs() -> list[Path]:
+    """Remove the directories of this user's clusters whose launcher and processes are all gone (a launcher
+    killed before `stop()`); returns them."""
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        try:
+            if d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.geteuid():
+                continue
+            pids = [int(x) for f in ("launcher.pid", "pids") if (d / f).is_file()
+                    for x in (d / f).read_text().split()]
+        except (OSError, ValueError):
+            continue
+        if pids and not any(_running(pid) for pid in pids):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def _die_with_launcher() -> None:
     """In the child before exec: SIGTERM when the launching thread (the main thread) ends."""
     try:
@@ -185,7 +220,9 @@ class AedesCluster(Broker):
         node = node_executable()
         redis = redis_executable()
         modules = install_packages(package_dir)
-        self._base = Path(tempfile.mkdtemp(prefix="fedfleet-aedes-"))
+        sweep_stale_dirs()
+        self._base = Path(tempfile.mkdtemp(prefix=PREFIX))
+        (self._base / "launcher.pid").write_text(f"{os.getpid()}\n")
         self._pdeathsig = threading.current_thread() is threading.main_thread()
         self.redis_port = free_port()
         self.redis: subprocess.Popen[bytes] | None = None
@@ -200,6 +237,7 @@ class AedesCluster(Broker):
             for n in self.nodes:
                 n.proc = self._spawn([node, str(NODE_DIR / "node.js"), str(modules), str(n.port),
                                       str(self.redis_port), n.id], f"node{n.index}.out", stdin=True)
+            (self._base / "pids").write_text("".join(f"{pid}\n" for pid in self.pids))
             deadline = time.monotonic() + timeout_s
             for n in self.nodes:
                 self._await(n, deadline)
@@ -229,6 +267,11 @@ class AedesCluster(Broker):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"aedes node {n.index} on 127.0.0.1:{n.port} accepted no MQTT connection")
             time.sleep(0.1)
+
+    @property
+    def dir(self) -> Path:
+        """The cluster's own directory: the logs of Redis (redis.out) and of each node (node<i>.out)."""
+        return self._base
 
     @property
     def node_pids(self) -> list[int]:
@@ -273,7 +316,7 @@ class AedesCluster(Broker):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a cluster in the foreground: print one JSON line ({"urls": [...], "pids": [...]}), stop on
+    """Run a cluster in the foreground: print one JSON line ({"urls": [...], "pids": [...], "dir": ...}), stop on
     SIGTERM, SIGINT or SIGHUP."""
     import argparse
     import json
@@ -291,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedfleet aedes: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     try:
-        print(json.dumps({"urls": cluster.urls, "pids": cluster.pids}), flush=True)
+        print(json.dumps({"urls": cluster.urls, "pids": cluster.pids, "dir": str(cluster.dir)}), flush=True)
         while not stopping.wait(0.5):
             dead = [p.pid for p in (*(n.proc for n in cluster.nodes), cluster.redis) if p and p.poll() is not None]
             if dead:

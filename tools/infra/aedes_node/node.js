@@ -26,6 +26,12 @@ async function main () {
   const persistence = req('aedes-persistence-redis')({ ...redis })
   const broker = await Aedes.createBroker({ id, mq, persistence, heartbeatInterval: 1000 })
   const server = net.createServer({ noDelay: true }, broker.handle)
+  let logged = 0 // the first client errors go to the node's log (stderr), for diagnosis
+  const note = (what) => (client, err) => {
+    if (logged++ < 200) process.stderr.write(`aedes node ${id}: ${what} ${client ? client.id : '-'}: ${err.message}\n`)
+  }
+  broker.on('clientError', note('client error'))
+  broker.on('connectionError', note('connection error'))
 
   let stopping = false
   function stop (code) {
