@@ -83,11 +83,14 @@ class Client:
             assert time.monotonic() < deadline, f"no SUBACK for {topic}"
             time.sleep(0.01)
 
-    def wait_for(self, topic: str, timeout_s: float = 5.0) -> paho.MQTTMessage:
+    def wait_for(self, topic: str, timeout_s: float = 5.0, *, retained: bool = False) -> paho.MQTTMessage:
+        def match(m: paho.MQTTMessage) -> bool:
+            return m.topic == topic and (m.retain or not retained)
+
         with self.got:
-            ok = self.got.wait_for(lambda: any(m.topic == topic for m in self.messages), timeout_s)
-        assert ok, f"nothing on {topic} within {timeout_s} s; got {[m.topic for m in self.messages]}"
-        return next(m for m in self.messages if m.topic == topic)
+            ok = self.got.wait_for(lambda: any(match(m) for m in self.messages), timeout_s)
+        assert ok, f"nothing on {topic} within {timeout_s} s; got {[(m.topic, m.retain) for m in self.messages]}"
+        return next(m for m in self.messages if match(m))
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         self.c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
@@ -126,14 +129,21 @@ def test_message_published_on_one_node_reaches_a_subscriber_on_the_other(cluster
 
 def test_retained_message_set_on_one_node_reaches_a_new_subscriber_on_the_other(cluster):
     topic = f"fedfleet/v1/t/broadcast/{_id('ret')}/model/0"
+    watcher = Client(cluster.urls[1], _id("watch"))
     pub = Client(cluster.urls[0], _id("pub"))
-    pub.publish(topic, b"package", retain=True)
-    pub.close()
+    try:
+        watcher.subscribe(topic)
+        pub.publish(topic, b"package", retain=True)
+        watcher.wait_for(topic)  # the live copy has crossed to node B: what a new subscriber gets is the stored one
+    finally:
+        pub.close()
+        watcher.close()
     sub = Client(cluster.urls[1], _id("late"))
     try:
         sub.subscribe(topic)
-        msg = sub.wait_for(topic)
-        assert msg.payload == b"package" and msg.retain
+        msg = sub.wait_for(topic, retained=True)
+        assert msg.payload == b"package"
+        assert all(m.retain for m in sub.messages)  # no live copy reached the new subscriber
     finally:
         sub.close()
 
