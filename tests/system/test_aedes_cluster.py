@@ -261,3 +261,23 @@ def test_bench_cluster_refuses_an_unknown_side(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "'bogus'" in err and "rabbitmq, aedes, mosquitto" in err and err.count("\n") == 1
+
+
+def test_wills_of_a_dead_node_reach_the_other_node(cluster):
+    """A node killed outright: the other node publishes the wills of its clients (aedes' broker heartbeats in
+    Redis, every second here). Its own two-node cluster: the shared one keeps both nodes."""
+    from fedfleet.tools.infra.aedes import AedesCluster
+
+    with AedesCluster(nodes=2) as own:
+        topic = f"fedfleet/v1/t/agents/{_id('dead')}/status"
+        sub = Client(own.urls[1], _id("coord"))
+        doomed = Client(own.urls[0], _id("doomed"), will=(topic, b"offline"))
+        try:
+            sub.subscribe(topic)
+            t0 = time.monotonic()
+            own.stop_node(0)
+            assert sub.wait_for(topic, timeout_s=20).payload == b"offline"
+            assert time.monotonic() - t0 < 20
+        finally:
+            doomed.c.loop_stop()
+            sub.close()

@@ -75,7 +75,7 @@ def _tool(name: str, hint: str) -> str:
 
 def node_executable() -> str:
     """`node`, checked to be new enough for the pinned packages."""
-    exe = _tool("node", "`apt-get install -y nodejs npm` (Node.js >= 20)")
+    exe = _tool("node", f"install Node.js >= {MIN_NODE_MAJOR} with npm (Debian 12's own nodejs is 18: too old)")
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
         major = int(out.lstrip("v").split(".")[0])
@@ -116,7 +116,7 @@ def install_packages(root: Path | None = None) -> Path:
                                 "--loglevel=error"], cwd=stage, capture_output=True, text=True, timeout=600)
             if p.returncode != 0:
                 last = (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()[-1]
-                raise RuntimeError(f"npm ci of the aedes packages failed (exit {p.returncode}) in {stage}: {last}")
+                raise RuntimeError(f"npm ci of the aedes packages into {root} failed (exit {p.returncode}): {last}")
             for name, version in PINNED.items():
                 got = _version(stage / "node_modules" / name / "package.json")
                 if got != version:
