@@ -16,6 +16,8 @@ Prints, per side, exactly {"agents", "nodes", "connected", "round_s", "rss_mb_to
 (`rss_mb_total`: VmRSS of this process with the coordinator, the broker processes and the agent workers,
 right after the round); everything else (ready_s, start_after_online_s, per-role RSS, CPU seconds per role
 over the round) goes to the `details:` line. Targets: connected = agents and round_s <= 60 on the cluster.
+A side whose agent processes do not all come online (`--connect-timeout`; on aedes, a link that sends all
+its filters in one SUBSCRIBE never gets the SUBACK) gets connected = 0, round_s null and `connect_error`.
 Model delivery does not rely on retained messages (RabbitMQ keeps them per node): the coordinator publishes
 the package again while agents are online without it (`wait_for_agents(republish_s=...)`).
 """
@@ -64,6 +66,10 @@ def thread_cpu() -> dict[str, float]:
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+class _NotOnline(Exception):
+    """The agent processes did not all come online (the side's row then has connected = 0)."""
 
 
 def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout_s: float,
@@ -116,8 +122,12 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                                      blas_threads=1, serialize_learning=True, **agent_sign)
                     pools.append(pool)
                 progress("cluster", f"{kind}: {agents} agents connecting over {len(agent_urls)} node(s)")
-                for pool in pools:
-                    pool.start(timeout_s=connect_timeout_s)
+                try:
+                    for pool in pools:
+                        pool.start(timeout_s=connect_timeout_s)
+                except TimeoutError as exc:  # e.g. no SUBACK from the broker: a row that says so, not a crash
+                    out["connect_error"] = f"agent processes did not come online: {exc}"[:500]
+                    raise _NotOnline from None
                 online_at = time.perf_counter()
                 out["agents_connected_s"] = round(online_at - t_start, 1)
                 try:
@@ -152,6 +162,9 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                 for pool in pools:
                     pool.stop()
                 coord.stop()
+    except _NotOnline:
+        out["connected"] = 0
+        progress("cluster", f"{kind}: {out['connect_error']}")
     finally:
         if own:
             broker.stop()
