@@ -318,11 +318,12 @@ class AedesCluster(Broker):
 def main(argv: list[str] | None = None) -> int:
     """Run a cluster in the foreground: print one JSON line ({"urls": [...], "pids": [...], "dir": ...}), stop on
     SIGTERM, SIGINT or SIGHUP."""
-    import argparse
     import json
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m fedfleet.tools.infra.aedes", description=__doc__.splitlines()[0])
+    from fedfleet.edge_agent.cli_run import ArgParser
+
+    p = ArgParser(prog="python -m fedfleet.tools.infra.aedes", description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=2, help="aedes nodes (default %(default)s)")
     args = p.parse_args(argv)
     stopping = threading.Event()
