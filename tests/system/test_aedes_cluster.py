@@ -281,3 +281,14 @@ def test_wills_of_a_dead_node_reach_the_other_node(cluster):
         finally:
             doomed.c.loop_stop()
             sub.close()
+
+
+def test_a_fedavg_round_completes_on_the_cluster(cluster):
+    """The round's state broadcast reaches the agents on the other node: aedes queues a QoS 1 message for every
+    persistent subscriber before it emits it, so the tasks published after the broadcast used to arrive first
+    and each agent then dropped the broadcast as older (0 of 20 results came back). The coordinator now
+    dispatches once its own subscription has the broadcast back; one filter per SUBSCRIBE lets the agents in."""
+    from fedfleet.tools.bench import cluster as bench_cluster
+
+    side = bench_cluster.run_side("aedes", 6, 2, 1, 120.0, 30.0, 2.0, broker=cluster)
+    assert side["connected"] == 6 and side["ok"] == 6 and side["late"] == 0, side

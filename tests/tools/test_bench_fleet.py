@@ -25,16 +25,12 @@ def test_bench_fleet_smoke(tmp_path, capsys):
     assert out["rss_mb_total"] >= sum(roles.values()) - 1e-6
 
 
-def test_more_agents_than_the_split_holds_draw_their_samples(tmp_path):
+def test_more_agents_than_the_split_holds_draw_their_samples():
     """Past 89 agents the digits split has fewer than 16 samples per agent: each agent draws 16 (no empty shard)."""
-    from fedfleet.coordinator.job.assemble import build_run
     from fedfleet.coordinator.job.config import JobConfig
-    from fedfleet.edge_agent.wire.signing import new_signing_seed
 
     cfg = JobConfig(agents=2000, rounds=1, alpha=0.0, mode="full", fleet="f", roster=[f"a{i}" for i in range(2000)])
-    run = build_run(cfg, broker_url="memory://shards-test", secret=b"s" * 32, signing_key=new_signing_seed(),
-                    run_dir=tmp_path)
-    local, how = bench_fleet.fleet_shards(run, 2000)
+    local, how = bench_fleet.fleet_shards(cfg, 2000)
     assert len(local) == 2000 and all(len(d) == bench_fleet.SHARD for d in local)
     assert "drawn at random" in how
     assert len({d.x.tobytes() for d in local}) > 1900  # the agents' draws differ

@@ -33,7 +33,7 @@ from typing import Any
 
 from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.errors import ConfigError
-from fedfleet.tools.bench.fleet import cpu_seconds, process_tree, status_kb
+from fedfleet.tools.bench.fleet import cpu_seconds, fleet_shards, process_tree, status_kb
 from fedfleet.tools.bench.output import progress
 
 KEYS = ("agents", "nodes", "connected", "round_s", "rss_mb_total", "broker")
@@ -78,7 +78,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
     from fedfleet.coordinator.broker import MosquittoBroker
     from fedfleet.coordinator.job.assemble import agent_ids, build_run
     from fedfleet.coordinator.job.config import JobConfig
-    from fedfleet.coordinator.job.run import shards, small_model_threads
+    from fedfleet.coordinator.job.run import small_model_threads
     from fedfleet.tools.emulate.agent_pool import AgentPool
     from fedfleet.tools.emulate.run import raise_nofile
     from fedfleet.tools.infra.aedes import AedesCluster
@@ -90,7 +90,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
     small_model_threads()
     cfg = JobConfig(agents=agents, rounds=1, alpha=0.0, mode="full", deadline_s=deadline_s, quorum=1.0,
                     grace_s=0.0, fleet=f"bench-cluster-{kind}", roster=[f"c{i:05d}" for i in range(agents)])
-    local, _ = shards(cfg)
+    local, how = fleet_shards(cfg, agents)
     ids = agent_ids(cfg)
     secret = os.urandom(32)
     t0 = time.perf_counter()
@@ -102,6 +102,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
     try:
         urls = broker.urls if kind in CLUSTERS else [broker.url]
         out["nodes"] = len(urls)
+        out["shards"] = how
         if kind == "rabbitmq":
             out["running_nodes"] = broker.running_nodes()
         coord_url, agent_urls = urls[0], (urls[1:] or urls)

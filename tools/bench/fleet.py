@@ -74,18 +74,19 @@ def cpu_seconds(pids: list[int]) -> float:
 SHARD = 16  # samples per agent when the training split cannot give every agent a share of its own
 
 
-def fleet_shards(run: Any, agents: int, seed: int = 0) -> tuple[list[Any], str]:
+def fleet_shards(cfg: Any, agents: int, seed: int = 0) -> tuple[list[Any], str]:
     """Every agent's data and how it was drawn: disjoint IID shards while the training split has at least
     `SHARD` samples per agent, else `SHARD` samples per agent drawn at random from the whole split (each agent's
     without replacement; agents share samples)."""
     import numpy as np
 
+    from fedfleet.coordinator.job.run import shards
     from fedfleet.coordinator.tasks.classification import split
     from fedfleet.edge_agent.learners import LocalData
 
-    train, _ = split(run.job)
+    train, _ = split(cfg)
     if len(train) >= SHARD * agents:
-        return run.shards(), f"disjoint IID shards of the {len(train)} training samples"
+        return shards(cfg)[0], f"disjoint IID shards of the {len(train)} training samples"
     rng = np.random.default_rng(seed)
     local = []
     for _ in range(agents):
@@ -117,7 +118,7 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
     with MosquittoBroker() as b, tempfile.TemporaryDirectory() as tmp:
         run = build_run(cfg, broker_url=b.url, secret=secret, signing_key=seed, run_dir=Path(tmp))
         coord, ids = run.coordinator, run.roster
-        local, out["shards"] = fleet_shards(run, agents)
+        local, out["shards"] = fleet_shards(cfg, agents)
         coord.start()
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes, share_model=True,
                          blas_threads=1, serialize_learning=True, coordinator_key=public_key(seed))
