@@ -107,7 +107,7 @@ class Agent:
         self._connection: tuple[int, int] | None = None  # (link, its connects) last announced on
         self._work: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         self.inbox = Inbox(fleet=config.fleet, agent_id=config.agent_id, coordinator_key=config.coordinator_key,
-                           deliver=lambda kind, header, body: self._work.put((kind, header, body)),
+                           deliver=lambda kind, header, body: self._post((kind, header, body)),
                            current_model=lambda: self.model_digest, signatures=self.host.signatures,
                            on_refused=self._on_refused)
         self.downlink_error: str | None = None  # a model package refused before any was loaded (its status says so)
@@ -117,7 +117,11 @@ class Agent:
         self._task_topic = self.inbox.task_topic
         self.link = self._open_link()
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._work_loop, name=f"agent-{config.agent_id}", daemon=True)
+        # the work the network side hands over (packages, state, tasks) runs on the Host's shared worker, or on
+        # this agent's own thread (an agent alone on its device)
+        self._shared = self.host.worker
+        self._worker = (None if self._shared is not None else
+                        threading.Thread(target=self._work_loop, name=f"agent-{config.agent_id}", daemon=True))
 
     def _open_link(self) -> Link:
         """This agent's MQTT connection (not started)."""
@@ -125,6 +129,7 @@ class Agent:
         return open_link(
             c.broker,
             client_id=c.username or f"fedfleet-{c.fleet}-{c.agent_id}",  # the ACL's user name
+            loop=self.host.links,
             on_message=self._on_message,
             subscriptions=self.inbox.subscriptions(),
             clean_session=False,
@@ -168,21 +173,27 @@ class Agent:
 
     # -------------------------------------------------------------- lifecycle
     def start(self, wait_s: float = 10.0) -> None:
+        if self._shared is not None:
+            self._shared.join(self, self._do, self._retry_waiting, lambda: bool(self.admission.waiting))
+        else:
+            self._worker.start()
         kept = self.kept.package() if self.kept is not None else None
         if kept is not None:  # the package this agent last used: ready before the coordinator resends it
-            self._work.put(("model", {"digest": kept[0], "verified": False, "run": self.package_run,
-                                      "sent": self.package_sent}, kept[1]))
-        self._worker.start()
+            self._post(("model", {"digest": kept[0], "verified": False, "run": self.package_run,
+                                  "sent": self.package_sent}, kept[1]))
         self.link.start(wait_s=wait_s)
 
     def stop(self, *, graceful: bool = True) -> None:
         self._stop.set()
-        self._work.put(("stop", None, None))
+        self._work.put(("stop", None, None))  # an own worker thread ends
         if graceful and self.link.connected.is_set():
             self.link.publish(self._status_topic, self._status_payload("offline"), retain=True)
             self._last_report()
         self.link.stop(graceful=graceful)
-        self._worker.join(timeout=10)
+        if self._shared is not None:
+            self._shared.leave(self)
+        elif self._worker.is_alive():
+            self._worker.join(timeout=10)
 
     def run_forever(self) -> None:
         self.start(wait_s=0)
@@ -239,9 +250,12 @@ class Agent:
         if connection != self._connection:
             if self._connection is not None and self._connection[0] == connection[0] and len(self.outbox):
                 # a reconnection of the same link: once more, once the coordinator has subscribed again
-                timer = threading.Timer(self.RESEND_AFTER_S, self._resend)
-                timer.daemon = True
-                timer.start()
+                if self.host.links is not None:  # the link loop's clock: no thread per agent
+                    self.host.links.call_later(self.RESEND_AFTER_S, self._resend)
+                else:
+                    timer = threading.Timer(self.RESEND_AFTER_S, self._resend)
+                    timer.daemon = True
+                    timer.start()
             self._connection = connection
 
     def _resend(self) -> None:
@@ -266,25 +280,36 @@ class Agent:
         self.inbox.on_message(topic, payload)
 
     # -------------------------------------------------------------- worker thread
+    def _post(self, item: tuple[str, Any, Any]) -> None:
+        """Hand one message's work to this agent's worker (in order; never two at once)."""
+        if self._shared is None:
+            self._work.put(item)
+        else:
+            self._shared.put(self, item)
+
     def _work_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                kind, header, body = self._work.get(timeout=0.5)
+                item = self._work.get(timeout=0.5)
             except queue.Empty:
                 self._retry_waiting()
                 continue
-            try:
-                if kind == "model":
-                    self._load_model(header, body)
-                elif kind == "boot":
-                    self._package_again(header)
-                elif kind == "state":
-                    self._keep_state(header, body)
-                elif kind == "task":
-                    self._handle_task(header, body)
-            except Exception as exc:  # the agent stays up whatever a task does
-                log.exception("agent %s failed on a %s message", self.cfg.agent_id, kind)
-                self._safe_telemetry("error", detail=f"{type(exc).__name__}: {exc}")
+            self._do(item)
+
+    def _do(self, item: tuple[str, Any, Any]) -> None:
+        kind, header, body = item
+        try:
+            if kind == "model":
+                self._load_model(header, body)
+            elif kind == "boot":
+                self._package_again(header)
+            elif kind == "state":
+                self._keep_state(header, body)
+            elif kind == "task":
+                self._handle_task(header, body)
+        except Exception as exc:  # the agent stays up whatever a task does
+            log.exception("agent %s failed on a %s message", self.cfg.agent_id, kind)
+            self._safe_telemetry("error", detail=f"{type(exc).__name__}: {exc}")
 
     def _older(self, header: dict[str, Any]) -> str:
         """Why a package publication is older than the one in use ("" when it is not)."""

@@ -31,7 +31,7 @@ SLOW = {
     "tests/tools/test_bench_fuzz.py", "tests/tools/test_bench_scale_smoke.py", "tests/system/test_demo.py",
     "tests/tools/test_bench_ferret_smoke.py", "tests/system/test_hostile_corpus.py", "tests/system/test_serve_devices.py",
     "tests/system/test_resume.py", "tests/models/test_parity.py", "tests/models/test_models_onnx.py",
-    "tests/system/test_pi_tutorial.py", "tests/system/test_traffic_proxy.py",
+    "tests/system/test_pi_tutorial.py", "tests/system/test_traffic_proxy.py", "tests/system/test_aedes_cluster.py",
 }
 
 

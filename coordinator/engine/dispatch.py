@@ -18,6 +18,7 @@ without a random draw per task.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import secrets
 import time
@@ -44,6 +45,7 @@ class Dispatcher:
         `sync`: the state sync of strategies whose tasks carry the global state, else None; `boot`: this
         coordinator process's id, in every package header."""
         self.link = link
+        self.state_chunks: set[bytes] = set()  # SHA-256 of each chunk of the last state broadcast
         self.boot = boot
         self.fleet, self.run, self.method = fleet, run, method
         self._key = signing_key
@@ -67,6 +69,8 @@ class Dispatcher:
               retain: bool = False) -> tuple[int, int]:
         """Sign and publish `payload` in chunks (`topic(i)` names chunk i's topic); returns (MQTT bytes, chunks)."""
         chunks = protocol.split_signed(header, payload, self._key)
+        if header.get("kind") == "state":
+            self.state_chunks = {hashlib.sha256(c).digest() for c in chunks}
         sent = sum(self.link.publish(topic(i) if callable(topic) else topic, c, retain=retain)
                    for i, c in enumerate(chunks))
         self.bytes_down += sent

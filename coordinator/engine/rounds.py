@@ -20,9 +20,11 @@ checkpoints, resume) is `fedfleet.coordinator.records.store.RunStore`'s; the eng
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import queue
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +114,10 @@ class Coordinator:
         self._sync = DownlinkSync(config.downlink) if strategy.tasks_carry_state else None
         self._connects = 0
         self._asked_at = time.monotonic()  # the last time unconfirmed agents were asked (_ask_unconfirmed)
+        self._state_topic = protocol.broadcast_topic(self.cfg.fleet, "state")
+        self._echo_lock = threading.Lock()
+        self._echoed: set[bytes] = set()  # SHA-256 of the state broadcast chunks received back
+        self._state_out = threading.Event()
         self.link = self._open_link(broker_url, username=username, password=password, ca_certs=ca_certs)
         self.dispatcher = Dispatcher(link=self.link, fleet=config.fleet, run=config.run, method=strategy.name,
                                      signing_key=signing_key, package=package, ttl_s=config.deadline_s,
@@ -145,14 +151,34 @@ class Coordinator:
         return open_link(
             broker_url,
             client_id=f"fedfleet-coordinator-{fleet}-{secrets.token_hex(8)}",  # unguessable: no take-over by id
-            on_message=self.receive.on_message,
-            subscriptions=[f"{protocol.ROOT}/{fleet}/agents/+/{k}" for k in ("status", "result", "telemetry")],
+            on_message=self._on_message,
+            subscriptions=[f"{protocol.ROOT}/{fleet}/agents/+/{k}" for k in ("status", "result", "telemetry")]
+            + [protocol.broadcast_topic(fleet, "state")],
             clean_session=True,
             username=username,
             password=password,
             ca_certs=ca_certs,
             on_connect=self._on_connect,
         )
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self._state_topic:  # our own state broadcast, back from the broker
+            with self._echo_lock:
+                self._echoed.add(hashlib.sha256(payload).digest())
+                if self.dispatcher.state_chunks <= self._echoed:
+                    self._state_out.set()
+            return
+        self.receive.on_message(topic, payload)
+
+    def _await_state_broadcast(self, wait_s: float = 10.0) -> None:
+        """Dispatch only once the round's state broadcast is out: every chunk of it has come back to the
+        coordinator's own subscription. A broker may emit a large fan-out after the per-agent messages published
+        after it (aedes with Redis persistence queues a QoS 1 message for every subscriber before it emits it, and
+        each client then drops the broadcast as older than the task it already got); waiting for the echo keeps
+        the order on any broker. After `wait_s` without it, the tasks go out anyway (and the log says so)."""
+        if not self._state_out.wait(wait_s):
+            log.warning("the state broadcast did not come back from the broker within %.0f s; dispatching anyway",
+                        wait_s)
 
     # -------------------------------------------------------------- views of the parts
     @property
@@ -352,7 +378,11 @@ class Coordinator:
         state_bytes = 0
         if self._sync is not None and phase == 0:
             self._sync.advance(to_numpy(self.strategy.global_state()))
+            with self._echo_lock:
+                self._echoed.clear()
+                self._state_out.clear()
             state_bytes = self.dispatcher.publish_state(r)
+            self._await_state_broadcast()
         self._current = current = self.open_phase(r, phase, tasks, self.cohort if selected is not None else None)
         deadline = time.time() + self.cfg.deadline_s
         self.first_dispatch_at = self.first_dispatch_at or time.time()

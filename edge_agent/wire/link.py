@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.wire.link_types import ConnectHandler, MessageHandler, Will, WillMessage
@@ -82,11 +82,13 @@ def open_link(
     username: str | None = None,
     password: str | None = None,
     ca_certs: str | None = None,
+    loop: Any = None,
 ) -> Link:
     """The link for a broker URL: `mqtt://`, `mqtts://` (paho) or `memory://<name>` (in-process).
 
     The in-memory broker has no accounts: `username`, `password` and `ca_certs` are ignored for it (every
-    message is still authenticated by its envelope's MAC or signature)."""
+    message is still authenticated by its envelope's MAC or signature). `loop`: a
+    `fedfleet.edge_agent.wire.link_loop.LinkLoop` that drives an MQTT link with many others (ignored for memory)."""
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme == "memory":
         from fedfleet.edge_agent.wire.memory import MemoryLink
@@ -98,5 +100,5 @@ def open_link(
 
         return MqttLink(url, client_id=client_id, on_message=on_message, subscriptions=subscriptions,
                         clean_session=clean_session, will=will, on_connect=on_connect, username=username,
-                        password=password, ca_certs=ca_certs)
+                        password=password, ca_certs=ca_certs, loop=loop)
     raise ConfigError(f"broker URL {url!r} must look like mqtt://host:port, mqtts://host:port or memory://name")

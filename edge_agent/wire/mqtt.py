@@ -16,6 +16,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
@@ -59,8 +60,12 @@ def _nodelay(client: paho.Client, userdata: object, sock: object) -> None:
 
 
 class MqttLink:
-    """A client with its own network thread (the `Link` protocol of fedfleet.edge_agent.wire.link). Handlers
-    run on that thread: keep them short."""
+    """A client with its own network thread (the `Link` protocol of fedfleet.edge_agent.wire.link), or, given a
+    `loop` (`fedfleet.edge_agent.wire.link_loop.LinkLoop`), one of the many clients that loop's one thread
+    drives. Handlers run on that thread: keep them short.
+
+    Each subscription goes in a SUBSCRIBE of its own (one topic per packet): the aedes broker with Redis
+    persistence never acknowledges a persistent session's SUBSCRIBE of two or more topics."""
 
     def __init__(
         self,
@@ -78,12 +83,15 @@ class MqttLink:
         keepalive: int = 30,
         min_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        loop: Any = None,
     ) -> None:
         self.url = BrokerURL.parse(url)
+        self._loop = loop
+        self._suback_due = 0  # SUBACKs still to come on this connection
         self._on_message_cb = on_message
         self._subscriptions = list(subscriptions)
         self._on_connect_cb = on_connect
-        self._min_backoff, self._max_backoff = min_backoff_s, max_backoff_s
+        self.min_backoff_s, self.max_backoff_s = min_backoff_s, max_backoff_s
         self.keepalive = keepalive
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -108,6 +116,9 @@ class MqttLink:
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
         c.on_subscribe = self._handle_subscribe
+        if loop is not None:  # the loop does all socket I/O: a publish only queues and wakes it
+            c.on_socket_register_write = lambda client, userdata, sock: loop.want_write(self)
+            c.on_socket_unregister_write = lambda client, userdata, sock: loop._set_write(self, False)
         c.max_inflight_messages_set(64)
         c.max_queued_messages_set(0)
         if username is not None:
@@ -118,6 +129,7 @@ class MqttLink:
         self._client = c
         self._set_will()
         self._thread: threading.Thread | None = None
+        self._first = True
 
     def _set_will(self) -> None:
         """A callable will is asked for a fresh will before every (re)connection, so each connection's will
@@ -131,8 +143,11 @@ class MqttLink:
     def start(self, wait_s: float = 10.0) -> None:
         """Start the network thread and wait up to `wait_s` for the first connection and for the broker to
         acknowledge the subscriptions, so messages published after this returns are delivered (0: no wait)."""
-        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._client._client_id!r}", daemon=True)
-        self._thread.start()
+        if self._loop is not None:
+            self._loop.add(self)
+        else:
+            self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._client._client_id!r}", daemon=True)
+            self._thread.start()
         if wait_s and not self.connected.wait(wait_s):
             raise ConnectionError(f"could not connect to the MQTT broker at {self.url} within {wait_s:.0f} s")
         if wait_s and self._subscriptions and not self.subscribed.wait(wait_s):
@@ -141,6 +156,9 @@ class MqttLink:
     def stop(self, *, graceful: bool = True) -> None:
         """Disconnect. `graceful=False` drops the socket without DISCONNECT, so the broker sends the will."""
         self._stop.set()
+        if self._loop is not None:
+            self._loop.remove(self, graceful=graceful)
+            return
         try:
             if graceful:
                 self._client.disconnect()
@@ -153,8 +171,46 @@ class MqttLink:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
+    # -------------------------------------------------------------- driven by a LinkLoop
+    @property
+    def client(self) -> paho.Client:
+        return self._client
+
+    def open_connection(self) -> None:
+        """TCP connect (and TLS handshake) and queue the CONNECT: the first time, or again (a connector thread)."""
+        if callable(self._will):
+            self._set_will()
+        if self._first:
+            self._first = False
+            self._client.connect(self.url.host, self.url.port, keepalive=self.keepalive)
+        else:
+            self._client.reconnect()
+
+    def after_read(self) -> None:
+        """After the loop read from the socket: the connect handler, once paho has re-sent its queue."""
+        if self._connected_cb_due:
+            self._connected_cb_due = False
+            self._run_on_connect()
+
+    def ready(self) -> bool:
+        """Connected and every subscription acknowledged."""
+        return self.connected.is_set() and (self.subscribed.is_set() or not self._subscriptions)
+
+    def connection_lost(self) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+
+    def drop_socket(self) -> None:
+        """Close the socket without DISCONNECT (the broker sends the will)."""
+        try:
+            self._client._sock_close()  # paho's own close: its on_socket_close books the socket's bytes
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        self.connection_lost()
+
+    # -------------------------------------------------------------- its own thread
     def _run(self) -> None:
-        delay = self._min_backoff
+        delay = self.min_backoff_s
         first = True
         while not self._stop.is_set():
             try:
@@ -169,13 +225,13 @@ class MqttLink:
                 wait = random.uniform(delay / 2, delay)  # jittered exponential backoff
                 log.info("broker %s unreachable (%s); retrying in %.1f s", self.url, exc, wait)
                 self._stop.wait(wait)
-                delay = min(delay * 2, self._max_backoff)
+                delay = min(delay * 2, self.max_backoff_s)
                 continue
             rc = paho.MQTT_ERR_SUCCESS
             while not self._stop.is_set() and rc == paho.MQTT_ERR_SUCCESS:
                 rc = self._client.loop(timeout=1.0)
                 if self.connected.is_set():
-                    delay = self._min_backoff
+                    delay = self.min_backoff_s
                 if self._connected_cb_due:
                     self._connected_cb_due = False
                     self._run_on_connect()
@@ -183,15 +239,24 @@ class MqttLink:
             if not self._stop.is_set():
                 wait = random.uniform(delay / 2, delay)
                 self._stop.wait(wait)
-                delay = min(delay * 2, self._max_backoff)
+                delay = min(delay * 2, self.max_backoff_s)
         try:
             self._client.loop(timeout=0.05)
         except Exception:  # noqa: BLE001
             pass
 
     def wire_bytes(self) -> tuple[int, int] | None:
-        """(sent, received) bytes on the socket(s) so far, TLS and MQTT control included; None if unknown."""
-        return self.wire.totals()
+        """(sent, received) bytes on the socket(s) so far, TLS and MQTT control included; None if unknown.
+        Driven by a loop, sent includes the packets queued for the socket and not yet written (a link with its
+        own thread writes a message as it is published; the loop writes it a moment later): MQTT bytes, without
+        the TLS record overhead they will take."""
+        totals = self.wire.totals()
+        if totals is None or self._loop is None or not self.connected.is_set():
+            return totals
+        queued = 0
+        for packet in list(self._client._out_packet):  # list() of a deque is one C call: a consistent copy
+            queued += max(0, int(packet["to_process"]))
+        return totals[0] + queued, totals[1]
 
     def control_bytes(self) -> tuple[int, int]:
         """(sent, received) MQTT control bytes so far: CONNECT and SUBSCRIBE, CONNACK and SUBACK per connection."""
@@ -215,10 +280,12 @@ class MqttLink:
         if reason_code.is_failure:
             log.warning("broker %s refused the connection: %s", self.url, reason_code)
             return
-        if self._subscriptions:
-            client.subscribe([(topic, 1) for topic in self._subscriptions])
+        self._suback_due = len(self._subscriptions)
+        for topic in self._subscriptions:
+            client.subscribe(topic, 1)
         up, down = connect_bytes(self.client_id, will=self.will_set, username=self.username, password=self.password)
-        sub_up, sub_down = subscribe_bytes(self._subscriptions)
+        sub_up = sum(subscribe_bytes([t])[0] for t in self._subscriptions)
+        sub_down = sum(subscribe_bytes([t])[1] for t in self._subscriptions)
         with self._lock:
             self._control[0] += up + sub_up
             self._control[1] += down + sub_down
@@ -232,7 +299,9 @@ class MqttLink:
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
         if any(rc.is_failure for rc in reason_codes):
             log.warning("broker %s refused a subscription: %s", self.url, reason_codes)
-        self.subscribed.set()
+        self._suback_due -= 1
+        if self._suback_due <= 0:
+            self.subscribed.set()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if self.connected.is_set() and not self._stop.is_set():

@@ -14,13 +14,26 @@ def test_bench_fleet_smoke(tmp_path, capsys):
     out = json.loads(path.read_text())
     captured = capsys.readouterr()
     assert out == json.loads(captured.out)
-    assert set(out) == {"agents", "connected", "round_s", "rss_mb_total", "bytes_up"}
+    assert set(out) == {"agents", "connected", "connect_s", "per_round", "round_s", "rss_mb_total", "bytes_up"}
     out.update(details(captured.err))
-    assert out["agents"] == 20 and out["connected"] == 20 and out["ok"] == 20
+    assert out["agents"] == 20 and out["connected"] == 20 and out["ok"] == 20 and out["per_round"] == 20
+    assert 0 < out["connect_s"] < 120
+    assert out["shards"].startswith("disjoint")
     assert out["round_s"] > 0 and out["bytes_up"] > 20 * 400  # one FedZip-coded result envelope per agent, at least
     roles = out["rss_mb_by_role"]
     assert roles["broker"] > 0 and roles["coordinator"] > 0 and roles["agent_workers"] > 0
     assert out["rss_mb_total"] >= sum(roles.values()) - 1e-6
+
+
+def test_more_agents_than_the_split_holds_draw_their_samples():
+    """Past 89 agents the digits split has fewer than 16 samples per agent: each agent draws 16 (no empty shard)."""
+    from fedfleet.coordinator.job.config import JobConfig
+
+    cfg = JobConfig(agents=2000, rounds=1, alpha=0.0, mode="full", fleet="f", roster=[f"a{i}" for i in range(2000)])
+    local, how = bench_fleet.fleet_shards(cfg, 2000)
+    assert len(local) == 2000 and all(len(d) == bench_fleet.SHARD for d in local)
+    assert "drawn at random" in how
+    assert len({d.x.tobytes() for d in local}) > 1900  # the agents' draws differ
 
 
 def test_process_tree_and_status():

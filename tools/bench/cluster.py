@@ -1,19 +1,23 @@
-"""`fedfleet bench cluster`: one fleet split across the nodes of a RabbitMQ MQTT cluster, and the same fleet
-on a single Mosquitto, side by side in one run.
+"""`fedfleet bench cluster`: one fleet split across the nodes of a RabbitMQ MQTT cluster or of an aedes+Redis
+cluster, and the same fleet on a single Mosquitto, side by side in one run.
 
-    fedfleet bench cluster --agents 5000 [--nodes 3] [--processes 4] [--json PATH]
+    fedfleet bench cluster --agents 5000 [--nodes 3] [--processes 4] [--brokers rabbitmq,aedes,mosquitto] [--json PATH]
 
 Cluster side (tools/infra/rabbitmq.py): the coordinator connects to node 0, the agents are split evenly over
 nodes 1..n-1 (one `fedfleet.tools.emulate.agent_pool.AgentPool` per node, like `fedfleet emulate --shard i/n` shards pointed
 at different nodes), so every task, result and package crosses the cluster. Mosquitto side: the same
 agents and coordinator on one Mosquitto. Each side waits until every agent is online with the model,
 measures how long round 1 took to start after the last agent came online, then times one FedAvg round of
-the digits MLP (full mode).
+the digits MLP (full mode). The aedes side (tools/infra/aedes.py): `--aedes-nodes` aedes nodes (default 2)
+sharing one Redis, split the same way (coordinator on node 0, agents on the others); its broker processes
+are the nodes and Redis.
 
 Prints, per side, exactly {"agents", "nodes", "connected", "round_s", "rss_mb_total", "broker"}
 (`rss_mb_total`: VmRSS of this process with the coordinator, the broker processes and the agent workers,
 right after the round); everything else (ready_s, start_after_online_s, per-role RSS, CPU seconds per role
 over the round) goes to the `details:` line. Targets: connected = agents and round_s <= 60 on the cluster.
+A side whose agent processes do not all come online (`--connect-timeout`; on aedes, a link that sends all
+its filters in one SUBSCRIBE never gets the SUBACK) gets connected = 0, round_s null and `connect_error`.
 Model delivery does not rely on retained messages (RabbitMQ keeps them per node): the coordinator publishes
 the package again while agents are online without it (`wait_for_agents(republish_s=...)`).
 """
@@ -28,10 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from fedfleet.edge_agent.cli_run import ArgParser
-from fedfleet.tools.bench.fleet import cpu_seconds, process_tree, status_kb
+from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.tools.bench.fleet import cpu_seconds, fleet_shards, process_tree, status_kb
 from fedfleet.tools.bench.output import progress
 
 KEYS = ("agents", "nodes", "connected", "round_s", "rss_mb_total", "broker")
+SIDES = ("rabbitmq", "aedes", "mosquitto")
+CLUSTERS = ("rabbitmq", "aedes")  # the sides whose broker has several nodes (`.urls`, `.pids`)
 
 
 def signing_options() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -61,36 +68,45 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+class _NotOnline(Exception):
+    """The agent processes did not all come online (the side's row then has connected = 0)."""
+
+
 def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout_s: float,
              deadline_s: float, republish_s: float, broker: Any = None) -> dict[str, Any]:
     """One side of the comparison; `broker`: an already running broker or cluster to use (not stopped here)."""
     from fedfleet.coordinator.broker import MosquittoBroker
     from fedfleet.coordinator.job.assemble import agent_ids, build_run
     from fedfleet.coordinator.job.config import JobConfig
-    from fedfleet.coordinator.job.run import shards, small_model_threads
+    from fedfleet.coordinator.job.run import small_model_threads
     from fedfleet.tools.emulate.agent_pool import AgentPool
     from fedfleet.tools.emulate.run import raise_nofile
+    from fedfleet.tools.infra.aedes import AedesCluster
     from fedfleet.tools.infra.rabbitmq import RabbitCluster
 
+    if kind not in SIDES:
+        raise ConfigError(f"bench cluster: no side {kind!r}; choose from {', '.join(SIDES)}")
     raise_nofile()
     small_model_threads()
     cfg = JobConfig(agents=agents, rounds=1, alpha=0.0, mode="full", deadline_s=deadline_s, quorum=1.0,
                     grace_s=0.0, fleet=f"bench-cluster-{kind}", roster=[f"c{i:05d}" for i in range(agents)])
-    local, _ = shards(cfg)
+    local, how = fleet_shards(cfg, agents)
     ids = agent_ids(cfg)
     secret = os.urandom(32)
     t0 = time.perf_counter()
     own = broker is None
     if own:
-        broker = RabbitCluster(nodes) if kind == "rabbitmq" else MosquittoBroker()
+        broker = {"rabbitmq": lambda: RabbitCluster(nodes), "aedes": lambda: AedesCluster(nodes),
+                  "mosquitto": MosquittoBroker}[kind]()
     out: dict[str, Any] = {"agents": agents, "broker": kind, "broker_start_s": round(time.perf_counter() - t0, 1)}
     try:
-        urls = broker.urls if kind == "rabbitmq" else [broker.url]
+        urls = broker.urls if kind in CLUSTERS else [broker.url]
         out["nodes"] = len(urls)
+        out["shards"] = how
         if kind == "rabbitmq":
             out["running_nodes"] = broker.running_nodes()
         coord_url, agent_urls = urls[0], (urls[1:] or urls)
-        broker_pids = list(broker.pids) if kind == "rabbitmq" else [broker.pid]
+        broker_pids = list(broker.pids) if kind in CLUSTERS else [broker.pid]
         with tempfile.TemporaryDirectory() as tmp:
             coord_sign, agent_sign = signing_options()
             coord = build_run(cfg, broker_url=coord_url, secret=secret, run_dir=Path(tmp),
@@ -107,8 +123,12 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                                      blas_threads=1, serialize_learning=True, **agent_sign)
                     pools.append(pool)
                 progress("cluster", f"{kind}: {agents} agents connecting over {len(agent_urls)} node(s)")
-                for pool in pools:
-                    pool.start(timeout_s=connect_timeout_s)
+                try:
+                    for pool in pools:
+                        pool.start(timeout_s=connect_timeout_s)
+                except TimeoutError as exc:  # e.g. no SUBACK from the broker: a row that says so, not a crash
+                    out["connect_error"] = f"agent processes did not come online: {exc}"[:500]
+                    raise _NotOnline from None
                 online_at = time.perf_counter()
                 out["agents_connected_s"] = round(online_at - t_start, 1)
                 try:
@@ -143,6 +163,9 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
                 for pool in pools:
                     pool.stop()
                 coord.stop()
+    except _NotOnline:
+        out["connected"] = 0
+        progress("cluster", f"{kind}: {out['connect_error']}")
     finally:
         if own:
             broker.stop()
@@ -154,16 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     p = ArgParser(prog="fedfleet bench cluster", description=__doc__.splitlines()[0])
     p.add_argument("--agents", type=int, default=5000, help="agents in the fleet (default %(default)s)")
     p.add_argument("--nodes", type=int, default=3, help="RabbitMQ nodes (coordinator on node 0, agents on the rest)")
+    p.add_argument("--aedes-nodes", type=int, default=2, help="aedes nodes sharing one Redis (coordinator on node 0, agents on the rest) (default %(default)s)")
     p.add_argument("--processes", type=int, default=4, help="agent worker processes per side")
     p.add_argument("--connect-timeout", type=float, default=900.0, help="seconds for all agents to connect (default %(default)s)")
     p.add_argument("--deadline", type=float, default=300.0, help="round deadline, seconds")
     p.add_argument("--republish", type=float, default=15.0,
                    help="republish the package at most this often while agents still lack it after a wave of joins")
-    p.add_argument("--brokers", default="rabbitmq,mosquitto", help="comma-separated sides to run: rabbitmq (the cluster) and/or mosquitto (one broker) (default %(default)s)")
+    p.add_argument("--brokers", default="rabbitmq,mosquitto", help="comma-separated sides to run: rabbitmq (the RabbitMQ cluster), aedes (the aedes+Redis cluster) and/or mosquitto (one broker) (default %(default)s)")
     p.add_argument("--json", help="also write the result JSON to this file")
     args = p.parse_args(argv)
-    sides = [run_side(kind, args.agents, args.nodes, args.processes, args.connect_timeout, args.deadline,
-                      args.republish) for kind in args.brokers.split(",")]
+    kinds = [k.strip() for k in args.brokers.split(",")]
+    bad = [k for k in kinds if k not in SIDES]
+    if bad or not kinds:
+        p.error(f"--brokers: unknown side(s) {', '.join(map(repr, bad))}; choose from {', '.join(SIDES)}")
+    for name in ("agents", "nodes", "aedes_nodes", "processes"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    sides = [run_side(kind, args.agents, args.aedes_nodes if kind == "aedes" else args.nodes, args.processes,
+                      args.connect_timeout, args.deadline, args.republish) for kind in kinds]
     for side in sides:
         side.setdefault("connected", 0)
         side.setdefault("round_s", None)

@@ -1,5 +1,9 @@
 """Host many agents in a few worker processes (one MQTT connection per agent), for benchmarks and emulation.
 
+In each worker process the agents share the process's `Host`: one link loop drives every agent's connection
+(connects windowed, no thread per agent) and a few shared worker threads run their tasks
+(`fedfleet.edge_agent.host`), so a process holds thousands of agents.
+
 `AgentPool(url, fleet, secret, shards, processes=2).start()` spreads the agents over processes so they learn
 in parallel instead of sharing one interpreter lock; `stop()` ends them.
 
@@ -43,11 +47,15 @@ def _serve(url: str, fleet: str, secret: bytes, members: list[tuple[str, np.ndar
     from concurrent.futures import ThreadPoolExecutor
 
     from fedfleet.edge_agent.agent import Agent, AgentConfig
+    from fedfleet.edge_agent.host import Host
     from fedfleet.edge_agent.wire import protocol
 
     logging.basicConfig(level=logging.ERROR)
     extra = extra or {}
     factory = _resolve(extra["factory"]) if extra.get("factory") else None
+    # emulated devices sleep out their slower compute and links inside their work: each may need a worker
+    # thread at once then (a real device has its own CPU); plain agents share the process's few
+    Host.configure_process(max_workers=len(members) if factory is not None else None)
     cache: dict[str, Any] | None = {} if extra.get("share_model") else None
     lock = {"learn_lock": threading.Lock()} if extra.get("serialize_learning") else {}
     per_agent = extra.get("per_agent") or {}
@@ -60,8 +68,12 @@ def _serve(url: str, fleet: str, secret: bytes, members: list[tuple[str, np.ndar
             a = Agent(config, LocalData(x, y), model_cache=cache, **lock)
         else:
             a = Agent(config, LocalData(x, y))
-        a.start(wait_s=60)
+        a.start(wait_s=0)  # the process's link loop connects them, a window at a time
         agents.append(a)
+    deadline = time.monotonic() + float(extra.get("connect_s", 300.0))
+    for a in agents:  # every agent connected, its subscriptions acknowledged, before the pool says ready
+        if not a.link.subscribed.wait(max(0.0, deadline - time.monotonic())):
+            break
     ready.set()
     stop.wait()
     if len(agents) > 8:  # many agents: leave in parallel, each waits for its own threads
@@ -96,6 +108,7 @@ class AgentPool:
         self._ready: list[Any] = []
 
     def start(self, timeout_s: float = 120.0) -> None:
+        self.extra["connect_s"] = timeout_s
         items = [(a, d.x, d.y) for a, d in self.members.items()]
         saved = {k: os.environ.get(k) for k in _BLAS_VARS}
         if self.blas_threads is not None:  # the workers' BLAS pools: set before they import numpy

@@ -93,7 +93,7 @@ class EmulatedAgent(Agent):
             str(old.url), client_id=c.username or f"fedfleet-{c.fleet}-{c.agent_id}", on_message=self._on_message,
             subscriptions=list(old._subscriptions), clean_session=False,
             will=self._will, on_connect=self._announce,
-            username=c.username, password=c.password, ca_certs=c.ca_certs,
+            username=c.username, password=c.password, ca_certs=c.ca_certs, loop=self.host.links,
         )
         self.link.start(wait_s=0)
 

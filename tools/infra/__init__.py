@@ -1,1 +1,1 @@
-"""Infrastructure: RabbitMQ clusters, byte audits, wheel checks, the aarch64 test bed."""
+"""Infrastructure: RabbitMQ and aedes+Redis clusters, byte audits, wheel checks, the aarch64 test bed."""
