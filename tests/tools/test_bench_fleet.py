@@ -27,13 +27,15 @@ def test_bench_fleet_smoke(tmp_path, capsys):
 
 def test_more_agents_than_the_split_holds_draw_their_samples():
     """Past 89 agents the digits split has fewer than 16 samples per agent: each agent draws 16 (no empty shard)."""
-    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.job.run import shards
 
-    cfg = JobConfig(agents=2000, rounds=1, alpha=0.0, mode="full", fleet="f", roster=[f"a{i}" for i in range(2000)])
-    local, how = bench_fleet.fleet_shards(cfg, 2000)
+    cfg = bench_fleet.fleet_config(2000, "f", 60.0)
+    assert cfg.shard_mode == "sampled" and cfg.shard_size == bench_fleet.SHARD
+    local, _ = shards(cfg)
     assert len(local) == 2000 and all(len(d) == bench_fleet.SHARD for d in local)
-    assert "drawn at random" in how
+    assert "drawn at random" in bench_fleet.shards_said(cfg)
     assert len({d.x.tobytes() for d in local}) > 1900  # the agents' draws differ
+    assert bench_fleet.fleet_config(20, "f", 60.0).shard_mode == "partition"
 
 
 def test_process_tree_and_status():

@@ -24,6 +24,7 @@ the package again while agents are online without it (`wait_for_agents(republish
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -33,7 +34,7 @@ from typing import Any
 
 from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.errors import ConfigError
-from fedfleet.tools.bench.fleet import cpu_seconds, fleet_shards, process_tree, status_kb
+from fedfleet.tools.bench.fleet import cpu_seconds, fleet_config, process_tree, shards_said, status_kb
 from fedfleet.tools.bench.output import progress
 
 KEYS = ("agents", "nodes", "connected", "round_s", "rss_mb_total", "broker")
@@ -77,8 +78,7 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
     """One side of the comparison; `broker`: an already running broker or cluster to use (not stopped here)."""
     from fedfleet.coordinator.broker import MosquittoBroker
     from fedfleet.coordinator.job.assemble import agent_ids, build_run
-    from fedfleet.coordinator.job.config import JobConfig
-    from fedfleet.coordinator.job.run import small_model_threads
+    from fedfleet.coordinator.job.run import shards, small_model_threads
     from fedfleet.tools.emulate.agent_pool import AgentPool
     from fedfleet.tools.emulate.run import raise_nofile
     from fedfleet.tools.infra.aedes import AedesCluster
@@ -88,9 +88,10 @@ def run_side(kind: str, agents: int, nodes: int, processes: int, connect_timeout
         raise ConfigError(f"bench cluster: no side {kind!r}; choose from {', '.join(SIDES)}")
     raise_nofile()
     small_model_threads()
-    cfg = JobConfig(agents=agents, rounds=1, alpha=0.0, mode="full", deadline_s=deadline_s, quorum=1.0,
-                    grace_s=0.0, fleet=f"bench-cluster-{kind}", roster=[f"c{i:05d}" for i in range(agents)])
-    local, how = fleet_shards(cfg, agents)
+    cfg = dataclasses.replace(fleet_config(agents, f"bench-cluster-{kind}", deadline_s),
+                              roster=[f"c{i:05d}" for i in range(agents)])
+    local, _ = shards(cfg)
+    how = shards_said(cfg)
     ids = agent_ids(cfg)
     secret = os.urandom(32)
     t0 = time.perf_counter()

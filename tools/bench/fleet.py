@@ -18,6 +18,7 @@ round_s <= 60 with every agent training, rss_mb_total <= 4096.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -71,36 +72,37 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-SHARD = 16  # samples per agent when the training split cannot give every agent a share of its own
+SHARD = 16  # samples per agent when the training split cannot give every agent a disjoint share that large
 
 
-def fleet_shards(cfg: Any, agents: int, seed: int = 0) -> tuple[list[Any], str]:
-    """Every agent's data and how it was drawn: disjoint IID shards while the training split has at least
-    `SHARD` samples per agent, else `SHARD` samples per agent drawn at random from the whole split (each agent's
-    without replacement; agents share samples)."""
-    import numpy as np
-
-    from fedfleet.coordinator.job.run import shards
+def fleet_config(agents: int, fleet: str, deadline_s: float) -> Any:
+    """The benchmarks' one-round FedAvg job on the digits MLP: disjoint IID shards while the training split has
+    `SHARD` samples per agent, else `shard_mode = "sampled"` (each agent draws `SHARD` of its own; agents'
+    shards overlap)."""
+    from fedfleet.coordinator.job.config import JobConfig
     from fedfleet.coordinator.tasks.classification import split
-    from fedfleet.edge_agent.learners import LocalData
 
-    train, _ = split(cfg)
-    if len(train) >= SHARD * agents:
-        return shards(cfg)[0], f"disjoint IID shards of the {len(train)} training samples"
-    rng = np.random.default_rng(seed)
-    local = []
-    for _ in range(agents):
-        idx = rng.choice(len(train), size=SHARD, replace=False)
-        local.append(LocalData(train.x[idx], train.y[idx]))
-    return local, (f"{SHARD} samples per agent drawn at random from the {len(train)} training samples "
-                   f"(agents share samples)")
+    cfg = JobConfig(agents=agents, rounds=1, alpha=0.0, mode="full", deadline_s=deadline_s, quorum=1.0,
+                    grace_s=0.0, fleet=fleet, roster=[f"a{i:05d}" for i in range(agents)])
+    if len(split(cfg)[0]) < SHARD * agents:
+        cfg = dataclasses.replace(cfg, shard_mode="sampled", shard_size=SHARD)
+    return cfg
+
+
+def shards_said(cfg: Any) -> str:
+    from fedfleet.coordinator.tasks.classification import shard_summary, split
+
+    summary = shard_summary(cfg, len(split(cfg)[0]), cfg.agents)
+    if summary["mode"] == "partition":
+        return f"disjoint IID shards of the {summary['train_samples']} training samples"
+    return (f"{summary['per_agent']} samples per agent drawn at random from the {summary['train_samples']} training "
+            f"samples (agents' shards overlap)")
 
 
 def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_timeout_s: float = 300.0,
         deadline_s: float = 120.0) -> dict[str, Any]:
     from fedfleet.coordinator.broker import MosquittoBroker
     from fedfleet.coordinator.job.assemble import build_run
-    from fedfleet.coordinator.job.config import JobConfig
     from fedfleet.coordinator.job.run import small_model_threads
     from fedfleet.tools.emulate.agent_pool import AgentPool
     from fedfleet.tools.emulate.run import raise_nofile
@@ -109,16 +111,15 @@ def run(agents: int, processes: int = 4, idle_window_s: float = 5.0, connect_tim
     from fedfleet.edge_agent.wire.signing import new_signing_seed, public_key
 
     small_model_threads()
-    cfg = JobConfig(agents=agents, rounds=1, alpha=0.0, mode="full", deadline_s=deadline_s, quorum=1.0,
-                    grace_s=0.0, fleet="bench-fleet", roster=[f"a{i:05d}" for i in range(agents)])
+    cfg = fleet_config(agents, "bench-fleet", deadline_s)
     secret = os.urandom(32)
     seed = new_signing_seed()
     out: dict[str, Any] = {"agents": agents, "processes": processes, "nofile_limit": nofile[0]}
     t_start = time.perf_counter()
     with MosquittoBroker() as b, tempfile.TemporaryDirectory() as tmp:
         run = build_run(cfg, broker_url=b.url, secret=secret, signing_key=seed, run_dir=Path(tmp))
-        coord, ids = run.coordinator, run.roster
-        local, out["shards"] = fleet_shards(cfg, agents)
+        coord, ids, local = run.coordinator, run.roster, run.shards()
+        out["shards"] = shards_said(cfg)
         coord.start()
         pool = AgentPool(b.url, cfg.fleet, secret, dict(zip(ids, local)), processes=processes, share_model=True,
                          blas_threads=1, serialize_learning=True, coordinator_key=public_key(seed))
