@@ -185,7 +185,8 @@ class Agent:
 
     def stop(self, *, graceful: bool = True) -> None:
         self._stop.set()
-        self._work.put(("stop", None, None))  # an own worker thread ends
+        if self._shared is None:
+            self._work.put(("stop", None, None))  # its own worker thread ends
         if graceful and self.link.connected.is_set():
             self.link.publish(self._status_topic, self._status_payload("offline"), retain=True)
             self._last_report()

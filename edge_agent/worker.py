@@ -28,13 +28,12 @@ _IDLE = object()
 
 
 class _Member:
-    __slots__ = ("done", "handle", "idle", "items", "left", "running", "scheduled", "waiting")
+    __slots__ = ("done", "handle", "idle", "items", "left", "scheduled", "waiting")
 
     def __init__(self, handle: Callable[[Any], None], idle: Callable[[], None], waiting: Callable[[], bool]) -> None:
         self.handle, self.idle, self.waiting = handle, idle, waiting
         self.items: deque[Any] = deque()
         self.scheduled = False  # on the ready queue or running
-        self.running = False
         self.left = False
         self.done = threading.Event()  # set while not running
 
@@ -134,7 +133,6 @@ class SharedWorker:
                 if self._ready.qsize() > self._free and len(self._started) < self.max_threads:
                     self._start_thread()  # work still waits and this thread is now busy: one more
                 item = m.items.popleft() if m.items else None
-                m.running = True
                 m.done.clear()
             try:
                 if item is _IDLE:
@@ -145,7 +143,6 @@ class SharedWorker:
                 log.exception("%s: a work item failed", self.name)
             finally:
                 with self._lock:
-                    m.running = False
                     m.done.set()
                     m.scheduled = False
                     if m.items and not m.left:

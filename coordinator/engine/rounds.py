@@ -163,8 +163,10 @@ class Coordinator:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self._state_topic:  # our own state broadcast, back from the broker
+            digest = hashlib.sha256(payload).digest()
             with self._echo_lock:
-                self._echoed.add(hashlib.sha256(payload).digest())
+                if digest in self.dispatcher.state_chunks:  # anything else on the topic is not ours: ignored
+                    self._echoed.add(digest)
                 if self.dispatcher.state_chunks <= self._echoed:
                     self._state_out.set()
             return

@@ -284,8 +284,8 @@ class MqttLink:
         for topic in self._subscriptions:
             client.subscribe(topic, 1)
         up, down = connect_bytes(self.client_id, will=self.will_set, username=self.username, password=self.password)
-        sub_up = sum(subscribe_bytes([t])[0] for t in self._subscriptions)
-        sub_down = sum(subscribe_bytes([t])[1] for t in self._subscriptions)
+        per_topic = [subscribe_bytes([t]) for t in self._subscriptions]  # one SUBSCRIBE (and SUBACK) each
+        sub_up, sub_down = sum(u for u, _ in per_topic), sum(d for _, d in per_topic)
         with self._lock:
             self._control[0] += up + sub_up
             self._control[1] += down + sub_down

@@ -316,3 +316,26 @@ def test_presence_ready_agents_and_announced_counts():
     assert p.announced(["a1", "a2", "a3", "a4"]) == {"a1": 12, "a3": 5}
     with pytest.raises(TimeoutError, match="only 1 of 2"):
         p.wait_for_agents(2, 0.2, digest=lambda: "d1", publish=lambda: 0)
+
+
+def test_only_the_coordinators_own_state_chunks_count_as_its_broadcast_echo():
+    """Junk published on the state topic (no key needed on an anonymous broker) neither releases the dispatch
+    barrier nor accumulates: only digests of the chunks just published are kept."""
+    import hashlib
+    import threading
+    import types
+
+    from fedfleet.coordinator.engine.rounds import Coordinator
+
+    c = Coordinator.__new__(Coordinator)
+    c._state_topic = "fedfleet/v1/f/broadcast/state"
+    c._echo_lock, c._echoed, c._state_out = threading.Lock(), set(), threading.Event()
+    chunks = [b"chunk-0", b"chunk-1"]
+    c.dispatcher = types.SimpleNamespace(state_chunks={hashlib.sha256(x).digest() for x in chunks})
+    for junk in (b"", b"x" * 1000, b"chunk-2"):
+        c._on_message(c._state_topic, junk)
+    assert not c._state_out.is_set() and not c._echoed
+    c._on_message(c._state_topic, chunks[0])
+    assert not c._state_out.is_set()
+    c._on_message(c._state_topic, chunks[1])
+    assert c._state_out.is_set() and len(c._echoed) == 2
