@@ -266,7 +266,8 @@ class LinkLoop:
         entry.closed.set()
 
     def _write(self, link: Any, entry: _Entry) -> None:
-        rc = link.client.loop_write()
+        with link.write_lock:  # a reader of the link's byte counts sees a packet queued or written, never neither
+            rc = link.client.loop_write()
         if link.client.socket() is None:  # DISCONNECT written (paho closed the socket), or the write failed
             if entry.state == _CLOSING:
                 self._close(link, entry)

@@ -106,6 +106,7 @@ class MqttLink:
         self.subscribed = threading.Event()  # the broker acknowledged our subscriptions (SUBACK)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self.write_lock = threading.RLock()  # held by a link loop while it writes this link's socket
         c = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
             protocol=paho.MQTTv311,
@@ -253,9 +254,13 @@ class MqttLink:
         totals = self.wire.totals()
         if totals is None or self._loop is None or not self.connected.is_set():
             return totals
-        queued = 0
-        for packet in list(self._client._out_packet):  # list() of a deque is one C call: a consistent copy
-            queued += max(0, int(packet["to_process"]))
+        # paho takes a packet off the queue before it writes it: read the queue and the kernel's count with no
+        # write in between, or a packet in flight is in neither (the loop holds `write_lock` while it writes)
+        with self.write_lock:
+            totals = self.wire.totals() or totals
+            queued = 0
+            for packet in list(self._client._out_packet):  # list() of a deque is one C call: a consistent copy
+                queued += max(0, int(packet["to_process"]))
         return totals[0] + queued, totals[1]
 
     def control_bytes(self) -> tuple[int, int]:

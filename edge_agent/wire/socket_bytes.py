@@ -16,17 +16,21 @@ import threading
 from typing import Any
 
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received are the u64s at offsets 120 and 128;
-# tcpi_bytes_sent and tcpi_bytes_retrans (Linux 4.19+) the u64s at 200 and 208
+# tcpi_notsent_bytes (Linux 4.6+) the u32 at 144; tcpi_bytes_sent and tcpi_bytes_retrans (Linux 4.19+) the u64s
+# at 200 and 208
 _BYTES_ACKED_AT = 120
 _INFO_LEN = 136
+_NOTSENT_AT = 144
 _BYTES_SENT_AT = 200
 _FULL_LEN = 216
 
 
 def tcp_bytes(sock: Any) -> tuple[int, int] | None:
-    """(bytes sent, bytes received) on this TCP socket so far, or None where unknown. Sent is the payload handed
-    to the network once (`tcpi_bytes_sent - tcpi_bytes_retrans`, so a message just written counts before its
-    ACK); on kernels without those fields, the bytes acknowledged."""
+    """(bytes sent, bytes received) on this TCP socket so far, or None where unknown. Sent is the payload written
+    to the socket, counted once: handed to the network (`tcpi_bytes_sent - tcpi_bytes_retrans`, so a message
+    counts before its ACK) plus what the kernel holds back for now (`tcpi_notsent_bytes`: TCP small queues can
+    defer a burst, so a message just written counts at once); on kernels without those fields, the bytes
+    acknowledged."""
     if not hasattr(socket, "TCP_INFO"):
         return None
     try:
@@ -38,7 +42,8 @@ def tcp_bytes(sock: Any) -> tuple[int, int] | None:
     acked, received = struct.unpack_from("=QQ", raw, _BYTES_ACKED_AT)
     if len(raw) >= _FULL_LEN:
         sent, retrans = struct.unpack_from("=QQ", raw, _BYTES_SENT_AT)
-        return int(sent - retrans), int(received)
+        (notsent,) = struct.unpack_from("=I", raw, _NOTSENT_AT)
+        return int(sent - retrans + notsent), int(received)
     return int(acked), int(received)
 
 
