@@ -90,6 +90,8 @@ class Validator:
         metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if v is not None}
         metrics["_learn_s"] = float(meta.get("learn_s", 0.0))
         metrics["_samples_claimed"] = float(meta["samples"])  # before the cap: methods compare their own counts
+        # the claim under what the agent announced when selected, before the cap: what an honest agent can hold
+        metrics["_samples_uncapped"] = float(self.guard.weight(meta["samples"], self.announced.get(agent)))
         result = ClientResult(agent, tensors, samples, metrics)
         self.strategy.check(r, phase, result)  # the method's own checks (ProtocolError -> rejected:<reason>)
         return result

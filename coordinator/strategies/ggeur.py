@@ -21,11 +21,14 @@ The first round has four phases (later rounds only the last), each its own rows 
    is added. An agent that missed the geometry phase or lost its synthetic set (a restart) gets the
    geometry again with its next training task.
 
-Against a liar with one device key (issue 28): a census whose total exceeds the agent's weight (the engine's
-capped count: its announcement at selection, under the phase's cap against the fleet's low median) is refused
-(`rejected:census_bound`), so no agent becomes a guide or sets a class's target by a claim; each guide's
+Against a liar with one device key (issue 28): a census whose total exceeds the samples the agent claims
+(under its announcement at selection) is refused (`rejected:census_bound`); a census above the phase's weight
+cap (the fleet's low median times the cap: label skew makes honest big agents) is scaled down to the cap, each
+class it holds kept at 1 or more (`capped_census`), and its statistics are pooled with those capped counts, so
+no agent becomes every class's guide or sets a class's target by a claim; each guide's
 statistics are bounded when the stats phase closes (`screen`) against robust references over every upload of
-the phase (the low median of the covariance traces and of the mean norms, times `stats_bound`) and against
+the phase (the low median of the covariance traces over classes of two samples or more, since one sample's
+covariance is 0, and of the mean norms, times `stats_bound`) and against
 absolute bounds (`MAX_TRACE`, `MAX_MEAN`) that hold with one upload (`rejected:stats_bound`); the synthetic
 counts an agent reports are capped at what its geometry lets it make (the class targets minus its census
 counts), so the training weight is the capped sample count plus at most that.
@@ -73,6 +76,19 @@ VARIANTS = ("single", "multi_domain")
 def _whole(values: np.ndarray) -> np.ndarray | None:
     out = np.rint(values)
     return out.astype(np.int64) if np.allclose(out, values, atol=1e-6) else None
+
+
+def capped_census(counts: np.ndarray, weight: int) -> np.ndarray:
+    """An agent's census under its capped weight: scaled down when its total exceeds `weight` (the update
+    guard's cap), every class it holds kept at 1 or more, so a big honest agent (label skew) is counted, not
+    refused, and one liar's census weighs at most the cap (plus one per class)."""
+    counts = np.asarray(counts, np.int64)
+    total = int(counts.sum())
+    if total <= max(int(weight), 0) or total == 0:
+        return counts
+    scaled = np.floor(counts.astype(np.float64) * (float(weight) / total)).astype(np.int64)
+    return np.where(counts > 0, np.maximum(scaled, 1), 0)
+
 
 
 @dataclass(frozen=True)
@@ -131,7 +147,8 @@ class GGEURStrategy(Strategy):
         self.psd_tol = float(self.settings.psd_tol)
         self.seed = int(config.get("seed", 0))
         self.exchange_done = False
-        self.counts: dict[str, np.ndarray] = {}  # census: agent -> n_{i,c}
+        self.counts: dict[str, np.ndarray] = {}  # census: agent -> n_{i,c}, capped by the agent's weight
+        self.census: dict[str, np.ndarray] = {}  # the census as sent (the statistics' n must equal it)
         self.requests: dict[str, list[int]] = {}  # agent -> classes it guides
         self.parsed: dict[str, dict[int, tuple[float, np.ndarray, np.ndarray]]] = {}  # checked stats uploads
         self.geometry: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}  # class -> (Xi, Lambda, N)
@@ -244,9 +261,13 @@ class GGEURStrategy(Strategy):
                 raise ProtocolError("negative_n", f"census count {float(counts.min())} < 0")
             if _whole(counts) is None:
                 raise ProtocolError("malformed", "census counts must be whole numbers")
-            if float(counts.astype(np.float64).sum()) > result.samples:
+            # an honest agent's census adds up to its samples: beyond what it claims (under what it announced) it
+            # is a lie. Beyond the phase's weight cap it is not (label skew makes big agents); the census is then
+            # capped in `aggregate`, not refused
+            held = float(result.metrics.get("_samples_uncapped", result.samples))
+            if float(counts.astype(np.float64).sum()) > held:
                 raise ProtocolError("census_bound", f"census total {float(counts.astype(np.float64).sum()):.6g} "
-                                                    f"exceeds the agent's weight {result.samples}")
+                                                    f"exceeds the agent's samples {held:.6g}")
         elif stage == "stats":
             self.parsed[result.agent] = self._check_stats(result.agent, t)
         elif stage == "geometry":
@@ -263,7 +284,7 @@ class GGEURStrategy(Strategy):
         n = t["n"]
         if (n < 0).any():
             raise ProtocolError("negative_n", f"n = {float(n.min())} < 0")
-        census = self.counts[agent][classes]
+        census = self.census.get(agent, self.counts[agent])[classes]
         if _whole(n) is None or not np.array_equal(_whole(n), census.astype(np.int64)):
             raise ProtocolError("n_mismatch", f"n = {n.tolist()} differs from the census {census.tolist()}")
         out = {}
@@ -272,14 +293,16 @@ class GGEURStrategy(Strategy):
                 cov = class_stats.check_covariance(class_stats.unpack_upper(t["cov"][i], self.dim), self.psd_tol)
             except class_stats.StatsError as exc:
                 raise ProtocolError(exc.reason, f"class {c}: {exc.detail}") from None
-            out[c] = (float(n[i]), t["mean"][i].astype(np.float64), cov)
+            # pooled with the capped count: a big agent's statistics weigh what its capped census does
+            out[c] = (float(self.counts[agent][c]), t["mean"][i].astype(np.float64), cov)
         return out
 
     # ------------------------------------------------------------------ aggregation
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         stage = self.stage(phase)
         if stage == "census":
-            self.counts = {r.agent: np.rint(r.tensors["counts"]).astype(np.int64) for r in results}
+            self.census = {r.agent: np.rint(r.tensors["counts"]).astype(np.int64) for r in results}
+            self.counts = {r.agent: capped_census(self.census[r.agent], r.samples) for r in results}
             self.requests = {}
             for c in range(self.n_classes):
                 for a in class_stats.guide_clients({a: n[c] for a, n in self.counts.items()}, self.guide):
@@ -325,7 +348,12 @@ class GGEURStrategy(Strategy):
                   for r in results}
         means = {r.agent: [float(np.linalg.norm(mu)) for _, (_, mu, _) in sorted(self.parsed.get(r.agent, {}).items())]
                  for r in results}
-        all_t = [t for v in traces.values() for t in v if np.isfinite(t)]
+        # the trace reference: classes of two samples or more (one sample's covariance is 0: under label skew
+        # most uploaded classes can be single samples, and their zeros would set a bound no real class meets)
+        raw = {r.agent: self.census.get(r.agent, self.counts.get(r.agent)) for r in results}
+        all_t = [float(np.trace(cov)) for r in results for c, (_, _, cov) in self.parsed.get(r.agent, {}).items()
+                 if raw[r.agent] is not None and raw[r.agent][c] >= 2]
+        all_t = [t for t in all_t if np.isfinite(t)]
         all_m = [m for v in means.values() for m in v if np.isfinite(m)]
         k = float(self.settings.stats_bound)
         t_lim = min(MAX_TRACE, k * max(low_median(all_t), 1e-6)) if all_t else MAX_TRACE

@@ -169,20 +169,20 @@ class _Features:
 D, C = 6, 3
 
 
-def _shards(n_agents: int) -> dict[str, LocalData]:
+def _shards(n_agents: int, per_class=lambda i: 20) -> dict[str, LocalData]:
     rng = np.random.default_rng(0)
     out = {}
     for i in range(n_agents):
-        y = np.repeat(np.arange(C), 20)
+        y = np.repeat(np.arange(C), per_class(i))
         x = (rng.normal(size=(len(y), D)) + y[:, None]).astype(np.float32)
         out[f"a{i}"] = LocalData(x, y)
     return out
 
 
-def _run_ggeur(n_agents: int, lie) -> tuple:
+def _run_ggeur(n_agents: int, lie, shards: dict[str, LocalData] | None = None) -> tuple:
     """The exchange and one training round with `a0` lying: `lie(stage, tensors, samples, metrics)` changes its
     upload. Each phase runs the engine's order: check, the weight cap, screen, aggregate."""
-    shards = _shards(n_agents)
+    shards = shards or _shards(n_agents)
     state = {k: torch.from_numpy(v) for k, v in mlp.init([D, C], seed=0).items()}
     strategy = create("ggeur", state, lr=0.1, epochs=1, batch=8, seed=1)
     learners = {a: create_learner("ggeur") for a in shards}
@@ -200,6 +200,7 @@ def _run_ggeur(n_agents: int, lie) -> tuple:
                 samples, metrics = out.samples, dict(out.metrics)
                 if a == "a0":
                     samples = lie(stage, tensors, metrics) or samples
+                metrics["_samples_uncapped"] = float(guard.weight(samples, len(shards[a])))  # as the validator does
                 res = ClientResult(a, tensors, guard.weight(samples, len(shards[a]), limit=limit), metrics)
                 try:
                     strategy.check(r, phase, res)
@@ -239,6 +240,48 @@ def test_ggeur_a_census_beyond_the_agents_weight_is_refused(n_agents, count):
     strategy, _, refused = _run_ggeur(n_agents, lie)
     assert refused == {"a0": "census:census_bound"}
     assert int(strategy.global_counts().max()) <= 20 * n_agents  # the honest agents' counts only
+
+
+@pytest.mark.parametrize("n_agents", [3, 10])
+def test_ggeur_an_honest_agent_far_above_the_weight_cap_is_capped_not_refused(n_agents):
+    """Label skew makes big agents: one honest agent with 30x the others' samples. Before, its census was
+    refused (census_bound against its capped weight) and, with its statistics gone, the exchange could fail
+    every round (bench ggeur, MNIST seed 1). Now it is counted, at most the cap (plus one per class)."""
+    shards = _shards(n_agents, per_class=lambda i: 600 if i == 0 else 20)
+    strategy, _, refused = _run_ggeur(n_agents, lambda *a: None, shards)
+    assert not refused
+    limit = UpdateGuard().weight_limit([len(d) for d in shards.values()])
+    assert int(strategy.counts["a0"].sum()) <= limit + C < len(shards["a0"])
+    assert (strategy.counts["a0"] > 0).all() and strategy.census["a0"].sum() == len(shards["a0"])
+    assert strategy.exchange_done and len(strategy.geometry) == C
+
+
+@pytest.mark.parametrize("n_agents", [3, 10])
+def test_ggeur_single_sample_classes_do_not_set_the_statistics_bound(n_agents):
+    """Most uploaded classes hold one sample (trace 0): before, the phase's low median trace was 0, the bound
+    1e-4, and every honest guide's statistics were refused ('no class statistics arrived', every round). Classes
+    of one sample no longer set the reference; a huge covariance is still refused."""
+    def sizes(i: int) -> np.ndarray:
+        out = np.ones(C, np.int64)  # every agent holds one sample of most classes (all of them guides) ...
+        out[0] = 40  # ... and many of class 0
+        return out
+
+    rng = np.random.default_rng(1)
+    shards = {}
+    for i in range(n_agents):
+        y = np.repeat(np.arange(C), sizes(i))
+        shards[f"a{i}"] = LocalData((rng.normal(size=(len(y), D)) + y[:, None]).astype(np.float32), y)
+    strategy, _, refused = _run_ggeur(n_agents, lambda *a: None, shards)
+    assert not refused and strategy.exchange_done
+
+    def lie(stage, tensors, metrics):
+        if stage == "stats":
+            k = len(tensors["classes"])
+            tensors["cov"] = np.stack([class_stats.pack_upper(np.eye(D) * 1e6)] * k).astype(np.float32)
+
+    strategy, _, refused = _run_ggeur(n_agents, lie, shards)
+    assert refused.get("a0") == "stats:stats_bound", refused
+    assert set(refused) == {"a0"}
 
 
 @pytest.mark.parametrize("n_agents", [2, 3, 10])
