@@ -122,7 +122,8 @@ def test_validator_decodes_and_refuses_nonfinite_and_short_payloads():
     assert e.value.reason is Refusal.SHAPE
     result = v.check("a1", _header(), _body(2.0), TASK, duplicate=False)
     assert result.agent == "a1" and float(result.tensors["b"][0]) == 2.0
-    assert result.metrics == {"loss": 1.0, "_learn_s": 0.5, "_samples_claimed": 5.0}  # the claim, before the cap
+    # the claim, and the claim under the announcement, both before the cap (nothing announced here: the claim)
+    assert result.metrics == {"loss": 1.0, "_learn_s": 0.5, "_samples_claimed": 5.0, "_samples_uncapped": 5.0}
 
 
 def test_a_result_for_a_closed_phase_is_late_only_for_an_agent_booked_late_there():
