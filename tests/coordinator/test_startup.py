@@ -118,12 +118,22 @@ took = cap_malloc_arenas(2) if sys.argv[1] == "cap" else None
 def work():
     kept = [bytearray(4096 + i) for i in range(300)]  # malloc in this thread: it gets an arena
     done.wait()
-def heaps():  # non-main arenas live in 64 MiB-aligned anonymous mappings (so may other large mappings: count new)
-    found = set()
+def heaps():  # a non-main arena's heap: a 64 MiB-aligned anonymous reservation of exactly 64 MiB, its used part
+    # read-write and the rest PROT_NONE (a thread stack can start 64 MiB-aligned by chance: it is not 64 MiB)
+    maps = []
     for line in Path("/proc/self/maps").read_text().splitlines():
-        m = re.match(r"^([0-9a-f]+)-\\S+ \\S+ \\S+ \\S+ \\S+\\s*(.*)$", line)
-        if m and not m.group(2) and int(m.group(1), 16) % (64 << 20) == 0:
-            found.add(m.group(1))
+        m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) (\\S+) \\S+ \\S+ \\S+\\s*(.*)$", line)
+        if m and not m.group(4):
+            maps.append((int(m.group(1), 16), int(m.group(2), 16), m.group(3)))
+    found = set()
+    for i, (start, end, perms) in enumerate(maps):
+        if start % (64 << 20) or not perms.startswith("rw"):
+            continue
+        if end - start == 64 << 20:
+            found.add(start)
+        elif i + 1 < len(maps) and maps[i + 1][0] == end and maps[i + 1][2].startswith("---") \\
+                and maps[i + 1][1] - start == 64 << 20:
+            found.add(start)
     return found
 before = heaps()
 done = threading.Event()
