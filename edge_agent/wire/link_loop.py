@@ -15,8 +15,8 @@
   TCP connects and TLS handshakes (blocking calls in paho) run on a few connector threads.
 
 Message and connect handlers run on the loop's thread, as they ran on a link's own thread before: keep them
-short (an agent hands its work to its worker). `MqttLink(..., loop=LinkLoop())` uses it; see
-`fedfleet.edge_agent.host` for the process-wide one.
+short (an agent hands its work to its worker). `MqttLink(..., loop=LinkLoop())` uses it (a link given no loop
+makes one of its own, which it closes when it stops); see `fedfleet.edge_agent.host` for the process-wide one.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class LinkLoop:
         self._ident: int | None = None
         self._next_misc = 0.0
         self._writing = False
+        self._closed = False
 
     # -------------------------------------------------------------- from any thread
     def add(self, link: Any) -> None:
@@ -100,6 +101,38 @@ class LinkLoop:
             return
         self.call(lambda: self._remove(link, graceful))
         entry.closed.wait(wait_s)
+
+    def close(self, wait_s: float = 5.0) -> None:
+        """End the loop's thread, which then frees its selector, wake-up pair and connector threads (call it after
+        `remove` of its links: a link still on it is dropped without DISCONNECT). From any thread."""
+        def end() -> None:
+            for link, entry in list(self._links.items()):
+                self._close(link, entry)
+            self._closed = True
+
+        with self._lock:
+            thread, started = self._thread, self._thread is not None
+            if not started:
+                self._closed = True
+        if not started:
+            self._release()
+        elif threading.get_ident() == self._ident:
+            end()  # the thread ends after this turn
+        else:
+            self.call(end)
+            thread.join(wait_s)
+
+    def _release(self) -> None:
+        self._pool.shutdown(wait=False)
+        for closable in (self._sel, self._wake_r, self._wake_w):
+            try:
+                closable.close()
+            except OSError:
+                pass
+
+    def alive(self) -> bool:
+        """The loop's thread is running."""
+        return self._thread is not None and self._thread.is_alive() and not self._closed
 
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self._ident
@@ -137,6 +170,8 @@ class LinkLoop:
 
     def _ensure_thread(self) -> None:
         with self._lock:
+            if self._closed:
+                raise RuntimeError("this link loop is closed")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
@@ -183,8 +218,7 @@ class LinkLoop:
         entry = self._links.get(link)
         if entry is None:
             return
-        log.info("broker %s unreachable (%s)", getattr(link, "url", "?"), exc)
-        self._lost(link, entry)
+        self._lost(link, entry, why=f"broker {getattr(link, 'url', '?')} unreachable ({exc})")
 
     def _set_write(self, link: Any, on: bool) -> None:
         entry = self._links.get(link)
@@ -214,8 +248,9 @@ class LinkLoop:
                 pass
             entry.sock, entry.registered = None, 0
 
-    def _lost(self, link: Any, entry: _Entry) -> None:
-        """A connect failed or timed out, or the connection dropped: back off, then queue again."""
+    def _lost(self, link: Any, entry: _Entry, why: str | None = None) -> None:
+        """A connect failed or timed out, or the connection dropped: back off, then queue again (`why`, if
+        given, is logged with the wait)."""
         self._unregister(entry)
         link.connection_lost()
         if entry.state == _CONNECTING:
@@ -227,6 +262,8 @@ class LinkLoop:
             entry.state = _BACKOFF
             wait = random.uniform(entry.delay / 2, entry.delay)
             entry.delay = min(entry.delay * 2, link.max_backoff_s)
+            if why:
+                log.info("%s; retrying in %.1f s", why, wait)
             self._later(wait, lambda: self._requeue(link))
         self._admit()
 
@@ -312,7 +349,7 @@ class LinkLoop:
 
     def _run(self) -> None:
         self._ident = threading.get_ident()
-        while True:
+        while not self._closed:
             now = time.monotonic()
             timeout = 1.0
             if self._timers:
@@ -343,6 +380,7 @@ class LinkLoop:
             if now >= self._next_misc:
                 self._next_misc = now + 1.0
                 self._guard(lambda t=now: self._misc(t))
+        self._release()
 
     def _drain_wake(self) -> None:
         try:

@@ -10,7 +10,6 @@ per topic; `wire_bytes()` is what the socket really moved (fedfleet.edge_agent.w
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import threading
 from collections import Counter
@@ -60,9 +59,12 @@ def _nodelay(client: paho.Client, userdata: object, sock: object) -> None:
 
 
 class MqttLink:
-    """A client with its own network thread (the `Link` protocol of fedfleet.edge_agent.wire.link), or, given a
-    `loop` (`fedfleet.edge_agent.wire.link_loop.LinkLoop`), one of the many clients that loop's one thread
-    drives. Handlers run on that thread: keep them short.
+    """One client (the `Link` protocol of fedfleet.edge_agent.wire.link), driven by a
+    `fedfleet.edge_agent.wire.link_loop.LinkLoop`: the `loop` given, one thread for many clients, or else a loop
+    of its own. Either way every read and write of the socket happens on that loop's thread (an OpenSSL
+    connection must never be read and written from two threads at once: a publish from another thread once
+    wrote the TLS socket while the network thread read it, and a process aborted with a corrupted heap).
+    Handlers run on that thread: keep them short.
 
     Each subscription goes in a SUBSCRIBE of its own (one topic per packet): the aedes broker with Redis
     persistence never acknowledges a persistent session's SUBSCRIBE of two or more topics."""
@@ -86,6 +88,11 @@ class MqttLink:
         loop: Any = None,
     ) -> None:
         self.url = BrokerURL.parse(url)
+        self._own_loop = loop is None
+        if loop is None:
+            from fedfleet.edge_agent.wire.link_loop import LinkLoop
+
+            loop = LinkLoop(window=1, connectors=1, name=f"mqtt-{client_id}")
         self._loop = loop
         self._suback_due = 0  # SUBACKs still to come on this connection
         self._on_message_cb = on_message
@@ -117,9 +124,9 @@ class MqttLink:
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
         c.on_subscribe = self._handle_subscribe
-        if loop is not None:  # the loop does all socket I/O: a publish only queues and wakes it
-            c.on_socket_register_write = lambda client, userdata, sock: loop.want_write(self)
-            c.on_socket_unregister_write = lambda client, userdata, sock: loop._set_write(self, False)
+        # the loop does all socket I/O: a publish only queues and wakes it
+        c.on_socket_register_write = lambda client, userdata, sock: loop.want_write(self)
+        c.on_socket_unregister_write = lambda client, userdata, sock: loop._set_write(self, False)
         c.max_inflight_messages_set(64)
         c.max_queued_messages_set(0)
         if username is not None:
@@ -129,7 +136,6 @@ class MqttLink:
         self._will = will
         self._client = c
         self._set_will()
-        self._thread: threading.Thread | None = None
         self._first = True
 
     def _set_will(self) -> None:
@@ -142,13 +148,9 @@ class MqttLink:
 
     # -------------------------------------------------------------- lifecycle
     def start(self, wait_s: float = 10.0) -> None:
-        """Start the network thread and wait up to `wait_s` for the first connection and for the broker to
-        acknowledge the subscriptions, so messages published after this returns are delivered (0: no wait)."""
-        if self._loop is not None:
-            self._loop.add(self)
-        else:
-            self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._client._client_id!r}", daemon=True)
-            self._thread.start()
+        """Join the loop and wait up to `wait_s` for the first connection and for the broker to acknowledge the
+        subscriptions, so messages published after this returns are delivered (0: no wait)."""
+        self._loop.add(self)
         if wait_s and not self.connected.wait(wait_s):
             raise ConnectionError(f"could not connect to the MQTT broker at {self.url} within {wait_s:.0f} s")
         if wait_s and self._subscriptions and not self.subscribed.wait(wait_s):
@@ -157,20 +159,13 @@ class MqttLink:
     def stop(self, *, graceful: bool = True) -> None:
         """Disconnect. `graceful=False` drops the socket without DISCONNECT, so the broker sends the will."""
         self._stop.set()
-        if self._loop is not None:
-            self._loop.remove(self, graceful=graceful)
-            return
-        try:
-            if graceful:
-                self._client.disconnect()
-            else:
-                sock = self._client.socket()
-                if sock is not None:
-                    sock.close()
-        except Exception:  # noqa: BLE001 - best effort on shutdown
-            pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._loop.remove(self, graceful=graceful)
+        if self._own_loop:
+            self._loop.close()
+
+    def alive(self) -> bool:
+        """The thread that drives this link is running, and the link has not been stopped."""
+        return self._loop.alive() and not self._stop.is_set()
 
     # -------------------------------------------------------------- driven by a LinkLoop
     @property
@@ -209,50 +204,12 @@ class MqttLink:
             pass
         self.connection_lost()
 
-    # -------------------------------------------------------------- its own thread
-    def _run(self) -> None:
-        delay = self.min_backoff_s
-        first = True
-        while not self._stop.is_set():
-            try:
-                if callable(self._will):
-                    self._set_will()
-                if first:
-                    self._client.connect(self.url.host, self.url.port, keepalive=self.keepalive)
-                    first = False
-                else:
-                    self._client.reconnect()
-            except (OSError, paho.WebsocketConnectionError) as exc:
-                wait = random.uniform(delay / 2, delay)  # jittered exponential backoff
-                log.info("broker %s unreachable (%s); retrying in %.1f s", self.url, exc, wait)
-                self._stop.wait(wait)
-                delay = min(delay * 2, self.max_backoff_s)
-                continue
-            rc = paho.MQTT_ERR_SUCCESS
-            while not self._stop.is_set() and rc == paho.MQTT_ERR_SUCCESS:
-                rc = self._client.loop(timeout=1.0)
-                if self.connected.is_set():
-                    delay = self.min_backoff_s
-                if self._connected_cb_due:
-                    self._connected_cb_due = False
-                    self._run_on_connect()
-            self.connected.clear()
-            if not self._stop.is_set():
-                wait = random.uniform(delay / 2, delay)
-                self._stop.wait(wait)
-                delay = min(delay * 2, self.max_backoff_s)
-        try:
-            self._client.loop(timeout=0.05)
-        except Exception:  # noqa: BLE001
-            pass
-
     def wire_bytes(self) -> tuple[int, int] | None:
         """(sent, received) bytes on the socket(s) so far, TLS and MQTT control included; None if unknown.
-        Driven by a loop, sent includes the packets queued for the socket and not yet written (a link with its
-        own thread writes a message as it is published; the loop writes it a moment later): MQTT bytes, without
-        the TLS record overhead they will take."""
+        Sent includes the packets queued for the socket and not yet written (the loop writes a message a moment
+        after it is published): MQTT bytes, without the TLS record overhead they will take."""
         totals = self.wire.totals()
-        if totals is None or self._loop is None or not self.connected.is_set():
+        if totals is None or not self.connected.is_set():
             return totals
         # paho takes a packet off the queue before it writes it: read the queue and the kernel's count with no
         # write in between, or a packet in flight is in neither (the loop holds `write_lock` while it writes)

@@ -233,3 +233,45 @@ def test_socket_count_read_while_the_loop_writes_never_goes_back():
         sent = link.wire_bytes()[0]
         assert sent == link.wire.totals()[0] >= 600 * 300, sent
         link.stop()
+
+
+def test_a_link_without_a_loop_reads_and_writes_its_tls_socket_on_one_thread(tmp_path):
+    """An OpenSSL connection must never be read and written from two threads at once: `fedfleet serve` over TLS
+    aborted in CI with a corrupted heap when its link (no loop given) wrote a publish on the caller's thread while
+    its network thread read, and closed the socket on the caller's thread at stop. Every socket read, write and
+    close of such a link, publishing from three threads and stopping from a fourth, happens on one thread that
+    is none of them; every message arrives, and the thread is gone after `stop`."""
+    from fedfleet.coordinator.tls import make_local_ca
+
+    tls = make_local_ca(tmp_path / "tls")
+    broker = MosquittoBroker(tls=tls)
+    got: list[bytes] = []
+    try:
+        link = MqttLink(broker.url, client_id="one-thread", on_message=lambda t, p: got.append(p),
+                        subscriptions=["onethread/echo"], ca_certs=str(tls.cafile))
+        io_threads: set[int] = set()
+        client = link.client
+        for name in ("loop_read", "loop_write", "_sock_close"):
+            original = getattr(client, name)
+
+            def traced(*a, _original=original, **kw):
+                if client._sock is not None:  # (the connector thread's connect closes a socket that is not there)
+                    io_threads.add(threading.get_ident())
+                return _original(*a, **kw)
+            setattr(client, name, traced)
+        link.start(wait_s=20)
+        publishers = [threading.Thread(target=lambda j=j: [link.publish("onethread/echo", bytes([j, k]) * 4000)
+                                                           for k in range(30)]) for j in range(3)]
+        for t in publishers:
+            t.start()
+        for t in publishers:
+            t.join()
+        assert _wait(lambda: len(got) == 90), len(got)
+        stopper = threading.Thread(target=link.stop)
+        stopper.start()
+        stopper.join()
+        callers = {t.ident for t in (*publishers, stopper)} | {threading.get_ident()}
+        assert len(io_threads) == 1 and not io_threads & callers, (io_threads, callers)
+        assert not any(t.name == "mqtt-one-thread" and t.is_alive() for t in threading.enumerate())
+    finally:
+        broker.stop()

@@ -313,7 +313,7 @@ def run(n: int, agents: int, seed: int, per_round_s: float) -> dict[str, Any]:
             time.sleep(per_round_s + 1)  # let the round in flight finish under this half's name
         stop.set()
         engine.join(3 * per_round_s + 30)
-        if engine.is_alive() or not coord.link._thread.is_alive():
+        if engine.is_alive() or not coord.link.alive():
             out["crashes"] += 1
         rss1 = rss_mb()
         with LedgerView(Path(tmp) / "ledger.sqlite") as view:
