@@ -15,7 +15,7 @@ An in-process fleet (the demo, an emulation, the tests) runs many agents in one 
   socket each, windowed connects, no descriptor ceiling), and `worker`: one `worker.SharedWorker`, the few
   threads every agent's work (package loads, tasks, learning) runs on, each agent's in order. So an agent
   costs no thread of its own, and one process hosts thousands. Both are None on a solo Host: an agent alone
-  on its device keeps its own network thread and worker thread.
+  on its device has its own worker thread, and its link a loop of its own.
 
 `Host.process()` is the process-wide Host every `Agent` uses unless it is given another; a device run
 (`fedfleet-agent`, one agent alone) uses `Host.solo()`, a Host of its own. Nothing else in the edge agent
