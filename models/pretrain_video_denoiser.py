@@ -44,7 +44,8 @@ def load(path: str | Path = ARTIFACT) -> vd.Params:
 
 
 def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr: float = 1e-3,
-             digits: tuple[int, ...] = CENTRE_DIGITS, log_every: int = 250) -> tuple[vd.Params, dict]:
+             digits: tuple[int, ...] = CENTRE_DIGITS, log_every: int = 250,
+             hidden: tuple[int, ...] = vd.DEFAULT_HIDDEN) -> tuple[vd.Params, dict]:
     import torch
 
     from fedfleet.models import moving_digits as md
@@ -55,7 +56,7 @@ def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr:
     train, _ = md.moving_digits(seed=seed, repeats=4)
     keep = np.isin(train.digit, digits)
     x, y = torch.from_numpy(train.x[keep]), torch.from_numpy(train.y[keep])
-    model = VideoDenoiser.from_state(vd.init(vd.DEFAULT_HIDDEN, seed))
+    model = VideoDenoiser.from_state(vd.init(tuple(hidden), seed))
     ema = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ab = model.alpha_bar
@@ -81,7 +82,7 @@ def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr:
         for k, v in model.named_parameters():
             v.copy_(ema[k])
     state = {k: v.numpy() for k, v in model.layout_state().items()}
-    return state, {"steps": steps, "clips": int(keep.sum()), "digits": list(digits), "seconds": time.perf_counter() - t0,
+    return state, {"steps": steps, "hidden": list(hidden), "clips": int(keep.sum()), "digits": list(digits), "seconds": time.perf_counter() - t0,
                    "final_loss": float(np.mean(losses[-log_every:]))}
 
 
@@ -89,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
     ap.add_argument("--out", default=str(ARTIFACT))
+    ap.add_argument("--hidden", help="block widths, comma-separated (default: video_denoiser.DEFAULT_HIDDEN)")
     args = ap.parse_args(argv)
+    hidden = tuple(int(h) for h in args.hidden.split(",")) if args.hidden else vd.DEFAULT_HIDDEN
     from fedfleet.models.export_video_denoiser import save_npz
 
-    state, info = pretrain(args.steps)
+    state, info = pretrain(args.steps, hidden=hidden)
     save_npz(state, args.out)
     print(info)
     return 0
