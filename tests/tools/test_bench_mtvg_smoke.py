@@ -52,3 +52,25 @@ def test_bench_mtvg_smoke(tmp_path, capsys, mosquitto, trainer):
     assert more["onnxruntime_vs_torch_mtvg"]["max_abs"] < 0.05  # the device path gives the same frames
     assert more["seconds_per_clip_coordinator"] > 0
     assert (tmp_path / "seq.png").stat().st_size > 5_000
+
+
+def test_central_check_scores_naive_clips_of_the_centre_digits():
+    from fedfleet.coordinator.mtvg import clip_classifier
+    from fedfleet.edge_agent.nn import video_denoiser as vd
+    from fedfleet.models import pretrain_video_denoiser as centre
+
+    clf = clip_classifier.train(seed=0, epochs=1, repeats=1)
+    r = bench_mtvg.central_check(vd.init((8,), seed=0), clips=14, steps=2, classifier=clf)
+    assert r["clips"] == 14 and r["samples"].shape == (14, 1, vd.FRAMES, vd.SIZE, vd.SIZE)
+    assert sorted(set((r["conds"] // 4).ravel())) == list(centre.CENTRE_DIGITS)
+    for key in ("condition_accuracy", "digit_accuracy", "direction_accuracy"):
+        assert 0.0 <= r[key] <= 1.0
+
+
+def test_pretrain_takes_the_block_widths():
+    from fedfleet.edge_agent.nn import video_denoiser as vd
+    from fedfleet.models import pretrain_video_denoiser as centre
+
+    state, info = centre.pretrain(2, hidden=(8, 8), log_every=1)
+    assert vd.hidden_of(state) == (8, 8) and info["hidden"] == [8, 8] and info["steps"] == 2
+    assert [(k, v.shape) for k, v in state.items()] == [(k, s) for k, s in vd.layout((8, 8))]
