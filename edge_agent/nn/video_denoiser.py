@@ -23,8 +23,8 @@ The edge trains it (forward and backward here) and can sample with it; the coord
   c_skip(t) = sqrt(ab_t) STD^2 / (ab_t STD^2 + 1 - ab_t) is the best linear estimate for data of mean MEAN and
   standard deviation STD (the pixel statistics of the clips) and c_out(t) = sqrt(1 - ab_t) STD /
   sqrt(ab_t STD^2 + 1 - ab_t) the standard deviation of what the linear estimate leaves, so the network's
-  target has unit scale at every step (without c_out a low-noise step needs outputs of size 0.01 and the
-  samples keep speckles of noise).
+  target has unit scale at every step (without c_out a low-noise step needs outputs of size 0.01; with it,
+  the shipped centre denoiser still leaves speckles of noise at low t: docs/results, issue 25).
 - The noise prediction is derived: eps_theta = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t).
 - Training loss (EDM's weighting): the mean over batch and pixels of ((x0_hat(x_t, t, c) - x0) / c_out(t))^2,
   i.e. the network's error on its unit-scale target, t uniform in [0, STEPS), eps ~ N(0, I).
