@@ -9,9 +9,10 @@ package starts from these weights (`fedfleet.coordinator.tasks.diffusion`).
 Recipe (fixed before the first run): the training clips of `fedfleet.models.moving_digits.moving_digits(seed 0,
 repeats 4)` whose digit is in CENTRE_DIGITS; the torch mirror (`fedfleet.models.mirrors.video_denoiser`) with
 `video_denoiser.DEFAULT_HIDDEN` (`--hidden` / `pretrain(hidden=...)` for other block widths), initialised by
-`video_denoiser.init(seed 0)`; the denoising loss of `video_denoiser` (EDM-weighted, t uniform, eps ~ N(0, I)); Adam lr 1e-3, batch 32, `PRETRAIN_STEPS` steps, one
-torch thread, `torch.manual_seed(0)`; the weights kept are the exponential moving average (decay 0.995) of the
-iterates. Steps: 3,000 were planned; the first shipped file had 1,000 (23 minutes on an overloaded machine).
+`video_denoiser.init(seed 0)`; the denoising loss of `video_denoiser` (EDM-weighted, t uniform, eps ~ N(0, I));
+Adam lr 1e-3, batch 32, `PRETRAIN_STEPS` steps, one torch thread, `torch.manual_seed(0)`; the weights kept are
+the exponential moving average (decay 0.995) of the iterates. Steps: 3,000 were planned; the first shipped file
+had 1,000 (23 minutes on an overloaded machine).
 The planned 3,000 were then run (244 s, final loss 0.666) and their naive samples were still at chance; AFTER
 seeing that, one extension to 6,000 was run (535 s on 2 cores shared with the test suite, final loss 0.626),
 and that is the shipped file. It does not make readable digits either (docs/results, "MTVG on the conv
@@ -21,7 +22,8 @@ still at chance (digit 0.119 on 42 clips of 0-6, below the 0.5 the rule asked), 
 (docs/results, "a wider and deeper centre denoiser"). The run is deterministic on one machine and torch build
 (two runs agree bit for bit), but not across builds: on a later install of the same torch version, 1,000 steps
 differed from the first file by up to 0.11 in a weight and 6,000 steps from the shipped one by up to 1.4, with
-the same scores (held-out x0 MSE within 0.0007 at every t). `load()` reads the shipped file and checks it against the denoiser's layout.
+the same scores (held-out x0 MSE within 0.0007 at every t). `load()` reads the shipped file and checks it
+against the denoiser's layout.
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr:
         for k, v in model.named_parameters():
             v.copy_(ema[k])
     state = {k: v.numpy() for k, v in model.layout_state().items()}
-    return state, {"steps": steps, "hidden": list(hidden), "clips": int(keep.sum()), "digits": list(digits), "seconds": time.perf_counter() - t0,
-                   "final_loss": float(np.mean(losses[-log_every:]))}
+    return state, {"steps": steps, "hidden": list(hidden), "clips": int(keep.sum()), "digits": list(digits),
+                   "seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-log_every:]))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,7 +217,8 @@ def central_check(params: vd.Params, *, clips: int = 42, seed: int = 0, steps: i
                   classifier: clip_classifier.Trained | None = None) -> dict[str, Any]:
     """The quick central check of a centre denoiser, before any fleet: naive DDIM samples (`steps` steps) of
     `clips` single clips of the centre's digits (0-6 cycled, directions uniform: `digit_prompts`), scored by the
-    bench's clip classifier (trained as the bench trains it: `seed`, `epochs`, 4 repeats); (scores, samples)."""
+    bench's clip classifier (trained as the bench trains it: `seed`, `epochs`, 4 repeats). Returns the scores
+    of `score` with the prompts (`conds`) and the frames (`samples`)."""
     clf = classifier or clip_classifier.train(seed=seed, epochs=epochs, repeats=4)
     c = digit_prompts(centre.CENTRE_DIGITS, clips, seed)
     frames = mtvg.sample_sequences(mtvg.from_state(params), c, seed, MTVGOptions.naive(steps))
