@@ -52,7 +52,8 @@ def load(path: str | Path = ARTIFACT) -> vd.Params:
 
 def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr: float = 1e-3,
              digits: tuple[int, ...] = CENTRE_DIGITS, log_every: int = 250,
-             hidden: tuple[int, ...] = vd.DEFAULT_HIDDEN) -> tuple[vd.Params, dict]:
+             hidden: tuple[int, ...] = vd.DEFAULT_HIDDEN, t_mid: tuple[int, int] | None = None
+             ) -> tuple[vd.Params, dict]:
     import torch
 
     from fedfleet.models import moving_digits as md
@@ -71,6 +72,8 @@ def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr:
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(y), (batch,))
         t = torch.randint(0, vd.STEPS, (batch,))
+        if t_mid is not None:  # the second half of the batch at mid noise
+            t[batch // 2:] = torch.randint(t_mid[0], t_mid[1], (batch - batch // 2,))
         eps = torch.randn(batch, vd.FRAMES, vd.SIZE, vd.SIZE)
         a = ab[t].reshape(-1, 1, 1, 1)
         x_t = torch.sqrt(a) * x[idx] + torch.sqrt(1 - a) * eps
@@ -89,7 +92,7 @@ def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr:
         for k, v in model.named_parameters():
             v.copy_(ema[k])
     state = {k: v.numpy() for k, v in model.layout_state().items()}
-    return state, {"steps": steps, "hidden": list(hidden), "clips": int(keep.sum()), "digits": list(digits),
+    return state, {"steps": steps, "hidden": list(hidden), "t_mid": list(t_mid) if t_mid else None, "clips": int(keep.sum()), "digits": list(digits),
                    "seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-log_every:]))}
 
 
@@ -97,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
     ap.add_argument("--out", default=str(ARTIFACT))
-    ap.add_argument("--hidden", help="block widths, comma-separated (default: video_denoiser.DEFAULT_HIDDEN)")
+    ap.add_argument("--hidden", help="level widths, comma-separated (default: video_denoiser.DEFAULT_HIDDEN)")
+    ap.add_argument("--t-mid", help="LO,HI: draw t for half of each batch uniform in [LO, HI) (default: all uniform)")
+    ap.add_argument("--log-every", type=int, default=250)
     args = ap.parse_args(argv)
     hidden = tuple(int(h) for h in args.hidden.split(",")) if args.hidden else vd.DEFAULT_HIDDEN
     from fedfleet.models.export_video_denoiser import save_npz
 
-    state, info = pretrain(args.steps, hidden=hidden)
+    t_mid = tuple(int(v) for v in args.t_mid.split(",")) if args.t_mid else None
+    state, info = pretrain(args.steps, hidden=hidden, t_mid=t_mid, log_every=args.log_every)
     save_npz(state, args.out)
     print(info)
     return 0

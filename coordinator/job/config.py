@@ -36,8 +36,8 @@ A job file is TOML; every key is optional:
                              # (coordinator/engine/downlink.py); "none" (dense float32) or "zstd" (lossless)
     task = "classification"  # or "moving-digits-diffusion": FedAvg trains the conditional video denoiser on
                              # moving-digit clips (coordinator/tasks/diffusion.py; mode "diffusion", dataset digits;
-                             # hidden 0 = the centre's pre-trained conv denoiser (digits 0-6), else a fresh one
-                             # of hidden_layers blocks of hidden channels)
+                             # hidden 0 = the centre's pre-trained U-Net denoiser (digits 0-6), else a fresh
+                             # one of hidden_layers levels (1-4) of hidden channels)
     eval_every = 0           # the diffusion task: evaluate every N rounds and the last (0: its default, 5);
                              # classification evaluates every round
 
@@ -74,6 +74,7 @@ from fedfleet.coordinator.tasks.names import CUSTOM as CUSTOM_TASK
 from fedfleet.coordinator.tasks.names import DIFFUSION as DIFFUSION_TASK
 from fedfleet.coordinator.tasks.names import TASKS
 from fedfleet.edge_agent.errors import ConfigError
+from fedfleet.edge_agent.nn.video_denoiser import MAX_LEVELS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -207,6 +208,9 @@ def check_task(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"field 'dataset': {where} builds its clips from sklearn's digits, got {cfg.dataset!r}")
     if cfg.continual is not None:
         raise ConfigError(f"field 'continual': {where} has no continual schedule")
+    if cfg.hidden and cfg.hidden_layers > MAX_LEVELS:
+        raise ConfigError(f"field 'hidden_layers' = {cfg.hidden_layers}: {where}'s denoiser has 1 to {MAX_LEVELS} "
+                          "U-Net levels (16x16 down to 2x2)")
     return cfg
 
 

@@ -6,8 +6,8 @@ The task (`[job] task = "moving-digits-diffusion"`, FedAvg only) trains the cond
 - `shards(cfg)`: `REPEATS` clips per training digit image; Dirichlet(alpha) skew over the *digit class*
   (each agent sees few digits, every direction), IID when alpha = 0; the held-out clips come from digit
   images no agent holds. LocalData.y is the condition id digit * 4 + direction.
-- `hidden_of(cfg)`: the denoiser's block widths (channels): `video_denoiser.DEFAULT_HIDDEN` when the job leaves
-  `hidden` at 0, else `hidden_layers` blocks of `hidden` channels.
+- `hidden_of(cfg)`: the denoiser's level widths (channels): `video_denoiser.DEFAULT_HIDDEN` when the job leaves
+  `hidden` at 0, else `hidden_layers` U-Net levels (1 to `video_denoiser.MAX_LEVELS`) of `hidden` channels.
 - The package (`build`): with `hidden` at 0 it starts from the centre's pre-trained generator
   (`fedfleet.models.pretrain_video_denoiser`: trained centrally on the digits 0-6 only), so the fleet's FedAvg
   teaches it the digits 7-9 that only the devices hold; with `hidden` set, from a fresh initialisation.

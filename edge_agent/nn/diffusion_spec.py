@@ -1,13 +1,13 @@
 """What a "diffusion" model package says about its denoiser, and the check of it on load.
 
 Mode "diffusion" has no backbone: the trainable layout is the whole conditional video denoiser
-(`fedfleet.edge_agent.nn.video_denoiser`), a small convolutional net (`emb.*`, `conv{i}.*`, `cemb{i}.weight`) from
+(`fedfleet.edge_agent.nn.video_denoiser`), a small U-Net (`emb.*`, `conv{i}.*`, `cemb{i}.weight`) from
 the noisy clip, its step and its condition to the clip's x0 residual. The manifest carries, besides the usual fields:
 - `objective`: "denoising" (the learner's loss, `fedfleet.edge_agent.nn.losses`);
 - `input_shape` [frames, size, size] and `feature_dim` frames * size * size (the raw clip, flattened);
 - `head_sizes` = `video_denoiser.sizes(hidden)` (channel widths), `head_layout` = `video_denoiser.layout(hidden)`;
   `classes` = the condition ids 0 .. 39 (digit * 4 + direction);
-- `diffusion`: {"hidden", "frames", "size", "steps", "t_emb", "emb", "dilations", "digits", "directions",
+- `diffusion`: {"hidden", "frames", "size", "steps", "t_emb", "emb", "digits", "directions",
   "beta_start", "beta_end", "mean", "std", "parametrisation", "architecture"}, which must match the
   constants this code computes with.
 
@@ -25,12 +25,12 @@ from fedfleet.edge_agent.nn import video_denoiser as vd
 MODE = "diffusion"
 OBJECTIVE = "denoising"
 PARAMETRISATION = "x0-edm"
-ARCHITECTURE = "circular-conv"
+ARCHITECTURE = "circular-unet"
 
 
 def section(hidden: tuple[int, ...], steps: int = vd.STEPS) -> dict[str, Any]:
     return {"hidden": [int(h) for h in hidden], "frames": vd.FRAMES, "size": vd.SIZE, "steps": int(steps),
-            "t_emb": vd.T_EMB, "emb": vd.EMB, "dilations": list(vd.DILATIONS), "architecture": ARCHITECTURE,
+            "t_emb": vd.T_EMB, "emb": vd.EMB, "architecture": ARCHITECTURE,
             "digits": vd.CLASSES, "directions": list(vd.DIRECTIONS),
             "beta_start": vd.BETA_START, "beta_end": vd.BETA_END, "mean": vd.MEAN, "std": vd.STD,
             "parametrisation": PARAMETRISATION}
@@ -45,8 +45,10 @@ def check(manifest: dict[str, Any], head_sizes: list[int], input_shape: tuple[in
     if manifest.get("objective") != OBJECTIVE:
         raise ModelError(f"a diffusion package's objective must be {OBJECTIVE!r}, got {manifest.get('objective')!r}")
     hidden = spec.get("hidden")
-    if not isinstance(hidden, list) or not hidden or not all(isinstance(h, int) and h > 0 for h in hidden):
-        raise ModelError(f"manifest diffusion.hidden must be a non-empty list of positive widths, got {hidden!r}")
+    if (not isinstance(hidden, list) or not 1 <= len(hidden) <= vd.MAX_LEVELS
+            or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)):
+        raise ModelError(f"manifest diffusion.hidden must be a list of 1 to {vd.MAX_LEVELS} positive level widths, "
+                         f"got {hidden!r}")
     steps = spec.get("steps")
     if not isinstance(steps, int) or isinstance(steps, bool) or not 2 <= steps <= 100_000:
         raise ModelError(f"manifest diffusion.steps must be an integer in [2, 100000], got {steps!r}")

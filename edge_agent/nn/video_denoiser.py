@@ -7,17 +7,21 @@ The edge trains it (forward and backward here) and can sample with it; the coord
 - The condition c is (digit class, motion direction), carried as one id `digit * 4 + direction`.
 - The noise schedule is DDPM's linear beta from 1e-4 to 0.02 over `STEPS` (1000) steps; `alpha_bar[t]` is
   the product of (1 - beta) up to and including step t; x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps.
-- The network is a small convolutional net on the clip seen as a 16x16 image with the 8 frames as channels.
-  Every convolution is 3x3 with circular padding (the moving digits wrap around a torus, so the net is
-  exactly translation-equivariant, as the data are). Layers, for `hidden` = (C_0, ..., C_{L-1}):
+- The network is a small U-Net on the clip seen as a 16x16 image with the 8 frames as channels (`plan(hidden)`:
+  one level per width in `hidden`, 16x16, 8x8, 4x4, ...). Every convolution is 3x3 with circular padding (the
+  moving digits wrap around a torus). Layers, for `hidden` = (C_0, ..., C_{L-1}):
   - the condition embedding e = relu(emb.weight [time embedding (T_EMB sin/cos of t), one-hot digit,
     one-hot direction] + emb.bias), EMB wide;
-  - block i (i < L): pre_i = conv_i(h_i, dilation DILATIONS[i % 4]) + conv{i}.bias + cemb{i}.weight e
-    (the embedding added per channel, in every layer), a_i = relu(pre_i), h_{i+1} = a_i + h_i when the
-    widths agree (a residual block), else a_i; h_0 is x_t;
-  - the output conv{L} (dilation 1, zero-initialised) from h_L to FRAMES channels: the x0 residual.
-  Dilations 1, 2, 4, 8 give the net a receptive field over the whole 16x16 canvas in four blocks, so each
-  frame can see where the digit is in every other frame (up to 14 pixels away).
+  - every block i: pre_i = conv_i(input_i) + conv{i}.bias + cemb{i}.weight e (the embedding added per channel,
+    in every block), h_i = relu(pre_i), plus input_i in a residual block;
+  - the encoder: per level l a block from the level above (x_t at l = 0, else its 2x2 average pool) to C_l
+    channels, then a residual block; at the bottom one more residual block; the decoder: per level from the
+    second lowest up, a block on the concatenation [the level below upsampled 2x (nearest), the encoder's
+    output at this level] and a residual block; last the output conv{4L-1} (no embedding, no ReLU,
+    zero-initialised) to FRAMES channels: the x0 residual.
+  The coarse levels see the whole clip at once (a 3x3 convolution at 4x4 covers the canvas), which the flat
+  stacks of 16x16 convolutions this replaced did not: they never learnt to draw the digit they were asked for
+  (docs/results, issue 25).
 - It is x0-parametrised with the preconditioning of Karras et al. (EDM), in VP form: the clean clip estimate is
   x0_hat = MEAN + c_skip(t) (x_t - sqrt(ab_t) MEAN) + c_out(t) net(...),  where
   c_skip(t) = sqrt(ab_t) STD^2 / (ab_t STD^2 + 1 - ab_t) is the best linear estimate for data of mean MEAN and
@@ -30,12 +34,15 @@ The edge trains it (forward and backward here) and can sample with it; the coord
   i.e. the network's error on its unit-scale target, t uniform in [0, STEPS), eps ~ N(0, I).
 
 Convolutions are im2col (a strided window view of the circularly padded channels-last activations) and one
-matmul; the backward pass is the transposed matmul and nine slice-adds folded back around the torus.
+matmul; the backward pass is the transposed matmul and nine slice-adds folded back around the torus; pooling
+and upsampling are reshapes, and their adjoints the same reshapes the other way.
 `vjp_input` gives v^T d x0_hat / d x_t, which structure-guided sampling needs on a device without autograd.
 Numpy only; never imports torch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,50 +56,94 @@ EMB = 64  # width of the condition embedding added in every block
 STEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 PIXELS = FRAMES * SIZE * SIZE
-DILATIONS = (1, 2, 4, 8)
-DEFAULT_HIDDEN = (32, 32, 32, 32, 32)
+DEFAULT_HIDDEN = (32, 64, 64)
+MAX_LEVELS = 4  # 16x16 down to 2x2
 MEAN, STD = -0.85, 0.46  # pixel mean and standard deviation of moving-digit clips (background -1)
 
 Params = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One convolution conv{i} of the U-Net: its input is the channel concatenation of `sources`, each a
+    (layer index, or -1 for x_t; "same", "pool" (2x2 average) or "up" (2x nearest)); `size` is its output's side."""
+
+    sources: tuple[tuple[int, str], ...]
+    c_in: int
+    c_out: int
+    size: int
+    residual: bool  # h = relu(pre) + input
+    out: bool  # the output convolution: no embedding, no ReLU
 
 
 def condition_id(digit: np.ndarray | int, direction: np.ndarray | int) -> np.ndarray:
     return np.asarray(digit, np.int64) * len(DIRECTIONS) + np.asarray(direction, np.int64)
 
 
+def plan(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> list[Layer]:
+    """The U-Net's convolutions in order, for level widths `hidden` (one level per width, 16x16 first).
+
+    Per level l: a convolution from the level above (x_t at l = 0, else its 2x2 average pool) to hidden[l],
+    then a residual one; at the bottom one more residual convolution; then per level from the second lowest
+    up, a convolution of [the level below upsampled 2x, the encoder's output at this level] to hidden[l] and a
+    residual one; last, the output convolution to FRAMES channels. 4 * len(hidden) convolutions."""
+    hidden = tuple(int(h) for h in hidden)
+    if not 1 <= len(hidden) <= MAX_LEVELS or min(hidden) < 1:
+        raise ValueError(f"a denoiser has 1 to {MAX_LEVELS} levels of positive widths, got {list(hidden)}")
+    layers: list[Layer] = []
+    width, size = {-1: FRAMES}, {-1: SIZE}
+
+    def add(sources: tuple[tuple[int, str], ...], c_out: int, residual: bool = False, out: bool = False) -> int:
+        scale = {"same": 1.0, "pool": 0.5, "up": 2.0}
+        sides = {int(size[s] * scale[op]) for s, op in sources}
+        assert len(sides) == 1, sources
+        layers.append(Layer(sources, sum(width[s] for s, _ in sources), c_out, sides.pop(), residual, out))
+        i = len(layers) - 1
+        width[i], size[i] = c_out, layers[i].size
+        return i
+
+    prev, enc = -1, []
+    for level, c in enumerate(hidden):
+        first = add(((prev, "pool" if level else "same"),), c)
+        prev = add(((first, "same"),), c, residual=True)
+        enc.append(prev)
+    prev = add(((prev, "same"),), hidden[-1], residual=True)
+    for level in range(len(hidden) - 2, -1, -1):
+        merged = add(((prev, "up"), (enc[level], "same")), hidden[level])
+        prev = add(((merged, "same"),), hidden[level], residual=True)
+    add(((prev, "same"),), FRAMES, out=True)
+    return layers
+
+
 def sizes(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> list[int]:
-    """Channel widths: the input frames, each block's channels, the output frames."""
-    return [FRAMES, *[int(h) for h in hidden], FRAMES]
-
-
-def dilation(i: int, hidden: tuple[int, ...]) -> int:
-    """The dilation of conv{i}: DILATIONS cycled over the blocks, 1 for the output conv."""
-    return 1 if i >= len(hidden) else DILATIONS[i % len(DILATIONS)]
+    """Channel widths: the input frames, each convolution's output channels (the last is the frames)."""
+    return [FRAMES, *[layer.c_out for layer in plan(hidden)]]
 
 
 def layout(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> list[tuple[str, tuple[int, ...]]]:
-    """The named tensors of the denoiser with block widths `hidden`, in a fixed order."""
-    widths = sizes(hidden)
+    """The named tensors of the denoiser with level widths `hidden`, in a fixed order."""
     out: list[tuple[str, tuple[int, ...]]] = [("emb.weight", (EMB, EMB_IN)), ("emb.bias", (EMB,))]
-    for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
-        out += [(f"conv{i}.weight", (c_out, c_in, 3, 3)), (f"conv{i}.bias", (c_out,))]
-        if i < len(hidden):
-            out.append((f"cemb{i}.weight", (c_out, EMB)))
+    for i, layer in enumerate(plan(hidden)):
+        out += [(f"conv{i}.weight", (layer.c_out, layer.c_in, 3, 3)), (f"conv{i}.bias", (layer.c_out,))]
+        if not layer.out:
+            out.append((f"cemb{i}.weight", (layer.c_out, EMB)))
     return out
 
 
 def hidden_of(params: dict) -> tuple[int, ...]:
-    """The block widths a set of tensors implies (by `conv{i}.weight` shapes); KeyError/ValueError if none."""
+    """The level widths a set of tensors implies (by `conv{2 l}.weight` shapes); KeyError/ValueError if none."""
     n = sum(1 for k in params if k.startswith("conv") and k.endswith(".weight"))
-    if n < 2:
-        raise ValueError(f"a denoiser has at least conv0 and conv1, got {sorted(params)[:8]}")
-    return tuple(int(np.shape(params[f"conv{i}.weight"])[0]) for i in range(n - 1))
+    if n < 4 or n % 4:
+        raise ValueError(f"a denoiser has 4 convolutions per level, got {n} in {sorted(params)[:8]}")
+    return tuple(int(np.shape(params[f"conv{2 * level}.weight"])[0]) for level in range(n // 4))
 
 
 def init(hidden: tuple[int, ...] = DEFAULT_HIDDEN, seed: int = 0) -> Params:
-    """He-normal convolutions (residual branches scaled by 1/sqrt(blocks)), a zero output conv, so an
+    """He-normal convolutions (residual branches scaled by 1/sqrt(residual blocks)), a zero output conv, so an
     untrained denoiser is the linear estimate."""
     rng = np.random.default_rng(seed)
+    layers = plan(hidden)
+    n_res = sum(layer.residual for layer in layers)
     params: Params = {}
     for name, shape in layout(hidden):
         if name.endswith(".bias"):
@@ -102,10 +153,11 @@ def init(hidden: tuple[int, ...] = DEFAULT_HIDDEN, seed: int = 0) -> Params:
         elif name.startswith("cemb"):
             params[name] = (rng.standard_normal(shape) * np.sqrt(1.0 / EMB)).astype(np.float32)
         else:
-            fan_in = shape[1] * 9
-            scale = np.sqrt(2.0 / fan_in) / np.sqrt(max(len(hidden), 1))
+            scale = np.sqrt(2.0 / (shape[1] * 9))
+            if layers[int(name[4:].split(".")[0])].residual:
+                scale /= np.sqrt(n_res)
             params[name] = (rng.standard_normal(shape) * scale).astype(np.float32)
-    params[f"conv{len(hidden)}.weight"][:] = 0.0
+    params[f"conv{len(layers) - 1}.weight"][:] = 0.0
     return params
 
 
@@ -183,66 +235,84 @@ def _wmat(w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[0], -1).T
 
 
+def _resample(h: np.ndarray, op: str) -> np.ndarray:
+    """A source as a layer reads it, channels last: unchanged, 2x2 average-pooled, or 2x nearest-upsampled."""
+    if op == "same":
+        return h
+    n, hh, ww, c = h.shape
+    if op == "pool":
+        return h.reshape(n, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
+    return np.repeat(np.repeat(h, 2, axis=1), 2, axis=2)
+
+
+def _resample_back(g: np.ndarray, op: str) -> np.ndarray:
+    """The adjoint of `_resample`."""
+    if op == "same":
+        return g
+    n, hh, ww, c = g.shape
+    if op == "pool":
+        return np.repeat(np.repeat(g * 0.25, 2, axis=1), 2, axis=2)
+    return g.reshape(n, hh // 2, 2, ww // 2, 2, c).sum(axis=(2, 4))
+
+
 def _forward(params: Params, x_t: np.ndarray, t: np.ndarray, cond: np.ndarray, steps: int) -> tuple[np.ndarray, dict]:
     """The network's x0 residual (N, F, S, S) and what the backward pass needs."""
-    hidden = hidden_of(params)
-    n_blocks = len(hidden)
+    layers = plan(hidden_of(params))
     e_in = embedding_input(t, cond, steps)
-    e_pre = e_in @ params["emb.weight"].T + params["emb.bias"]
-    e = np.maximum(e_pre, 0.0)
-    h = np.ascontiguousarray(np.asarray(x_t, np.float32).reshape(-1, FRAMES, SIZE, SIZE).transpose(0, 2, 3, 1))
-    cache: dict = {"e_in": e_in, "e": e, "cols": [], "masks": [], "residual": [], "hidden": hidden}
-    for i in range(n_blocks + 1):
-        cols = _im2col(h, dilation(i, hidden))
+    e = np.maximum(e_in @ params["emb.weight"].T + params["emb.bias"], 0.0)
+    hs = {-1: np.ascontiguousarray(np.asarray(x_t, np.float32).reshape(-1, FRAMES, SIZE, SIZE).transpose(0, 2, 3, 1))}
+    cache: dict = {"e_in": e_in, "e": e, "cols": [], "masks": [], "layers": layers}
+    for i, layer in enumerate(layers):
+        parts = [_resample(hs[src], op) for src, op in layer.sources]
+        inp = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+        cols = _im2col(inp, 1)
         out = cols @ _wmat(params[f"conv{i}.weight"]) + params[f"conv{i}.bias"]
         cache["cols"].append(cols)
-        if i == n_blocks:
+        if layer.out:
             return out.transpose(0, 3, 1, 2), cache
         out += (e @ params[f"cemb{i}.weight"].T)[:, None, None, :]
         mask = out > 0
-        a = out * mask
-        res = a.shape == h.shape
         cache["masks"].append(mask)
-        cache["residual"].append(res)
-        h = a + h if res else a
-    raise AssertionError("unreachable")
+        hs[i] = out * mask + inp if layer.residual else out * mask
+    raise AssertionError("the plan ends with the output convolution")
 
 
 def _backward(params: Params, cache: dict, g_out: np.ndarray, need_params: bool = True) -> tuple[Params, np.ndarray]:
     """(gradients of every tensor, gradient of the input x_t (N, F, S, S)) for d loss / d residual = g_out."""
-    hidden = cache["hidden"]
-    n_blocks = len(hidden)
+    layers = cache["layers"]
     grads: Params = {}
-    g = np.ascontiguousarray(np.asarray(g_out, np.float32).transpose(0, 2, 3, 1))  # d/d conv output, channels last
     g_e = np.zeros_like(cache["e"])
-    g_h = None
-    for i in range(n_blocks, -1, -1):
-        w = params[f"conv{i}.weight"]
-        cols = cache["cols"][i]
-        if i < n_blocks:  # g is d/d h_{i+1}; through the residual and the ReLU to d/d pre_i
-            g_h_skip = g if cache["residual"][i] else None
-            g = g * cache["masks"][i]
+    g_h: dict[int, np.ndarray] = {}  # d loss / d (output of layer i), accumulated over the layers that read it
+    for i in range(len(layers) - 1, -1, -1):
+        layer, w, cols = layers[i], params[f"conv{i}.weight"], cache["cols"][i]
+        if layer.out:
+            g = np.ascontiguousarray(np.asarray(g_out, np.float32).transpose(0, 2, 3, 1))
+            g_skip = None
+        else:
+            g_skip = g_h.pop(i)
+            g = g_skip * cache["masks"][i]
             g_sum = g.sum(axis=(1, 2))  # (N, O)
             g_e += g_sum @ params[f"cemb{i}.weight"]
             if need_params:
                 grads[f"cemb{i}.weight"] = (g_sum.T @ cache["e"]).astype(np.float32)
-        else:
-            g_h_skip = None
         if need_params:
             flat_g = g.reshape(-1, g.shape[-1])
-            wm = cols.reshape(-1, cols.shape[-1]).T @ flat_g  # (9 C, O)
-            grads[f"conv{i}.weight"] = wm.T.reshape(w.shape).astype(np.float32)
+            grads[f"conv{i}.weight"] = (cols.reshape(-1, cols.shape[-1]).T @ flat_g).T.reshape(w.shape).astype(np.float32)
             grads[f"conv{i}.bias"] = flat_g.sum(axis=0).astype(np.float32)
-        g_h = _col2im(g @ _wmat(w).T, dilation(i, hidden), w.shape[1])
-        if g_h_skip is not None:
-            g_h = g_h + g_h_skip
-        g = g_h
+        g_in = _col2im(g @ _wmat(w).T, 1, layer.c_in)
+        if layer.residual:
+            g_in = g_in + g_skip
+        at = 0
+        for src, op in layer.sources:
+            width = FRAMES if src < 0 else layers[src].c_out
+            part = _resample_back(g_in[..., at:at + width], op)
+            at += width
+            g_h[src] = part if src not in g_h else g_h[src] + part
     if need_params:
         g_e_pre = g_e * (cache["e"] > 0)
         grads["emb.weight"] = (g_e_pre.T @ cache["e_in"]).astype(np.float32)
         grads["emb.bias"] = g_e_pre.sum(axis=0).astype(np.float32)
-    assert g_h is not None
-    return grads, g_h.transpose(0, 3, 1, 2)
+    return grads, g_h[-1].transpose(0, 3, 1, 2)
 
 
 def residual(params: Params, x_t: np.ndarray, t: np.ndarray, cond: np.ndarray, steps: int = STEPS) -> np.ndarray:

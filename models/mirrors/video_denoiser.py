@@ -1,8 +1,9 @@
 """The torch mirror of the edge's conditional video denoiser (`fedfleet.edge_agent.nn.video_denoiser`).
 
 `VideoDenoiser(hidden)` holds the same tensors under the same names (`emb.*`, `conv{i}.*`, `cemb{i}.weight`),
-builds the same condition embedding, the same circular 3x3 convolutions (dilations cycled 1, 2, 4, 8, the
-embedding added per channel in every block, residual blocks where widths agree) and the same
+builds the same condition embedding, the same U-Net of circular 3x3 convolutions (`video_denoiser.plan`: 2x2
+average pooling down, nearest upsampling up, skip concatenations, the embedding added per channel in every
+block, residual blocks) and the same
 x0-parametrisation (EDM's c_skip and c_out); `predict_x0` is the clean-clip estimate and `forward` the derived noise
 prediction, both shaped like x_t. `layout_state()` keys are exactly the edge layout, so FedAvg state moves
 between the two sides unchanged. Circular padding is written as slices and a concatenation, which the ONNX
@@ -45,6 +46,7 @@ class VideoDenoiser(nn.Module):
     def __init__(self, hidden: tuple[int, ...] = vd.DEFAULT_HIDDEN, steps: int = vd.STEPS) -> None:
         super().__init__()
         self.hidden, self.steps = tuple(int(h) for h in hidden), steps
+        self.plan = vd.plan(self.hidden)
         self.params = nn.ParameterDict()
         for name, shape in vd.layout(self.hidden):
             self.params[name.replace(".", "__")] = nn.Parameter(torch.zeros(shape))
@@ -79,14 +81,17 @@ class VideoDenoiser(nn.Module):
         e_in = torch.cat([time_embedding(t, self.steps), self.eye_digit[cond // len(vd.DIRECTIONS)],
                           self.eye_direction[cond % len(vd.DIRECTIONS)]], dim=1)
         e = torch.relu(e_in @ self.p("emb.weight").T + self.p("emb.bias"))
-        h = x_t
-        n_blocks = len(self.hidden)
-        for i in range(n_blocks):
-            d = vd.dilation(i, self.hidden)
-            pre = F.conv2d(circular_pad(h, d), self.p(f"conv{i}.weight"), self.p(f"conv{i}.bias"), dilation=d)
+        hs = {-1: x_t}
+        for i, layer in enumerate(self.plan):
+            parts = [hs[src] if op == "same" else F.avg_pool2d(hs[src], 2) if op == "pool"
+                     else F.interpolate(hs[src], scale_factor=2.0, mode="nearest") for src, op in layer.sources]
+            inp = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            pre = F.conv2d(circular_pad(inp, 1), self.p(f"conv{i}.weight"), self.p(f"conv{i}.bias"))
+            if layer.out:
+                return pre
             a = torch.relu(pre + (e @ self.p(f"cemb{i}.weight").T)[:, :, None, None])
-            h = a + h if a.shape == h.shape else a
-        return F.conv2d(circular_pad(h, 1), self.p(f"conv{n_blocks}.weight"), self.p(f"conv{n_blocks}.bias"))
+            hs[i] = a + inp if layer.residual else a
+        raise AssertionError("the plan ends with the output convolution")
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The clean-clip estimate x0_hat (the edge's `predict_x0`), shaped like x_t."""

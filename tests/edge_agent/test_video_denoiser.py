@@ -27,9 +27,11 @@ def test_clips_move_with_wrap_and_carry_their_condition() -> None:
     assert len(test) < len(train)
 
 
-def test_edge_and_torch_denoisers_agree_and_gradients_match_autograd() -> None:
+@pytest.mark.parametrize("hidden", [(8,), (8, 8), (4, 6, 5), (4, 4, 4, 4)])
+def test_edge_and_torch_denoisers_agree_and_gradients_match_autograd(hidden: tuple[int, ...]) -> None:
+    """Every U-Net depth, 16x16 down to 2x2, with unequal widths (so a concatenation mixes widths)."""
     rng = np.random.default_rng(0)
-    params = {k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in vd.init((8, 8), seed=1).items()}
+    params = {k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in vd.init(hidden, seed=1).items()}
     x = rng.standard_normal((5, vd.FRAMES, vd.SIZE, vd.SIZE)).astype(np.float32)
     t = np.array([0, 10, 500, 999, 3])
     cond = np.array([0, 7, 39, 12, 21])
@@ -53,7 +55,7 @@ def test_edge_and_torch_denoisers_agree_and_gradients_match_autograd() -> None:
                         - torch.from_numpy(x0)) / model.c_out(torch.from_numpy(tt))) ** 2)
     loss.backward()
     assert float(loss) == pytest.approx(value, rel=1e-5)
-    for name, _ in vd.layout((8, 8)):
+    for name, _ in vd.layout(hidden):
         g = model.p(name).grad.numpy()
         np.testing.assert_allclose(grads[name], g, rtol=1e-3, atol=1e-4 * np.abs(g).max(), err_msg=name)
 
@@ -87,3 +89,17 @@ def test_denoiser_learns_on_clips() -> None:
             params[k] -= 0.05 * grads[k]
     after = held_out(params)
     assert after < before - 0.002, (before, after)
+
+
+def test_the_unet_plan_goes_down_to_the_coarsest_level_and_back() -> None:
+    layers = vd.plan((32, 64, 64))
+    assert len(layers) == 12 and vd.hidden_of(vd.init((32, 64, 64))) == (32, 64, 64)
+    assert [layer.size for layer in layers] == [16, 16, 8, 8, 4, 4, 4, 8, 8, 16, 16, 16]
+    assert layers[-1].out and layers[-1].c_out == vd.FRAMES and not any(layer.out for layer in layers[:-1])
+    assert layers[9].sources == ((8, "up"), (1, "same")) and layers[9].c_in == 64 + 32  # the skip from level 0
+    assert vd.sizes((32, 64, 64))[0] == vd.FRAMES and vd.sizes((32, 64, 64))[-1] == vd.FRAMES
+    for bad in [(), (8,) * 5, (8, 0)]:
+        with pytest.raises(ValueError, match="levels"):
+            vd.plan(bad)
+    with pytest.raises(ValueError, match="4 convolutions per level"):
+        vd.hidden_of({k: v for k, v in vd.init((8,)).items() if not k.startswith("conv3")})
