@@ -42,6 +42,7 @@ Numpy only; never imports torch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,14 +81,19 @@ def condition_id(digit: np.ndarray | int, direction: np.ndarray | int) -> np.nda
     return np.asarray(digit, np.int64) * len(DIRECTIONS) + np.asarray(direction, np.int64)
 
 
-def plan(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> list[Layer]:
+def plan(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> tuple[Layer, ...]:
     """The U-Net's convolutions in order, for level widths `hidden` (one level per width, 16x16 first).
 
     Per level l: a convolution from the level above (x_t at l = 0, else its 2x2 average pool) to hidden[l],
     then a residual one; at the bottom one more residual convolution; then per level from the second lowest
     up, a convolution of [the level below upsampled 2x, the encoder's output at this level] to hidden[l] and a
-    residual one; last, the output convolution to FRAMES channels. 4 * len(hidden) convolutions."""
-    hidden = tuple(int(h) for h in hidden)
+    residual one; last, the output convolution to FRAMES channels. 4 * len(hidden) convolutions. Built once per
+    widths (every forward pass asks for it)."""
+    return _plan(tuple(int(h) for h in hidden))
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(hidden: tuple[int, ...]) -> tuple[Layer, ...]:
     if not 1 <= len(hidden) <= MAX_LEVELS or min(hidden) < 1:
         raise ValueError(f"a denoiser has 1 to {MAX_LEVELS} levels of positive widths, got {list(hidden)}")
     layers: list[Layer] = []
@@ -112,7 +118,7 @@ def plan(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> list[Layer]:
         merged = add(((prev, "up"), (enc[level], "same")), hidden[level])
         prev = add(((merged, "same"),), hidden[level], residual=True)
     add(((prev, "same"),), FRAMES, out=True)
-    return layers
+    return tuple(layers)
 
 
 def sizes(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> list[int]:
