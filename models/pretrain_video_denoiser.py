@@ -52,8 +52,8 @@ def load(path: str | Path = ARTIFACT) -> vd.Params:
 
 def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr: float = 1e-3,
              digits: tuple[int, ...] = CENTRE_DIGITS, log_every: int = 250,
-             hidden: tuple[int, ...] = vd.DEFAULT_HIDDEN, t_mid: tuple[int, int] | None = T_MID
-             ) -> tuple[vd.Params, dict]:
+             hidden: tuple[int, ...] = vd.DEFAULT_HIDDEN, t_mid: tuple[int, int] | None = T_MID,
+             digit_dropout: float = 0.0, init: vd.Params | None = None) -> tuple[vd.Params, dict]:
     import torch
 
     from fedfleet.models import moving_digits as md
@@ -64,7 +64,8 @@ def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr:
     train, _ = md.moving_digits(seed=seed, repeats=4)
     keep = np.isin(train.digit, digits)
     x, y = torch.from_numpy(train.x[keep]), torch.from_numpy(train.y[keep])
-    model = VideoDenoiser.from_state(vd.init(tuple(hidden), seed))
+    model = VideoDenoiser.from_state(init if init is not None else vd.init(tuple(hidden), seed))
+    hidden = model.hidden
     ema = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ab = model.alpha_bar
@@ -77,7 +78,11 @@ def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr:
         eps = torch.randn(batch, vd.FRAMES, vd.SIZE, vd.SIZE)
         a = ab[t].reshape(-1, 1, 1, 1)
         x_t = torch.sqrt(a) * x[idx] + torch.sqrt(1 - a) * eps
-        loss = (((model.predict_x0(x_t, t, y[idx]) - x[idx]) / model.c_out(t)) ** 2).mean()
+        c = y[idx]
+        if digit_dropout > 0:  # classifier-free guidance's training: some clips without their digit
+            drop = torch.rand(batch) < digit_dropout
+            c = torch.where(drop, vd.NULL_DIGIT * len(vd.DIRECTIONS) + c % len(vd.DIRECTIONS), c)
+        loss = (((model.predict_x0(x_t, t, c) - x[idx]) / model.c_out(t)) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -92,7 +97,8 @@ def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr:
         for k, v in model.named_parameters():
             v.copy_(ema[k])
     state = {k: v.numpy() for k, v in model.layout_state().items()}
-    return state, {"steps": steps, "hidden": list(hidden), "t_mid": list(t_mid) if t_mid else None, "clips": int(keep.sum()), "digits": list(digits),
+    return state, {"steps": steps, "hidden": list(hidden), "t_mid": list(t_mid) if t_mid else None,
+                   "digit_dropout": digit_dropout, "continued": init is not None, "clips": int(keep.sum()), "digits": list(digits),
                    "seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-log_every:]))}
 
 
@@ -105,12 +111,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="LO,HI: draw t for half of each batch uniform in [LO, HI); 'none': all uniform "
                     "(default %(default)s)")
     ap.add_argument("--log-every", type=int, default=250)
+    ap.add_argument("--digit-dropout", type=float, default=0.0,
+                    help="share of clips trained without their digit (classifier-free guidance; default 0)")
+    ap.add_argument("--init", help="continue from this denoiser .npz instead of a fresh init")
     args = ap.parse_args(argv)
     hidden = tuple(int(h) for h in args.hidden.split(",")) if args.hidden else vd.DEFAULT_HIDDEN
     from fedfleet.models.export_video_denoiser import save_npz
 
     t_mid = None if args.t_mid in ("", "none") else tuple(int(v) for v in args.t_mid.split(","))
-    state, info = pretrain(args.steps, hidden=hidden, t_mid=t_mid, log_every=args.log_every)
+    init = load(args.init) if args.init else None
+    state, info = pretrain(args.steps, hidden=hidden, t_mid=t_mid, log_every=args.log_every,
+                           digit_dropout=args.digit_dropout, init=init)
     save_npz(state, args.out)
     print(info)
     return 0

@@ -60,6 +60,7 @@ PIXELS = FRAMES * SIZE * SIZE
 DEFAULT_HIDDEN = (32, 64, 64)
 MAX_LEVELS = 4  # 16x16 down to 2x2
 MEAN, STD = -0.85, 0.46  # pixel mean and standard deviation of moving-digit clips (background -1)
+NULL_DIGIT = CLASSES  # the digit of a condition whose digit is dropped: its one-hot is all zeros
 
 Params = dict[str, np.ndarray]
 
@@ -79,6 +80,11 @@ class Layer:
 
 def condition_id(digit: np.ndarray | int, direction: np.ndarray | int) -> np.ndarray:
     return np.asarray(digit, np.int64) * len(DIRECTIONS) + np.asarray(direction, np.int64)
+
+
+def without_digit(cond: np.ndarray) -> np.ndarray:
+    """The same conditions with the digit dropped (`NULL_DIGIT`, an all-zero one-hot) and the direction kept."""
+    return condition_id(NULL_DIGIT, np.asarray(cond, np.int64) % len(DIRECTIONS))
 
 
 def plan(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> tuple[Layer, ...]:
@@ -182,9 +188,10 @@ def time_embedding(t: np.ndarray, steps: int = STEPS) -> np.ndarray:
 
 
 def embedding_input(t: np.ndarray, cond: np.ndarray, steps: int = STEPS) -> np.ndarray:
-    """The embedding MLP's input (N, EMB_IN): time features, one-hot digit, one-hot direction."""
+    """The embedding MLP's input (N, EMB_IN): time features, one-hot digit (all zeros for `NULL_DIGIT`),
+    one-hot direction."""
     cond = np.asarray(cond, np.int64).reshape(-1)
-    eye_d = np.eye(CLASSES, dtype=np.float32)[cond // len(DIRECTIONS)]
+    eye_d = np.eye(CLASSES + 1, CLASSES, dtype=np.float32)[cond // len(DIRECTIONS)]
     eye_m = np.eye(len(DIRECTIONS), dtype=np.float32)[cond % len(DIRECTIONS)]
     return np.concatenate([time_embedding(t, steps), eye_d, eye_m], axis=1)
 

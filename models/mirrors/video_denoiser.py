@@ -50,7 +50,7 @@ class VideoDenoiser(nn.Module):
         self.params = nn.ParameterDict()
         for name, shape in vd.layout(self.hidden):
             self.params[name.replace(".", "__")] = nn.Parameter(torch.zeros(shape))
-        self.register_buffer("eye_digit", torch.eye(vd.CLASSES), persistent=False)
+        self.register_buffer("eye_digit", torch.eye(vd.CLASSES + 1, vd.CLASSES), persistent=False)  # NULL_DIGIT: 0s
         self.register_buffer("eye_direction", torch.eye(len(vd.DIRECTIONS)), persistent=False)
         self.register_buffer("alpha_bar", alpha_bar(steps).to(torch.float32), persistent=False)
 
