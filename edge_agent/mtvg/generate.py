@@ -1,7 +1,7 @@
 """`fedfleet-agent generate`: MTVG sampling on a device with the exported denoiser through ONNX Runtime.
 
     fedfleet-agent generate --model denoiser.onnx --weights denoiser.npz --prompts "3 right; 3 down" --out DIR
-                            [--seed S] [--steps 50] [--naive] [--no-inversion] [--no-dynamic-noise]
+                            [--seed S] [--steps 50] [--naive] [--cfg-scale W] [--no-inversion] [--no-dynamic-noise]
                             [--no-structure-guidance] [--threads N]
 
 The ONNX model does the network passes; the npz weights give the structure-guidance gradient in numpy
@@ -31,6 +31,8 @@ def options_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default %(default)s)")
     p.add_argument("--steps", type=int, default=MTVGOptions.steps, help="DDIM steps")
     p.add_argument("--naive", action="store_true", help="every segment from fresh noise (no MTVG)")
+    p.add_argument("--cfg-scale", type=float, default=MTVGOptions.cfg_scale,
+                   help="classifier-free guidance weight on the digit, 1 = off (default %(default)s)")
     for name in ("inversion", "dynamic-noise", "structure-guidance"):
         p.add_argument(f"--no-{name}", action="store_true", help=f"switch MTVG's {name.replace('-', ' ')} off")
 
@@ -38,14 +40,16 @@ def options_args(p: argparse.ArgumentParser) -> None:
 def options_from(args: argparse.Namespace) -> MTVGOptions:
     if not 0 <= args.seed < 1 << 32:
         raise ConfigError(f"--seed must be an integer from 0 to {(1 << 32) - 1}, got {args.seed}")
-    opts = MTVGOptions.naive(args.steps) if args.naive else MTVGOptions(steps=args.steps)
+    opts = replace(MTVGOptions.naive(args.steps) if args.naive else MTVGOptions(steps=args.steps),
+                   cfg_scale=args.cfg_scale)
     for name in ("inversion", "dynamic_noise", "structure_guidance"):
         if getattr(args, f"no_{name}"):
             opts = replace(opts, **{name: False})
     try:
         return opts.check()
-    except ConfigError as exc:
-        raise ConfigError(f"--{exc}") from None
+    except ConfigError as exc:  # "<field> must ...": name the flag
+        field, rest = str(exc).split(" ", 1)
+        raise ConfigError(f"--{field.replace('_', '-')} {rest}") from None
 
 
 def main(argv: list[str]) -> int:

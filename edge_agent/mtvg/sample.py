@@ -30,6 +30,14 @@ text-to-video generation. Segment k of a sequence, with condition c_k, is sample
 - The first segment starts from fresh noise. Every technique can be switched off (`MTVGOptions`); with all
   three off (`MTVGOptions.naive()`) every segment is plain DDIM from its own fresh noise.
 
+Classifier-free guidance on the digit (Ho and Salimans, 2022; part of the generator, not of MTVG, so naive
+sampling uses it too): with `cfg_scale` w != 1 every network pass of sampling and structure guidance is
+x0_w = x0(x_t, t, c without its digit) + w (x0(x_t, t, c) - x0(x_t, t, c without its digit)), both passes in
+one batch (`video_denoiser.without_digit`: the digit's one-hot all zeros, the direction kept), and the guidance
+gradient is the same combination of the two VJPs. Last-Frame-Aware Inversion uses the conditional pass alone
+(w = 1): DDIM inversion under guidance drifts. It needs a denoiser trained with the digit dropped
+(`video_denoiser.DIGIT_DROPOUT`); w = 1 is one plain pass.
+
 Noise is drawn with numpy from the seed (`segment_noise`), so the coordinator's torch sampler
 (`fedfleet.coordinator.mtvg.sample`) and this one give the same frames. The ONNX model must take `x_t` (N, F, S, S) float32,
 `t` (N,) int64 and `cond` (N,) int64 and return the clean-clip estimate x0 (an output whose name contains
@@ -52,6 +60,8 @@ from fedfleet.edge_agent.npz import read_npz
 
 CLIP = (vd.FRAMES, vd.SIZE, vd.SIZE)
 GUIDE_REFS = ("all", "previous")
+DEFAULT_CFG_SCALE = 1.0
+MAX_CFG_SCALE = 20.0
 
 
 @dataclass(frozen=True)
@@ -69,10 +79,11 @@ class MTVGOptions:
     guide_max: float = 0.03  # cap on the RMS of one update of the latent (unit-variance noise at t = T)
     guide_step: str = "linesearch"  # or "normalised" (the first runs' rule, with guide_scale 0.3; it runs away)
     guide_refs: str = "all"  # each frame guided towards all preceding frames (MEVG), or "previous" (MTVG's first)
+    cfg_scale: float = DEFAULT_CFG_SCALE  # classifier-free guidance weight on the digit; 1 = off (one pass)
 
     @classmethod
-    def naive(cls, steps: int = 50) -> MTVGOptions:
-        return cls(steps=steps, inversion=False, dynamic_noise=False, structure_guidance=False)
+    def naive(cls, steps: int = 50, cfg_scale: float = DEFAULT_CFG_SCALE) -> MTVGOptions:
+        return cls(steps=steps, inversion=False, dynamic_noise=False, structure_guidance=False, cfg_scale=cfg_scale)
 
     def without(self, technique: str) -> MTVGOptions:
         """The same options with one technique off: 'inversion', 'dynamic_noise' or 'structure_guidance'."""
@@ -91,6 +102,8 @@ class MTVGOptions:
             raise ConfigError(f"guide_step must be 'linesearch' or 'normalised', got {self.guide_step!r}")
         if self.guide_refs not in GUIDE_REFS:
             raise ConfigError(f"guide_refs must be one of {', '.join(GUIDE_REFS)}, got {self.guide_refs!r}")
+        if not 0.0 <= self.cfg_scale <= MAX_CFG_SCALE:  # also refuses NaN
+            raise ConfigError(f"cfg_scale must be in [0, {MAX_CFG_SCALE:g}], got {self.cfg_scale}")
         return self
 
     @property
@@ -198,12 +211,36 @@ def guide_update(x0_fn: X0Fn, vjp_fn: VjpFn, x: np.ndarray, t: np.ndarray, cond:
     return (x - linesearch_length(resid, jd, opts.guide_scale, opts.guide_max) * d).astype(np.float32)
 
 
+def digit_guided(x0_fn: X0Fn, vjp_fn: VjpFn, w: float) -> tuple[X0Fn, VjpFn]:
+    """(x0_fn, vjp_fn) under classifier-free guidance on the digit with weight w: x0 without the digit plus w
+    times (x0 with it minus x0 without it), the two passes batched; the VJP is the same combination."""
+    if w == 1.0:
+        return x0_fn, vjp_fn
+
+    def both(c: np.ndarray) -> np.ndarray:
+        return np.concatenate([c, vd.without_digit(c)])
+
+    def x0_w(x: np.ndarray, t: np.ndarray, c: np.ndarray) -> np.ndarray:
+        out = x0_fn(np.concatenate([x, x]), np.concatenate([t, t]), both(c))
+        cond, free = out[:len(x)], out[len(x):]
+        return (free + w * (cond - free)).astype(np.float32)
+
+    def vjp_w(x: np.ndarray, t: np.ndarray, c: np.ndarray, v: np.ndarray) -> np.ndarray:
+        g = vjp_fn(np.concatenate([x, x]), np.concatenate([t, t]), both(c),
+                   np.concatenate([w * v, (1.0 - w) * v]).astype(np.float32))
+        return (g[:len(x)] + g[len(x):]).astype(np.float32)
+
+    return x0_w, vjp_w
+
+
 def sample_sequences(x0_fn: X0Fn, vjp_fn: VjpFn, conditions: np.ndarray, seed: int,
                      options: MTVGOptions | None = None) -> np.ndarray:
     """Frames (N, K, F, S, S) in [-1, 1] for N sequences of K conditions each (`conditions` (N, K) or (K,)).
 
     `x0_fn(x_t, t, cond)` is the clean-clip estimate; `vjp_fn(x_t, t, cond, v)` is v^T dx0_hat/dx_t."""
     opts = (options or MTVGOptions()).check()
+    invert_fn = x0_fn  # inversion runs the conditional pass alone
+    x0_fn, vjp_fn = digit_guided(x0_fn, vjp_fn, float(opts.cfg_scale))
     conds = np.atleast_2d(np.asarray(conditions, np.int64))
     n, k_max = conds.shape
     sched, inv_sched = step_schedule(opts.steps), inversion_schedule(opts.steps)
@@ -217,7 +254,7 @@ def sample_sequences(x0_fn: X0Fn, vjp_fn: VjpFn, conditions: np.ndarray, seed: i
         if prev_last is not None and opts.inversion:
             x = np.repeat(prev_last[:, None], vd.FRAMES, axis=1)
             for t, a_t, a_up in inv_sched:
-                x = ddim_update(x, x0_fn(x, np.full(n, t, np.int64), c), a_t, a_up).astype(np.float32)
+                x = ddim_update(x, invert_fn(x, np.full(n, t, np.int64), c), a_t, a_up).astype(np.float32)
             if opts.dynamic_noise:
                 x = (np.sqrt(1.0 - lam) * x + np.sqrt(lam) * fresh).astype(np.float32)
         for i, (t, a_t, a_next) in enumerate(sched):
@@ -261,6 +298,12 @@ class OnnxDenoiser:
         if probe.shape != (1, *CLIP):
             raise ModelError(f"{model_path}: output {self.output!r} has shape {probe.shape}, expected (1, "
                              f"{', '.join(map(str, CLIP))})")
+        self.model_path = model_path
+        try:  # classifier-free guidance passes conditions without their digit; older exports do not take them
+            self._run(np.zeros((1, *CLIP), np.float32), np.zeros(1, np.int64), vd.without_digit(np.zeros(1, np.int64)))
+            self.takes_no_digit = True
+        except ModelError:
+            self.takes_no_digit = False
 
     def _run(self, x: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
         feed = dict(zip(self.names, (np.ascontiguousarray(x, np.float32), t.astype(np.int64), cond.astype(np.int64))))
@@ -281,6 +324,9 @@ class OnnxDenoiser:
         return vd.vjp_input(self.params, x, t, cond, v)[1]
 
     def sample(self, conditions: np.ndarray, seed: int, options: MTVGOptions | None = None) -> np.ndarray:
+        if (options or MTVGOptions()).cfg_scale != 1.0 and not self.takes_no_digit:
+            raise ModelError(f"{self.model_path}: this export does not take a condition without its digit, which "
+                             "classifier-free guidance needs; re-export it with this fedfleet, or use --cfg-scale 1")
         return sample_sequences(self.predict_x0, self.vjp, conditions, seed, options)
 
 

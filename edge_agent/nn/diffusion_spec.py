@@ -8,7 +8,7 @@ the noisy clip, its step and its condition to the clip's x0 residual. The manife
 - `head_sizes` = `video_denoiser.sizes(hidden)` (channel widths), `head_layout` = `video_denoiser.layout(hidden)`;
   `classes` = the condition ids 0 .. 39 (digit * 4 + direction);
 - `diffusion`: {"hidden", "frames", "size", "steps", "t_emb", "emb", "digits", "directions",
-  "beta_start", "beta_end", "mean", "std", "parametrisation", "architecture"}, which must match the
+  "beta_start", "beta_end", "mean", "std", "parametrisation", "architecture", "digit_dropout"}, which must match the
   constants this code computes with.
 
 `section(hidden, steps)` writes that table; `check(manifest, head_sizes, input_shape, feature_dim, head_layout)` raises
@@ -33,7 +33,7 @@ def section(hidden: tuple[int, ...], steps: int = vd.STEPS) -> dict[str, Any]:
             "t_emb": vd.T_EMB, "emb": vd.EMB, "architecture": ARCHITECTURE,
             "digits": vd.CLASSES, "directions": list(vd.DIRECTIONS),
             "beta_start": vd.BETA_START, "beta_end": vd.BETA_END, "mean": vd.MEAN, "std": vd.STD,
-            "parametrisation": PARAMETRISATION}
+            "parametrisation": PARAMETRISATION, "digit_dropout": vd.DIGIT_DROPOUT}
 
 
 def check(manifest: dict[str, Any], head_sizes: list[int], input_shape: tuple[int, ...], feature_dim: int,

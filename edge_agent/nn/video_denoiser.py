@@ -31,7 +31,10 @@ The edge trains it (forward and backward here) and can sample with it; the coord
   the shipped centre denoiser still leaves speckles of noise at low t: docs/results, issue 25).
 - The noise prediction is derived: eps_theta = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t).
 - Training loss (EDM's weighting): the mean over batch and pixels of ((x0_hat(x_t, t, c) - x0) / c_out(t))^2,
-  i.e. the network's error on its unit-scale target, t uniform in [0, STEPS), eps ~ N(0, I).
+  i.e. the network's error on its unit-scale target, t uniform in [0, STEPS), eps ~ N(0, I); a share
+  `DIGIT_DROPOUT` of the clips is trained with its digit dropped (`NULL_DIGIT`, the direction kept), so the
+  same network also predicts without the digit, which classifier-free guidance needs
+  (`fedfleet.edge_agent.mtvg.sample`).
 
 Convolutions are im2col (a strided window view of the circularly padded channels-last activations) and one
 matmul; the backward pass is the transposed matmul and nine slice-adds folded back around the torus; pooling
@@ -61,6 +64,7 @@ DEFAULT_HIDDEN = (32, 64, 64)
 MAX_LEVELS = 4  # 16x16 down to 2x2
 MEAN, STD = -0.85, 0.46  # pixel mean and standard deviation of moving-digit clips (background -1)
 NULL_DIGIT = CLASSES  # the digit of a condition whose digit is dropped: its one-hot is all zeros
+DIGIT_DROPOUT = 0.0  # share of training clips whose digit is dropped (classifier-free guidance's training)
 
 Params = dict[str, np.ndarray]
 
@@ -374,13 +378,16 @@ def loss_at(params: Params, x0: np.ndarray, cond: np.ndarray, t: np.ndarray, eps
 
 
 def loss_and_grad(params: Params, x0: np.ndarray, cond: np.ndarray, rng: np.random.Generator,
-                  ab: np.ndarray | None = None) -> tuple[float, Params]:
+                  ab: np.ndarray | None = None, digit_dropout: float = DIGIT_DROPOUT) -> tuple[float, Params]:
     """The denoising loss on one batch of clean clips x0 (N, F, S, S) and its gradient for every tensor.
 
-    Draws t uniform in [0, steps) and eps ~ N(0, I) from `rng`, in that order."""
+    Draws t uniform in [0, steps) and eps ~ N(0, I) from `rng`, in that order, then (if `digit_dropout` > 0)
+    which clips lose their digit (`without_digit`), each with probability `digit_dropout`."""
     ab = alpha_bar() if ab is None else ab
     t = rng.integers(0, len(ab), len(cond))
     eps = rng.standard_normal(np.shape(x0)).astype(np.float32)
+    if digit_dropout > 0:
+        cond = np.where(rng.random(len(cond)) < digit_dropout, without_digit(cond), np.asarray(cond, np.int64))
     return loss_at(params, x0, cond, t, eps, ab)
 
 

@@ -34,7 +34,7 @@ def test_edge_and_torch_denoisers_agree_and_gradients_match_autograd(hidden: tup
     params = {k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in vd.init(hidden, seed=1).items()}
     x = rng.standard_normal((5, vd.FRAMES, vd.SIZE, vd.SIZE)).astype(np.float32)
     t = np.array([0, 10, 500, 999, 3])
-    cond = np.array([0, 7, 39, 12, 21])
+    cond = np.array([0, 7, 39, 12, int(vd.without_digit(21))])  # the last without its digit (all-zero one-hot)
     model = VideoDenoiser.from_state(params)
     with torch.no_grad():
         ref = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(cond)).numpy()
@@ -45,7 +45,7 @@ def test_edge_and_torch_denoisers_agree_and_gradients_match_autograd(hidden: tup
 
     # parameter gradients of the denoising loss against torch autograd, same draws
     x0 = np.clip(x, -1, 1)
-    value, grads = vd.loss_and_grad(params, x0, cond, np.random.default_rng(3))
+    value, grads = vd.loss_and_grad(params, x0, cond, np.random.default_rng(3), digit_dropout=0.0)
     draw = np.random.default_rng(3)
     tt = draw.integers(0, vd.STEPS, 5)
     eps = draw.standard_normal(x0.shape).astype(np.float32)
@@ -67,6 +67,30 @@ def test_edge_and_torch_denoisers_agree_and_gradients_match_autograd(hidden: tup
     x0_np, vjp = vd.vjp_input(params, x, t, cond, v)
     np.testing.assert_allclose(x0_np, x0_t.detach().numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(vjp, xt.grad.numpy(), rtol=1e-3, atol=1e-5)
+
+
+def test_digit_dropout_trains_some_clips_without_their_digit() -> None:
+    rng = np.random.default_rng(0)  # a non-zero output convolution, so the condition changes the loss
+    params = {k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in vd.init((8,), seed=1).items()}
+    x0 = np.clip(rng.standard_normal((6, vd.FRAMES, vd.SIZE, vd.SIZE)), -1, 1).astype(np.float32)
+    cond = np.array([0, 5, 13, 22, 39, 8])
+    assert vd.without_digit(cond).tolist() == [40, 41, 41, 42, 43, 40]
+    e_in = vd.embedding_input(np.zeros(6), vd.without_digit(cond))
+    assert np.all(e_in[:, vd.T_EMB:vd.T_EMB + vd.CLASSES] == 0)  # no digit, the direction kept
+    np.testing.assert_array_equal(e_in[:, vd.T_EMB + vd.CLASSES:], np.eye(4)[cond % 4])
+    for p in (0.0, 0.5, 1.0):  # the drop is drawn after t and eps, so the same t and eps in every case
+        value, grads = vd.loss_and_grad(params, x0, cond, np.random.default_rng(3), digit_dropout=p)
+        draw = np.random.default_rng(3)
+        t = draw.integers(0, vd.STEPS, 6)
+        eps = draw.standard_normal(x0.shape).astype(np.float32)
+        dropped = draw.random(6) < p if p > 0 else np.zeros(6, bool)
+        want = vd.loss_at(params, x0, np.where(dropped, vd.without_digit(cond), cond), t, eps, vd.alpha_bar())
+        assert value == pytest.approx(want[0], rel=1e-6)
+        np.testing.assert_allclose(grads["emb.weight"], want[1]["emb.weight"], rtol=1e-5, atol=1e-7)
+        if p == 0.5:
+            assert 0 < dropped.sum() < 6  # this seed drops some, not all: the cases differ
+    assert vd.loss_and_grad(params, x0, cond, np.random.default_rng(3), digit_dropout=1.0)[0] != pytest.approx(
+        vd.loss_and_grad(params, x0, cond, np.random.default_rng(3), digit_dropout=0.0)[0], rel=1e-9)
 
 
 def test_denoiser_learns_on_clips() -> None:

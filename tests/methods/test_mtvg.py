@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -145,6 +146,47 @@ def test_structure_guidance_update_lowers_its_loss_and_is_capped(t: int, refs: s
     assert torch.all(rms <= opts.guide_max + 1e-6) and torch.all(rms > 0)
 
 
+def test_digit_guidance_is_two_batched_passes_and_its_gradient_is_autograd() -> None:
+    model = mtvg.from_state(_params())
+    x0_fn, vjp_fn = mtvg.denoiser_fns(model)
+    assert em.digit_guided(x0_fn, vjp_fn, 1.0) == (x0_fn, vjp_fn)  # w = 1: one plain pass
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, *em.CLIP)).astype(np.float32)
+    t, c = np.array([900, 400, 50]), np.array([_cid(3, "right"), _cid(7, "up"), 0])
+    x0_w, vjp_w = em.digit_guided(x0_fn, vjp_fn, 3.0)
+    free, cond = x0_fn(x, t, vd.without_digit(c)), x0_fn(x, t, c)
+    assert np.abs(cond - free).max() > 1e-3  # the digit matters to this network
+    np.testing.assert_allclose(x0_w(x, t, c), free + 3.0 * (cond - free), rtol=1e-4, atol=1e-5)
+    v = rng.standard_normal(x.shape).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    tt = torch.from_numpy(t)
+    guided = (1 - 3.0) * model.predict_x0(xt, tt, torch.from_numpy(vd.without_digit(c))) + 3.0 * model.predict_x0(
+        xt, tt, torch.from_numpy(c))
+    (guided * torch.from_numpy(v)).sum().backward()
+    np.testing.assert_allclose(vjp_w(x, t, c, v), xt.grad.numpy(), rtol=1e-3, atol=1e-5)
+    # in the sampler: w = 1 is the default's plain sampling; w = 3 moves the samples; inversion is unguided
+    plain = mtvg.sample_sequences(model, CONDS, seed=4, options=em.MTVGOptions.naive(10, cfg_scale=1.0))
+    np.testing.assert_array_equal(plain, mtvg.sample_sequences(model, CONDS, seed=4,
+                                                               options=replace(em.MTVGOptions.naive(10), cfg_scale=1.0)))
+    assert np.abs(plain - mtvg.sample_sequences(model, CONDS, seed=4,
+                                                options=em.MTVGOptions.naive(10, cfg_scale=3.0))).max() > 0.05
+    calls: list[np.ndarray] = []
+
+    def spy(xx: np.ndarray, ts: np.ndarray, cs: np.ndarray) -> np.ndarray:
+        calls.append(cs.copy())
+        return x0_fn(xx, ts, cs)
+
+    em.sample_sequences(spy, vjp_fn, CONDS[:1, :2], seed=4, options=em.MTVGOptions(steps=4, cfg_scale=3.0)
+                        .without("structure_guidance"))
+    n_inv = len(em.inversion_schedule(4))
+    sizes = [len(cs) for cs in calls]
+    assert sizes == [2] * 4 + [1] * n_inv + [2] * 4  # segment 0 guided, the inversion unguided, segment 1 guided
+    assert calls[0].tolist() == [CONDS[0, 0], int(vd.without_digit(CONDS[0, 0]))]
+    for bad in (-1.0, float("nan"), 21.0):
+        with pytest.raises(ConfigError, match="cfg_scale"):
+            em.MTVGOptions(cfg_scale=bad).check()
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[vd.Params, str, str]:
     d = tmp_path_factory.mktemp("mtvg")
@@ -158,7 +200,7 @@ def test_torch_and_onnxruntime_samplers_agree(exported: tuple[vd.Params, str, st
     params, onnx_path, npz_path = exported
     model = mtvg.from_state(params)
     device = em.OnnxDenoiser(onnx_path, npz_path)
-    for opts in (em.MTVGOptions.naive(20), em.MTVGOptions(steps=20)):
+    for opts in (em.MTVGOptions.naive(20), em.MTVGOptions(steps=20), em.MTVGOptions.naive(20, cfg_scale=3.0)):
         a = mtvg.sample_sequences(model, CONDS, seed=7, options=opts)
         b = device.sample(CONDS, seed=7, options=opts)
         assert np.abs(a - b).max() < 0.02 and np.abs(a - b).mean() < 1e-3, (opts, np.abs(a - b).max())
@@ -185,6 +227,26 @@ def test_mismatched_model_files_are_typed_errors(exported: tuple[vd.Params, str,
         em.OnnxDenoiser(onnx_path, tmp_path / "wrong.npz")
     with pytest.raises(ModelError, match="npz"):
         mtvg.load_denoiser(onnx_path)
+
+
+def test_an_export_without_the_dropped_digit_refuses_digit_guidance(exported: tuple[vd.Params, str, str], tmp_path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedfleet.models import export_video_denoiser as xv
+
+    params, _, npz_path = exported
+    build = xv._module
+
+    def older(state: vd.Params) -> torch.nn.Module:  # the exports before the dropped digit: a 10-row one-hot table
+        module = build(state)
+        module.inner.eye_digit = torch.eye(vd.CLASSES)
+        return module
+
+    monkeypatch.setattr(xv, "_module", older)
+    export_onnx(params, tmp_path / "older.onnx")
+    device = em.OnnxDenoiser(tmp_path / "older.onnx", npz_path)
+    assert device.sample(CONDS[:1, :1], seed=0, options=em.MTVGOptions.naive(4)).shape == (1, 1, *em.CLIP)
+    with pytest.raises(ModelError, match="without its digit.*--cfg-scale 1"):
+        device.sample(CONDS[:1, :1], seed=0, options=em.MTVGOptions.naive(4, cfg_scale=2.0))
 
 
 def test_generate_commands_write_strip_and_metrics_and_agree(exported: tuple[vd.Params, str, str], tmp_path,
@@ -217,3 +279,12 @@ def test_generate_commands_write_strip_and_metrics_and_agree(exported: tuple[vd.
     assert "ONNX" in err and len(err.strip().splitlines()) == 1
     assert fedfleet(["generate", "--prompts", "3 up", "--out", str(tmp_path / "x"), "--run", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for side, cmd, where in (("c", fedfleet, ["--run", str(run)]),
+                             ("e", fedfleet_agent, ["--model", onnx_path, "--weights", npz_path])):
+        assert cmd(["generate", "--prompts", "3 up", "--out", str(tmp_path / "x"), "--cfg-scale", "nan", *where]) == 2
+        err = capsys.readouterr().err
+        assert "--cfg-scale must be in [0, 20]" in err and len(err.strip().splitlines()) == 1
+        assert cmd(["generate", "--prompts", "3 up; 3 left", "--out", str(tmp_path / f"g{side}"), "--steps", "8",
+                    "--cfg-scale", "2.5", *where]) == 0
+        doc = json.loads((tmp_path / f"g{side}" / "segments.json").read_text())
+        assert doc["options"]["cfg_scale"] == 2.5

@@ -58,7 +58,7 @@ from fedfleet.coordinator.mtvg import metrics as mtvg_metrics
 from fedfleet.coordinator.mtvg import sample as mtvg
 from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.mtvg.prompts import describe
-from fedfleet.edge_agent.mtvg.sample import MTVGOptions
+from fedfleet.edge_agent.mtvg.sample import DEFAULT_CFG_SCALE, MTVGOptions
 from fedfleet.edge_agent.nn import video_denoiser as vd
 from fedfleet.models import data as datasets
 from fedfleet.models import moving_digits as md
@@ -133,9 +133,10 @@ def _adam(params: vd.Params, lr: float) -> Any:
 
 
 def held_out_loss(params: vd.Params, test: md.ClipSet, n: int = 256) -> float:
-    """The denoising loss on the first `n` test clips, on fixed draws (comparable across rounds)."""
+    """The denoising loss on the first `n` test clips with their digits, on fixed draws (comparable across rounds)."""
     ab = vd.alpha_bar()
-    return float(np.mean([vd.loss_and_grad(params, test.x[i:i + 64], test.y[i:i + 64], np.random.default_rng(i), ab)[0]
+    return float(np.mean([vd.loss_and_grad(params, test.x[i:i + 64], test.y[i:i + 64], np.random.default_rng(i), ab,
+                                           digit_dropout=0.0)[0]
                           for i in range(0, min(n, len(test)), 64)]))
 
 
@@ -214,14 +215,15 @@ def score(seqs: np.ndarray, conds: np.ndarray, classifier: clip_classifier.ClipC
 
 
 def central_check(params: vd.Params, *, clips: int = 42, seed: int = 0, steps: int = 50, epochs: int = 12,
-                  classifier: clip_classifier.Trained | None = None) -> dict[str, Any]:
+                  classifier: clip_classifier.Trained | None = None, cfg_scale: float = DEFAULT_CFG_SCALE
+                  ) -> dict[str, Any]:
     """The quick central check of a centre denoiser, before any fleet: naive DDIM samples (`steps` steps) of
     `clips` single clips of the centre's digits (0-6 cycled, directions uniform: `digit_prompts`), scored by the
     bench's clip classifier (trained as the bench trains it: `seed`, `epochs`, 4 repeats). Returns the scores
     of `score` with the prompts (`conds`) and the frames (`samples`)."""
     clf = classifier or clip_classifier.train(seed=seed, epochs=epochs, repeats=4)
     c = digit_prompts(centre.CENTRE_DIGITS, clips, seed)
-    frames = mtvg.sample_sequences(mtvg.from_state(params), c, seed, MTVGOptions.naive(steps))
+    frames = mtvg.sample_sequences(mtvg.from_state(params), c, seed, MTVGOptions.naive(steps, cfg_scale))
     return {"clips": int(c.size), "conds": c, "samples": frames, **score(frames, c, clf.model)}
 
 
