@@ -64,7 +64,7 @@ DEFAULT_HIDDEN = (32, 64, 64)
 MAX_LEVELS = 4  # 16x16 down to 2x2
 MEAN, STD = -0.85, 0.46  # pixel mean and standard deviation of moving-digit clips (background -1)
 NULL_DIGIT = CLASSES  # the digit of a condition whose digit is dropped: its one-hot is all zeros
-DIGIT_DROPOUT = 0.0  # share of training clips whose digit is dropped (classifier-free guidance's training)
+DIGIT_DROPOUT = 0.2  # share of training clips whose digit is dropped (classifier-free guidance's training)
 
 Params = dict[str, np.ndarray]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -71,9 +70,9 @@ def test_sampler_is_deterministic_and_naive_segments_are_plain_ddim() -> None:
     np.testing.assert_allclose(first[0], a[0], atol=1e-3)  # a sequence's frames do not depend on the batch
     assert a.shape == (2, 3, *em.CLIP) and np.abs(a).max() <= 1.0
     assert np.abs(a - mtvg.sample_sequences(model, CONDS, seed=5, options=em.MTVGOptions(steps=10))).max() > 0.1
-    naive = mtvg.sample_sequences(model, CONDS, seed=4, options=em.MTVGOptions.naive(10))
+    naive = mtvg.sample_sequences(model, CONDS, seed=4, options=em.MTVGOptions.naive(10, cfg_scale=1.0))
     for k in range(3):  # naive: segment k is DDIM from the seed's own noise for k, whatever came before
-        alone = mtvg.sample_sequences(model, CONDS[:, k:k + 1], seed=4, options=em.MTVGOptions.naive(10))
+        alone = mtvg.sample_sequences(model, CONDS[:, k:k + 1], seed=4, options=em.MTVGOptions.naive(10, cfg_scale=1.0))
         if k == 0:
             np.testing.assert_allclose(naive[:, 0], alone[:, 0], atol=1e-4)
         init, _ = em.segment_noise(4, k, 2)
@@ -82,8 +81,9 @@ def test_sampler_is_deterministic_and_naive_segments_are_plain_ddim() -> None:
             for t, a_t, a_next in em.step_schedule(10):
                 x = em.ddim_update(x, model.predict_x0(x, torch.full((2,), t), torch.from_numpy(CONDS[:, k])), a_t, a_next)
         np.testing.assert_allclose(naive[:, k], np.clip(x.numpy(), -1, 1), atol=1e-4)
+    # (the sampler's default classifier-free guidance is tested below; w = 1 is one plain pass)
     # without guidance, the first segment of MTVG is the naive one (same noise); later segments start elsewhere
-    no_guide = mtvg.sample_sequences(model, CONDS, seed=4, options=em.MTVGOptions(steps=10).without("structure_guidance"))
+    no_guide = mtvg.sample_sequences(model, CONDS, seed=4, options=em.MTVGOptions(steps=10, cfg_scale=1.0).without("structure_guidance"))
     np.testing.assert_allclose(no_guide[:, 0], naive[:, 0], atol=1e-6)
     assert np.abs(no_guide[:, 1:] - naive[:, 1:]).max() > 0.1
 
@@ -164,12 +164,10 @@ def test_digit_guidance_is_two_batched_passes_and_its_gradient_is_autograd() -> 
         xt, tt, torch.from_numpy(c))
     (guided * torch.from_numpy(v)).sum().backward()
     np.testing.assert_allclose(vjp_w(x, t, c, v), xt.grad.numpy(), rtol=1e-3, atol=1e-5)
-    # in the sampler: w = 1 is the default's plain sampling; w = 3 moves the samples; inversion is unguided
+    # in the sampler: w = 1 is plain sampling, the default w moves the samples; inversion is unguided
+    assert em.MTVGOptions().cfg_scale == em.MTVGOptions.naive().cfg_scale == em.DEFAULT_CFG_SCALE == 3.0
     plain = mtvg.sample_sequences(model, CONDS, seed=4, options=em.MTVGOptions.naive(10, cfg_scale=1.0))
-    np.testing.assert_array_equal(plain, mtvg.sample_sequences(model, CONDS, seed=4,
-                                                               options=replace(em.MTVGOptions.naive(10), cfg_scale=1.0)))
-    assert np.abs(plain - mtvg.sample_sequences(model, CONDS, seed=4,
-                                                options=em.MTVGOptions.naive(10, cfg_scale=3.0))).max() > 0.05
+    assert np.abs(plain - mtvg.sample_sequences(model, CONDS, seed=4, options=em.MTVGOptions.naive(10))).max() > 0.05
     calls: list[np.ndarray] = []
 
     def spy(xx: np.ndarray, ts: np.ndarray, cs: np.ndarray) -> np.ndarray:
@@ -200,7 +198,8 @@ def test_torch_and_onnxruntime_samplers_agree(exported: tuple[vd.Params, str, st
     params, onnx_path, npz_path = exported
     model = mtvg.from_state(params)
     device = em.OnnxDenoiser(onnx_path, npz_path)
-    for opts in (em.MTVGOptions.naive(20), em.MTVGOptions(steps=20), em.MTVGOptions.naive(20, cfg_scale=3.0)):
+    for opts in (em.MTVGOptions.naive(20), em.MTVGOptions(steps=20), em.MTVGOptions.naive(20, cfg_scale=1.0),
+                 em.MTVGOptions(steps=20, cfg_scale=1.0)):
         a = mtvg.sample_sequences(model, CONDS, seed=7, options=opts)
         b = device.sample(CONDS, seed=7, options=opts)
         assert np.abs(a - b).max() < 0.02 and np.abs(a - b).mean() < 1e-3, (opts, np.abs(a - b).max())
@@ -244,9 +243,9 @@ def test_an_export_without_the_dropped_digit_refuses_digit_guidance(exported: tu
     monkeypatch.setattr(xv, "_module", older)
     export_onnx(params, tmp_path / "older.onnx")
     device = em.OnnxDenoiser(tmp_path / "older.onnx", npz_path)
-    assert device.sample(CONDS[:1, :1], seed=0, options=em.MTVGOptions.naive(4)).shape == (1, 1, *em.CLIP)
+    assert device.sample(CONDS[:1, :1], seed=0, options=em.MTVGOptions.naive(4, cfg_scale=1.0)).shape == (1, 1, *em.CLIP)
     with pytest.raises(ModelError, match="without its digit.*--cfg-scale 1"):
-        device.sample(CONDS[:1, :1], seed=0, options=em.MTVGOptions.naive(4, cfg_scale=2.0))
+        device.sample(CONDS[:1, :1], seed=0, options=em.MTVGOptions.naive(4))
 
 
 def test_generate_commands_write_strip_and_metrics_and_agree(exported: tuple[vd.Params, str, str], tmp_path,
