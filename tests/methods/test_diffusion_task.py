@@ -63,7 +63,7 @@ def test_task_fields_are_checked_and_only_apply_to_the_task():
     cfg = _cfg()
     assert strategies.package_mode(cfg) == "diffusion"
     mc = strategies.method_config(cfg)
-    assert (mc["optimizer"], mc["lr"], mc["batch"], mc["uplink"]["name"]) == ("adam", 1e-3, 64, "fedzip")
+    assert (mc["optimizer"], mc["lr"], mc["batch"], mc["uplink"]["name"]) == ("adam", 2e-4, 64, "fedzip")
     assert "optimizer" not in strategies.method_config(config.JobConfig())  # classification keeps plain SGD
 
 
