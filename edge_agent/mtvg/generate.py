@@ -5,8 +5,9 @@
                             [--no-structure-guidance] [--threads N]
 
 The ONNX model does the network passes; the npz weights give the structure-guidance gradient in numpy
-(`fedfleet.edge_agent.mtvg.sample`). The same seed gives the same frames as `fedfleet generate` on the coordinator, within
-float32 tolerance. Writes frames.npy, segments.json and, with Pillow, strip.png and sequence.gif
+(`fedfleet.edge_agent.mtvg.sample`). With `--naive` the same seed gives the same frames as `fedfleet generate` on
+the coordinator, within float32 tolerance; full MTVG amplifies float rounding into different later segments
+(docs/howto/diffusion.md). Writes frames.npy, segments.json and, with Pillow, strip.png and sequence.gif
 (`fedfleet.edge_agent.mtvg.output`). A bad prompt, option or model file is one line on stderr and exit 2.
 `options_args` / `options_from` are the sampler options both generate commands share.
 """
