@@ -86,7 +86,7 @@ def pretrain(steps: int = PRETRAIN_STEPS, *, seed: int = 0, batch: int = 32, lr:
         c = y[idx]
         if digit_dropout > 0:  # classifier-free guidance's training: some clips without their digit
             drop = torch.rand(batch) < digit_dropout
-            c = torch.where(drop, vd.NULL_DIGIT * len(vd.DIRECTIONS) + c % len(vd.DIRECTIONS), c)
+            c = torch.where(drop, torch.from_numpy(vd.without_digit(c.numpy())), c)
         loss = (((model.predict_x0(x_t, t, c) - x[idx]) / model.c_out(t)) ** 2).mean()
         opt.zero_grad()
         loss.backward()

@@ -80,7 +80,7 @@ TRAINER = "in-process FedAvg (numpy local Adam, sample-weighted mean of deltas; 
 
 
 def train_by_fleet(*, agents: int, rounds: int, local_steps: int, batch: int, alpha: float, seed: int, broker: str,
-                   eval_every: int = 5, lr: float | None = None) -> tuple[vd.Params, dict[str, Any]]:
+                   lr: float, eval_every: int = 5) -> tuple[vd.Params, dict[str, Any]]:
     """The fleet's own job: `--task moving-digits-diffusion` over MQTT from the centre's pre-trained weights;
     (the final global weights, details)."""
     import json
@@ -93,8 +93,7 @@ def train_by_fleet(*, agents: int, rounds: int, local_steps: int, batch: int, al
 
     cfg = JobConfig(task=DIFFUSION_TASK, rounds=rounds, agents=agents, hidden=0, alpha=alpha, seed=seed,
                     eval_every=eval_every, deadline_s=900.0,
-                    method_config={"local_steps": int(local_steps), "batch": int(batch),
-                                   **({"lr": float(lr)} if lr is not None else {})})
+                    method_config={"local_steps": int(local_steps), "batch": int(batch), "lr": float(lr)})
     url = broker
     mosq = None
     if broker == "mosquitto":
@@ -114,7 +113,7 @@ def train_by_fleet(*, agents: int, rounds: int, local_steps: int, batch: int, al
                                "from the centre's pre-trained weights",
                     "agents": agents, "hidden": list(vd.hidden_of(params)), "alpha": alpha,
                     "local_steps": local_steps, "batch": batch, "bytes_up": result.bytes_up,
-                    "lr": METHOD_DEFAULTS[DIFFUSION]["lr"] if lr is None else lr,
+                    "lr": lr,
                     "bytes_down": result.bytes_down, "wall_s": round(result.wall_s, 1),
                     "ok_per_round": [s.ok for s in result.summaries],
                     **{k: summary.get(k) for k in ("initial_x0_mse", "final_x0_mse", "initial_denoise_loss",
@@ -305,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.agents, args.rounds, args.local_steps, args.batch = 2, 1, 1, 4
         args.sequences, args.steps, args.classifier_epochs, repeats, new_clips = 4, 4, 1, 1, 6
+    lr = METHOD_DEFAULTS[DIFFUSION]["lr"] if args.lr is None else args.lr  # the task's own, unless asked
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     train, test = md.moving_digits(seed=args.seed, repeats=repeats)
@@ -317,11 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.trainer == "fleet":
         params, training = train_by_fleet(agents=args.agents, rounds=args.rounds, local_steps=args.local_steps,
                                           batch=args.batch, alpha=args.alpha, seed=args.seed, broker=args.broker,
-                                          eval_every=max(1, min(4, args.rounds)), lr=args.lr)
+                                          eval_every=max(1, min(4, args.rounds)), lr=lr)
     else:
         params, training = train_denoiser(train, test, agents=args.agents, rounds=args.rounds,
-                                          local_steps=args.local_steps, batch=args.batch, start=start,
-                                          lr=METHOD_DEFAULTS[DIFFUSION]["lr"] if args.lr is None else args.lr,
+                                          local_steps=args.local_steps, batch=args.batch, lr=lr, start=start,
                                           alpha=args.alpha, seed=args.seed)
     t_train = time.perf_counter() - t0
     if args.weights_out:
