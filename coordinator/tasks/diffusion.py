@@ -11,8 +11,13 @@ The task (`[job] task = "moving-digits-diffusion"`, FedAvg only) trains the cond
 - The package (`build`): with `hidden` at 0 it starts from the centre's pre-trained generator
   (`fedfleet.models.pretrain_video_denoiser`: trained centrally on the digits 0-6 only), so the fleet's FedAvg
   teaches it the digits 7-9 that only the devices hold; with `hidden` set, from a fresh initialisation.
+- The generator the run ships is the server-side moving average of the global denoiser
+  (`fedfleet.coordinator.tasks.ema`, installed by `wrap_strategy`), as the centre's generator is the average of
+  its iterates: the decay per round is the centre's per-step decay (`pretrain_video_denoiser.EMA`, 0.995) to the
+  power of the local steps per round (`local_steps`, else epochs x the batches in a shard of the task's clips), so
+  both average over the same window of steps. The agents train and receive the global denoiser itself.
 - `DiffusionModel(blob, rounds, eval_every)`: the coordinator's model for the engine. `evaluate(state, x, y)`
-  scores the global denoiser with the torch mirror (`fedfleet.models.mirrors.video_denoiser.VideoDenoiser`) on the
+  scores the moving average with the torch mirror (`fedfleet.models.mirrors.video_denoiser.VideoDenoiser`) on the
   held-out clips every `eval_every` rounds and on the last round, and returns (x0_mse, denoise_loss):
   - x0_mse (the generation-quality number, lower is better): the mean squared error of the clean-clip
     estimate x0_hat(x_t, t, c) against the true clip, at the fixed steps `QUALITY_T`, with noise drawn
@@ -20,8 +25,9 @@ The task (`[job] task = "moving-digits-diffusion"`, FedAvg only) trains the cond
   - denoise_loss: the training objective on the held-out clips, t uniform and noise from a fixed seed.
   Rounds in between return NaN, which the ledger stores as NULL (not evaluated). Every evaluation is also
   appended to `RUN_DIR/diffusion_eval.jsonl` with x0_mse per step.
-- `write_files(run_dir, state)`: the final global denoiser as `denoiser.npz` (`video_denoiser.layout` names) and
-  `denoiser.onnx` (`fedfleet.models.export_video_denoiser`), checked against numpy on onnxruntime.
+- `write_files(run_dir, state)`: the final moving average as `denoiser.npz` (`video_denoiser.layout` names) and
+  `denoiser.onnx` (`fedfleet.models.export_video_denoiser`), checked against numpy on onnxruntime; the summary
+  also writes the last global iterate (what the agents hold) as `denoiser-last.npz`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 import torch
 
 from fedfleet.coordinator.tasks.base import RoundContext
+from fedfleet.coordinator.tasks.ema import EMAStrategy, decay_per_round
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.learners import LocalData
 from fedfleet.edge_agent.model import EdgeModel
@@ -51,6 +58,7 @@ QUALITY_T = (100, 300, 500, 700, 900)
 EVAL_SEED = 0xD1FF
 EVAL_FILE = "diffusion_eval.jsonl"
 NPZ_FILE = "denoiser.npz"
+LAST_NPZ_FILE = "denoiser-last.npz"
 ONNX_FILE = "denoiser.onnx"
 QUALITY_KEY = "x0_mse"  # what the ledger's per-round score column holds for this task
 
@@ -150,15 +158,24 @@ class DiffusionModel:
                 fh.write(json.dumps(self.last) + "\n")
         return self.last["x0_mse"], self.last["denoise_loss"]
 
-    def summary(self, run_dir: Path, state: dict[str, Any], x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        """The run's honest summary keys (no accuracy: this model has none) and its model files, written now."""
+    def summary(self, run_dir: Path, state: dict[str, Any], x: np.ndarray, y: np.ndarray,
+                last: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The run's honest summary keys (no accuracy: this model has none) and its model files, written now:
+        `state` is the generator shipped (the moving average), `last` the last global iterate if it differs."""
         final = score(state, x, y, self.steps)
         initial = score(self.initial_state(), x, y, self.steps)
         files = write_files(run_dir, state)
-        return {"final_accuracy": None, "task": TASK, "quality_metric": QUALITY_KEY,
-                "final_x0_mse": final["x0_mse"], "final_denoise_loss": final["denoise_loss"],
-                "initial_x0_mse": initial["x0_mse"], "initial_denoise_loss": initial["denoise_loss"],
-                "files": files}
+        out = {"final_accuracy": None, "task": TASK, "quality_metric": QUALITY_KEY,
+               "final_x0_mse": final["x0_mse"], "final_denoise_loss": final["denoise_loss"],
+               "initial_x0_mse": initial["x0_mse"], "initial_denoise_loss": initial["denoise_loss"]}
+        if last is not None:
+            from fedfleet.models.export_video_denoiser import save_npz
+
+            save_npz(_numpy(last), Path(run_dir) / LAST_NPZ_FILE)
+            files["last_npz"] = LAST_NPZ_FILE
+            final_last = score(last, x, y, self.steps)
+            out.update(last_x0_mse=final_last["x0_mse"], last_denoise_loss=final_last["denoise_loss"])
+        return {**out, "files": files}
 
 
 class DiffusionTask:
@@ -171,6 +188,7 @@ class DiffusionTask:
         self.job = job
         self._model: DiffusionModel | None = None
         self._test: moving_digits.ClipSet | None = None
+        self._ema: EMAStrategy | None = None
 
     @property
     def test(self) -> moving_digits.ClipSet:
@@ -188,20 +206,34 @@ class DiffusionTask:
         blob, self._model = build(self.job)
         return blob, self._model
 
+    def steps_per_round(self, settings: Any) -> int:
+        """The local steps of a round: `local_steps`, else epochs x the batches of a shard of the task's clips."""
+        if getattr(settings, "local_steps", None):
+            return int(settings.local_steps)
+        clips = len(_clips(int(self.job.seed))[0]) / max(1, int(self.job.agents))
+        return max(1, int(settings.epochs) * math.ceil(clips / int(settings.batch)))
+
     def wrap_strategy(self, strategy: Any) -> Any:
-        return strategy
+        from fedfleet.models.pretrain_video_denoiser import EMA
+
+        self._ema = EMAStrategy(strategy, decay_per_round(EMA, self.steps_per_round(strategy.settings)))
+        return self._ema
+
+    def _shipped(self, state: dict[str, Any]) -> dict[str, Any]:
+        return self._ema.ema_state() if self._ema is not None else state
 
     def evaluate(self, ctx: RoundContext, state: dict[str, Any]) -> tuple[float, float]:
         if self._model is None:
             self.package()
         assert self._model is not None
-        return self._model.evaluate(state, self.test.x, self.test.y, ctx=ctx)
+        return self._model.evaluate(self._shipped(state), self.test.x, self.test.y, ctx=ctx)
 
     def summary(self, run_dir: Path, state: dict[str, Any]) -> dict[str, Any] | None:
         if self._model is None:
             self.package()
         assert self._model is not None
-        return self._model.summary(run_dir, state, self.test.x, self.test.y)
+        return self._model.summary(run_dir, self._shipped(state), self.test.x, self.test.y,
+                                   last=state if self._ema is not None else None)
 
 
 def write_files(run_dir: str | Path, state: dict[str, Any]) -> dict[str, str]:
@@ -209,9 +241,13 @@ def write_files(run_dir: str | Path, state: dict[str, Any]) -> dict[str, str]:
     from fedfleet.models.export_video_denoiser import check_onnx, export_onnx, save_npz
 
     run_dir = Path(run_dir)
-    params = {k: np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, np.float32)
-              for k, v in state.items()}
+    params = _numpy(state)
     save_npz(params, run_dir / NPZ_FILE)
     onnx_path = export_onnx(params, run_dir / ONNX_FILE)
     check_onnx(params, onnx_path)
     return {"npz": NPZ_FILE, "onnx": ONNX_FILE}
+
+
+def _numpy(state: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, np.float32)
+            for k, v in state.items()}

@@ -13,6 +13,9 @@ MTVG's procedure on a toy video model (moving digits, `fedfleet.models.moving_di
    process without a broker. The design: the centre lacks 7-9; what the fleet adds is measured as the
    condition accuracy of naive samples of the digits 7-9 before (the centre's weights) and after the fleet
    (`condition_accuracy_naive_new_digits_before_fleet` / `_after_fleet`), and of 0-6 (forgetting) in details.
+   The generator sampled is the one the run ships, the server-side moving average of the global weights
+   (`fedfleet.coordinator.tasks.ema`; the in-process trainer keeps the same one); details' `last_iterate` scores
+   the last global weights of the same run (naive: the main prompts, the device-only and the centre's digits).
 2. **Scoring.** A condition classifier (`fedfleet.coordinator.mtvg.clip_classifier`) is trained centrally on
    real clips of all ten digits; `classifier_accuracy_real` is its accuracy (digit AND direction) on held-out
    real clips, whose digit images no generator saw.
@@ -59,6 +62,7 @@ import torch
 from fedfleet.coordinator.mtvg import clip_classifier
 from fedfleet.coordinator.mtvg import metrics as mtvg_metrics
 from fedfleet.coordinator.mtvg import sample as mtvg
+from fedfleet.coordinator.tasks.ema import decay_per_round
 from fedfleet.coordinator.tasks.names import DIFFUSION, METHOD_DEFAULTS
 from fedfleet.edge_agent.cli_run import ArgParser
 from fedfleet.edge_agent.mtvg.prompts import describe
@@ -80,9 +84,9 @@ TRAINER = "in-process FedAvg (numpy local Adam, sample-weighted mean of deltas; 
 
 
 def train_by_fleet(*, agents: int, rounds: int, local_steps: int, batch: int, alpha: float, seed: int, broker: str,
-                   lr: float, eval_every: int = 5) -> tuple[vd.Params, dict[str, Any]]:
+                   lr: float, eval_every: int = 5) -> tuple[vd.Params, vd.Params, dict[str, Any]]:
     """The fleet's own job: `--task moving-digits-diffusion` over MQTT from the centre's pre-trained weights;
-    (the final global weights, details)."""
+    (the generator the run ships: the moving average of the global weights, the last global weights, details)."""
     import json
     import tempfile
     from pathlib import Path
@@ -105,11 +109,12 @@ def train_by_fleet(*, agents: int, rounds: int, local_steps: int, batch: int, al
         with tempfile.TemporaryDirectory() as d:
             result = run_demo(cfg, broker=url, run_dir=d, quiet=True, report="none")
             params = load_npz(Path(d) / "denoiser.npz")
+            last = load_npz(Path(d) / "denoiser-last.npz")
             summary = json.loads((Path(d) / "summary.json").read_text())
     finally:
         if mosq is not None:
             mosq.stop()
-    return params, {"trainer": f"fedfleet demo --method fedavg --task {DIFFUSION_TASK} over MQTT ({broker}), "
+    return params, last, {"trainer": f"fedfleet demo --method fedavg --task {DIFFUSION_TASK} over MQTT ({broker}), "
                                "from the centre's pre-trained weights",
                     "agents": agents, "hidden": list(vd.hidden_of(params)), "alpha": alpha,
                     "local_steps": local_steps, "batch": batch, "bytes_up": result.bytes_up,
@@ -117,7 +122,8 @@ def train_by_fleet(*, agents: int, rounds: int, local_steps: int, batch: int, al
                     "bytes_down": result.bytes_down, "wall_s": round(result.wall_s, 1),
                     "ok_per_round": [s.ok for s in result.summaries],
                     **{k: summary.get(k) for k in ("initial_x0_mse", "final_x0_mse", "initial_denoise_loss",
-                                                   "final_denoise_loss")}}
+                                                   "final_denoise_loss", "last_x0_mse",
+                                                   "last_denoise_loss")}}
 
 
 def _adam(params: vd.Params, lr: float) -> Any:
@@ -147,10 +153,13 @@ def held_out_loss(params: vd.Params, test: md.ClipSet, n: int = 256) -> float:
 
 def train_denoiser(train: md.ClipSet, test: md.ClipSet, *, agents: int, rounds: int, local_steps: int, batch: int,
                    lr: float, start: vd.Params, alpha: float, seed: int,
-                   eval_every: int = 5) -> tuple[vd.Params, dict[str, Any]]:
-    """FedAvg over `agents` in-process agents from `start`; returns the global weights and {trainer, history, ...}."""
+                   eval_every: int = 5) -> tuple[vd.Params, vd.Params, dict[str, Any]]:
+    """FedAvg over `agents` in-process agents from `start`; returns the moving average of the global weights
+    (the task's decay: `fedfleet.coordinator.tasks.diffusion`), the last global weights and {trainer, history}."""
     parts = datasets.partition(train.y, agents, alpha, seed)
     global_params = {k: np.asarray(v, np.float32).copy() for k, v in start.items()}
+    decay = decay_per_round(centre.EMA, local_steps)
+    ema = {k: v.copy() for k, v in global_params.items()}
     history: list[dict[str, float]] = [{"round": 0, "held_out_loss": held_out_loss(global_params, test)}]
     ab = vd.alpha_bar()
     for r in range(rounds):
@@ -169,15 +178,16 @@ def train_denoiser(train: md.ClipSet, test: md.ClipSet, *, agents: int, rounds: 
         w = np.asarray(weights, np.float64) / sum(weights)
         for k in global_params:
             global_params[k] = (global_params[k] + sum(wi * d[k] for wi, d in zip(w, deltas))).astype(np.float32)
+            ema[k] = (decay * ema[k] + (1 - decay) * global_params[k]).astype(np.float32)
         entry = {"round": r + 1, "train_loss": float(np.mean(losses))}
         if (r + 1) % eval_every == 0 or r + 1 == rounds:
-            entry["held_out_loss"] = held_out_loss(global_params, test)
+            entry["held_out_loss"] = held_out_loss(ema, test)
         history.append(entry)
         print(f"round {r + 1}/{rounds}: train loss {entry['train_loss']:.4f}"
               + (f", held-out {entry['held_out_loss']:.4f}" if "held_out_loss" in entry else ""), file=sys.stderr,
               flush=True)
-    return global_params, {"trainer": TRAINER, "agents": agents, "local_steps": local_steps, "batch": batch,
-                           "lr": lr, "hidden": list(vd.hidden_of(start)), "alpha": alpha, "partition_sizes": weights,
+    return ema, global_params, {"trainer": TRAINER, "agents": agents, "local_steps": local_steps, "batch": batch,
+                                "lr": lr, "ema_decay_per_round": decay, "hidden": list(vd.hidden_of(start)), "alpha": alpha, "partition_sizes": weights,
                            "history": history}
 
 
@@ -313,13 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         from fedfleet.edge_agent.mtvg.sample import load_weights
 
         params = load_weights(args.weights_in)
+        last = None
         training: dict[str, Any] = {"trainer": f"not trained here: loaded {args.weights_in}"}
     elif args.trainer == "fleet":
-        params, training = train_by_fleet(agents=args.agents, rounds=args.rounds, local_steps=args.local_steps,
+        params, last, training = train_by_fleet(agents=args.agents, rounds=args.rounds, local_steps=args.local_steps,
                                           batch=args.batch, alpha=args.alpha, seed=args.seed, broker=args.broker,
                                           eval_every=max(1, min(4, args.rounds)), lr=lr)
     else:
-        params, training = train_denoiser(train, test, agents=args.agents, rounds=args.rounds,
+        params, last, training = train_denoiser(train, test, agents=args.agents, rounds=args.rounds,
                                           local_steps=args.local_steps, batch=args.batch, lr=lr, start=start,
                                           alpha=args.alpha, seed=args.seed)
     t_train = time.perf_counter() - t0
@@ -347,6 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = round(time.perf_counter() - t1, 2)
         scores[name] = score(samples[name], conds, clf.model)
         print(f"{name}: {scores[name]}", file=sys.stderr, flush=True)
+    last_iterate: dict[str, Any] | None = None
+    if last is not None:  # the same run's last global weights (what the agents hold), against the shipped average
+        at_last = mtvg.from_state(last)
+        last_iterate = {"naive": score(mtvg.sample_sequences(at_last, conds, args.seed, naive), conds, clf.model)}
+        for name, digits in (("new_digits", NEW_DIGITS), ("centre_digits", centre.CENTRE_DIGITS)):
+            c = digit_prompts(digits, new_clips, args.seed)
+            last_iterate[name] = score(mtvg.sample_sequences(at_last, c, args.seed, naive), c, clf.model)
+        print(f"last iterate: {last_iterate}", file=sys.stderr, flush=True)
     random_conds = prompt_sequences(args.sequences, args.seed)
     random_table = {name: score(mtvg.sample_sequences(after, random_conds, seed=args.seed, options=opts[name]),
                                 random_conds, clf.model) for name in ("naive", "mtvg")}
@@ -378,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": "same digit per sequence, a new direction every segment",
         "sequences": len(conds), "segments_per_sequence": SEGMENTS_PER_SEQUENCE,
         "variants": scores, "random_digit_prompts": random_table, "fleet_gain": fleet_gain,
+        "last_iterate": last_iterate,
         "options": {k: vars(v) for k, v in opts.items()},
         "classifier_held_out": {"both": clf.test_accuracy, "digit": clf.test_digit_accuracy,
                                 "direction": clf.test_direction_accuracy, "clips": len(test)},
