@@ -91,7 +91,7 @@ class LedgerCollector:
         yield g
         # the diffusion task's round score is the held-out x0-prediction MSE, not an accuracy
         gauge, what = (("accuracy", "Test accuracy of the global model") if score_label(self.run_dir) == ACCURACY
-                       else ("x0_mse", "Held-out x0-prediction MSE of the global denoiser"))
+                       else ("x0_mse", "Held-out x0-prediction MSE of the denoiser the run ships"))
         g = GaugeMetricFamily(f"fedfleet_{gauge}", f"{what} after the last evaluated round.", labels=["run"])
         if last and last[1] is not None:
             g.add_metric([run], float(last[1]))

@@ -61,7 +61,7 @@ class ScoreLabel:
 
 ACCURACY = ScoreLabel("Accuracy", "Test accuracy", "Accuracy of the global model")
 TASK_SCORES = {"moving-digits-diffusion": ScoreLabel(
-    "x0 MSE", "Held-out x0-prediction MSE (lower is better)", "Denoising quality (x0 MSE) of the global denoiser",
+    "x0 MSE", "Held-out x0-prediction MSE (lower is better)", "Denoising quality (x0 MSE) of the denoiser the run ships",
     lower_is_better=True)}
 
 

@@ -5,7 +5,7 @@ the last iterate (the diffusion task: generators are sampled from an average of 
 the inner global state, unchanged), and after every aggregation of the last phase of a round the average moves:
 ema = decay * ema + (1 - decay) * global. It starts at the initial global state. The average is checkpointed
 with the method's own state (`extra_state()["ema"]`), so a resumed run continues it; a checkpoint whose
-average does not match the model is a one-line ConfigError.
+average does not match the model is refused in one line by the resume (`RunStore.resume_run`).
 
 `decay_per_round(decay_per_step, steps_per_round)`: the per-round decay whose window, in local steps, is the
 per-step decay's (a round of FedAvg moves the model by about its local steps).
@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from fedfleet.coordinator.strategies.base import ClientResult, Strategy, TaskSpec
-from fedfleet.edge_agent.errors import ConfigError
 
 EMA_KEY = "ema"
 
@@ -94,8 +93,8 @@ class EMAStrategy(Strategy):
         like = self.inner.global_state()
         if not isinstance(ema, dict) or set(ema) != set(like) or any(
                 not isinstance(ema[k], torch.Tensor) or tuple(ema[k].shape) != tuple(like[k].shape) for k in like):
-            raise ConfigError("the checkpoint's field 'extra.ema' is not a moving average of this model's tensors; "
-                              "the checkpoint is damaged (restore it, or start a new run)")
+            # the store turns it into its one-line refusal naming the run directory
+            raise ValueError("field 'extra.ema' is not a moving average of this model's tensors")
         self.inner.load_extra_state(extra)
         self.ema = {k: ema[k].detach().clone().float() for k in like}
 

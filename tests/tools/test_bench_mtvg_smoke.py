@@ -43,11 +43,15 @@ def test_bench_mtvg_smoke(tmp_path, capsys, mosquitto, trainer):
     assert more["options"]["mtvg"]["guide_refs"] == "all"
     assert set(more["random_digit_prompts"]) == {"naive", "mtvg"}
     assert more["fleet_gain"]["new_digits"]["digits"] == [7, 8, 9]
+    # the same run's last global weights are scored beside the shipped moving average
+    assert set(more["last_iterate"]) == {"naive", "new_digits", "centre_digits"}
+    assert 0.0 <= more["last_iterate"]["naive"]["condition_accuracy"] <= 1.0
     if trainer == "fleet":  # the fleet's MQTT job trained it: one round, both agents answered
         assert "over MQTT" in more["training"]["trainer"] and more["training"]["ok_per_round"] == [2]
         assert more["training"]["bytes_up"] > 0
     else:
         assert "no broker" in more["training"]["trainer"] and len(more["training"]["history"]) == 2
+        assert more["training"]["ema_decay_per_round"] == 0.995  # one local step in --quick
     assert 0.0 <= more["classifier_held_out"]["both"] <= 1.0
     # the device path gives the same frames up to float rounding, which full MTVG under classifier-free guidance
     # amplifies at a few pixels (on this run's weights a 1e-6 relative change of the weights moves torch's own
