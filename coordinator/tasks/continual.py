@@ -47,6 +47,10 @@ class ContinualStrategy(Strategy):
     def state(self) -> dict[str, torch.Tensor]:
         return self.inner.state
 
+    @state.setter
+    def state(self, value: dict[str, torch.Tensor]) -> None:  # a resume restores the inner strategy's state
+        self.inner.state = value
+
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
         if phase == 0:
             self.position = self.schedule.position(min(self.rounds_started, self.schedule.total_rounds - 1))
@@ -79,6 +83,19 @@ class ContinualStrategy(Strategy):
     def extra_state(self) -> dict[str, Any]:
         return {**self.inner.extra_state(), "continual_rounds": self.rounds_started,
                 "schedule": self.schedule.to_dict()}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Continue the schedule where the checkpoint left it (the next round configures its position); the
+        inner strategy restores its own state. A checkpoint of another schedule is refused."""
+        extra = dict(extra)
+        rounds, schedule = extra.pop("continual_rounds", None), extra.pop("schedule", None)
+        if schedule != self.schedule.to_dict():
+            raise ValueError("the checkpoint's task schedule is not this job's [continual] table")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or not 0 <= rounds <= self.schedule.total_rounds:
+            raise ValueError(f"field 'extra.continual_rounds' = {rounds!r} is not a round count of this schedule "
+                             f"(0 to {self.schedule.total_rounds})")
+        self.inner.load_extra_state(extra)
+        self.rounds_started = rounds
 
     def round_note(self) -> str:
         p = self.position

@@ -67,10 +67,43 @@ def _equal(a, b) -> bool:
 @pytest.mark.parametrize("method", sorted(STATEFUL))
 def test_strategy_state_survives_a_checkpoint_round_trip(tmp_path, method):
     config = {**STATEFUL[method], "seed": 3}
-    whole = create_strategy(method, _initial(), **config)
+    _round_trip(tmp_path, method, lambda: create_strategy(method, _initial(), **config))
+
+
+def _continual_fedavg():
+    from fedfleet.coordinator.tasks.continual import ContinualStrategy
+    from fedfleet.coordinator.tasks.schedule import parse
+
+    schedule = parse({"head": "shared", "rounds_per_task": 2, "schedule": ["a", "b", "c"],
+                      "tasks": {"a": {"transform": "identity"}, "b": {"transform": "permute", "seed": 1},
+                                "c": {"transform": "permute", "seed": 2}}}, "job")
+    return ContinualStrategy(create_strategy("fedavg", _initial(), lr=0.1, seed=3), schedule)
+
+
+def _averaged_fedavg():
+    from fedfleet.coordinator.tasks.ema import EMAStrategy
+
+    return EMAStrategy(create_strategy("fedavg", _initial(), lr=0.1, seed=3), 0.8)
+
+
+@pytest.mark.parametrize("make", [_continual_fedavg, _averaged_fedavg], ids=["continual", "moving-average"])
+def test_a_task_wrapped_strategy_survives_a_checkpoint_round_trip(tmp_path, make):
+    """A continual schedule resumes at the task it was in, and a moving average of the global model resumes from
+    its checkpointed value."""
+    whole, resumed = _round_trip(tmp_path, "fedavg", make)
+    if make is _continual_fedavg:  # both ran round 5: the 3rd task's first round
+        assert resumed.position == whole.position and (whole.position.index, whole.position.round_in_task) == (2, 1)
+    else:
+        assert _equal(resumed.ema_state(), whole.ema_state())
+
+
+def _round_trip(tmp_path, method, make) -> tuple:
+    """Rounds 1-5 in one go against rounds 1-2, a checkpoint, a resume into a new strategy, rounds 3-5:
+    the same tasks sent and the same state. Returns (uninterrupted, resumed)."""
+    whole = make()
     sent_whole = _drive(whole, range(1, 6))
 
-    first = create_strategy(method, _initial(), **config)
+    first = make()
     _drive(first, range(1, 3))
     store = RunStore(tmp_path)
     meta = {"strategy": method, "roster": AGENTS}
@@ -78,7 +111,7 @@ def test_strategy_state_survives_a_checkpoint_round_trip(tmp_path, method):
     rng = np.random.default_rng(1).bit_generator.state  # the engine's selection generator (checked on resume)
     store.save_checkpoint("r", 2, first, rng=rng, bytes_up=5, bytes_down=7, summary={"accuracy": 0.5})
     store.close()
-    resumed = create_strategy(method, _initial(), **config)  # a new process: the initial model only
+    resumed = make()  # a new process: the initial model only
     store = RunStore(tmp_path)
     at = store.resume_run("r", meta, resumed)
     store.close()
@@ -94,6 +127,7 @@ def test_strategy_state_survives_a_checkpoint_round_trip(tmp_path, method):
             assert _equal({k: got[agent][k] for k in want[agent]}, want[agent]), "the resumed strategy sent other tasks"
     assert _equal(resumed.global_state(), whole.global_state())
     assert _equal(resumed.extra_state(), whole.extra_state())
+    return whole, resumed
 
 
 class _Unresumable(type(create_strategy("fedavg", _initial(), lr=0.1))):
