@@ -136,6 +136,60 @@ class Strategy(ABC):
         return ""
 
 
+
+class WrappedStrategy(Strategy):
+    """A strategy around another (a task's: a continual schedule, a moving average of the model): every call
+    goes to `inner`, which owns the state; a wrapper overrides only what it adds."""
+
+    def __init__(self, inner: Strategy) -> None:
+        # no Strategy.__init__: the inner strategy owns the state, the wrapper holds no copy of it
+        self.inner = inner
+        self.name = inner.name
+        self.phases = inner.phases
+        self.config = inner.config
+        self.settings = inner.settings
+
+    @property  # type: ignore[override]
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.inner.state
+
+    @state.setter
+    def state(self, value: dict[str, torch.Tensor]) -> None:  # a resume restores the inner strategy's state
+        self.inner.state = value
+
+    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
+        return self.inner.configure(round, phase, agents)
+
+    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
+        self.inner.aggregate(round, phase, results)
+
+    def check(self, round: int, phase: int, result: ClientResult) -> None:
+        self.inner.check(round, phase, result)
+
+    def screen(self, round: int, phase: int, results: list[ClientResult]) -> list[tuple[ClientResult, str, str]]:
+        return self.inner.screen(round, phase, results)
+
+    def update_kind(self, phase: int) -> str:
+        return self.inner.update_kind(phase)
+
+    def update_names(self, phase: int) -> set[str] | None:
+        return self.inner.update_names(phase)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.inner.global_state()
+
+    def node_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.inner.node_states()
+
+    def extra_state(self) -> dict[str, Any]:
+        return self.inner.extra_state()
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.inner.load_extra_state(extra)
+
+    def round_note(self) -> str:
+        return self.inner.round_note()
+
 def task_seed(base: int, round: int, phase: int, agent: str) -> int:
     """A per-(round, phase, agent) seed for the agent's own randomness (batches, directions, exploration):
     reproducible across processes and runs for a given job seed."""

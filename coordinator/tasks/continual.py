@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfleet.coordinator.strategies.base import ClientResult, Strategy, TaskSpec
+from fedfleet.coordinator.strategies.base import Strategy, TaskSpec, WrappedStrategy
 from fedfleet.coordinator.tasks.base import RoundContext
 from fedfleet.coordinator.tasks.schedule import Position, Schedule
 from fedfleet.coordinator.tasks.schedule import parse as parse_schedule
@@ -30,26 +30,14 @@ from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.models import data as datasets
 
 
-class ContinualStrategy(Strategy):
+class ContinualStrategy(WrappedStrategy):
     """A strategy run through a task schedule. Rounds are counted in the order they run (numbering-free)."""
 
     def __init__(self, inner: Strategy, schedule: Schedule) -> None:
-        # no Strategy.__init__: the inner strategy owns the state, this wrapper holds no copy of it
-        self.inner = inner
+        super().__init__(inner)
         self.schedule = schedule
-        self.name = inner.name
-        self.phases = inner.phases
-        self.config = inner.config
         self.rounds_started = 0
         self.position: Position | None = None
-
-    @property  # type: ignore[override]
-    def state(self) -> dict[str, torch.Tensor]:
-        return self.inner.state
-
-    @state.setter
-    def state(self, value: dict[str, torch.Tensor]) -> None:  # a resume restores the inner strategy's state
-        self.inner.state = value
 
     def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
         if phase == 0:
@@ -61,24 +49,6 @@ class ContinualStrategy(Strategy):
         spec = self.position.task.spec(self.position.index, self.schedule.head)
         specs = self.inner.configure(round, phase, agents)
         return {a: dataclasses.replace(s, config={**s.config, "continual": spec}) for a, s in specs.items()}
-
-    def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
-        self.inner.aggregate(round, phase, results)
-
-    def check(self, round: int, phase: int, result: ClientResult) -> None:
-        self.inner.check(round, phase, result)
-
-    def screen(self, round: int, phase: int, results: list[ClientResult]) -> list[tuple[ClientResult, str, str]]:
-        return self.inner.screen(round, phase, results)
-
-    def update_kind(self, phase: int) -> str:
-        return self.inner.update_kind(phase)
-
-    def update_names(self, phase: int) -> set[str] | None:
-        return self.inner.update_names(phase)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.inner.global_state()
 
     def extra_state(self) -> dict[str, Any]:
         return {**self.inner.extra_state(), "continual_rounds": self.rounds_started,

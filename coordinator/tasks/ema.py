@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fedfleet.coordinator.strategies.base import ClientResult, Strategy, TaskSpec
+from fedfleet.coordinator.strategies.base import ClientResult, Strategy, WrappedStrategy
 
 EMA_KEY = "ema"
 
@@ -28,36 +28,20 @@ def decay_per_round(decay_per_step: float, steps_per_round: int) -> float:
     return float(decay_per_step ** steps_per_round)
 
 
-class EMAStrategy(Strategy):
+class EMAStrategy(WrappedStrategy):
     """See the module docstring."""
 
     def __init__(self, inner: Strategy, decay: float) -> None:
-        # no Strategy.__init__: the inner strategy owns the state
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay {decay} must be in [0, 1)")
-        self.inner = inner
+        super().__init__(inner)
         self.decay = float(decay)
-        self.name = inner.name
-        self.phases = inner.phases
-        self.config = inner.config
-        self.settings = inner.settings
-        self.tasks_carry_state = inner.tasks_carry_state
+        self.tasks_carry_state = inner.tasks_carry_state  # the agents receive the inner state: it may be synced
         self.ema = {k: v.detach().clone().float() for k, v in inner.global_state().items()}
-
-    @property  # type: ignore[override]
-    def state(self) -> dict[str, torch.Tensor]:
-        return self.inner.state
-
-    @state.setter
-    def state(self, value: dict[str, torch.Tensor]) -> None:
-        self.inner.state = value
 
     def ema_state(self) -> dict[str, torch.Tensor]:
         """The moving average of the global state."""
         return self.ema
-
-    def configure(self, round: int, phase: int, agents: list[str]) -> dict[str, TaskSpec]:
-        return self.inner.configure(round, phase, agents)
 
     def aggregate(self, round: int, phase: int, results: list[ClientResult]) -> None:
         self.inner.aggregate(round, phase, results)
@@ -65,24 +49,6 @@ class EMAStrategy(Strategy):
             with torch.no_grad():
                 for k, v in self.inner.global_state().items():
                     self.ema[k].mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
-
-    def check(self, round: int, phase: int, result: ClientResult) -> None:
-        self.inner.check(round, phase, result)
-
-    def screen(self, round: int, phase: int, results: list[ClientResult]) -> list[tuple[ClientResult, str, str]]:
-        return self.inner.screen(round, phase, results)
-
-    def update_kind(self, phase: int) -> str:
-        return self.inner.update_kind(phase)
-
-    def update_names(self, phase: int) -> set[str] | None:
-        return self.inner.update_names(phase)
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        return self.inner.global_state()
-
-    def node_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        return self.inner.node_states()
 
     def extra_state(self) -> dict[str, Any]:
         return {**self.inner.extra_state(), EMA_KEY: self.ema}
@@ -97,6 +63,3 @@ class EMAStrategy(Strategy):
             raise ValueError("field 'extra.ema' is not a moving average of this model's tensors")
         self.inner.load_extra_state(extra)
         self.ema = {k: ema[k].detach().clone().float() for k in like}
-
-    def round_note(self) -> str:
-        return self.inner.round_note()
