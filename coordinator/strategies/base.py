@@ -136,7 +136,6 @@ class Strategy(ABC):
         return ""
 
 
-
 class WrappedStrategy(Strategy):
     """A strategy around another (a task's: a continual schedule, a moving average of the model): every call
     goes to `inner`, which owns the state; a wrapper overrides only what it adds."""
@@ -189,6 +188,7 @@ class WrappedStrategy(Strategy):
 
     def round_note(self) -> str:
         return self.inner.round_note()
+
 
 def task_seed(base: int, round: int, phase: int, agent: str) -> int:
     """A per-(round, phase, agent) seed for the agent's own randomness (batches, directions, exploration):

@@ -114,16 +114,14 @@ def train_by_fleet(*, agents: int, rounds: int, local_steps: int, batch: int, al
     finally:
         if mosq is not None:
             mosq.stop()
-    return params, last, {"trainer": f"fedfleet demo --method fedavg --task {DIFFUSION_TASK} over MQTT ({broker}), "
-                               "from the centre's pre-trained weights",
-                    "agents": agents, "hidden": list(vd.hidden_of(params)), "alpha": alpha,
-                    "local_steps": local_steps, "batch": batch, "bytes_up": result.bytes_up,
-                    "lr": lr,
-                    "bytes_down": result.bytes_down, "wall_s": round(result.wall_s, 1),
-                    "ok_per_round": [s.ok for s in result.summaries],
-                    **{k: summary.get(k) for k in ("initial_x0_mse", "final_x0_mse", "initial_denoise_loss",
-                                                   "final_denoise_loss", "last_x0_mse",
-                                                   "last_denoise_loss")}}
+    details = {"trainer": f"fedfleet demo --method fedavg --task {DIFFUSION_TASK} over MQTT ({broker}), "
+                          "from the centre's pre-trained weights",
+               "agents": agents, "hidden": list(vd.hidden_of(params)), "alpha": alpha, "local_steps": local_steps,
+               "batch": batch, "lr": lr, "bytes_up": result.bytes_up, "bytes_down": result.bytes_down,
+               "wall_s": round(result.wall_s, 1), "ok_per_round": [s.ok for s in result.summaries],
+               **{k: summary.get(k) for k in ("initial_x0_mse", "final_x0_mse", "initial_denoise_loss",
+                                              "final_denoise_loss", "last_x0_mse", "last_denoise_loss")}}
+    return params, last, details
 
 
 def _adam(params: vd.Params, lr: float) -> Any:
@@ -186,9 +184,10 @@ def train_denoiser(train: md.ClipSet, test: md.ClipSet, *, agents: int, rounds: 
         print(f"round {r + 1}/{rounds}: train loss {entry['train_loss']:.4f}"
               + (f", held-out {entry['held_out_loss']:.4f}" if "held_out_loss" in entry else ""), file=sys.stderr,
               flush=True)
-    return ema, global_params, {"trainer": TRAINER, "agents": agents, "local_steps": local_steps, "batch": batch,
-                                "lr": lr, "ema_decay_per_round": decay, "hidden": list(vd.hidden_of(start)), "alpha": alpha, "partition_sizes": weights,
-                           "history": history}
+    details = {"trainer": TRAINER, "agents": agents, "local_steps": local_steps, "batch": batch, "lr": lr,
+               "ema_decay_per_round": decay, "hidden": list(vd.hidden_of(start)), "alpha": alpha,
+               "partition_sizes": weights, "history": history}
+    return ema, global_params, details
 
 
 def prompt_sequences(n: int, seed: int) -> np.ndarray:
