@@ -43,6 +43,13 @@ def test_bench_mtvg_smoke(tmp_path, capsys, mosquitto, trainer):
     assert more["options"]["mtvg"]["guide_refs"] == "all"
     assert set(more["random_digit_prompts"]) == {"naive", "mtvg"}
     assert more["fleet_gain"]["new_digits"]["digits"] == [7, 8, 9]
+    # by segment: every segment index has as many clips, so the per-segment accuracies average to the total
+    for name, scored in more["variants"].items():
+        by_segment = scored["condition_accuracy_by_segment"]
+        assert len(by_segment) == 3 == len(scored["background_share_by_segment"]), name
+        assert np.mean(by_segment) == pytest.approx(scored["condition_accuracy"]), name
+        assert all(0.0 <= b <= 1.0 for b in scored["background_share_by_segment"]), name
+    assert 0.8 < more["real_clip_background_share"] < 0.95  # real clips: background exactly -1
     # the same run's last global weights are scored beside the shipped moving average
     assert set(more["last_iterate"]) == {"naive", "new_digits", "centre_digits"}
     assert 0.0 <= more["last_iterate"]["naive"]["condition_accuracy"] <= 1.0

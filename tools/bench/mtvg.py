@@ -28,7 +28,9 @@ MTVG's procedure on a toy video model (moving digits, `fedfleet.models.moving_di
      technique off, and MTVG with guidance towards the preceding frame only (MTVG's first rule);
    - a second table, `random_digit_prompts` in details: digit and direction uniform per segment, naive and MTVG.
    Metrics (`fedfleet.coordinator.mtvg.metrics`): boundary MSE (last frame of a segment against the first of
-   the next), condition accuracy (classifier digit AND direction right, per segment), repetition.
+   the next), condition accuracy (classifier digit AND direction right, per segment), repetition; in details
+   also the condition accuracy and the background share (pixels <= -0.9) by segment index, which show
+   whether a chain degrades as it goes (it did: the grey speckle compounds under inversion, docs/results).
 4. **Time per clip**: `seconds_per_clip_edge` is MTVG sampling on the device path (the exported ONNX model on
    ONNX Runtime, one thread, guidance gradients in numpy: `fedfleet.edge_agent.mtvg.sample.OnnxDenoiser`) of
    `EDGE_TIMING_SEQUENCES` sequences, one at a time as `fedfleet-agent generate` does, divided by their clips;
@@ -80,6 +82,7 @@ KEYS = ("segments", "boundary_mse_naive", "boundary_mse_mtvg", "condition_accura
 SEGMENTS_PER_SEQUENCE = 3
 NEW_DIGITS = tuple(d for d in range(vd.CLASSES) if d not in centre.CENTRE_DIGITS)
 EDGE_TIMING_SEQUENCES = 2
+BACKGROUND = -0.9  # a pixel at or below this is background (real clips' background is exactly -1)
 TRAINER = "in-process FedAvg (numpy local Adam, sample-weighted mean of deltas; no broker)"
 
 
@@ -224,8 +227,16 @@ def score(seqs: np.ndarray, conds: np.ndarray, classifier: clip_classifier.ClipC
     if seqs.shape[1] > 1:
         rep, transitions = mtvg_metrics.repetition(seqs, conds)
         out.update({"boundary_mse": float(mtvg_metrics.boundary_mse(seqs).mean()), "repetition": rep,
-                    "repetition_transitions": transitions})
+                    "repetition_transitions": transitions,
+                    "condition_accuracy_by_segment": [clip_classifier.accuracy(classifier, seqs[:, k], conds[:, k])[0]
+                                                      for k in range(seqs.shape[1])],
+                    "background_share_by_segment": [background_share(seqs[:, k]) for k in range(seqs.shape[1])]})
     return out
+
+
+def background_share(frames: np.ndarray) -> float:
+    """The share of pixels at or below BACKGROUND (real clips: 0.87; the grey speckle lowers it)."""
+    return float(np.mean(np.asarray(frames) <= BACKGROUND))
 
 
 def central_check(params: vd.Params, *, clips: int = 42, seed: int = 0, steps: int = 50, epochs: int = 12,
@@ -401,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "classifier_held_out": {"both": clf.test_accuracy, "digit": clf.test_digit_accuracy,
                                 "direction": clf.test_direction_accuracy, "clips": len(test)},
         "real_clip_boundary_mse_within_clip": float(np.mean((test.x[:, 1:] - test.x[:, :-1]) ** 2)),
+        "real_clip_background_share": background_share(test.x),
         "onnxruntime_vs_torch_mtvg": device, "training": training, "train_s": round(t_train, 1),
         "sample_s": timings,
         "targets": {
