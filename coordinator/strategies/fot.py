@@ -291,3 +291,27 @@ class FOTStrategy(Strategy):
 
     def extra_state(self) -> dict[str, Any]:
         return {"bases": {n: u.clone() for n, u in self.bases.items()}, "eps": self.eps, "history": self.history}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Restore the protected subspaces, eps and the per-task history on resume. Each basis must belong to a
+        weight matrix of the model, have its input width as rows, no more columns than rows, finite orthonormal
+        columns; eps must be in (0, 1]. Anything else is a ValueError (a one-line refusal to resume)."""
+        bases, eps, history = extra.get("bases"), extra.get("eps"), extra.get("history")
+        if not isinstance(bases, dict) or not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise ValueError("fot: the checkpoint's 'bases' must be a table of tensors and 'history' a list of tables")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < float(eps) <= 1:
+            raise ValueError(f"fot: the checkpoint's eps {eps!r} is not in (0, 1]")
+        restored: dict[str, torch.Tensor] = {}
+        for name, u in bases.items():
+            if name not in self.weights:
+                raise ValueError(f"fot: the checkpoint protects {name!r}, not a weight matrix of this model")
+            d = self.state[name].shape[1]
+            if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.shape[0] != d or u.shape[1] > d:
+                raise ValueError(f"fot: the checkpoint's basis for {name} is not a ({d}, k <= {d}) matrix")
+            u = u.to(torch.float32)
+            if not bool(torch.isfinite(u).all()) or (u.shape[1] and float(
+                    (u.T @ u - torch.eye(u.shape[1])).abs().max()) > 1e-3):
+                raise ValueError(f"fot: the checkpoint's basis for {name} is not finite with orthonormal columns")
+            restored[name] = u.clone()
+        self.bases, self.eps, self.history = restored, float(eps), [dict(h) for h in history]
+        self.protected = list(restored) if restored else None  # set_task keeps them (it fills only when None)

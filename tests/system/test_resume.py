@@ -5,6 +5,7 @@ checkpoint round trip (`torch.load(weights_only=True)`); a run directory refuses
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import zlib
@@ -80,18 +81,36 @@ def _continual_fedavg():
     return ContinualStrategy(create_strategy("fedavg", _initial(), lr=0.1, seed=3), schedule)
 
 
+def _continual_fot():
+    """FOT through a three-task schedule on a two-layer model: its protected bases grow at each task's end."""
+    from fedfleet.coordinator.tasks.continual import ContinualStrategy
+    from fedfleet.coordinator.tasks.schedule import parse
+
+    g = torch.Generator().manual_seed(0)
+    state = {"fc0.weight": torch.randn(6, 5, generator=g), "fc0.bias": torch.zeros(6),
+             "fc1.weight": torch.randn(3, 6, generator=g), "fc1.bias": torch.zeros(3)}
+    schedule = parse({"head": "shared", "rounds_per_task": 2, "schedule": ["a", "b", "c"],
+                      "tasks": {"a": {"transform": "identity"}, "b": {"transform": "permute", "seed": 1},
+                                "c": {"transform": "permute", "seed": 2}}}, "job")
+    return ContinualStrategy(create_strategy("fot", state, lr=0.1, seed=3), schedule)
+
+
 def _averaged_fedavg():
     from fedfleet.coordinator.tasks.ema import EMAStrategy
 
     return EMAStrategy(create_strategy("fedavg", _initial(), lr=0.1, seed=3), 0.8)
 
 
-@pytest.mark.parametrize("make", [_continual_fedavg, _averaged_fedavg], ids=["continual", "moving-average"])
+@pytest.mark.parametrize("make", [_continual_fedavg, _continual_fot, _averaged_fedavg],
+                         ids=["continual", "continual-fot", "moving-average"])
 def test_a_task_wrapped_strategy_survives_a_checkpoint_round_trip(tmp_path, make):
-    """A continual schedule resumes at the task it was in, and a moving average of the global model resumes from
-    its checkpointed value."""
-    whole, resumed = _round_trip(tmp_path, "fedavg", make)
-    if make is _continual_fedavg:  # both ran round 5: the 3rd task's first round
+    """A continual schedule resumes at the task it was in (FOT with the bases it had grown), and a moving average
+    of the global model resumes from its checkpointed value."""
+    whole, resumed = _round_trip(tmp_path, "fot" if make is _continual_fot else "fedavg", make)
+    if make is _continual_fot:  # the checkpoint came after task a's end: its bases were grown and restored
+        assert resumed.inner.basis_sizes() == whole.inner.basis_sizes()
+        assert len(whole.inner.history) == 2 and sum(k for k, _ in whole.inner.basis_sizes().values()) > 0
+    if make in (_continual_fedavg, _continual_fot):  # both ran round 5: the 3rd task's first round
         assert resumed.position == whole.position and (whole.position.index, whole.position.round_in_task) == (2, 1)
     else:
         assert _equal(resumed.ema_state(), whole.ema_state())
@@ -249,3 +268,137 @@ def test_demo_resume_continues_the_same_run_with_more_rounds(mosquitto, tmp_path
     finally:
         ledger.close()
     assert runs == [run] and per_round == [(1, 2), (2, 2)]
+
+
+CONTINUAL_JOB = """
+[job]
+method = "fot"
+mode = "full"
+hidden = 32
+hidden_layers = 1
+agents = 3
+seed = 0
+deadline_s = 20.0
+fleet = "continual-resume"
+
+[method]
+lr = 0.1
+epochs = 1
+batch = 16
+eps = 0.95
+
+[uplink]
+name = "none"
+
+[continual]
+head = "shared"
+rounds_per_task = 4
+schedule = ["identity", "perm-1", "perm-2"]
+
+[continual.tasks.identity]
+transform = "identity"
+
+[continual.tasks.perm-1]
+transform = "permute"
+seed = 1
+
+[continual.tasks.perm-2]
+transform = "permute"
+seed = 2
+"""
+
+
+def test_continual_demo_killed_in_its_second_task_resumes_at_the_right_task(mosquitto, tmp_path):
+    """`fedfleet demo` of a three-task FOT job over Mosquitto, SIGKILLed once a round of the second task is
+    committed, then `--resume`d: the same run finishes all twelve rounds, every round is booked under the task its
+    place in the schedule gives, the rows written before the kill are unchanged, and FOT's bases cover every task."""
+    import signal
+    import sqlite3
+    import time
+
+    job = tmp_path / "job.toml"
+    job.write_text(CONTINUAL_JOB)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--config", str(job), "--run-dir", str(run_dir),
+           "--broker", mosquitto.url, "--quiet", "--report", "none"]
+
+    def rows(sql: str) -> list[tuple]:
+        try:
+            con = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+        except sqlite3.OperationalError:
+            return []
+        try:
+            return con.execute(sql).fetchall()
+        except sqlite3.OperationalError:  # the schema is not written yet
+            return []
+        finally:
+            con.close()
+
+    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None and not rows(
+            "SELECT 1 FROM task_accuracy WHERE round = 5"):
+        time.sleep(0.005)
+    assert victim.poll() is None, "the job ended before it could be killed in its second task"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(30)
+    done = [r for (r,) in rows("SELECT DISTINCT round FROM task_accuracy ORDER BY round")]
+    assert 5 <= max(done) < 12
+    before = rows(f"SELECT * FROM task_accuracy WHERE round <= {max(done)} ORDER BY round, eval_task")
+
+    r = subprocess.run([*cmd, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["rounds"] == 12
+    assert rows(f"SELECT * FROM task_accuracy WHERE round <= {max(done)} ORDER BY round, eval_task") == before
+    runs = rows("SELECT DISTINCT run FROM task_accuracy")
+    assert len(runs) == 1  # one run, continued
+    booked = rows("SELECT round, task, task_name, task_end, COUNT(*) FROM task_accuracy GROUP BY round ORDER BY round")
+    names = ["identity", "perm-1", "perm-2"]
+    assert [b[0] for b in booked] == list(range(1, 13))
+    for rnd, task, name, task_end, evaluated in booked:
+        want = (rnd - 1) // 4
+        assert (task, name, task_end, evaluated) == (want, names[want], int(rnd % 4 == 0), want + 1), rnd
+    assert {t for (t,) in rows("SELECT DISTINCT task FROM layer_basis")} == {0, 1, 2}
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (lambda e: e["bases"].__setitem__("fc0.weight", 2 * e["bases"]["fc0.weight"]), "orthonormal"),
+    (lambda e: e["bases"].__setitem__("fc0.weight", torch.full_like(e["bases"]["fc0.weight"], math.nan)), "NaN"),
+    (lambda e: e["bases"].__setitem__("fc0.weight", torch.zeros(4, 1)), "not a (5, k <= 5) matrix"),
+    (lambda e: e["bases"].__setitem__("fc9.weight", torch.zeros(5, 0)), "not a weight matrix"),
+    (lambda e: e.__setitem__("eps", 0.0), "eps"),
+    (lambda e: e.__setitem__("eps", True), "eps"),
+    (lambda e: e.__setitem__("history", "x"), "history"),
+], ids=["not-orthonormal", "nan", "shape", "unknown-layer", "eps-0", "eps-bool", "history"])
+def test_a_tampered_fot_checkpoint_is_a_one_line_refusal(tmp_path, change, needle):
+    """FOT's protected bases, eps and history in a checkpoint (its digest rebooked, as a file damaged before its
+    commit would be) are checked on resume: each damage is a one-line refusal naming the run directory."""
+    import hashlib
+    import io
+    import sqlite3
+
+    first = _continual_fot()
+    _drive(first, range(1, 3))  # task a's end: bases grown
+    assert sum(k for k, _ in first.inner.basis_sizes().values()) > 0
+    meta = {"strategy": "fot", "roster": AGENTS}
+    store = RunStore(tmp_path)
+    store.start_run("r", meta)
+    store.save_checkpoint("r", 2, first, rng=np.random.default_rng(1).bit_generator.state, bytes_up=5, bytes_down=7,
+                          summary={"accuracy": 0.5})
+    store.close()
+    path = tmp_path / "checkpoints" / "round-0002.pt"
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt["extra"])
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    path.write_bytes(buf.getvalue())
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        db.execute("UPDATE checkpoints SET sha256 = ? WHERE run = 'r' AND round = 2",
+                   (hashlib.sha256(buf.getvalue()).hexdigest(),))
+    store = RunStore(tmp_path)
+    try:
+        with pytest.raises(ConfigError) as err:
+            store.resume_run("r", meta, _continual_fot())
+    finally:
+        store.close()
+    assert needle in str(err.value) and str(tmp_path) in str(err.value) and "\n" not in str(err.value)
