@@ -110,6 +110,16 @@ class LoraStrategy(Strategy):
     def extra_state(self) -> dict[str, Any]:
         return {"history": self.history}
 
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Restore the per-round history on resume (the factors and the head are the restored state; FLoRA's
+        fresh A is seeded by the round). A history that is not a list of {round, layers} tables is a ValueError."""
+        history = extra.get("history")
+        if not isinstance(history, list) or not all(
+                isinstance(h, dict) and isinstance(h.get("round"), int) and not isinstance(h.get("round"), bool)
+                and isinstance(h.get("layers"), dict) for h in history):
+            raise ValueError(f"{self.name}: the checkpoint's history is not a list of {{round, layers}} tables")
+        self.history = [dict(h) for h in history]
+
     def round_note(self) -> str:
         if not self.history:
             return ""
