@@ -192,5 +192,31 @@ class Ferret(Strategy):
                 + (f"  {int(n['clipped'])} seeds clipped" if self.clip else "") + (f"  {full} full syncs" if full else ""))
 
     def extra_state(self) -> dict[str, Any]:
-        return {"history": {j: c.copy() for j, c in self.history.items()}, "synced": dict(self.synced),
-                "c": self.c.copy(), "digest": self.w_digest}
+        # tensors, not numpy arrays: checkpoints load with torch.load(weights_only=True)
+        return {"history": {j: torch.from_numpy(c.copy()) for j, c in self.history.items()},
+                "synced": dict(self.synced), "c": torch.from_numpy(self.c.copy()), "digest": self.w_digest}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Restore the applied coefficients per round and the momentum buffer on resume, and rebuild the weights
+        from the restored state, which must match the checkpoint's digest. Agents are not trusted to hold the
+        replica the checkpoint says they held (they may have restarted too): every agent's first task after a
+        resume is a full sync. Anything malformed is a ValueError (a one-line refusal to resume)."""
+        history, c, digest = extra.get("history"), extra.get("c"), extra.get("digest")
+        shape = (len(self.blocks), self.pool.k)
+
+        def coefficients(a: Any) -> np.ndarray:
+            a = np.asarray(a.numpy() if isinstance(a, torch.Tensor) else a)
+            if a.shape != shape or not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
+                raise ValueError(f"ferret: the checkpoint's coefficients are not finite ({shape[0]}, {shape[1]}) arrays")
+            return a
+
+        if not isinstance(history, dict) or not all(isinstance(j, int) and not isinstance(j, bool) and j >= 1
+                                                    for j in history):
+            raise ValueError("ferret: the checkpoint's history is not a table of rounds")
+        restored = {j: coefficients(v).astype(np.float32) for j, v in history.items()}
+        momentum = coefficients(c).astype(np.float64)
+        w = {n: v.numpy().astype(np.float32).copy() for n, v in self.state.items()}
+        if digest != random_bases.digest(w, self.layout):
+            raise ValueError("ferret: the checkpoint's weights do not match its digest")
+        self.history, self.c, self.w, self.w_digest = restored, momentum, w, digest
+        self.synced = {}  # full syncs first

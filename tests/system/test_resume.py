@@ -331,50 +331,68 @@ seed = 2
 """
 
 
+def _ledger_rows(run_dir, sql: str) -> list[tuple]:
+    """Rows of a read-only query on a run's ledger (none while it is not written yet)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    except sqlite3.OperationalError:
+        return []
+    try:
+        return con.execute(sql).fetchall()
+    except sqlite3.OperationalError:  # the schema is not written yet
+        return []
+    finally:
+        con.close()
+
+
+def _kill_demo(cmd: list[str], run_dir, killed_once: str) -> int:
+    """Run `fedfleet demo` (cmd) and SIGKILL it as soon as the query `killed_once` returns a row; the last round
+    evaluated before the kill."""
+    import signal
+    import time
+
+    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None and not _ledger_rows(run_dir, killed_once):
+        time.sleep(0.005)
+    assert victim.poll() is None, "the job ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(30)
+    return max(r for (r,) in _ledger_rows(run_dir, "SELECT round FROM rounds"))
+
+
+def _resume_demo(cmd: list[str], run_dir) -> dict:
+    r = subprocess.run([*cmd, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _demo(run_dir, url: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--run-dir", str(run_dir), "--broker", url,
+            "--quiet", "--report", "none", *args]
+
+
 def test_continual_demo_killed_in_its_second_task_resumes_at_the_right_task(mosquitto, tmp_path):
     """`fedfleet demo` of a three-task FOT job over Mosquitto, SIGKILLed once a round of the second task is
     committed, then `--resume`d: the same run finishes all twelve rounds, every round is booked under the task its
     place in the schedule gives, the rows written before the kill are unchanged, and FOT's bases cover every task."""
-    import signal
-    import sqlite3
-    import time
-
     job = tmp_path / "job.toml"
     job.write_text(CONTINUAL_JOB)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedfleet.coordinator.cli", "demo", "--config", str(job), "--run-dir", str(run_dir),
-           "--broker", mosquitto.url, "--quiet", "--report", "none"]
 
     def rows(sql: str) -> list[tuple]:
-        try:
-            con = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
-        except sqlite3.OperationalError:
-            return []
-        try:
-            return con.execute(sql).fetchall()
-        except sqlite3.OperationalError:  # the schema is not written yet
-            return []
-        finally:
-            con.close()
+        return _ledger_rows(run_dir, sql)
 
-    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and victim.poll() is None and not rows(
-            "SELECT 1 FROM task_accuracy WHERE round = 5"):
-        time.sleep(0.005)
-    assert victim.poll() is None, "the job ended before it could be killed in its second task"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(30)
-    done = [r for (r,) in rows("SELECT DISTINCT round FROM task_accuracy ORDER BY round")]
-    assert 5 <= max(done) < 12
-    before = rows(f"SELECT * FROM task_accuracy WHERE round <= {max(done)} ORDER BY round, eval_task")
-
-    r = subprocess.run([*cmd, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1])["rounds"] == 12
-    assert rows(f"SELECT * FROM task_accuracy WHERE round <= {max(done)} ORDER BY round, eval_task") == before
-    runs = rows("SELECT DISTINCT run FROM task_accuracy")
-    assert len(runs) == 1  # one run, continued
+    cmd = _demo(run_dir, mosquitto.url, "--config", str(job))
+    done = _kill_demo(cmd, run_dir, "SELECT 1 FROM task_accuracy WHERE round = 5")
+    assert 4 <= done < 12
+    before = rows(f"SELECT * FROM task_accuracy WHERE round <= {done} ORDER BY round, eval_task")
+    assert len(before) >= 4
+    assert _resume_demo(cmd, run_dir)["rounds"] == 12
+    assert rows(f"SELECT * FROM task_accuracy WHERE round <= {done} ORDER BY round, eval_task") == before
+    assert len(rows("SELECT DISTINCT run FROM task_accuracy")) == 1  # one run, continued
     booked = rows("SELECT round, task, task_name, task_end, COUNT(*) FROM task_accuracy GROUP BY round ORDER BY round")
     names = ["identity", "perm-1", "perm-2"]
     assert [b[0] for b in booked] == list(range(1, 13))
@@ -382,6 +400,21 @@ def test_continual_demo_killed_in_its_second_task_resumes_at_the_right_task(mosq
         want = (rnd - 1) // 4
         assert (task, name, task_end, evaluated) == (want, names[want], int(rnd % 4 == 0), want + 1), rnd
     assert {t for (t,) in rows("SELECT DISTINCT task FROM layer_basis")} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("method", ["ferret", "lora_fair"])
+def test_a_demo_killed_mid_run_resumes_for_methods_that_could_not(mosquitto, tmp_path, method):
+    """Ferret and LoRA-FAIR (refused on resume before): `fedfleet demo` over Mosquitto SIGKILLed after round 3,
+    resumed: one run, every round evaluated once, and a final accuracy that learnt something."""
+    run_dir = tmp_path / "run"
+    cmd = _demo(run_dir, mosquitto.url, "--method", method, "--rounds", "12", "--agents", "3")
+    done = _kill_demo(cmd, run_dir, "SELECT 1 FROM rounds WHERE round = 3")
+    assert 3 <= done < 12
+    summary = _resume_demo(cmd, run_dir)
+    assert summary["rounds"] == 12
+    assert len(_ledger_rows(run_dir, "SELECT DISTINCT run FROM rounds")) == 1
+    assert [r for (r,) in _ledger_rows(run_dir, "SELECT round FROM rounds ORDER BY round")] == list(range(1, 13))
+    assert summary["final_accuracy"] > 0.5
 
 
 @pytest.mark.parametrize(("change", "needle"), [
@@ -425,3 +458,52 @@ def test_a_tampered_fot_checkpoint_is_a_one_line_refusal(tmp_path, change, needl
     finally:
         store.close()
     assert needle in str(err.value) and str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_ferret_resumes_with_its_coefficients_and_full_syncs_first(tmp_path):
+    """Ferret's applied coefficients and momentum load back and its weights are rebuilt from the checkpoint
+    (checked against the digest); the first tasks after the resume are full syncs, since agents may have lost
+    their replicas with the coordinator, and the run then ends where the uninterrupted one ends."""
+    def make():
+        return create_strategy("ferret", _initial(), k=4, seed=3, pool="run", momentum=0.5)
+
+    whole = make()
+    sent_whole = _drive(whole, range(1, 6))
+    first = make()
+    _drive(first, range(1, 3))
+    meta = {"strategy": "ferret", "roster": AGENTS}
+    store = RunStore(tmp_path)
+    store.start_run("r", meta)
+    store.save_checkpoint("r", 2, first, rng=np.random.default_rng(1).bit_generator.state, bytes_up=5, bytes_down=7,
+                          summary={"accuracy": 0.5})
+    store.close()
+    resumed = make()
+    store = RunStore(tmp_path)
+    assert store.resume_run("r", meta, resumed).round == 2
+    store.close()
+    sent = _drive(resumed, range(3, 6))
+    assert all(set(t) == {"w", "b"} for t in sent[0].values())  # round 3: every agent gets the full weights
+    for agent, tensors in sent[0].items():
+        assert _equal(tensors, {n: v.numpy() for n, v in first.global_state().items()}), agent
+    assert _equal(sent[1:], sent_whole[3:])  # from round 4 on, the same history syncs as without the restart
+    assert _equal(resumed.global_state(), whole.global_state())
+    assert _equal({k: v for k, v in resumed.extra_state().items() if k != "synced"},
+                  {k: v for k, v in whole.extra_state().items() if k != "synced"})
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (lambda e: e["c"].__setitem__((0, 0), math.nan), "coefficients"),
+    (lambda e: e.__setitem__("c", np.zeros((1, 2))), "coefficients"),
+    (lambda e: e["history"].__setitem__(0, e["history"][1]), "history"),
+    (lambda e: e.__setitem__("digest", "0" * 64), "digest"),
+], ids=["nan", "shape", "round-0", "digest"])
+def test_a_tampered_ferret_checkpoint_is_refused(change, needle):
+    s = create_strategy("ferret", _initial(), k=4, seed=3, pool="run", momentum=0.5)
+    _drive(s, range(1, 3))
+    extra = s.extra_state()
+    change(extra)
+    fresh = create_strategy("ferret", {k: v.clone() for k, v in s.global_state().items()}, k=4, seed=3, pool="run",
+                            momentum=0.5)
+    with pytest.raises(ValueError, match=needle) as err:
+        fresh.load_extra_state(extra)
+    assert "\n" not in str(err.value)
