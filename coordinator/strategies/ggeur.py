@@ -411,6 +411,53 @@ class GGEURStrategy(Strategy):
         return f"ggeur: {held}"
 
     def extra_state(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "geometry": dict(self.geometry), "delivered": dict(self.delivered),
-                "exchange_done": self.exchange_done}
+        # tensors, not numpy arrays: checkpoints load with torch.load(weights_only=True)
+        return {"counts": {a: torch.from_numpy(np.asarray(n).copy()) for a, n in self.counts.items()},
+                "geometry": {c: (torch.from_numpy(np.asarray(xi).copy()), torch.from_numpy(np.asarray(lam).copy()),
+                                 float(n)) for c, (xi, lam, n) in self.geometry.items()},
+                "delivered": dict(self.delivered), "exchange_done": self.exchange_done}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Restore the census, the pooled geometry per class and what each agent holds, on resume. The geometry
+        must be finite: per class an orthonormal (dim, dim) basis, dim non-negative eigenvalues and a count >= 1;
+        the census per agent n_classes non-negative counts. An agent that lost its synthetic points with a
+        restart says so in its next result and is sent the geometry again. Anything else is a ValueError."""
+        counts, geometry, delivered = extra.get("counts"), extra.get("geometry"), extra.get("delivered")
+        done = extra.get("exchange_done")
+        if not (isinstance(counts, dict) and isinstance(geometry, dict) and isinstance(delivered, dict)
+                and isinstance(done, bool)):
+            raise ValueError("ggeur: the checkpoint's counts, geometry, delivered and exchange_done are malformed")
+
+        def array(v: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+            a = np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v)
+            if a.shape != shape or not np.issubdtype(a.dtype, np.number) or not np.all(np.isfinite(a)):
+                raise ValueError(f"ggeur: the checkpoint's {what} is not a finite array of shape {shape}")
+            return a
+
+        census = {}
+        for a, n in counts.items():
+            n = array(n, (self.n_classes,), f"census of {a!r}")
+            if not isinstance(a, str) or (n < 0).any():
+                raise ValueError("ggeur: the checkpoint's census holds a negative count or a non-text agent id")
+            census[a] = n.astype(np.int64)
+        pooled = {}
+        for c, entry in geometry.items():
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.n_classes or not (
+                    isinstance(entry, (tuple, list)) and len(entry) == 3):
+                raise ValueError(f"ggeur: the checkpoint's geometry has an entry {c!r} that is not a class")
+            xi = array(entry[0], (self.dim, self.dim), f"basis of class {c}").astype(np.float64)
+            lam = array(entry[1], (self.dim,), f"spectrum of class {c}").astype(np.float64)
+            total = entry[2]
+            if (lam < 0).any() or isinstance(total, bool) or not isinstance(total, (int, float)) or not (
+                    np.isfinite(total) and total >= 1):
+                raise ValueError(f"ggeur: the checkpoint's spectrum or count of class {c} is out of range")
+            if float(np.abs(xi.T @ xi - np.eye(self.dim)).max()) > 1e-3:
+                raise ValueError(f"ggeur: the checkpoint's basis of class {c} is not orthonormal")
+            pooled[c] = (xi, lam, float(total))
+        if not all(isinstance(a, str) and isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                   for a, k in delivered.items()):
+            raise ValueError("ggeur: the checkpoint's delivered counts are not non-negative integers per agent")
+        if done != bool(pooled):
+            raise ValueError("ggeur: the checkpoint's exchange_done does not match its geometry")
+        self.counts, self.geometry, self.delivered, self.exchange_done = census, pooled, dict(delivered), done
 

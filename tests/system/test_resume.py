@@ -402,9 +402,9 @@ def test_continual_demo_killed_in_its_second_task_resumes_at_the_right_task(mosq
     assert {t for (t,) in rows("SELECT DISTINCT task FROM layer_basis")} == {0, 1, 2}
 
 
-@pytest.mark.parametrize("method", ["ferret", "lora_fair"])
+@pytest.mark.parametrize("method", ["ferret", "lora_fair", "ggeur"])
 def test_a_demo_killed_mid_run_resumes_for_methods_that_could_not(mosquitto, tmp_path, method):
-    """Ferret and LoRA-FAIR (refused on resume before): `fedfleet demo` over Mosquitto SIGKILLed after round 3,
+    """Ferret, LoRA-FAIR and GGEUR (refused on resume before): `fedfleet demo` over Mosquitto SIGKILLed after round 3,
     resumed: one run, every round evaluated once, and a final accuracy that learnt something."""
     run_dir = tmp_path / "run"
     cmd = _demo(run_dir, mosquitto.url, "--method", method, "--rounds", "12", "--agents", "3")
@@ -504,6 +504,38 @@ def test_a_tampered_ferret_checkpoint_is_refused(change, needle):
     change(extra)
     fresh = create_strategy("ferret", {k: v.clone() for k, v in s.global_state().items()}, k=4, seed=3, pool="run",
                             momentum=0.5)
+    with pytest.raises(ValueError, match=needle) as err:
+        fresh.load_extra_state(extra)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (lambda e: e["geometry"][0][0].mul_(2.0), "orthonormal"),
+    (lambda e: e["geometry"][0][1].fill_(math.nan), "spectrum of class 0"),
+    (lambda e: e["geometry"].__setitem__(0, (e["geometry"][0][0], e["geometry"][0][1], 0.0)), "count of class 0"),
+    (lambda e: e["geometry"].__setitem__(99, e["geometry"][0]), "not a class"),
+    (lambda e: e["counts"].__setitem__("a-0", -e["counts"]["a-0"] - 1), "negative"),
+    (lambda e: e.__setitem__("exchange_done", False), "exchange_done"),
+], ids=["basis", "nan-spectrum", "count", "class", "census", "exchange-flag"])
+def test_a_tampered_ggeur_checkpoint_is_refused(tmp_path, change, needle):
+    """GGEUR's census and pooled geometry, as a resumed run reads them back from a real demo's checkpoint."""
+    import io
+
+    from fedfleet.coordinator.job.config import JobConfig
+    from fedfleet.coordinator.job.run import run_demo
+
+    run_demo(JobConfig(method="ggeur", rounds=1, agents=3, fleet="ggeur-tamper"), broker="memory", run_dir=tmp_path,
+             quiet=True, report="none")
+    ckpt = torch.load(tmp_path / "checkpoints" / "round-0001.pt", weights_only=True)
+    extra = ckpt["extra"]
+    assert extra["exchange_done"] and 0 in extra["geometry"] and "a-0" not in extra["counts"]
+    extra["counts"]["a-0"] = next(iter(extra["counts"].values())).clone()
+    buf = io.BytesIO()
+    torch.save(extra, buf)  # a checkpoint's method state round-trips through torch.save / weights_only load
+    extra = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    change(extra)
+    state = {k: v.clone() for k, v in ckpt["state"].items()}
+    fresh = create_strategy("ggeur", state, seed=0)
     with pytest.raises(ValueError, match=needle) as err:
         fresh.load_extra_state(extra)
     assert "\n" not in str(err.value)
