@@ -5,10 +5,7 @@ its decay from the centre's per-step decay and the local steps of a round."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
-import sqlite3
 
 import numpy as np
 import pytest
@@ -23,6 +20,7 @@ from fedfleet.coordinator.tasks import diffusion
 from fedfleet.coordinator.tasks.ema import EMAStrategy, decay_per_round
 from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.models import pretrain_video_denoiser
+from tests.support.checkpoints import damage_checkpoint
 
 AGENTS = ["a-0", "a-1"]
 META = {"strategy": "fedavg", "roster": AGENTS}
@@ -107,15 +105,7 @@ def test_a_resumed_run_continues_the_average_from_its_checkpoint(tmp_path):
 ])
 def test_a_damaged_average_in_a_checkpoint_is_a_one_line_refusal(tmp_path, change, needle):
     _committed_run(tmp_path)
-    path = tmp_path / "checkpoints" / "round-0002.pt"
-    ckpt = torch.load(path, weights_only=True)
-    change(ckpt["extra"])
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    path.write_bytes(buf.getvalue())
-    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:  # booked, as a file damaged before its commit would be
-        db.execute("UPDATE checkpoints SET sha256 = ? WHERE run = 'r' AND round = 2",
-                   (hashlib.sha256(buf.getvalue()).hexdigest(),))
+    damage_checkpoint(tmp_path, change)  # booked, as a file damaged before its commit would be
     store = RunStore(tmp_path)
     try:
         with pytest.raises(ConfigError) as err:

@@ -21,6 +21,7 @@ from fedfleet.edge_agent.errors import ConfigError
 from fedfleet.edge_agent.wire import signing
 from fedfleet.tools.bench import resume as bench_resume
 from fedfleet.tools.bench.output import details
+from tests.support.checkpoints import commit_checkpoint, damage_checkpoint
 
 AGENTS = ["a-0", "a-1", "a-2", "a-3"]
 STATEFUL = {
@@ -429,28 +430,12 @@ def test_a_demo_killed_mid_run_resumes_for_methods_that_could_not(mosquitto, tmp
 def test_a_tampered_fot_checkpoint_is_a_one_line_refusal(tmp_path, change, needle):
     """FOT's protected bases, eps and history in a checkpoint (its digest rebooked, as a file damaged before its
     commit would be) are checked on resume: each damage is a one-line refusal naming the run directory."""
-    import hashlib
-    import io
-    import sqlite3
-
     first = _continual_fot()
     _drive(first, range(1, 3))  # task a's end: bases grown
     assert sum(k for k, _ in first.inner.basis_sizes().values()) > 0
     meta = {"strategy": "fot", "roster": AGENTS}
-    store = RunStore(tmp_path)
-    store.start_run("r", meta)
-    store.save_checkpoint("r", 2, first, rng=np.random.default_rng(1).bit_generator.state, bytes_up=5, bytes_down=7,
-                          summary={"accuracy": 0.5})
-    store.close()
-    path = tmp_path / "checkpoints" / "round-0002.pt"
-    ckpt = torch.load(path, weights_only=True)
-    change(ckpt["extra"])
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    path.write_bytes(buf.getvalue())
-    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
-        db.execute("UPDATE checkpoints SET sha256 = ? WHERE run = 'r' AND round = 2",
-                   (hashlib.sha256(buf.getvalue()).hexdigest(),))
+    commit_checkpoint(tmp_path, first, meta)
+    damage_checkpoint(tmp_path, change)
     store = RunStore(tmp_path)
     try:
         with pytest.raises(ConfigError) as err:
@@ -472,11 +457,7 @@ def test_ferret_resumes_with_its_coefficients_and_full_syncs_first(tmp_path):
     first = make()
     _drive(first, range(1, 3))
     meta = {"strategy": "ferret", "roster": AGENTS}
-    store = RunStore(tmp_path)
-    store.start_run("r", meta)
-    store.save_checkpoint("r", 2, first, rng=np.random.default_rng(1).bit_generator.state, bytes_up=5, bytes_down=7,
-                          summary={"accuracy": 0.5})
-    store.close()
+    commit_checkpoint(tmp_path, first, meta)
     resumed = make()
     store = RunStore(tmp_path)
     assert store.resume_run("r", meta, resumed).round == 2
