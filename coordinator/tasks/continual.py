@@ -90,7 +90,6 @@ class ContinualEvaluator:
         self.strategy = strategy
         self.cmodel = cmodel
         self.tests = task_tests(strategy.schedule, test)
-        self.history: list[tuple[int, list[float]]] = []  # (task index, accuracies on tasks 0..t) per round
 
     @torch.no_grad()
     def score(self, state: dict[str, torch.Tensor], tau: int) -> tuple[float, float]:
@@ -113,7 +112,6 @@ class ContinualEvaluator:
         if pos is None:
             raise RuntimeError("the continual evaluator runs after a round was configured")
         scores = [self.score(state, tau) for tau in range(pos.index + 1)]
-        self.history.append((pos.index, [a for a, _ in scores]))
         if ctx.ledger is not None:
             names = [t.name for t in self.strategy.schedule.tasks]
             ctx.ledger.record_task_accuracy(ctx.run, ctx.round, pos.index, pos.task.name, pos.last,
@@ -122,13 +120,6 @@ class ContinualEvaluator:
             if pos.last and fill is not None:
                 ctx.ledger.record_basis(ctx.run, pos.index, pos.task.name, fill())
         return float(np.mean([a for a, _ in scores])), float(np.mean([lo for _, lo in scores]))
-
-    def matrix(self) -> list[list[float]]:
-        """a[t][tau] from this run's rounds (the last round of each task t), tau <= t."""
-        ends: dict[int, list[float]] = {}
-        for t, accs in self.history:
-            ends[t] = accs  # the last one per task wins
-        return [ends[t] for t in sorted(ends)]
 
 
 def acc_fgt(matrix: list[list[float | None]]) -> tuple[float, float]:
