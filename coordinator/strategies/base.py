@@ -190,6 +190,16 @@ class WrappedStrategy(Strategy):
         return self.inner.round_note()
 
 
+def orthonormal_columns(m: torch.Tensor, tol: float = 1e-3) -> bool:
+    """Whether the columns of the finite matrix `m` are orthonormal to within `tol` (a basis read back from a
+    checkpoint: FOT's protected subspaces, GGEUR's class geometry)."""
+    m = m.to(torch.float64)
+    if not bool(torch.isfinite(m).all()):
+        return False
+    k = m.shape[1]
+    return k == 0 or float((m.T @ m - torch.eye(k, dtype=torch.float64)).abs().max()) <= tol
+
+
 def task_seed(base: int, round: int, phase: int, agent: str) -> int:
     """A per-(round, phase, agent) seed for the agent's own randomness (batches, directions, exploration):
     reproducible across processes and runs for a given job seed."""

@@ -45,6 +45,7 @@ from fedfleet.coordinator.strategies.base import (
     Strategy,
     TaskSpec,
     layout_of,
+    orthonormal_columns,
     register,
     task_seed,
     to_numpy,
@@ -309,8 +310,7 @@ class FOTStrategy(Strategy):
             if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.shape[0] != d or u.shape[1] > d:
                 raise ValueError(f"fot: the checkpoint's basis for {name} is not a ({d}, k <= {d}) matrix")
             u = u.to(torch.float32)
-            if not bool(torch.isfinite(u).all()) or (u.shape[1] and float(
-                    (u.T @ u - torch.eye(u.shape[1])).abs().max()) > 1e-3):
+            if not orthonormal_columns(u):
                 raise ValueError(f"fot: the checkpoint's basis for {name} is not finite with orthonormal columns")
             restored[name] = u.clone()
         self.bases, self.eps, self.history = restored, float(eps), [dict(h) for h in history]

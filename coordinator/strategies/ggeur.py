@@ -58,6 +58,7 @@ from fedfleet.coordinator.strategies.base import (
     Strategy,
     TaskSpec,
     layout_of,
+    orthonormal_columns,
     register,
     task_seed,
     to_numpy,
@@ -451,7 +452,7 @@ class GGEURStrategy(Strategy):
             if (lam < 0).any() or isinstance(total, bool) or not isinstance(total, (int, float)) or not (
                     np.isfinite(total) and total >= 1):
                 raise ValueError(f"ggeur: the checkpoint's spectrum or count of class {c} is out of range")
-            if float(np.abs(xi.T @ xi - np.eye(self.dim)).max()) > 1e-3:
+            if not orthonormal_columns(torch.from_numpy(xi)):
                 raise ValueError(f"ggeur: the checkpoint's basis of class {c} is not orthonormal")
             pooled[c] = (xi, lam, float(total))
         if not all(isinstance(a, str) and isinstance(k, int) and not isinstance(k, bool) and k >= 0

@@ -148,12 +148,9 @@ def _round_trip(tmp_path, method, make) -> tuple:
 
     first = make()
     _drive(first, range(1, 3))
-    store = RunStore(tmp_path)
     meta = {"strategy": method, "roster": AGENTS}
-    store.start_run("r", meta)
+    commit_checkpoint(tmp_path, first, meta)
     rng = np.random.default_rng(1).bit_generator.state  # the engine's selection generator (checked on resume)
-    store.save_checkpoint("r", 2, first, rng=rng, bytes_up=5, bytes_down=7, summary={"accuracy": 0.5})
-    store.close()
     resumed = make()  # a new process: the initial model only
     store = RunStore(tmp_path)
     at = store.resume_run("r", meta, resumed)
@@ -334,18 +331,7 @@ seed = 2
 
 def _ledger_rows(run_dir, sql: str) -> list[tuple]:
     """Rows of a read-only query on a run's ledger (none while it is not written yet)."""
-    import sqlite3
-
-    try:
-        con = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
-    except sqlite3.OperationalError:
-        return []
-    try:
-        return con.execute(sql).fetchall()
-    except sqlite3.OperationalError:  # the schema is not written yet
-        return []
-    finally:
-        con.close()
+    return bench_resume._query(run_dir / "ledger.sqlite", sql)
 
 
 def _kill_demo(cmd: list[str], run_dir, killed_once: str) -> int:
